@@ -1,0 +1,299 @@
+//! The fabric contract: behaviour railover relies on, checked identically against every fabric
+//! (the simulator in plain `cargo test`, real rxe devices in the SoftRoCE VM).
+
+use std::sync::Arc;
+
+use crate::{
+    Access, Completion, CompletionKind, FabricError, Link, LinkParams, MemoryRegistration, Nic,
+    RegisterableMemory, WcStatus,
+};
+
+/// Zeroed, page-aligned heap memory for tests.
+pub struct HeapBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+// SAFETY: owns its allocation like a Box<[u8]>.
+unsafe impl Send for HeapBuffer {}
+// SAFETY: only raw pointers are handed out; tests order their accesses through completions.
+unsafe impl Sync for HeapBuffer {}
+impl HeapBuffer {
+    pub fn new(len: usize) -> Arc<HeapBuffer> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).expect("valid layout");
+        // SAFETY: non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        Arc::new(HeapBuffer {
+            ptr: std::ptr::NonNull::new(raw).expect("allocation failed"),
+            layout,
+        })
+    }
+    pub fn write(&self, off: usize, b: &[u8]) {
+        assert!(off + b.len() <= self.layout.size());
+        // SAFETY: bounds checked; no concurrent NIC access to this range in the tests' protocol.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ptr.as_ptr().add(off), b.len()) }
+    }
+    pub fn read(&self, off: usize, len: usize) -> Vec<u8> {
+        assert!(off + len <= self.layout.size());
+        let mut v = vec![0u8; len];
+        // SAFETY: bounds checked; read after the completion that covers the bytes.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), v.as_mut_ptr(), len) }
+        v
+    }
+}
+impl Drop for HeapBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in new().
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+// SAFETY: the allocation lives as long as the value and never moves.
+unsafe impl RegisterableMemory for HeapBuffer {
+    fn addr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.layout.size()
+    }
+}
+
+/// A fabric under test: two cards joined by one wire, and a way to wait for completions.
+pub trait ContractEnv {
+    type Nic: Nic;
+    /// Host 1's and host 2's card of one wire.
+    fn cards(&mut self) -> (Self::Nic, Self::Nic);
+    /// Polls until `n` completions arrived (the simulator advances its clock; real devices are
+    /// busy-polled up to a deadline). Returns what arrived.
+    fn wait(&mut self, link: &mut <Self::Nic as Nic>::Link, n: usize) -> Vec<Completion>;
+}
+
+type L<E> = <<E as ContractEnv>::Nic as Nic>::Link;
+
+/// Connects a queue pair on each card to the other.
+pub fn connected_pair<E: ContractEnv>(a: &E::Nic, b: &E::Nic, params: &LinkParams) -> (L<E>, L<E>) {
+    let mut la = a.create_link(params).expect("create link a");
+    let mut lb = b.create_link(params).expect("create link b");
+    let (ea, eb) = (la.endpoint(), lb.endpoint());
+    la.connect(&eb).expect("connect a");
+    lb.connect(&ea).expect("connect b");
+    (la, lb)
+}
+
+/// WRITE WITH IMM lands the exact bytes at the offset, consumes one receive, and reports the
+/// immediate and length; the sender gets a successful completion.
+pub fn write_with_imm_lands_bytes_and_imm<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let src = HeapBuffer::new(8192);
+    let dst = HeapBuffer::new(8192);
+    let mr_src = a.register(src.clone(), Access::Local).unwrap();
+    let mr_dst = b.register(dst.clone(), Access::RemoteWrite).unwrap();
+    let (mut la, mut lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
+    lb.post_recvs(4).unwrap();
+    let payload: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+    src.write(100, &payload);
+    la.post_write(
+        42,
+        &mr_src,
+        100,
+        payload.len(),
+        &mr_dst.remote(),
+        4000,
+        Some(0xdead_beef),
+    )
+    .unwrap();
+    let rx = env.wait(&mut lb, 1);
+    assert_eq!(
+        rx,
+        vec![Completion {
+            wr_id: rx[0].wr_id,
+            kind: CompletionKind::RecvImm {
+                imm: 0xdead_beef,
+                byte_len: 300
+            },
+            status: WcStatus::Success
+        }]
+    );
+    let tx = env.wait(&mut la, 1);
+    assert_eq!(
+        tx,
+        vec![Completion {
+            wr_id: 42,
+            kind: CompletionKind::Write,
+            status: WcStatus::Success
+        }]
+    );
+    assert_eq!(dst.read(4000, 300), payload);
+    assert_eq!(
+        dst.read(3999, 1),
+        vec![0],
+        "nothing written before the offset"
+    );
+    assert_eq!(
+        dst.read(4300, 1),
+        vec![0],
+        "nothing written after the range"
+    );
+}
+
+/// A plain WRITE (heartbeat / ack slot) lands without consuming a receive or completing on the peer.
+pub fn plain_write_is_silent_at_the_receiver<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let src = HeapBuffer::new(4096);
+    let dst = HeapBuffer::new(4096);
+    let mr_src = a.register(src.clone(), Access::Local).unwrap();
+    let mr_dst = b.register(dst.clone(), Access::RemoteWrite).unwrap();
+    let (mut la, mut lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
+    lb.post_recvs(1).unwrap();
+    src.write(0, &77u64.to_le_bytes());
+    la.post_write(1, &mr_src, 0, 8, &mr_dst.remote(), 64, None)
+        .unwrap();
+    let tx = env.wait(&mut la, 1);
+    assert_eq!(tx[0].status, WcStatus::Success);
+    assert_eq!(dst.read(64, 8), 77u64.to_le_bytes().to_vec());
+    // The one posted receive is still there: a following WRITE WITH IMM uses it.
+    la.post_write(2, &mr_src, 0, 8, &mr_dst.remote(), 72, Some(5))
+        .unwrap();
+    let rx = env.wait(&mut lb, 1);
+    assert_eq!(rx.len(), 1, "exactly one receive completion: {rx:?}");
+    assert_eq!(
+        rx[0].kind,
+        CompletionKind::RecvImm {
+            imm: 5,
+            byte_len: 8
+        }
+    );
+}
+
+/// Completions keep per-queue-pair order, each exactly once (catches rdma-core 44's rxe CQ bug,
+/// which replays stale completions when a poll batch ends).
+pub fn completions_in_order_exactly_once<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let src = HeapBuffer::new(4096);
+    let dst = HeapBuffer::new(4096);
+    let mr_src = a.register(src.clone(), Access::Local).unwrap();
+    let mr_dst = b.register(dst.clone(), Access::RemoteWrite).unwrap();
+    let params = LinkParams {
+        max_send_wr: 64,
+        max_recv_wr: 256,
+        ..LinkParams::default()
+    };
+    let (mut la, mut lb) = connected_pair::<E>(&a, &b, &params);
+    lb.post_recvs(200).unwrap();
+    let mut tx_ids = Vec::new();
+    let mut imms = Vec::new();
+    let mut next = 0u64;
+    while imms.len() < 200 {
+        while next < 200 && (next as usize) < tx_ids.len() + 32 {
+            src.write((next as usize % 64) * 8, &next.to_le_bytes());
+            la.post_write(
+                next,
+                &mr_src,
+                (next as usize % 64) * 8,
+                8,
+                &mr_dst.remote(),
+                (next % 64) * 8,
+                Some(next as u32),
+            )
+            .unwrap();
+            next += 1;
+        }
+        let want = (next as usize - imms.len()).min(8);
+        for c in env.wait(&mut lb, want) {
+            match c.kind {
+                CompletionKind::RecvImm { imm, .. } => imms.push(imm),
+                k => panic!("unexpected {k:?}"),
+            }
+        }
+        let want = next as usize - tx_ids.len();
+        for c in env.wait(&mut la, want) {
+            assert_eq!(c.status, WcStatus::Success);
+            tx_ids.push(c.wr_id);
+        }
+    }
+    let remaining = 200 - tx_ids.len();
+    for c in env.wait(&mut la, remaining) {
+        tx_ids.push(c.wr_id);
+    }
+    assert_eq!(imms, (0..200).collect::<Vec<u32>>(), "receive order");
+    assert_eq!(
+        tx_ids,
+        (0..200).collect::<Vec<u64>>(),
+        "send completion order"
+    );
+    assert!(
+        env.wait(&mut lb, 1).is_empty(),
+        "no stale or duplicate completion after the last"
+    );
+}
+
+/// A write to an unknown rkey fails with a remote access error (and the link is then dead).
+pub fn bad_rkey_is_a_remote_access_error<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let src = HeapBuffer::new(4096);
+    let dst = HeapBuffer::new(4096);
+    let mr_src = a.register(src.clone(), Access::Local).unwrap();
+    let mr_dst = b.register(dst.clone(), Access::RemoteWrite).unwrap();
+    let (mut la, mut lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
+    lb.post_recvs(1).unwrap();
+    let mut bad = mr_dst.remote();
+    bad.rkey ^= 0x5a5a_0000;
+    la.post_write(9, &mr_src, 0, 8, &bad, 0, Some(1)).unwrap();
+    let tx = env.wait(&mut la, 1);
+    assert_eq!(tx.len(), 1);
+    assert_eq!((tx[0].wr_id, tx[0].status), (9, WcStatus::RemoteAccess));
+}
+
+/// Local misuse is refused before anything is posted, with typed errors.
+pub fn local_misuse_is_a_typed_error<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let src = HeapBuffer::new(4096);
+    let mr_src = a.register(src.clone(), Access::Local).unwrap();
+    let mr_dst = b
+        .register(HeapBuffer::new(4096), Access::RemoteWrite)
+        .unwrap();
+    let bad = LinkParams {
+        retry_cnt: 7,
+        ..LinkParams::default()
+    };
+    assert!(matches!(
+        a.create_link(&bad),
+        Err(FabricError::InvalidParams(_))
+    ));
+    let bad = LinkParams {
+        rnr_retry: 7,
+        ..LinkParams::default()
+    };
+    assert!(matches!(
+        a.create_link(&bad),
+        Err(FabricError::InvalidParams(_))
+    ));
+    let (mut la, _lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
+    let r = la.post_write(1, &mr_src, 4000, 200, &mr_dst.remote(), 0, None);
+    assert!(matches!(r, Err(FabricError::OutOfRange { .. })), "{r:?}");
+}
+
+/// After shut_down, queued and new requests complete with flush errors (never silently vanish).
+pub fn shut_down_flushes<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let src = HeapBuffer::new(4096);
+    let mr_src = a.register(src.clone(), Access::Local).unwrap();
+    let mr_dst = b
+        .register(HeapBuffer::new(4096), Access::RemoteWrite)
+        .unwrap();
+    let (mut la, _lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
+    la.shut_down();
+    la.post_write(3, &mr_src, 0, 8, &mr_dst.remote(), 0, None)
+        .unwrap();
+    let tx = env.wait(&mut la, 1);
+    assert_eq!(tx.len(), 1);
+    assert_eq!((tx[0].wr_id, tx[0].status), (3, WcStatus::Flushed));
+}
+
+/// Runs every contract check against `make()`'s environments.
+pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
+    write_with_imm_lands_bytes_and_imm(&mut make());
+    plain_write_is_silent_at_the_receiver(&mut make());
+    completions_in_order_exactly_once(&mut make());
+    bad_rkey_is_a_remote_access_error(&mut make());
+    local_misuse_is_a_typed_error(&mut make());
+    shut_down_flushes(&mut make());
+}

@@ -1,0 +1,444 @@
+//! Out-of-band connection set-up: each side sends one versioned, length-prefixed [`Hello`] per rail
+//! over TCP and validates the peer's. Decoding trusts nothing: wrong magic, unknown version, bad or
+//! mismatched geometry, impossible address ranges, truncated or oversized input are typed errors.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::{Endpoint, RemoteRegion};
+
+pub const MAGIC: [u8; 4] = *b"RLVR";
+pub const VERSION: u16 = 1;
+/// Encoded size of a [`Hello`] body.
+pub const HELLO_LEN: usize = 4 + 2 + 2 + 2 + 2 + 4 + 4 + 2 + 2 + 16 + 4 * 3 + (8 + 4 + 8) * 2;
+/// Largest body accepted before reading it.
+pub const MAX_MESSAGE: usize = 4096;
+/// Smallest control slot a peer may offer.
+pub const MIN_CTRL_LEN: u64 = 64;
+
+/// Queue geometry as carried on the wire (validated here, interpreted by the transport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WireGeometry {
+    pub segment_size: u32,
+    pub segment_count: u32,
+    pub max_record: u32,
+}
+
+/// One side's description of one rail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Hello {
+    pub rail_index: u16,
+    pub rail_count: u16,
+    pub endpoint: Endpoint,
+    pub geometry: WireGeometry,
+    /// Where the peer writes records (this side's mirror ring).
+    pub ring: RemoteRegion,
+    /// Where the peer writes heartbeats and acknowledgements.
+    pub ctrl: RemoteRegion,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("bad magic {0:02x?}: not a railover peer")]
+    BadMagic([u8; 4]),
+    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    Version(u16),
+    #[error("message of {0} bytes is truncated")]
+    Truncated(usize),
+    #[error("message of {0} bytes exceeds the limit")]
+    Oversized(usize),
+    #[error("invalid geometry {0:?}")]
+    Geometry(WireGeometry),
+    #[error("geometry mismatch: local {local:?}, peer {remote:?}")]
+    GeometryMismatch {
+        local: WireGeometry,
+        remote: WireGeometry,
+    },
+    #[error("rail mismatch: local rail {local}/{local_count}, peer rail {remote}/{remote_count}")]
+    RailMismatch {
+        local: u16,
+        local_count: u16,
+        remote: u16,
+        remote_count: u16,
+    },
+    #[error("invalid {what} region {region:?}")]
+    Region {
+        what: &'static str,
+        region: RemoteRegion,
+    },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl WireGeometry {
+    pub fn capacity(&self) -> u64 {
+        self.segment_size as u64 * self.segment_count as u64
+    }
+
+    fn check(&self) -> Result<(), HandshakeError> {
+        let ok = self.segment_size.is_power_of_two()
+            && self.segment_size >= 64
+            && self.segment_count.is_power_of_two()
+            && self.segment_count >= 2
+            && self.capacity() <= 1 << 30
+            && self.max_record > 0
+            && self.max_record as u64 + 16 <= self.segment_size as u64;
+        if ok {
+            Ok(())
+        } else {
+            Err(HandshakeError::Geometry(*self))
+        }
+    }
+}
+
+fn check_region(what: &'static str, r: RemoteRegion, min_len: u64) -> Result<(), HandshakeError> {
+    if r.len < min_len || r.addr.checked_add(r.len).is_none() || r.addr == 0 {
+        return Err(HandshakeError::Region { what, region: r });
+    }
+    Ok(())
+}
+
+impl Hello {
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        let mut w = Cursor { buf: &mut b, at: 0 };
+        w.put(&MAGIC);
+        w.put(&VERSION.to_le_bytes());
+        w.put(&0u16.to_le_bytes());
+        w.put(&self.rail_index.to_le_bytes());
+        w.put(&self.rail_count.to_le_bytes());
+        w.put(&self.endpoint.qpn.to_le_bytes());
+        w.put(&self.endpoint.psn.to_le_bytes());
+        w.put(&self.endpoint.lid.to_le_bytes());
+        w.put(&0u16.to_le_bytes());
+        w.put(&self.endpoint.gid);
+        w.put(&self.geometry.segment_size.to_le_bytes());
+        w.put(&self.geometry.segment_count.to_le_bytes());
+        w.put(&self.geometry.max_record.to_le_bytes());
+        for r in [self.ring, self.ctrl] {
+            w.put(&r.addr.to_le_bytes());
+            w.put(&r.rkey.to_le_bytes());
+            w.put(&r.len.to_le_bytes());
+        }
+        debug_assert_eq!(w.at, HELLO_LEN);
+        b
+    }
+
+    /// Decodes and validates a body (without its length prefix).
+    pub fn decode(b: &[u8]) -> Result<Hello, HandshakeError> {
+        if b.len() > MAX_MESSAGE {
+            return Err(HandshakeError::Oversized(b.len()));
+        }
+        if b.len() < 6 {
+            return Err(HandshakeError::Truncated(b.len()));
+        }
+        let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(HandshakeError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != VERSION {
+            return Err(HandshakeError::Version(version));
+        }
+        if b.len() < HELLO_LEN {
+            return Err(HandshakeError::Truncated(b.len()));
+        }
+        if b.len() > HELLO_LEN {
+            return Err(HandshakeError::Oversized(b.len()));
+        }
+        let mut r = Reader { buf: b, at: 8 };
+        let rail_index = r.u16();
+        let rail_count = r.u16();
+        let qpn = r.u32();
+        let psn = r.u32();
+        let lid = r.u16();
+        r.u16();
+        let gid: [u8; 16] = r.take(16).try_into().expect("16 bytes");
+        let geometry = WireGeometry {
+            segment_size: r.u32(),
+            segment_count: r.u32(),
+            max_record: r.u32(),
+        };
+        let mut region = || RemoteRegion {
+            addr: r.u64(),
+            rkey: r.u32(),
+            len: r.u64(),
+        };
+        let ring = region();
+        let ctrl = region();
+        geometry.check()?;
+        if rail_count == 0 || rail_index >= rail_count {
+            return Err(HandshakeError::RailMismatch {
+                local: rail_index,
+                local_count: rail_count,
+                remote: 0,
+                remote_count: 0,
+            });
+        }
+        check_region("ring", ring, geometry.capacity())?;
+        check_region("ctrl", ctrl, MIN_CTRL_LEN)?;
+        if qpn == 0 || qpn > 0x00ff_ffff || psn > 0x00ff_ffff {
+            return Err(HandshakeError::Region {
+                what: "queue pair",
+                region: RemoteRegion {
+                    addr: qpn as u64,
+                    rkey: psn,
+                    len: 0,
+                },
+            });
+        }
+        Ok(Hello {
+            rail_index,
+            rail_count,
+            endpoint: Endpoint { qpn, psn, gid, lid },
+            geometry,
+            ring,
+            ctrl,
+        })
+    }
+
+    /// Checks that a decoded peer hello belongs with ours.
+    pub fn check_peer(&self, peer: &Hello) -> Result<(), HandshakeError> {
+        if self.geometry != peer.geometry {
+            return Err(HandshakeError::GeometryMismatch {
+                local: self.geometry,
+                remote: peer.geometry,
+            });
+        }
+        if self.rail_index != peer.rail_index || self.rail_count != peer.rail_count {
+            return Err(HandshakeError::RailMismatch {
+                local: self.rail_index,
+                local_count: self.rail_count,
+                remote: peer.rail_index,
+                remote_count: peer.rail_count,
+            });
+        }
+        Ok(())
+    }
+}
+
+struct Cursor<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+}
+impl Cursor<'_> {
+    fn put(&mut self, b: &[u8]) {
+        self.buf[self.at..self.at + b.len()].copy_from_slice(b);
+        self.at += b.len();
+    }
+}
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> &[u8] {
+        let s = &self.buf[self.at..self.at + n];
+        self.at += n;
+        s
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take(2).try_into().expect("2"))
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take(4).try_into().expect("4"))
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take(8).try_into().expect("8"))
+    }
+}
+
+/// Sends `ours` and receives and validates the peer's hello, within `timeout`.
+pub fn exchange(
+    stream: &mut TcpStream,
+    ours: &Hello,
+    timeout: Duration,
+) -> Result<Hello, HandshakeError> {
+    let deadline = Instant::now() + timeout;
+    let remaining = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+    };
+    let map_timeout = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            HandshakeError::Timeout(timeout)
+        }
+        _ => HandshakeError::Io(e),
+    };
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(remaining().ok_or(HandshakeError::Timeout(timeout))?))?;
+    let body = ours.encode();
+    let mut msg = Vec::with_capacity(4 + body.len());
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(&body);
+    stream.write_all(&msg).map_err(map_timeout)?;
+    stream.set_read_timeout(Some(remaining().ok_or(HandshakeError::Timeout(timeout))?))?;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).map_err(map_timeout)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(HandshakeError::Oversized(len));
+    }
+    let mut body = vec![0u8; len];
+    stream.set_read_timeout(Some(remaining().ok_or(HandshakeError::Timeout(timeout))?))?;
+    stream.read_exact(&mut body).map_err(map_timeout)?;
+    let peer = Hello::decode(&body)?;
+    ours.check_peer(&peer)?;
+    Ok(peer)
+}
+
+/// Connects with a timeout.
+pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, HandshakeError> {
+    TcpStream::connect_timeout(&addr, timeout).map_err(|e| match e.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+            HandshakeError::Timeout(timeout)
+        }
+        _ => HandshakeError::Io(e),
+    })
+}
+
+/// Accepts one connection, giving up after `timeout` (the listener is polled non-blocking).
+pub fn accept(listener: &TcpListener, timeout: Duration) -> Result<TcpStream, HandshakeError> {
+    let deadline = Instant::now() + timeout;
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(HandshakeError::Timeout(timeout));
+                }
+                // Set-up path only (never the data path): wait a little before polling again.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Hello {
+        Hello {
+            rail_index: 1,
+            rail_count: 2,
+            endpoint: Endpoint {
+                qpn: 0x123,
+                psn: 0x45,
+                gid: [7; 16],
+                lid: 0,
+            },
+            geometry: WireGeometry {
+                segment_size: 4096,
+                segment_count: 16,
+                max_record: 1024,
+            },
+            ring: RemoteRegion {
+                addr: 0x7f00_0000_0000,
+                rkey: 9,
+                len: 65536,
+            },
+            ctrl: RemoteRegion {
+                addr: 0x7f00_1000_0000,
+                rkey: 10,
+                len: 4096,
+            },
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        assert_eq!(Hello::decode(&sample().encode()).unwrap(), sample());
+    }
+
+    #[test]
+    fn hostile_inputs_are_typed_errors() {
+        let good = sample().encode();
+        let mut b = good;
+        b[0] = b'X';
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(HandshakeError::BadMagic(_))
+        ));
+        let mut b = good;
+        b[4] = 9;
+        assert!(matches!(Hello::decode(&b), Err(HandshakeError::Version(9))));
+        assert!(matches!(
+            Hello::decode(&good[..20]),
+            Err(HandshakeError::Truncated(20))
+        ));
+        assert!(matches!(
+            Hello::decode(&[good.as_slice(), &[0]].concat()),
+            Err(HandshakeError::Oversized(_))
+        ));
+        assert!(matches!(
+            Hello::decode(&vec![0u8; 5000]),
+            Err(HandshakeError::Oversized(5000))
+        ));
+        let mut h = sample();
+        h.geometry.segment_size = 1000;
+        assert!(matches!(
+            Hello::decode(&h.encode()),
+            Err(HandshakeError::Geometry(_))
+        ));
+        let mut h = sample();
+        h.ring.len = 100; // smaller than the ring it claims
+        assert!(matches!(
+            Hello::decode(&h.encode()),
+            Err(HandshakeError::Region { what: "ring", .. })
+        ));
+        let mut h = sample();
+        h.ctrl.addr = u64::MAX - 10;
+        assert!(matches!(
+            Hello::decode(&h.encode()),
+            Err(HandshakeError::Region { what: "ctrl", .. })
+        ));
+        let mut h = sample();
+        h.rail_index = 2;
+        assert!(matches!(
+            Hello::decode(&h.encode()),
+            Err(HandshakeError::RailMismatch { .. })
+        ));
+        let mut peer = sample();
+        peer.geometry.segment_count = 32;
+        assert!(matches!(
+            sample().check_peer(&peer),
+            Err(HandshakeError::GeometryMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn exchange_over_loopback_and_timeouts() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut s = accept(&listener, Duration::from_secs(10)).unwrap();
+            exchange(&mut s, &sample(), Duration::from_secs(10)).unwrap()
+        });
+        let mut c = connect(addr, Duration::from_secs(10)).unwrap();
+        let got = exchange(&mut c, &sample(), Duration::from_secs(10)).unwrap();
+        assert_eq!(got, sample());
+        assert_eq!(t.join().unwrap(), sample());
+
+        // A peer that accepts but never speaks: the exchange times out instead of hanging.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = connect(listener.local_addr().unwrap(), Duration::from_secs(10)).unwrap();
+        let r = exchange(&mut c, &sample(), Duration::from_millis(100));
+        assert!(matches!(r, Err(HandshakeError::Timeout(_))), "{r:?}");
+        // Nobody connects: accept times out.
+        let lonely = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(
+            accept(&lonely, Duration::from_millis(20)),
+            Err(HandshakeError::Timeout(_))
+        ));
+    }
+}

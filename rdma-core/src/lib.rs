@@ -1,0 +1,281 @@
+//! # railover-rdma
+//!
+//! The few fabric operations railover needs, as traits ([`Nic`], [`Link`]), with two
+//! implementations that pass the same contract suite:
+//!
+//! * [`verbs`]: real RDMA on the `sideway` crate (RC queue pairs, RDMA WRITE WITH IMMEDIATE,
+//!   extended CQs, async events). libibverbs is loaded at run time: on a machine without it, or
+//!   without devices, every call returns a typed [`FabricError`].
+//! * [`sim`]: an in-process, deterministic fabric (seeded RNG, virtual clock) that really copies
+//!   bytes between registered regions and injects every fault kind railover must survive.
+//!
+//! The fabrics know nothing of queues or failover. [`handshake`] is the out-of-band (TCP) exchange
+//! of endpoint information.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::sync::Arc;
+
+pub mod contract;
+pub mod handshake;
+pub mod sim;
+pub mod verbs;
+
+/// Memory a NIC may access once registered.
+///
+/// # Safety
+/// `addr()..addr()+len()` must stay valid, writable memory for as long as the value lives, and
+/// the pair must not change. A fabric keeps an `Arc` of it for as long as the memory is registered,
+/// so the memory can't be freed while a NIC may touch it.
+pub unsafe trait RegisterableMemory: Send + Sync + 'static {
+    fn addr(&self) -> *mut u8;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a registration allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Only this host's NIC reads it (the sender's ring): no remote access at all.
+    Local,
+    /// The peer may write it (a mirror ring, a control slot). Never remote read.
+    RemoteWrite,
+}
+
+/// What a peer needs to write into a registered region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RemoteRegion {
+    pub addr: u64,
+    pub rkey: u32,
+    pub len: u64,
+}
+
+/// Identity of one end of a reliable connection, exchanged out of band.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    pub qpn: u32,
+    pub psn: u32,
+    pub gid: [u8; 16],
+    pub lid: u16,
+}
+
+/// RC transport parameters. The defaults are chosen for fast failure detection: a finite retry
+/// budget (never the infinite `7`, which rxe treats as "forever") and finite RNR retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkParams {
+    /// Local ACK timeout exponent: 4.096 us x 2^timeout per attempt.
+    pub timeout: u8,
+    /// Transport retries before RETRY_EXC_ERR (0..=6; 7 means infinite on some devices).
+    pub retry_cnt: u8,
+    /// RNR retries (0..=6; 7 is infinite and never a default).
+    pub rnr_retry: u8,
+    pub max_send_wr: u32,
+    pub max_recv_wr: u32,
+    /// GID index to use; None picks the RoCEv2 IPv4-mapped one automatically.
+    pub gid_index: Option<u8>,
+    pub port: u8,
+}
+
+impl Default for LinkParams {
+    fn default() -> Self {
+        LinkParams {
+            timeout: 10,
+            retry_cnt: 1,
+            rnr_retry: 3,
+            max_send_wr: 512,
+            max_recv_wr: 512,
+            gid_index: None,
+            port: 1,
+        }
+    }
+}
+
+impl LinkParams {
+    /// Checks the values a device would reject or that would hide failures.
+    pub fn validate(&self) -> Result<(), FabricError> {
+        if self.timeout == 0 || self.timeout > 31 {
+            return Err(FabricError::InvalidParams(
+                "timeout must be 1..=31 (0 would wait forever)",
+            ));
+        }
+        if self.retry_cnt > 6 {
+            return Err(FabricError::InvalidParams(
+                "retry_cnt must be 0..=6 (7 retries forever on rxe)",
+            ));
+        }
+        if self.rnr_retry > 6 {
+            return Err(FabricError::InvalidParams(
+                "rnr_retry must be 0..=6 (7 is infinite)",
+            ));
+        }
+        if self.max_send_wr == 0 || self.max_recv_wr == 0 {
+            return Err(FabricError::InvalidParams("queue depths must be > 0"));
+        }
+        Ok(())
+    }
+
+    /// How long a black hole takes to surface as RETRY_EXC_ERR, as hardware computes it:
+    /// (retry_cnt + 1) attempts of 4.096 us x 2^timeout each.
+    pub fn retry_budget_ns(&self) -> u64 {
+        (self.retry_cnt as u64 + 1) * 4096 * (1u64 << self.timeout)
+    }
+}
+
+/// How a work request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WcStatus {
+    Success,
+    /// Flushed because the queue pair entered the error state.
+    Flushed,
+    /// The transport retry budget ran out (no ACK: black hole, dead peer).
+    RetryExceeded,
+    /// The receiver had no receive posted for too long.
+    RnrRetryExceeded,
+    /// The peer refused the access (bad rkey or range).
+    RemoteAccess,
+    /// Any other status, raw.
+    Other(u32),
+}
+
+/// What a completion is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompletionKind {
+    /// A write this side posted.
+    Write,
+    /// A peer's write with immediate landed (consumed one posted receive).
+    RecvImm { imm: u32, byte_len: u32 },
+    /// A receive flushed or failed (no data).
+    Recv,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub wr_id: u64,
+    pub kind: CompletionKind,
+    pub status: WcStatus,
+}
+
+impl Completion {
+    pub const EMPTY: Completion = Completion {
+        wr_id: 0,
+        kind: CompletionKind::Write,
+        status: WcStatus::Success,
+    };
+}
+
+/// Asynchronous events of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsyncEvent {
+    PortActive,
+    PortDown,
+    DeviceFatal,
+    /// A queue pair (by number) hit a fatal error.
+    QpFatal {
+        qpn: u32,
+    },
+    /// Any other event, raw.
+    Other(u32),
+}
+
+/// Errors of the fabric layer.
+#[derive(Debug, thiserror::Error)]
+pub enum FabricError {
+    #[error("RDMA is not available on this machine: {0}")]
+    Unavailable(String),
+    #[error("no RDMA device named {0:?}")]
+    NoSuchDevice(String),
+    #[error("invalid link parameters: {0}")]
+    InvalidParams(&'static str),
+    #[error("{op} failed: {source}")]
+    Verbs {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error(
+        "write of {len} bytes at {offset} is outside the registered region of {region_len} bytes"
+    )]
+    OutOfRange {
+        offset: u64,
+        len: usize,
+        region_len: usize,
+    },
+    #[error("the link is not connected or was torn down")]
+    NotConnected,
+    #[error("peer endpoint unknown or unreachable from this device")]
+    Unreachable,
+    #[error("the send queue is full")]
+    SendQueueFull,
+    #[error("no GID usable for RoCEv2 (IPv4-mapped) on this port")]
+    NoGid,
+}
+
+/// A registration of memory with one NIC.
+pub trait MemoryRegistration {
+    /// What the peer needs to write into it.
+    fn remote(&self) -> RemoteRegion;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One RDMA device (one card).
+pub trait Nic {
+    type Mr: MemoryRegistration;
+    type Link: Link<Mr = Self::Mr>;
+
+    fn name(&self) -> &str;
+
+    /// Registers `mem` with the least access needed. The registration holds `mem` alive.
+    fn register(
+        &self,
+        mem: Arc<dyn RegisterableMemory>,
+        access: Access,
+    ) -> Result<Self::Mr, FabricError>;
+
+    /// Creates a queue pair (not yet connected) and returns it with its endpoint information.
+    fn create_link(&self, params: &LinkParams) -> Result<Self::Link, FabricError>;
+
+    /// Next asynchronous event of this device, if any (never blocks).
+    fn poll_event(&self) -> Option<AsyncEvent>;
+}
+
+/// One reliable-connected queue pair.
+pub trait Link {
+    type Mr: MemoryRegistration;
+
+    /// This end's identity, to send to the peer.
+    fn endpoint(&self) -> Endpoint;
+
+    /// Connects to the peer's endpoint (INIT -> RTR -> RTS).
+    fn connect(&mut self, remote: &Endpoint) -> Result<(), FabricError>;
+
+    /// Posts an RDMA WRITE (WITH IMMEDIATE when `imm` is set) of `len` bytes at `local_offset` of
+    /// `local` to `remote_offset` of the peer's `remote` region. Signaled: it always completes.
+    #[allow(clippy::too_many_arguments)]
+    fn post_write(
+        &mut self,
+        wr_id: u64,
+        local: &Self::Mr,
+        local_offset: usize,
+        len: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        imm: Option<u32>,
+    ) -> Result<(), FabricError>;
+
+    /// Posts `count` receives (no buffers: they only catch immediates).
+    fn post_recvs(&mut self, count: u32) -> Result<(), FabricError>;
+
+    /// Fills `out` with completions; returns how many (never blocks).
+    fn poll(&mut self, out: &mut [Completion]) -> usize;
+
+    /// Moves the queue pair to the error state (outstanding requests flush).
+    fn shut_down(&mut self);
+}
+
+/// A thin owning wrapper so any `Arc<T: RegisterableMemory>` registers.
+pub fn as_registerable<T: RegisterableMemory>(mem: Arc<T>) -> Arc<dyn RegisterableMemory> {
+    mem
+}

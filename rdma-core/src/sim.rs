@@ -1,0 +1,791 @@
+//! A deterministic, in-process RDMA fabric.
+//!
+//! Everything happens on a virtual clock (nanoseconds) when the test calls
+//! [`SimFabric::advance_to`]; no threads, no sleeps. Writes really copy bytes between registered
+//! memory, in order per queue pair, at `latency` after posting. ACKs take another `latency` back.
+//! Faults follow real RC behaviour:
+//!
+//! * carrier loss: port-down events on both cards; outstanding requests flush.
+//! * black hole: nothing arrives and nothing is said; when the retry budget computed from
+//!   `timeout`/`retry_cnt` expires, the oldest request fails with RETRY_EXC and the rest flush.
+//!   Cleared before the budget expires, the stalled requests are retransmitted.
+//! * ACK loss (a black hole on the return path): data lands, the sender still times out.
+//! * card removal: device-fatal on that card; its peer sees only retry timeouts.
+//! * corruption: the next writes land with a flipped byte.
+//! * latency spikes, queue-pair fatal errors, restores (port-active events).
+//!
+//! The only randomness (PSNs, which byte to corrupt) comes from the seeded RNG, so a run replays
+//! exactly from its seed.
+
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::{
+    Access, AsyncEvent, Completion, CompletionKind, Endpoint, FabricError, Link, LinkParams,
+    MemoryRegistration, Nic, RegisterableMemory, RemoteRegion, WcStatus,
+};
+
+/// Receiver-not-ready back-off between attempts.
+const RNR_DELAY_NS: u64 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    HeadArrive { qp: usize },
+    Ack { qp: usize, generation: u64 },
+    StallExpire { qp: usize, since: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QpState {
+    Reset,
+    Rts,
+    Error,
+    Destroyed,
+}
+
+struct Wr {
+    wr_id: u64,
+    local_mr: usize,
+    local_off: usize,
+    len: usize,
+    rkey: u32,
+    remote_addr: u64,
+    imm: Option<u32>,
+    ready_at: u64,
+}
+
+struct Qp {
+    nic: usize,
+    params: LinkParams,
+    state: QpState,
+    psn: u32,
+    peer: Option<usize>,
+    fifo: VecDeque<Wr>,
+    head_scheduled: bool,
+    last_arrival: u64,
+    awaiting_ack: VecDeque<u64>,
+    last_ack_time: u64,
+    /// Bumped when acks in flight must be forgotten (error, stall).
+    ack_generation: u64,
+    stalled_since: Option<u64>,
+    rnr_attempts: u32,
+    recv_credits: u32,
+    cq: VecDeque<Completion>,
+}
+
+struct NicState {
+    wire: usize,
+    removed: bool,
+    events: VecDeque<AsyncEvent>,
+}
+
+struct Wire {
+    nics: [usize; 2],
+    latency_ns: u64,
+    carrier: bool,
+    black_hole: bool,
+    ack_loss: bool,
+    corrupt_next: u32,
+    spike_until: u64,
+    spike_extra_ns: u64,
+}
+
+struct Mr {
+    nic: usize,
+    mem: Arc<dyn RegisterableMemory>,
+    access: Access,
+    rkey: u32,
+    live: bool,
+}
+
+struct World {
+    now: u64,
+    rng: ChaCha8Rng,
+    next_event_seq: u64,
+    events: BinaryHeap<Reverse<(u64, u64, Ev)>>,
+    nics: Vec<NicState>,
+    wires: Vec<Wire>,
+    mrs: Vec<Mr>,
+    qps: Vec<Qp>,
+}
+
+/// Counts of what the fabric did (for tests and reports).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimStats {
+    pub writes_delivered: u64,
+    pub bytes_delivered: u64,
+    pub corrupted_writes: u64,
+}
+
+/// The simulated network: cards joined pairwise by wires.
+#[derive(Clone)]
+pub struct SimFabric {
+    world: Rc<RefCell<World>>,
+    stats: Rc<RefCell<SimStats>>,
+}
+
+/// Index of a wire (a NIC pair) in a [`SimFabric`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireId(pub usize);
+
+impl SimFabric {
+    pub fn new(seed: u64) -> SimFabric {
+        SimFabric {
+            world: Rc::new(RefCell::new(World {
+                now: 0,
+                rng: ChaCha8Rng::seed_from_u64(seed),
+                next_event_seq: 0,
+                events: BinaryHeap::new(),
+                nics: Vec::new(),
+                wires: Vec::new(),
+                mrs: Vec::new(),
+                qps: Vec::new(),
+            })),
+            stats: Rc::new(RefCell::new(SimStats::default())),
+        }
+    }
+
+    /// Adds a wire joining two new cards; returns (host 1's card, host 2's card, wire).
+    pub fn add_wire(&self, name1: &str, name2: &str, latency_ns: u64) -> (SimNic, SimNic, WireId) {
+        let mut w = self.world.borrow_mut();
+        let wire = w.wires.len();
+        let a = w.nics.len();
+        for _ in [name1, name2] {
+            w.nics.push(NicState {
+                wire,
+                removed: false,
+                events: VecDeque::new(),
+            });
+        }
+        w.wires.push(Wire {
+            nics: [a, a + 1],
+            latency_ns,
+            carrier: true,
+            black_hole: false,
+            ack_loss: false,
+            corrupt_next: 0,
+            spike_until: 0,
+            spike_extra_ns: 0,
+        });
+        drop(w);
+        let mk = |id: usize, name: &str| SimNic {
+            fabric: self.clone(),
+            id,
+            name: name.to_string(),
+        };
+        (mk(a, name1), mk(a + 1, name2), WireId(wire))
+    }
+
+    /// Virtual time now, in nanoseconds.
+    pub fn now(&self) -> u64 {
+        self.world.borrow().now
+    }
+
+    /// Time of the next scheduled fabric event.
+    pub fn next_event_time(&self) -> Option<u64> {
+        self.world
+            .borrow()
+            .events
+            .peek()
+            .map(|Reverse((t, _, _))| *t)
+    }
+
+    /// Processes every event up to and including `t`, then sets the clock to `t` (never backwards).
+    pub fn advance_to(&self, t: u64) {
+        let mut w = self.world.borrow_mut();
+        loop {
+            let due = matches!(w.events.peek(), Some(Reverse((et, _, _))) if *et <= t);
+            if !due {
+                break;
+            }
+            let Reverse((et, _, ev)) = w.events.pop().expect("peeked");
+            w.now = w.now.max(et);
+            w.handle(ev, &mut self.stats.borrow_mut());
+        }
+        w.now = w.now.max(t);
+    }
+
+    pub fn stats(&self) -> SimStats {
+        *self.stats.borrow()
+    }
+
+    /// Cable pulled: port-down on both ends, outstanding requests flush.
+    pub fn carrier_loss(&self, wire: WireId) {
+        let mut w = self.world.borrow_mut();
+        w.wires[wire.0].carrier = false;
+        for nic in w.wires[wire.0].nics {
+            w.nics[nic].events.push_back(AsyncEvent::PortDown);
+            w.fail_qps_of_nic(nic, WcStatus::Flushed);
+        }
+    }
+
+    /// Cable back: port-active on both ends. Old queue pairs stay in error; connect new ones.
+    pub fn carrier_restore(&self, wire: WireId) {
+        let mut w = self.world.borrow_mut();
+        w.wires[wire.0].carrier = true;
+        for nic in w.wires[wire.0].nics {
+            if !w.nics[nic].removed {
+                w.nics[nic].events.push_back(AsyncEvent::PortActive);
+            }
+        }
+    }
+
+    /// Silent black hole in both directions: no event, no error until the retry budget runs out.
+    pub fn black_hole(&self, wire: WireId) {
+        self.world.borrow_mut().wires[wire.0].black_hole = true;
+    }
+
+    /// Black hole on the return path only: writes land, ACKs are lost.
+    pub fn ack_loss(&self, wire: WireId) {
+        self.world.borrow_mut().wires[wire.0].ack_loss = true;
+    }
+
+    /// Ends a black hole or ACK loss; stalled requests are retransmitted.
+    pub fn clear_black_hole(&self, wire: WireId) {
+        let mut w = self.world.borrow_mut();
+        w.wires[wire.0].black_hole = false;
+        w.wires[wire.0].ack_loss = false;
+        let now = w.now;
+        let lat = w.wires[wire.0].latency_ns;
+        for qp in 0..w.qps.len() {
+            let nic = w.qps[qp].nic;
+            if w.nics[nic].wire != wire.0
+                || w.qps[qp].state != QpState::Rts
+                || w.qps[qp].stalled_since.is_none()
+            {
+                continue;
+            }
+            w.qps[qp].stalled_since = None;
+            // Retransmission: unacknowledged writes get acknowledged, stalled ones resume.
+            let gen = w.qps[qp].ack_generation;
+            for _ in 0..w.qps[qp].awaiting_ack.len() {
+                w.schedule(
+                    now + 2 * lat,
+                    Ev::Ack {
+                        qp,
+                        generation: gen,
+                    },
+                );
+            }
+            if !w.qps[qp].fifo.is_empty() && !w.qps[qp].head_scheduled {
+                w.qps[qp].head_scheduled = true;
+                w.schedule(now + lat, Ev::HeadArrive { qp });
+            }
+        }
+    }
+
+    /// Card removed: device-fatal on it; its queue pairs flush. The peer sees only timeouts.
+    pub fn remove_card(&self, nic: &SimNic) {
+        let mut w = self.world.borrow_mut();
+        w.nics[nic.id].removed = true;
+        w.nics[nic.id].events.push_back(AsyncEvent::DeviceFatal);
+        w.fail_qps_of_nic(nic.id, WcStatus::Flushed);
+    }
+
+    /// Card back (port-active). Old queue pairs stay dead.
+    pub fn restore_card(&self, nic: &SimNic) {
+        let mut w = self.world.borrow_mut();
+        w.nics[nic.id].removed = false;
+        w.nics[nic.id].events.push_back(AsyncEvent::PortActive);
+    }
+
+    /// The next `writes` writes crossing the wire land with one flipped byte.
+    pub fn corrupt_next(&self, wire: WireId, writes: u32) {
+        self.world.borrow_mut().wires[wire.0].corrupt_next += writes;
+    }
+
+    /// Writes posted in the next `duration_ns` take `extra_ns` longer.
+    pub fn latency_spike(&self, wire: WireId, extra_ns: u64, duration_ns: u64) {
+        let mut w = self.world.borrow_mut();
+        let now = w.now;
+        w.wires[wire.0].spike_until = now + duration_ns;
+        w.wires[wire.0].spike_extra_ns = extra_ns;
+    }
+
+    /// A queue pair hits a fatal error (QP-fatal event on its card).
+    pub fn qp_fatal(&self, link: &SimLink) {
+        let mut w = self.world.borrow_mut();
+        let nic = w.qps[link.qp].nic;
+        let qpn = qpn_of(link.qp);
+        w.nics[nic].events.push_back(AsyncEvent::QpFatal { qpn });
+        w.fail_qp(link.qp, WcStatus::Flushed);
+    }
+}
+
+fn qpn_of(index: usize) -> u32 {
+    0x100 + index as u32
+}
+
+impl World {
+    fn schedule(&mut self, t: u64, ev: Ev) {
+        let seq = self.next_event_seq;
+        self.next_event_seq += 1;
+        self.events.push(Reverse((t, seq, ev)));
+    }
+
+    fn fail_qps_of_nic(&mut self, nic: usize, status: WcStatus) {
+        for qp in 0..self.qps.len() {
+            if self.qps[qp].nic == nic {
+                self.fail_qp(qp, status);
+            }
+        }
+    }
+
+    /// Error state: the oldest outstanding request ends with `status`, everything else flushes.
+    fn fail_qp(&mut self, qp: usize, status: WcStatus) {
+        let q = &mut self.qps[qp];
+        if q.state != QpState::Rts {
+            return;
+        }
+        q.state = QpState::Error;
+        q.ack_generation += 1;
+        q.stalled_since = None;
+        let mut first = true;
+        let mut ids: Vec<u64> = q.awaiting_ack.drain(..).collect();
+        ids.extend(q.fifo.drain(..).map(|w| w.wr_id));
+        for wr_id in ids {
+            let st = if first { status } else { WcStatus::Flushed };
+            first = false;
+            q.cq.push_back(Completion {
+                wr_id,
+                kind: CompletionKind::Write,
+                status: st,
+            });
+        }
+        for _ in 0..q.recv_credits {
+            q.cq.push_back(Completion {
+                wr_id: 0,
+                kind: CompletionKind::Recv,
+                status: WcStatus::Flushed,
+            });
+        }
+        q.recv_credits = 0;
+    }
+
+    fn stall(&mut self, qp: usize) {
+        if self.qps[qp].stalled_since.is_none() {
+            let now = self.now;
+            self.qps[qp].stalled_since = Some(now);
+            self.qps[qp].ack_generation += 1;
+            let budget = self.qps[qp].params.retry_budget_ns();
+            self.schedule(now + budget, Ev::StallExpire { qp, since: now });
+        }
+    }
+
+    fn handle(&mut self, ev: Ev, stats: &mut SimStats) {
+        match ev {
+            Ev::HeadArrive { qp } => self.head_arrive(qp, stats),
+            Ev::Ack { qp, generation } => {
+                let q = &mut self.qps[qp];
+                if q.state == QpState::Rts && q.ack_generation == generation {
+                    if let Some(wr_id) = q.awaiting_ack.pop_front() {
+                        q.cq.push_back(Completion {
+                            wr_id,
+                            kind: CompletionKind::Write,
+                            status: WcStatus::Success,
+                        });
+                    }
+                }
+            }
+            Ev::StallExpire { qp, since } => {
+                if self.qps[qp].stalled_since == Some(since) {
+                    self.fail_qp(qp, WcStatus::RetryExceeded);
+                }
+            }
+        }
+    }
+
+    fn head_arrive(&mut self, qp: usize, stats: &mut SimStats) {
+        self.qps[qp].head_scheduled = false;
+        if self.qps[qp].state != QpState::Rts
+            || self.qps[qp].fifo.is_empty()
+            || self.qps[qp].stalled_since.is_some()
+        {
+            return;
+        }
+        let nic = self.qps[qp].nic;
+        let wire_id = self.nics[nic].wire;
+        let peer = self.qps[qp].peer.expect("connected");
+        let peer_nic = self.qps[peer].nic;
+        let wire = &self.wires[wire_id];
+        let lost = !wire.carrier
+            || wire.black_hole
+            || self.nics[peer_nic].removed
+            || self.nics[nic].removed;
+        if lost || self.qps[peer].state != QpState::Rts {
+            // Nothing answers: the requester retransmits until its budget expires.
+            self.stall(qp);
+            return;
+        }
+        let (rkey, remote_addr, len, imm) = {
+            let h = &self.qps[qp].fifo[0];
+            (h.rkey, h.remote_addr, h.len, h.imm)
+        };
+        // Responder checks the rkey and range (remote access error otherwise).
+        let target = self.mrs.iter().position(|m| {
+            m.live && m.rkey == rkey && m.nic == peer_nic && m.access == Access::RemoteWrite && {
+                let base = m.mem.addr() as u64;
+                remote_addr >= base && remote_addr + len as u64 <= base + m.mem.len() as u64
+            }
+        });
+        let Some(target) = target else {
+            self.fail_qp(qp, WcStatus::RemoteAccess);
+            return;
+        };
+        if imm.is_some() && self.qps[peer].recv_credits == 0 {
+            let q = &mut self.qps[qp];
+            q.rnr_attempts += 1;
+            if q.rnr_attempts > q.params.rnr_retry as u32 {
+                self.fail_qp(qp, WcStatus::RnrRetryExceeded);
+            } else {
+                q.head_scheduled = true;
+                let t = self.now + RNR_DELAY_NS;
+                self.schedule(t, Ev::HeadArrive { qp });
+            }
+            return;
+        }
+        let wr = self.qps[qp].fifo.pop_front().expect("non-empty");
+        self.qps[qp].rnr_attempts = 0;
+        let src = &self.mrs[wr.local_mr];
+        let dst = &self.mrs[target];
+        let dst_off = (remote_addr - dst.mem.addr() as u64) as usize;
+        // SAFETY: both regions are registered (the Mr entries hold their Arcs, so the memory is
+        // alive), the source range was checked at post time and the target range just above;
+        // `copy` tolerates overlap should one buffer be registered twice.
+        unsafe {
+            std::ptr::copy(
+                src.mem.addr().add(wr.local_off),
+                dst.mem.addr().add(dst_off),
+                wr.len,
+            )
+        };
+        if self.wires[wire_id].corrupt_next > 0 && wr.len > 0 {
+            self.wires[wire_id].corrupt_next -= 1;
+            let at = self.rng.random_range(0..wr.len);
+            let bit = 1u8 << self.rng.random_range(0..8);
+            // SAFETY: `at` < len and the target range is inside the registered region (checked).
+            unsafe { *dst.mem.addr().add(dst_off + at) ^= bit };
+            stats.corrupted_writes += 1;
+        }
+        stats.writes_delivered += 1;
+        stats.bytes_delivered += wr.len as u64;
+        if let Some(imm) = imm {
+            let p = &mut self.qps[peer];
+            p.recv_credits -= 1;
+            p.cq.push_back(Completion {
+                wr_id: 0,
+                kind: CompletionKind::RecvImm {
+                    imm,
+                    byte_len: wr.len as u32,
+                },
+                status: WcStatus::Success,
+            });
+        }
+        let now = self.now;
+        let lat = self.wires[wire_id].latency_ns;
+        let q = &mut self.qps[qp];
+        q.awaiting_ack.push_back(wr.wr_id);
+        q.last_arrival = now;
+        if self.wires[wire_id].ack_loss {
+            self.stall(qp);
+        } else {
+            let t = (now + lat).max(self.qps[qp].last_ack_time);
+            self.qps[qp].last_ack_time = t;
+            let generation = self.qps[qp].ack_generation;
+            self.schedule(t, Ev::Ack { qp, generation });
+        }
+        self.schedule_head(qp);
+    }
+
+    fn schedule_head(&mut self, qp: usize) {
+        let q = &mut self.qps[qp];
+        if q.head_scheduled || q.stalled_since.is_some() {
+            return;
+        }
+        if let Some(h) = q.fifo.front() {
+            q.head_scheduled = true;
+            let t = h.ready_at.max(q.last_arrival).max(self.now);
+            self.schedule(t, Ev::HeadArrive { qp });
+        }
+    }
+}
+
+/// A simulated card.
+#[derive(Clone)]
+pub struct SimNic {
+    fabric: SimFabric,
+    id: usize,
+    name: String,
+}
+
+/// A registration on a simulated card.
+pub struct SimMr {
+    fabric: SimFabric,
+    id: usize,
+    remote: RemoteRegion,
+    len: usize,
+}
+
+impl Drop for SimMr {
+    fn drop(&mut self) {
+        self.fabric.world.borrow_mut().mrs[self.id].live = false;
+    }
+}
+
+impl MemoryRegistration for SimMr {
+    fn remote(&self) -> RemoteRegion {
+        self.remote
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// A simulated RC queue pair.
+pub struct SimLink {
+    fabric: SimFabric,
+    qp: usize,
+}
+
+impl Drop for SimLink {
+    fn drop(&mut self) {
+        let mut w = self.fabric.world.borrow_mut();
+        w.qps[self.qp].state = QpState::Destroyed;
+        w.qps[self.qp].fifo.clear();
+    }
+}
+
+impl Nic for SimNic {
+    type Mr = SimMr;
+    type Link = SimLink;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn register(
+        &self,
+        mem: Arc<dyn RegisterableMemory>,
+        access: Access,
+    ) -> Result<SimMr, FabricError> {
+        let mut w = self.fabric.world.borrow_mut();
+        if w.nics[self.id].removed {
+            return Err(FabricError::NoSuchDevice(self.name.clone()));
+        }
+        let id = w.mrs.len();
+        let rkey = (id as u32).wrapping_mul(0x9E37_79B9) | 1;
+        let len = mem.len();
+        let remote = RemoteRegion {
+            addr: mem.addr() as u64,
+            rkey,
+            len: len as u64,
+        };
+        w.mrs.push(Mr {
+            nic: self.id,
+            mem,
+            access,
+            rkey,
+            live: true,
+        });
+        Ok(SimMr {
+            fabric: self.fabric.clone(),
+            id,
+            remote,
+            len,
+        })
+    }
+
+    fn create_link(&self, params: &LinkParams) -> Result<SimLink, FabricError> {
+        params.validate()?;
+        let mut w = self.fabric.world.borrow_mut();
+        if w.nics[self.id].removed {
+            return Err(FabricError::NoSuchDevice(self.name.clone()));
+        }
+        let psn = w.rng.random::<u32>() & 0x00ff_ffff;
+        let qp = w.qps.len();
+        w.qps.push(Qp {
+            nic: self.id,
+            params: *params,
+            state: QpState::Reset,
+            psn,
+            peer: None,
+            fifo: VecDeque::new(),
+            head_scheduled: false,
+            last_arrival: 0,
+            awaiting_ack: VecDeque::new(),
+            last_ack_time: 0,
+            ack_generation: 0,
+            stalled_since: None,
+            rnr_attempts: 0,
+            recv_credits: 0,
+            cq: VecDeque::new(),
+        });
+        Ok(SimLink {
+            fabric: self.fabric.clone(),
+            qp,
+        })
+    }
+
+    fn poll_event(&self) -> Option<AsyncEvent> {
+        self.fabric.world.borrow_mut().nics[self.id]
+            .events
+            .pop_front()
+    }
+}
+
+impl SimNic {
+    /// Index of this card in its fabric.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+}
+
+impl Link for SimLink {
+    type Mr = SimMr;
+
+    fn endpoint(&self) -> Endpoint {
+        let w = self.fabric.world.borrow();
+        let q = &w.qps[self.qp];
+        let mut gid = [0u8; 16];
+        gid[10] = 0xff;
+        gid[11] = 0xff;
+        gid[12..].copy_from_slice(&(q.nic as u32).to_be_bytes());
+        Endpoint {
+            qpn: qpn_of(self.qp),
+            psn: q.psn,
+            gid,
+            lid: 0,
+        }
+    }
+
+    fn connect(&mut self, remote: &Endpoint) -> Result<(), FabricError> {
+        let mut w = self.fabric.world.borrow_mut();
+        let Some(peer) = (remote.qpn as usize)
+            .checked_sub(0x100)
+            .filter(|&p| p < w.qps.len())
+        else {
+            return Err(FabricError::Unreachable);
+        };
+        let my_nic = w.qps[self.qp].nic;
+        let peer_nic = w.qps[peer].nic;
+        if w.nics[my_nic].wire != w.nics[peer_nic].wire
+            || my_nic == peer_nic
+            || w.qps[peer].psn != remote.psn
+        {
+            return Err(FabricError::Unreachable);
+        }
+        if w.qps[self.qp].state != QpState::Reset {
+            return Err(FabricError::NotConnected);
+        }
+        w.qps[self.qp].peer = Some(peer);
+        w.qps[self.qp].state = QpState::Rts;
+        Ok(())
+    }
+
+    fn post_write(
+        &mut self,
+        wr_id: u64,
+        local: &SimMr,
+        local_offset: usize,
+        len: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        imm: Option<u32>,
+    ) -> Result<(), FabricError> {
+        if local_offset > local.len || len > local.len - local_offset {
+            return Err(FabricError::OutOfRange {
+                offset: local_offset as u64,
+                len,
+                region_len: local.len,
+            });
+        }
+        let mut w = self.fabric.world.borrow_mut();
+        let now = w.now;
+        let q = &w.qps[self.qp];
+        match q.state {
+            QpState::Reset | QpState::Destroyed => return Err(FabricError::NotConnected),
+            QpState::Error => {
+                // As on hardware: posting to a QP in error "succeeds" and flushes at once.
+                w.qps[self.qp].cq.push_back(Completion {
+                    wr_id,
+                    kind: CompletionKind::Write,
+                    status: WcStatus::Flushed,
+                });
+                return Ok(());
+            }
+            QpState::Rts => {}
+        }
+        if q.fifo.len() + q.awaiting_ack.len() >= q.params.max_send_wr as usize {
+            return Err(FabricError::SendQueueFull);
+        }
+        let wire = &w.wires[w.nics[q.nic].wire];
+        let mut latency = wire.latency_ns;
+        if now < wire.spike_until {
+            latency += wire.spike_extra_ns;
+        }
+        w.qps[self.qp].fifo.push_back(Wr {
+            wr_id,
+            local_mr: local.id,
+            local_off: local_offset,
+            len,
+            rkey: remote.rkey,
+            remote_addr: remote.addr.wrapping_add(remote_offset),
+            imm,
+            ready_at: now + latency,
+        });
+        w.schedule_head(self.qp);
+        Ok(())
+    }
+
+    fn post_recvs(&mut self, count: u32) -> Result<(), FabricError> {
+        let mut w = self.fabric.world.borrow_mut();
+        let q = &mut w.qps[self.qp];
+        match q.state {
+            QpState::Destroyed => Err(FabricError::NotConnected),
+            QpState::Error => {
+                for _ in 0..count {
+                    q.cq.push_back(Completion {
+                        wr_id: 0,
+                        kind: CompletionKind::Recv,
+                        status: WcStatus::Flushed,
+                    });
+                }
+                Ok(())
+            }
+            _ if q.recv_credits + count > q.params.max_recv_wr => Err(FabricError::SendQueueFull),
+            _ => {
+                q.recv_credits += count;
+                Ok(())
+            }
+        }
+    }
+
+    fn poll(&mut self, out: &mut [Completion]) -> usize {
+        let mut w = self.fabric.world.borrow_mut();
+        let q = &mut w.qps[self.qp];
+        let mut n = 0;
+        while n < out.len() {
+            match q.cq.pop_front() {
+                Some(c) => {
+                    out[n] = c;
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        n
+    }
+
+    fn shut_down(&mut self) {
+        self.fabric
+            .world
+            .borrow_mut()
+            .fail_qp(self.qp, WcStatus::Flushed);
+    }
+}

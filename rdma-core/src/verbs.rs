@@ -1,0 +1,451 @@
+//! Real RDMA verbs on the `sideway` crate.
+//!
+//! One [`VerbsNic`] per card (device context + protection domain); one [`VerbsLink`] per RC queue
+//! pair, each with its own extended CQ. Writes use the extended post-send API
+//! (`ibv_wr_rdma_write[_imm]`). libibverbs is loaded at run time, so on a machine without it or
+//! without devices, [`VerbsNic::open`] returns [`FabricError::Unavailable`] and nothing crashes.
+//!
+//! Known device quirk handled here: rdma-core 44's rxe provider advances the CQ consumer index
+//! twice when a poll batch ends (stale or duplicate completions follow; fixed in rdma-core 55), so
+//! [`VerbsLink::poll`] takes exactly one completion per `ibv_start_poll`.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use rdma_mummy_sys as sys;
+use sideway::ibverbs::address::{AddressHandleAttribute, Gid, GidType};
+use sideway::ibverbs::completion::{ExtendedCompletionQueue, GenericCompletionQueue};
+use sideway::ibverbs::device::{DeviceInfo, DeviceList};
+use sideway::ibverbs::device_context::DeviceContext;
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::queue_pair::{
+    ExtendedQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
+    SendOperationFlags, SetScatterGatherEntry, WorkRequestFlags,
+};
+use sideway::ibverbs::AccessFlags;
+
+use crate::{
+    Access, AsyncEvent, Completion, CompletionKind, Endpoint, FabricError, Link, LinkParams,
+    MemoryRegistration, Nic, RegisterableMemory, RemoteRegion, WcStatus,
+};
+
+/// wr_id reserved for receives (which carry no buffer of their own).
+pub const RECV_WR_ID: u64 = u64::MAX;
+
+fn verbs_err(op: &'static str, e: impl std::fmt::Display) -> FabricError {
+    FabricError::Verbs {
+        op,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Lists the RDMA devices present (an error when libibverbs or devices are missing).
+pub fn device_names() -> Result<Vec<String>, FabricError> {
+    let list = DeviceList::new().map_err(|e| FabricError::Unavailable(e.to_string()))?;
+    Ok(list.iter().map(|d| d.name()).collect())
+}
+
+/// One RDMA card.
+pub struct VerbsNic {
+    name: String,
+    pd: Arc<ProtectionDomain>,
+    ctx: Arc<DeviceContext>,
+}
+
+impl VerbsNic {
+    /// Opens the device called `name`.
+    pub fn open(name: &str) -> Result<VerbsNic, FabricError> {
+        let list = DeviceList::new().map_err(|e| FabricError::Unavailable(e.to_string()))?;
+        let dev = list
+            .iter()
+            .find(|d| d.name() == name)
+            .ok_or_else(|| FabricError::NoSuchDevice(name.to_string()))?;
+        let ctx = dev.open().map_err(|e| verbs_err("ibv_open_device", e))?;
+        let pd = ctx.alloc_pd().map_err(|e| verbs_err("ibv_alloc_pd", e))?;
+        // SAFETY: the context pointer is valid while `ctx` lives; async_fd is a plain int field.
+        let fd = unsafe { (*ctx.context().as_ptr()).async_fd };
+        // SAFETY: fcntl on a descriptor owned by the open device context.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above; making it non-blocking so poll_event never blocks.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(FabricError::Verbs {
+                op: "fcntl(async_fd)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(VerbsNic {
+            name: name.to_string(),
+            pd,
+            ctx,
+        })
+    }
+
+    fn pick_gid(&self, params: &LinkParams) -> Result<(u8, Gid), FabricError> {
+        if let Some(i) = params.gid_index {
+            let gid = self
+                .ctx
+                .query_gid(params.port, i as u32)
+                .map_err(|e| verbs_err("ibv_query_gid", e))?;
+            return Ok((i, gid));
+        }
+        let table = self
+            .ctx
+            .query_gid_table()
+            .map_err(|e| verbs_err("ibv_query_gid_table", e))?;
+        table
+            .iter()
+            .find(|e| {
+                let raw = e.gid().raw;
+                e.port_num() == params.port as u32
+                    && e.gid_type() == GidType::RoceV2
+                    && raw[..10].iter().all(|&b| b == 0)
+                    && raw[10..12] == [0xff, 0xff]
+            })
+            .map(|e| (e.gid_index() as u8, e.gid()))
+            .ok_or(FabricError::NoGid)
+    }
+}
+
+/// A registration with a card. Deregisters before releasing the memory (field order).
+pub struct VerbsMr {
+    mr: Arc<MemoryRegion>,
+    _mem: Arc<dyn RegisterableMemory>,
+    lkey: u32,
+    addr: u64,
+    len: usize,
+}
+
+impl MemoryRegistration for VerbsMr {
+    fn remote(&self) -> RemoteRegion {
+        RemoteRegion {
+            addr: self.addr,
+            rkey: self.mr.rkey(),
+            len: self.len as u64,
+        }
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// One RC queue pair with its own completion queue.
+pub struct VerbsLink {
+    // Field order is teardown order: QP (moved to error and drained in Drop), CQ, then the card.
+    qp: ExtendedQueuePair,
+    cq: Arc<ExtendedCompletionQueue>,
+    pd: Arc<ProtectionDomain>,
+    ctx: Arc<DeviceContext>,
+    params: LinkParams,
+    psn: u32,
+    gid: Gid,
+    gid_index: u8,
+}
+
+impl Nic for VerbsNic {
+    type Mr = VerbsMr;
+    type Link = VerbsLink;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn register(
+        &self,
+        mem: Arc<dyn RegisterableMemory>,
+        access: Access,
+    ) -> Result<VerbsMr, FabricError> {
+        let flags = match access {
+            Access::Local => AccessFlags::LocalWrite,
+            Access::RemoteWrite => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
+        };
+        let (addr, len) = (mem.addr() as usize, mem.len());
+        // SAFETY: RegisterableMemory guarantees addr..addr+len stays valid while `mem` lives, and
+        // VerbsMr keeps `mem` alive until after the MR is deregistered (field order).
+        let mr =
+            unsafe { self.pd.reg_mr(addr, len, flags) }.map_err(|e| verbs_err("ibv_reg_mr", e))?;
+        Ok(VerbsMr {
+            lkey: mr.lkey(),
+            mr,
+            _mem: mem,
+            addr: addr as u64,
+            len,
+        })
+    }
+
+    fn create_link(&self, params: &LinkParams) -> Result<VerbsLink, FabricError> {
+        params.validate()?;
+        let (gid_index, gid) = self.pick_gid(params)?;
+        let cq = self
+            .ctx
+            .create_cq_builder()
+            .setup_cqe(params.max_send_wr + params.max_recv_wr)
+            .build_ex()
+            .map_err(|e| verbs_err("ibv_create_cq_ex", e))?;
+        let mut qp = self
+            .pd
+            .create_qp_builder()
+            .setup_max_send_wr(params.max_send_wr)
+            .setup_max_recv_wr(params.max_recv_wr)
+            .setup_max_send_sge(1)
+            .setup_max_recv_sge(1)
+            .setup_send_cq(GenericCompletionQueue::from(cq.clone()))
+            .setup_recv_cq(GenericCompletionQueue::from(cq.clone()))
+            .setup_send_ops_flags(
+                SendOperationFlags::Write | SendOperationFlags::WriteWithImmediate,
+            )
+            .build_ex()
+            .map_err(|e| verbs_err("ibv_create_qp_ex", e))?;
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Init)
+            .setup_pkey_index(0)
+            .setup_port(params.port)
+            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
+        qp.modify(&attr)
+            .map_err(|e| verbs_err("ibv_modify_qp(INIT)", e))?;
+        let mut psn_bytes = [0u8; 4];
+        // SAFETY: getrandom into a 4-byte stack buffer we own.
+        let got = unsafe { libc::getrandom(psn_bytes.as_mut_ptr().cast(), 4, 0) };
+        let psn = if got == 4 {
+            u32::from_le_bytes(psn_bytes) & 0x00ff_ffff
+        } else {
+            0x1234
+        };
+        Ok(VerbsLink {
+            qp,
+            cq,
+            pd: self.pd.clone(),
+            ctx: self.ctx.clone(),
+            params: *params,
+            psn,
+            gid,
+            gid_index,
+        })
+    }
+
+    fn poll_event(&self) -> Option<AsyncEvent> {
+        let mut ev = std::mem::MaybeUninit::<sys::ibv_async_event>::uninit();
+        // SAFETY: the context is open; async_fd is non-blocking (set in open), so this returns -1
+        // at once when no event is queued; `ev` is only read after success.
+        let rc = unsafe { sys::ibv_get_async_event(self.ctx.context().as_ptr(), ev.as_mut_ptr()) };
+        if rc != 0 {
+            return None;
+        }
+        // SAFETY: filled by a successful ibv_get_async_event. event_type is read as a raw u32 so an
+        // event kind newer than the bindings' enum can't be undefined behaviour.
+        let kind = unsafe {
+            std::ptr::addr_of!((*ev.as_ptr()).event_type)
+                .cast::<u32>()
+                .read()
+        };
+        let event = match kind {
+            k if k == sys::ibv_event_type::IBV_EVENT_PORT_ACTIVE as u32 => AsyncEvent::PortActive,
+            k if k == sys::ibv_event_type::IBV_EVENT_PORT_ERR as u32 => AsyncEvent::PortDown,
+            k if k == sys::ibv_event_type::IBV_EVENT_DEVICE_FATAL as u32 => AsyncEvent::DeviceFatal,
+            k if k == sys::ibv_event_type::IBV_EVENT_QP_FATAL as u32 => {
+                // SAFETY: for QP events the element is the QP, valid until the event is acked.
+                let qpn = unsafe { (*(*ev.as_ptr()).element.qp).qp_num };
+                AsyncEvent::QpFatal { qpn }
+            }
+            k => AsyncEvent::Other(k),
+        };
+        // SAFETY: every event obtained must be acknowledged exactly once; this is that once.
+        unsafe { sys::ibv_ack_async_event(ev.as_mut_ptr()) };
+        Some(event)
+    }
+}
+
+fn map_status(status: u32) -> WcStatus {
+    use sys::ibv_wc_status::*;
+    match status {
+        IBV_WC_SUCCESS => WcStatus::Success,
+        IBV_WC_WR_FLUSH_ERR => WcStatus::Flushed,
+        IBV_WC_RETRY_EXC_ERR => WcStatus::RetryExceeded,
+        IBV_WC_RNR_RETRY_EXC_ERR => WcStatus::RnrRetryExceeded,
+        IBV_WC_REM_ACCESS_ERR => WcStatus::RemoteAccess,
+        other => WcStatus::Other(other),
+    }
+}
+
+impl VerbsLink {
+    fn raw_qp(&self) -> NonNull<sys::ibv_qp> {
+        // SAFETY: the pointer is only used while self (and so the QP) lives.
+        unsafe { self.qp.qp() }
+    }
+}
+
+impl Link for VerbsLink {
+    type Mr = VerbsMr;
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            qpn: self.qp.qp_number(),
+            psn: self.psn,
+            gid: self.gid.raw,
+            lid: 0,
+        }
+    }
+
+    fn connect(&mut self, remote: &Endpoint) -> Result<(), FabricError> {
+        let port = self
+            .ctx
+            .query_port(self.params.port)
+            .map_err(|e| verbs_err("ibv_query_port", e))?;
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToReceive)
+            .setup_path_mtu(port.active_mtu())
+            .setup_dest_qp_num(remote.qpn)
+            .setup_rq_psn(remote.psn)
+            .setup_max_dest_read_atomic(0)
+            .setup_min_rnr_timer(1);
+        let mut ah = AddressHandleAttribute::new();
+        ah.setup_dest_lid(remote.lid)
+            .setup_port(self.params.port)
+            .setup_service_level(0)
+            .setup_grh_src_gid_index(self.gid_index)
+            .setup_grh_dest_gid(&Gid { raw: remote.gid })
+            .setup_grh_hop_limit(64);
+        attr.setup_address_vector(&ah);
+        self.qp
+            .modify(&attr)
+            .map_err(|e| verbs_err("ibv_modify_qp(RTR)", e))?;
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToSend)
+            .setup_sq_psn(self.psn)
+            .setup_timeout(self.params.timeout)
+            .setup_retry_cnt(self.params.retry_cnt)
+            .setup_rnr_retry(self.params.rnr_retry)
+            .setup_max_read_atomic(0);
+        self.qp
+            .modify(&attr)
+            .map_err(|e| verbs_err("ibv_modify_qp(RTS)", e))?;
+        Ok(())
+    }
+
+    fn post_write(
+        &mut self,
+        wr_id: u64,
+        local: &VerbsMr,
+        local_offset: usize,
+        len: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        imm: Option<u32>,
+    ) -> Result<(), FabricError> {
+        if wr_id == RECV_WR_ID {
+            return Err(FabricError::InvalidParams(
+                "wr_id u64::MAX is reserved for receives",
+            ));
+        }
+        if local_offset > local.len || len > local.len - local_offset {
+            return Err(FabricError::OutOfRange {
+                offset: local_offset as u64,
+                len,
+                region_len: local.len,
+            });
+        }
+        if remote_offset > remote.len || len as u64 > remote.len - remote_offset {
+            return Err(FabricError::OutOfRange {
+                offset: remote_offset,
+                len,
+                region_len: remote.len as usize,
+            });
+        }
+        let mut guard = self.qp.start_post_send();
+        let wr = guard.construct_wr(wr_id, WorkRequestFlags::Signaled);
+        let addr = remote.addr + remote_offset;
+        let buf = match imm {
+            // imm travels big-endian on the wire; the receiver converts back.
+            Some(imm) => wr.setup_write_imm(remote.rkey, addr, imm.to_be()),
+            None => wr.setup_write(remote.rkey, addr),
+        };
+        // SAFETY: the range was checked against the registration above, and the MR (with its
+        // memory) outlives the request: the caller keeps it registered until completion.
+        unsafe { buf.setup_sge(local.lkey, local.addr + local_offset as u64, len as u32) };
+        guard.post().map_err(|e| match e {
+            sideway::ibverbs::queue_pair::PostSendError::NotEnoughResources(_) => {
+                FabricError::SendQueueFull
+            }
+            e => verbs_err("ibv_wr_complete", e),
+        })
+    }
+
+    fn post_recvs(&mut self, count: u32) -> Result<(), FabricError> {
+        const BATCH: usize = 32;
+        let mut left = count as usize;
+        while left > 0 {
+            let n = left.min(BATCH);
+            let mut wrs = [sys::ibv_recv_wr {
+                wr_id: RECV_WR_ID,
+                next: std::ptr::null_mut(),
+                sg_list: std::ptr::null_mut(),
+                num_sge: 0,
+            }; BATCH];
+            let base = wrs.as_mut_ptr();
+            for (i, wr) in wrs.iter_mut().enumerate().take(n - 1) {
+                // SAFETY: i + 1 < n <= BATCH: in bounds of the stack array.
+                wr.next = unsafe { base.add(i + 1) };
+            }
+            let mut bad = std::ptr::null_mut();
+            // SAFETY: a well-formed chain of n receive WRs without buffers on a live QP; the array
+            // outlives the call (the provider copies WRs into its queue).
+            let rc = unsafe { sys::ibv_post_recv(self.raw_qp().as_ptr(), base, &mut bad) };
+            if rc != 0 {
+                return Err(FabricError::Verbs {
+                    op: "ibv_post_recv",
+                    source: std::io::Error::from_raw_os_error(rc),
+                });
+            }
+            left -= n;
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut [Completion]) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            // One completion per start_poll/end_poll pair: see the module doc (rxe CQ bug).
+            let Ok(mut poller) = self.cq.start_poll() else {
+                break;
+            };
+            let Some(wc) = poller.next() else { break };
+            let status = map_status(wc.status());
+            let wr_id = wc.wr_id();
+            let kind = if wr_id != RECV_WR_ID {
+                CompletionKind::Write
+            } else if status == WcStatus::Success {
+                CompletionKind::RecvImm {
+                    imm: u32::from_be(wc.imm_data()),
+                    byte_len: wc.byte_len(),
+                }
+            } else {
+                CompletionKind::Recv
+            };
+            out[n] = Completion {
+                wr_id,
+                kind,
+                status,
+            };
+            n += 1;
+        }
+        n
+    }
+
+    fn shut_down(&mut self) {
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Error);
+        if let Err(e) = self.qp.modify(&attr) {
+            tracing::warn!(error = %e, "moving QP to error failed");
+        }
+    }
+}
+
+impl Drop for VerbsLink {
+    fn drop(&mut self) {
+        // QP to error, drain what it flushes, then the fields drop in order: QP, CQ, PD, context.
+        self.shut_down();
+        let mut sink = [Completion::EMPTY; 16];
+        while self.poll(&mut sink) > 0 {}
+        let _ = (&self.pd, &self.ctx);
+    }
+}

@@ -1,0 +1,69 @@
+//! # railover-segq
+//!
+//! A lock-free segmented queue of framed records in registrable memory.
+//!
+//! * [`SendQueue`]: the sender's ring. The application [`Producer`] frames records
+//!   (`seq | len | crc32c | payload`); the link's [`Poster`] hands out contiguous byte ranges to post
+//!   as one RDMA write each, and frees whole segments as cumulative acknowledgements arrive. On a
+//!   rail failure, [`SendQueue::copy_unacked_into`] moves every unacknowledged record, with its
+//!   sequence number, into the standby card's queue.
+//! * [`MirrorQueue`]: the receiver's copy of a peer's ring. Parsing is zero-copy and treats the bytes
+//!   as hostile: bad lengths, bad crcs, gaps and impossible notifications are typed errors.
+//!
+//! The queue knows nothing of verbs: it exposes its memory ([`Memory`]) for a fabric to register.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod geometry;
+mod mirror;
+pub mod record;
+mod region;
+mod sender;
+mod shared;
+mod sync;
+
+pub use geometry::{Geometry, GeometryError, MAX_CAPACITY, MIN_SEGMENT_SIZE};
+pub use mirror::{ConsumeError, MirrorQueue, StreamCursor};
+pub use record::{ParseError, HEADER_LEN};
+pub use region::{Backing, Region, PAGE_SIZE};
+pub use sender::{
+    AckError, CopyReport, PendingRange, Poster, Producer, PushError, Reservation, SendQueue,
+};
+
+/// A handle on a queue's memory that keeps it alive (hold it as long as the memory is registered).
+#[derive(Clone)]
+pub struct Memory(MemoryKind);
+
+#[derive(Clone)]
+enum MemoryKind {
+    Send(sync::Arc<shared::Shared>),
+    Mirror(sync::Arc<Region>),
+}
+
+impl Memory {
+    fn region(&self) -> &Region {
+        match &self.0 {
+            MemoryKind::Send(s) => &s.region,
+            MemoryKind::Mirror(r) => r,
+        }
+    }
+    /// First byte.
+    pub fn addr(&self) -> *mut u8 {
+        self.region().addr()
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.region().len()
+    }
+    /// Never true.
+    pub fn is_empty(&self) -> bool {
+        self.region().is_empty()
+    }
+    /// Copies bytes out (bounds-checked; panics on a caller's out-of-range request).
+    pub fn read(&self, offset: usize, dst: &mut [u8]) {
+        self.region().read(offset, dst)
+    }
+    /// Copies bytes in (bounds-checked), as a NIC placing a peer's write would.
+    pub fn write(&self, offset: usize, src: &[u8]) {
+        self.region().write(offset, src)
+    }
+}

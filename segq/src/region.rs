@@ -1,0 +1,250 @@
+//! The memory a queue lives in: one contiguous, page-aligned block whose address and length are
+//! exposed so a fabric can register it with a NIC.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
+/// Page size assumed for alignment of heap-backed regions (mmap'd regions are always page aligned).
+pub const PAGE_SIZE: usize = 4096;
+
+/// How a region's memory is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Anonymous private mapping (the default for real traffic).
+    #[default]
+    Anonymous,
+    /// Anonymous mapping backed by huge pages; falls back to [`Backing::Anonymous`] (with a logged
+    /// reason) when the kernel has none to give.
+    HugePages,
+    /// Page-aligned heap allocation: no mmap, so it runs under Miri and loom.
+    Heap,
+}
+
+enum Storage {
+    Map(#[allow(dead_code)] memmap2::MmapMut),
+    Heap(Layout),
+}
+
+/// A contiguous, zero-initialised, page-aligned block of memory.
+///
+/// The memory is written by this process and, once registered, by a NIC on behalf of the peer.
+/// It is therefore only ever touched through raw pointers (never through a `&mut [u8]` that would
+/// claim exclusivity the NIC doesn't respect).
+pub struct Region {
+    ptr: NonNull<u8>,
+    len: usize,
+    storage: Storage,
+}
+
+// SAFETY: Region owns its memory exclusively (like a Box<[u8]>); all access goes through raw
+// pointers whose synchronisation is the queue's job (Acquire/Release on its indices).
+unsafe impl Send for Region {}
+// SAFETY: shared access only hands out raw pointers; see the Send impl.
+unsafe impl Sync for Region {}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("addr", &self.ptr)
+            .field("len", &self.len)
+            .field("mapped", &matches!(self.storage, Storage::Map(_)))
+            .finish()
+    }
+}
+
+impl Region {
+    /// Allocates `len` bytes (rounded up to whole pages), zeroed.
+    pub fn new(len: usize, backing: Backing) -> std::io::Result<Region> {
+        let len = len.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        match backing {
+            Backing::Heap => Self::heap(len),
+            Backing::Anonymous => Self::map(len, false),
+            Backing::HugePages => match Self::map(len, true) {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    tracing::warn!(len, error = %e, "huge pages unavailable; using normal pages");
+                    Self::map(len, false)
+                }
+            },
+        }
+    }
+
+    fn map(len: usize, huge: bool) -> std::io::Result<Region> {
+        let mut opts = memmap2::MmapOptions::new();
+        opts.len(len);
+        if huge {
+            opts.huge(None);
+        }
+        let mut map = opts.map_anon()?;
+        let ptr = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null on success");
+        Ok(Region {
+            ptr,
+            len,
+            storage: Storage::Map(map),
+        })
+    }
+
+    fn heap(len: usize) -> std::io::Result<Region> {
+        let layout = Layout::from_size_align(len, PAGE_SIZE)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: layout has non-zero size (len >= PAGE_SIZE after rounding).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+        Ok(Region {
+            ptr,
+            len,
+            storage: Storage::Heap(layout),
+        })
+    }
+
+    /// First byte of the block (what a fabric registers).
+    pub fn addr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes (a whole number of pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `src` into the region at `offset`. Panics (a bug of the caller, never input-driven)
+    /// when the range is outside the region.
+    pub fn write(&self, offset: usize, src: &[u8]) {
+        assert!(
+            offset <= self.len && src.len() <= self.len - offset,
+            "region write out of bounds"
+        );
+        // SAFETY: bounds checked above; src cannot overlap our private mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        }
+    }
+
+    /// Copies bytes at `offset` into `dst`. Panics when out of bounds (caller bug).
+    pub fn read(&self, offset: usize, dst: &mut [u8]) {
+        assert!(
+            offset <= self.len && dst.len() <= self.len - offset,
+            "region read out of bounds"
+        );
+        // SAFETY: bounds checked above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        }
+    }
+
+    /// Reads a little-endian u64 at an 8-aligned `offset` with one aligned load.
+    pub fn read_u64(&self, offset: usize) -> u64 {
+        assert!(
+            offset % 8 == 0 && offset + 8 <= self.len,
+            "region u64 read out of bounds"
+        );
+        // SAFETY: in bounds and 8-aligned (region is page aligned); volatile because a NIC may
+        // have written it behind the compiler's back.
+        u64::from_le(unsafe {
+            std::ptr::read_volatile(self.ptr.as_ptr().add(offset).cast::<u64>())
+        })
+    }
+
+    /// Writes a little-endian u64 at an 8-aligned `offset` with one aligned store.
+    pub fn write_u64(&self, offset: usize, value: u64) {
+        assert!(
+            offset % 8 == 0 && offset + 8 <= self.len,
+            "region u64 write out of bounds"
+        );
+        // SAFETY: in bounds and 8-aligned; volatile so the store is not elided before a NIC reads it.
+        unsafe {
+            std::ptr::write_volatile(self.ptr.as_ptr().add(offset).cast::<u64>(), value.to_le())
+        }
+    }
+
+    /// Borrows `len` bytes at `offset`.
+    ///
+    /// # Safety
+    /// No one (this process or a NIC) may write those bytes while the slice lives.
+    pub unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(
+            offset <= self.len && len <= self.len - offset,
+            "region slice out of bounds"
+        );
+        // SAFETY: bounds checked; absence of writers is the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) }
+    }
+
+    /// Mutably borrows `len` bytes at `offset`.
+    ///
+    /// # Safety
+    /// No one else may read or write those bytes while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(
+            offset <= self.len && len <= self.len - offset,
+            "region slice out of bounds"
+        );
+        // SAFETY: bounds checked; exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        if let Storage::Heap(layout) = self.storage {
+            // SAFETY: allocated in `heap` with exactly this layout, freed once.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+        }
+        // A mapping unmaps itself when MmapMut drops.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heap_region_is_page_aligned_zeroed_and_rounded() {
+        let r = Region::new(5000, Backing::Heap).unwrap();
+        assert_eq!(r.len(), 8192);
+        assert_eq!(r.addr() as usize % PAGE_SIZE, 0);
+        let mut buf = [1u8; 16];
+        r.read(8000, &mut buf);
+        assert_eq!(buf, [0u8; 16]);
+        r.write_u64(8, 0xdead_beef);
+        assert_eq!(r.read_u64(8), 0xdead_beef);
+    }
+
+    #[test]
+    #[cfg(not(miri))] // Miri has no mmap; heap regions cover the same code.
+    fn mapped_region_is_page_aligned() {
+        let r = Region::new(1, Backing::Anonymous).unwrap();
+        assert_eq!(r.len(), PAGE_SIZE);
+        assert_eq!(r.addr() as usize % PAGE_SIZE, 0);
+        r.write(10, b"abc");
+        let mut out = [0u8; 3];
+        r.read(10, &mut out);
+        assert_eq!(&out, b"abc");
+    }
+
+    #[test]
+    #[cfg(not(miri))]
+    fn huge_pages_fall_back_instead_of_failing() {
+        // Most CI kernels have no reserved huge pages: this must still hand out memory.
+        let r = Region::new(2 << 20, Backing::HugePages).unwrap();
+        assert!(r.len() >= 2 << 20);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn out_of_bounds_write_is_refused() {
+        let r = Region::new(4096, Backing::Heap).unwrap();
+        r.write(4090, &[0u8; 8]);
+    }
+}

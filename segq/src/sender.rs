@@ -1,0 +1,460 @@
+//! The sender's ring: the application commits records, the link side posts byte ranges of them to
+//! the peer and frees whole segments as acknowledgements arrive.
+//!
+//! Segment lifecycle: free -> filling (producer) -> posted (poster) -> acknowledged -> free.
+//! The producer and the poster may live on different threads ([`SendQueue::split`]); each index
+//! has exactly one writer.
+
+use crate::geometry::Geometry;
+use crate::record::{record_crc, record_size, Header, HEADER_LEN};
+use crate::region::Backing;
+use crate::shared::Shared;
+use crate::sync::{Arc, Ordering};
+
+/// Why a record could not be queued. Nothing already accepted is affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    #[error("record of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("queue full: no free segment until the peer acknowledges")]
+    Full,
+}
+
+/// An acknowledgement no honest receiver could send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("peer acknowledged position {consumed}, but only {posted} was posted")]
+    BeyondPosted { consumed: u64, posted: u64 },
+}
+
+/// A contiguous byte range of committed records not yet posted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingRange {
+    /// Monotonic byte position of the first byte (the receiver's mirror uses the same positions).
+    pub start: u64,
+    /// Position one past the last byte.
+    pub end: u64,
+    /// Physical offset of `start` in the ring: local and remote offset of the write.
+    pub offset: usize,
+    /// Sequence numbers of the first and last records in the range (None: padding only).
+    pub seqs: Option<(u64, u64)>,
+    /// Records in the range.
+    pub records: usize,
+}
+
+impl PendingRange {
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+    /// The immediate that notifies the receiver: the low 32 bits of the end position.
+    pub fn notify_imm(&self) -> u32 {
+        self.end as u32
+    }
+}
+
+/// What a failover copy moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CopyReport {
+    pub records: usize,
+    pub bytes: usize,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// Whether every unacknowledged record sat in the segment holding the write position.
+    pub only_current_segment: bool,
+}
+
+/// One item of the ring as seen by the queue's own (trusted) walker.
+enum Entry {
+    Skip(usize),
+    Record { seq: u64, len: usize, size: usize },
+}
+
+/// Reads the entry at `pos` of memory this process wrote and the producer has published.
+fn entry_at(shared: &Shared, pos: u64) -> Entry {
+    let rem = shared.geo.segment_remaining(pos);
+    if rem < HEADER_LEN {
+        return Entry::Skip(rem);
+    }
+    let h = Header::decode(&shared.read_header(shared.geo.offset(pos)));
+    if h.is_pad() {
+        Entry::Skip(rem)
+    } else {
+        Entry::Record {
+            seq: h.seq,
+            len: h.len as usize,
+            size: record_size(h.len as usize),
+        }
+    }
+}
+
+/// The application's half: frames and commits records.
+pub struct Producer {
+    shared: Arc<Shared>,
+    write_pos: u64,
+    next_seq: u64,
+    released_cache: u64,
+}
+
+/// A reserved, writable record slot. Dropping it without [`Reservation::commit`] abandons it.
+pub struct Reservation<'a> {
+    producer: &'a mut Producer,
+    start: u64,
+    len: usize,
+}
+
+impl Reservation<'_> {
+    /// The payload bytes to fill (exactly the reserved length).
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        let shared = &self.producer.shared;
+        let off = shared.geo.offset(self.start) + HEADER_LEN;
+        shared.track_write(off, self.len);
+        // SAFETY: [start, start+size) lies below `released` (checked in reserve), so neither the
+        // poster nor the peer's NIC reads it until we publish; &mut self keeps this slice unique.
+        unsafe { shared.region.slice_mut(off, self.len) }
+    }
+
+    /// Frames the record (sequence number, length, crc) and publishes it. Returns its sequence number.
+    pub fn commit(self) -> u64 {
+        let seq = self.producer.next_seq;
+        self.producer.seal(self.start, self.len, seq);
+        seq
+    }
+}
+
+impl Producer {
+    /// Largest payload accepted.
+    pub fn max_record(&self) -> usize {
+        self.shared.geo.max_record()
+    }
+
+    /// Sequence number the next committed record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Reserves room for a record of `len` payload bytes.
+    pub fn reserve(&mut self, len: usize) -> Result<Reservation<'_>, PushError> {
+        let start = self.place(len)?;
+        Ok(Reservation {
+            producer: self,
+            start,
+            len,
+        })
+    }
+
+    /// Copies `payload` in as one record. Returns its sequence number.
+    pub fn push(&mut self, payload: &[u8]) -> Result<u64, PushError> {
+        let mut r = self.reserve(payload.len())?;
+        r.payload_mut().copy_from_slice(payload);
+        Ok(r.commit())
+    }
+
+    /// Where a record of `len` bytes starts, padding the current segment if it doesn't fit there.
+    fn place(&mut self, len: usize) -> Result<u64, PushError> {
+        let geo = &self.shared.geo;
+        if len > geo.max_record() {
+            return Err(PushError::TooLarge {
+                len,
+                max: geo.max_record(),
+            });
+        }
+        let size = record_size(len) as u64;
+        let rem = geo.segment_remaining(self.write_pos) as u64;
+        let start = if size <= rem {
+            self.write_pos
+        } else {
+            self.write_pos + rem
+        };
+        if start + size > self.released_cache {
+            self.released_cache = self.shared.load_released();
+            if start + size > self.released_cache {
+                return Err(PushError::Full);
+            }
+        }
+        Ok(start)
+    }
+
+    /// Writes the padding (if any), the header, and publishes.
+    fn seal(&mut self, start: u64, len: usize, seq: u64) {
+        let shared = &*self.shared;
+        let geo = &shared.geo;
+        if start != self.write_pos && geo.segment_remaining(self.write_pos) >= HEADER_LEN {
+            shared.write(geo.offset(self.write_pos), &Header::pad().encode());
+        }
+        let off = geo.offset(start);
+        shared.track_read(off + HEADER_LEN, len);
+        // SAFETY: the payload was just written by this (unique) producer and isn't published yet.
+        let payload = unsafe { shared.region.slice(off + HEADER_LEN, len) };
+        let header = Header {
+            seq,
+            len: len as u32,
+            crc: record_crc(seq, len as u32, payload),
+        };
+        shared.write(off, &header.encode());
+        self.write_pos = start + record_size(len) as u64;
+        self.next_seq = seq + 1;
+        // Pairs with the Acquire in `Shared::load_committed`: record bytes before the index.
+        shared.committed.store(self.write_pos, Ordering::Release);
+    }
+
+    /// Appends a record keeping a sequence number assigned elsewhere (failover copies).
+    fn push_with_seq(&mut self, seq: u64, payload: &[u8]) -> Result<(), PushError> {
+        let start = self.place(payload.len())?;
+        let shared = &*self.shared;
+        let off = shared.geo.offset(start) + HEADER_LEN;
+        shared.write(off, payload);
+        self.seal(start, payload.len(), seq);
+        Ok(())
+    }
+}
+
+/// The link's half: finds what to post, marks it posted, applies acknowledgements.
+pub struct Poster {
+    shared: Arc<Shared>,
+    posted_pos: u64,
+    acked_pos: u64,
+    acked_seq: u64,
+    last_posted_seq: u64,
+}
+
+impl Poster {
+    /// The next range of committed, unposted records: contiguous in memory (split where the ring
+    /// wraps), at most `max_bytes` long unless a single record is larger, ending on a record
+    /// boundary. Several small records coalesce into one range (one RDMA write).
+    pub fn pending(&self, max_bytes: usize) -> Option<PendingRange> {
+        let committed = self.shared.load_committed();
+        if self.posted_pos == committed {
+            return None;
+        }
+        let cap = self.shared.geo.capacity() as u64;
+        let wrap = (self.posted_pos / cap + 1) * cap;
+        let limit = committed.min(wrap);
+        let mut pos = self.posted_pos;
+        let mut seqs: Option<(u64, u64)> = None;
+        let mut records = 0;
+        while pos < limit {
+            let (step, seq) = match entry_at(&self.shared, pos) {
+                Entry::Skip(n) => (n as u64, None),
+                Entry::Record { seq, size, .. } => (size as u64, Some(seq)),
+            };
+            if records > 0 && pos + step - self.posted_pos > max_bytes as u64 {
+                break;
+            }
+            if let Some(seq) = seq {
+                seqs = Some((seqs.map_or(seq, |s| s.0), seq));
+                records += 1;
+            }
+            pos += step;
+        }
+        Some(PendingRange {
+            start: self.posted_pos,
+            end: pos,
+            offset: self.shared.geo.offset(self.posted_pos),
+            seqs,
+            records,
+        })
+    }
+
+    /// Records that `range` (from [`Poster::pending`]) has been handed to the NIC.
+    pub fn mark_posted(&mut self, range: &PendingRange) {
+        debug_assert_eq!(range.start, self.posted_pos, "ranges are posted in order");
+        self.posted_pos = range.end;
+        if let Some((_, last)) = range.seqs {
+            self.last_posted_seq = last;
+        }
+    }
+
+    /// Applies an acknowledgement from the receiver of this rail: it has consumed its mirror up to
+    /// byte position `consumed_pos` (which frees the segments behind it), and has delivered the
+    /// stream up to sequence number `delivered_seq` (on any rail; such records need no resend).
+    /// Returns how many records the position acknowledged.
+    pub fn ack(&mut self, consumed_pos: u64, delivered_seq: u64) -> Result<usize, AckError> {
+        if consumed_pos > self.posted_pos {
+            return Err(AckError::BeyondPosted {
+                consumed: consumed_pos,
+                posted: self.posted_pos,
+            });
+        }
+        self.acked_seq = self.acked_seq.max(delivered_seq);
+        let mut n = 0;
+        while self.acked_pos < consumed_pos {
+            let (size, seq) = match entry_at(&self.shared, self.acked_pos) {
+                Entry::Skip(k) => (k as u64, None),
+                Entry::Record { seq, size, .. } => (size as u64, Some(seq)),
+            };
+            if self.acked_pos + size > consumed_pos {
+                break; // a position inside a record: only whole records count
+            }
+            self.acked_pos += size;
+            if let Some(seq) = seq {
+                self.acked_seq = self.acked_seq.max(seq);
+                n += 1;
+            }
+        }
+        self.release();
+        Ok(n)
+    }
+
+    fn release(&self) {
+        let geo = &self.shared.geo;
+        let limit = geo.segment_floor(self.acked_pos) + geo.capacity() as u64;
+        // Pairs with the Acquire in `Shared::load_released`: our reads of the freed segments are
+        // done before the producer may overwrite them.
+        self.shared.released.store(limit, Ordering::Release);
+    }
+
+    /// Highest sequence number known delivered (0: none).
+    pub fn acked_seq(&self) -> u64 {
+        self.acked_seq
+    }
+
+    /// Highest sequence number posted (0: none).
+    pub fn last_posted_seq(&self) -> u64 {
+        self.last_posted_seq
+    }
+
+    /// Whether every committed record has been consumed by the peer.
+    pub fn all_acked(&self) -> bool {
+        self.acked_pos == self.shared.load_committed()
+    }
+
+    /// Visits every committed record not yet known delivered, in order: `(seq, payload)`.
+    pub fn for_each_unacked(&self, mut f: impl FnMut(u64, &[u8])) {
+        let committed = self.shared.load_committed();
+        let mut pos = self.acked_pos;
+        while pos < committed {
+            match entry_at(&self.shared, pos) {
+                Entry::Skip(k) => pos += k as u64,
+                Entry::Record { seq, size, .. } if seq <= self.acked_seq => pos += size as u64,
+                Entry::Record { seq, len, size } => {
+                    let off = self.shared.geo.offset(pos) + HEADER_LEN;
+                    self.shared.track_read(off, len);
+                    // SAFETY: below `committed` (Acquire above) and not acknowledged, so the
+                    // producer won't overwrite it while we read.
+                    f(seq, unsafe { self.shared.region.slice(off, len) });
+                    pos += size as u64;
+                }
+            }
+        }
+    }
+
+    /// Copies every unacknowledged record, in order and with its sequence number, into `dst` (the
+    /// standby card's queue), which then continues numbering after them.
+    pub(crate) fn copy_unacked_into(
+        &self,
+        own: &Producer,
+        dst: &mut Producer,
+    ) -> Result<CopyReport, PushError> {
+        let mut report = CopyReport::default();
+        let mut result = Ok(());
+        self.for_each_unacked(|seq, payload| {
+            if result.is_err() {
+                return;
+            }
+            result = dst.push_with_seq(seq, payload);
+            if result.is_ok() {
+                report.records += 1;
+                report.bytes += payload.len();
+                report.first_seq.get_or_insert(seq);
+                report.last_seq = Some(seq);
+            }
+        });
+        result?;
+        dst.next_seq = dst.next_seq.max(own.next_seq);
+        let geo = &self.shared.geo;
+        report.only_current_segment = geo.segment_floor(self.acked_pos)
+            == geo.segment_floor(own.write_pos)
+            || self.acked_pos == own.write_pos;
+        Ok(report)
+    }
+}
+
+/// A sender queue owned by one thread (both halves together). Use [`SendQueue::split`] to hand the
+/// producer to another thread.
+pub struct SendQueue {
+    producer: Producer,
+    poster: Poster,
+}
+
+impl SendQueue {
+    /// A fresh queue; its first record gets sequence number `first_seq` (>= 1).
+    pub fn new(geo: Geometry, backing: Backing, first_seq: u64) -> std::io::Result<SendQueue> {
+        let shared = Arc::new(Shared::new(geo, backing)?);
+        Ok(SendQueue {
+            producer: Producer {
+                shared: shared.clone(),
+                write_pos: 0,
+                next_seq: first_seq,
+                released_cache: 0,
+            },
+            poster: Poster {
+                shared,
+                posted_pos: 0,
+                acked_pos: 0,
+                acked_seq: first_seq - 1,
+                last_posted_seq: 0,
+            },
+        })
+    }
+
+    /// Splits into the application's and the link's halves (lock-free SPSC).
+    pub fn split(self) -> (Producer, Poster) {
+        (self.producer, self.poster)
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.producer.shared.geo
+    }
+
+    /// The ring's memory, for registration with a NIC.
+    pub fn memory(&self) -> crate::Memory {
+        crate::Memory(crate::MemoryKind::Send(self.producer.shared.clone()))
+    }
+
+    pub fn producer(&mut self) -> &mut Producer {
+        &mut self.producer
+    }
+
+    pub fn poster(&mut self) -> &mut Poster {
+        &mut self.poster
+    }
+
+    pub fn push(&mut self, payload: &[u8]) -> Result<u64, PushError> {
+        self.producer.push(payload)
+    }
+
+    pub fn reserve(&mut self, len: usize) -> Result<Reservation<'_>, PushError> {
+        self.producer.reserve(len)
+    }
+
+    /// Copies every record not known delivered, in order and with its sequence number, into `dst`
+    /// (the standby card's queue, normally fresh), which then numbers on after them and inherits
+    /// what is known delivered.
+    pub fn copy_unacked_into(&self, dst: &mut SendQueue) -> Result<CopyReport, PushError> {
+        let report = self
+            .poster
+            .copy_unacked_into(&self.producer, &mut dst.producer)?;
+        dst.poster.acked_seq = dst.poster.acked_seq.max(self.poster.acked_seq);
+        Ok(report)
+    }
+
+    /// Empties the queue (a fresh connection on this rail), numbering on from `next_seq`.
+    pub fn reset(&mut self, next_seq: u64) {
+        let shared = &self.producer.shared;
+        // Exclusive access (&mut self holds both halves): plain stores suffice, Release for form.
+        shared.committed.store(0, Ordering::Release);
+        shared
+            .released
+            .store(shared.geo.capacity() as u64, Ordering::Release);
+        self.producer.write_pos = 0;
+        self.producer.released_cache = 0;
+        self.producer.next_seq = next_seq;
+        self.poster.posted_pos = 0;
+        self.poster.acked_pos = 0;
+        self.poster.acked_seq = next_seq - 1;
+        self.poster.last_posted_seq = 0;
+    }
+}

@@ -1,0 +1,78 @@
+//! State shared by a queue's producer and poster halves: the ring memory and the two indices that
+//! hand ownership of bytes back and forth.
+
+use crossbeam_utils::CachePadded;
+
+use crate::geometry::Geometry;
+use crate::region::{Backing, Region};
+use crate::sync::{AtomicU64, Ordering};
+
+pub(crate) struct Shared {
+    pub(crate) region: Region,
+    pub(crate) geo: Geometry,
+    /// Producer -> poster. Every byte below this position is a complete record (or padding).
+    /// Stored with Release after the record bytes; loaded with Acquire before reading them.
+    pub(crate) committed: CachePadded<AtomicU64>,
+    /// Poster -> producer. The producer may write positions below this one: everything that would
+    /// alias is acknowledged. Stored with Release after the poster's last read of the freed
+    /// segments; loaded with Acquire before the producer overwrites them.
+    pub(crate) released: CachePadded<AtomicU64>,
+    /// Loom only: one cell per 8-byte word of the ring so the model checker flags any read and write
+    /// of the same bytes that the indices fail to order.
+    #[cfg(loom)]
+    words: Box<[loom::cell::UnsafeCell<()>]>,
+}
+
+impl Shared {
+    pub(crate) fn new(geo: Geometry, backing: Backing) -> std::io::Result<Shared> {
+        let region = Region::new(geo.capacity(), backing)?;
+        Ok(Shared {
+            region,
+            geo,
+            committed: CachePadded::new(AtomicU64::new(0)),
+            released: CachePadded::new(AtomicU64::new(geo.capacity() as u64)),
+            #[cfg(loom)]
+            words: (0..geo.capacity() / 8)
+                .map(|_| loom::cell::UnsafeCell::new(()))
+                .collect(),
+        })
+    }
+
+    #[inline]
+    pub(crate) fn track_write(&self, _offset: usize, _len: usize) {
+        #[cfg(loom)]
+        for w in _offset / 8..(_offset + _len).div_ceil(8) {
+            self.words[w].with_mut(|_| ());
+        }
+    }
+
+    #[inline]
+    pub(crate) fn track_read(&self, _offset: usize, _len: usize) {
+        #[cfg(loom)]
+        for w in _offset / 8..(_offset + _len).div_ceil(8) {
+            self.words[w].with(|_| ());
+        }
+    }
+
+    pub(crate) fn write(&self, offset: usize, bytes: &[u8]) {
+        self.track_write(offset, bytes.len());
+        self.region.write(offset, bytes);
+    }
+
+    pub(crate) fn read_header(&self, offset: usize) -> [u8; crate::record::HEADER_LEN] {
+        let mut b = [0u8; crate::record::HEADER_LEN];
+        self.track_read(offset, b.len());
+        self.region.read(offset, &mut b);
+        b
+    }
+
+    pub(crate) fn load_committed(&self) -> u64 {
+        // Pairs with the Release store in `Producer::publish`: the record bytes are visible.
+        self.committed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn load_released(&self) -> u64 {
+        // Pairs with the Release store in `Poster::release`: the poster no longer reads those bytes.
+        self.released.load(Ordering::Acquire)
+    }
+}
