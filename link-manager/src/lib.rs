@@ -1,1 +1,20 @@
-//! placeholder
+//! # railover
+//!
+//! An RDMA transport for trading engines that survives the loss of a NIC, a cable or a switch port
+//! without losing, duplicating or reordering a message.
+//!
+//! * [`core`]: the failover state machine, sans I/O.
+//! * [`Connection`]: drives a [`core::Core`] over any fabric ([`railover_rdma::Nic`]).
+//! * [`sim::SimPair`]: two connected endpoints on the deterministic simulated fabric.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod config;
+pub mod core;
+pub mod ctrl;
+mod memory;
+pub mod runtime;
+pub mod sim;
+
+pub use crate::config::{Config, ConfigBuilder, ConfigError, MAX_RAILS};
+pub use crate::core::{Event, FailReason, Nanos, RailState, RecvError, SendError, Stats};
+pub use crate::runtime::{ConnectError, Connection};

@@ -414,6 +414,21 @@ impl SendQueue {
         crate::Memory(crate::MemoryKind::Send(self.producer.shared.clone()))
     }
 
+    /// Sequence number the next committed record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.producer.next_seq
+    }
+
+    /// Highest sequence number known delivered by the peer (0: none).
+    pub fn acked_seq(&self) -> u64 {
+        self.poster.acked_seq
+    }
+
+    /// Visits every record not known delivered, in order (see [`Poster::for_each_unacked`]).
+    pub fn for_each_unacked(&self, f: impl FnMut(u64, &[u8])) {
+        self.poster.for_each_unacked(f)
+    }
+
     pub fn producer(&mut self) -> &mut Producer {
         &mut self.producer
     }

@@ -1,0 +1,219 @@
+//! Validated configuration.
+
+use railover_rdma::LinkParams;
+use railover_segq::{Backing, Geometry, GeometryError};
+
+/// Most rails a connection may have (fault reports pack one generation per rail into a u64).
+pub const MAX_RAILS: usize = 4;
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid queue geometry: {0}")]
+    Geometry(#[from] GeometryError),
+    #[error("need 2..={MAX_RAILS} rails, got {0}")]
+    Rails(usize),
+    #[error("heartbeat interval must be > 0")]
+    HeartbeatInterval,
+    #[error("heartbeat miss threshold must be >= 2 (one late beat is not a failure)")]
+    HeartbeatMisses,
+    #[error("invalid RC parameters: {0}")]
+    Link(String),
+    #[error("max write size {0} must be at least one maximal record")]
+    MaxWrite(usize),
+}
+
+/// Connection configuration. Build it with [`Config::builder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    pub(crate) geometry: Geometry,
+    pub(crate) rails: usize,
+    pub(crate) heartbeat_interval_ns: u64,
+    pub(crate) heartbeat_misses: u32,
+    pub(crate) link: LinkParams,
+    pub(crate) max_write_bytes: usize,
+    pub(crate) ack_every_bytes: u64,
+    pub(crate) rearm_after_ns: u64,
+    pub(crate) backing: Backing,
+}
+
+impl Config {
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    pub fn rails(&self) -> usize {
+        self.rails
+    }
+    pub fn heartbeat_interval_ns(&self) -> u64 {
+        self.heartbeat_interval_ns
+    }
+    pub fn heartbeat_misses(&self) -> u32 {
+        self.heartbeat_misses
+    }
+    pub fn link(&self) -> LinkParams {
+        self.link
+    }
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+    /// How long silence lasts before the heartbeat declares a rail dead.
+    pub fn heartbeat_timeout_ns(&self) -> u64 {
+        self.heartbeat_interval_ns * self.heartbeat_misses as u64
+    }
+}
+
+/// Builder with validated values; defaults suit a trading engine on two NIC pairs.
+#[derive(Debug, Clone)]
+pub struct ConfigBuilder {
+    segment_size: usize,
+    segment_count: usize,
+    max_record: usize,
+    rails: usize,
+    heartbeat_interval_ns: u64,
+    heartbeat_misses: u32,
+    link: LinkParams,
+    max_write_bytes: usize,
+    rearm_after_ns: u64,
+    backing: Backing,
+}
+
+impl Default for ConfigBuilder {
+    fn default() -> Self {
+        ConfigBuilder {
+            segment_size: 64 * 1024,
+            segment_count: 64,
+            max_record: 8 * 1024,
+            rails: 2,
+            heartbeat_interval_ns: 1_000_000,
+            heartbeat_misses: 3,
+            link: LinkParams::default(),
+            max_write_bytes: 64 * 1024,
+            rearm_after_ns: 100_000_000,
+            backing: Backing::Anonymous,
+        }
+    }
+}
+
+impl ConfigBuilder {
+    /// Ring geometry of every rail (both ends must use the same; the handshake checks).
+    pub fn geometry(
+        mut self,
+        segment_size: usize,
+        segment_count: usize,
+        max_record: usize,
+    ) -> Self {
+        (self.segment_size, self.segment_count, self.max_record) =
+            (segment_size, segment_count, max_record);
+        self
+    }
+    /// Number of rails (NIC pairs): the first is primary, the rest warm standbys, in order.
+    pub fn rails(mut self, n: usize) -> Self {
+        self.rails = n;
+        self
+    }
+    /// Heartbeat period (default 1 ms).
+    pub fn heartbeat_interval_ns(mut self, ns: u64) -> Self {
+        self.heartbeat_interval_ns = ns;
+        self
+    }
+    /// Silent intervals before a rail is declared dead (default 3).
+    pub fn heartbeat_misses(mut self, k: u32) -> Self {
+        self.heartbeat_misses = k;
+        self
+    }
+    /// RC timeout / retry parameters.
+    pub fn link_params(mut self, p: LinkParams) -> Self {
+        self.link = p;
+        self
+    }
+    /// Largest single RDMA write (coalescing limit).
+    pub fn max_write_bytes(mut self, n: usize) -> Self {
+        self.max_write_bytes = n;
+        self
+    }
+    /// How long a failed rail without a port-active event waits before a re-arm attempt.
+    pub fn rearm_after_ns(mut self, ns: u64) -> Self {
+        self.rearm_after_ns = ns;
+        self
+    }
+    /// Memory backing of the rings.
+    pub fn backing(mut self, b: Backing) -> Self {
+        self.backing = b;
+        self
+    }
+
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let geometry = Geometry::new(self.segment_size, self.segment_count, self.max_record)?;
+        if !(2..=MAX_RAILS).contains(&self.rails) {
+            return Err(ConfigError::Rails(self.rails));
+        }
+        if self.heartbeat_interval_ns == 0 {
+            return Err(ConfigError::HeartbeatInterval);
+        }
+        if self.heartbeat_misses < 2 {
+            return Err(ConfigError::HeartbeatMisses);
+        }
+        self.link
+            .validate()
+            .map_err(|e| ConfigError::Link(e.to_string()))?;
+        if self.max_write_bytes < railover_segq::record::record_size(self.max_record) {
+            return Err(ConfigError::MaxWrite(self.max_write_bytes));
+        }
+        Ok(Config {
+            geometry,
+            rails: self.rails,
+            heartbeat_interval_ns: self.heartbeat_interval_ns,
+            heartbeat_misses: self.heartbeat_misses,
+            link: self.link,
+            max_write_bytes: self.max_write_bytes,
+            ack_every_bytes: (geometry.capacity() / 4) as u64,
+            rearm_after_ns: self.rearm_after_ns,
+            backing: self.backing,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_are_typed_errors() {
+        assert!(Config::builder().build().is_ok());
+        assert_eq!(
+            Config::builder().rails(1).build(),
+            Err(ConfigError::Rails(1))
+        );
+        assert_eq!(
+            Config::builder().rails(5).build(),
+            Err(ConfigError::Rails(5))
+        );
+        assert_eq!(
+            Config::builder().heartbeat_interval_ns(0).build(),
+            Err(ConfigError::HeartbeatInterval)
+        );
+        assert_eq!(
+            Config::builder().heartbeat_misses(1).build(),
+            Err(ConfigError::HeartbeatMisses)
+        );
+        assert!(matches!(
+            Config::builder().geometry(1000, 4, 10).build(),
+            Err(ConfigError::Geometry(_))
+        ));
+        let forever = LinkParams {
+            retry_cnt: 7,
+            ..LinkParams::default()
+        };
+        assert!(matches!(
+            Config::builder().link_params(forever).build(),
+            Err(ConfigError::Link(_))
+        ));
+        assert!(matches!(
+            Config::builder().max_write_bytes(100).build(),
+            Err(ConfigError::MaxWrite(100))
+        ));
+    }
+}

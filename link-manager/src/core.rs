@@ -1,0 +1,777 @@
+//! The failover state machine, sans I/O (in the manner of quinn-proto): it owns the rings and the
+//! rail states but no sockets, threads or clocks. A driver feeds it completions, device events and
+//! the time, and carries out the [`Io`] it asks for. The deterministic simulation drives it through
+//! thousands of fault schedules; the verbs runtime drives it over real NICs. Same code.
+//!
+//! Per rail, each side has: a send ring (its outgoing stream, used while the rail is the active
+//! one), a mirror ring (the peer's stream, consumed whenever data arrives on the rail), and a
+//! control slot pair (heartbeat + acknowledgement + fault reports, see [`crate::ctrl`]).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use railover_rdma::{AsyncEvent, Completion, CompletionKind, WcStatus};
+use railover_segq::{MirrorQueue, PushError, Region, Reservation, SendQueue, StreamCursor};
+
+use crate::config::{Config, MAX_RAILS};
+use crate::ctrl::{CtrlBlock, CTRL_LEN};
+
+/// Virtual or real time in nanoseconds, from the driver's clock.
+pub type Nanos = u64;
+
+/// What a rail is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RailState {
+    /// Carries this side's outgoing stream.
+    Active,
+    /// Connected and heart-beating, ready to take over.
+    Standby,
+    /// Failed; waiting to be re-armed.
+    Failed,
+}
+
+/// Why a rail was declared failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    /// A work request completed in error (retry exceeded, flushed, remote access...).
+    Completion(WcStatus),
+    PortDown,
+    DeviceFatal,
+    QpFatal,
+    /// The peer's heartbeat stopped arriving (silent black hole).
+    HeartbeatMiss,
+    /// The peer reported the rail failed (over another rail).
+    PeerReport,
+    /// A record failed its crc, length or sequence check at this receiver.
+    Corruption,
+    /// The peer sent something no honest peer would (impossible ack or notification).
+    Protocol,
+    /// The driver re-armed a rail that this side still thought healthy.
+    Rearm,
+}
+
+/// What happened, for the user (also logged with `tracing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    RailDown {
+        rail: usize,
+        reason: FailReason,
+        at: Nanos,
+    },
+    /// Unacknowledged records moved from `from` to the standby `to` and are being resent.
+    Failover {
+        from: usize,
+        to: usize,
+        records: usize,
+        bytes: usize,
+        at: Nanos,
+    },
+    /// The peer acknowledged the first record sent over the new rail.
+    FailoverComplete { rail: usize, blackout_ns: Nanos },
+    /// A re-armed rail is the new standby.
+    RailUp { rail: usize, at: Nanos },
+    /// No rail is left: sending and receiving now fail.
+    AllRailsDown { at: Nanos },
+}
+
+/// Which registered buffer of a rail an [`Io::Write`] reads or targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buf {
+    /// The ring (local: this side's send ring; remote: the peer's mirror of it).
+    Ring,
+    /// The control slot (local: what this side sends; remote: the peer's slot for it).
+    Ctrl,
+}
+
+/// Work for the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// Post an RDMA write (with immediate when `imm` is set) on `rail`.
+    Write {
+        rail: usize,
+        wr_id: u64,
+        local: Buf,
+        local_offset: usize,
+        len: usize,
+        remote: Buf,
+        remote_offset: u64,
+        imm: Option<u32>,
+    },
+    /// Post `count` receives on `rail` (they catch write-with-immediate notifications).
+    PostRecvs { rail: usize, count: u32 },
+    /// Move the rail's queue pair to the error state (flush what is outstanding).
+    ShutDown { rail: usize },
+    /// Connect a fresh queue pair pair on this rail (with the peer), then call
+    /// [`Core::rail_rearmed`] on both sides.
+    Rearm { rail: usize },
+}
+
+/// A send that could not be accepted. Nothing accepted earlier is affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("message of {len} bytes exceeds the maximum record size {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("send ring full: the peer has not acknowledged enough yet (back-pressure)")]
+    Backpressure,
+    #[error("every rail is down; records accepted but unacknowledged are available via unacked()")]
+    AllRailsDown,
+}
+
+/// Receiving failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecvError {
+    #[error("every rail is down")]
+    AllRailsDown,
+}
+
+/// Counters a user can read at any time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    pub sent: u64,
+    pub delivered: u64,
+    pub duplicates_discarded: u64,
+    pub failovers: u64,
+    pub records_resent: u64,
+    pub bytes_resent: u64,
+    pub last_blackout_ns: Option<Nanos>,
+    pub rail_states: [Option<RailState>; MAX_RAILS],
+}
+
+const KIND_DATA: u64 = 1;
+const KIND_CTRL: u64 = 2;
+
+fn wr_id(generation: u16, kind: u64, rail: usize) -> u64 {
+    ((generation as u64) << 16) | (kind << 8) | rail as u64
+}
+
+fn wr_generation(wr_id: u64) -> u16 {
+    (wr_id >> 16) as u16
+}
+
+struct Rail {
+    tx: SendQueue,
+    rx: MirrorQueue,
+    ctrl_out: Arc<Region>,
+    ctrl_in: Arc<Region>,
+    state: RailState,
+    generation: u16,
+    heartbeat: u64,
+    peer_heartbeat: u64,
+    peer_seen_at: Nanos,
+    outstanding: u32,
+    recv_credits: u32,
+    ctrl_due: bool,
+    reported_consumed: u64,
+    failed_at: Nanos,
+    port_active: bool,
+    rearm_requested: bool,
+}
+
+/// One side of a connection: its rails, its outgoing stream and its incoming stream.
+pub struct Core {
+    cfg: Config,
+    rails: Vec<Rail>,
+    active: usize,
+    cursor: StreamCursor,
+    dead: bool,
+    now: Nanos,
+    next_heartbeat: Nanos,
+    io: VecDeque<Io>,
+    events: VecDeque<Event>,
+    stats: Stats,
+    /// (when the failover happened, first sequence number it resends or sends).
+    blackout_from: Option<(Nanos, u64)>,
+    peer_delivered: u64,
+}
+
+impl Core {
+    /// Allocates the rings and control slots of every rail. All rails start connected: rail 0
+    /// active, the others warm standbys.
+    pub fn new(cfg: Config, now: Nanos) -> std::io::Result<Core> {
+        let mut rails = Vec::with_capacity(cfg.rails);
+        for i in 0..cfg.rails {
+            rails.push(Rail {
+                tx: SendQueue::new(cfg.geometry, cfg.backing, 1)?,
+                rx: MirrorQueue::new(cfg.geometry, cfg.backing)?,
+                ctrl_out: Arc::new(Region::new(CTRL_LEN, cfg.backing)?),
+                ctrl_in: Arc::new(Region::new(CTRL_LEN, cfg.backing)?),
+                state: if i == 0 {
+                    RailState::Active
+                } else {
+                    RailState::Standby
+                },
+                generation: 0,
+                heartbeat: 0,
+                peer_heartbeat: 0,
+                peer_seen_at: now,
+                outstanding: 0,
+                recv_credits: 0,
+                ctrl_due: true,
+                reported_consumed: 0,
+                failed_at: 0,
+                port_active: false,
+                rearm_requested: false,
+            });
+        }
+        let mut core = Core {
+            cfg,
+            rails,
+            active: 0,
+            cursor: StreamCursor::default(),
+            dead: false,
+            now,
+            next_heartbeat: now + cfg.heartbeat_interval_ns,
+            io: VecDeque::with_capacity(4 * MAX_RAILS),
+            events: VecDeque::with_capacity(64),
+            stats: Stats::default(),
+            blackout_from: None,
+            peer_delivered: 0,
+        };
+        core.refresh_rail_stats();
+        Ok(core)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Memory the driver registers for a rail: (send ring, mirror ring, ctrl out, ctrl in).
+    pub fn rail_memory(
+        &self,
+        rail: usize,
+    ) -> (
+        railover_segq::Memory,
+        railover_segq::Memory,
+        Arc<Region>,
+        Arc<Region>,
+    ) {
+        let r = &self.rails[rail];
+        (
+            r.tx.memory(),
+            r.rx.memory(),
+            r.ctrl_out.clone(),
+            r.ctrl_in.clone(),
+        )
+    }
+
+    pub fn rail_state(&self, rail: usize) -> RailState {
+        self.rails[rail].state
+    }
+
+    pub fn rail_generation(&self, rail: usize) -> u16 {
+        self.rails[rail].generation
+    }
+
+    /// The rail carrying this side's outgoing stream.
+    pub fn active_rail(&self) -> usize {
+        self.active
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.sent = self.last_sent_seq();
+        s.delivered = self.cursor.delivered;
+        s.duplicates_discarded = self.cursor.duplicates;
+        s
+    }
+
+    /// Highest sequence number the peer is known to have delivered.
+    pub fn peer_delivered(&self) -> u64 {
+        self.peer_delivered
+    }
+
+    /// Highest sequence number this side accepted for sending (0: none).
+    pub fn last_sent_seq(&self) -> u64 {
+        self.rails[self.active].tx.next_seq() - 1
+    }
+
+    // ---- the application's side ----
+
+    /// Queues one message. Returns its sequence number.
+    pub fn send(&mut self, payload: &[u8]) -> Result<u64, SendError> {
+        for attempt in 0..2 {
+            if self.dead {
+                return Err(SendError::AllRailsDown);
+            }
+            match self.rails[self.active].tx.push(payload) {
+                Ok(seq) => return Ok(seq),
+                Err(PushError::TooLarge { len, max }) => {
+                    return Err(SendError::TooLarge { len, max })
+                }
+                Err(PushError::Full) if attempt == 0 => self.process_ctrl(),
+                Err(PushError::Full) => {}
+            }
+        }
+        Err(SendError::Backpressure)
+    }
+
+    /// Reserves a zero-copy slot for a message of `len` bytes; fill it, then `commit()`.
+    pub fn reserve(&mut self, len: usize) -> Result<Reservation<'_>, SendError> {
+        if self.dead {
+            return Err(SendError::AllRailsDown);
+        }
+        let max = self.cfg.geometry.max_record();
+        if len > max {
+            return Err(SendError::TooLarge { len, max });
+        }
+        if self.rails[self.active].tx.reserve(len).is_err() {
+            self.process_ctrl();
+            if self.dead {
+                return Err(SendError::AllRailsDown);
+            }
+        }
+        self.rails[self.active]
+            .tx
+            .reserve(len)
+            .map_err(|_| SendError::Backpressure)
+    }
+
+    /// Delivers every message that has arrived, in order and exactly once, to `deliver` (zero-copy).
+    /// Returns how many it delivered.
+    pub fn poll_recv(&mut self, mut deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
+        if self.dead {
+            return Err(RecvError::AllRailsDown);
+        }
+        let mut total = 0;
+        for r in 0..self.rails.len() {
+            if self.rails[r].state == RailState::Failed {
+                continue; // late writes on a dead rail are ignored: the sender resends
+            }
+            match self.rails[r]
+                .rx
+                .consume(&mut self.cursor, |_, p| deliver(p))
+            {
+                Ok(n) => total += n,
+                Err(e) => {
+                    tracing::warn!(rail = r, error = %e, "bad data on rail");
+                    self.fail_rail(r, FailReason::Corruption);
+                    continue;
+                }
+            }
+            let rail = &mut self.rails[r];
+            let pos = rail.rx.read_pos();
+            // Acknowledge the first data on a rail at once (ends a failover's blackout quickly),
+            // then every quarter ring; heartbeats carry the rest.
+            if pos != rail.reported_consumed
+                && (rail.reported_consumed == 0
+                    || pos - rail.reported_consumed >= self.cfg.ack_every_bytes)
+            {
+                rail.ctrl_due = true;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Visits every record accepted for sending but not known delivered, in order. After
+    /// [`Event::AllRailsDown`] these are the records the user must treat as not sent.
+    pub fn unacked(&self, f: impl FnMut(u64, &[u8])) {
+        self.rails[self.active].tx.for_each_unacked(f)
+    }
+
+    /// Next user-visible event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ---- the driver's side ----
+
+    /// Next I/O to carry out, if any. Call until it returns None.
+    pub fn poll_io(&mut self) -> Option<Io> {
+        if let Some(io) = self.io.pop_front() {
+            return Some(io);
+        }
+        if self.dead {
+            return None;
+        }
+        let max_wr = self.cfg.link.max_send_wr;
+        // Data on the active rail, coalesced; two work requests stay free for control writes.
+        let a = self.active;
+        let rail = &mut self.rails[a];
+        if rail.state == RailState::Active && rail.outstanding + 2 < max_wr {
+            if let Some(range) = rail.tx.poster().pending(self.cfg.max_write_bytes) {
+                rail.tx.poster().mark_posted(&range);
+                rail.outstanding += 1;
+                return Some(Io::Write {
+                    rail: a,
+                    wr_id: wr_id(rail.generation, KIND_DATA, a),
+                    local: Buf::Ring,
+                    local_offset: range.offset,
+                    len: range.len(),
+                    remote: Buf::Ring,
+                    remote_offset: range.offset as u64,
+                    imm: Some(range.notify_imm()),
+                });
+            }
+        }
+        let fault_gens = self.fault_gens();
+        let delivered = self.cursor.last_delivered();
+        for (r, rail) in self.rails.iter_mut().enumerate() {
+            if rail.state != RailState::Failed && rail.ctrl_due && rail.outstanding < max_wr {
+                rail.ctrl_due = false;
+                rail.reported_consumed = rail.rx.read_pos();
+                CtrlBlock {
+                    heartbeat: rail.heartbeat,
+                    delivered_seq: delivered,
+                    consumed_pos: rail.reported_consumed,
+                    fault_gens,
+                }
+                .store(&rail.ctrl_out);
+                rail.outstanding += 1;
+                return Some(Io::Write {
+                    rail: r,
+                    wr_id: wr_id(rail.generation, KIND_CTRL, r),
+                    local: Buf::Ctrl,
+                    local_offset: 0,
+                    len: CTRL_LEN,
+                    remote: Buf::Ctrl,
+                    remote_offset: 0,
+                    imm: None,
+                });
+            }
+        }
+        let max_recv = self.cfg.link.max_recv_wr;
+        for (r, rail) in self.rails.iter_mut().enumerate() {
+            if rail.state != RailState::Failed && rail.recv_credits <= max_recv / 2 {
+                let count = max_recv - rail.recv_credits;
+                rail.recv_credits = max_recv;
+                return Some(Io::PostRecvs { rail: r, count });
+            }
+        }
+        None
+    }
+
+    /// When [`Core::handle_timeout`] wants to be called next.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        if self.dead {
+            return None;
+        }
+        let rearm = self
+            .rails
+            .iter()
+            .filter(|r| r.state == RailState::Failed && !r.rearm_requested)
+            .map(|r| r.failed_at + self.cfg.rearm_after_ns)
+            .min();
+        Some(rearm.map_or(self.next_heartbeat, |t| t.min(self.next_heartbeat)))
+    }
+
+    /// Advances the clock: heartbeats, heartbeat-miss detection, acknowledgements, re-arm requests.
+    pub fn handle_timeout(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
+        self.process_ctrl();
+        if self.dead {
+            return;
+        }
+        if self.now >= self.next_heartbeat {
+            self.next_heartbeat = self.now + self.cfg.heartbeat_interval_ns;
+            let limit = self.cfg.heartbeat_timeout_ns();
+            for r in 0..self.rails.len() {
+                let rail = &mut self.rails[r];
+                if rail.state == RailState::Failed {
+                    continue;
+                }
+                rail.heartbeat += 1;
+                rail.ctrl_due = true;
+                if self.now.saturating_sub(rail.peer_seen_at) > limit {
+                    self.fail_rail(r, FailReason::HeartbeatMiss);
+                }
+            }
+        }
+        if self.dead {
+            return;
+        }
+        for (r, rail) in self.rails.iter_mut().enumerate() {
+            if rail.state == RailState::Failed
+                && !rail.rearm_requested
+                && (rail.port_active || self.now >= rail.failed_at + self.cfg.rearm_after_ns)
+            {
+                rail.rearm_requested = true;
+                self.io.push_back(Io::Rearm { rail: r });
+            }
+        }
+    }
+
+    /// A completion from `rail`'s queue pair.
+    pub fn handle_completion(&mut self, rail: usize, c: Completion) {
+        let Some(r) = self.rails.get_mut(rail) else {
+            return;
+        };
+        match c.kind {
+            CompletionKind::Write => {
+                if wr_generation(c.wr_id) != r.generation {
+                    return; // from a queue pair since replaced
+                }
+                r.outstanding = r.outstanding.saturating_sub(1);
+                if c.status != WcStatus::Success {
+                    self.fail_rail(rail, FailReason::Completion(c.status));
+                }
+            }
+            CompletionKind::RecvImm { imm, .. } => {
+                r.recv_credits = r.recv_credits.saturating_sub(1);
+                if r.state == RailState::Failed {
+                    return; // a late write on a dead rail: ignored
+                }
+                if let Err(e) = r.rx.notify(imm) {
+                    tracing::warn!(rail, error = %e, "impossible notification");
+                    self.fail_rail(rail, FailReason::Protocol);
+                }
+            }
+            CompletionKind::Recv => r.recv_credits = r.recv_credits.saturating_sub(1),
+        }
+    }
+
+    /// An asynchronous event of `rail`'s card (or its queue pair).
+    pub fn handle_event(&mut self, rail: usize, ev: AsyncEvent) {
+        if rail >= self.rails.len() {
+            return;
+        }
+        match ev {
+            AsyncEvent::PortDown => self.fail_rail(rail, FailReason::PortDown),
+            AsyncEvent::DeviceFatal => self.fail_rail(rail, FailReason::DeviceFatal),
+            AsyncEvent::QpFatal { .. } => self.fail_rail(rail, FailReason::QpFatal),
+            AsyncEvent::PortActive => self.rails[rail].port_active = true,
+            AsyncEvent::Other(_) => {}
+        }
+    }
+
+    /// The driver connected a fresh queue pair pair on `rail` (both sides call this). The rail's
+    /// rings restart empty and it becomes a standby.
+    pub fn rail_rearmed(&mut self, rail: usize, now: Nanos) {
+        self.now = self.now.max(now);
+        if self.dead {
+            return; // terminal: the user was told, and holds the unacknowledged records
+        }
+        if self.rails[rail].state != RailState::Failed {
+            self.fail_rail(rail, FailReason::Rearm);
+            if self.dead {
+                return;
+            }
+        }
+        let now = self.now;
+        let r = &mut self.rails[rail];
+        r.tx.reset(1);
+        r.rx.reset();
+        r.ctrl_in.write(0, &[0u8; CTRL_LEN]);
+        r.generation = r.generation.wrapping_add(1);
+        r.state = RailState::Standby;
+        r.peer_heartbeat = 0;
+        r.peer_seen_at = now;
+        r.outstanding = 0;
+        r.recv_credits = 0;
+        r.ctrl_due = true;
+        r.reported_consumed = 0;
+        r.port_active = false;
+        r.rearm_requested = false;
+        tracing::info!(rail, generation = r.generation, "rail re-armed as standby");
+        self.push_event(Event::RailUp { rail, at: now });
+        self.refresh_rail_stats();
+    }
+
+    /// The driver could not post to `rail` (the queue pair is unusable).
+    pub fn link_error(&mut self, rail: usize) {
+        if rail < self.rails.len() {
+            self.fail_rail(rail, FailReason::Completion(WcStatus::Other(u32::MAX)));
+        }
+    }
+
+    /// The driver could not re-arm `rail` now; it will be asked again later.
+    pub fn rearm_failed(&mut self, rail: usize, now: Nanos) {
+        self.now = self.now.max(now);
+        let r = &mut self.rails[rail];
+        if r.state == RailState::Failed {
+            r.rearm_requested = false;
+            r.port_active = false;
+            r.failed_at = self.now;
+        }
+    }
+
+    // ---- internals ----
+
+    fn fault_gens(&self) -> u64 {
+        let mut c = CtrlBlock::default();
+        for (r, rail) in self.rails.iter().enumerate() {
+            if rail.state == RailState::Failed {
+                c.set_fault_gen(r, rail.generation.wrapping_add(1));
+            }
+        }
+        c.fault_gens
+    }
+
+    /// Reads the peer's control blocks: heartbeats, acknowledgements, fault reports.
+    fn process_ctrl(&mut self) {
+        for r in 0..self.rails.len() {
+            if self.rails[r].state == RailState::Failed {
+                continue;
+            }
+            let Some(c) = CtrlBlock::load(&self.rails[r].ctrl_in) else {
+                continue;
+            };
+            let now = self.now;
+            let rail = &mut self.rails[r];
+            if c.heartbeat != rail.peer_heartbeat {
+                rail.peer_heartbeat = c.heartbeat;
+                rail.peer_seen_at = now;
+            }
+            let last_sent = self.rails[self.active].tx.next_seq() - 1;
+            if c.delivered_seq > last_sent.max(self.peer_delivered) {
+                tracing::warn!(
+                    rail = r,
+                    delivered = c.delivered_seq,
+                    last_sent,
+                    "peer acknowledged unsent records"
+                );
+                self.fail_rail(r, FailReason::Protocol);
+                continue;
+            }
+            self.peer_delivered = self.peer_delivered.max(c.delivered_seq);
+            if let Err(e) = self.rails[r]
+                .tx
+                .poster()
+                .ack(c.consumed_pos, self.peer_delivered)
+            {
+                tracing::warn!(rail = r, error = %e, "impossible acknowledgement");
+                self.fail_rail(r, FailReason::Protocol);
+                continue;
+            }
+            for other in 0..self.rails.len() {
+                let g = c.fault_gen(other);
+                if g != 0
+                    && g == self.rails[other].generation.wrapping_add(1)
+                    && self.rails[other].state != RailState::Failed
+                {
+                    self.fail_rail(other, FailReason::PeerReport);
+                }
+            }
+        }
+        if let Some((since, first_seq)) = self.blackout_from {
+            if self.peer_delivered >= first_seq {
+                let blackout_ns = self.now.saturating_sub(since);
+                self.blackout_from = None;
+                self.stats.last_blackout_ns = Some(blackout_ns);
+                tracing::info!(rail = self.active, blackout_ns, "failover complete");
+                self.push_event(Event::FailoverComplete {
+                    rail: self.active,
+                    blackout_ns,
+                });
+            }
+        }
+    }
+
+    fn fail_rail(&mut self, r: usize, reason: FailReason) {
+        if self.rails[r].state == RailState::Failed {
+            return;
+        }
+        let was_active = self.rails[r].state == RailState::Active;
+        let now = self.now;
+        let rail = &mut self.rails[r];
+        rail.state = RailState::Failed;
+        rail.failed_at = now;
+        rail.port_active = false;
+        rail.rearm_requested = false;
+        tracing::warn!(rail = r, ?reason, "rail down");
+        self.io.push_back(Io::ShutDown { rail: r });
+        self.push_event(Event::RailDown {
+            rail: r,
+            reason,
+            at: now,
+        });
+        // Tell the peer over every rail still alive.
+        for other in self
+            .rails
+            .iter_mut()
+            .filter(|x| x.state != RailState::Failed)
+        {
+            other.ctrl_due = true;
+        }
+        if was_active && !self.dead {
+            self.failover_from(r);
+        }
+        if !self.dead && self.rails.iter().all(|x| x.state == RailState::Failed) {
+            self.declare_dead();
+        }
+        self.refresh_rail_stats();
+    }
+
+    fn failover_from(&mut self, from: usize) {
+        loop {
+            let Some(to) =
+                (0..self.rails.len()).find(|&i| self.rails[i].state == RailState::Standby)
+            else {
+                self.declare_dead();
+                return;
+            };
+            let (src, dst) = two_mut(&mut self.rails, from, to);
+            match src.tx.copy_unacked_into(&mut dst.tx) {
+                Ok(rep) => {
+                    dst.state = RailState::Active;
+                    self.active = to;
+                    self.stats.failovers += 1;
+                    self.stats.records_resent += rep.records as u64;
+                    self.stats.bytes_resent += rep.bytes as u64;
+                    let first = rep
+                        .first_seq
+                        .unwrap_or_else(|| self.rails[to].tx.next_seq());
+                    self.blackout_from = Some((self.now, first));
+                    tracing::warn!(
+                        from,
+                        to,
+                        records = rep.records,
+                        bytes = rep.bytes,
+                        "failover"
+                    );
+                    self.push_event(Event::Failover {
+                        from,
+                        to,
+                        records: rep.records,
+                        bytes: rep.bytes,
+                        at: self.now,
+                    });
+                    return;
+                }
+                Err(e) => {
+                    // A standby is always fresh, so this means a bug; never lose data over it:
+                    // take that standby out and try the next.
+                    tracing::error!(from, to, error = %e, "standby could not take the unacknowledged records");
+                    self.rails[to].state = RailState::Failed;
+                    self.rails[to].failed_at = self.now;
+                    self.io.push_back(Io::ShutDown { rail: to });
+                }
+            }
+        }
+    }
+
+    fn declare_dead(&mut self) {
+        if !self.dead {
+            self.dead = true;
+            tracing::error!("all rails down");
+            self.push_event(Event::AllRailsDown { at: self.now });
+        }
+    }
+
+    fn push_event(&mut self, e: Event) {
+        if self.events.len() >= 1024 {
+            self.events.pop_front(); // a user who never reads events still has the counters
+        }
+        self.events.push_back(e);
+    }
+
+    fn refresh_rail_stats(&mut self) {
+        for (i, r) in self.rails.iter().enumerate() {
+            self.stats.rail_states[i] = Some(r.state);
+        }
+    }
+}
+
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (x, y) = v.split_at_mut(b);
+        (&mut x[a], &mut y[0])
+    } else {
+        let (x, y) = v.split_at_mut(a);
+        (&mut y[0], &mut x[b])
+    }
+}

@@ -1,0 +1,109 @@
+//! The control block each side writes into its peer's control slot on every rail: heartbeat,
+//! acknowledgement, and fault reports. One RDMA WRITE of [`CTRL_LEN`] bytes, crc-protected so a
+//! torn or corrupted block is ignored (the next one replaces it) rather than trusted.
+//!
+//! ```text
+//! 0  heartbeat        u64  bumped every heartbeat interval
+//! 8  delivered_seq    u64  highest sequence number the writer delivered (any rail)
+//! 16 consumed_pos     u64  how far the writer consumed its mirror of THIS rail
+//! 24 fault_gens       u64  per rail (16 bits each): generation+1 of a rail the writer saw fail
+//! 32 crc              u64  crc32c of bytes 0..32 (low 32 bits)
+//! ```
+
+use railover_segq::Region;
+
+pub const CTRL_LEN: usize = 40;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CtrlBlock {
+    pub heartbeat: u64,
+    pub delivered_seq: u64,
+    pub consumed_pos: u64,
+    pub fault_gens: u64,
+}
+
+impl CtrlBlock {
+    fn crc(words: &[u64; 4]) -> u64 {
+        let mut b = [0u8; 32];
+        for (i, w) in words.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        crc32c::crc32c(&b) as u64
+    }
+
+    /// Writes the block (8-byte stores) at offset 0 of `region`.
+    pub fn store(&self, region: &Region) {
+        let words = [
+            self.heartbeat,
+            self.delivered_seq,
+            self.consumed_pos,
+            self.fault_gens,
+        ];
+        for (i, w) in words.iter().enumerate() {
+            region.write_u64(i * 8, *w);
+        }
+        region.write_u64(32, Self::crc(&words));
+    }
+
+    /// Reads the block the peer wrote; None while it is torn, corrupted or never written.
+    pub fn load(region: &Region) -> Option<CtrlBlock> {
+        let words = [
+            region.read_u64(0),
+            region.read_u64(8),
+            region.read_u64(16),
+            region.read_u64(24),
+        ];
+        let crc = region.read_u64(32);
+        if words == [0; 4] || crc != Self::crc(&words) {
+            return None;
+        }
+        Some(CtrlBlock {
+            heartbeat: words[0],
+            delivered_seq: words[1],
+            consumed_pos: words[2],
+            fault_gens: words[3],
+        })
+    }
+
+    /// Generation+1 the writer reported failed for `rail` (0: none).
+    pub fn fault_gen(&self, rail: usize) -> u16 {
+        (self.fault_gens >> (16 * rail)) as u16
+    }
+
+    pub fn set_fault_gen(&mut self, rail: usize, gen_plus_one: u16) {
+        self.fault_gens =
+            (self.fault_gens & !(0xffff << (16 * rail))) | ((gen_plus_one as u64) << (16 * rail));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use railover_segq::Backing;
+
+    #[test]
+    fn roundtrip_and_any_flip_is_rejected() {
+        let r = Region::new(64, Backing::Heap).unwrap();
+        assert_eq!(CtrlBlock::load(&r), None, "never written");
+        let mut c = CtrlBlock {
+            heartbeat: 3,
+            delivered_seq: 99,
+            consumed_pos: 4096,
+            fault_gens: 0,
+        };
+        c.set_fault_gen(1, 5);
+        assert_eq!(c.fault_gen(1), 5);
+        assert_eq!(c.fault_gen(0), 0);
+        c.store(&r);
+        assert_eq!(CtrlBlock::load(&r), Some(c));
+        let mut bytes = [0u8; CTRL_LEN];
+        r.read(0, &mut bytes);
+        for i in 0..CTRL_LEN {
+            let flipped = Region::new(64, Backing::Heap).unwrap();
+            let mut b = bytes;
+            b[i] ^= 0x10;
+            flipped.write(0, &b);
+            assert_eq!(CtrlBlock::load(&flipped), None, "flip at byte {i} accepted");
+        }
+    }
+}

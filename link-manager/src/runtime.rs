@@ -1,0 +1,349 @@
+//! The thin layer that drives a [`Core`] over a fabric: it posts what the core asks for, feeds it
+//! completions, device events and the time. All decisions are the core's.
+
+use std::sync::Arc;
+
+use railover_rdma::handshake::{HandshakeError, Hello, WireGeometry};
+use railover_rdma::{
+    Access, Completion, CompletionKind, FabricError, Link, MemoryRegistration, Nic, RemoteRegion,
+    WcStatus,
+};
+use railover_segq::Reservation;
+
+use crate::config::Config;
+use crate::core::{Buf, Core, Event, Io, Nanos, RecvError, SendError, Stats};
+use crate::memory::{QueueMem, RegionMem};
+
+/// A source of time for the driver.
+pub trait Clock {
+    fn now(&self) -> Nanos;
+}
+
+/// Wall-clock time since the connection was created (monotonic; a vDSO read, no syscall).
+pub struct RealClock(std::time::Instant);
+
+impl Default for RealClock {
+    fn default() -> Self {
+        RealClock(std::time::Instant::now())
+    }
+}
+
+impl Clock for RealClock {
+    fn now(&self) -> Nanos {
+        self.0.elapsed().as_nanos() as Nanos
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("fabric: {0}")]
+    Fabric(#[from] FabricError),
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("memory: {0}")]
+    Memory(#[from] std::io::Error),
+    #[error("{got} rails offered, the configuration says {want}")]
+    RailCount { want: usize, got: usize },
+}
+
+/// One rail's fabric objects.
+struct RailIo<N: Nic> {
+    nic: N,
+    link: N::Link,
+    ring_tx: N::Mr,
+    ring_rx: N::Mr,
+    ctrl_out: N::Mr,
+    ctrl_in: N::Mr,
+    peer_ring: RemoteRegion,
+    peer_ctrl: RemoteRegion,
+}
+
+/// A connection whose links exist but are not yet connected to the peer's.
+pub struct PendingConnection<N: Nic, C: Clock> {
+    conn: Connection<N, C>,
+    hellos: Vec<Hello>,
+}
+
+/// A railover connection: both directions over every rail, failover included.
+///
+/// Single-threaded and caller-driven (busy-poll): [`Connection::send`] posts at once,
+/// [`Connection::poll`] makes progress (completions, events, heartbeats) and delivers.
+pub struct Connection<N: Nic, C: Clock> {
+    core: Core,
+    rails: Vec<RailIo<N>>,
+    clock: C,
+    rearm_requests: Vec<usize>,
+    completions: [Completion; 32],
+}
+
+fn wire_geometry(cfg: &Config) -> WireGeometry {
+    let g = cfg.geometry();
+    WireGeometry {
+        segment_size: g.segment_size() as u32,
+        segment_count: g.segment_count() as u32,
+        max_record: g.max_record() as u32,
+    }
+}
+
+impl<N: Nic, C: Clock> PendingConnection<N, C> {
+    /// Allocates and registers every rail's memory on its card and creates the queue pairs.
+    /// `cards[i]` is this host's card of rail i (the first is primary).
+    pub fn new(cfg: Config, cards: Vec<N>, clock: C) -> Result<Self, ConnectError> {
+        if cards.len() != cfg.rails() {
+            return Err(ConnectError::RailCount {
+                want: cfg.rails(),
+                got: cards.len(),
+            });
+        }
+        let core = Core::new(cfg, clock.now())?;
+        let mut rails = Vec::with_capacity(cards.len());
+        let mut hellos = Vec::with_capacity(cards.len());
+        for (i, nic) in cards.into_iter().enumerate() {
+            let (tx, rx, co, ci) = core.rail_memory(i);
+            let ring_tx = nic.register(Arc::new(QueueMem(tx)), Access::Local)?;
+            let ring_rx = nic.register(Arc::new(QueueMem(rx)), Access::RemoteWrite)?;
+            let ctrl_out = nic.register(Arc::new(RegionMem(co)), Access::Local)?;
+            let ctrl_in = nic.register(Arc::new(RegionMem(ci)), Access::RemoteWrite)?;
+            let link = nic.create_link(&cfg.link())?;
+            let hello = Hello {
+                rail_index: i as u16,
+                rail_count: cfg.rails() as u16,
+                endpoint: link.endpoint(),
+                geometry: wire_geometry(&cfg),
+                ring: ring_rx.remote(),
+                ctrl: ctrl_in.remote(),
+            };
+            hellos.push(hello);
+            rails.push(RailIo {
+                nic,
+                link,
+                ring_tx,
+                ring_rx,
+                ctrl_out,
+                ctrl_in,
+                peer_ring: RemoteRegion::default(),
+                peer_ctrl: RemoteRegion::default(),
+            });
+        }
+        Ok(PendingConnection {
+            conn: Connection {
+                core,
+                rails,
+                clock,
+                rearm_requests: Vec::with_capacity(8),
+                completions: [Completion::EMPTY; 32],
+            },
+            hellos,
+        })
+    }
+
+    /// What to send the peer, one per rail.
+    pub fn hellos(&self) -> &[Hello] {
+        &self.hellos
+    }
+
+    /// Validates the peer's hellos (one per rail, same order) and connects every rail.
+    pub fn connect(mut self, peer: &[Hello]) -> Result<Connection<N, C>, ConnectError> {
+        if peer.len() != self.hellos.len() {
+            return Err(ConnectError::RailCount {
+                want: self.hellos.len(),
+                got: peer.len(),
+            });
+        }
+        for (i, (ours, theirs)) in self.hellos.iter().zip(peer).enumerate() {
+            // Re-validate: a caller may hand us hellos that never went through decode().
+            let theirs = Hello::decode(&theirs.encode())?;
+            ours.check_peer(&theirs)?;
+            let rail = &mut self.conn.rails[i];
+            rail.link.connect(&theirs.endpoint)?;
+            rail.peer_ring = theirs.ring;
+            rail.peer_ctrl = theirs.ctrl;
+        }
+        let mut conn = self.conn;
+        conn.flush();
+        Ok(conn)
+    }
+}
+
+impl<N: Nic, C: Clock> Connection<N, C> {
+    /// Queues `msg` and posts it at once. Returns its sequence number.
+    pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
+        let r = self.core.send(msg);
+        if matches!(r, Err(SendError::Backpressure)) {
+            self.progress(); // acknowledgements may be waiting
+            let r = self.core.send(msg);
+            self.flush();
+            return r;
+        }
+        self.flush();
+        r
+    }
+
+    /// A zero-copy slot: fill it, `commit()` it, then call [`Connection::flush`].
+    pub fn reserve(&mut self, len: usize) -> Result<Reservation<'_>, SendError> {
+        self.core.reserve(len)
+    }
+
+    /// Makes progress, then delivers every message that arrived (zero-copy, in order, exactly once).
+    pub fn poll(&mut self, deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
+        self.progress();
+        let n = self.core.poll_recv(deliver);
+        self.flush();
+        n
+    }
+
+    /// Processes completions, device events and timers, and posts what the core asks for.
+    pub fn progress(&mut self) {
+        let now = self.clock.now();
+        for (i, rail) in self.rails.iter_mut().enumerate() {
+            while let Some(ev) = rail.nic.poll_event() {
+                self.core.handle_event(i, ev);
+            }
+            loop {
+                let n = rail.link.poll(&mut self.completions);
+                for c in &self.completions[..n] {
+                    self.core.handle_completion(i, *c);
+                }
+                if n < self.completions.len() {
+                    break;
+                }
+            }
+        }
+        // Cheap (a few words per rail): reads acknowledgements and fault reports every time.
+        self.core.handle_timeout(now);
+        self.flush();
+    }
+
+    /// Carries out every I/O the core wants now.
+    pub fn flush(&mut self) {
+        while let Some(io) = self.core.poll_io() {
+            match io {
+                Io::Write {
+                    rail,
+                    wr_id,
+                    local,
+                    local_offset,
+                    len,
+                    remote,
+                    remote_offset,
+                    imm,
+                } => {
+                    let r = &mut self.rails[rail];
+                    let (mr, peer) = match (local, remote) {
+                        (Buf::Ring, Buf::Ring) => (&r.ring_tx, r.peer_ring),
+                        (Buf::Ctrl, Buf::Ctrl) => (&r.ctrl_out, r.peer_ctrl),
+                        _ => unreachable!("the core pairs ring with ring and ctrl with ctrl"),
+                    };
+                    if let Err(e) =
+                        r.link
+                            .post_write(wr_id, mr, local_offset, len, &peer, remote_offset, imm)
+                    {
+                        tracing::warn!(rail, error = %e, "post failed");
+                        self.core.handle_completion(
+                            rail,
+                            Completion {
+                                wr_id,
+                                kind: CompletionKind::Write,
+                                status: WcStatus::Other(u32::MAX),
+                            },
+                        );
+                    }
+                }
+                Io::PostRecvs { rail, count } => {
+                    if let Err(e) = self.rails[rail].link.post_recvs(count) {
+                        tracing::warn!(rail, error = %e, "posting receives failed");
+                        self.core.link_error(rail);
+                    }
+                }
+                Io::ShutDown { rail } => self.rails[rail].link.shut_down(),
+                Io::Rearm { rail } => self.rearm_requests.push(rail),
+            }
+        }
+    }
+
+    /// A rail the core wants re-armed (connect a fresh queue pair with the peer's), if any.
+    pub fn take_rearm_request(&mut self) -> Option<usize> {
+        self.rearm_requests.pop()
+    }
+
+    /// Drops pending re-arm requests for `rail` (it was just re-armed from the other side).
+    pub fn cancel_rearm_request(&mut self, rail: usize) {
+        self.rearm_requests.retain(|&r| r != rail);
+    }
+
+    /// Creates a fresh queue pair on `rail`; send the returned hello to the peer.
+    pub fn rearm_prepare(&mut self, rail: usize) -> Result<(N::Link, Hello), ConnectError> {
+        let cfg = *self.core.config();
+        let r = &self.rails[rail];
+        let link = r.nic.create_link(&cfg.link())?;
+        let hello = Hello {
+            rail_index: rail as u16,
+            rail_count: cfg.rails() as u16,
+            endpoint: link.endpoint(),
+            geometry: wire_geometry(&cfg),
+            ring: r.ring_rx.remote(),
+            ctrl: r.ctrl_in.remote(),
+        };
+        Ok((link, hello))
+    }
+
+    /// Connects the fresh queue pair to the peer's and makes the rail a standby again.
+    pub fn rearm_complete(
+        &mut self,
+        rail: usize,
+        mut link: N::Link,
+        ours: &Hello,
+        peer: &Hello,
+    ) -> Result<(), ConnectError> {
+        let peer = Hello::decode(&peer.encode())?;
+        ours.check_peer(&peer)?;
+        link.connect(&peer.endpoint)?;
+        self.install_rearmed(rail, link, ours, &peer);
+        Ok(())
+    }
+
+    /// Installs an already connected fresh queue pair on `rail` (the peer's hello validated).
+    pub fn install_rearmed(&mut self, rail: usize, link: N::Link, _ours: &Hello, peer: &Hello) {
+        let r = &mut self.rails[rail];
+        r.link = link; // the old queue pair is destroyed here
+        r.peer_ring = peer.ring;
+        r.peer_ctrl = peer.ctrl;
+        let now = self.clock.now();
+        self.core.rail_rearmed(rail, now);
+        self.flush();
+    }
+
+    /// Re-arming `rail` failed for now; the core will ask again later.
+    pub fn rearm_failed(&mut self, rail: usize) {
+        let now = self.clock.now();
+        self.core.rearm_failed(rail, now);
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.core.stats()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.core.poll_event()
+    }
+
+    /// Records accepted but not known delivered (what to resend elsewhere after AllRailsDown).
+    pub fn unacked(&self, f: impl FnMut(u64, &[u8])) {
+        self.core.unacked(f)
+    }
+
+    /// The state machine (read-only), for inspection.
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// When the connection next needs [`Connection::progress`] even if nothing arrives.
+    pub fn next_timeout(&self) -> Option<Nanos> {
+        self.core.poll_timeout()
+    }
+
+    /// The card of `rail`.
+    pub fn card(&self, rail: usize) -> &N {
+        &self.rails[rail].nic
+    }
+}

@@ -1,0 +1,133 @@
+//! Two connected endpoints on the deterministic simulated fabric, with a virtual clock: the basis of
+//! the seeded simulation tests, the examples and the benchmark's `--fabric sim`.
+
+use railover_rdma::sim::{SimFabric, SimNic, WireId};
+
+use crate::config::Config;
+use crate::core::Nanos;
+use crate::runtime::{Clock, ConnectError, Connection, PendingConnection};
+
+/// The fabric's virtual clock.
+pub struct SimClock(SimFabric);
+
+impl Clock for SimClock {
+    fn now(&self) -> Nanos {
+        self.0.now()
+    }
+}
+
+pub type SimConnection = Connection<SimNic, SimClock>;
+
+/// Host 1 (`a`) and host 2 (`b`), one wire per rail.
+pub struct SimPair {
+    pub fabric: SimFabric,
+    pub wires: Vec<WireId>,
+    /// (host 1's card, host 2's card) per rail.
+    pub cards: Vec<(SimNic, SimNic)>,
+    pub a: SimConnection,
+    pub b: SimConnection,
+}
+
+impl SimPair {
+    pub fn new(cfg: Config, seed: u64, latency_ns: u64) -> Result<SimPair, ConnectError> {
+        let fabric = SimFabric::new(seed);
+        let mut wires = Vec::new();
+        let mut cards = Vec::new();
+        for r in 0..cfg.rails() {
+            let (x, y, w) = fabric.add_wire(
+                &format!("sim_r{r}_host1"),
+                &format!("sim_r{r}_host2"),
+                latency_ns,
+            );
+            wires.push(w);
+            cards.push((x, y));
+        }
+        let pa = PendingConnection::new(
+            cfg,
+            cards.iter().map(|c| c.0.clone()).collect(),
+            SimClock(fabric.clone()),
+        )?;
+        let pb = PendingConnection::new(
+            cfg,
+            cards.iter().map(|c| c.1.clone()).collect(),
+            SimClock(fabric.clone()),
+        )?;
+        let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
+        let a = pa.connect(&hb)?;
+        let b = pb.connect(&ha)?;
+        Ok(SimPair {
+            fabric,
+            wires,
+            cards,
+            a,
+            b,
+        })
+    }
+
+    pub fn now(&self) -> Nanos {
+        self.fabric.now()
+    }
+
+    /// Both sides make progress; re-arm requests are served (both sides of a rail re-arm together).
+    pub fn progress(&mut self) {
+        self.a.progress();
+        self.b.progress();
+        while let Some(rail) = self
+            .a
+            .take_rearm_request()
+            .or_else(|| self.b.take_rearm_request())
+        {
+            self.a.cancel_rearm_request(rail);
+            self.b.cancel_rearm_request(rail);
+            self.rearm(rail);
+        }
+    }
+
+    /// Connects fresh queue pairs on `rail` on both sides (fails, to be retried, while the wire is down).
+    pub fn rearm(&mut self, rail: usize) {
+        let result = (|| {
+            let (la, ha) = self.a.rearm_prepare(rail)?;
+            let (lb, hb) = self.b.rearm_prepare(rail)?;
+            ha.check_peer(&hb)?;
+            // Both links must connect before either side resets its rings.
+            let mut la = la;
+            let mut lb = lb;
+            railover_rdma::Link::connect(&mut la, &hb.endpoint)?;
+            railover_rdma::Link::connect(&mut lb, &ha.endpoint)?;
+            Ok::<_, ConnectError>((la, ha, lb, hb))
+        })();
+        match result {
+            Ok((la, ha, lb, hb)) => {
+                self.a.install_rearmed(rail, la, &ha, &hb);
+                self.b.install_rearmed(rail, lb, &hb, &ha);
+            }
+            Err(e) => {
+                tracing::debug!(rail, error = %e, "re-arm failed; will retry");
+                self.a.rearm_failed(rail);
+                self.b.rearm_failed(rail);
+            }
+        }
+    }
+
+    /// The next time anything can happen (fabric event or timer), capped at `limit`.
+    pub fn next_deadline(&self, limit: Nanos) -> Nanos {
+        [
+            self.fabric.next_event_time(),
+            self.a.next_timeout(),
+            self.b.next_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(limit)
+        .min(limit)
+        .max(self.now())
+    }
+
+    /// Advances virtual time to the next deadline (at most `limit`) and makes progress.
+    pub fn step(&mut self, limit: Nanos) {
+        let t = self.next_deadline(limit);
+        self.fabric.advance_to(t);
+        self.progress();
+    }
+}
