@@ -14,6 +14,8 @@ pub mod ctrl;
 mod memory;
 pub mod runtime;
 pub mod sim;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 pub use crate::config::{Config, ConfigBuilder, ConfigError, MAX_RAILS};
 pub use crate::core::{Event, FailReason, Nanos, RailState, RecvError, SendError, Stats};

@@ -266,6 +266,11 @@ impl<N: Nic, C: Clock> Connection<N, C> {
         self.rearm_requests.pop()
     }
 
+    /// Whether a re-arm request is waiting.
+    pub fn has_rearm_request(&self) -> bool {
+        !self.rearm_requests.is_empty()
+    }
+
     /// Drops pending re-arm requests for `rail` (it was just re-armed from the other side).
     pub fn cancel_rearm_request(&mut self, rail: usize) {
         self.rearm_requests.retain(|&r| r != rail);
@@ -313,6 +318,24 @@ impl<N: Nic, C: Clock> Connection<N, C> {
         self.flush();
     }
 
+    /// Swaps in a reopened card for `rail` (after the old one was removed and came back): the
+    /// rail's memory is registered with it anew. Follow with a re-arm.
+    pub fn replace_card(&mut self, rail: usize, nic: N) -> Result<(), ConnectError> {
+        let cfg = *self.core.config();
+        let (tx, rx, co, ci) = self.core.rail_memory(rail);
+        let ring_tx = nic.register(Arc::new(QueueMem(tx)), Access::Local)?;
+        let ring_rx = nic.register(Arc::new(QueueMem(rx)), Access::RemoteWrite)?;
+        let ctrl_out = nic.register(Arc::new(RegionMem(co)), Access::Local)?;
+        let ctrl_in = nic.register(Arc::new(RegionMem(ci)), Access::RemoteWrite)?;
+        let link = nic.create_link(&cfg.link())?;
+        let r = &mut self.rails[rail];
+        // Old queue pair first, then old registrations, then the old card.
+        r.link = link;
+        (r.ring_tx, r.ring_rx, r.ctrl_out, r.ctrl_in) = (ring_tx, ring_rx, ctrl_out, ctrl_in);
+        r.nic = nic;
+        Ok(())
+    }
+
     /// Re-arming `rail` failed for now; the core will ask again later.
     pub fn rearm_failed(&mut self, rail: usize) {
         let now = self.clock.now();
@@ -346,4 +369,51 @@ impl<N: Nic, C: Clock> Connection<N, C> {
     pub fn card(&self, rail: usize) -> &N {
         &self.rails[rail].nic
     }
+}
+
+/// Re-arms `rail` on two connections driven by one process (tests, simulations, single-host
+/// set-ups): fresh queue pairs on both sides, connected to each other, then both cores reset the
+/// rail as a standby. On failure both cores are told and will ask again later.
+pub fn rearm_both<N: Nic, C: Clock>(
+    a: &mut Connection<N, C>,
+    b: &mut Connection<N, C>,
+    rail: usize,
+) -> Result<(), ConnectError> {
+    let attempt = (|| {
+        let (mut la, ha) = a.rearm_prepare(rail)?;
+        let (mut lb, hb) = b.rearm_prepare(rail)?;
+        ha.check_peer(&hb)?;
+        // Both links must connect before either side resets its rings.
+        la.connect(&hb.endpoint)?;
+        lb.connect(&ha.endpoint)?;
+        Ok::<_, ConnectError>((la, ha, lb, hb))
+    })();
+    match attempt {
+        Ok((la, ha, lb, hb)) => {
+            a.install_rearmed(rail, la, &ha, &hb);
+            b.install_rearmed(rail, lb, &hb, &ha);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::debug!(rail, error = %e, "re-arm failed; will retry");
+            a.rearm_failed(rail);
+            b.rearm_failed(rail);
+            Err(e)
+        }
+    }
+}
+
+/// Serves every pending re-arm request of two connections driven by one process. Returns the
+/// rails it tried and the outcome of each.
+pub fn serve_rearms<N: Nic, C: Clock>(
+    a: &mut Connection<N, C>,
+    b: &mut Connection<N, C>,
+) -> Vec<(usize, Result<(), ConnectError>)> {
+    let mut out = Vec::new();
+    while let Some(rail) = a.take_rearm_request().or_else(|| b.take_rearm_request()) {
+        a.cancel_rearm_request(rail);
+        b.cancel_rearm_request(rail);
+        out.push((rail, rearm_both(a, b, rail)));
+    }
+    out
 }

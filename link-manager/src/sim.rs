@@ -72,40 +72,8 @@ impl SimPair {
     pub fn progress(&mut self) {
         self.a.progress();
         self.b.progress();
-        while let Some(rail) = self
-            .a
-            .take_rearm_request()
-            .or_else(|| self.b.take_rearm_request())
-        {
-            self.a.cancel_rearm_request(rail);
-            self.b.cancel_rearm_request(rail);
-            self.rearm(rail);
-        }
-    }
-
-    /// Connects fresh queue pairs on `rail` on both sides (fails, to be retried, while the wire is down).
-    pub fn rearm(&mut self, rail: usize) {
-        let result = (|| {
-            let (la, ha) = self.a.rearm_prepare(rail)?;
-            let (lb, hb) = self.b.rearm_prepare(rail)?;
-            ha.check_peer(&hb)?;
-            // Both links must connect before either side resets its rings.
-            let mut la = la;
-            let mut lb = lb;
-            railover_rdma::Link::connect(&mut la, &hb.endpoint)?;
-            railover_rdma::Link::connect(&mut lb, &ha.endpoint)?;
-            Ok::<_, ConnectError>((la, ha, lb, hb))
-        })();
-        match result {
-            Ok((la, ha, lb, hb)) => {
-                self.a.install_rearmed(rail, la, &ha, &hb);
-                self.b.install_rearmed(rail, lb, &hb, &ha);
-            }
-            Err(e) => {
-                tracing::debug!(rail, error = %e, "re-arm failed; will retry");
-                self.a.rearm_failed(rail);
-                self.b.rearm_failed(rail);
-            }
+        if self.a.has_rearm_request() || self.b.has_rearm_request() {
+            crate::runtime::serve_rearms(&mut self.a, &mut self.b);
         }
     }
 

@@ -3,7 +3,7 @@
 //! The few fabric operations railover needs, as traits ([`Nic`], [`Link`]), with two
 //! implementations that pass the same contract suite:
 //!
-//! * [`verbs`]: real RDMA on the `sideway` crate (RC queue pairs, RDMA WRITE WITH IMMEDIATE,
+//! * `verbs` (cargo feature `verbs`): real RDMA on the `sideway` crate (RC queue pairs, RDMA WRITE WITH IMMEDIATE,
 //!   extended CQs, async events). libibverbs is loaded at run time: on a machine without it, or
 //!   without devices, every call returns a typed [`FabricError`].
 //! * [`sim`]: an in-process, deterministic fabric (seeded RNG, virtual clock) that really copies
@@ -18,6 +18,7 @@ use std::sync::Arc;
 pub mod contract;
 pub mod handshake;
 pub mod sim;
+#[cfg(feature = "verbs")]
 pub mod verbs;
 
 /// Memory a NIC may access once registered.

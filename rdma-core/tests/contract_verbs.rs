@@ -2,6 +2,7 @@
 //! (`ci/softroce run -- cargo test -p railover-rdma --test contract_verbs`).
 //! Outside the VM (RAILOVER_SOFTROCE unset) on a machine without RDMA, each test checks that the
 //! failure is a typed error and reports the verbs suite as not applicable.
+#![cfg(feature = "verbs")]
 
 use std::time::{Duration, Instant};
 
