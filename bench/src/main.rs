@@ -1,1 +1,284 @@
-fn main() {}
+//! railover-bench: ping-pong, throughput and failover benchmarks on the simulated fabric or on
+//! real verbs (cargo feature `verbs`), printed as a table or JSON, with SVG plots.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+mod plot;
+mod sim_runs;
+mod stats;
+#[cfg(feature = "verbs")]
+mod verbs_runs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Fabric {
+    /// The deterministic simulated fabric (no set-up needed).
+    Sim,
+    /// Real RDMA devices (build with --features verbs).
+    Verbs,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "railover-bench",
+    about = "Latency, throughput and failover benchmarks for railover"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Write SVG plots into this directory.
+    #[arg(long, global = true)]
+    plot_dir: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Round-trip latency: host 1 sends, host 2 echoes.
+    Pingpong {
+        #[arg(long, value_enum, default_value = "sim")]
+        fabric: Fabric,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 10_000)]
+        iterations: usize,
+        #[arg(long, default_value_t = 1_000)]
+        warmup: usize,
+        /// Simulated one-way wire latency (ns).
+        #[arg(long, default_value_t = 2_000)]
+        latency_ns: u64,
+        /// Host 1's cards, one per rail (verbs).
+        #[arg(long, value_delimiter = ',', default_value = "rxe_a1,rxe_b1")]
+        host1: Vec<String>,
+        /// Host 2's cards, one per rail (verbs).
+        #[arg(long, value_delimiter = ',', default_value = "rxe_a2,rxe_b2")]
+        host2: Vec<String>,
+    },
+    /// One-way message rate with coalescing.
+    Throughput {
+        #[arg(long, value_enum, default_value = "sim")]
+        fabric: Fabric,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        #[arg(long, default_value_t = 2_000)]
+        latency_ns: u64,
+        #[arg(long, value_delimiter = ',', default_value = "rxe_a1,rxe_b1")]
+        host1: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "rxe_a2,rxe_b2")]
+        host2: Vec<String>,
+    },
+    /// Injects each fault kind mid-stream and reports detection, blackout, and loss (must be 0).
+    Failover {
+        #[arg(long, value_enum, default_value = "sim")]
+        fabric: Fabric,
+        /// Fault kinds (default: all).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Interval between messages (virtual ns).
+        #[arg(long, default_value_t = 20_000)]
+        interval_ns: u64,
+        #[arg(long, default_value_t = 5_000)]
+        latency_ns: u64,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn need_verbs() -> ! {
+    eprintln!("the verbs fabric needs a build with `--features verbs` (and cmake, clang, libclang-dev, pkg-config)");
+    std::process::exit(2)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Pingpong {
+            fabric,
+            size,
+            iterations,
+            warmup,
+            latency_ns,
+            host1,
+            host2,
+        } => match fabric {
+            Fabric::Sim => {
+                let r = sim_runs::pingpong(size, iterations, warmup, latency_ns);
+                if cli.json {
+                    println!("{}", json!({"fabric": "sim", "pingpong": r}));
+                } else {
+                    stats::print_table(
+                        &format!("ping-pong, simulated fabric, {size} B, {iterations} iterations, one-way wire latency {latency_ns} ns"),
+                        &[("virtual RTT".into(), r.virtual_rtt.clone()), ("host CPU per round trip".into(), r.cpu_rtt.clone())],
+                    );
+                }
+                if let Some(dir) = &cli.plot_dir {
+                    let path = format!("{dir}/pingpong-sim.svg");
+                    plot::percentiles(
+                        &path,
+                        "railover ping-pong (sim): host CPU per round trip",
+                        &[("cpu rtt".into(), r.cpu_rtt)],
+                    )
+                    .expect("plot");
+                    eprintln!("wrote {path}");
+                }
+            }
+            Fabric::Verbs => {
+                #[cfg(feature = "verbs")]
+                verbs_runs::pingpong(
+                    size,
+                    iterations,
+                    warmup,
+                    &host1,
+                    &host2,
+                    cli.json,
+                    cli.plot_dir.as_deref(),
+                );
+                #[cfg(not(feature = "verbs"))]
+                {
+                    let _ = (host1, host2);
+                    need_verbs()
+                }
+            }
+        },
+        Cmd::Throughput {
+            fabric,
+            size,
+            count,
+            latency_ns,
+            host1,
+            host2,
+        } => match fabric {
+            Fabric::Sim => {
+                let r = sim_runs::throughput(size, count, latency_ns);
+                if cli.json {
+                    println!("{}", json!({"fabric": "sim", "throughput": r}));
+                } else {
+                    println!("throughput, simulated fabric, {size} B x {count}");
+                    println!(
+                        "  {:.0} msgs/s (virtual time), {:.0} msgs/s host CPU",
+                        r.virtual_msgs_per_s, r.cpu_msgs_per_s
+                    );
+                    println!(
+                        "  {} RDMA writes: {:.1} messages per write (coalescing)",
+                        r.rdma_writes, r.messages_per_write
+                    );
+                }
+            }
+            Fabric::Verbs => {
+                #[cfg(feature = "verbs")]
+                verbs_runs::throughput(size, count, &host1, &host2, cli.json);
+                #[cfg(not(feature = "verbs"))]
+                {
+                    let _ = (host1, host2);
+                    need_verbs()
+                }
+            }
+        },
+        Cmd::Failover {
+            fabric,
+            kinds,
+            reps,
+            interval_ns,
+            latency_ns,
+            size,
+            seed,
+        } => {
+            if fabric == Fabric::Verbs {
+                eprintln!("failover on real verbs runs in the SoftRoCE VM: ci/vm-tests (results in ci/out/rxe-results.txt)");
+                std::process::exit(2);
+            }
+            let kinds: Vec<String> = if kinds.is_empty() {
+                sim_runs::KINDS.iter().map(|s| s.to_string()).collect()
+            } else {
+                kinds
+            };
+            for k in &kinds {
+                if !sim_runs::KINDS.contains(&k.as_str()) {
+                    eprintln!(
+                        "unknown fault kind {k}; known: {}",
+                        sim_runs::KINDS.join(", ")
+                    );
+                    std::process::exit(2);
+                }
+            }
+            let mut reports = Vec::new();
+            for (i, k) in kinds.iter().enumerate() {
+                if !cli.json {
+                    eprintln!("[{}/{}] {k}: {reps} repetitions...", i + 1, kinds.len());
+                }
+                reports.push(sim_runs::failover(
+                    k,
+                    reps,
+                    interval_ns,
+                    latency_ns,
+                    seed,
+                    size,
+                ));
+            }
+            if cli.json {
+                println!("{}", json!({"fabric": "sim", "failover": reports}));
+            } else {
+                println!("\nrailover failover on the simulated fabric: 2 rails, heartbeat 1 ms x 3 misses, one-way latency {} us, a {size} B message every {} us", latency_ns as f64 / 1e3, interval_ns as f64 / 1e3);
+                println!("detection = fault -> failover; blackout = failover -> first record delivered over the standby; gap = longest silence the receiver saw\n");
+                println!(
+                    "{:<14} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>5} {:>5}",
+                    "fault",
+                    "reps",
+                    "det p50",
+                    "det p99",
+                    "blk p50",
+                    "blk p99",
+                    "blk max",
+                    "gap p99",
+                    "resent",
+                    "lost",
+                    "dup",
+                    "reord"
+                );
+                for r in &reports {
+                    println!(
+                        "{:<14} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>5} {:>5} {:>5}",
+                        r.kind, r.reps, r.detection.p50, r.detection.p99, r.blackout.p50, r.blackout.p99, r.blackout.max, r.delivery_gap.p99, r.records_resent, r.lost, r.duplicated, r.reordered
+                    );
+                }
+                println!("(times in us, virtual)");
+                let total_lost: u64 = reports
+                    .iter()
+                    .map(|r| r.lost + r.duplicated + r.reordered)
+                    .sum();
+                let worst = reports.iter().map(|r| r.blackout.p99).fold(0.0, f64::max);
+                println!(
+                    "\nlost + duplicated + reordered = {total_lost}; worst blackout p99 = {worst:.1} us = {:.3} heartbeat intervals (target <= 2)",
+                    worst / reports[0].heartbeat_interval_us
+                );
+            }
+            if let Some(dir) = &cli.plot_dir {
+                for r in &reports {
+                    let path = format!("{dir}/failover-{}.svg", r.kind);
+                    plot::timeline(
+                        &path,
+                        &format!("failover timeline (sim): {}", r.kind),
+                        &r.timeline,
+                        r.fault_at_ms,
+                    )
+                    .expect("plot");
+                    eprintln!("wrote {path}");
+                }
+            }
+            if reports
+                .iter()
+                .any(|r| r.lost + r.duplicated + r.reordered > 0)
+            {
+                std::process::exit(1);
+            }
+        }
+    }
+}
