@@ -60,8 +60,11 @@ pub struct FailoverReport {
     pub fault_at_ms: f64,
 }
 
+/// Undoes an injected fault.
+type Restore = Box<dyn Fn(&SimPair)>;
+
 /// Injects `kind` on `rail`'s wire; returns what restores it.
-fn inject(pair: &SimPair, kind: &str, rail: usize) -> Box<dyn Fn(&SimPair)> {
+fn inject(pair: &SimPair, kind: &str, rail: usize) -> Restore {
     let w = pair.wires[rail];
     let f = &pair.fabric;
     match kind {
@@ -113,7 +116,7 @@ pub fn failover(
         let t_restore = t_fault + 10_000_000;
         let t_end = t_fault + 40_000_000;
         let (mut faulted, mut restored) = (false, false);
-        let mut restore: Option<Box<dyn Fn(&SimPair)>> = None;
+        let mut restore: Option<Restore> = None;
         let (mut failover_at, mut first_after) = (None::<u64>, None::<u64>);
         let mut last_delivery = 0u64;
         let mut max_gap = 0u64;
