@@ -289,6 +289,18 @@ impl Core {
         self.rails[self.active].tx.next_seq() - 1
     }
 
+    /// One line per rail of internal state, for diagnosing a stuck connection.
+    pub fn describe(&self) -> String {
+        let mut out = format!("active={} dead={} delivered={} peer_delivered={} last_sent={}\n", self.active, self.dead, self.cursor.delivered, self.peer_delivered, self.last_sent_seq());
+        for (i, r) in self.rails.iter().enumerate() {
+            out += &format!(
+                "  rail {i}: {:?} gen={} outstanding={} recv_credits={} tx_next_seq={} tx_acked_seq={} rx_complete={} rx_read={} hb_out={} peer_hb={} peer_seen_at={}\n",
+                r.state, r.generation, r.outstanding, r.recv_credits, r.tx.next_seq(), r.tx.acked_seq(), r.rx.complete_pos(), r.rx.read_pos(), r.heartbeat, r.peer_heartbeat, r.peer_seen_at
+            );
+        }
+        out
+    }
+
     // ---- the application's side ----
 
     /// Queues one message. Returns its sequence number.

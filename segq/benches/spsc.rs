@@ -1,1 +1,216 @@
-fn main() {}
+//! Cross-thread SPSC handoff: railover-segq vs rtrb vs crossbeam's ArrayQueue, in one process run,
+//! 64 B and 1 KiB messages: throughput (msgs/s) and one-way handoff latency (p50/p99).
+//!
+//! `cargo bench -p railover-segq --bench spsc` runs criterion's throughput groups and then prints the
+//! side-by-side comparison with ratios (`-- --compare-only` skips criterion).
+//! segq's "consumer" is the link's poster thread: it finds committed records, reads them in place
+//! (as a NIC would) and frees them, which is the real hand-off in railover.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use crossbeam_queue::ArrayQueue;
+use railover_segq::{Backing, Geometry, PushError, SendQueue};
+
+const RING_BYTES: usize = 1 << 20;
+
+fn segq_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+    let geo = Geometry::new(64 * 1024, RING_BYTES / (64 * 1024), 2048).unwrap();
+    let (mut prod, mut post) = SendQueue::new(geo, Backing::Anonymous, 1).unwrap().split();
+    let epoch = Instant::now();
+    let t = std::thread::spawn(move || {
+        let mut lat = Vec::with_capacity(if latency { n as usize } else { 0 });
+        let mut got = 0u64;
+        while got < n {
+            if let Some(r) = post.pending(usize::MAX) {
+                post.mark_posted(&r);
+                post.for_each_unacked(|_, p| {
+                    if latency {
+                        let sent = u64::from_le_bytes(p[..8].try_into().unwrap());
+                        lat.push(epoch.elapsed().as_nanos() as u64 - sent);
+                    }
+                    black_box(p);
+                });
+                got += r.records as u64;
+                post.ack(r.end, r.seqs.map_or(0, |s| s.1)).unwrap();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        lat
+    });
+    let t0 = Instant::now();
+    for _ in 0..n {
+        loop {
+            match prod.reserve(size) {
+                Ok(mut slot) => {
+                    let ts = epoch.elapsed().as_nanos() as u64;
+                    slot.payload_mut()[..8].copy_from_slice(&ts.to_le_bytes());
+                    slot.commit();
+                    break;
+                }
+                Err(PushError::Full) => std::hint::spin_loop(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    let lat = t.join().unwrap();
+    (t0.elapsed(), lat)
+}
+
+fn rtrb_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+    // Fixed-size messages as byte chunks: the closest rtrb analogue of a framed record.
+    let (mut p, mut c) = rtrb::RingBuffer::<u8>::new(RING_BYTES);
+    let epoch = Instant::now();
+    let t = std::thread::spawn(move || {
+        let mut lat = Vec::with_capacity(if latency { n as usize } else { 0 });
+        let mut got = 0u64;
+        while got < n {
+            if let Ok(chunk) = c.read_chunk(size) {
+                let (a, b) = chunk.as_slices();
+                if latency {
+                    let mut h = [0u8; 8];
+                    let k = a.len().min(8);
+                    h[..k].copy_from_slice(&a[..k]);
+                    h[k..].copy_from_slice(&b[..8 - k]);
+                    lat.push(epoch.elapsed().as_nanos() as u64 - u64::from_le_bytes(h));
+                }
+                black_box((a, b));
+                chunk.commit_all();
+                got += 1;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        lat
+    });
+    let t0 = Instant::now();
+    let mut msg = vec![0u8; size];
+    for _ in 0..n {
+        loop {
+            if let Ok(chunk) = p.write_chunk_uninit(size) {
+                let ts = epoch.elapsed().as_nanos() as u64;
+                msg[..8].copy_from_slice(&ts.to_le_bytes());
+                chunk.fill_from_iter(msg.iter().copied());
+                break;
+            }
+            std::hint::spin_loop();
+        }
+    }
+    let lat = t.join().unwrap();
+    (t0.elapsed(), lat)
+}
+
+fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+    // ArrayQueue of fixed arrays (by value), the usual way to pass small messages with it.
+    macro_rules! run {
+        ($N:expr) => {{
+            let q = Arc::new(ArrayQueue::<[u8; $N]>::new(RING_BYTES / $N));
+            let qc = q.clone();
+            let epoch = Instant::now();
+            let t = std::thread::spawn(move || {
+                let mut lat = Vec::with_capacity(if latency { n as usize } else { 0 });
+                let mut got = 0u64;
+                while got < n {
+                    if let Some(m) = qc.pop() {
+                        if latency {
+                            lat.push(epoch.elapsed().as_nanos() as u64 - u64::from_le_bytes(m[..8].try_into().unwrap()));
+                        }
+                        black_box(&m);
+                        got += 1;
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+                lat
+            });
+            let t0 = Instant::now();
+            for _ in 0..n {
+                let mut m = [0u8; $N];
+                m[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+                while let Err(back) = q.push(m) {
+                    m = back;
+                    std::hint::spin_loop();
+                }
+            }
+            let lat = t.join().unwrap();
+            (t0.elapsed(), lat)
+        }};
+    }
+    match size {
+        64 => run!(64),
+        1024 => run!(1024),
+        _ => unreachable!("sizes are 64 and 1024"),
+    }
+}
+
+type Runner = fn(usize, u64, bool) -> (Duration, Vec<u64>);
+const QUEUES: [(&str, Runner); 3] = [("segq", segq_run), ("rtrb", rtrb_run), ("ArrayQueue", arrayqueue_run)];
+
+fn criterion_groups(c: &mut Criterion) {
+    for size in [64usize, 1024] {
+        let mut g = c.benchmark_group(format!("spsc_{size}B"));
+        g.throughput(Throughput::Elements(100_000));
+        g.sample_size(10);
+        for (name, run) in QUEUES {
+            g.bench_with_input(BenchmarkId::from_parameter(name), &size, |b, &size| {
+                b.iter_custom(|iters| (0..iters).map(|_| run(size, 100_000, false).0).sum())
+            });
+        }
+        g.finish();
+    }
+}
+
+fn pct(v: &mut [u64], q: f64) -> u64 {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * q) as usize]
+}
+
+/// One process run, every queue, interleaved rounds; medians of 5 rounds; ratios vs segq.
+fn compare() {
+    println!("\nside-by-side (5 interleaved rounds, medians): cross-thread SPSC handoff");
+    println!("{:<6} {:<11} {:>14} {:>10} {:>10} {:>12} {:>12}", "size", "queue", "msgs/s", "p50 ns", "p99 ns", "segq/x rate", "x/segq p50");
+    for size in [64usize, 1024] {
+        let n = 1_000_000u64;
+        let mut rates = vec![Vec::new(); QUEUES.len()];
+        let mut p50s = vec![Vec::new(); QUEUES.len()];
+        let mut p99s = vec![Vec::new(); QUEUES.len()];
+        for _round in 0..5 {
+            for (i, (_, run)) in QUEUES.iter().enumerate() {
+                let (d, _) = run(size, n, false);
+                rates[i].push(n as f64 / d.as_secs_f64());
+                let (_, mut lat) = run(size, 200_000, true);
+                p50s[i].push(pct(&mut lat, 0.5));
+                p99s[i].push(pct(&mut lat, 0.99));
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        };
+        let medu = |v: &mut Vec<u64>| {
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let segq_rate = med(&mut rates[0].clone());
+        let segq_p50 = medu(&mut p50s[0].clone()) as f64;
+        for (i, (name, _)) in QUEUES.iter().enumerate() {
+            let r = med(&mut rates[i]);
+            let p50 = medu(&mut p50s[i]);
+            let p99 = medu(&mut p99s[i]);
+            println!("{:<6} {:<11} {:>14.0} {:>10} {:>10} {:>12.2} {:>12.2}", format!("{size}B"), name, r, p50, p99, segq_rate / r, p50 as f64 / segq_p50);
+        }
+    }
+}
+
+fn main() {
+    let compare_only = std::env::args().any(|a| a == "--compare-only");
+    if !compare_only {
+        let mut c = Criterion::default().configure_from_args();
+        criterion_groups(&mut c);
+        c.final_summary();
+    }
+    compare();
+}
