@@ -182,6 +182,8 @@ pub struct Core {
     /// (when the failover happened, first sequence number it resends or sends).
     blackout_from: Option<(Nanos, u64)>,
     peer_delivered: u64,
+    /// When handle_timeout last ran (to tell our own stalls from the peer's silence).
+    last_tick: Nanos,
 }
 
 impl Core {
@@ -226,9 +228,21 @@ impl Core {
             stats: Stats::default(),
             blackout_from: None,
             peer_delivered: 0,
+            last_tick: now,
         };
         core.refresh_rail_stats();
         Ok(core)
+    }
+
+    /// Every rail is connected at both ends: heartbeat timers start now (connection set-up can
+    /// take far longer than a heartbeat timeout, so they must not run during it).
+    pub fn start(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
+        for r in &mut self.rails {
+            r.peer_seen_at = self.now;
+        }
+        self.last_tick = self.now;
+        self.next_heartbeat = self.now + self.cfg.heartbeat_interval_ns;
     }
 
     pub fn config(&self) -> &Config {
@@ -473,6 +487,16 @@ impl Core {
     /// Advances the clock: heartbeats, heartbeat-miss detection, acknowledgements, re-arm requests.
     pub fn handle_timeout(&mut self, now: Nanos) {
         self.now = self.now.max(now);
+        // If this side itself did not run for a whole heartbeat timeout (descheduled, stopped,
+        // blocked in set-up), the silence it sees is its own: give every peer a fresh window
+        // instead of declaring all rails dead at once.
+        if self.now.saturating_sub(self.last_tick) > self.cfg.heartbeat_timeout_ns() {
+            tracing::warn!(stalled_ns = self.now - self.last_tick, "driver stalled; restarting heartbeat windows");
+            for r in &mut self.rails {
+                r.peer_seen_at = self.now;
+            }
+        }
+        self.last_tick = self.now;
         self.process_ctrl();
         if self.dead {
             return;

@@ -142,8 +142,18 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         &self.hellos
     }
 
-    /// Validates the peer's hellos (one per rail, same order) and connects every rail.
-    pub fn connect(mut self, peer: &[Hello]) -> Result<Connection<N, C>, ConnectError> {
+    /// Validates the peer's hellos, connects every rail and starts the connection. Use this when
+    /// the peer is known to be connected too (one process); across hosts use
+    /// [`PendingConnection::connect_links`], a barrier with the peer, then [`Connection::start`].
+    pub fn connect(self, peer: &[Hello]) -> Result<Connection<N, C>, ConnectError> {
+        let mut conn = self.connect_links(peer)?;
+        conn.start();
+        Ok(conn)
+    }
+
+    /// Validates the peer's hellos (one per rail, same order) and connects every rail's queue pair,
+    /// without sending anything yet.
+    pub fn connect_links(mut self, peer: &[Hello]) -> Result<Connection<N, C>, ConnectError> {
         if peer.len() != self.hellos.len() {
             return Err(ConnectError::RailCount {
                 want: self.hellos.len(),
@@ -159,13 +169,19 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             rail.peer_ring = theirs.ring;
             rail.peer_ctrl = theirs.ctrl;
         }
-        let mut conn = self.conn;
-        conn.flush();
-        Ok(conn)
+        Ok(self.conn)
     }
 }
 
 impl<N: Nic, C: Clock> Connection<N, C> {
+    /// Starts heartbeats and posts the first receives and control writes. Call once the peer's
+    /// queue pairs are connected too.
+    pub fn start(&mut self) {
+        let now = self.clock.now();
+        self.core.start(now);
+        self.flush();
+    }
+
     /// Queues `msg` and posts it at once. Returns its sequence number.
     pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
         let r = self.core.send(msg);

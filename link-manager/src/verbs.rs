@@ -30,7 +30,12 @@ fn handshake(
     for hello in pending.hellos() {
         peer.push(handshake::exchange(&mut stream, hello, timeout)?);
     }
-    pending.connect(&peer)
+    let mut conn = pending.connect_links(&peer)?;
+    // Barrier: neither side writes before both sides' queue pairs are ready to receive (a write to
+    // a queue pair still in INIT is dropped and would end in a retry-exceeded error).
+    handshake::barrier(&mut stream, timeout)?;
+    conn.start();
+    Ok(conn)
 }
 
 /// Host side that dials: `devices[i]` is this host's card of rail i (the first is primary).

@@ -157,6 +157,9 @@ impl Hosts {
         let deadline = Instant::now() + Duration::from_secs(secs);
         let mut i = 0u64;
         while !done(self) {
+            if Instant::now() >= deadline {
+                eprintln!("host 1: {}host 2: {}", self.a.core().describe(), self.b.core().describe());
+            }
             assert!(
                 Instant::now() < deadline,
                 "timed out waiting for {what}: a {}/{} b {}/{}",

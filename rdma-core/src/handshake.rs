@@ -291,6 +291,24 @@ pub fn exchange(
     Ok(peer)
 }
 
+/// Both sides call this once their queue pairs are connected: returns when the peer's are too.
+pub fn barrier(stream: &mut TcpStream, timeout: Duration) -> Result<(), HandshakeError> {
+    const READY: [u8; 4] = *b"RDY1";
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let to = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => HandshakeError::Timeout(timeout),
+        _ => HandshakeError::Io(e),
+    };
+    stream.write_all(&READY).map_err(to)?;
+    let mut got = [0u8; 4];
+    stream.read_exact(&mut got).map_err(to)?;
+    if got != READY {
+        return Err(HandshakeError::BadMagic(got));
+    }
+    Ok(())
+}
+
 /// Connects with a timeout.
 pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, HandshakeError> {
     TcpStream::connect_timeout(&addr, timeout).map_err(|e| match e.kind() {
