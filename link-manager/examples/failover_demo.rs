@@ -6,7 +6,11 @@ use railover::sim::SimPair;
 use railover::{Config, SendError};
 
 fn main() {
-    let cfg = Config::builder().rails(2).rearm_after_ns(20_000_000).build().expect("config");
+    let cfg = Config::builder()
+        .rails(2)
+        .rearm_after_ns(20_000_000)
+        .build()
+        .expect("config");
     let mut pair = SimPair::new(cfg, 7, 5_000).expect("connect");
     let (mut sent, mut delivered) = (0u64, 0u64);
     let tick = |pair: &mut SimPair, sent: &mut u64, delivered: &mut u64| {
@@ -27,7 +31,10 @@ fn main() {
         });
         for (who, c) in [("host 1", &mut pair.a), ("host 2", &mut pair.b)] {
             while let Some(e) = c.poll_event() {
-                println!("  t={:>8.3} ms {who}: {e:?}", pair.fabric.now() as f64 / 1e6);
+                println!(
+                    "  t={:>8.3} ms {who}: {e:?}",
+                    pair.fabric.now() as f64 / 1e6
+                );
             }
         }
     };

@@ -14,7 +14,9 @@ fn main() {
         let mut got = None;
         while got.is_none() {
             pair.step(pair.now() + 1_000_000);
-            pair.b.poll(|m| got = Some(u64::from_le_bytes(m.try_into().expect("8 bytes")))).expect("poll");
+            pair.b
+                .poll(|m| got = Some(u64::from_le_bytes(m.try_into().expect("8 bytes"))))
+                .expect("poll");
         }
         assert_eq!(got, Some(i));
         pair.b.send(&i.to_le_bytes()).expect("pong");
@@ -27,5 +29,8 @@ fn main() {
     }
     rtts.sort_unstable();
     println!("1000 ping-pongs over the simulated fabric (2 us one-way wire latency)");
-    println!("virtual RTT p50 {} ns, p99 {} ns, max {} ns", rtts[500], rtts[990], rtts[999]);
+    println!(
+        "virtual RTT p50 {} ns, p99 {} ns, max {} ns",
+        rtts[500], rtts[990], rtts[999]
+    );
 }

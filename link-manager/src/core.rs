@@ -122,6 +122,8 @@ pub enum SendError {
 pub enum RecvError {
     #[error("every rail is down")]
     AllRailsDown,
+    #[error("receive buffer of {len} bytes is smaller than the maximum record size {max}")]
+    BufferTooSmall { len: usize, max: usize },
 }
 
 /// Counters a user can read at any time.
@@ -305,7 +307,14 @@ impl Core {
 
     /// One line per rail of internal state, for diagnosing a stuck connection.
     pub fn describe(&self) -> String {
-        let mut out = format!("active={} dead={} delivered={} peer_delivered={} last_sent={}\n", self.active, self.dead, self.cursor.delivered, self.peer_delivered, self.last_sent_seq());
+        let mut out = format!(
+            "active={} dead={} delivered={} peer_delivered={} last_sent={}\n",
+            self.active,
+            self.dead,
+            self.cursor.delivered,
+            self.peer_delivered,
+            self.last_sent_seq()
+        );
         for (i, r) in self.rails.iter().enumerate() {
             out += &format!(
                 "  rail {i}: {:?} gen={} outstanding={} recv_credits={} tx_next_seq={} tx_acked_seq={} rx_complete={} rx_read={} hb_out={} peer_hb={} peer_seen_at={}\n",
@@ -358,7 +367,33 @@ impl Core {
 
     /// Delivers every message that has arrived, in order and exactly once, to `deliver` (zero-copy).
     /// Returns how many it delivered.
-    pub fn poll_recv(&mut self, mut deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
+    pub fn poll_recv(&mut self, deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
+        self.poll_recv_limit(usize::MAX, deliver)
+    }
+
+    /// Copies the next message, if one has arrived, into `buf` (which must hold the largest
+    /// record, so nothing is ever consumed and then truncated). Returns its length.
+    pub fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, RecvError> {
+        let max = self.cfg.geometry.max_record();
+        if buf.len() < max {
+            return Err(RecvError::BufferTooSmall {
+                len: buf.len(),
+                max,
+            });
+        }
+        let mut len = None;
+        self.poll_recv_limit(1, |p| {
+            buf[..p.len()].copy_from_slice(p);
+            len = Some(p.len());
+        })?;
+        Ok(len)
+    }
+
+    fn poll_recv_limit(
+        &mut self,
+        limit: usize,
+        mut deliver: impl FnMut(&[u8]),
+    ) -> Result<usize, RecvError> {
         if self.dead {
             return Err(RecvError::AllRailsDown);
         }
@@ -367,9 +402,12 @@ impl Core {
             if self.rails[r].state == RailState::Failed {
                 continue; // late writes on a dead rail are ignored: the sender resends
             }
+            if total >= limit {
+                break;
+            }
             match self.rails[r]
                 .rx
-                .consume(&mut self.cursor, |_, p| deliver(p))
+                .consume_limit(&mut self.cursor, limit - total, |_, p| deliver(p))
             {
                 Ok(n) => total += n,
                 Err(e) => {
@@ -491,7 +529,10 @@ impl Core {
         // blocked in set-up), the silence it sees is its own: give every peer a fresh window
         // instead of declaring all rails dead at once.
         if self.now.saturating_sub(self.last_tick) > self.cfg.heartbeat_timeout_ns() {
-            tracing::warn!(stalled_ns = self.now - self.last_tick, "driver stalled; restarting heartbeat windows");
+            tracing::warn!(
+                stalled_ns = self.now - self.last_tick,
+                "driver stalled; restarting heartbeat windows"
+            );
             for r in &mut self.rails {
                 r.peer_seen_at = self.now;
             }

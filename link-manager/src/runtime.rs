@@ -208,6 +208,15 @@ impl<N: Nic, C: Clock> Connection<N, C> {
         n
     }
 
+    /// Makes progress, then copies the next message (if any) into `buf`, which must hold the
+    /// largest record. Returns its length.
+    pub fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, RecvError> {
+        self.progress();
+        let n = self.core.recv(buf);
+        self.flush();
+        n
+    }
+
     /// Processes completions, device events and timers, and posts what the core asks for.
     pub fn progress(&mut self) {
         let now = self.clock.now();

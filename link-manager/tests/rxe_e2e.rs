@@ -158,7 +158,11 @@ impl Hosts {
         let mut i = 0u64;
         while !done(self) {
             if Instant::now() >= deadline {
-                eprintln!("host 1: {}host 2: {}", self.a.core().describe(), self.b.core().describe());
+                eprintln!(
+                    "host 1: {}host 2: {}",
+                    self.a.core().describe(),
+                    self.b.core().describe()
+                );
             }
             assert!(
                 Instant::now() < deadline,

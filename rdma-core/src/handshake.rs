@@ -297,7 +297,9 @@ pub fn barrier(stream: &mut TcpStream, timeout: Duration) -> Result<(), Handshak
     stream.set_write_timeout(Some(timeout))?;
     stream.set_read_timeout(Some(timeout))?;
     let to = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => HandshakeError::Timeout(timeout),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            HandshakeError::Timeout(timeout)
+        }
         _ => HandshakeError::Io(e),
     };
     stream.write_all(&READY).map_err(to)?;

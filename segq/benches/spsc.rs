@@ -116,7 +116,10 @@ fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
                 while got < n {
                     if let Some(m) = qc.pop() {
                         if latency {
-                            lat.push(epoch.elapsed().as_nanos() as u64 - u64::from_le_bytes(m[..8].try_into().unwrap()));
+                            lat.push(
+                                epoch.elapsed().as_nanos() as u64
+                                    - u64::from_le_bytes(m[..8].try_into().unwrap()),
+                            );
                         }
                         black_box(&m);
                         got += 1;
@@ -147,7 +150,11 @@ fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
 }
 
 type Runner = fn(usize, u64, bool) -> (Duration, Vec<u64>);
-const QUEUES: [(&str, Runner); 3] = [("segq", segq_run), ("rtrb", rtrb_run), ("ArrayQueue", arrayqueue_run)];
+const QUEUES: [(&str, Runner); 3] = [
+    ("segq", segq_run),
+    ("rtrb", rtrb_run),
+    ("ArrayQueue", arrayqueue_run),
+];
 
 fn criterion_groups(c: &mut Criterion) {
     for size in [64usize, 1024] {
@@ -171,7 +178,10 @@ fn pct(v: &mut [u64], q: f64) -> u64 {
 /// One process run, every queue, interleaved rounds; medians of 5 rounds; ratios vs segq.
 fn compare() {
     println!("\nside-by-side (5 interleaved rounds, medians): cross-thread SPSC handoff");
-    println!("{:<6} {:<11} {:>14} {:>10} {:>10} {:>12} {:>12}", "size", "queue", "msgs/s", "p50 ns", "p99 ns", "segq/x rate", "x/segq p50");
+    println!(
+        "{:<6} {:<11} {:>14} {:>10} {:>10} {:>12} {:>12}",
+        "size", "queue", "msgs/s", "p50 ns", "p99 ns", "segq/x rate", "x/segq p50"
+    );
     for size in [64usize, 1024] {
         let n = 1_000_000u64;
         let mut rates = vec![Vec::new(); QUEUES.len()];
@@ -200,7 +210,16 @@ fn compare() {
             let r = med(&mut rates[i]);
             let p50 = medu(&mut p50s[i]);
             let p99 = medu(&mut p99s[i]);
-            println!("{:<6} {:<11} {:>14.0} {:>10} {:>10} {:>12.2} {:>12.2}", format!("{size}B"), name, r, p50, p99, segq_rate / r, p50 as f64 / segq_p50);
+            println!(
+                "{:<6} {:<11} {:>14.0} {:>10} {:>10} {:>12.2} {:>12.2}",
+                format!("{size}B"),
+                name,
+                r,
+                p50,
+                p99,
+                segq_rate / r,
+                p50 as f64 / segq_p50
+            );
         }
     }
 }

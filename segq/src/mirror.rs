@@ -109,10 +109,20 @@ impl MirrorQueue {
     pub fn consume(
         &mut self,
         cursor: &mut StreamCursor,
+        deliver: impl FnMut(u64, &[u8]),
+    ) -> Result<usize, ConsumeError> {
+        self.consume_limit(cursor, usize::MAX, deliver)
+    }
+
+    /// Like [`MirrorQueue::consume`], delivering at most `limit` records (duplicates don't count).
+    pub fn consume_limit(
+        &mut self,
+        cursor: &mut StreamCursor,
+        limit: usize,
         mut deliver: impl FnMut(u64, &[u8]),
     ) -> Result<usize, ConsumeError> {
         let mut n = 0;
-        while self.read_pos < self.complete_pos {
+        while self.read_pos < self.complete_pos && n < limit {
             let off = self.geo.offset(self.read_pos);
             let rem = self.geo.segment_remaining(self.read_pos);
             let available = (self.complete_pos - self.read_pos).min(rem as u64) as usize;
