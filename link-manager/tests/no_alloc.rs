@@ -43,7 +43,7 @@ fn steady_state_send_and_poll_allocate_nothing() {
     let mut pair = SimPair::new(cfg, 9, 2_000).unwrap();
     let msg = [0x42u8; 100];
     let mut delivered = 0usize;
-    let mut round = |pair: &mut SimPair, delivered: &mut usize| {
+    let round = |pair: &mut SimPair, delivered: &mut usize| {
         for _ in 0..4 {
             pair.a.send(&msg).unwrap();
             pair.b.send(&msg[..60]).unwrap();
