@@ -167,6 +167,14 @@ struct Rail {
     failed_at: Nanos,
     port_active: bool,
     rearm_requested: bool,
+    last_failure: Option<FailReason>,
+    /// Writes with immediate posted on this rail (each consumes one of the peer's receives).
+    imm_posted: u64,
+    /// How many of them the peer reported processed (its receives are replenished by then).
+    peer_notified: u64,
+    /// Notifications this side processed on this rail, and the count last reported.
+    notified: u64,
+    reported_notified: u64,
 }
 
 /// One side of a connection: its rails, its outgoing stream and its incoming stream.
@@ -215,6 +223,11 @@ impl Core {
                 failed_at: 0,
                 port_active: false,
                 rearm_requested: false,
+                last_failure: None,
+                imm_posted: 0,
+                peer_notified: 0,
+                notified: 0,
+                reported_notified: 0,
             });
         }
         let mut core = Core {
@@ -317,8 +330,8 @@ impl Core {
         );
         for (i, r) in self.rails.iter().enumerate() {
             out += &format!(
-                "  rail {i}: {:?} gen={} outstanding={} recv_credits={} tx_next_seq={} tx_acked_seq={} rx_complete={} rx_read={} hb_out={} peer_hb={} peer_seen_at={}\n",
-                r.state, r.generation, r.outstanding, r.recv_credits, r.tx.next_seq(), r.tx.acked_seq(), r.rx.complete_pos(), r.rx.read_pos(), r.heartbeat, r.peer_heartbeat, r.peer_seen_at
+                "  rail {i}: {:?} gen={} outstanding={} recv_credits={} tx_next_seq={} tx_acked_seq={} rx_complete={} rx_read={} hb_out={} peer_hb={} peer_seen_at={} last_failure={:?}\n",
+                r.state, r.generation, r.outstanding, r.recv_credits, r.tx.next_seq(), r.tx.acked_seq(), r.rx.complete_pos(), r.rx.read_pos(), r.heartbeat, r.peer_heartbeat, r.peer_seen_at, r.last_failure
             );
         }
         out
@@ -451,14 +464,28 @@ impl Core {
         if self.dead {
             return None;
         }
+        // Receives first: the credits a control write reports must already be posted.
+        let max_recv = self.cfg.link.max_recv_wr;
+        for (r, rail) in self.rails.iter_mut().enumerate() {
+            if rail.state != RailState::Failed && rail.recv_credits <= max_recv / 2 {
+                let count = max_recv - rail.recv_credits;
+                rail.recv_credits = max_recv;
+                return Some(Io::PostRecvs { rail: r, count });
+            }
+        }
         let max_wr = self.cfg.link.max_send_wr;
-        // Data on the active rail, coalesced; two work requests stay free for control writes.
+        // Data on the active rail, coalesced; two work requests stay free for control writes, and
+        // at most half the peer's receive queue is in flight beyond what it reported processed.
         let a = self.active;
         let rail = &mut self.rails[a];
-        if rail.state == RailState::Active && rail.outstanding + 2 < max_wr {
+        if rail.state == RailState::Active
+            && rail.outstanding + 2 < max_wr
+            && rail.imm_posted - rail.peer_notified < (max_recv / 2) as u64
+        {
             if let Some(range) = rail.tx.poster().pending(self.cfg.max_write_bytes) {
                 rail.tx.poster().mark_posted(&range);
                 rail.outstanding += 1;
+                rail.imm_posted += 1;
                 return Some(Io::Write {
                     rail: a,
                     wr_id: wr_id(rail.generation, KIND_DATA, a),
@@ -477,11 +504,13 @@ impl Core {
             if rail.state != RailState::Failed && rail.ctrl_due && rail.outstanding < max_wr {
                 rail.ctrl_due = false;
                 rail.reported_consumed = rail.rx.read_pos();
+                rail.reported_notified = rail.notified;
                 CtrlBlock {
                     heartbeat: rail.heartbeat,
                     delivered_seq: delivered,
                     consumed_pos: rail.reported_consumed,
                     fault_gens,
+                    notified: rail.notified,
                 }
                 .store(&rail.ctrl_out);
                 rail.outstanding += 1;
@@ -495,14 +524,6 @@ impl Core {
                     remote_offset: 0,
                     imm: None,
                 });
-            }
-        }
-        let max_recv = self.cfg.link.max_recv_wr;
-        for (r, rail) in self.rails.iter_mut().enumerate() {
-            if rail.state != RailState::Failed && rail.recv_credits <= max_recv / 2 {
-                let count = max_recv - rail.recv_credits;
-                rail.recv_credits = max_recv;
-                return Some(Io::PostRecvs { rail: r, count });
             }
         }
         None
@@ -591,6 +612,11 @@ impl Core {
                 if r.state == RailState::Failed {
                     return; // a late write on a dead rail: ignored
                 }
+                r.notified += 1;
+                // Return credits well before the sender runs out of them.
+                if r.notified - r.reported_notified >= (self.cfg.link.max_recv_wr / 8).max(1) as u64 {
+                    r.ctrl_due = true;
+                }
                 if let Err(e) = r.rx.notify(imm) {
                     tracing::warn!(rail, error = %e, "impossible notification");
                     self.fail_rail(rail, FailReason::Protocol);
@@ -642,6 +668,10 @@ impl Core {
         r.reported_consumed = 0;
         r.port_active = false;
         r.rearm_requested = false;
+        r.imm_posted = 0;
+        r.peer_notified = 0;
+        r.notified = 0;
+        r.reported_notified = 0;
         tracing::info!(rail, generation = r.generation, "rail re-armed as standby");
         self.push_event(Event::RailUp { rail, at: now });
         self.refresh_rail_stats();
@@ -692,6 +722,12 @@ impl Core {
                 rail.peer_heartbeat = c.heartbeat;
                 rail.peer_seen_at = now;
             }
+            if c.notified > rail.imm_posted {
+                tracing::warn!(rail = r, notified = c.notified, posted = rail.imm_posted, "peer processed more notifications than were sent");
+                self.fail_rail(r, FailReason::Protocol);
+                continue;
+            }
+            rail.peer_notified = rail.peer_notified.max(c.notified);
             let last_sent = self.rails[self.active].tx.next_seq() - 1;
             if c.delivered_seq > last_sent.max(self.peer_delivered) {
                 tracing::warn!(
@@ -748,6 +784,7 @@ impl Core {
         rail.failed_at = now;
         rail.port_active = false;
         rail.rearm_requested = false;
+        rail.last_failure = Some(reason);
         tracing::warn!(rail = r, ?reason, "rail down");
         self.io.push_back(Io::ShutDown { rail: r });
         self.push_event(Event::RailDown {

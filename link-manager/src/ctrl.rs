@@ -7,12 +7,14 @@
 //! 8  delivered_seq    u64  highest sequence number the writer delivered (any rail)
 //! 16 consumed_pos     u64  how far the writer consumed its mirror of THIS rail
 //! 24 fault_gens       u64  per rail (16 bits each): generation+1 of a rail the writer saw fail
-//! 32 crc              u64  crc32c of bytes 0..32 (low 32 bits)
+//! 32 notified         u64  write-with-immediate notifications the writer processed on THIS rail
+//!                          (receive credits: the peer keeps at most half a receive queue beyond it)
+//! 40 crc              u64  crc32c of bytes 0..40 (low 32 bits)
 //! ```
 
 use railover_segq::Region;
 
-pub const CTRL_LEN: usize = 40;
+pub const CTRL_LEN: usize = 48;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CtrlBlock {
@@ -20,11 +22,12 @@ pub struct CtrlBlock {
     pub delivered_seq: u64,
     pub consumed_pos: u64,
     pub fault_gens: u64,
+    pub notified: u64,
 }
 
 impl CtrlBlock {
-    fn crc(words: &[u64; 4]) -> u64 {
-        let mut b = [0u8; 32];
+    fn crc(words: &[u64; 5]) -> u64 {
+        let mut b = [0u8; 40];
         for (i, w) in words.iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
@@ -33,28 +36,18 @@ impl CtrlBlock {
 
     /// Writes the block (8-byte stores) at offset 0 of `region`.
     pub fn store(&self, region: &Region) {
-        let words = [
-            self.heartbeat,
-            self.delivered_seq,
-            self.consumed_pos,
-            self.fault_gens,
-        ];
+        let words = [self.heartbeat, self.delivered_seq, self.consumed_pos, self.fault_gens, self.notified];
         for (i, w) in words.iter().enumerate() {
             region.write_u64(i * 8, *w);
         }
-        region.write_u64(32, Self::crc(&words));
+        region.write_u64(40, Self::crc(&words));
     }
 
     /// Reads the block the peer wrote; None while it is torn, corrupted or never written.
     pub fn load(region: &Region) -> Option<CtrlBlock> {
-        let words = [
-            region.read_u64(0),
-            region.read_u64(8),
-            region.read_u64(16),
-            region.read_u64(24),
-        ];
-        let crc = region.read_u64(32);
-        if words == [0; 4] || crc != Self::crc(&words) {
+        let words = [region.read_u64(0), region.read_u64(8), region.read_u64(16), region.read_u64(24), region.read_u64(32)];
+        let crc = region.read_u64(40);
+        if words == [0; 5] || crc != Self::crc(&words) {
             return None;
         }
         Some(CtrlBlock {
@@ -62,6 +55,7 @@ impl CtrlBlock {
             delivered_seq: words[1],
             consumed_pos: words[2],
             fault_gens: words[3],
+            notified: words[4],
         })
     }
 
@@ -85,12 +79,7 @@ mod tests {
     fn roundtrip_and_any_flip_is_rejected() {
         let r = Region::new(64, Backing::Heap).unwrap();
         assert_eq!(CtrlBlock::load(&r), None, "never written");
-        let mut c = CtrlBlock {
-            heartbeat: 3,
-            delivered_seq: 99,
-            consumed_pos: 4096,
-            fault_gens: 0,
-        };
+        let mut c = CtrlBlock { heartbeat: 3, delivered_seq: 99, consumed_pos: 4096, fault_gens: 0, notified: 7 };
         c.set_fault_gen(1, 5);
         assert_eq!(c.fault_gen(1), 5);
         assert_eq!(c.fault_gen(0), 0);

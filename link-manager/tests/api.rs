@@ -87,3 +87,33 @@ fn oversized_and_backpressure_are_typed_errors_and_lose_nothing() {
         "space returns once acknowledged"
     );
 }
+
+#[test]
+fn a_receiver_stall_shorter_than_the_heartbeat_timeout_never_kills_the_rail() {
+    // Each send is posted at once as its own WRITE WITH IMM, and each consumes one of the
+    // receiver's posted receives. The receiving process stalls for 1.5 ms (less than the 3 ms
+    // heartbeat timeout) while the sender posts one write per microsecond: without credit flow
+    // control the receives run out, RNR retries are exhausted and the rail dies.
+    let cfg = Config::builder().geometry(64 * 1024, 16, 64).build().unwrap();
+    let mut p = SimPair::new(cfg, 4, 1_000).unwrap();
+    let (mut accepted, mut delivered) = (0u64, 0u64);
+    for _round in 0..5 {
+        for _ in 0..1_500 {
+            match p.a.send(&[3; 8]) {
+                Ok(seq) => accepted = seq,
+                Err(SendError::Backpressure) => {}
+                Err(e) => panic!("{e}"),
+            }
+            let t = p.now() + 1_000;
+            p.fabric.advance_to(t);
+            p.a.progress(); // only the sender runs
+        }
+        for _ in 0..10 {
+            settle(&mut p);
+            delivered += p.b.poll(|m| assert_eq!(m, &[3; 8])).unwrap() as u64;
+        }
+    }
+    assert_eq!(p.a.stats().failovers, 0, "{}", p.a.core().describe());
+    assert_eq!(delivered, accepted);
+    assert!(accepted > 3_000, "{accepted}");
+}

@@ -139,8 +139,9 @@ impl Hosts {
                 }
             }
         }
-        for conn in [&mut self.a, &mut self.b] {
+        for (who, conn) in [("host 1", &mut self.a), ("host 2", &mut self.b)] {
             while let Some(e) = conn.poll_event() {
+                eprintln!("{:?} {who}: {e:?}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default());
                 match e {
                     Event::FailoverComplete { blackout_ns, .. } => {
                         self.blackouts_us.push(blackout_ns as f64 / 1e3)
