@@ -37,7 +37,7 @@ fn config() -> Config {
         .heartbeat_interval_ns(1_000_000)
         // Emulated CPUs stall for milliseconds at times; 5 silent beats before declaring a rail dead.
         .heartbeat_misses(5)
-        .rearm_after_ns(50_000_000)
+        .rearm_after_ns(500_000_000)
         .link_params(LinkParams {
             timeout: 10,
             retry_cnt: 1,
@@ -60,6 +60,8 @@ struct Hosts {
     ba: Dir,
     blackouts_us: Vec<f64>,
     failovers: u64,
+    /// Reopen cards when a re-arm fails (only after a card was removed: it comes back as a new device).
+    reopen_cards: bool,
 }
 
 fn connect_hosts() -> Hosts {
@@ -83,6 +85,7 @@ fn connect_hosts() -> Hosts {
         },
         blackouts_us: Vec::new(),
         failovers: 0,
+        reopen_cards: false,
     }
 }
 
@@ -129,7 +132,7 @@ impl Hosts {
         check(&mut self.b, &mut self.ab, "host 2");
         check(&mut self.a, &mut self.ba, "host 1");
         for (rail, result) in serve_rearms(&mut self.a, &mut self.b) {
-            if result.is_err() {
+            if result.is_err() && self.reopen_cards {
                 // A removed card comes back as a new device: reopen it (both hosts, cheap).
                 if let Ok(nic) = VerbsNic::open(HOST1[rail]) {
                     let _ = self.a.replace_card(rail, nic);
@@ -243,6 +246,7 @@ fn fault_cycles(kind: &str, inject: &str, clear: &str, must_fail_over: bool) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let mut h = connect_hosts();
+    h.reopen_cards = inject == "remove-card";
     h.until("connection warm-up", 60, |h| h.healthy());
     let mut failover_reps = 0;
     for rep in 0..reps {
