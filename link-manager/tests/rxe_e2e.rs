@@ -2,7 +2,7 @@
 //! host 2 = rxe_a2 + rxe_b2, connected over a TCP handshake on loopback. Records stream both ways
 //! while each fault kind is injected on the active wire with `ci/fault`, RAILOVER_RXE_REPS times
 //! per kind (default 20). Every message is checked on delivery: 0 lost, 0 duplicated, 0 reordered.
-//! Blackouts (fault detected -> first record acknowledged over the standby) go to
+//! Card removal is covered on the simulator only (see the note above corruption()). Blackouts (fault detected -> first record acknowledged over the standby) go to
 //! ci/out/rxe-results.txt. A final double fault (both wires) must end in AllRailsDown with every
 //! undelivered record reported.
 #![cfg(feature = "verbs")]
@@ -207,10 +207,15 @@ fn fault(op: &str, wire: &str) -> Child {
 /// Runs a fault command while both hosts keep going (ip/tc take 0.2-0.7 s under emulation).
 fn run_fault(h: &mut Hosts, op: &str, wire: &str) {
     let mut child = fault(op, wire);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(st) = child.try_wait().unwrap() {
             assert!(st.success(), "ci/fault {op} {wire} failed");
             return;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ci/fault {op} {wire} did not finish within 60 s");
         }
         h.send_some(1);
         h.pump();
@@ -297,10 +302,10 @@ fn black_hole() {
     fault_cycles("black-hole", "blackhole", "blackhole-clear", true);
 }
 
-#[test]
-fn card_removal() {
-    fault_cycles("card-removal", "remove-card", "restore-card", true);
-}
+// Card removal is not run on rxe: rxe does not implement uverbs disassociation, so
+// `rdma link delete` blocks until every process has closed the device (a real hot-unplug on mlx5
+// disassociates and raises DEVICE_FATAL instead). It is exercised on the simulated fabric
+// (tests/simulation.rs, tests/rearm_cycles.rs) and by `railover-bench failover`.
 
 #[test]
 fn corruption() {
