@@ -139,6 +139,9 @@ pub struct Stats {
     pub rail_states: [Option<RailState>; MAX_RAILS],
 }
 
+/// How long a freshly (re)connected rail may stay silent before it is declared failed.
+pub const UNPROVEN_GRACE_NS: Nanos = 100_000_000;
+
 const KIND_DATA: u64 = 1;
 const KIND_CTRL: u64 = 2;
 
@@ -573,6 +576,9 @@ impl Core {
                 }
                 rail.heartbeat += 1;
                 rail.ctrl_due = true;
+                // A rail that has not yet heard the peer since it (re)connected gets a longer grace:
+                // the first packets of a new connection can take tens of ms (address resolution).
+                let limit = if rail.peer_heartbeat == 0 { limit.max(UNPROVEN_GRACE_NS) } else { limit };
                 if self.now.saturating_sub(rail.peer_seen_at) > limit {
                     self.fail_rail(r, FailReason::HeartbeatMiss);
                 }
@@ -811,9 +817,10 @@ impl Core {
 
     fn failover_from(&mut self, from: usize) {
         loop {
-            let Some(to) =
-                (0..self.rails.len()).find(|&i| self.rails[i].state == RailState::Standby)
-            else {
+            // Prefer a standby that has proven its path (heard the peer); any standby beats none.
+            let standby = |i: &usize| self.rails[*i].state == RailState::Standby;
+            let proven = (0..self.rails.len()).filter(standby).find(|&i| self.rails[i].peer_heartbeat != 0);
+            let Some(to) = proven.or_else(|| (0..self.rails.len()).find(standby)) else {
                 self.declare_dead();
                 return;
             };

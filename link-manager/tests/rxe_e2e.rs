@@ -35,15 +35,13 @@ fn config() -> Config {
         .rails(2)
         .geometry(64 * 1024, 16, 2048)
         .heartbeat_interval_ns(1_000_000)
-        // Emulated CPUs stall for milliseconds at times; 5 silent beats before declaring a rail dead.
-        .heartbeat_misses(5)
+        // Under TCG emulation rxe's kernel work (and our busy-polling thread) can delay a heartbeat
+        // by several ms: 10 silent beats before a rail is declared dead (real NICs: 3).
+        .heartbeat_misses(10)
         .rearm_after_ns(500_000_000)
-        .link_params(LinkParams {
-            timeout: 10,
-            retry_cnt: 1,
-            rnr_retry: 3,
-            ..LinkParams::default()
-        })
+        // RC budget ~67 ms: the first write on a new rxe connection takes 3-22 ms (shared notes), so
+        // timeout 10 (~8-16 ms) fails fresh connections. The heartbeat detects black holes sooner.
+        .link_params(LinkParams { timeout: 13, retry_cnt: 1, rnr_retry: 3, ..LinkParams::default() })
         .build()
         .unwrap()
 }
