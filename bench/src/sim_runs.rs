@@ -153,7 +153,9 @@ pub fn failover(
                     rep_reord += 1;
                 }
                 next_expected = seq + 1;
-                let Some(&at) = sent_at.get((seq - 1) as usize) else { return };
+                let Some(&at) = sent_at.get((seq - 1) as usize) else {
+                    return;
+                };
                 let lat = now - at;
                 if rep == 0 {
                     timeline.push((at as f64 / 1e6, lat as f64 / 1e3));

@@ -578,7 +578,11 @@ impl Core {
                 rail.ctrl_due = true;
                 // A rail that has not yet heard the peer since it (re)connected gets a longer grace:
                 // the first packets of a new connection can take tens of ms (address resolution).
-                let limit = if rail.peer_heartbeat == 0 { limit.max(UNPROVEN_GRACE_NS) } else { limit };
+                let limit = if rail.peer_heartbeat == 0 {
+                    limit.max(UNPROVEN_GRACE_NS)
+                } else {
+                    limit
+                };
                 if self.now.saturating_sub(rail.peer_seen_at) > limit {
                     self.fail_rail(r, FailReason::HeartbeatMiss);
                 }
@@ -620,7 +624,8 @@ impl Core {
                 }
                 r.notified += 1;
                 // Return credits well before the sender runs out of them.
-                if r.notified - r.reported_notified >= (self.cfg.link.max_recv_wr / 8).max(1) as u64 {
+                if r.notified - r.reported_notified >= (self.cfg.link.max_recv_wr / 8).max(1) as u64
+                {
                     r.ctrl_due = true;
                 }
                 if let Err(e) = r.rx.notify(imm) {
@@ -729,7 +734,12 @@ impl Core {
                 rail.peer_seen_at = now;
             }
             if c.notified > rail.imm_posted {
-                tracing::warn!(rail = r, notified = c.notified, posted = rail.imm_posted, "peer processed more notifications than were sent");
+                tracing::warn!(
+                    rail = r,
+                    notified = c.notified,
+                    posted = rail.imm_posted,
+                    "peer processed more notifications than were sent"
+                );
                 self.fail_rail(r, FailReason::Protocol);
                 continue;
             }
@@ -819,7 +829,9 @@ impl Core {
         loop {
             // Prefer a standby that has proven its path (heard the peer); any standby beats none.
             let standby = |i: &usize| self.rails[*i].state == RailState::Standby;
-            let proven = (0..self.rails.len()).filter(standby).find(|&i| self.rails[i].peer_heartbeat != 0);
+            let proven = (0..self.rails.len())
+                .filter(standby)
+                .find(|&i| self.rails[i].peer_heartbeat != 0);
             let Some(to) = proven.or_else(|| (0..self.rails.len()).find(standby)) else {
                 self.declare_dead();
                 return;

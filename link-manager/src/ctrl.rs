@@ -36,7 +36,13 @@ impl CtrlBlock {
 
     /// Writes the block (8-byte stores) at offset 0 of `region`.
     pub fn store(&self, region: &Region) {
-        let words = [self.heartbeat, self.delivered_seq, self.consumed_pos, self.fault_gens, self.notified];
+        let words = [
+            self.heartbeat,
+            self.delivered_seq,
+            self.consumed_pos,
+            self.fault_gens,
+            self.notified,
+        ];
         for (i, w) in words.iter().enumerate() {
             region.write_u64(i * 8, *w);
         }
@@ -45,7 +51,13 @@ impl CtrlBlock {
 
     /// Reads the block the peer wrote; None while it is torn, corrupted or never written.
     pub fn load(region: &Region) -> Option<CtrlBlock> {
-        let words = [region.read_u64(0), region.read_u64(8), region.read_u64(16), region.read_u64(24), region.read_u64(32)];
+        let words = [
+            region.read_u64(0),
+            region.read_u64(8),
+            region.read_u64(16),
+            region.read_u64(24),
+            region.read_u64(32),
+        ];
         let crc = region.read_u64(40);
         if words == [0; 5] || crc != Self::crc(&words) {
             return None;
@@ -79,7 +91,13 @@ mod tests {
     fn roundtrip_and_any_flip_is_rejected() {
         let r = Region::new(64, Backing::Heap).unwrap();
         assert_eq!(CtrlBlock::load(&r), None, "never written");
-        let mut c = CtrlBlock { heartbeat: 3, delivered_seq: 99, consumed_pos: 4096, fault_gens: 0, notified: 7 };
+        let mut c = CtrlBlock {
+            heartbeat: 3,
+            delivered_seq: 99,
+            consumed_pos: 4096,
+            fault_gens: 0,
+            notified: 7,
+        };
         c.set_fault_gen(1, 5);
         assert_eq!(c.fault_gen(1), 5);
         assert_eq!(c.fault_gen(0), 0);

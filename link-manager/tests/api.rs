@@ -94,7 +94,10 @@ fn a_receiver_stall_shorter_than_the_heartbeat_timeout_never_kills_the_rail() {
     // receiver's posted receives. The receiving process stalls for 1.5 ms (less than the 3 ms
     // heartbeat timeout) while the sender posts one write per microsecond: without credit flow
     // control the receives run out, RNR retries are exhausted and the rail dies.
-    let cfg = Config::builder().geometry(64 * 1024, 16, 64).build().unwrap();
+    let cfg = Config::builder()
+        .geometry(64 * 1024, 16, 64)
+        .build()
+        .unwrap();
     let mut p = SimPair::new(cfg, 4, 1_000).unwrap();
     let (mut accepted, mut delivered) = (0u64, 0u64);
     for _round in 0..5 {

@@ -12,12 +12,22 @@ fn cycle(kind: &str) {
         .heartbeat_interval_ns(1_000_000)
         .heartbeat_misses(5)
         .rearm_after_ns(500_000_000)
-        .link_params(LinkParams { timeout: 10, retry_cnt: 1, rnr_retry: 3, ..LinkParams::default() })
+        .link_params(LinkParams {
+            timeout: 10,
+            retry_cnt: 1,
+            rnr_retry: 3,
+            ..LinkParams::default()
+        })
         .build()
         .unwrap();
     let mut p = SimPair::new(cfg, 11, 10_000).unwrap();
     let (mut sent_a, mut got_b, mut sent_b, mut got_a) = (0u64, 0u64, 0u64, 0u64);
-    let run = |p: &mut SimPair, ms: u64, sent_a: &mut u64, got_b: &mut u64, sent_b: &mut u64, got_a: &mut u64| {
+    let run = |p: &mut SimPair,
+               ms: u64,
+               sent_a: &mut u64,
+               got_b: &mut u64,
+               sent_b: &mut u64,
+               got_a: &mut u64| {
         let end = p.now() + ms * 1_000_000;
         while p.now() < end {
             if p.a.send(&(*sent_a + 1).to_le_bytes()).is_ok() {
@@ -30,12 +40,20 @@ fn cycle(kind: &str) {
             p.step(t);
             p.b.poll(|m| {
                 *got_b += 1;
-                assert_eq!(u64::from_le_bytes(m.try_into().unwrap()), *got_b, "{kind}: host 2 order");
+                assert_eq!(
+                    u64::from_le_bytes(m.try_into().unwrap()),
+                    *got_b,
+                    "{kind}: host 2 order"
+                );
             })
             .unwrap();
             p.a.poll(|m| {
                 *got_a += 1;
-                assert_eq!(u64::from_le_bytes(m.try_into().unwrap()), *got_a, "{kind}: host 1 order");
+                assert_eq!(
+                    u64::from_le_bytes(m.try_into().unwrap()),
+                    *got_a,
+                    "{kind}: host 1 order"
+                );
             })
             .unwrap();
         }
@@ -50,21 +68,44 @@ fn cycle(kind: &str) {
             _ => unreachable!(),
         }
         run(&mut p, 50, &mut sent_a, &mut got_b, &mut sent_b, &mut got_a);
-        assert!(p.a.core().active_rail() != rail && p.b.core().active_rail() != rail, "{kind} rep {rep}: no failover");
+        assert!(
+            p.a.core().active_rail() != rail && p.b.core().active_rail() != rail,
+            "{kind} rep {rep}: no failover"
+        );
         match kind {
             "carrier" => p.fabric.carrier_restore(w),
             "blackhole" => p.fabric.clear_black_hole(w),
             "card" => p.fabric.restore_card(&p.cards[rail].1.clone()),
             _ => unreachable!(),
         }
-        run(&mut p, 600, &mut sent_a, &mut got_b, &mut sent_b, &mut got_a);
+        run(
+            &mut p,
+            600,
+            &mut sent_a,
+            &mut got_b,
+            &mut sent_b,
+            &mut got_a,
+        );
         for r in 0..2 {
-            assert_ne!(p.a.core().rail_state(r), RailState::Failed, "{kind} rep {rep}: host 1 rail {r} not re-armed\n{}", p.a.core().describe());
-            assert_ne!(p.b.core().rail_state(r), RailState::Failed, "{kind} rep {rep}: host 2 rail {r} not re-armed\n{}", p.b.core().describe());
+            assert_ne!(
+                p.a.core().rail_state(r),
+                RailState::Failed,
+                "{kind} rep {rep}: host 1 rail {r} not re-armed\n{}",
+                p.a.core().describe()
+            );
+            assert_ne!(
+                p.b.core().rail_state(r),
+                RailState::Failed,
+                "{kind} rep {rep}: host 2 rail {r} not re-armed\n{}",
+                p.b.core().describe()
+            );
         }
     }
     assert!(!p.a.core().is_dead() && !p.b.core().is_dead());
-    assert!(got_b + 50 >= sent_a && got_a + 50 >= sent_b, "traffic keeps flowing");
+    assert!(
+        got_b + 50 >= sent_a && got_a + 50 >= sent_b,
+        "traffic keeps flowing"
+    );
 }
 
 #[test]

@@ -41,7 +41,12 @@ fn config() -> Config {
         .rearm_after_ns(500_000_000)
         // RC budget ~67 ms: the first write on a new rxe connection takes 3-22 ms (shared notes), so
         // timeout 10 (~8-16 ms) fails fresh connections. The heartbeat detects black holes sooner.
-        .link_params(LinkParams { timeout: 13, retry_cnt: 1, rnr_retry: 3, ..LinkParams::default() })
+        .link_params(LinkParams {
+            timeout: 13,
+            retry_cnt: 1,
+            rnr_retry: 3,
+            ..LinkParams::default()
+        })
         .build()
         .unwrap()
 }
@@ -142,7 +147,12 @@ impl Hosts {
         }
         for (who, conn) in [("host 1", &mut self.a), ("host 2", &mut self.b)] {
             while let Some(e) = conn.poll_event() {
-                eprintln!("{:?} {who}: {e:?}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default());
+                eprintln!(
+                    "{:?} {who}: {e:?}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                );
                 match e {
                     Event::FailoverComplete { blackout_ns, .. } => {
                         self.blackouts_us.push(blackout_ns as f64 / 1e3)

@@ -13,6 +13,8 @@
 //! The queue knows nothing of verbs: it exposes its memory ([`Memory`]) for a fabric to register.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[doc(hidden)]
+pub mod alloc_counter;
 mod geometry;
 mod mirror;
 pub mod record;

@@ -1,32 +1,11 @@
 //! Steady-state reserve/commit/post/ack/consume allocate nothing: a counting global allocator
 //! (counting only this thread while armed) proves it.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
+use railover_segq::alloc_counter::{count_allocations, CountingAllocator};
 use railover_segq::{Backing, Geometry, MirrorQueue, SendQueue, StreamCursor};
 
-struct Counting;
-thread_local! {
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-    static COUNT: Cell<usize> = const { Cell::new(0) };
-}
-// SAFETY: forwards to System unchanged; only bumps a thread-local counter.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if ARMED.with(|a| a.get()) {
-            COUNT.with(|c| c.set(c.get() + 1));
-        }
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(p, l) }
-    }
-}
 #[global_allocator]
-static A: Counting = Counting;
+static A: CountingAllocator = CountingAllocator;
 
 #[test]
 fn steady_state_allocates_nothing() {
@@ -56,12 +35,12 @@ fn steady_state_allocates_nothing() {
     for i in 0..1000 {
         round(&mut tx, &mut rx, i); // warm-up: wraps the ring several times
     }
-    ARMED.with(|a| a.set(true));
-    for i in 0..10_000 {
-        round(&mut tx, &mut rx, i);
-    }
-    ARMED.with(|a| a.set(false));
-    assert_eq!(COUNT.with(|c| c.get()), 0, "steady state allocated");
+    let allocations = count_allocations(|| {
+        for i in 0..10_000 {
+            round(&mut tx, &mut rx, i);
+        }
+    });
+    assert_eq!(allocations, 0, "steady state allocated");
     assert_eq!(cursor.delivered, 22_000);
     assert!(sum > 0);
 }
