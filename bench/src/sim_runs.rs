@@ -135,12 +135,16 @@ pub fn failover(
                 }
                 restored = true;
             }
-            if now >= next_send && now < t_end {
+            // Rate-driven with coordinated omission handled: messages are due on a fixed schedule;
+            // one that back-pressure delays is retried, not skipped, and its latency counts from
+            // when it was due (sent_at holds the intended send time).
+            while now >= next_send && next_send < t_end {
                 payload[..8].copy_from_slice(&(sent_at.len() as u64 + 1).to_le_bytes());
-                if pair.a.send(&payload).is_ok() {
-                    sent_at.push(now);
+                if pair.a.send(&payload).is_err() {
+                    break;
                 }
-                next_send = now + interval_ns;
+                sent_at.push(next_send);
+                next_send += interval_ns;
             }
             let _ = pair.b.poll(|m| {
                 // Every message carries its sequence number: classify what the transport delivered.
@@ -174,7 +178,7 @@ pub fn failover(
                     failover_at.get_or_insert(at);
                 }
             }
-            if now >= t_end && next_expected as usize > sent_at.len() {
+            if next_send >= t_end && next_expected as usize > sent_at.len() {
                 break;
             }
             if now > t_end + 2_000_000_000 {
