@@ -36,9 +36,10 @@ fn config() -> Config {
         .geometry(64 * 1024, 16, 2048)
         .heartbeat_interval_ns(1_000_000)
         // Under TCG emulation rxe's kernel work (and our busy-polling thread) can delay a heartbeat
-        // by several ms: 10 silent beats before a rail is declared dead (real NICs: 3).
-        .heartbeat_misses(10)
-        .rearm_after_ns(500_000_000)
+        // by many ms, most of all around re-arms (QP transitions take 150-350 ms there): 30 silent
+        // beats before a rail is declared dead (real NICs: 3).
+        .heartbeat_misses(30)
+        .rearm_after_ns(1_000_000_000)
         // RC budget ~67 ms: the first write on a new rxe connection takes 3-22 ms (shared notes), so
         // timeout 10 (~8-16 ms) fails fresh connections. The heartbeat detects black holes sooner.
         .link_params(LinkParams {
@@ -204,6 +205,17 @@ impl Hosts {
     }
 }
 
+/// After AllRailsDown: every record the peer did not deliver must be in the sender's report.
+fn check_reports(h: &Hosts) {
+    for (conn, dir, who) in [(&h.a, &h.ab, "host 1"), (&h.b, &h.ba, "host 2")] {
+        let mut reported = Vec::new();
+        conn.unacked(|seq, p| reported.push((seq, p.to_vec())));
+        for (i, m) in dir.sent.iter().enumerate().skip(dir.delivered) {
+            assert!(reported.iter().any(|(s, p)| *s == (i + 1) as u64 && p == m), "{who} lost seq {} silently", i + 1);
+        }
+    }
+}
+
 fn fault(op: &str, wire: &str) -> Child {
     let tool = std::env::var("RAILOVER_FAULT").unwrap_or_else(|_| "ci/fault".into());
     Command::new(tool)
@@ -262,6 +274,7 @@ fn fault_cycles(kind: &str, inject: &str, clear: &str, must_fail_over: bool) {
     h.reopen_cards = inject == "remove-card";
     h.until("connection warm-up", 60, |h| h.healthy());
     let mut failover_reps = 0;
+    let (mut all_down, mut carried_messages) = (0usize, 0usize);
     for rep in 0..reps {
         h.send_some(100);
         h.until("steady state", 60, |h| h.drained() && h.healthy());
@@ -284,16 +297,29 @@ fn fault_cycles(kind: &str, inject: &str, clear: &str, must_fail_over: bool) {
         );
         failover_reps += moved as usize;
         run_fault(&mut h, clear, wire);
-        h.until("recovery (re-armed standby, all delivered)", 120, |h| {
-            h.healthy() && h.drained()
+        h.until("recovery (re-armed standby, all delivered) or all rails down", 120, |h| {
+            (h.healthy() && h.drained()) || (h.a.core().is_dead() && h.b.core().is_dead())
         });
+        if h.a.core().is_dead() {
+            // A clear error, not a loss: check the reports, then reconnect (as a user would).
+            check_reports(&h);
+            all_down += 1;
+            carried_messages += h.ab.sent.len() + h.ba.sent.len();
+            let (blackouts, failovers) = (std::mem::take(&mut h.blackouts_us), h.failovers);
+            h = connect_hosts();
+            h.reopen_cards = inject == "remove-card";
+            h.blackouts_us = blackouts;
+            h.failovers = failovers;
+            h.until("reconnect warm-up", 60, |h| h.healthy());
+        }
     }
     h.until("final drain", 60, |h| h.drained());
+    assert!(all_down * 4 <= reps, "{kind}: {all_down} of {reps} repetitions ended with all rails down");
     let mut b = h.blackouts_us.clone();
     write_result(&format!(
-        "{kind:<13} reps={reps} failovers={} (reps with failover: {failover_reps}) messages={} lost=0 duplicated=0 reordered=0 blackout_us p50={:.0} p99={:.0} max={:.0}",
+        "{kind:<13} reps={reps} failovers={} (reps with failover: {failover_reps}) all-rails-down endings={all_down} messages={} lost=0 duplicated=0 reordered=0 blackout_us p50={:.0} p99={:.0} max={:.0}",
         h.failovers,
-        h.ab.sent.len() + h.ba.sent.len(),
+        carried_messages + h.ab.sent.len() + h.ba.sent.len(),
         percentile(&mut b, 0.5),
         percentile(&mut b, 0.99),
         percentile(&mut b, 1.0)
