@@ -211,7 +211,11 @@ fn check_reports(h: &Hosts) {
         let mut reported = Vec::new();
         conn.unacked(|seq, p| reported.push((seq, p.to_vec())));
         for (i, m) in dir.sent.iter().enumerate().skip(dir.delivered) {
-            assert!(reported.iter().any(|(s, p)| *s == (i + 1) as u64 && p == m), "{who} lost seq {} silently", i + 1);
+            assert!(
+                reported.iter().any(|(s, p)| *s == (i + 1) as u64 && p == m),
+                "{who} lost seq {} silently",
+                i + 1
+            );
         }
     }
 }
@@ -297,9 +301,11 @@ fn fault_cycles(kind: &str, inject: &str, clear: &str, must_fail_over: bool) {
         );
         failover_reps += moved as usize;
         run_fault(&mut h, clear, wire);
-        h.until("recovery (re-armed standby, all delivered) or all rails down", 120, |h| {
-            (h.healthy() && h.drained()) || (h.a.core().is_dead() && h.b.core().is_dead())
-        });
+        h.until(
+            "recovery (re-armed standby, all delivered) or all rails down",
+            120,
+            |h| (h.healthy() && h.drained()) || (h.a.core().is_dead() && h.b.core().is_dead()),
+        );
         if h.a.core().is_dead() {
             // A clear error, not a loss: check the reports, then reconnect (as a user would).
             check_reports(&h);
@@ -314,7 +320,10 @@ fn fault_cycles(kind: &str, inject: &str, clear: &str, must_fail_over: bool) {
         }
     }
     h.until("final drain", 60, |h| h.drained());
-    assert!(all_down * 4 <= reps, "{kind}: {all_down} of {reps} repetitions ended with all rails down");
+    assert!(
+        all_down * 4 <= reps,
+        "{kind}: {all_down} of {reps} repetitions ended with all rails down"
+    );
     let mut b = h.blackouts_us.clone();
     write_result(&format!(
         "{kind:<13} reps={reps} failovers={} (reps with failover: {failover_reps}) all-rails-down endings={all_down} messages={} lost=0 duplicated=0 reordered=0 blackout_us p50={:.0} p99={:.0} max={:.0}",

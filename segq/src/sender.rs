@@ -218,6 +218,9 @@ pub struct Poster {
     acked_pos: u64,
     acked_seq: u64,
     last_posted_seq: u64,
+    /// Records posted and records acknowledged so far (for the O(1) full-acknowledgement path).
+    posted_records: u64,
+    acked_records: u64,
 }
 
 impl Poster {
@@ -262,6 +265,7 @@ impl Poster {
     pub fn mark_posted(&mut self, range: &PendingRange) {
         debug_assert_eq!(range.start, self.posted_pos, "ranges are posted in order");
         self.posted_pos = range.end;
+        self.posted_records += range.records as u64;
         if let Some((_, last)) = range.seqs {
             self.last_posted_seq = last;
         }
@@ -279,6 +283,15 @@ impl Poster {
             });
         }
         self.acked_seq = self.acked_seq.max(delivered_seq);
+        if consumed_pos == self.posted_pos {
+            // Everything posted was consumed (the common case): no need to walk the records.
+            let n = (self.posted_records - self.acked_records) as usize;
+            self.acked_records = self.posted_records;
+            self.acked_pos = consumed_pos;
+            self.acked_seq = self.acked_seq.max(self.last_posted_seq);
+            self.release();
+            return Ok(n);
+        }
         let mut n = 0;
         while self.acked_pos < consumed_pos {
             let (size, seq) = match entry_at(&self.shared, self.acked_pos) {
@@ -291,6 +304,7 @@ impl Poster {
             self.acked_pos += size;
             if let Some(seq) = seq {
                 self.acked_seq = self.acked_seq.max(seq);
+                self.acked_records += 1;
                 n += 1;
             }
         }
@@ -396,6 +410,8 @@ impl SendQueue {
                 acked_pos: 0,
                 acked_seq: first_seq - 1,
                 last_posted_seq: 0,
+                posted_records: 0,
+                acked_records: 0,
             },
         })
     }
@@ -471,5 +487,7 @@ impl SendQueue {
         self.poster.acked_pos = 0;
         self.poster.acked_seq = next_seq - 1;
         self.poster.last_posted_seq = 0;
+        self.poster.posted_records = 0;
+        self.poster.acked_records = 0;
     }
 }
