@@ -13,17 +13,16 @@ use serde_json::json;
 
 use crate::stats::{histogram, print_table, summarize_us};
 
+/// Heartbeat 1 ms; 30 missed beats by default (RAILOVER_HB_MISSES to change) because under qemu TCG
+/// two busy-polling threads on two emulated CPUs delay rxe's kernel work by many ms (real NICs: 3).
+/// RC timeout 13 (~67 ms budget): a new rxe connection's first write takes 3-22 ms.
 fn config(size: usize) -> Config {
     Config::builder()
         .rails(2)
         .geometry(64 * 1024, 16, size.max(64))
         .heartbeat_interval_ns(1_000_000)
-        .heartbeat_misses(5)
-        .link_params(LinkParams {
-            timeout: 10,
-            retry_cnt: 1,
-            ..LinkParams::default()
-        })
+        .heartbeat_misses(std::env::var("RAILOVER_HB_MISSES").ok().and_then(|v| v.parse().ok()).unwrap_or(30))
+        .link_params(LinkParams { timeout: 13, retry_cnt: 1, ..LinkParams::default() })
         .build()
         .expect("valid config")
 }
