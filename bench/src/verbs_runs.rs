@@ -21,8 +21,17 @@ fn config(size: usize) -> Config {
         .rails(2)
         .geometry(64 * 1024, 16, size.max(64))
         .heartbeat_interval_ns(1_000_000)
-        .heartbeat_misses(std::env::var("RAILOVER_HB_MISSES").ok().and_then(|v| v.parse().ok()).unwrap_or(30))
-        .link_params(LinkParams { timeout: 13, retry_cnt: 1, ..LinkParams::default() })
+        .heartbeat_misses(
+            std::env::var("RAILOVER_HB_MISSES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(30),
+        )
+        .link_params(LinkParams {
+            timeout: 13,
+            retry_cnt: 1,
+            ..LinkParams::default()
+        })
         .build()
         .expect("valid config")
 }
