@@ -74,6 +74,8 @@ pub struct Connection<N: Nic, C: Clock> {
     clock: C,
     rearm_requests: Vec<usize>,
     completions: [Completion; 32],
+    /// Sends since the last full progress: a caller that only sends still heart-beats.
+    sends_since_progress: u32,
 }
 
 fn wire_geometry(cfg: &Config) -> WireGeometry {
@@ -132,6 +134,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                 clock,
                 rearm_requests: Vec::with_capacity(8),
                 completions: [Completion::EMPTY; 32],
+                sends_since_progress: 0,
             },
             hellos,
         })
@@ -184,6 +187,11 @@ impl<N: Nic, C: Clock> Connection<N, C> {
 
     /// Queues `msg` and posts it at once. Returns its sequence number.
     pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
+        // Keep the engine turning for callers that only send: heartbeats, completions, acks.
+        self.sends_since_progress += 1;
+        if self.sends_since_progress >= 64 {
+            self.progress();
+        }
         let r = self.core.send(msg);
         if matches!(r, Err(SendError::Backpressure)) {
             self.progress(); // acknowledgements may be waiting
@@ -219,6 +227,7 @@ impl<N: Nic, C: Clock> Connection<N, C> {
 
     /// Processes completions, device events and timers, and posts what the core asks for.
     pub fn progress(&mut self) {
+        self.sends_since_progress = 0;
         let now = self.clock.now();
         for (i, rail) in self.rails.iter_mut().enumerate() {
             while let Some(ev) = rail.nic.poll_event() {
