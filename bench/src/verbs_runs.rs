@@ -32,6 +32,7 @@ fn config(size: usize) -> Config {
             retry_cnt: 1,
             ..LinkParams::default()
         })
+        .first_contact_grace_ns(2_000_000_000)
         .build()
         .expect("valid config")
 }

@@ -34,6 +34,7 @@ pub struct Config {
     pub(crate) max_write_bytes: usize,
     pub(crate) ack_every_bytes: u64,
     pub(crate) rearm_after_ns: u64,
+    pub(crate) first_contact_grace_ns: u64,
     pub(crate) backing: Backing,
 }
 
@@ -77,6 +78,7 @@ pub struct ConfigBuilder {
     link: LinkParams,
     max_write_bytes: usize,
     rearm_after_ns: u64,
+    first_contact_grace_ns: u64,
     backing: Backing,
 }
 
@@ -92,6 +94,7 @@ impl Default for ConfigBuilder {
             link: LinkParams::default(),
             max_write_bytes: 64 * 1024,
             rearm_after_ns: 100_000_000,
+            first_contact_grace_ns: 100_000_000,
             backing: Backing::Anonymous,
         }
     }
@@ -139,6 +142,12 @@ impl ConfigBuilder {
         self.rearm_after_ns = ns;
         self
     }
+    /// How long a freshly (re)connected rail may stay silent before it is declared failed (the
+    /// first packets of a new connection can take far longer than later ones). Default 100 ms.
+    pub fn first_contact_grace_ns(mut self, ns: u64) -> Self {
+        self.first_contact_grace_ns = ns;
+        self
+    }
     /// Memory backing of the rings.
     pub fn backing(mut self, b: Backing) -> Self {
         self.backing = b;
@@ -171,6 +180,7 @@ impl ConfigBuilder {
             max_write_bytes: self.max_write_bytes,
             ack_every_bytes: (geometry.capacity() / 4) as u64,
             rearm_after_ns: self.rearm_after_ns,
+            first_contact_grace_ns: self.first_contact_grace_ns,
             backing: self.backing,
         })
     }

@@ -139,9 +139,6 @@ pub struct Stats {
     pub rail_states: [Option<RailState>; MAX_RAILS],
 }
 
-/// How long a freshly (re)connected rail may stay silent before it is declared failed.
-pub const UNPROVEN_GRACE_NS: Nanos = 100_000_000;
-
 const KIND_DATA: u64 = 1;
 const KIND_CTRL: u64 = 2;
 
@@ -288,6 +285,11 @@ impl Core {
 
     pub fn rail_state(&self, rail: usize) -> RailState {
         self.rails[rail].state
+    }
+
+    /// Whether the rail has heard the peer since it (re)connected.
+    pub fn rail_proven(&self, rail: usize) -> bool {
+        self.rails[rail].peer_heartbeat != 0
     }
 
     pub fn rail_generation(&self, rail: usize) -> u16 {
@@ -579,7 +581,7 @@ impl Core {
                 // A rail that has not yet heard the peer since it (re)connected gets a longer grace:
                 // the first packets of a new connection can take tens of ms (address resolution).
                 let limit = if rail.peer_heartbeat == 0 {
-                    limit.max(UNPROVEN_GRACE_NS)
+                    limit.max(self.cfg.first_contact_grace_ns)
                 } else {
                     limit
                 };

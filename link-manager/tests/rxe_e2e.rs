@@ -40,6 +40,8 @@ fn config() -> Config {
         // beats before a rail is declared dead (real NICs: 3).
         .heartbeat_misses(30)
         .rearm_after_ns(1_000_000_000)
+        // First contact on a new rxe connection can take far longer under emulation.
+        .first_contact_grace_ns(2_000_000_000)
         // RC budget ~67 ms: the first write on a new rxe connection takes 3-22 ms (shared notes), so
         // timeout 10 (~8-16 ms) fails fresh connections. The heartbeat detects black holes sooner.
         .link_params(LinkParams {
@@ -200,6 +202,12 @@ impl Hosts {
         })
     }
 
+    /// Every rail heard the peer on both hosts (first contact made).
+    fn proven(&self) -> bool {
+        self.healthy()
+            && (0..2).all(|r| self.a.core().rail_proven(r) && self.b.core().rail_proven(r))
+    }
+
     fn drained(&self) -> bool {
         self.ab.delivered == self.ab.sent.len() && self.ba.delivered == self.ba.sent.len()
     }
@@ -276,7 +284,7 @@ fn fault_cycles(kind: &str, inject: &str, clear: &str, must_fail_over: bool) {
         .unwrap_or(20);
     let mut h = connect_hosts();
     h.reopen_cards = inject == "remove-card";
-    h.until("connection warm-up", 60, |h| h.healthy());
+    h.until("connection warm-up", 60, |h| h.proven());
     let mut failover_reps = 0;
     let (mut all_down, mut carried_messages) = (0usize, 0usize);
     for rep in 0..reps {
@@ -316,7 +324,7 @@ fn fault_cycles(kind: &str, inject: &str, clear: &str, must_fail_over: bool) {
             h.reopen_cards = inject == "remove-card";
             h.blackouts_us = blackouts;
             h.failovers = failovers;
-            h.until("reconnect warm-up", 60, |h| h.healthy());
+            h.until("reconnect warm-up", 60, |h| h.proven());
         }
     }
     h.until("final drain", 60, |h| h.drained());
@@ -363,7 +371,7 @@ fn double_fault_ends_in_a_clear_error() {
         return;
     }
     let mut h = connect_hosts();
-    h.until("warm-up", 60, |h| h.healthy());
+    h.until("warm-up", 60, |h| h.proven());
     h.send_some(200);
     h.until("steady state", 60, |h| h.drained());
     h.send_some(50);
