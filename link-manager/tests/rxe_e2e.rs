@@ -118,18 +118,24 @@ fn check(conn: &mut VerbsConnection, dir: &mut Dir, who: &str) {
 }
 
 impl Hosts {
+    /// Sends `n` messages from each host, interleaved, pumping both every 16: two real hosts run
+    /// at the same time, and one thread must not starve either (a host that doesn't run for the
+    /// heartbeat timeout is, correctly, declared dead by its peer).
     fn send_some(&mut self, n: usize) {
-        for (conn, dir) in [(&mut self.a, &mut self.ab), (&mut self.b, &mut self.ba)] {
-            for _ in 0..n {
+        for i in 0..n {
+            for (conn, dir) in [(&mut self.a, &mut self.ab), (&mut self.b, &mut self.ba)] {
                 let m = msg(dir.sent.len() + 1);
                 match conn.send(&m) {
                     Ok(seq) => {
                         assert_eq!(seq as usize, dir.sent.len() + 1);
                         dir.sent.push(m);
                     }
-                    Err(SendError::Backpressure) | Err(SendError::AllRailsDown) => break,
+                    Err(SendError::Backpressure) | Err(SendError::AllRailsDown) => {}
                     Err(e) => panic!("{e}"),
                 }
+            }
+            if i % 16 == 15 {
+                self.pump();
             }
         }
     }
