@@ -389,17 +389,7 @@ fn double_fault_ends_in_a_clear_error() {
     assert!(ca.wait().unwrap().success() && cb.wait().unwrap().success());
     assert_eq!(h.a.send(b"after"), Err(SendError::AllRailsDown));
     assert!(h.b.poll(|_| {}).is_err());
-    for (conn, dir, who) in [(&h.a, &h.ab, "host 1"), (&h.b, &h.ba, "host 2")] {
-        let mut reported = Vec::new();
-        conn.unacked(|seq, p| reported.push((seq, p.to_vec())));
-        for (i, m) in dir.sent.iter().enumerate().skip(dir.delivered) {
-            assert!(
-                reported.iter().any(|(s, p)| *s == (i + 1) as u64 && p == m),
-                "{who} lost seq {} silently",
-                i + 1
-            );
-        }
-    }
+    check_reports(&h);
     write_result(&format!(
         "double-fault  AllRailsDown on both hosts; undelivered reported: host1 {} host2 {}; lost=0",
         h.ab.sent.len() - h.ab.delivered,

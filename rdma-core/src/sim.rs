@@ -455,9 +455,9 @@ impl World {
         let src = &self.mrs[wr.local_mr];
         let dst = &self.mrs[target];
         let dst_off = (remote_addr - dst.mem.addr() as u64) as usize;
-        // SAFETY: both regions are registered (the Mr entries hold their Arcs, so the memory is
-        // alive), the source range was checked at post time and the target range just above;
-        // `copy` tolerates overlap should one buffer be registered twice.
+        // Both regions are registered (their Arcs keep them alive); the source range was checked
+        // at post time, the target range above; `copy` tolerates overlap.
+        // SAFETY: live memory, ranges in bounds (see above).
         unsafe {
             std::ptr::copy(
                 src.mem.addr().add(wr.local_off),

@@ -160,10 +160,10 @@ impl Nic for VerbsNic {
             Access::RemoteWrite => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
         };
         let (addr, len) = (mem.addr() as usize, mem.len());
-        // SAFETY: RegisterableMemory guarantees addr..addr+len stays valid while `mem` lives, and
-        // VerbsMr keeps `mem` alive until after the MR is deregistered (field order).
-        let mr =
-            unsafe { self.pd.reg_mr(addr, len, flags) }.map_err(|e| verbs_err("ibv_reg_mr", e))?;
+        // Valid while `mem` lives (RegisterableMemory); VerbsMr drops the MR before `mem`.
+        // SAFETY: addr..addr+len stays valid and registered memory outlives the MR (see above).
+        let mr = unsafe { self.pd.reg_mr(addr, len, flags) };
+        let mr = mr.map_err(|e| verbs_err("ibv_reg_mr", e))?;
         Ok(VerbsMr {
             lkey: mr.lkey(),
             mr,

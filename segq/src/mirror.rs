@@ -126,9 +126,9 @@ impl MirrorQueue {
             let off = self.geo.offset(self.read_pos);
             let rem = self.geo.segment_remaining(self.read_pos);
             let available = (self.complete_pos - self.read_pos).min(rem as u64) as usize;
-            // SAFETY: [off, off+rem) is inside the ring (segments never straddle the end) and the
-            // peer doesn't rewrite it before we acknowledge; a hostile peer can only change bytes,
-            // which parse_record treats as untrusted.
+            // [off, off+rem) is inside the ring (segments never straddle its end); the peer doesn't
+            // rewrite it before we acknowledge, and parse_record treats the bytes as untrusted.
+            // SAFETY: in bounds, and no writer while unacknowledged (see above).
             let seg_rest = unsafe { self.region.slice(off, rem) };
             match parse_record(seg_rest, available, self.geo.max_record()) {
                 Ok(Parsed::EndOfSegment { skip }) => self.read_pos += skip as u64,
