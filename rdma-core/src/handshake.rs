@@ -67,6 +67,8 @@ pub enum HandshakeError {
         what: &'static str,
         region: RemoteRegion,
     },
+    #[error("reserved field {field} is {value:#x}: a protocol feature this side doesn't know")]
+    Reserved { field: &'static str, value: u16 },
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("i/o: {0}")]
@@ -149,13 +151,26 @@ impl Hello {
         if b.len() > HELLO_LEN {
             return Err(HandshakeError::Oversized(b.len()));
         }
-        let mut r = Reader { buf: b, at: 8 };
+        let mut r = Reader { buf: b, at: 6 };
+        let flags = r.u16();
+        if flags != 0 {
+            return Err(HandshakeError::Reserved {
+                field: "flags",
+                value: flags,
+            });
+        }
         let rail_index = r.u16();
         let rail_count = r.u16();
         let qpn = r.u32();
         let psn = r.u32();
         let lid = r.u16();
-        r.u16();
+        let pad = r.u16();
+        if pad != 0 {
+            return Err(HandshakeError::Reserved {
+                field: "padding",
+                value: pad,
+            });
+        }
         let gid: [u8; 16] = r.take(16).try_into().expect("16 bytes");
         let geometry = WireGeometry {
             segment_size: r.u32(),
@@ -427,6 +442,24 @@ mod tests {
         assert!(matches!(
             Hello::decode(&h.encode()),
             Err(HandshakeError::RailMismatch { .. })
+        ));
+        let mut b = good;
+        b[6] = 1; // unknown flag
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(HandshakeError::Reserved {
+                field: "flags",
+                value: 1
+            })
+        ));
+        let mut b = good;
+        b[23] = 0x80; // padding after the LID (found by the hello_decode fuzzer)
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(HandshakeError::Reserved {
+                field: "padding",
+                ..
+            })
         ));
         let mut peer = sample();
         peer.geometry.segment_count = 32;
