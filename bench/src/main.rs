@@ -34,6 +34,17 @@ struct Cli {
     plot_dir: Option<String>,
 }
 
+/// The cards of each host, one per rail (verbs fabric only).
+#[derive(clap::Args)]
+struct Cards {
+    /// Host 1's cards, one per rail.
+    #[arg(long, value_delimiter = ',', default_value = "rxe_a1,rxe_b1")]
+    host1: Vec<String>,
+    /// Host 2's cards, one per rail.
+    #[arg(long, value_delimiter = ',', default_value = "rxe_a2,rxe_b2")]
+    host2: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Round-trip latency: host 1 sends, host 2 echoes.
@@ -49,12 +60,8 @@ enum Cmd {
         /// Simulated one-way wire latency (ns).
         #[arg(long, default_value_t = 2_000)]
         latency_ns: u64,
-        /// Host 1's cards, one per rail (verbs).
-        #[arg(long, value_delimiter = ',', default_value = "rxe_a1,rxe_b1")]
-        host1: Vec<String>,
-        /// Host 2's cards, one per rail (verbs).
-        #[arg(long, value_delimiter = ',', default_value = "rxe_a2,rxe_b2")]
-        host2: Vec<String>,
+        #[command(flatten)]
+        cards: Cards,
     },
     /// One-way message rate with coalescing.
     Throughput {
@@ -66,10 +73,8 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value_t = 2_000)]
         latency_ns: u64,
-        #[arg(long, value_delimiter = ',', default_value = "rxe_a1,rxe_b1")]
-        host1: Vec<String>,
-        #[arg(long, value_delimiter = ',', default_value = "rxe_a2,rxe_b2")]
-        host2: Vec<String>,
+        #[command(flatten)]
+        cards: Cards,
     },
     /// Injects each fault kind mid-stream and reports detection, blackout, and loss (must be 0).
     Failover {
@@ -107,8 +112,7 @@ fn main() {
             iterations,
             warmup,
             latency_ns,
-            host1,
-            host2,
+            cards: Cards { host1, host2 },
         } => match fabric {
             Fabric::Sim => {
                 let r = sim_runs::pingpong(size, iterations, warmup, latency_ns);
@@ -154,8 +158,7 @@ fn main() {
             size,
             count,
             latency_ns,
-            host1,
-            host2,
+            cards: Cards { host1, host2 },
         } => match fabric {
             Fabric::Sim => {
                 let r = sim_runs::throughput(size, count, latency_ns);

@@ -78,6 +78,24 @@ pub struct Connection<N: Nic, C: Clock> {
     sends_since_progress: u32,
 }
 
+/// What this side tells the peer about one rail (at connect and at every re-arm: one definition).
+fn rail_hello<M: MemoryRegistration>(
+    cfg: &Config,
+    rail: usize,
+    endpoint: railover_rdma::Endpoint,
+    ring_rx: &M,
+    ctrl_in: &M,
+) -> Hello {
+    Hello {
+        rail_index: rail as u16,
+        rail_count: cfg.rails() as u16,
+        endpoint,
+        geometry: wire_geometry(cfg),
+        ring: ring_rx.remote(),
+        ctrl: ctrl_in.remote(),
+    }
+}
+
 fn wire_geometry(cfg: &Config) -> WireGeometry {
     let g = cfg.geometry();
     WireGeometry {
@@ -107,15 +125,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             let ctrl_out = nic.register(Arc::new(RegionMem(co)), Access::Local)?;
             let ctrl_in = nic.register(Arc::new(RegionMem(ci)), Access::RemoteWrite)?;
             let link = nic.create_link(&cfg.link())?;
-            let hello = Hello {
-                rail_index: i as u16,
-                rail_count: cfg.rails() as u16,
-                endpoint: link.endpoint(),
-                geometry: wire_geometry(&cfg),
-                ring: ring_rx.remote(),
-                ctrl: ctrl_in.remote(),
-            };
-            hellos.push(hello);
+            hellos.push(rail_hello(&cfg, i, link.endpoint(), &ring_rx, &ctrl_in));
             rails.push(RailIo {
                 nic,
                 link,
@@ -315,14 +325,7 @@ impl<N: Nic, C: Clock> Connection<N, C> {
         let cfg = *self.core.config();
         let r = &self.rails[rail];
         let link = r.nic.create_link(&cfg.link())?;
-        let hello = Hello {
-            rail_index: rail as u16,
-            rail_count: cfg.rails() as u16,
-            endpoint: link.endpoint(),
-            geometry: wire_geometry(&cfg),
-            ring: r.ring_rx.remote(),
-            ctrl: r.ctrl_in.remote(),
-        };
+        let hello = rail_hello(&cfg, rail, link.endpoint(), &r.ring_rx, &r.ctrl_in);
         Ok((link, hello))
     }
 
