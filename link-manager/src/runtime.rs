@@ -17,6 +17,12 @@ use crate::memory::{QueueMem, RegionMem};
 /// A source of time for the driver.
 pub trait Clock {
     fn now(&self) -> Nanos;
+    /// Called while a bounded wait spins, with the wait's deadline: a real clock just hints the
+    /// CPU; a virtual clock moves time forward (at most to `deadline`) so the wait can end.
+    fn idle(&self, deadline: Nanos) {
+        let _ = deadline;
+        std::hint::spin_loop();
+    }
 }
 
 /// Wall-clock time since the connection was created (monotonic; a vDSO read, no syscall).
@@ -211,6 +217,24 @@ impl<N: Nic, C: Clock> Connection<N, C> {
         }
         self.flush();
         r
+    }
+
+    /// Like [`Connection::send`], but when the ring is full it keeps the connection running
+    /// (completions, acknowledgements, heartbeats, failover) for up to `timeout_ns` waiting for
+    /// space. Still full at the deadline: [`SendError::Backpressure`]; nothing is queued then.
+    pub fn send_timeout(&mut self, msg: &[u8], timeout_ns: Nanos) -> Result<u64, SendError> {
+        let deadline = self.clock.now().saturating_add(timeout_ns);
+        loop {
+            match self.send(msg) {
+                Err(SendError::Backpressure) => {}
+                done => return done,
+            }
+            if self.clock.now() >= deadline {
+                return Err(SendError::Backpressure);
+            }
+            self.clock.idle(deadline);
+            self.progress();
+        }
     }
 
     /// A zero-copy slot: fill it, `commit()` it, then call [`Connection::flush`].

@@ -14,6 +14,11 @@ impl Clock for SimClock {
     fn now(&self) -> Nanos {
         self.0.now()
     }
+    /// Jumps to the fabric's next event (a packet landing, say), or to the deadline.
+    fn idle(&self, deadline: Nanos) {
+        let next = self.0.next_event_time().unwrap_or(deadline).min(deadline);
+        self.0.advance_to(next.max(self.0.now()));
+    }
 }
 
 pub type SimConnection = Connection<SimNic, SimClock>;

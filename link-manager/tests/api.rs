@@ -120,3 +120,58 @@ fn a_receiver_stall_shorter_than_the_heartbeat_timeout_never_kills_the_rail() {
     assert_eq!(delivered, accepted);
     assert!(accepted > 3_000, "{accepted}");
 }
+
+/// Fills `a`'s ring; returns the last sequence number accepted.
+fn fill(p: &mut SimPair) -> u64 {
+    let mut accepted = 0;
+    loop {
+        match p.a.send(&[9; 200]) {
+            Ok(seq) => accepted = seq,
+            Err(SendError::Backpressure) => return accepted,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn send_timeout_waits_for_an_acknowledgement_in_flight() {
+    let mut p = pair();
+    let accepted = fill(&mut p);
+    // Let every record land, then the receiver consumes: its acknowledgement is now on the wire.
+    while p.fabric.next_event_time().is_some() {
+        let t = p.fabric.next_event_time().unwrap();
+        p.fabric.advance_to(t);
+    }
+    let mut delivered = p.b.poll(|m| assert_eq!(m, &[9; 200])).unwrap() as u64;
+    assert_eq!(p.a.send(&[1; 200]), Err(SendError::Backpressure));
+    let before = p.now();
+    let seq = p.a.send_timeout(&[1; 200], 1_000_000).unwrap();
+    assert_eq!(seq, accepted + 1, "the next sequence number, nothing skipped");
+    assert!(p.now() > before, "it waited (virtual time moved)");
+    assert!(p.now() < before + 1_000_000, "and not to the deadline");
+    settle(&mut p);
+    delivered += p.b.poll(|_| {}).unwrap() as u64;
+    assert_eq!(delivered, seq);
+}
+
+#[test]
+fn send_timeout_gives_up_at_its_deadline_and_loses_nothing() {
+    let mut p = pair();
+    let accepted = fill(&mut p);
+    // The receiver never runs: no acknowledgement can come.
+    let before = p.now();
+    assert_eq!(
+        p.a.send_timeout(&[1; 200], 300_000),
+        Err(SendError::Backpressure)
+    );
+    assert!(p.now() >= before + 300_000, "it waited the whole bound");
+    let mut unacked = Vec::new();
+    p.a.unacked(|seq, _| unacked.push(seq));
+    assert_eq!(unacked, (1..=accepted).collect::<Vec<_>>());
+    let mut delivered = 0;
+    while delivered < accepted {
+        settle(&mut p);
+        delivered += p.b.poll(|m| assert_eq!(m, &[9; 200])).unwrap() as u64;
+    }
+    assert_eq!(delivered, accepted);
+}
