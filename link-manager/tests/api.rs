@@ -146,7 +146,11 @@ fn send_timeout_waits_for_an_acknowledgement_in_flight() {
     assert_eq!(p.a.send(&[1; 200]), Err(SendError::Backpressure));
     let before = p.now();
     let seq = p.a.send_timeout(&[1; 200], 1_000_000).unwrap();
-    assert_eq!(seq, accepted + 1, "the next sequence number, nothing skipped");
+    assert_eq!(
+        seq,
+        accepted + 1,
+        "the next sequence number, nothing skipped"
+    );
     assert!(p.now() > before, "it waited (virtual time moved)");
     assert!(p.now() < before + 1_000_000, "and not to the deadline");
     settle(&mut p);
