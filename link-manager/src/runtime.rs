@@ -11,7 +11,8 @@ use railover_rdma::{
 use railover_segq::Reservation;
 
 use crate::config::Config;
-use crate::core::{Buf, Core, Event, Io, Nanos, RecvError, SendError, Stats};
+use crate::config::MAX_RAILS;
+use crate::core::{Buf, Core, Event, Io, Nanos, RailState, RecvError, SendError, Stats};
 use crate::memory::{QueueMem, RegionMem};
 
 /// A source of time for the driver.
@@ -259,19 +260,113 @@ impl<N: Nic, C: Clock> Connection<N, C> {
         n
     }
 
+    /// Blocking form of [`Connection::poll`]: sleeps (completion channels, device events) until
+    /// a message arrives or `timeout_ns` pass; returns how many were delivered (0: timed out).
+    /// The thread still wakes at every heartbeat interval to heart-beat and check its rails.
+    pub fn poll_blocking(
+        &mut self,
+        timeout_ns: Nanos,
+        mut deliver: impl FnMut(&[u8]),
+    ) -> Result<usize, RecvError> {
+        let deadline = self.clock.now().saturating_add(timeout_ns);
+        loop {
+            let n = self.poll(&mut deliver)?;
+            if n > 0 || self.clock.now() >= deadline {
+                return Ok(n);
+            }
+            self.sleep_until(deadline);
+        }
+    }
+
+    /// Blocking form of [`Connection::recv`]: `Ok(None)` when nothing arrived within `timeout_ns`.
+    pub fn recv_blocking(
+        &mut self,
+        buf: &mut [u8],
+        timeout_ns: Nanos,
+    ) -> Result<Option<usize>, RecvError> {
+        let deadline = self.clock.now().saturating_add(timeout_ns);
+        loop {
+            if let Some(n) = self.recv(buf)? {
+                return Ok(Some(n));
+            }
+            if self.clock.now() >= deadline {
+                return Ok(None);
+            }
+            self.sleep_until(deadline);
+        }
+    }
+
+    /// Sleeps until a rail has a completion, a card has an event, the core's next timer is due
+    /// (heartbeat, re-arm) or `deadline`, whichever comes first. On a fabric without wake-up
+    /// descriptors (the simulator) the clock's `idle` moves virtual time instead.
+    fn sleep_until(&mut self, deadline: Nanos) {
+        let now = self.clock.now();
+        let until = self
+            .core
+            .poll_timeout()
+            .map_or(deadline, |t| t.min(deadline));
+        if until <= now {
+            return;
+        }
+        if self.rails.iter().any(|r| r.link.wakeup_fd().is_none()) {
+            self.clock.idle(until);
+            return;
+        }
+        for (i, rail) in self.rails.iter_mut().enumerate() {
+            if self.core.rail_state(i) != RailState::Failed {
+                if let Err(e) = rail.link.arm_wakeup() {
+                    tracing::warn!(rail = i, error = %e, "arming the completion channel failed");
+                }
+            }
+        }
+        // A completion that arrived before arming raises no wake-up: look once more.
+        if self.progress_counted() > 0 {
+            return;
+        }
+        let any = self.rails[0]
+            .nic
+            .event_fd()
+            .expect("cards with wake-ups have event fds");
+        let mut fds = [any; 2 * MAX_RAILS];
+        let mut n = 0;
+        for rail in &self.rails {
+            for fd in [rail.link.wakeup_fd(), rail.nic.event_fd()]
+                .into_iter()
+                .flatten()
+            {
+                fds[n] = fd;
+                n += 1;
+            }
+        }
+        if let Err(e) = railover_rdma::wait_readable(&fds[..n], until - now) {
+            tracing::warn!(error = %e, "waiting for completions failed; polling instead");
+        }
+        for rail in &mut self.rails {
+            rail.link.clear_wakeups();
+        }
+    }
+
     /// Processes completions, device events and timers, and posts what the core asks for.
     pub fn progress(&mut self) {
+        self.progress_counted();
+    }
+
+    /// [`Connection::progress`], returning how many completions and device events it handled.
+    fn progress_counted(&mut self) -> usize {
         self.sends_since_progress = 0;
         let now = self.clock.now();
+        let mut handled = 0;
         for (i, rail) in self.rails.iter_mut().enumerate() {
             while let Some(ev) = rail.nic.poll_event() {
                 self.core.handle_event(i, ev);
+                handled += 1;
             }
             loop {
                 let n = rail.link.poll(&mut self.completions);
                 for c in &self.completions[..n] {
                     self.core.handle_completion(i, *c);
                 }
+                handled += n;
                 if n < self.completions.len() {
                     break;
                 }
@@ -280,6 +375,7 @@ impl<N: Nic, C: Clock> Connection<N, C> {
         // Cheap (a few words per rail): reads acknowledgements and fault reports every time.
         self.core.handle_timeout(now);
         self.flush();
+        handled
     }
 
     /// Carries out every I/O the core wants now.

@@ -179,3 +179,46 @@ fn send_timeout_gives_up_at_its_deadline_and_loses_nothing() {
     }
     assert_eq!(delivered, accepted);
 }
+
+#[test]
+fn recv_blocking_sleeps_until_a_message_lands() {
+    let mut p = pair();
+    p.a.send(b"order 1").unwrap();
+    let before = p.now();
+    let mut buf = [0u8; 256];
+    assert_eq!(p.b.recv_blocking(&mut buf, 2_000_000), Ok(Some(7)));
+    assert_eq!(&buf[..7], b"order 1");
+    assert!(p.now() > before, "it slept (virtual time moved)");
+    assert!(
+        p.now() < before + 2_000_000,
+        "and woke on arrival, not at the deadline"
+    );
+}
+
+#[test]
+fn recv_blocking_times_out_heart_beating_and_loses_nothing() {
+    let mut p = pair();
+    settle(&mut p);
+    let before = p.now();
+    let writes_before = p.fabric.stats().writes_delivered;
+    let mut buf = [0u8; 256];
+    // Shorter than the heartbeat timeout: `a` does not run meanwhile.
+    assert_eq!(p.b.recv_blocking(&mut buf, 2_000_000), Ok(None));
+    assert!(p.now() >= before + 2_000_000, "it waited the whole bound");
+    // Only `b` ran: every write that landed meanwhile is one of its heartbeats (1 ms interval,
+    // 3 rails), so it woke at its timers while it slept.
+    let heartbeats = p.fabric.stats().writes_delivered - writes_before;
+    assert!(
+        heartbeats >= 3,
+        "{heartbeats} heartbeat writes during a 2 ms sleep"
+    );
+    settle(&mut p);
+    assert_eq!(p.a.stats().failovers + p.b.stats().failovers, 0);
+    p.a.send(b"late").unwrap();
+    let mut got = Vec::new();
+    assert_eq!(
+        p.b.poll_blocking(1_000_000, |m| got.push(m.to_vec())),
+        Ok(1)
+    );
+    assert_eq!(got, vec![b"late".to_vec()]);
+}

@@ -288,6 +288,64 @@ pub fn shut_down_flushes<E: ContractEnv>(env: &mut E) {
     assert_eq!((tx[0].wr_id, tx[0].status), (3, WcStatus::Flushed));
 }
 
+/// An armed completion queue makes its wake-up descriptor readable when a completion arrives
+/// (blocking receive); re-arming is needed for the next one. A fabric with no descriptors (the
+/// simulator, driven by virtual time) must say so for both the link and the card.
+pub fn armed_completion_wakes_the_waiter<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let src = HeapBuffer::new(4096);
+    let mr_src = a.register(src.clone(), Access::Local).unwrap();
+    let mr_dst = b
+        .register(HeapBuffer::new(4096), Access::RemoteWrite)
+        .unwrap();
+    let (mut la, mut lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
+    if lb.wakeup_fd().is_none() {
+        assert!(la.wakeup_fd().is_none() && b.event_fd().is_none());
+        lb.arm_wakeup().unwrap();
+        assert_eq!(lb.clear_wakeups(), 0);
+        return;
+    }
+    assert!(
+        b.event_fd().is_some(),
+        "a card with completion channels has an event descriptor"
+    );
+    lb.post_recvs(4).unwrap();
+    for round in 0..2u32 {
+        lb.arm_wakeup().unwrap();
+        let fd = lb.wakeup_fd().unwrap();
+        assert_eq!(
+            crate::wait_readable(&[fd], 0).unwrap(),
+            0,
+            "round {round}: woke with nothing"
+        );
+        la.post_write(
+            round as u64,
+            &mr_src,
+            0,
+            8,
+            &mr_dst.remote(),
+            0,
+            Some(round),
+        )
+        .unwrap();
+        let fd = lb.wakeup_fd().unwrap();
+        assert_eq!(
+            crate::wait_readable(&[fd], 20_000_000_000).unwrap(),
+            1,
+            "round {round}: no wake-up within 20 s"
+        );
+        assert!(lb.clear_wakeups() >= 1);
+        let fd = lb.wakeup_fd().unwrap();
+        assert_eq!(crate::wait_readable(&[fd], 0).unwrap(), 0, "cleared");
+        let rx = env.wait(&mut lb, 1);
+        assert!(
+            matches!(rx[..], [Completion { kind: CompletionKind::RecvImm { imm, .. }, .. }] if imm == round),
+            "{rx:?}"
+        );
+        assert_eq!(env.wait(&mut la, 1).len(), 1);
+    }
+}
+
 /// Runs every contract check against `make()`'s environments.
 pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
     write_with_imm_lands_bytes_and_imm(&mut make());
@@ -296,4 +354,5 @@ pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
     bad_rkey_is_a_remote_access_error(&mut make());
     local_misuse_is_a_typed_error(&mut make());
     shut_down_flushes(&mut make());
+    armed_completion_wakes_the_waiter(&mut make());
 }

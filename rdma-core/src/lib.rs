@@ -13,6 +13,7 @@
 //! of endpoint information.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 pub mod contract;
@@ -240,6 +241,12 @@ pub trait Nic {
 
     /// Next asynchronous event of this device, if any (never blocks).
     fn poll_event(&self) -> Option<AsyncEvent>;
+
+    /// A descriptor that becomes readable when an asynchronous event is pending, for a blocking
+    /// wait; `None` on a fabric that has none (the simulator, driven by virtual time).
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// One reliable-connected queue pair.
@@ -274,9 +281,75 @@ pub trait Link {
 
     /// Moves the queue pair to the error state (outstanding requests flush).
     fn shut_down(&mut self);
+
+    /// Asks for a wake-up (see [`Link::wakeup_fd`]) at the next completion. One-shot: arm again
+    /// after each wake-up. Completions that arrived before arming raise nothing, so poll once more
+    /// after arming and before sleeping.
+    fn arm_wakeup(&mut self) -> Result<(), FabricError> {
+        Ok(())
+    }
+
+    /// A descriptor that becomes readable when an armed completion queue has a new completion
+    /// (a completion channel); `None` on a fabric that has none (the simulator).
+    fn wakeup_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// Consumes the wake-ups that fired (never blocks); returns how many.
+    fn clear_wakeups(&mut self) -> u32 {
+        0
+    }
+}
+
+/// Sleeps until one of `fds` is readable or `timeout_ns` pass; returns how many are readable.
+/// An interrupted sleep (a signal) returns 0, as a time-out would: callers re-check and loop.
+pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout_ns: u64) -> std::io::Result<usize> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    const MAX_FDS: usize = 16;
+    let n = fds.len();
+    if n == 0 || n > MAX_FDS {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("wait_readable takes 1..={MAX_FDS} descriptors, got {n}"),
+        ));
+    }
+    // A fixed array (no allocation); slots past `n` repeat the last descriptor and are not polled.
+    let mut set: [PollFd<'_>; MAX_FDS] =
+        std::array::from_fn(|i| PollFd::from_borrowed_fd(fds[i.min(n - 1)], PollFlags::IN));
+    let timeout = Timespec {
+        tv_sec: (timeout_ns / 1_000_000_000) as _,
+        tv_nsec: (timeout_ns % 1_000_000_000) as _,
+    };
+    match poll(&mut set[..n], Some(&timeout)) {
+        Ok(ready) => Ok(ready),
+        Err(rustix::io::Errno::INTR) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A thin owning wrapper so any `Arc<T: RegisterableMemory>` registers.
 pub fn as_registerable<T: RegisterableMemory>(mem: Arc<T>) -> Arc<dyn RegisterableMemory> {
     mem
+}
+
+#[cfg(test)]
+mod wait_tests {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn wait_readable_sees_a_ready_descriptor_and_times_out_on_an_idle_one() {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let (idle_reader, _idle_writer) = std::io::pipe().unwrap();
+        assert_eq!(super::wait_readable(&[reader.as_fd()], 1_000).unwrap(), 0);
+        writer.write_all(b"x").unwrap();
+        assert_eq!(
+            super::wait_readable(&[idle_reader.as_fd(), reader.as_fd()], 1_000_000_000).unwrap(),
+            1
+        );
+        assert!(
+            super::wait_readable(&[], 0).is_err(),
+            "no descriptors is an error"
+        );
+    }
 }

@@ -9,12 +9,15 @@
 //! twice when a poll batch ends (stale or duplicate completions follow; fixed in rdma-core 55), so
 //! [`VerbsLink::poll`] takes exactly one completion per `ibv_start_poll`.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 use rdma_mummy_sys as sys;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid, GidType};
-use sideway::ibverbs::completion::{ExtendedCompletionQueue, GenericCompletionQueue};
+use sideway::ibverbs::completion::{
+    CompletionChannel, CompletionQueue, ExtendedCompletionQueue, GenericCompletionQueue,
+};
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
 use sideway::ibverbs::device_context::DeviceContext;
 use sideway::ibverbs::memory_region::MemoryRegion;
@@ -134,6 +137,8 @@ pub struct VerbsLink {
     // Field order is teardown order: QP (moved to error and drained in Drop), CQ, then the card.
     qp: ExtendedQueuePair,
     cq: Arc<ExtendedCompletionQueue>,
+    /// The CQ's completion channel: its descriptor wakes a blocking receiver.
+    channel: Arc<CompletionChannel>,
     pd: Arc<ProtectionDomain>,
     ctx: Arc<DeviceContext>,
     params: LinkParams,
@@ -176,10 +181,16 @@ impl Nic for VerbsNic {
     fn create_link(&self, params: &LinkParams) -> Result<VerbsLink, FabricError> {
         params.validate()?;
         let (gid_index, gid) = self.pick_gid(params)?;
+        let channel = CompletionChannel::new(&self.ctx)
+            .map_err(|e| verbs_err("ibv_create_comp_channel", e))?;
+        channel
+            .set_nonblocking(true)
+            .map_err(|e| verbs_err("fcntl(comp_channel)", e))?;
         let cq = self
             .ctx
             .create_cq_builder()
             .setup_cqe(params.max_send_wr + params.max_recv_wr)
+            .setup_comp_channel(&channel, 0)
             .build_ex()
             .map_err(|e| verbs_err("ibv_create_cq_ex", e))?;
         let mut qp = self
@@ -214,6 +225,7 @@ impl Nic for VerbsNic {
         Ok(VerbsLink {
             qp,
             cq,
+            channel,
             pd: self.pd.clone(),
             ctx: self.ctx.clone(),
             params: *params,
@@ -252,6 +264,12 @@ impl Nic for VerbsNic {
         // SAFETY: every event obtained must be acknowledged exactly once; this is that once.
         unsafe { sys::ibv_ack_async_event(ev.as_mut_ptr()) };
         Some(event)
+    }
+
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: async_fd is open for as long as the context, which `self` keeps alive; the
+        // borrow cannot outlive `self`.
+        Some(unsafe { BorrowedFd::borrow_raw((*self.ctx.context().as_ptr()).async_fd) })
     }
 }
 
@@ -437,6 +455,49 @@ impl Link for VerbsLink {
         if let Err(e) = self.qp.modify(&attr) {
             tracing::warn!(error = %e, "moving QP to error failed");
         }
+    }
+
+    fn arm_wakeup(&mut self) -> Result<(), FabricError> {
+        // SAFETY: the CQ lives as long as `self`; an extended CQ begins with an ibv_cq.
+        let cq = unsafe { sys::ibv_cq_ex_to_cq(self.cq.cq().as_ptr().cast()) };
+        // SAFETY: `cq` is a live CQ of an open context; arming has no other precondition.
+        let rc = unsafe { sys::ibv_req_notify_cq(cq, 0) };
+        if rc != 0 {
+            return Err(FabricError::Verbs {
+                op: "ibv_req_notify_cq",
+                source: std::io::Error::from_raw_os_error(rc),
+            });
+        }
+        Ok(())
+    }
+
+    fn wakeup_fd(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the channel's descriptor is open while the channel lives, which `self` keeps
+        // alive; the borrow cannot outlive `self`.
+        Some(unsafe { BorrowedFd::borrow_raw(self.channel.as_raw_fd()) })
+    }
+
+    fn clear_wakeups(&mut self) -> u32 {
+        let mut fired = 0u32;
+        let mut cq = std::ptr::null_mut();
+        let mut ctx = std::ptr::null_mut();
+        loop {
+            // SAFETY: the channel is live and non-blocking (set in create_link): this returns -1
+            // at once when no event is queued.
+            let rc = unsafe {
+                sys::ibv_get_cq_event(self.channel.comp_channel().as_ptr(), &mut cq, &mut ctx)
+            };
+            if rc != 0 {
+                break;
+            }
+            fired += 1;
+        }
+        if fired > 0 {
+            // SAFETY: `cq` is our CQ (the only one on this channel); every event obtained is
+            // acknowledged exactly once, here, before the CQ can be destroyed.
+            unsafe { sys::ibv_ack_cq_events(cq, fired) };
+        }
+        fired
     }
 }
 

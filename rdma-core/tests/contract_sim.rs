@@ -53,3 +53,7 @@ fn local_misuse_is_a_typed_error() {
 fn shut_down_flushes() {
     contract::shut_down_flushes(&mut Sim(SimFabric::new(6)));
 }
+#[test]
+fn armed_completion_wakes_the_waiter() {
+    contract::armed_completion_wakes_the_waiter(&mut Sim(SimFabric::new(7)));
+}

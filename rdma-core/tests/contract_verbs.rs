@@ -78,6 +78,7 @@ verbs_contract!(
     write_with_imm_lands_bytes_and_imm,
     plain_write_is_silent_at_the_receiver,
     completions_in_order_exactly_once,
+    armed_completion_wakes_the_waiter,
     bad_rkey_is_a_remote_access_error,
     local_misuse_is_a_typed_error,
     shut_down_flushes
