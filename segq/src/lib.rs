@@ -7,6 +7,8 @@
 //!   as one RDMA write each, and frees whole segments as cumulative acknowledgements arrive. On a
 //!   rail failure, [`SendQueue::copy_unacked_into`] moves every unacknowledged record, with its
 //!   sequence number, into the standby card's queue.
+//! * [`lanes`]: one send queue per rail; the application's [`LaneWriter`] writes into the active
+//!   one while the link's [`LaneControl`] fails over between them (lock-free, see the module).
 //! * [`MirrorQueue`]: the receiver's copy of a peer's ring. Parsing is zero-copy and treats the bytes
 //!   as hostile: bad lengths, bad crcs, gaps and impossible notifications are typed errors.
 //!
@@ -16,6 +18,7 @@
 #[doc(hidden)]
 pub mod alloc_counter;
 mod geometry;
+mod lanes;
 mod mirror;
 pub mod record;
 mod region;
@@ -24,6 +27,7 @@ mod shared;
 mod sync;
 
 pub use geometry::{Geometry, GeometryError, MAX_CAPACITY, MIN_SEGMENT_SIZE};
+pub use lanes::{lanes, LaneControl, LaneError, LaneReservation, LaneWriter};
 pub use mirror::{ConsumeError, MirrorQueue, StreamCursor};
 pub use record::{ParseError, HEADER_LEN};
 pub use region::{Backing, Region, PAGE_SIZE};

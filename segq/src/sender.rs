@@ -196,6 +196,8 @@ impl Producer {
         shared.write(off, &header.encode());
         self.write_pos = start + record_size(len) as u64;
         self.next_seq = seq + 1;
+        // Ordered before the Release below: a reader that saw the record sees its number here.
+        shared.committed_seq.store(seq, Ordering::Relaxed);
         // Pairs with the Acquire in `Shared::load_committed`: record bytes before the index.
         shared.committed.store(self.write_pos, Ordering::Release);
     }
@@ -323,6 +325,22 @@ impl Poster {
     /// Highest sequence number known delivered (0: none).
     pub fn acked_seq(&self) -> u64 {
         self.acked_seq
+    }
+
+    /// Sequence number of the last record committed (0: none). Never below that of any record
+    /// this poster has seen (pending, posted, acknowledged).
+    pub fn committed_seq(&self) -> u64 {
+        self.shared.committed_seq.load(Ordering::Relaxed)
+    }
+
+    /// The ring's memory, for registration with a NIC.
+    pub fn memory(&self) -> crate::Memory {
+        crate::Memory(crate::MemoryKind::Send(self.shared.clone()))
+    }
+
+    /// Takes over what an earlier queue of the stream knew delivered (after a failover copy).
+    pub(crate) fn inherit_acked_seq(&mut self, acked_seq: u64) {
+        self.acked_seq = self.acked_seq.max(acked_seq);
     }
 
     /// Highest sequence number posted (0: none).
@@ -474,20 +492,27 @@ impl SendQueue {
 
     /// Empties the queue (a fresh connection on this rail), numbering on from `next_seq`.
     pub fn reset(&mut self, next_seq: u64) {
-        let shared = &self.producer.shared;
-        // Exclusive access (&mut self holds both halves): plain stores suffice, Release for form.
-        shared.committed.store(0, Ordering::Release);
-        shared
-            .released
-            .store(shared.geo.capacity() as u64, Ordering::Release);
-        self.producer.write_pos = 0;
-        self.producer.released_cache = 0;
-        self.producer.next_seq = next_seq;
-        self.poster.posted_pos = 0;
-        self.poster.acked_pos = 0;
-        self.poster.acked_seq = next_seq - 1;
-        self.poster.last_posted_seq = 0;
-        self.poster.posted_records = 0;
-        self.poster.acked_records = 0;
+        reset_halves(&mut self.producer, &mut self.poster, next_seq)
     }
+}
+
+/// Empties a queue given both of its halves (exclusive access: nobody else uses either).
+pub(crate) fn reset_halves(producer: &mut Producer, poster: &mut Poster, next_seq: u64) {
+    debug_assert!(Arc::ptr_eq(&producer.shared, &poster.shared));
+    let shared = &producer.shared;
+    // Exclusive access (we hold both halves): plain stores suffice, Release for form.
+    shared.committed.store(0, Ordering::Release);
+    shared.committed_seq.store(0, Ordering::Relaxed);
+    shared
+        .released
+        .store(shared.geo.capacity() as u64, Ordering::Release);
+    producer.write_pos = 0;
+    producer.released_cache = 0;
+    producer.next_seq = next_seq;
+    poster.posted_pos = 0;
+    poster.acked_pos = 0;
+    poster.acked_seq = next_seq - 1;
+    poster.last_posted_seq = 0;
+    poster.posted_records = 0;
+    poster.acked_records = 0;
 }

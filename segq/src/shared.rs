@@ -13,6 +13,10 @@ pub(crate) struct Shared {
     /// Producer -> poster. Every byte below this position is a complete record (or padding).
     /// Stored with Release after the record bytes; loaded with Acquire before reading them.
     pub(crate) committed: CachePadded<AtomicU64>,
+    /// Producer -> anyone: the sequence number of the last committed record (0: none). Stored
+    /// (Relaxed) before `committed`'s Release store, so whoever has seen a record posted sees at
+    /// least its sequence number here.
+    pub(crate) committed_seq: CachePadded<AtomicU64>,
     /// Poster -> producer. The producer may write positions below this one: everything that would
     /// alias is acknowledged. Stored with Release after the poster's last read of the freed
     /// segments; loaded with Acquire before the producer overwrites them.
@@ -30,6 +34,7 @@ impl Shared {
             region,
             geo,
             committed: CachePadded::new(AtomicU64::new(0)),
+            committed_seq: CachePadded::new(AtomicU64::new(0)),
             released: CachePadded::new(AtomicU64::new(geo.capacity() as u64)),
             #[cfg(loom)]
             words: (0..geo.capacity() / 8)

@@ -1,0 +1,316 @@
+//! One send queue per rail (a *lane*), of which one — the active lane — takes the application's
+//! records. The application's thread holds the [`LaneWriter`]; the link's thread holds the
+//! [`LaneControl`] with every lane's [`Poster`], and at a failover it copies the unacknowledged
+//! records of the active lane into a standby lane and makes that one active.
+//!
+//! A failover must see every record the writer committed to the old lane, and the writer must never
+//! commit into a lane the control is working on. The two threads exclude each other without a lock
+//! in steady state, Dekker-style: the writer raises `writer_inside`, issues a SeqCst fence and
+//! reads `active`; the control stores SWITCHING into `active`, issues a SeqCst fence and reads
+//! `writer_inside`. The fences guarantee that at least one of them sees the other's store: either
+//! the writer sees SWITCHING and backs off (its send fails with [`LaneError::Switching`], to be
+//! retried), or the control sees the writer inside and spins until it leaves (a few hundred
+//! nanoseconds: one record's copy, or the caller's time between `reserve` and `commit`).
+//! Writer: one Relaxed store, one fence, one Acquire load and one Release store per record; no
+//! read-modify-write, nothing contended unless a failover is under way. While both halves live on
+//! one thread ([`LaneWriter::is_concurrent`] false), the writer skips the protocol entirely.
+//!
+//! The writer only touches the active lane's producer; the control touches a producer only while
+//! the writer is excluded (a switch) or when that lane is not the active one (a reset).
+
+use crossbeam_utils::CachePadded;
+
+use crate::sender::{reset_halves, CopyReport, Poster, Producer, PushError, Reservation};
+use crate::sync::{fence, spin_wait, Arc, AtomicBool, AtomicUsize, MutPtr, Ordering, UnsafeCell};
+use crate::SendQueue;
+
+/// `active` while the control has the producers to itself.
+const SWITCHING: usize = usize::MAX;
+/// `active` once every lane is dead: the writer fails for good.
+const CLOSED: usize = usize::MAX - 1;
+
+/// A record the writer could not take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LaneError {
+    #[error(transparent)]
+    Push(#[from] PushError),
+    /// A failover is moving the lanes right now; retry in a moment.
+    #[error("a failover is switching lanes; retry")]
+    Switching,
+    /// Every lane is closed (every rail is dead).
+    #[error("every lane is closed")]
+    Closed,
+}
+
+struct LaneShared {
+    producers: Box<[UnsafeCell<Producer>]>,
+    /// Control -> writer: the active lane, SWITCHING or CLOSED. The writer loads it with Acquire
+    /// (pairs with the control's Release store ending a switch: its work on the producers is
+    /// visible to the writer).
+    active: CachePadded<AtomicUsize>,
+    /// Writer -> control: true while the writer uses the active producer. Cleared with Release
+    /// (pairs with the control's Acquire load: the writer's records are visible to the copy).
+    writer_inside: CachePadded<AtomicBool>,
+}
+
+// SAFETY: each producer is used by one thread at a time, by the protocol in the module doc; the
+// rest is atomics. Producers themselves are Send (they own an Arc of their ring).
+unsafe impl Sync for LaneShared {}
+// SAFETY: as above: nothing in it is tied to a thread.
+unsafe impl Send for LaneShared {}
+
+/// The application's side: writes records into the active lane.
+pub struct LaneWriter {
+    shared: Arc<LaneShared>,
+    concurrent: bool,
+    max_record: usize,
+}
+
+/// The link's side: the lanes' posters, switching and resetting lanes.
+pub struct LaneControl {
+    shared: Arc<LaneShared>,
+    posters: Vec<Poster>,
+    active: usize,
+}
+
+/// Makes lanes of `queues` (one per rail, all of one geometry); `active` takes records first.
+pub fn lanes(queues: Vec<SendQueue>, active: usize) -> (LaneWriter, LaneControl) {
+    assert!(active < queues.len(), "active lane {active} out of range");
+    let max_record = queues[0].geometry().max_record();
+    let (producers, posters): (Vec<_>, Vec<_>) = queues.into_iter().map(SendQueue::split).unzip();
+    let shared = Arc::new(LaneShared {
+        producers: producers.into_iter().map(UnsafeCell::new).collect(),
+        active: CachePadded::new(AtomicUsize::new(active)),
+        writer_inside: CachePadded::new(AtomicBool::new(false)),
+    });
+    (
+        LaneWriter {
+            shared: shared.clone(),
+            concurrent: false,
+            max_record,
+        },
+        LaneControl {
+            shared,
+            posters,
+            active,
+        },
+    )
+}
+
+/// A reserved slot in the active lane; the writer stays "inside" until it is committed or dropped.
+pub struct LaneReservation<'a> {
+    inner: Option<Reservation<'a>>,
+    /// The access to the producer (tracked under loom), ended before the writer leaves.
+    producer: Option<MutPtr<Producer>>,
+    writer: &'a LaneWriter,
+}
+
+impl LaneReservation<'_> {
+    /// The payload bytes to fill (exactly the reserved length).
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        self.inner
+            .as_mut()
+            .expect("present until commit")
+            .payload_mut()
+    }
+
+    /// Frames and publishes the record. Returns its sequence number.
+    pub fn commit(mut self) -> u64 {
+        self.inner.take().expect("present until commit").commit()
+        // Drop leaves.
+    }
+}
+
+impl Drop for LaneReservation<'_> {
+    fn drop(&mut self) {
+        self.inner = None; // abandon an uncommitted slot before leaving
+        self.producer = None;
+        self.writer.leave();
+    }
+}
+
+impl LaneWriter {
+    /// Switches the writer to the cross-thread protocol. Call before handing it to another thread
+    /// than the control's.
+    pub fn make_concurrent(&mut self) {
+        self.concurrent = true;
+    }
+
+    /// Whether the writer and the control may run on different threads.
+    pub fn is_concurrent(&self) -> bool {
+        self.concurrent
+    }
+
+    /// Largest payload accepted.
+    pub fn max_record(&self) -> usize {
+        self.max_record
+    }
+
+    /// Enters the active lane: its index, with the writer marked inside.
+    fn enter(&self) -> Result<usize, LaneError> {
+        if self.concurrent {
+            // Never raise the flag while a switch is pending: a writer retrying in a loop would
+            // otherwise keep the control waiting for ever.
+            if self.shared.active.load(Ordering::Relaxed) == SWITCHING {
+                return Err(LaneError::Switching);
+            }
+            self.shared.writer_inside.store(true, Ordering::Relaxed);
+            // Dekker with `LaneControl::exclude_writer`: orders our store before our load of
+            // `active`, as its fence orders its SWITCHING store before its load of our flag.
+            fence(Ordering::SeqCst);
+        }
+        // Pairs with the Release that ends a switch (see `LaneShared::active`).
+        match self.shared.active.load(Ordering::Acquire) {
+            SWITCHING => {
+                self.leave();
+                Err(LaneError::Switching)
+            }
+            CLOSED => {
+                self.leave();
+                Err(LaneError::Closed)
+            }
+            lane => Ok(lane),
+        }
+    }
+
+    fn leave(&self) {
+        if self.concurrent {
+            // Pairs with the Acquire in `LaneControl::exclude_writer`.
+            self.shared.writer_inside.store(false, Ordering::Release);
+        }
+    }
+
+    /// Copies `payload` into the active lane as one record. Returns its sequence number.
+    pub fn push(&mut self, payload: &[u8]) -> Result<u64, LaneError> {
+        let lane = self.enter()?;
+        let producer = self.shared.producers[lane].get_mut();
+        // SAFETY: we are inside and `lane` is active: the control does not touch this producer
+        // until we leave (module doc), and `&mut self` makes this writer the only other user.
+        let r = unsafe { producer.deref() }.push(payload);
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked access before we leave
+        drop(producer);
+        self.leave();
+        Ok(r?)
+    }
+
+    /// Reserves a slot of `len` payload bytes in the active lane. Keep it short: a failover waits
+    /// for it to be committed or dropped.
+    pub fn reserve(&mut self, len: usize) -> Result<LaneReservation<'_>, LaneError> {
+        let lane = self.enter()?;
+        let producer = self.shared.producers[lane].get_mut();
+        // SAFETY: as in `push`; the reservation keeps us inside (and borrows `self` mutably) until
+        // it is committed or dropped, so the reference stays exclusive for its whole life.
+        let raw: *mut Producer = unsafe { producer.deref() };
+        // SAFETY: `raw` points into `self.shared`, which outlives the returned reservation (it
+        // borrows `self`); exclusivity as above.
+        let inner = match unsafe { &mut *raw }.reserve(len) {
+            Ok(r) => r,
+            Err(e) => {
+                #[allow(clippy::drop_non_drop)] // ends loom's tracked access before we leave
+                drop(producer);
+                self.leave();
+                return Err(e.into());
+            }
+        };
+        Ok(LaneReservation {
+            inner: Some(inner),
+            producer: Some(producer),
+            writer: self,
+        })
+    }
+}
+
+impl LaneControl {
+    /// The lane taking records.
+    pub fn active(&self) -> usize {
+        self.active
+    }
+
+    pub fn lane_count(&self) -> usize {
+        self.posters.len()
+    }
+
+    pub fn poster(&mut self, lane: usize) -> &mut Poster {
+        &mut self.posters[lane]
+    }
+
+    pub fn poster_ref(&self, lane: usize) -> &Poster {
+        &self.posters[lane]
+    }
+
+    /// The highest sequence number committed into any lane (0: none): what this side has sent.
+    pub fn last_committed_seq(&self) -> u64 {
+        self.posters
+            .iter()
+            .map(Poster::committed_seq)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Keeps the writer out of every producer until `readmit`.
+    fn exclude_writer(&self) {
+        self.shared.active.store(SWITCHING, Ordering::Relaxed);
+        // Dekker with `LaneWriter::enter` (see there).
+        fence(Ordering::SeqCst);
+        // Pairs with the writer's Release in `leave`: its records are visible once it is out.
+        while self.shared.writer_inside.load(Ordering::Acquire) {
+            spin_wait();
+        }
+    }
+
+    fn readmit(&self, active: usize) {
+        // Pairs with the writer's Acquire in `enter`: our work on the producers is visible first.
+        self.shared.active.store(active, Ordering::Release);
+    }
+
+    /// Copies every unacknowledged record of the active lane, in order and with its sequence
+    /// number, into lane `to` and makes `to` active. Returns the copy's report and the sequence
+    /// number `to` gives its next new record. On an error the active lane stays as it was.
+    pub fn fail_over(&mut self, to: usize) -> Result<(CopyReport, u64), PushError> {
+        let from = self.active;
+        assert!(
+            to != from && to < self.posters.len(),
+            "bad failover target {to}"
+        );
+        self.exclude_writer();
+        let (own, dst) = (
+            self.shared.producers[from].get_mut(),
+            self.shared.producers[to].get_mut(),
+        );
+        // SAFETY: the writer is excluded (above) and `from != to`: these are the only references
+        // to either producer until `readmit`.
+        let (own, dst) = unsafe { (own.deref(), dst.deref()) };
+        let result = self.posters[from].copy_unacked_into(own, dst);
+        let next_seq = dst.next_seq();
+        if result.is_ok() {
+            let acked = self.posters[from].acked_seq();
+            self.posters[to].inherit_acked_seq(acked);
+            self.active = to;
+        }
+        self.readmit(self.active);
+        result.map(|r| (r, next_seq))
+    }
+
+    /// Empties lane `lane` (a fresh connection on its rail), numbering from `next_seq`. Refused
+    /// (false) for the active lane, which the writer may be using.
+    pub fn reset(&mut self, lane: usize, next_seq: u64) -> bool {
+        if lane == self.active {
+            return false;
+        }
+        let producer = self.shared.producers[lane].get_mut();
+        // SAFETY: the writer only touches the active lane's producer, and `lane` is not active
+        // (switches happen only here, under exclusion, so the writer cannot be inside it).
+        reset_halves(
+            unsafe { producer.deref() },
+            &mut self.posters[lane],
+            next_seq,
+        );
+        true
+    }
+
+    /// Every lane is dead: the writer fails with [`LaneError::Closed`] from now on.
+    pub fn close(&mut self) {
+        self.exclude_writer();
+        self.shared.active.store(CLOSED, Ordering::Release);
+    }
+}
