@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use railover_rdma::{AsyncEvent, Completion, CompletionKind, WcStatus};
-use railover_segq::{MirrorQueue, PushError, Region, Reservation, SendQueue, StreamCursor};
+use railover_segq::{LaneControl, LaneWriter, MirrorQueue, Region, SendQueue, StreamCursor};
 
 use crate::config::{Config, MAX_RAILS};
 use crate::ctrl::{CtrlBlock, CTRL_LEN};
@@ -151,7 +151,6 @@ fn wr_generation(wr_id: u64) -> u16 {
 }
 
 struct Rail {
-    tx: SendQueue,
     rx: MirrorQueue,
     ctrl_out: Arc<Region>,
     ctrl_in: Arc<Region>,
@@ -181,6 +180,9 @@ struct Rail {
 pub struct Core {
     cfg: Config,
     rails: Vec<Rail>,
+    /// Every rail's send queue (its lane); the application writes into the active one through
+    /// the [`LaneWriter`] returned by [`Core::new`].
+    lanes: LaneControl,
     active: usize,
     cursor: StreamCursor,
     dead: bool,
@@ -199,11 +201,12 @@ pub struct Core {
 impl Core {
     /// Allocates the rings and control slots of every rail. All rails start connected: rail 0
     /// active, the others warm standbys.
-    pub fn new(cfg: Config, now: Nanos) -> std::io::Result<Core> {
+    pub fn new(cfg: Config, now: Nanos) -> std::io::Result<(Core, LaneWriter)> {
         let mut rails = Vec::with_capacity(cfg.rails);
+        let mut queues = Vec::with_capacity(cfg.rails);
         for i in 0..cfg.rails {
+            queues.push(SendQueue::new(cfg.geometry, cfg.backing, 1)?);
             rails.push(Rail {
-                tx: SendQueue::new(cfg.geometry, cfg.backing, 1)?,
                 rx: MirrorQueue::new(cfg.geometry, cfg.backing)?,
                 ctrl_out: Arc::new(Region::new(CTRL_LEN, cfg.backing)?),
                 ctrl_in: Arc::new(Region::new(CTRL_LEN, cfg.backing)?),
@@ -230,9 +233,11 @@ impl Core {
                 reported_notified: 0,
             });
         }
+        let (writer, lanes) = railover_segq::lanes(queues, 0);
         let mut core = Core {
             cfg,
             rails,
+            lanes,
             active: 0,
             cursor: StreamCursor::default(),
             dead: false,
@@ -246,7 +251,7 @@ impl Core {
             last_tick: now,
         };
         core.refresh_rail_stats();
-        Ok(core)
+        Ok((core, writer))
     }
 
     /// Every rail is connected at both ends: heartbeat timers start now (connection set-up can
@@ -276,7 +281,7 @@ impl Core {
     ) {
         let r = &self.rails[rail];
         (
-            r.tx.memory(),
+            self.lanes.poster_ref(rail).memory(),
             r.rx.memory(),
             r.ctrl_out.clone(),
             r.ctrl_in.clone(),
@@ -320,7 +325,7 @@ impl Core {
 
     /// Highest sequence number this side accepted for sending (0: none).
     pub fn last_sent_seq(&self) -> u64 {
-        self.rails[self.active].tx.next_seq() - 1
+        self.lanes.last_committed_seq()
     }
 
     /// One line per rail of internal state, for diagnosing a stuck connection.
@@ -336,52 +341,13 @@ impl Core {
         for (i, r) in self.rails.iter().enumerate() {
             out += &format!(
                 "  rail {i}: {:?} gen={} outstanding={} recv_credits={} tx_next_seq={} tx_acked_seq={} rx_complete={} rx_read={} hb_out={} peer_hb={} peer_seen_at={} last_failure={:?}\n",
-                r.state, r.generation, r.outstanding, r.recv_credits, r.tx.next_seq(), r.tx.acked_seq(), r.rx.complete_pos(), r.rx.read_pos(), r.heartbeat, r.peer_heartbeat, r.peer_seen_at, r.last_failure
+                r.state, r.generation, r.outstanding, r.recv_credits, self.lanes.poster_ref(i).committed_seq() + 1, self.lanes.poster_ref(i).acked_seq(), r.rx.complete_pos(), r.rx.read_pos(), r.heartbeat, r.peer_heartbeat, r.peer_seen_at, r.last_failure
             );
         }
         out
     }
 
     // ---- the application's side ----
-
-    /// Queues one message. Returns its sequence number.
-    pub fn send(&mut self, payload: &[u8]) -> Result<u64, SendError> {
-        for attempt in 0..2 {
-            if self.dead {
-                return Err(SendError::AllRailsDown);
-            }
-            match self.rails[self.active].tx.push(payload) {
-                Ok(seq) => return Ok(seq),
-                Err(PushError::TooLarge { len, max }) => {
-                    return Err(SendError::TooLarge { len, max })
-                }
-                Err(PushError::Full) if attempt == 0 => self.process_ctrl(),
-                Err(PushError::Full) => {}
-            }
-        }
-        Err(SendError::Backpressure)
-    }
-
-    /// Reserves a zero-copy slot for a message of `len` bytes; fill it, then `commit()`.
-    pub fn reserve(&mut self, len: usize) -> Result<Reservation<'_>, SendError> {
-        if self.dead {
-            return Err(SendError::AllRailsDown);
-        }
-        let max = self.cfg.geometry.max_record();
-        if len > max {
-            return Err(SendError::TooLarge { len, max });
-        }
-        if self.rails[self.active].tx.reserve(len).is_err() {
-            self.process_ctrl();
-            if self.dead {
-                return Err(SendError::AllRailsDown);
-            }
-        }
-        self.rails[self.active]
-            .tx
-            .reserve(len)
-            .map_err(|_| SendError::Backpressure)
-    }
 
     /// Delivers every message that has arrived, in order and exactly once, to `deliver` (zero-copy).
     /// Returns how many it delivered.
@@ -451,7 +417,7 @@ impl Core {
     /// Visits every record accepted for sending but not known delivered, in order. After
     /// [`Event::AllRailsDown`] these are the records the user must treat as not sent.
     pub fn unacked(&self, f: impl FnMut(u64, &[u8])) {
-        self.rails[self.active].tx.for_each_unacked(f)
+        self.lanes.poster_ref(self.active).for_each_unacked(f)
     }
 
     /// Next user-visible event.
@@ -487,8 +453,8 @@ impl Core {
             && rail.outstanding + 2 < max_wr
             && rail.imm_posted - rail.peer_notified < (max_recv / 2) as u64
         {
-            if let Some(range) = rail.tx.poster().pending(self.cfg.max_write_bytes) {
-                rail.tx.poster().mark_posted(&range);
+            if let Some(range) = self.lanes.poster(a).pending(self.cfg.max_write_bytes) {
+                self.lanes.poster(a).mark_posted(&range);
                 rail.outstanding += 1;
                 rail.imm_posted += 1;
                 return Some(Io::Write {
@@ -667,8 +633,12 @@ impl Core {
             }
         }
         let now = self.now;
+        if !self.lanes.reset(rail, 1) {
+            // Unreachable: a failed rail is never the active lane while the core lives.
+            tracing::error!(rail, "refusing to reset the active lane");
+            return;
+        }
         let r = &mut self.rails[rail];
-        r.tx.reset(1);
         r.rx.reset();
         r.ctrl_in.write(0, &[0u8; CTRL_LEN]);
         r.generation = r.generation.wrapping_add(1);
@@ -746,7 +716,7 @@ impl Core {
                 continue;
             }
             rail.peer_notified = rail.peer_notified.max(c.notified);
-            let last_sent = self.rails[self.active].tx.next_seq() - 1;
+            let last_sent = self.lanes.last_committed_seq();
             if c.delivered_seq > last_sent.max(self.peer_delivered) {
                 tracing::warn!(
                     rail = r,
@@ -758,9 +728,9 @@ impl Core {
                 continue;
             }
             self.peer_delivered = self.peer_delivered.max(c.delivered_seq);
-            if let Err(e) = self.rails[r]
-                .tx
-                .poster()
+            if let Err(e) = self
+                .lanes
+                .poster(r)
                 .ack(c.consumed_pos, self.peer_delivered)
             {
                 tracing::warn!(rail = r, error = %e, "impossible acknowledgement");
@@ -838,17 +808,14 @@ impl Core {
                 self.declare_dead();
                 return;
             };
-            let (src, dst) = two_mut(&mut self.rails, from, to);
-            match src.tx.copy_unacked_into(&mut dst.tx) {
-                Ok(rep) => {
-                    dst.state = RailState::Active;
+            match self.lanes.fail_over(to) {
+                Ok((rep, next_seq)) => {
+                    self.rails[to].state = RailState::Active;
                     self.active = to;
                     self.stats.failovers += 1;
                     self.stats.records_resent += rep.records as u64;
                     self.stats.bytes_resent += rep.bytes as u64;
-                    let first = rep
-                        .first_seq
-                        .unwrap_or_else(|| self.rails[to].tx.next_seq());
+                    let first = rep.first_seq.unwrap_or(next_seq);
                     self.blackout_from = Some((self.now, first));
                     tracing::warn!(
                         from,
@@ -881,6 +848,7 @@ impl Core {
     fn declare_dead(&mut self) {
         if !self.dead {
             self.dead = true;
+            self.lanes.close();
             tracing::error!("all rails down");
             self.push_event(Event::AllRailsDown { at: self.now });
         }
@@ -897,16 +865,5 @@ impl Core {
         for (i, r) in self.rails.iter().enumerate() {
             self.stats.rail_states[i] = Some(r.state);
         }
-    }
-}
-
-fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
-    assert_ne!(a, b);
-    if a < b {
-        let (x, y) = v.split_at_mut(b);
-        (&mut x[a], &mut y[0])
-    } else {
-        let (x, y) = v.split_at_mut(a);
-        (&mut y[0], &mut x[b])
     }
 }

@@ -4,7 +4,8 @@
 //! without losing, duplicating or reordering a message.
 //!
 //! * [`core`]: the failover state machine, sans I/O.
-//! * [`Connection`]: drives a [`core::Core`] over any fabric ([`railover_rdma::Nic`]).
+//! * [`Connection`]: drives a [`core::Core`] over any fabric ([`railover_rdma::Nic`]);
+//!   [`Connection::split`] gives a lock-free [`Sender`] for another thread and the [`Receiver`].
 //! * [`sim::SimPair`]: two connected endpoints on the deterministic simulated fabric.
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -19,4 +20,4 @@ pub mod verbs;
 
 pub use crate::config::{Config, ConfigBuilder, ConfigError, MAX_RAILS};
 pub use crate::core::{Event, FailReason, Nanos, RailState, RecvError, SendError, Stats};
-pub use crate::runtime::{ConnectError, Connection};
+pub use crate::runtime::{ConnectError, Connection, Receiver, Sender};

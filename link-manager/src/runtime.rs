@@ -8,7 +8,7 @@ use railover_rdma::{
     Access, Completion, CompletionKind, FabricError, Link, MemoryRegistration, Nic, RemoteRegion,
     WcStatus,
 };
-use railover_segq::Reservation;
+use railover_segq::{LaneError, LaneReservation, LaneWriter, PushError};
 
 use crate::config::Config;
 use crate::config::MAX_RAILS;
@@ -73,16 +73,149 @@ pub struct PendingConnection<N: Nic, C: Clock> {
 
 /// A railover connection: both directions over every rail, failover included.
 ///
-/// Single-threaded and caller-driven (busy-poll): [`Connection::send`] posts at once,
-/// [`Connection::poll`] makes progress (completions, events, heartbeats) and delivers.
+/// Single-threaded and caller-driven (busy-poll, or blocking with
+/// [`Receiver::recv_blocking`]): [`Connection::send`] posts at once, [`Receiver::poll`] makes
+/// progress (completions, events, heartbeats) and delivers. Everything that is not sending lives
+/// on the [`Receiver`] half and is reached through `Deref`. [`Connection::split`] hands the sending
+/// half to another thread.
 pub struct Connection<N: Nic, C: Clock> {
+    rx: Receiver<N, C>,
+    tx: Sender,
+    /// Sends since the last full progress: a caller that only sends still heart-beats.
+    sends_since_progress: u32,
+}
+
+/// The receiving half, which also drives the connection: completions, device events,
+/// heartbeats, acknowledgements, failover, re-arm, and posting what the [`Sender`] committed.
+/// After [`Connection::split`] it must keep being polled (busy or blocking) for anything to move.
+pub struct Receiver<N: Nic, C: Clock> {
     core: Core,
     rails: Vec<RailIo<N>>,
     clock: C,
     rearm_requests: Vec<usize>,
     completions: [Completion; 32],
-    /// Sends since the last full progress: a caller that only sends still heart-beats.
-    sends_since_progress: u32,
+}
+
+/// The sending half after [`Connection::split`]: lock-free and allocation-free, it frames records
+/// into the active rail's ring (no syscall, no lock: a Dekker handshake with the failover, see
+/// `railover_segq::lanes`). The [`Receiver`]'s thread posts them.
+pub struct Sender {
+    writer: LaneWriter,
+}
+
+fn send_error(e: LaneError) -> SendError {
+    match e {
+        LaneError::Push(PushError::TooLarge { len, max }) => SendError::TooLarge { len, max },
+        LaneError::Push(PushError::Full) | LaneError::Switching => SendError::Backpressure,
+        LaneError::Closed => SendError::AllRailsDown,
+    }
+}
+
+impl Sender {
+    /// Queues `msg`; the receiver's thread posts it. Returns its sequence number. A failover in
+    /// progress is waited out (it takes microseconds); a full ring is [`SendError::Backpressure`].
+    pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
+        loop {
+            match self.writer.push(msg) {
+                Err(LaneError::Switching) => std::hint::spin_loop(),
+                r => return r.map_err(send_error),
+            }
+        }
+    }
+
+    /// Like [`Sender::send`], retrying a full ring until `timeout` passes (spinning: the
+    /// receiver's thread frees space as acknowledgements arrive).
+    pub fn send_timeout(
+        &mut self,
+        msg: &[u8],
+        timeout: std::time::Duration,
+    ) -> Result<u64, SendError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.send(msg) {
+                Err(SendError::Backpressure) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now()
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// A zero-copy slot of `len` bytes: fill it and `commit()` it. Keep it short: a failover
+    /// waits for it.
+    pub fn reserve(&mut self, len: usize) -> Result<LaneReservation<'_>, SendError> {
+        self.writer.reserve(len).map_err(send_error)
+    }
+
+    /// Largest message accepted.
+    pub fn max_message(&self) -> usize {
+        self.writer.max_record()
+    }
+}
+
+impl<N: Nic, C: Clock> std::ops::Deref for Connection<N, C> {
+    type Target = Receiver<N, C>;
+    fn deref(&self) -> &Receiver<N, C> {
+        &self.rx
+    }
+}
+
+impl<N: Nic, C: Clock> std::ops::DerefMut for Connection<N, C> {
+    fn deref_mut(&mut self) -> &mut Receiver<N, C> {
+        &mut self.rx
+    }
+}
+
+impl<N: Nic, C: Clock> Connection<N, C> {
+    /// Queues `msg` and posts it at once. Returns its sequence number.
+    pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
+        // Keep the engine turning for callers that only send: heartbeats, completions, acks.
+        self.sends_since_progress += 1;
+        if self.sends_since_progress >= 64 {
+            self.sends_since_progress = 0;
+            self.rx.progress();
+        }
+        let mut r = self.tx.send(msg);
+        if matches!(r, Err(SendError::Backpressure)) {
+            self.rx.progress(); // acknowledgements may be waiting
+            r = self.tx.send(msg);
+        }
+        self.rx.flush();
+        r
+    }
+
+    /// Like [`Connection::send`], but when the ring is full it keeps the connection running
+    /// (completions, acknowledgements, heartbeats, failover) for up to `timeout_ns` waiting for
+    /// space. Still full at the deadline: [`SendError::Backpressure`]; nothing is queued then.
+    pub fn send_timeout(&mut self, msg: &[u8], timeout_ns: Nanos) -> Result<u64, SendError> {
+        let deadline = self.rx.clock.now().saturating_add(timeout_ns);
+        loop {
+            match self.send(msg) {
+                Err(SendError::Backpressure) => {}
+                done => return done,
+            }
+            if self.rx.clock.now() >= deadline {
+                return Err(SendError::Backpressure);
+            }
+            self.rx.clock.idle(deadline);
+            self.rx.progress();
+        }
+    }
+
+    /// A zero-copy slot: fill it, `commit()` it, then call [`Receiver::flush`]. On
+    /// [`SendError::Backpressure`], let the connection progress ([`Receiver::progress`]) and retry.
+    pub fn reserve(&mut self, len: usize) -> Result<LaneReservation<'_>, SendError> {
+        self.tx.reserve(len)
+    }
+
+    /// Hands the sending half to another thread. The [`Receiver`] keeps driving the connection
+    /// and posts what the [`Sender`] commits, so some thread must keep polling it. Sends cost a
+    /// fence more than on an unsplit connection, and reach the wire on the receiver's next poll.
+    pub fn split(self) -> (Sender, Receiver<N, C>) {
+        let Connection { rx, mut tx, .. } = self;
+        tx.writer.make_concurrent();
+        (tx, rx)
+    }
 }
 
 /// What this side tells the peer about one rail (at connect and at every re-arm: one definition).
@@ -122,7 +255,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                 got: cards.len(),
             });
         }
-        let core = Core::new(cfg, clock.now())?;
+        let (core, writer) = Core::new(cfg, clock.now())?;
         let mut rails = Vec::with_capacity(cards.len());
         let mut hellos = Vec::with_capacity(cards.len());
         for (i, nic) in cards.into_iter().enumerate() {
@@ -146,11 +279,14 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         }
         Ok(PendingConnection {
             conn: Connection {
-                core,
-                rails,
-                clock,
-                rearm_requests: Vec::with_capacity(8),
-                completions: [Completion::EMPTY; 32],
+                rx: Receiver {
+                    core,
+                    rails,
+                    clock,
+                    rearm_requests: Vec::with_capacity(8),
+                    completions: [Completion::EMPTY; 32],
+                },
+                tx: Sender { writer },
                 sends_since_progress: 0,
             },
             hellos,
@@ -193,54 +329,13 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
     }
 }
 
-impl<N: Nic, C: Clock> Connection<N, C> {
+impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Starts heartbeats and posts the first receives and control writes. Call once the peer's
     /// queue pairs are connected too.
     pub fn start(&mut self) {
         let now = self.clock.now();
         self.core.start(now);
         self.flush();
-    }
-
-    /// Queues `msg` and posts it at once. Returns its sequence number.
-    pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
-        // Keep the engine turning for callers that only send: heartbeats, completions, acks.
-        self.sends_since_progress += 1;
-        if self.sends_since_progress >= 64 {
-            self.progress();
-        }
-        let r = self.core.send(msg);
-        if matches!(r, Err(SendError::Backpressure)) {
-            self.progress(); // acknowledgements may be waiting
-            let r = self.core.send(msg);
-            self.flush();
-            return r;
-        }
-        self.flush();
-        r
-    }
-
-    /// Like [`Connection::send`], but when the ring is full it keeps the connection running
-    /// (completions, acknowledgements, heartbeats, failover) for up to `timeout_ns` waiting for
-    /// space. Still full at the deadline: [`SendError::Backpressure`]; nothing is queued then.
-    pub fn send_timeout(&mut self, msg: &[u8], timeout_ns: Nanos) -> Result<u64, SendError> {
-        let deadline = self.clock.now().saturating_add(timeout_ns);
-        loop {
-            match self.send(msg) {
-                Err(SendError::Backpressure) => {}
-                done => return done,
-            }
-            if self.clock.now() >= deadline {
-                return Err(SendError::Backpressure);
-            }
-            self.clock.idle(deadline);
-            self.progress();
-        }
-    }
-
-    /// A zero-copy slot: fill it, `commit()` it, then call [`Connection::flush`].
-    pub fn reserve(&mut self, len: usize) -> Result<Reservation<'_>, SendError> {
-        self.core.reserve(len)
     }
 
     /// Makes progress, then delivers every message that arrived (zero-copy, in order, exactly once).
@@ -353,7 +448,6 @@ impl<N: Nic, C: Clock> Connection<N, C> {
 
     /// [`Connection::progress`], returning how many completions and device events it handled.
     fn progress_counted(&mut self) -> usize {
-        self.sends_since_progress = 0;
         let now = self.clock.now();
         let mut handled = 0;
         for (i, rail) in self.rails.iter_mut().enumerate() {
@@ -532,8 +626,8 @@ impl<N: Nic, C: Clock> Connection<N, C> {
 /// set-ups): fresh queue pairs on both sides, connected to each other, then both cores reset the
 /// rail as a standby. On failure both cores are told and will ask again later.
 pub fn rearm_both<N: Nic, C: Clock>(
-    a: &mut Connection<N, C>,
-    b: &mut Connection<N, C>,
+    a: &mut Receiver<N, C>,
+    b: &mut Receiver<N, C>,
     rail: usize,
 ) -> Result<(), ConnectError> {
     let attempt = (|| {
@@ -563,8 +657,8 @@ pub fn rearm_both<N: Nic, C: Clock>(
 /// Serves every pending re-arm request of two connections driven by one process. Returns the
 /// rails it tried and the outcome of each.
 pub fn serve_rearms<N: Nic, C: Clock>(
-    a: &mut Connection<N, C>,
-    b: &mut Connection<N, C>,
+    a: &mut Receiver<N, C>,
+    b: &mut Receiver<N, C>,
 ) -> Vec<(usize, Result<(), ConnectError>)> {
     let mut out = Vec::new();
     while let Some(rail) = a.take_rearm_request().or_else(|| b.take_rearm_request()) {

@@ -37,3 +37,40 @@ fn steady_state_send_and_poll_allocate_nothing() {
     assert_eq!(allocations, 0, "steady state allocated {allocations} times");
     assert!(delivered > 30_000, "traffic really flowed: {delivered}");
 }
+
+#[test]
+fn split_sender_and_receiver_allocate_nothing() {
+    let cfg = Config::builder().geometry(4096, 16, 512).build().unwrap();
+    let SimPair {
+        fabric, a, mut b, ..
+    } = SimPair::new(cfg, 10, 2_000).unwrap();
+    let (mut sender, mut a) = a.split();
+    let msg = [0x24u8; 100];
+    let mut delivered = 0usize;
+    let mut round = || {
+        for _ in 0..4 {
+            sender.send(&msg).unwrap();
+        }
+        a.progress(); // posts what the sender committed
+        let t = fabric.now() + 50_000;
+        fabric.advance_to(t);
+        a.progress();
+        b.progress();
+        fabric.advance_to(t + 50_000);
+        a.progress();
+        delivered += b.poll(|m| assert_eq!(m.len(), 100)).unwrap();
+    };
+    for _ in 0..2_000 {
+        round();
+    }
+    let allocations = count_allocations(|| {
+        for _ in 0..2_500 {
+            round();
+        }
+    });
+    assert_eq!(
+        allocations, 0,
+        "split steady state allocated {allocations} times"
+    );
+    assert!(delivered > 15_000, "traffic really flowed: {delivered}");
+}

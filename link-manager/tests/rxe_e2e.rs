@@ -456,3 +456,46 @@ fn blocking_receiver_on_its_own_thread() {
         "blocking-recv {delivered} messages in {BURSTS} bursts, 0 lost/duplicated/reordered, {idle_wakeups} empty waits, 0 failovers"
     ));
 }
+
+/// Host 1 split: its `Sender` on its own thread, its `Receiver` (which posts what the sender
+/// commits) and host 2 polled on this thread. Every message arrives in order exactly once.
+#[test]
+fn split_sender_thread() {
+    if !applicable() {
+        return;
+    }
+    const MESSAGES: usize = 20_000;
+    let Hosts { a, mut b, .. } = connect_hosts();
+    let (mut sender, mut a) = a.split();
+    let sender_thread = std::thread::spawn(move || {
+        for i in 1..=MESSAGES {
+            let m = msg(i);
+            loop {
+                match sender.send(&m) {
+                    Ok(seq) => {
+                        assert_eq!(seq as usize, i);
+                        break;
+                    }
+                    Err(SendError::Backpressure) => std::thread::yield_now(),
+                    Err(e) => panic!("sender: {e}"),
+                }
+            }
+        }
+    });
+    let mut delivered = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while delivered < MESSAGES {
+        assert!(Instant::now() < deadline, "stalled at {delivered}");
+        a.progress();
+        b.poll(|m| {
+            delivered += 1;
+            assert_eq!(m, &msg(delivered)[..], "message {delivered}");
+        })
+        .unwrap();
+    }
+    sender_thread.join().unwrap();
+    assert_eq!(a.stats().failovers + b.stats().failovers, 0);
+    write_result(&format!(
+        "split-sender  {delivered} messages from a sender thread, 0 lost/duplicated/reordered"
+    ));
+}
