@@ -13,6 +13,7 @@ pub mod config;
 pub mod core;
 pub mod ctrl;
 mod memory;
+pub mod rearm;
 pub mod runtime;
 pub mod sim;
 #[cfg(feature = "verbs")]

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::config::MAX_RAILS;
 use crate::core::{Buf, Core, Event, Io, Nanos, RailState, RecvError, SendError, Stats};
 use crate::memory::{QueueMem, RegionMem};
+use crate::rearm::{RearmChannel, Role};
 
 /// A source of time for the driver.
 pub trait Clock {
@@ -51,6 +52,8 @@ pub enum ConnectError {
     Memory(#[from] std::io::Error),
     #[error("{got} rails offered, the configuration says {want}")]
     RailCount { want: usize, got: usize },
+    #[error("re-arm channel: {0}")]
+    Channel(std::io::Error),
 }
 
 /// One rail's fabric objects.
@@ -94,6 +97,8 @@ pub struct Receiver<N: Nic, C: Clock> {
     clock: C,
     rearm_requests: Vec<usize>,
     completions: [Completion; 32],
+    /// Re-arms with a peer in another process, over the set-up TCP stream (see [`crate::rearm`]).
+    rearm_channel: Option<RearmChannel<N::Link>>,
 }
 
 /// The sending half after [`Connection::split`]: lock-free and allocation-free, it frames records
@@ -285,6 +290,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     clock,
                     rearm_requests: Vec::with_capacity(8),
                     completions: [Completion::EMPTY; 32],
+                    rearm_channel: None,
                 },
                 tx: Sender { writer },
                 sends_since_progress: 0,
@@ -469,7 +475,36 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         // Cheap (a few words per rail): reads acknowledgements and fault reports every time.
         self.core.handle_timeout(now);
         self.flush();
+        if let Some(mut channel) = self.rearm_channel.take() {
+            if crate::rearm::needs_service(&channel, self) {
+                channel.serve(self);
+            }
+            self.rearm_channel = Some(channel);
+        }
         handled
+    }
+
+    /// Re-arms failed rails with a peer in another process over `stream` (the TCP stream the
+    /// connection was set up on): the side that dialled initiates, the other answers. Without a
+    /// channel, re-arm requests wait for [`Receiver::take_rearm_request`] (in-process set-ups:
+    /// [`serve_rearms`]).
+    pub fn attach_rearm_channel(
+        &mut self,
+        stream: std::net::TcpStream,
+        role: Role,
+    ) -> std::io::Result<()> {
+        self.rearm_channel = Some(RearmChannel::new(stream, role)?);
+        Ok(())
+    }
+
+    /// Re-arms completed over the channel (None: no channel attached).
+    pub fn rearms_completed(&self) -> Option<u64> {
+        self.rearm_channel.as_ref().map(|c| c.completed)
+    }
+
+    /// The connection's clock.
+    pub fn now(&self) -> Nanos {
+        self.clock.now()
     }
 
     /// Carries out every I/O the core wants now.

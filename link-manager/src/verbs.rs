@@ -1,5 +1,6 @@
 //! Connecting over real RDMA devices (cargo feature `verbs`): open one card per rail, exchange one
-//! handshake per rail over TCP, connect the queue pairs.
+//! handshake per rail over TCP, connect the queue pairs; the TCP stream then carries re-arms
+//! ([`crate::rearm`]).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use railover_rdma::handshake::{self, Hello};
 use railover_rdma::verbs::VerbsNic;
 
 use crate::config::Config;
+use crate::rearm::Role;
 use crate::runtime::{ConnectError, Connection, PendingConnection, RealClock};
 
 pub type VerbsConnection = Connection<VerbsNic, RealClock>;
@@ -24,6 +26,7 @@ fn handshake(
     devices: &[&str],
     mut stream: TcpStream,
     timeout: Duration,
+    role: Role,
 ) -> Result<VerbsConnection, ConnectError> {
     let pending = PendingConnection::new(cfg, open_cards(devices)?, RealClock::default())?;
     let mut peer = Vec::with_capacity(devices.len());
@@ -34,6 +37,9 @@ fn handshake(
     // Barrier: neither side writes before both sides' queue pairs are ready to receive (a write to
     // a queue pair still in INIT is dropped and would end in a retry-exceeded error).
     handshake::barrier(&mut stream, timeout)?;
+    // The stream stays: failed rails are re-armed over it (the dialling side initiates).
+    conn.attach_rearm_channel(stream, role)
+        .map_err(ConnectError::Channel)?;
     conn.start();
     Ok(conn)
 }
@@ -46,7 +52,7 @@ pub fn connect(
     timeout: Duration,
 ) -> Result<VerbsConnection, ConnectError> {
     let stream = handshake::connect(peer, timeout)?;
-    handshake(cfg, devices, stream, timeout)
+    handshake(cfg, devices, stream, timeout, Role::Initiator)
 }
 
 /// Host side that listens.
@@ -57,7 +63,7 @@ pub fn accept(
     timeout: Duration,
 ) -> Result<VerbsConnection, ConnectError> {
     let stream = handshake::accept(listener, timeout)?;
-    handshake(cfg, devices, stream, timeout)
+    handshake(cfg, devices, stream, timeout, Role::Acceptor)
 }
 
 /// Exchanges hellos for a re-arm of one rail over an established TCP stream (both sides call it).

@@ -1,5 +1,6 @@
 //! End-to-end on real rxe devices in the SoftRoCE VM (`ci/vm-tests`): host 1 = rxe_a1 + rxe_b1,
-//! host 2 = rxe_a2 + rxe_b2, connected over a TCP handshake on loopback. Records stream both ways
+//! host 2 = rxe_a2 + rxe_b2, connected over a TCP handshake on loopback; failed rails are re-armed
+//! over that TCP stream, as between two hosts (railover::rearm). Records stream both ways
 //! while each fault kind is injected on the active wire with `ci/fault`, RAILOVER_RXE_REPS times
 //! per kind (default 20). Every message is checked on delivery: 0 lost, 0 duplicated, 0 reordered.
 //! Card removal is covered on the simulator only (see the note above corruption()). Blackouts (fault detected -> first record acknowledged over the standby) go to
@@ -12,10 +13,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use railover::core::{Event, RailState};
-use railover::runtime::serve_rearms;
 use railover::verbs::{accept, connect, VerbsConnection};
 use railover::{Config, SendError};
-use railover_rdma::verbs::VerbsNic;
 use railover_rdma::LinkParams;
 
 const HOST1: [&str; 2] = ["rxe_a1", "rxe_b1"];
@@ -66,8 +65,6 @@ struct Hosts {
     ba: Dir,
     blackouts_us: Vec<f64>,
     failovers: u64,
-    /// Reopen cards when a re-arm fails (only after a card was removed: it comes back as a new device).
-    reopen_cards: bool,
 }
 
 fn connect_hosts() -> Hosts {
@@ -91,7 +88,6 @@ fn connect_hosts() -> Hosts {
         },
         blackouts_us: Vec::new(),
         failovers: 0,
-        reopen_cards: false,
     }
 }
 
@@ -143,17 +139,8 @@ impl Hosts {
     fn pump(&mut self) {
         check(&mut self.b, &mut self.ab, "host 2");
         check(&mut self.a, &mut self.ba, "host 1");
-        for (rail, result) in serve_rearms(&mut self.a, &mut self.b) {
-            if result.is_err() && self.reopen_cards {
-                // A removed card comes back as a new device: reopen it (both hosts, cheap).
-                if let Ok(nic) = VerbsNic::open(HOST1[rail]) {
-                    let _ = self.a.replace_card(rail, nic);
-                }
-                if let Ok(nic) = VerbsNic::open(HOST2[rail]) {
-                    let _ = self.b.replace_card(rail, nic);
-                }
-            }
-        }
+        // Re-arms go over each connection's TCP stream, as between two hosts (see
+        // railover::rearm): nothing to do here but keep both sides progressing.
         for (who, conn) in [("host 1", &mut self.a), ("host 2", &mut self.b)] {
             while let Some(e) = conn.poll_event() {
                 eprintln!(
@@ -289,7 +276,6 @@ fn fault_cycles(kind: &str, inject: &str, clear: &str, must_fail_over: bool) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let mut h = connect_hosts();
-    h.reopen_cards = inject == "remove-card";
     h.until("connection warm-up", 60, |h| h.proven());
     let mut failover_reps = 0;
     let (mut all_down, mut carried_messages) = (0usize, 0usize);
@@ -327,7 +313,6 @@ fn fault_cycles(kind: &str, inject: &str, clear: &str, must_fail_over: bool) {
             carried_messages += h.ab.sent.len() + h.ba.sent.len();
             let (blackouts, failovers) = (std::mem::take(&mut h.blackouts_us), h.failovers);
             h = connect_hosts();
-            h.reopen_cards = inject == "remove-card";
             h.blackouts_us = blackouts;
             h.failovers = failovers;
             h.until("reconnect warm-up", 60, |h| h.proven());
