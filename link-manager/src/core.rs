@@ -174,6 +174,9 @@ struct Rail {
     /// Notifications this side processed on this rail, and the count last reported.
     notified: u64,
     reported_notified: u64,
+    /// The peer's control block as last processed: an unchanged block is not decoded again
+    /// (processing it is idempotent; the crc alone was a quarter of a round trip's work).
+    ctrl_seen: [u64; 6],
 }
 
 /// One side of a connection: its rails, its outgoing stream and its incoming stream.
@@ -231,6 +234,7 @@ impl Core {
                 peer_notified: 0,
                 notified: 0,
                 reported_notified: 0,
+                ctrl_seen: [0; 6],
             });
         }
         let (writer, lanes) = railover_segq::lanes(queues, 0);
@@ -416,6 +420,11 @@ impl Core {
 
     /// Visits every record accepted for sending but not known delivered, in order. After
     /// [`Event::AllRailsDown`] these are the records the user must treat as not sent.
+    /// Whether the application committed records that wait to be posted.
+    pub fn has_unposted(&self) -> bool {
+        !self.dead && self.lanes.poster_ref(self.active).has_pending()
+    }
+
     pub fn unacked(&self, f: impl FnMut(u64, &[u8])) {
         self.lanes.poster_ref(self.active).for_each_unacked(f)
     }
@@ -655,6 +664,7 @@ impl Core {
         r.peer_notified = 0;
         r.notified = 0;
         r.reported_notified = 0;
+        r.ctrl_seen = [0; 6];
         tracing::info!(rail, generation = r.generation, "rail re-armed as standby");
         self.push_event(Event::RailUp { rail, at: now });
         self.refresh_rail_stats();
@@ -696,7 +706,12 @@ impl Core {
             if self.rails[r].state == RailState::Failed {
                 continue;
             }
-            let Some(c) = CtrlBlock::load(&self.rails[r].ctrl_in) else {
+            let raw = CtrlBlock::read_raw(&self.rails[r].ctrl_in);
+            if raw == self.rails[r].ctrl_seen {
+                continue; // nothing new (no heartbeat, acknowledgement or report since)
+            }
+            self.rails[r].ctrl_seen = raw;
+            let Some(c) = CtrlBlock::decode(&raw) else {
                 continue;
             };
             let now = self.now;

@@ -51,15 +51,19 @@ impl CtrlBlock {
 
     /// Reads the block the peer wrote; None while it is torn, corrupted or never written.
     pub fn load(region: &Region) -> Option<CtrlBlock> {
-        let words = [
-            region.read_u64(0),
-            region.read_u64(8),
-            region.read_u64(16),
-            region.read_u64(24),
-            region.read_u64(32),
-        ];
-        let crc = region.read_u64(40);
-        if words == [0; 5] || crc != Self::crc(&words) {
+        Self::decode(&Self::read_raw(region))
+    }
+
+    /// The block's six words as they are now (cheap: compare with the last ones seen before paying
+    /// for [`CtrlBlock::decode`]).
+    pub fn read_raw(region: &Region) -> [u64; 6] {
+        std::array::from_fn(|i| region.read_u64(i * 8))
+    }
+
+    /// Checks and decodes raw words; None if torn, corrupted or never written.
+    pub fn decode(raw: &[u64; 6]) -> Option<CtrlBlock> {
+        let words: [u64; 5] = std::array::from_fn(|i| raw[i]);
+        if words == [0; 5] || raw[5] != Self::crc(&words) {
             return None;
         }
         Some(CtrlBlock {

@@ -1,6 +1,7 @@
 //! The thin layer that drives a [`Core`] over a fabric: it posts what the core asks for, feeds it
 //! completions, device events and the time. All decisions are the core's.
 
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use railover_rdma::handshake::{HandshakeError, Hello, WireGeometry};
@@ -99,6 +100,47 @@ pub struct Receiver<N: Nic, C: Clock> {
     completions: [Completion; 32],
     /// Re-arms with a peer in another process, over the set-up TCP stream (see [`crate::rearm`]).
     rearm_channel: Option<RearmChannel<N::Link>>,
+    /// After a split: how the sender wakes this receiver when it sleeps in a blocking receive.
+    doorbell: Option<Arc<Doorbell>>,
+}
+
+/// Lets a split [`Sender`] wake its [`Receiver`] sleeping in a blocking receive, so a record
+/// committed meanwhile is posted at once rather than at the next heartbeat. The sender pays a
+/// fence and a load per send; the eventfd `write` only while the receiver sleeps.
+struct Doorbell {
+    /// Receiver -> sender: it is (about to be) asleep. Dekker with the sender's commit: each side
+    /// stores, fences SeqCst, then reads the other's (committed records / this flag).
+    asleep: AtomicBool,
+    fd: rustix::fd::OwnedFd,
+    rings: AtomicU64,
+}
+
+impl Doorbell {
+    fn new() -> std::io::Result<Doorbell> {
+        use rustix::event::{eventfd, EventfdFlags};
+        Ok(Doorbell {
+            asleep: AtomicBool::new(false),
+            fd: eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?,
+            rings: AtomicU64::new(0),
+        })
+    }
+
+    /// Sender, after committing a record.
+    fn ring_if_asleep(&self) {
+        // Orders the commit (segq's Release store) before the load of `asleep` (see the field).
+        fence(Ordering::SeqCst);
+        if self.asleep.load(Ordering::Relaxed) {
+            let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+            self.rings.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Receiver, after waking.
+    fn clear(&self) {
+        self.asleep.store(false, Ordering::Relaxed);
+        let mut b = [0u8; 8];
+        let _ = rustix::io::read(&self.fd, &mut b);
+    }
 }
 
 /// The sending half after [`Connection::split`]: lock-free and allocation-free, it frames records
@@ -106,6 +148,7 @@ pub struct Receiver<N: Nic, C: Clock> {
 /// `railover_segq::lanes`). The [`Receiver`]'s thread posts them.
 pub struct Sender {
     writer: LaneWriter,
+    doorbell: Option<Arc<Doorbell>>,
 }
 
 fn send_error(e: LaneError) -> SendError {
@@ -123,7 +166,12 @@ impl Sender {
         loop {
             match self.writer.push(msg) {
                 Err(LaneError::Switching) => std::hint::spin_loop(),
-                r => return r.map_err(send_error),
+                r => {
+                    if let (Ok(_), Some(bell)) = (&r, &self.doorbell) {
+                        bell.ring_if_asleep();
+                    }
+                    return r.map_err(send_error);
+                }
             }
         }
     }
@@ -150,6 +198,13 @@ impl Sender {
     /// waits for it.
     pub fn reserve(&mut self, len: usize) -> Result<LaneReservation<'_>, SendError> {
         self.writer.reserve(len).map_err(send_error)
+    }
+
+    /// After committing a reservation: wakes the receiver if it sleeps (it posts the record).
+    pub fn notify(&self) {
+        if let Some(bell) = &self.doorbell {
+            bell.ring_if_asleep();
+        }
     }
 
     /// Largest message accepted.
@@ -214,11 +269,23 @@ impl<N: Nic, C: Clock> Connection<N, C> {
     }
 
     /// Hands the sending half to another thread. The [`Receiver`] keeps driving the connection
-    /// and posts what the [`Sender`] commits, so some thread must keep polling it. Sends cost a
-    /// fence more than on an unsplit connection, and reach the wire on the receiver's next poll.
+    /// and posts what the [`Sender`] commits, so some thread must keep polling it (busy, or
+    /// blocking: the sender wakes a sleeping receiver). Sends cost two fences more than on an
+    /// unsplit connection and reach the wire on the receiver's next poll.
     pub fn split(self) -> (Sender, Receiver<N, C>) {
-        let Connection { rx, mut tx, .. } = self;
+        let Connection { mut rx, mut tx, .. } = self;
         tx.writer.make_concurrent();
+        match Doorbell::new() {
+            Ok(bell) => {
+                let bell = Arc::new(bell);
+                tx.doorbell = Some(bell.clone());
+                rx.doorbell = Some(bell);
+            }
+            // Only blocking receives lose: they post at the next heartbeat instead.
+            Err(e) => {
+                tracing::warn!(error = %e, "no eventfd: a sleeping receiver wakes on its timers only")
+            }
+        }
         (tx, rx)
     }
 }
@@ -291,8 +358,12 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     rearm_requests: Vec::with_capacity(8),
                     completions: [Completion::EMPTY; 32],
                     rearm_channel: None,
+                    doorbell: None,
                 },
-                tx: Sender { writer },
+                tx: Sender {
+                    writer,
+                    doorbell: None,
+                },
                 sends_since_progress: 0,
             },
             hellos,
@@ -424,11 +495,20 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         if self.progress_counted() > 0 {
             return;
         }
+        if let Some(bell) = &self.doorbell {
+            bell.asleep.store(true, Ordering::Relaxed);
+            // Dekker with `Doorbell::ring_if_asleep` (see `Doorbell::asleep`).
+            fence(Ordering::SeqCst);
+            if self.core.has_unposted() {
+                bell.asleep.store(false, Ordering::Relaxed);
+                return; // the sender committed meanwhile: post it, don't sleep
+            }
+        }
         let any = self.rails[0]
             .nic
             .event_fd()
             .expect("cards with wake-ups have event fds");
-        let mut fds = [any; 2 * MAX_RAILS];
+        let mut fds = [any; 2 * MAX_RAILS + 1];
         let mut n = 0;
         for rail in &self.rails {
             for fd in [rail.link.wakeup_fd(), rail.nic.event_fd()]
@@ -439,8 +519,15 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 n += 1;
             }
         }
+        if let Some(bell) = &self.doorbell {
+            fds[n] = rustix::fd::AsFd::as_fd(&bell.fd);
+            n += 1;
+        }
         if let Err(e) = railover_rdma::wait_readable(&fds[..n], until - now) {
             tracing::warn!(error = %e, "waiting for completions failed; polling instead");
+        }
+        if let Some(bell) = &self.doorbell {
+            bell.clear();
         }
         for rail in &mut self.rails {
             rail.link.clear_wakeups();
@@ -495,6 +582,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     ) -> std::io::Result<()> {
         self.rearm_channel = Some(RearmChannel::new(stream, role)?);
         Ok(())
+    }
+
+    /// Times a split sender woke this receiver from a blocking receive (0 before a split).
+    pub fn sender_wakeups(&self) -> u64 {
+        self.doorbell
+            .as_ref()
+            .map_or(0, |b| b.rings.load(Ordering::Relaxed))
     }
 
     /// Re-arms completed over the channel (None: no channel attached).

@@ -71,6 +71,9 @@ pub struct LaneControl {
     shared: Arc<LaneShared>,
     posters: Vec<Poster>,
     active: usize,
+    /// The last sequence number committed into lanes left behind by failovers (which may since
+    /// have been reset): the stream's high-water mark survives them.
+    left_behind_seq: u64,
 }
 
 /// Makes lanes of `queues` (one per rail, all of one geometry); `active` takes records first.
@@ -93,6 +96,7 @@ pub fn lanes(queues: Vec<SendQueue>, active: usize) -> (LaneWriter, LaneControl)
             shared,
             posters,
             active,
+            left_behind_seq: 0,
         },
     )
 }
@@ -243,8 +247,7 @@ impl LaneControl {
         self.posters
             .iter()
             .map(Poster::committed_seq)
-            .max()
-            .unwrap_or(0)
+            .fold(self.left_behind_seq, u64::max)
     }
 
     /// Keeps the writer out of every producer until `readmit`.
@@ -281,6 +284,8 @@ impl LaneControl {
         // to either producer until `readmit`.
         let (own, dst) = unsafe { (own.deref(), dst.deref()) };
         let result = self.posters[from].copy_unacked_into(own, dst);
+        // Final: the writer is out of `from` for good once `to` is active.
+        self.left_behind_seq = self.left_behind_seq.max(self.posters[from].committed_seq());
         let next_seq = dst.next_seq();
         if result.is_ok() {
             let acked = self.posters[from].acked_seq();

@@ -343,6 +343,11 @@ impl Poster {
         self.acked_seq = self.acked_seq.max(acked_seq);
     }
 
+    /// Whether committed records wait to be posted.
+    pub fn has_pending(&self) -> bool {
+        self.shared.load_committed() != self.posted_pos
+    }
+
     /// Highest sequence number posted (0: none).
     pub fn last_posted_seq(&self) -> u64 {
         self.last_posted_seq

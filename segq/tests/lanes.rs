@@ -119,6 +119,9 @@ fn a_closed_lane_set_refuses_records_and_single_thread_mode_needs_no_protocol() 
     let (report, next) = control.fail_over(1).unwrap();
     assert_eq!((report.records, report.first_seq, next), (2, Some(1), 3));
     assert_eq!(writer.push(b"three"), Ok(3));
+    // Lane 0 is left behind and reset: what it held still counts as sent.
+    assert!(control.reset(0, 1));
+    assert_eq!(control.last_committed_seq(), 3);
     let mut seen = Vec::new();
     control
         .poster_ref(1)
