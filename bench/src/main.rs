@@ -94,7 +94,65 @@ enum Cmd {
         size: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        #[command(flatten)]
+        cards: Cards,
+        /// verbs: the script that injects and clears faults (inside the SoftRoCE VM).
+        #[arg(long, default_value = "ci/fault")]
+        fault_script: String,
     },
+}
+
+/// Fault kinds the SoftRoCE harness injects (card removal can't be, on rxe: see the README).
+const FAULTS_ON_VERBS: [&str; 3] = ["carrier-loss", "black-hole", "corruption"];
+
+fn print_failover_table(setting: &str, reports: &[sim_runs::FailoverReport], virtual_time: bool) {
+    println!("\nrailover failover on {setting}");
+    println!("detection = fault -> failover; blackout = failover -> first record delivered over the standby; gap = longest silence the receiver saw\n");
+    println!(
+        "{:<14} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>5} {:>5}",
+        "fault",
+        "reps",
+        "det p50",
+        "det p99",
+        "blk p50",
+        "blk p99",
+        "blk max",
+        "gap p99",
+        "resent",
+        "lost",
+        "dup",
+        "reord"
+    );
+    for r in reports {
+        println!(
+            "{:<14} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>5} {:>5} {:>5}",
+            r.kind,
+            r.reps,
+            r.detection.p50,
+            r.detection.p99,
+            r.blackout.p50,
+            r.blackout.p99,
+            r.blackout.max,
+            r.delivery_gap.p99,
+            r.records_resent,
+            r.lost,
+            r.duplicated,
+            r.reordered
+        );
+    }
+    println!(
+        "(times in us, {})",
+        if virtual_time { "virtual" } else { "real" }
+    );
+    let total: u64 = reports
+        .iter()
+        .map(|r| r.lost + r.duplicated + r.reordered)
+        .sum();
+    let worst = reports.iter().map(|r| r.blackout.p99).fold(0.0, f64::max);
+    println!(
+        "\nlost + duplicated + reordered = {total}; worst blackout p99 = {worst:.1} us = {:.3} heartbeat intervals",
+        worst / reports[0].heartbeat_interval_us
+    );
 }
 
 #[cfg(not(feature = "verbs"))]
@@ -194,22 +252,21 @@ fn main() {
             latency_ns,
             size,
             seed,
+            cards: Cards { host1, host2 },
+            fault_script,
         } => {
-            if fabric == Fabric::Verbs {
-                eprintln!("failover on real verbs runs in the SoftRoCE VM: ci/vm-tests (results in ci/out/rxe-results.txt)");
-                std::process::exit(2);
-            }
+            let known: Vec<&str> = match fabric {
+                Fabric::Sim => sim_runs::KINDS.to_vec(),
+                Fabric::Verbs => FAULTS_ON_VERBS.to_vec(),
+            };
             let kinds: Vec<String> = if kinds.is_empty() {
-                sim_runs::KINDS.iter().map(|s| s.to_string()).collect()
+                known.iter().map(|s| s.to_string()).collect()
             } else {
                 kinds
             };
             for k in &kinds {
-                if !sim_runs::KINDS.contains(&k.as_str()) {
-                    eprintln!(
-                        "unknown fault kind {k}; known: {}",
-                        sim_runs::KINDS.join(", ")
-                    );
+                if !known.contains(&k.as_str()) {
+                    eprintln!("unknown fault kind {k}; known here: {}", known.join(", "));
                     std::process::exit(2);
                 }
             }
@@ -218,51 +275,33 @@ fn main() {
                 if !cli.json {
                     eprintln!("[{}/{}] {k}: {reps} repetitions...", i + 1, kinds.len());
                 }
-                reports.push(sim_runs::failover(
-                    k,
-                    reps,
-                    interval_ns,
-                    latency_ns,
-                    seed,
-                    size,
-                ));
+                reports.push(match fabric {
+                    Fabric::Sim => sim_runs::failover(k, reps, interval_ns, latency_ns, seed, size),
+                    Fabric::Verbs => {
+                        #[cfg(feature = "verbs")]
+                        {
+                            verbs_runs::failover(k, reps, size, &host1, &host2, &fault_script)
+                        }
+                        #[cfg(not(feature = "verbs"))]
+                        {
+                            let _ = (&host1, &host2, &fault_script);
+                            need_verbs()
+                        }
+                    }
+                });
             }
+            let name = match fabric {
+                Fabric::Sim => "sim",
+                Fabric::Verbs => "verbs",
+            };
             if cli.json {
-                println!("{}", json!({"fabric": "sim", "failover": reports}));
+                println!("{}", json!({"fabric": name, "failover": reports}));
             } else {
-                println!("\nrailover failover on the simulated fabric: 2 rails, heartbeat 1 ms x 3 misses, one-way latency {} us, a {size} B message every {} us", latency_ns as f64 / 1e3, interval_ns as f64 / 1e3);
-                println!("detection = fault -> failover; blackout = failover -> first record delivered over the standby; gap = longest silence the receiver saw\n");
-                println!(
-                    "{:<14} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>5} {:>5}",
-                    "fault",
-                    "reps",
-                    "det p50",
-                    "det p99",
-                    "blk p50",
-                    "blk p99",
-                    "blk max",
-                    "gap p99",
-                    "resent",
-                    "lost",
-                    "dup",
-                    "reord"
-                );
-                for r in &reports {
-                    println!(
-                        "{:<14} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>5} {:>5} {:>5}",
-                        r.kind, r.reps, r.detection.p50, r.detection.p99, r.blackout.p50, r.blackout.p99, r.blackout.max, r.delivery_gap.p99, r.records_resent, r.lost, r.duplicated, r.reordered
-                    );
-                }
-                println!("(times in us, virtual)");
-                let total_lost: u64 = reports
-                    .iter()
-                    .map(|r| r.lost + r.duplicated + r.reordered)
-                    .sum();
-                let worst = reports.iter().map(|r| r.blackout.p99).fold(0.0, f64::max);
-                println!(
-                    "\nlost + duplicated + reordered = {total_lost}; worst blackout p99 = {worst:.1} us = {:.3} heartbeat intervals (target <= 2)",
-                    worst / reports[0].heartbeat_interval_us
-                );
+                let setting = match fabric {
+                    Fabric::Sim => format!("the simulated fabric: 2 rails, heartbeat 1 ms x 3 misses, one-way latency {} us, a {size} B message every {} us", latency_ns as f64 / 1e3, interval_ns as f64 / 1e3),
+                    Fabric::Verbs => format!("rxe {host1:?} <-> {host2:?}: heartbeat 1 ms, {size} B messages streamed; faults by {fault_script}"),
+                };
+                print_failover_table(&setting, &reports, fabric == Fabric::Sim);
             }
             if let Some(dir) = &cli.plot_dir {
                 for r in &reports {

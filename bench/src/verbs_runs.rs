@@ -152,3 +152,196 @@ pub fn throughput(size: usize, count: u64, host1: &[String], host2: &[String], a
     // Keep host 1 alive until the receiver finished (its rings hold unacknowledged data).
     drop(a);
 }
+
+/// Fault kinds the SoftRoCE harness can inject: (name, `ci/fault` op, op that clears it).
+pub const FAULTS: [(&str, &str, &str); 3] = [
+    ("carrier-loss", "carrier-loss", "carrier-restore"),
+    ("black-hole", "blackhole", "blackhole-clear"),
+    ("corruption", "corrupt", "corrupt-clear"),
+];
+
+const WIRES: [&str; 2] = ["a", "b"];
+
+/// One stream from host 1 to host 2 (both driven by this thread, as two hosts would each drive
+/// their own), every delivery checked by the sequence number in its payload.
+struct Stream {
+    a: VerbsConnection,
+    b: VerbsConnection,
+    size: usize,
+    sending: bool,
+    sent: u64,
+    delivered: u64,
+    duplicated: u64,
+    reordered: u64,
+    last_delivery: Instant,
+    longest_gap: Duration,
+}
+
+impl Stream {
+    /// Sends one message (if the ring has room) and lets both hosts progress and deliver.
+    fn step(&mut self) {
+        let mut m = vec![0u8; self.size.max(8)];
+        m[..8].copy_from_slice(&(self.sent + 1).to_le_bytes());
+        if self.sending && self.a.send(&m).is_ok() {
+            self.sent += 1;
+        }
+        let (mut got, mut dup, mut reord) = (self.delivered, 0, 0);
+        let now = Instant::now();
+        let n = self
+            .b
+            .poll(|m| {
+                let seq = u64::from_le_bytes(m[..8].try_into().expect("8 bytes"));
+                if seq <= got {
+                    dup += 1;
+                } else if seq != got + 1 {
+                    reord += 1;
+                    got = seq;
+                } else {
+                    got = seq;
+                }
+            })
+            .unwrap_or(0);
+        if n > 0 {
+            self.longest_gap = self.longest_gap.max(now - self.last_delivery);
+            self.last_delivery = now;
+        }
+        (self.delivered, self.duplicated, self.reordered) =
+            (got, self.duplicated + dup, self.reordered + reord);
+        self.a.progress();
+    }
+
+    fn healthy(&self) -> bool {
+        (0..2).all(|r| {
+            [&self.a, &self.b].iter().all(|c| {
+                c.core().rail_state(r) != railover::RailState::Failed && c.core().rail_proven(r)
+            })
+        })
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            self.step();
+        }
+    }
+
+    fn until(&mut self, what: &str, limit: Duration, done: impl Fn(&Stream) -> bool) {
+        let end = Instant::now() + limit;
+        while !done(self) {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}\nhost 1: {}host 2: {}",
+                self.a.core().describe(),
+                self.b.core().describe()
+            );
+            self.step();
+        }
+    }
+}
+
+fn fault(script: &str, op: &str, wire: &str) -> std::process::Child {
+    std::process::Command::new(script)
+        .args([op, wire])
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("running {script} {op} {wire}: {e} (run inside the SoftRoCE VM)")
+        })
+}
+
+/// Injects `kind` on the active wire `reps` times mid-stream (clearing it and letting the rail
+/// re-arm over the TCP stream between repetitions); reports detection and blackout in real time.
+pub fn failover(
+    kind: &str,
+    reps: usize,
+    size: usize,
+    host1: &[String],
+    host2: &[String],
+    fault_script: &str,
+) -> crate::sim_runs::FailoverReport {
+    let (_, inject, clear) = *FAULTS
+        .iter()
+        .find(|f| f.0 == kind)
+        .unwrap_or_else(|| panic!("fault kind {kind} can't be injected on rxe"));
+    let (a, b) = pair(size, host1, host2);
+    let mut s = Stream {
+        a,
+        b,
+        size,
+        sending: true,
+        sent: 0,
+        delivered: 0,
+        duplicated: 0,
+        reordered: 0,
+        last_delivery: Instant::now(),
+        longest_gap: Duration::ZERO,
+    };
+    let (mut detection, mut blackout, mut gaps) = (histogram(), histogram(), histogram());
+    s.until("warm-up", Duration::from_secs(60), |s| s.healthy());
+    for rep in 0..reps {
+        let failovers_before = s.a.stats().failovers;
+        s.run_for(Duration::from_millis(50));
+        s.longest_gap = Duration::ZERO;
+        let wire = WIRES[s.a.core().active_rail()];
+        let at = Instant::now();
+        let mut child = fault(fault_script, inject, wire);
+        let (mut detected, mut complete) = (None, None);
+        let end = Instant::now() + Duration::from_secs(20);
+        while complete.is_none() && Instant::now() < end {
+            s.step();
+            while let Some(e) = s.a.poll_event() {
+                match e {
+                    railover::Event::Failover { .. } => detected = Some(at.elapsed()),
+                    railover::Event::FailoverComplete { blackout_ns, .. } => {
+                        complete = Some(blackout_ns)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(
+            child.wait().map(|st| st.success()).unwrap_or(false),
+            "{inject} failed"
+        );
+        s.run_for(Duration::from_millis(100));
+        if let (Some(d), Some(bl)) = (detected, complete) {
+            detection.record(d.as_nanos().max(1) as u64).ok();
+            blackout.record(bl.max(1)).ok();
+            gaps.record(s.longest_gap.as_nanos().max(1) as u64).ok();
+        }
+        let mut child = fault(fault_script, clear, wire);
+        while child.try_wait().ok().flatten().is_none() {
+            s.step();
+        }
+        s.until("re-arm", Duration::from_secs(60), |s| s.healthy());
+        eprintln!(
+            "  {kind} {}/{reps}: failovers {} -> {}",
+            rep + 1,
+            failovers_before,
+            s.a.stats().failovers
+        );
+    }
+    // Stop sending; everything accepted must arrive (a shortfall is reported as lost).
+    s.sending = false;
+    let sent = s.sent;
+    let end = Instant::now() + Duration::from_secs(60);
+    while s.delivered < sent && Instant::now() < end {
+        s.step();
+    }
+    let stats = s.a.stats();
+    crate::sim_runs::FailoverReport {
+        kind: kind.to_string(),
+        reps,
+        heartbeat_interval_us: 1_000.0,
+        detection: summarize_us(&detection),
+        blackout: summarize_us(&blackout),
+        delivery_gap: summarize_us(&gaps),
+        messages: sent,
+        lost: sent.saturating_sub(s.delivered),
+        duplicated: s.duplicated,
+        reordered: s.reordered,
+        records_resent: stats.records_resent,
+        duplicates_discarded: s.b.stats().duplicates_discarded,
+        timeline: Vec::new(),
+        fault_at_ms: 0.0,
+    }
+}
