@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use railover_rdma::handshake::{HandshakeError, Hello, WireGeometry};
 use railover_rdma::{
-    Access, Completion, CompletionKind, FabricError, Link, MemoryRegistration, Nic, RemoteRegion,
-    WcStatus,
+    Access, AsyncEvent, Completion, CompletionKind, FabricError, Link, MemoryRegistration, Nic,
+    RemoteRegion, WcStatus,
 };
 use railover_segq::{LaneError, LaneReservation, LaneWriter, PushError};
 
@@ -59,14 +59,39 @@ pub enum ConnectError {
 
 /// One rail's fabric objects.
 struct RailIo<N: Nic> {
-    nic: N,
+    /// The card and what lives on it; `None` while released after a device-fatal event (a
+    /// re-arm opens it again).
+    card: Option<CardIo<N>>,
+    /// How to open the card again.
+    reopen: N::Reopen,
+    peer_ring: RemoteRegion,
+    peer_ctrl: RemoteRegion,
+}
+
+/// Everything of a rail that lives on its card. Field order is drop order: the queue pair, the
+/// registrations, then the card itself.
+struct CardIo<N: Nic> {
     link: N::Link,
     ring_tx: N::Mr,
     ring_rx: N::Mr,
     ctrl_out: N::Mr,
     ctrl_in: N::Mr,
-    peer_ring: RemoteRegion,
-    peer_ctrl: RemoteRegion,
+    nic: N,
+}
+
+impl<N: Nic> CardIo<N> {
+    /// Registers rail `rail`'s memory on `nic` and creates a queue pair there.
+    fn open(nic: N, cfg: &Config, core: &Core, rail: usize) -> Result<CardIo<N>, ConnectError> {
+        let (tx, rx, co, ci) = core.rail_memory(rail);
+        Ok(CardIo {
+            ring_tx: nic.register(Arc::new(QueueMem(tx)), Access::Local)?,
+            ring_rx: nic.register(Arc::new(QueueMem(rx)), Access::RemoteWrite)?,
+            ctrl_out: nic.register(Arc::new(RegionMem(co)), Access::Local)?,
+            ctrl_in: nic.register(Arc::new(RegionMem(ci)), Access::RemoteWrite)?,
+            link: nic.create_link(&cfg.link())?,
+            nic,
+        })
+    }
 }
 
 /// A connection whose links exist but are not yet connected to the peer's.
@@ -331,20 +356,18 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         let mut rails = Vec::with_capacity(cards.len());
         let mut hellos = Vec::with_capacity(cards.len());
         for (i, nic) in cards.into_iter().enumerate() {
-            let (tx, rx, co, ci) = core.rail_memory(i);
-            let ring_tx = nic.register(Arc::new(QueueMem(tx)), Access::Local)?;
-            let ring_rx = nic.register(Arc::new(QueueMem(rx)), Access::RemoteWrite)?;
-            let ctrl_out = nic.register(Arc::new(RegionMem(co)), Access::Local)?;
-            let ctrl_in = nic.register(Arc::new(RegionMem(ci)), Access::RemoteWrite)?;
-            let link = nic.create_link(&cfg.link())?;
-            hellos.push(rail_hello(&cfg, i, link.endpoint(), &ring_rx, &ctrl_in));
+            let reopen = nic.reopen_token();
+            let card = CardIo::open(nic, &cfg, &core, i)?;
+            hellos.push(rail_hello(
+                &cfg,
+                i,
+                card.link.endpoint(),
+                &card.ring_rx,
+                &card.ctrl_in,
+            ));
             rails.push(RailIo {
-                nic,
-                link,
-                ring_tx,
-                ring_rx,
-                ctrl_out,
-                ctrl_in,
+                card: Some(card),
+                reopen,
                 peer_ring: RemoteRegion::default(),
                 peer_ctrl: RemoteRegion::default(),
             });
@@ -398,7 +421,8 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             let theirs = Hello::decode(&theirs.encode())?;
             ours.check_peer(&theirs)?;
             let rail = &mut self.conn.rails[i];
-            rail.link.connect(&theirs.endpoint)?;
+            let card = rail.card.as_mut().expect("cards are open until connected");
+            card.link.connect(&theirs.endpoint)?;
             rail.peer_ring = theirs.ring;
             rail.peer_ctrl = theirs.ctrl;
         }
@@ -480,13 +504,21 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         if until <= now {
             return;
         }
-        if self.rails.iter().any(|r| r.link.wakeup_fd().is_none()) {
+        // A fabric without wake-up descriptors (the simulator) moves virtual time instead; so
+        // does a connection with no card open at all.
+        let mut cards = self.rails.iter().filter_map(|r| r.card.as_ref()).peekable();
+        let descriptors = cards.peek().is_some()
+            && cards.all(|c| c.link.wakeup_fd().is_some() && c.nic.event_fd().is_some());
+        if !descriptors {
             self.clock.idle(until);
             return;
         }
         for (i, rail) in self.rails.iter_mut().enumerate() {
+            let Some(card) = rail.card.as_mut() else {
+                continue;
+            };
             if self.core.rail_state(i) != RailState::Failed {
-                if let Err(e) = rail.link.arm_wakeup() {
+                if let Err(e) = card.link.arm_wakeup() {
                     tracing::warn!(rail = i, error = %e, "arming the completion channel failed");
                 }
             }
@@ -504,14 +536,17 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 return; // the sender committed meanwhile: post it, don't sleep
             }
         }
-        let any = self.rails[0]
-            .nic
-            .event_fd()
-            .expect("cards with wake-ups have event fds");
+        let Some(any) = self
+            .rails
+            .iter()
+            .find_map(|r| r.card.as_ref().and_then(|c| c.nic.event_fd()))
+        else {
+            return;
+        };
         let mut fds = [any; 2 * MAX_RAILS + 1];
         let mut n = 0;
-        for rail in &self.rails {
-            for fd in [rail.link.wakeup_fd(), rail.nic.event_fd()]
+        for card in self.rails.iter().filter_map(|r| r.card.as_ref()) {
+            for fd in [card.link.wakeup_fd(), card.nic.event_fd()]
                 .into_iter()
                 .flatten()
             {
@@ -529,8 +564,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         if let Some(bell) = &self.doorbell {
             bell.clear();
         }
-        for rail in &mut self.rails {
-            rail.link.clear_wakeups();
+        for card in self.rails.iter_mut().filter_map(|r| r.card.as_mut()) {
+            card.link.clear_wakeups();
         }
     }
 
@@ -543,13 +578,18 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     fn progress_counted(&mut self) -> usize {
         let now = self.clock.now();
         let mut handled = 0;
+        let mut fatal = [false; MAX_RAILS];
         for (i, rail) in self.rails.iter_mut().enumerate() {
-            while let Some(ev) = rail.nic.poll_event() {
+            let Some(card) = rail.card.as_mut() else {
+                continue;
+            };
+            while let Some(ev) = card.nic.poll_event() {
+                fatal[i] |= ev == AsyncEvent::DeviceFatal;
                 self.core.handle_event(i, ev);
                 handled += 1;
             }
             loop {
-                let n = rail.link.poll(&mut self.completions);
+                let n = card.link.poll(&mut self.completions);
                 for c in &self.completions[..n] {
                     self.core.handle_completion(i, *c);
                 }
@@ -558,6 +598,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                     break;
                 }
             }
+        }
+        for (rail, _) in fatal.iter().enumerate().filter(|(_, f)| **f) {
+            self.release_card(rail);
         }
         // Cheap (a few words per rail): reads acknowledgements and fault reports every time.
         self.core.handle_timeout(now);
@@ -616,15 +659,28 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                     imm,
                 } => {
                     let r = &mut self.rails[rail];
-                    let (mr, peer) = match (local, remote) {
-                        (Buf::Ring, Buf::Ring) => (&r.ring_tx, r.peer_ring),
-                        (Buf::Ctrl, Buf::Ctrl) => (&r.ctrl_out, r.peer_ctrl),
-                        _ => unreachable!("the core pairs ring with ring and ctrl with ctrl"),
+                    let posted = match r.card.as_mut() {
+                        Some(card) => {
+                            let (mr, peer) = match (local, remote) {
+                                (Buf::Ring, Buf::Ring) => (&card.ring_tx, r.peer_ring),
+                                (Buf::Ctrl, Buf::Ctrl) => (&card.ctrl_out, r.peer_ctrl),
+                                _ => {
+                                    unreachable!("the core pairs ring with ring and ctrl with ctrl")
+                                }
+                            };
+                            card.link.post_write(
+                                wr_id,
+                                mr,
+                                local_offset,
+                                len,
+                                &peer,
+                                remote_offset,
+                                imm,
+                            )
+                        }
+                        None => Err(FabricError::Unavailable("card released".into())),
                     };
-                    if let Err(e) =
-                        r.link
-                            .post_write(wr_id, mr, local_offset, len, &peer, remote_offset, imm)
-                    {
+                    if let Err(e) = posted {
                         tracing::warn!(rail, error = %e, "post failed");
                         self.core.handle_completion(
                             rail,
@@ -637,12 +693,20 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                     }
                 }
                 Io::PostRecvs { rail, count } => {
-                    if let Err(e) = self.rails[rail].link.post_recvs(count) {
+                    let posted = match self.rails[rail].card.as_mut() {
+                        Some(card) => card.link.post_recvs(count),
+                        None => Err(FabricError::Unavailable("card released".into())),
+                    };
+                    if let Err(e) = posted {
                         tracing::warn!(rail, error = %e, "posting receives failed");
                         self.core.link_error(rail);
                     }
                 }
-                Io::ShutDown { rail } => self.rails[rail].link.shut_down(),
+                Io::ShutDown { rail } => {
+                    if let Some(card) = self.rails[rail].card.as_mut() {
+                        card.link.shut_down();
+                    }
+                }
                 Io::Rearm { rail } => self.rearm_requests.push(rail),
             }
         }
@@ -663,13 +727,33 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         self.rearm_requests.retain(|&r| r != rail);
     }
 
-    /// Creates a fresh queue pair on `rail`; send the returned hello to the peer.
+    /// Creates a fresh queue pair on `rail` (opening its card again first if a device-fatal
+    /// event released it); send the returned hello to the peer.
     pub fn rearm_prepare(&mut self, rail: usize) -> Result<(N::Link, Hello), ConnectError> {
         let cfg = *self.core.config();
-        let r = &self.rails[rail];
-        let link = r.nic.create_link(&cfg.link())?;
-        let hello = rail_hello(&cfg, rail, link.endpoint(), &r.ring_rx, &r.ctrl_in);
+        if self.rails[rail].card.is_none() {
+            let nic = N::reopen(&self.rails[rail].reopen)?;
+            tracing::info!(rail, card = nic.name(), "card opened again");
+            self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail)?);
+        }
+        let card = self.rails[rail].card.as_ref().expect("opened above");
+        let link = card.nic.create_link(&cfg.link())?;
+        let hello = rail_hello(&cfg, rail, link.endpoint(), &card.ring_rx, &card.ctrl_in);
         Ok((link, hello))
+    }
+
+    /// Lets go of `rail`'s card after a device-fatal event: its queue pair, registrations and
+    /// device handle are dropped so the device can recover (a driver resets a device only once
+    /// every process let go of it). A later re-arm opens it again.
+    fn release_card(&mut self, rail: usize) {
+        if let Some(card) = self.rails[rail].card.take() {
+            tracing::warn!(rail, card = card.nic.name(), "device fatal: card released");
+        }
+    }
+
+    /// Whether `rail`'s card is released (after a device-fatal event, until a re-arm reopens it).
+    pub fn card_released(&self, rail: usize) -> bool {
+        self.rails[rail].card.is_none()
     }
 
     /// Connects the fresh queue pair to the peer's and makes the rail a standby again.
@@ -690,7 +774,12 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Installs an already connected fresh queue pair on `rail` (the peer's hello validated).
     pub fn install_rearmed(&mut self, rail: usize, link: N::Link, _ours: &Hello, peer: &Hello) {
         let r = &mut self.rails[rail];
-        r.link = link; // the old queue pair is destroyed here
+        let Some(card) = r.card.as_mut() else {
+            // Released (device fatal) since the queue pair was made: try again later.
+            self.rearm_failed(rail);
+            return;
+        };
+        card.link = link; // the old queue pair is destroyed here
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
         let now = self.clock.now();
@@ -702,17 +791,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// rail's memory is registered with it anew. Follow with a re-arm.
     pub fn replace_card(&mut self, rail: usize, nic: N) -> Result<(), ConnectError> {
         let cfg = *self.core.config();
-        let (tx, rx, co, ci) = self.core.rail_memory(rail);
-        let ring_tx = nic.register(Arc::new(QueueMem(tx)), Access::Local)?;
-        let ring_rx = nic.register(Arc::new(QueueMem(rx)), Access::RemoteWrite)?;
-        let ctrl_out = nic.register(Arc::new(RegionMem(co)), Access::Local)?;
-        let ctrl_in = nic.register(Arc::new(RegionMem(ci)), Access::RemoteWrite)?;
-        let link = nic.create_link(&cfg.link())?;
+        let reopen = nic.reopen_token();
+        let card = CardIo::open(nic, &cfg, &self.core, rail)?;
         let r = &mut self.rails[rail];
-        // Old queue pair first, then old registrations, then the old card.
-        r.link = link;
-        (r.ring_tx, r.ring_rx, r.ctrl_out, r.ctrl_in) = (ring_tx, ring_rx, ctrl_out, ctrl_in);
-        r.nic = nic;
+        r.card = Some(card); // the old one drops here: queue pair, registrations, card
+        r.reopen = reopen;
         Ok(())
     }
 
@@ -745,9 +828,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         self.core.poll_timeout()
     }
 
-    /// The card of `rail`.
-    pub fn card(&self, rail: usize) -> &N {
-        &self.rails[rail].nic
+    /// The card of `rail` (None while released after a device-fatal event).
+    pub fn card(&self, rail: usize) -> Option<&N> {
+        self.rails[rail].card.as_ref().map(|c| &c.nic)
     }
 }
 

@@ -72,6 +72,10 @@ fn cycle(kind: &str) {
             p.a.core().active_rail() != rail && p.b.core().active_rail() != rail,
             "{kind} rep {rep}: no failover"
         );
+        // A removed card raised device-fatal: host 2 let go of it (queue pair, registrations,
+        // device); the other fault kinds keep the card.
+        assert_eq!(p.b.card_released(rail), kind == "card", "{kind} rep {rep}");
+        assert!(!p.a.card_released(rail));
         match kind {
             "carrier" => p.fabric.carrier_restore(w),
             "blackhole" => p.fabric.clear_black_hole(w),
@@ -85,6 +89,10 @@ fn cycle(kind: &str) {
             &mut got_b,
             &mut sent_b,
             &mut got_a,
+        );
+        assert!(
+            !p.b.card_released(rail),
+            "{kind} rep {rep}: the re-arm opened the card again"
         );
         for r in 0..2 {
             assert_ne!(

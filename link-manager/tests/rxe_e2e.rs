@@ -68,12 +68,16 @@ struct Hosts {
 }
 
 fn connect_hosts() -> Hosts {
+    connect_hosts_with(config())
+}
+
+fn connect_hosts_with(cfg: Config) -> Hosts {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let t = std::thread::spawn(move || {
-        accept(config(), &HOST2, &listener, Duration::from_secs(60)).expect("host 2 accept")
+        accept(cfg, &HOST2, &listener, Duration::from_secs(60)).expect("host 2 accept")
     });
-    let a = connect(config(), &HOST1, addr, Duration::from_secs(60)).expect("host 1 connect");
+    let a = connect(cfg, &HOST1, addr, Duration::from_secs(60)).expect("host 1 connect");
     let b = t.join().unwrap();
     Hosts {
         a,
@@ -92,9 +96,25 @@ fn connect_hosts() -> Hosts {
 }
 
 /// Connected hosts whose every rail has heard its peer (after a fault test's restore, a wire can
-/// take a while to carry traffic again under emulation).
+/// take a while to carry traffic again under emulation). For the tests that check threading
+/// rather than failover: 100 missed beats before a rail is declared dead, as three threads share
+/// two emulated CPUs with rxe's kernel work (a stalled vCPU is not a failed wire).
 fn warm_hosts() -> Hosts {
-    let mut h = connect_hosts();
+    let cfg = Config::builder()
+        .rails(2)
+        .geometry(64 * 1024, 16, 2048)
+        .heartbeat_misses(100)
+        .rearm_after_ns(1_000_000_000)
+        .first_contact_grace_ns(2_000_000_000)
+        .link_params(LinkParams {
+            timeout: 13,
+            retry_cnt: 1,
+            rnr_retry: 3,
+            ..LinkParams::default()
+        })
+        .build()
+        .unwrap();
+    let mut h = connect_hosts_with(cfg);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !h.proven() {
         assert!(
@@ -518,7 +538,16 @@ fn split_sender_wakes_a_blocking_receiver() {
     let stop_rx = stop.clone();
     let receiver = std::thread::spawn(move || {
         while !stop_rx.load(std::sync::atomic::Ordering::Relaxed) {
-            assert_eq!(a.poll_blocking(50_000_000, |_| {}), Ok(0));
+            if let Err(e) = a.poll_blocking(50_000_000, |_| {}) {
+                let mut events = Vec::new();
+                while let Some(ev) = a.poll_event() {
+                    events.push(ev);
+                }
+                panic!(
+                    "host 1 receiver: {e}\n{}events: {events:?}",
+                    a.core().describe()
+                );
+            }
         }
         a
     });

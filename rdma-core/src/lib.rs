@@ -247,6 +247,17 @@ pub trait Nic {
     fn event_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+
+    /// What it takes to open this card again once every handle on it was dropped (after a
+    /// device-fatal event the device can only recover when the process lets go of it).
+    type Reopen: Clone;
+
+    fn reopen_token(&self) -> Self::Reopen;
+
+    /// Opens the card again (fails while it is still gone).
+    fn reopen(token: &Self::Reopen) -> Result<Self, FabricError>
+    where
+        Self: Sized;
 }
 
 /// One reliable-connected queue pair.

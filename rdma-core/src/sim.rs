@@ -564,6 +564,18 @@ impl Drop for SimLink {
 impl Nic for SimNic {
     type Mr = SimMr;
     type Link = SimLink;
+    type Reopen = SimNic;
+
+    fn reopen_token(&self) -> SimNic {
+        self.clone()
+    }
+
+    fn reopen(token: &SimNic) -> Result<SimNic, FabricError> {
+        if token.fabric.world.borrow().nics[token.id].removed {
+            return Err(FabricError::NoSuchDevice(token.name.clone()));
+        }
+        Ok(token.clone())
+    }
 
     fn name(&self) -> &str {
         &self.name

@@ -150,6 +150,16 @@ pub struct VerbsLink {
 impl Nic for VerbsNic {
     type Mr = VerbsMr;
     type Link = VerbsLink;
+    /// The device's name.
+    type Reopen = String;
+
+    fn reopen_token(&self) -> String {
+        self.name.clone()
+    }
+
+    fn reopen(name: &String) -> Result<VerbsNic, FabricError> {
+        VerbsNic::open(name)
+    }
 
     fn name(&self) -> &str {
         &self.name
