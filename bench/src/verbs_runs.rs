@@ -141,13 +141,20 @@ pub fn throughput(size: usize, count: u64, host1: &[String], host2: &[String], a
     }
     let secs = rx.join().expect("receiver");
     let rate = count as f64 / secs.max(1e-9);
+    let stats = a.stats();
+    let per_write = count as f64 / stats.data_writes.max(1) as f64;
     if as_json {
         println!(
             "{}",
-            json!({"fabric": "verbs", "throughput": {"size": size, "messages": count, "msgs_per_s": rate}})
+            json!({"fabric": "verbs", "throughput": {"size": size, "messages": count, "msgs_per_s": rate,
+                "data_writes": stats.data_writes, "control_writes": stats.control_writes,
+                "messages_per_data_write": per_write}})
         );
     } else {
-        println!("throughput, verbs {host1:?} -> {host2:?}, {size} B x {count}: {rate:.0} msgs/s");
+        println!(
+            "throughput, verbs {host1:?} -> {host2:?}, {size} B x {count}: {rate:.0} msgs/s; {} data writes ({per_write:.1} messages each), {} control writes",
+            stats.data_writes, stats.control_writes
+        );
     }
     // Keep host 1 alive until the receiver finished (its rings hold unacknowledged data).
     drop(a);

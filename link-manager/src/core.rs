@@ -137,6 +137,10 @@ pub struct Stats {
     pub bytes_resent: u64,
     pub last_blackout_ns: Option<Nanos>,
     pub rail_states: [Option<RailState>; MAX_RAILS],
+    /// RDMA writes posted carrying records (several small records coalesce into one).
+    pub data_writes: u64,
+    /// RDMA writes posted carrying control blocks (heartbeats, acknowledgements, reports).
+    pub control_writes: u64,
 }
 
 const KIND_DATA: u64 = 1;
@@ -466,6 +470,7 @@ impl Core {
                 self.lanes.poster(a).mark_posted(&range);
                 rail.outstanding += 1;
                 rail.imm_posted += 1;
+                self.stats.data_writes += 1;
                 return Some(Io::Write {
                     rail: a,
                     wr_id: wr_id(rail.generation, KIND_DATA, a),
@@ -494,6 +499,7 @@ impl Core {
                 }
                 .store(&rail.ctrl_out);
                 rail.outstanding += 1;
+                self.stats.control_writes += 1;
                 return Some(Io::Write {
                     rail: r,
                     wr_id: wr_id(rail.generation, KIND_CTRL, r),
