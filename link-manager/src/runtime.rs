@@ -225,6 +225,13 @@ impl Sender {
         self.writer.reserve(len).map_err(send_error)
     }
 
+    /// Whether the receiver is asleep in a blocking receive right now (a send would wake it).
+    pub fn receiver_sleeping(&self) -> bool {
+        self.doorbell
+            .as_ref()
+            .is_some_and(|b| b.asleep.load(Ordering::Relaxed))
+    }
+
     /// After committing a reservation: wakes the receiver if it sleeps (it posts the record).
     pub fn notify(&self) {
         if let Some(bell) = &self.doorbell {
