@@ -21,8 +21,6 @@ pub enum ConfigError {
     Link(String),
     #[error("max write size {0} must be at least one maximal record")]
     MaxWrite(usize),
-    #[error("data writes in flight per rail must be >= 1")]
-    DataWritesInFlight,
 }
 
 /// Connection configuration. Build it with [`Config::builder`].
@@ -34,7 +32,6 @@ pub struct Config {
     pub(crate) heartbeat_misses: u32,
     pub(crate) link: LinkParams,
     pub(crate) max_write_bytes: usize,
-    pub(crate) data_writes_in_flight: u32,
     pub(crate) ack_every_bytes: u64,
     pub(crate) rearm_after_ns: u64,
     pub(crate) first_contact_grace_ns: u64,
@@ -80,7 +77,6 @@ pub struct ConfigBuilder {
     heartbeat_misses: u32,
     link: LinkParams,
     max_write_bytes: usize,
-    data_writes_in_flight: u32,
     rearm_after_ns: u64,
     first_contact_grace_ns: u64,
     backing: Backing,
@@ -97,7 +93,6 @@ impl Default for ConfigBuilder {
             heartbeat_misses: 3,
             link: LinkParams::default(),
             max_write_bytes: 64 * 1024,
-            data_writes_in_flight: 4,
             rearm_after_ns: 100_000_000,
             first_contact_grace_ns: 100_000_000,
             backing: Backing::Anonymous,
@@ -138,14 +133,6 @@ impl ConfigBuilder {
         self
     }
     /// Largest single RDMA write (coalescing limit).
-    /// How many data writes a rail keeps in flight (default 4). A record committed while the
-    /// link is idle is posted at once; while this many are in flight, records wait and leave in
-    /// one write when one completes: coalescing under load, no delay when idle.
-    pub fn data_writes_in_flight(mut self, n: u32) -> Self {
-        self.data_writes_in_flight = n;
-        self
-    }
-
     pub fn max_write_bytes(mut self, n: usize) -> Self {
         self.max_write_bytes = n;
         self
@@ -181,9 +168,6 @@ impl ConfigBuilder {
         self.link
             .validate()
             .map_err(|e| ConfigError::Link(e.to_string()))?;
-        if self.data_writes_in_flight == 0 {
-            return Err(ConfigError::DataWritesInFlight);
-        }
         if self.max_write_bytes < railover_segq::record::record_size(self.max_record) {
             return Err(ConfigError::MaxWrite(self.max_write_bytes));
         }
@@ -194,7 +178,6 @@ impl ConfigBuilder {
             heartbeat_misses: self.heartbeat_misses,
             link: self.link,
             max_write_bytes: self.max_write_bytes,
-            data_writes_in_flight: self.data_writes_in_flight,
             ack_every_bytes: (geometry.capacity() / 4) as u64,
             rearm_after_ns: self.rearm_after_ns,
             first_contact_grace_ns: self.first_contact_grace_ns,

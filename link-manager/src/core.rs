@@ -150,10 +150,6 @@ fn wr_id(generation: u16, kind: u64, rail: usize) -> u64 {
     ((generation as u64) << 16) | (kind << 8) | rail as u64
 }
 
-fn wr_kind(wr_id: u64) -> u64 {
-    (wr_id >> 8) & 0xff
-}
-
 fn wr_generation(wr_id: u64) -> u16 {
     (wr_id >> 16) as u16
 }
@@ -168,8 +164,6 @@ struct Rail {
     peer_heartbeat: u64,
     peer_seen_at: Nanos,
     outstanding: u32,
-    /// Data writes posted and not yet completed (at most `data_writes_in_flight`).
-    data_in_flight: u32,
     recv_credits: u32,
     ctrl_due: bool,
     reported_consumed: u64,
@@ -233,7 +227,6 @@ impl Core {
                 peer_heartbeat: 0,
                 peer_seen_at: now,
                 outstanding: 0,
-                data_in_flight: 0,
                 recv_credits: 0,
                 ctrl_due: true,
                 reported_consumed: 0,
@@ -470,14 +463,12 @@ impl Core {
         let a = self.active;
         let rail = &mut self.rails[a];
         if rail.state == RailState::Active
-            && rail.data_in_flight < self.cfg.data_writes_in_flight
             && rail.outstanding + 2 < max_wr
             && rail.imm_posted - rail.peer_notified < (max_recv / 2) as u64
         {
             if let Some(range) = self.lanes.poster(a).pending(self.cfg.max_write_bytes) {
                 self.lanes.poster(a).mark_posted(&range);
                 rail.outstanding += 1;
-                rail.data_in_flight += 1;
                 rail.imm_posted += 1;
                 self.stats.data_writes += 1;
                 return Some(Io::Write {
@@ -605,9 +596,6 @@ impl Core {
                     return; // from a queue pair since replaced
                 }
                 r.outstanding = r.outstanding.saturating_sub(1);
-                if wr_kind(c.wr_id) == KIND_DATA {
-                    r.data_in_flight = r.data_in_flight.saturating_sub(1);
-                }
                 if c.status != WcStatus::Success {
                     self.fail_rail(rail, FailReason::Completion(c.status));
                 }
@@ -673,7 +661,6 @@ impl Core {
         r.peer_heartbeat = 0;
         r.peer_seen_at = now;
         r.outstanding = 0;
-        r.data_in_flight = 0;
         r.recv_credits = 0;
         r.ctrl_due = true;
         r.reported_consumed = 0;

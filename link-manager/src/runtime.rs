@@ -273,10 +273,6 @@ impl<N: Nic, C: Clock> Connection<N, C> {
             r = self.tx.send(msg);
         }
         self.rx.flush();
-        if self.rx.core.has_unposted() {
-            // Every data write slot is busy: a completion may have freed one meanwhile.
-            self.rx.progress();
-        }
         r
     }
 
