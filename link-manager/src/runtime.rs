@@ -192,8 +192,8 @@ impl Sender {
             match self.writer.push(msg) {
                 Err(LaneError::Switching) => std::hint::spin_loop(),
                 r => {
-                    if let (Ok(_), Some(bell)) = (&r, &self.doorbell) {
-                        bell.ring_if_asleep();
+                    if r.is_ok() {
+                        self.notify();
                     }
                     return r.map_err(send_error);
                 }

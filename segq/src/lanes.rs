@@ -305,11 +305,8 @@ impl LaneControl {
         let producer = self.shared.producers[lane].get_mut();
         // SAFETY: the writer only touches the active lane's producer, and `lane` is not active
         // (switches happen only here, under exclusion, so the writer cannot be inside it).
-        reset_halves(
-            unsafe { producer.deref() },
-            &mut self.posters[lane],
-            next_seq,
-        );
+        let producer = unsafe { producer.deref() };
+        reset_halves(producer, &mut self.posters[lane], next_seq);
         true
     }
 
