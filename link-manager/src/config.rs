@@ -21,6 +21,8 @@ pub enum ConfigError {
     Link(String),
     #[error("max write size {0} must be at least one maximal record")]
     MaxWrite(usize),
+    #[error("session timeout {session_ns} ns must exceed the heartbeat timeout {heartbeat_ns} ns")]
+    SessionTimeout { session_ns: u64, heartbeat_ns: u64 },
 }
 
 /// Connection configuration. Build it with [`Config::builder`].
@@ -35,6 +37,8 @@ pub struct Config {
     pub(crate) ack_every_bytes: u64,
     pub(crate) rearm_after_ns: u64,
     pub(crate) first_contact_grace_ns: u64,
+    pub(crate) session_timeout_ns: u64,
+    pub(crate) close_linger_ns: u64,
     pub(crate) backing: Backing,
 }
 
@@ -60,6 +64,14 @@ impl Config {
     pub fn backing(&self) -> Backing {
         self.backing
     }
+    /// How long the peer may stay unresponsive (every rail silent at once) before the session ends.
+    pub fn session_timeout_ns(&self) -> u64 {
+        self.session_timeout_ns
+    }
+    /// How long closing (or dropping) a connection waits for the peer to deliver what was sent.
+    pub fn close_linger_ns(&self) -> u64 {
+        self.close_linger_ns
+    }
     /// How long silence lasts before the heartbeat declares a rail dead.
     pub fn heartbeat_timeout_ns(&self) -> u64 {
         self.heartbeat_interval_ns * self.heartbeat_misses as u64
@@ -79,6 +91,8 @@ pub struct ConfigBuilder {
     max_write_bytes: usize,
     rearm_after_ns: u64,
     first_contact_grace_ns: u64,
+    session_timeout_ns: u64,
+    close_linger_ns: u64,
     backing: Backing,
 }
 
@@ -95,6 +109,8 @@ impl Default for ConfigBuilder {
             max_write_bytes: 64 * 1024,
             rearm_after_ns: 100_000_000,
             first_contact_grace_ns: 100_000_000,
+            session_timeout_ns: 5_000_000_000,
+            close_linger_ns: 1_000_000_000,
             backing: Backing::Anonymous,
         }
     }
@@ -148,6 +164,20 @@ impl ConfigBuilder {
         self.first_contact_grace_ns = ns;
         self
     }
+    /// How long the peer may be unresponsive — every rail silent at once, as when its process is
+    /// paused, descheduled or stopped — before the session ends with
+    /// [`crate::core::EndReason::SessionTimeout`] (default 5 s). Until then nothing is failed over
+    /// or dropped: sends queue (back-pressure when the ring is full) and traffic resumes by itself.
+    pub fn session_timeout_ns(mut self, ns: u64) -> Self {
+        self.session_timeout_ns = ns;
+        self
+    }
+    /// How long [`crate::Connection::close`] (and dropping a connection) waits for the peer to
+    /// deliver every record accepted before telling it the connection is closed (default 1 s).
+    pub fn close_linger_ns(mut self, ns: u64) -> Self {
+        self.close_linger_ns = ns;
+        self
+    }
     /// Memory backing of the rings.
     pub fn backing(mut self, b: Backing) -> Self {
         self.backing = b;
@@ -171,6 +201,13 @@ impl ConfigBuilder {
         if self.max_write_bytes < railover_segq::record::record_size(self.max_record) {
             return Err(ConfigError::MaxWrite(self.max_write_bytes));
         }
+        let heartbeat_ns = self.heartbeat_interval_ns * self.heartbeat_misses as u64;
+        if self.session_timeout_ns <= heartbeat_ns {
+            return Err(ConfigError::SessionTimeout {
+                session_ns: self.session_timeout_ns,
+                heartbeat_ns,
+            });
+        }
         Ok(Config {
             geometry,
             rails: self.rails,
@@ -181,6 +218,8 @@ impl ConfigBuilder {
             ack_every_bytes: (geometry.capacity() / 4) as u64,
             rearm_after_ns: self.rearm_after_ns,
             first_contact_grace_ns: self.first_contact_grace_ns,
+            session_timeout_ns: self.session_timeout_ns,
+            close_linger_ns: self.close_linger_ns,
             backing: self.backing,
         })
     }
@@ -224,6 +263,13 @@ mod tests {
         assert!(matches!(
             Config::builder().max_write_bytes(100).build(),
             Err(ConfigError::MaxWrite(100))
+        ));
+        assert!(matches!(
+            Config::builder().session_timeout_ns(3_000_000).build(),
+            Err(ConfigError::SessionTimeout {
+                session_ns: 3_000_000,
+                heartbeat_ns: 3_000_000
+            })
         ));
     }
 }

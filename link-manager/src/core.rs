@@ -14,7 +14,7 @@ use railover_rdma::{AsyncEvent, Completion, CompletionKind, WcStatus};
 use railover_segq::{LaneControl, LaneWriter, MirrorQueue, Region, SendQueue, StreamCursor};
 
 use crate::config::{Config, MAX_RAILS};
-use crate::ctrl::{CtrlBlock, CTRL_LEN};
+use crate::ctrl::{CtrlBlock, CTRL_LEN, STATUS_CLOSED, STATUS_ENDED, STATUS_LIVE};
 
 /// Virtual or real time in nanoseconds, from the driver's clock.
 pub type Nanos = u64;
@@ -50,8 +50,60 @@ pub enum FailReason {
     Rearm,
 }
 
+/// Why a session ended. After it, `send` and `poll` fail with this reason and
+/// [`Core::unacked`] lists every record accepted but not known delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// Every rail failed.
+    AllRailsDown,
+    /// The peer stayed unresponsive (every rail silent) for the whole session timeout.
+    SessionTimeout,
+    /// This side closed the connection.
+    Closed,
+    /// The peer closed its connection gracefully.
+    PeerClosed,
+    /// The peer's session ended (it timed out or lost every rail) and it said so.
+    PeerEnded,
+}
+
+/// An [`EndReason`] as the code the send lanes are closed with (a split sender reads it).
+pub fn reason_code(r: EndReason) -> u8 {
+    match r {
+        EndReason::AllRailsDown => 1,
+        EndReason::SessionTimeout => 2,
+        EndReason::Closed => 3,
+        EndReason::PeerClosed => 4,
+        EndReason::PeerEnded => 5,
+    }
+}
+
+/// The [`SendError`] for lanes closed with `code` (see [`reason_code`]).
+pub fn closed_send_error(code: u8) -> SendError {
+    match code {
+        2 => SendError::Ended(EndReason::SessionTimeout),
+        3 => SendError::Ended(EndReason::Closed),
+        4 => SendError::Ended(EndReason::PeerClosed),
+        5 => SendError::Ended(EndReason::PeerEnded),
+        _ => SendError::AllRailsDown,
+    }
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EndReason::AllRailsDown => "every rail is down",
+            EndReason::SessionTimeout => "the peer was unresponsive for the whole session timeout",
+            EndReason::Closed => "the connection was closed",
+            EndReason::PeerClosed => "the peer closed the connection",
+            EndReason::PeerEnded => "the peer ended the session",
+        })
+    }
+}
+
 /// What happened, for the user (also logged with `tracing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     RailDown {
         rail: usize,
@@ -72,6 +124,17 @@ pub enum Event {
     RailUp { rail: usize, at: Nanos },
     /// No rail is left: sending and receiving now fail.
     AllRailsDown { at: Nanos },
+    /// Every rail went silent at once: the peer is not running (paused, descheduled, stopped), or
+    /// every wire failed together. Nothing is failed over; sends queue; traffic resumes by itself
+    /// when the peer answers, or the session ends after the session timeout.
+    PeerUnresponsive { at: Nanos },
+    /// The peer answered again after being unresponsive for `silent_ns`.
+    PeerResponsive { silent_ns: Nanos, at: Nanos },
+    /// The re-arm channel to the peer is gone: failed rails can't be re-armed, so redundancy
+    /// lost from now on is not restored.
+    RearmChannelLost { at: Nanos },
+    /// The session is over (for every reason; [`Event::AllRailsDown`] also comes for that one).
+    Ended { reason: EndReason, at: Nanos },
 }
 
 /// Which registered buffer of a rail an [`Io::Write`] reads or targets.
@@ -115,6 +178,8 @@ pub enum SendError {
     Backpressure,
     #[error("every rail is down; records accepted but unacknowledged are available via unacked()")]
     AllRailsDown,
+    #[error("session ended: {0}; records accepted but unacknowledged are available via unacked()")]
+    Ended(EndReason),
 }
 
 /// Receiving failed.
@@ -122,6 +187,8 @@ pub enum SendError {
 pub enum RecvError {
     #[error("every rail is down")]
     AllRailsDown,
+    #[error("session ended: {0}")]
+    Ended(EndReason),
     #[error("receive buffer of {len} bytes is smaller than the maximum record size {max}")]
     BufferTooSmall { len: usize, max: usize },
 }
@@ -145,6 +212,8 @@ pub struct Stats {
 
 const KIND_DATA: u64 = 1;
 const KIND_CTRL: u64 = 2;
+/// The last control block of a session that ended (status closed or ended).
+const KIND_BYE: u64 = 3;
 
 fn wr_id(generation: u16, kind: u64, rail: usize) -> u64 {
     ((generation as u64) << 16) | (kind << 8) | rail as u64
@@ -152,6 +221,10 @@ fn wr_id(generation: u16, kind: u64, rail: usize) -> u64 {
 
 fn wr_generation(wr_id: u64) -> u16 {
     (wr_id >> 16) as u16
+}
+
+fn wr_kind(wr_id: u64) -> u64 {
+    (wr_id >> 8) & 0xff
 }
 
 struct Rail {
@@ -180,7 +253,7 @@ struct Rail {
     reported_notified: u64,
     /// The peer's control block as last processed: an unchanged block is not decoded again
     /// (processing it is idempotent; the crc alone was a quarter of a round trip's work).
-    ctrl_seen: [u64; 6],
+    ctrl_seen: [u64; 7],
 }
 
 /// One side of a connection: its rails, its outgoing stream and its incoming stream.
@@ -192,7 +265,16 @@ pub struct Core {
     lanes: LaneControl,
     active: usize,
     cursor: StreamCursor,
-    dead: bool,
+    /// Set once the session is over (terminal).
+    ended: Option<EndReason>,
+    /// Since when every rail has been silent (the peer is not running), if it is.
+    unresponsive_since: Option<Nanos>,
+    /// Closing: the deadline for the peer to deliver what was sent before the goodbye.
+    closing_until: Option<Nanos>,
+    /// After the session ended: rails still owed the goodbye control block.
+    bye_due: [bool; MAX_RAILS],
+    /// Goodbye writes posted and not yet completed.
+    bye_outstanding: u32,
     now: Nanos,
     next_heartbeat: Nanos,
     io: VecDeque<Io>,
@@ -238,7 +320,7 @@ impl Core {
                 peer_notified: 0,
                 notified: 0,
                 reported_notified: 0,
-                ctrl_seen: [0; 6],
+                ctrl_seen: [0; 7],
             });
         }
         let (writer, lanes) = railover_segq::lanes(queues, 0);
@@ -248,7 +330,11 @@ impl Core {
             lanes,
             active: 0,
             cursor: StreamCursor::default(),
-            dead: false,
+            ended: None,
+            unresponsive_since: None,
+            closing_until: None,
+            bye_due: [false; MAX_RAILS],
+            bye_outstanding: 0,
             now,
             next_heartbeat: now + cfg.heartbeat_interval_ns,
             io: VecDeque::with_capacity(4 * MAX_RAILS),
@@ -314,8 +400,47 @@ impl Core {
         self.active
     }
 
+    /// Whether the session is over (see [`Core::end_reason`]).
     pub fn is_dead(&self) -> bool {
-        self.dead
+        self.ended.is_some()
+    }
+
+    /// Why the session ended, once it has.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.ended
+    }
+
+    /// Whether the peer is unresponsive right now (every rail silent).
+    pub fn peer_unresponsive(&self) -> bool {
+        self.unresponsive_since.is_some()
+    }
+
+    /// Whether [`Core::close`] was called and the session has not ended yet.
+    pub fn is_closing(&self) -> bool {
+        self.closing_until.is_some() && self.ended.is_none()
+    }
+
+    /// Whether the goodbye of an ended session is still to be posted or completed (a driver about
+    /// to destroy its queue pairs waits for this, briefly).
+    pub fn bye_pending(&self) -> bool {
+        self.bye_outstanding > 0 || self.bye_due.iter().any(|d| *d)
+    }
+
+    /// Starts a graceful close: no new record is accepted; once the peer delivered every record
+    /// sent (or `linger_ns` passed) the session ends with [`EndReason::Closed`] and the peer is
+    /// told ([`EndReason::PeerClosed`] there). Drive the core until [`Core::is_dead`].
+    pub fn close(&mut self, now: Nanos, linger_ns: Nanos) {
+        self.now = self.now.max(now);
+        if self.ended.is_some() || self.closing_until.is_some() {
+            return;
+        }
+        self.closing_until = Some(self.now.saturating_add(linger_ns));
+        self.lanes.close_with(reason_code(EndReason::Closed));
+        self.check_close();
+    }
+
+    fn end_error(&self) -> Option<EndReason> {
+        self.ended
     }
 
     pub fn stats(&self) -> Stats {
@@ -339,9 +464,10 @@ impl Core {
     /// One line per rail of internal state, for diagnosing a stuck connection.
     pub fn describe(&self) -> String {
         let mut out = format!(
-            "active={} dead={} delivered={} peer_delivered={} last_sent={}\n",
+            "active={} ended={:?} unresponsive_since={:?} delivered={} peer_delivered={} last_sent={}\n",
             self.active,
-            self.dead,
+            self.ended,
+            self.unresponsive_since,
             self.cursor.delivered,
             self.peer_delivered,
             self.last_sent_seq()
@@ -386,8 +512,10 @@ impl Core {
         limit: usize,
         mut deliver: impl FnMut(&[u8]),
     ) -> Result<usize, RecvError> {
-        if self.dead {
-            return Err(RecvError::AllRailsDown);
+        match self.end_error() {
+            Some(EndReason::AllRailsDown) => return Err(RecvError::AllRailsDown),
+            Some(reason) => return Err(RecvError::Ended(reason)),
+            None => {}
         }
         let mut total = 0;
         for r in 0..self.rails.len() {
@@ -422,13 +550,23 @@ impl Core {
         Ok(total)
     }
 
-    /// Visits every record accepted for sending but not known delivered, in order. After
-    /// [`Event::AllRailsDown`] these are the records the user must treat as not sent.
     /// Whether the application committed records that wait to be posted.
     pub fn has_unposted(&self) -> bool {
-        !self.dead && self.lanes.poster_ref(self.active).has_pending()
+        self.ended.is_none() && self.lanes.poster_ref(self.active).has_pending()
     }
 
+    /// The error a send gets once the session ended.
+    pub fn send_error(&self) -> Option<SendError> {
+        self.ended.map(|r| match r {
+            EndReason::AllRailsDown => SendError::AllRailsDown,
+            r => SendError::Ended(r),
+        })
+    }
+
+    /// Visits every record accepted for sending but not known delivered, in order. After the
+    /// session ended these are the records the user must treat as not sent. They may include
+    /// records the peer delivered but whose acknowledgement never arrived; a connection that
+    /// resumes the stream ([`Core::resume_from`]) discards those by sequence number.
     pub fn unacked(&self, f: impl FnMut(u64, &[u8])) {
         self.lanes.poster_ref(self.active).for_each_unacked(f)
     }
@@ -445,8 +583,8 @@ impl Core {
         if let Some(io) = self.io.pop_front() {
             return Some(io);
         }
-        if self.dead {
-            return None;
+        if self.ended.is_some() {
+            return self.poll_bye();
         }
         // Receives first: the credits a control write reports must already be posted.
         let max_recv = self.cfg.link.max_recv_wr;
@@ -496,6 +634,7 @@ impl Core {
                     consumed_pos: rail.reported_consumed,
                     fault_gens,
                     notified: rail.notified,
+                    status: STATUS_LIVE,
                 }
                 .store(&rail.ctrl_out);
                 rail.outstanding += 1;
@@ -515,9 +654,54 @@ impl Core {
         None
     }
 
+    /// The goodbye control block of an ended session, once per rail still alive: the peer ends
+    /// its side at once instead of waiting out silence.
+    fn poll_bye(&mut self) -> Option<Io> {
+        let status = match self.ended? {
+            EndReason::Closed => STATUS_CLOSED,
+            EndReason::PeerClosed | EndReason::PeerEnded => return None, // the peer knows
+            _ => STATUS_ENDED,
+        };
+        let delivered = self.cursor.last_delivered();
+        let fault_gens = self.fault_gens();
+        let max_wr = self.cfg.link.max_send_wr;
+        for (r, rail) in self.rails.iter_mut().enumerate() {
+            if !self.bye_due[r] || rail.outstanding >= max_wr {
+                continue;
+            }
+            self.bye_due[r] = false;
+            if rail.state == RailState::Failed {
+                continue;
+            }
+            CtrlBlock {
+                heartbeat: rail.heartbeat + 1,
+                delivered_seq: delivered,
+                consumed_pos: rail.rx.read_pos(),
+                fault_gens,
+                notified: rail.notified,
+                status,
+            }
+            .store(&rail.ctrl_out);
+            rail.outstanding += 1;
+            self.bye_outstanding += 1;
+            self.stats.control_writes += 1;
+            return Some(Io::Write {
+                rail: r,
+                wr_id: wr_id(rail.generation, KIND_BYE, r),
+                local: Buf::Ctrl,
+                local_offset: 0,
+                len: CTRL_LEN,
+                remote: Buf::Ctrl,
+                remote_offset: 0,
+                imm: None,
+            });
+        }
+        None
+    }
+
     /// When [`Core::handle_timeout`] wants to be called next.
     pub fn poll_timeout(&self) -> Option<Nanos> {
-        if self.dead {
+        if self.ended.is_some() {
             return None;
         }
         let rearm = self
@@ -526,7 +710,8 @@ impl Core {
             .filter(|r| r.state == RailState::Failed && !r.rearm_requested)
             .map(|r| r.failed_at + self.cfg.rearm_after_ns)
             .min();
-        Some(rearm.map_or(self.next_heartbeat, |t| t.min(self.next_heartbeat)))
+        let next = rearm.map_or(self.next_heartbeat, |t| t.min(self.next_heartbeat));
+        Some(self.closing_until.map_or(next, |t| t.min(next)))
     }
 
     /// Advances the clock: heartbeats, heartbeat-miss detection, acknowledgements, re-arm requests.
@@ -546,32 +731,15 @@ impl Core {
         }
         self.last_tick = self.now;
         self.process_ctrl();
-        if self.dead {
+        self.check_close();
+        if self.ended.is_some() {
             return;
         }
         if self.now >= self.next_heartbeat {
             self.next_heartbeat = self.now + self.cfg.heartbeat_interval_ns;
-            let limit = self.cfg.heartbeat_timeout_ns();
-            for r in 0..self.rails.len() {
-                let rail = &mut self.rails[r];
-                if rail.state == RailState::Failed {
-                    continue;
-                }
-                rail.heartbeat += 1;
-                rail.ctrl_due = true;
-                // A rail that has not yet heard the peer since it (re)connected gets a longer grace:
-                // the first packets of a new connection can take tens of ms (address resolution).
-                let limit = if rail.peer_heartbeat == 0 {
-                    limit.max(self.cfg.first_contact_grace_ns)
-                } else {
-                    limit
-                };
-                if self.now.saturating_sub(rail.peer_seen_at) > limit {
-                    self.fail_rail(r, FailReason::HeartbeatMiss);
-                }
-            }
+            self.check_liveness();
         }
-        if self.dead {
+        if self.ended.is_some() {
             return;
         }
         for (r, rail) in self.rails.iter_mut().enumerate() {
@@ -582,6 +750,94 @@ impl Core {
                 rail.rearm_requested = true;
                 self.io.push_back(Io::Rearm { rail: r });
             }
+        }
+    }
+
+    /// Heart-beats every live rail and tells a dead wire from a peer that is not running: a rail
+    /// silent while another hears the peer has failed; every rail silent at once means the peer
+    /// itself is not running (or every wire failed together, which the RC retry budget of the
+    /// heartbeats still posted on each rail reports as error completions). A peer silent past the
+    /// session timeout ends the session.
+    fn check_liveness(&mut self) {
+        let limit = self.cfg.heartbeat_timeout_ns();
+        let mut silent = [false; MAX_RAILS];
+        let mut hearing = 0;
+        for (r, rail) in self.rails.iter_mut().enumerate() {
+            if rail.state == RailState::Failed {
+                continue;
+            }
+            rail.heartbeat += 1;
+            rail.ctrl_due = true;
+            // A rail that has not yet heard the peer since it (re)connected gets a longer grace:
+            // the first packets of a new connection can take tens of ms (address resolution).
+            let proven = rail.peer_heartbeat != 0;
+            let limit = if proven {
+                limit
+            } else {
+                limit.max(self.cfg.first_contact_grace_ns)
+            };
+            let quiet = self.now.saturating_sub(rail.peer_seen_at);
+            if quiet > limit {
+                silent[r] = true;
+            } else if proven {
+                hearing += 1;
+            }
+        }
+        if hearing > 0 {
+            for r in (0..self.rails.len()).filter(|&r| silent[r]) {
+                self.fail_rail(r, FailReason::HeartbeatMiss);
+            }
+            return;
+        }
+        if !silent.iter().any(|s| *s) {
+            return;
+        }
+        match self.unresponsive_since {
+            None => {
+                tracing::warn!("every rail silent: peer unresponsive");
+                self.unresponsive_since = Some(self.now);
+                self.push_event(Event::PeerUnresponsive { at: self.now });
+            }
+            Some(since) if self.now.saturating_sub(since) >= self.cfg.session_timeout_ns => {
+                self.end(EndReason::SessionTimeout);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The peer answered on some rail: if it was unresponsive, every rail gets a fresh window
+    /// (the peer's blocks on the other rails may be a moment behind).
+    fn peer_heard(&mut self) {
+        if let Some(since) = self.unresponsive_since.take() {
+            let silent_ns = self.now.saturating_sub(since);
+            tracing::info!(silent_ns, "peer responsive again");
+            for r in self.rails.iter_mut() {
+                r.peer_seen_at = self.now;
+            }
+            self.push_event(Event::PeerResponsive {
+                silent_ns,
+                at: self.now,
+            });
+        }
+    }
+
+    /// Ends a graceful close once the peer delivered everything sent, or the linger ran out.
+    fn check_close(&mut self) {
+        let Some(until) = self.closing_until else {
+            return;
+        };
+        if self.ended.is_some() {
+            return;
+        }
+        let drained = self.peer_delivered >= self.last_sent_seq();
+        if drained || self.now >= until {
+            if !drained {
+                tracing::warn!(
+                    undelivered = self.last_sent_seq() - self.peer_delivered,
+                    "close: linger ran out; unacknowledged records stay in unacked()"
+                );
+            }
+            self.end(EndReason::Closed);
         }
     }
 
@@ -596,6 +852,12 @@ impl Core {
                     return; // from a queue pair since replaced
                 }
                 r.outstanding = r.outstanding.saturating_sub(1);
+                if wr_kind(c.wr_id) == KIND_BYE {
+                    self.bye_outstanding = self.bye_outstanding.saturating_sub(1);
+                }
+                if self.ended.is_some() {
+                    return; // the session is over: nothing more to fail
+                }
                 if c.status != WcStatus::Success {
                     self.fail_rail(rail, FailReason::Completion(c.status));
                 }
@@ -638,12 +900,12 @@ impl Core {
     /// rings restart empty and it becomes a standby.
     pub fn rail_rearmed(&mut self, rail: usize, now: Nanos) {
         self.now = self.now.max(now);
-        if self.dead {
+        if self.ended.is_some() {
             return; // terminal: the user was told, and holds the unacknowledged records
         }
         if self.rails[rail].state != RailState::Failed {
             self.fail_rail(rail, FailReason::Rearm);
-            if self.dead {
+            if self.ended.is_some() {
                 return;
             }
         }
@@ -670,7 +932,7 @@ impl Core {
         r.peer_notified = 0;
         r.notified = 0;
         r.reported_notified = 0;
-        r.ctrl_seen = [0; 6];
+        r.ctrl_seen = [0; 7];
         tracing::info!(rail, generation = r.generation, "rail re-armed as standby");
         self.push_event(Event::RailUp { rail, at: now });
         self.refresh_rail_stats();
@@ -681,6 +943,13 @@ impl Core {
         if rail < self.rails.len() {
             self.fail_rail(rail, FailReason::Completion(WcStatus::Other(u32::MAX)));
         }
+    }
+
+    /// The driver lost the channel it re-arms rails over: redundancy lost from now on can't be
+    /// restored (the user is told).
+    pub fn rearm_channel_lost(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
+        self.push_event(Event::RearmChannelLost { at: self.now });
     }
 
     /// The driver could not re-arm `rail` now; it will be asked again later.
@@ -725,7 +994,9 @@ impl Core {
             if c.heartbeat != rail.peer_heartbeat {
                 rail.peer_heartbeat = c.heartbeat;
                 rail.peer_seen_at = now;
+                self.peer_heard();
             }
+            let rail = &mut self.rails[r];
             if c.notified > rail.imm_posted {
                 tracing::warn!(
                     rail = r,
@@ -757,6 +1028,19 @@ impl Core {
                 tracing::warn!(rail = r, error = %e, "impossible acknowledgement");
                 self.fail_rail(r, FailReason::Protocol);
                 continue;
+            }
+            match c.status {
+                STATUS_LIVE => {}
+                STATUS_CLOSED => {
+                    tracing::info!(rail = r, "peer closed the connection");
+                    self.end(EndReason::PeerClosed);
+                    return;
+                }
+                _ => {
+                    tracing::warn!(rail = r, status = c.status, "peer's session ended");
+                    self.end(EndReason::PeerEnded);
+                    return;
+                }
             }
             for other in 0..self.rails.len() {
                 let g = c.fault_gen(other);
@@ -809,11 +1093,11 @@ impl Core {
         {
             other.ctrl_due = true;
         }
-        if was_active && !self.dead {
+        if was_active && self.ended.is_none() {
             self.failover_from(r);
         }
-        if !self.dead && self.rails.iter().all(|x| x.state == RailState::Failed) {
-            self.declare_dead();
+        if self.ended.is_none() && self.rails.iter().all(|x| x.state == RailState::Failed) {
+            self.end(EndReason::AllRailsDown);
         }
         self.refresh_rail_stats();
     }
@@ -826,7 +1110,7 @@ impl Core {
                 .filter(standby)
                 .find(|&i| self.rails[i].peer_heartbeat != 0);
             let Some(to) = proven.or_else(|| (0..self.rails.len()).find(standby)) else {
-                self.declare_dead();
+                self.end(EndReason::AllRailsDown);
                 return;
             };
             match self.lanes.fail_over(to) {
@@ -866,13 +1150,27 @@ impl Core {
         }
     }
 
-    fn declare_dead(&mut self) {
-        if !self.dead {
-            self.dead = true;
-            self.lanes.close();
+    /// Ends the session (terminal): no more sends; the peer is told over every rail still alive.
+    fn end(&mut self, reason: EndReason) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.ended = Some(reason);
+        self.unresponsive_since = None;
+        self.lanes.close_with(reason_code(reason));
+        for (r, rail) in self.rails.iter().enumerate() {
+            self.bye_due[r] = rail.state != RailState::Failed;
+        }
+        if reason == EndReason::AllRailsDown {
             tracing::error!("all rails down");
             self.push_event(Event::AllRailsDown { at: self.now });
+        } else {
+            tracing::warn!(%reason, "session ended");
         }
+        self.push_event(Event::Ended {
+            reason,
+            at: self.now,
+        });
     }
 
     fn push_event(&mut self, e: Event) {

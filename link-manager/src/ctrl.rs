@@ -9,12 +9,25 @@
 //! 24 fault_gens       u64  per rail (16 bits each): generation+1 of a rail the writer saw fail
 //! 32 notified         u64  write-with-immediate notifications the writer processed on THIS rail
 //!                          (receive credits: the peer keeps at most half a receive queue beyond it)
-//! 40 crc              u64  crc32c of bytes 0..40 (low 32 bits)
+//! 40 status           u64  0 while the writer's session runs; STATUS_CLOSED once it closed
+//!                          gracefully, STATUS_ENDED once it ended otherwise (timed out, all rails
+//!                          down): the peer ends its side without treating the silence as a fault
+//! 48 crc              u64  crc32c of bytes 0..48 (low 32 bits)
 //! ```
 
 use railover_segq::Region;
 
-pub const CTRL_LEN: usize = 48;
+pub const CTRL_LEN: usize = 56;
+/// Words before the crc.
+const WORDS: usize = 6;
+
+/// [`CtrlBlock::status`]: the writer's session runs.
+pub const STATUS_LIVE: u64 = 0;
+/// The writer closed its connection gracefully (everything it sent was delivered, or its linger
+/// ran out).
+pub const STATUS_CLOSED: u64 = 1;
+/// The writer's session ended otherwise (session timeout, every rail down).
+pub const STATUS_ENDED: u64 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CtrlBlock {
@@ -23,11 +36,12 @@ pub struct CtrlBlock {
     pub consumed_pos: u64,
     pub fault_gens: u64,
     pub notified: u64,
+    pub status: u64,
 }
 
 impl CtrlBlock {
-    fn crc(words: &[u64; 5]) -> u64 {
-        let mut b = [0u8; 40];
+    fn crc(words: &[u64; WORDS]) -> u64 {
+        let mut b = [0u8; WORDS * 8];
         for (i, w) in words.iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
@@ -42,11 +56,12 @@ impl CtrlBlock {
             self.consumed_pos,
             self.fault_gens,
             self.notified,
+            self.status,
         ];
         for (i, w) in words.iter().enumerate() {
             region.write_u64(i * 8, *w);
         }
-        region.write_u64(40, Self::crc(&words));
+        region.write_u64(WORDS * 8, Self::crc(&words));
     }
 
     /// Reads the block the peer wrote; None while it is torn, corrupted or never written.
@@ -54,16 +69,16 @@ impl CtrlBlock {
         Self::decode(&Self::read_raw(region))
     }
 
-    /// The block's six words as they are now (cheap: compare with the last ones seen before paying
+    /// The block's words as they are now (cheap: compare with the last ones seen before paying
     /// for [`CtrlBlock::decode`]).
-    pub fn read_raw(region: &Region) -> [u64; 6] {
+    pub fn read_raw(region: &Region) -> [u64; WORDS + 1] {
         std::array::from_fn(|i| region.read_u64(i * 8))
     }
 
     /// Checks and decodes raw words; None if torn, corrupted or never written.
-    pub fn decode(raw: &[u64; 6]) -> Option<CtrlBlock> {
-        let words: [u64; 5] = std::array::from_fn(|i| raw[i]);
-        if words == [0; 5] || raw[5] != Self::crc(&words) {
+    pub fn decode(raw: &[u64; WORDS + 1]) -> Option<CtrlBlock> {
+        let words: [u64; WORDS] = std::array::from_fn(|i| raw[i]);
+        if words == [0; WORDS] || raw[WORDS] != Self::crc(&words) {
             return None;
         }
         Some(CtrlBlock {
@@ -72,6 +87,7 @@ impl CtrlBlock {
             consumed_pos: words[2],
             fault_gens: words[3],
             notified: words[4],
+            status: words[5],
         })
     }
 
@@ -101,6 +117,7 @@ mod tests {
             consumed_pos: 4096,
             fault_gens: 0,
             notified: 7,
+            status: STATUS_CLOSED,
         };
         c.set_fault_gen(1, 5);
         assert_eq!(c.fault_gen(1), 5);

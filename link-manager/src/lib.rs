@@ -20,5 +20,7 @@ pub mod sim;
 pub mod verbs;
 
 pub use crate::config::{Config, ConfigBuilder, ConfigError, MAX_RAILS};
-pub use crate::core::{Event, FailReason, Nanos, RailState, RecvError, SendError, Stats};
-pub use crate::runtime::{ConnectError, Connection, Receiver, Sender};
+pub use crate::core::{
+    EndReason, Event, FailReason, Nanos, RailState, RecvError, SendError, Stats,
+};
+pub use crate::runtime::{CloseError, ConnectError, Connection, Receiver, Sender};

@@ -95,6 +95,12 @@ impl<L: Link> RearmChannel<L> {
         })
     }
 
+    /// Whether the channel is gone for good (closed or failed stream, or a message no honest peer
+    /// sends): no rail is re-armed over it any more.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }

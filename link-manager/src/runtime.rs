@@ -13,7 +13,10 @@ use railover_segq::{LaneError, LaneReservation, LaneWriter, PushError};
 
 use crate::config::Config;
 use crate::config::MAX_RAILS;
-use crate::core::{Buf, Core, Event, Io, Nanos, RailState, RecvError, SendError, Stats};
+use crate::core::{
+    closed_send_error, Buf, Core, EndReason, Event, Io, Nanos, RailState, RecvError, SendError,
+    Stats,
+};
 use crate::memory::{QueueMem, RegionMem};
 use crate::rearm::{RearmChannel, Role};
 
@@ -55,6 +58,19 @@ pub enum ConnectError {
     RailCount { want: usize, got: usize },
     #[error("re-arm channel: {0}")]
     Channel(std::io::Error),
+}
+
+/// A close that could not hand everything over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CloseError {
+    /// The linger ran out before the peer delivered `records` records; `unacked()` lists them.
+    #[error(
+        "{records} records not delivered by the peer before the linger ran out; see unacked()"
+    )]
+    Undelivered { records: u64 },
+    /// The session had ended otherwise first; `unacked()` lists what the peer did not deliver.
+    #[error("session ended before the close: {0}")]
+    Ended(EndReason),
 }
 
 /// One rail's fabric objects.
@@ -127,6 +143,8 @@ pub struct Receiver<N: Nic, C: Clock> {
     rearm_channel: Option<RearmChannel<N::Link>>,
     /// After a split: how the sender wakes this receiver when it sleeps in a blocking receive.
     doorbell: Option<Arc<Doorbell>>,
+    /// Set when the split [`Sender`] is dropped: the connection then closes.
+    sender_gone: Option<Arc<AtomicBool>>,
 }
 
 /// Lets a split [`Sender`] wake its [`Receiver`] sleeping in a blocking receive, so a record
@@ -171,16 +189,31 @@ impl Doorbell {
 /// The sending half after [`Connection::split`]: lock-free and allocation-free, it frames records
 /// into the active rail's ring (no syscall, no lock: a Dekker handshake with the failover, see
 /// `railover_segq::lanes`). The [`Receiver`]'s thread posts them.
+///
+/// Dropping it closes the connection (gracefully: see [`Receiver::close`]); once the connection
+/// ended, sends fail with the reason ([`SendError::AllRailsDown`] or [`SendError::Ended`]).
 pub struct Sender {
     writer: LaneWriter,
     doorbell: Option<Arc<Doorbell>>,
+    /// Tells the [`Receiver`] this half is gone (after a split).
+    gone: Option<Arc<AtomicBool>>,
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        if let Some(gone) = &self.gone {
+            // Pairs with the Acquire in `Receiver::progress_counted`.
+            gone.store(true, Ordering::Release);
+        }
+        self.notify(); // a receiver asleep in a blocking receive closes now, not at its next tick
+    }
 }
 
 fn send_error(e: LaneError) -> SendError {
     match e {
         LaneError::Push(PushError::TooLarge { len, max }) => SendError::TooLarge { len, max },
         LaneError::Push(PushError::Full) | LaneError::Switching => SendError::Backpressure,
-        LaneError::Closed => SendError::AllRailsDown,
+        LaneError::Closed(code) => closed_send_error(code),
     }
 }
 
@@ -307,6 +340,9 @@ impl<N: Nic, C: Clock> Connection<N, C> {
     pub fn split(self) -> (Sender, Receiver<N, C>) {
         let Connection { mut rx, mut tx, .. } = self;
         tx.writer.make_concurrent();
+        let gone = Arc::new(AtomicBool::new(false));
+        tx.gone = Some(gone.clone());
+        rx.sender_gone = Some(gone);
         match Doorbell::new() {
             Ok(bell) => {
                 let bell = Arc::new(bell);
@@ -389,10 +425,12 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     completions: [Completion::EMPTY; 32],
                     rearm_channel: None,
                     doorbell: None,
+                    sender_gone: None,
                 },
                 tx: Sender {
                     writer,
                     doorbell: None,
+                    gone: None,
                 },
                 sends_since_progress: 0,
             },
@@ -609,16 +647,72 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         for (rail, _) in fatal.iter().enumerate().filter(|(_, f)| **f) {
             self.release_card(rail);
         }
+        if let Some(gone) = &self.sender_gone {
+            // Pairs with the Release in `Sender::drop`.
+            if gone.load(Ordering::Acquire) && !self.core.is_closing() && !self.core.is_dead() {
+                tracing::info!("sender dropped: closing the connection");
+                let linger = self.core.config().close_linger_ns();
+                self.core.close(now, linger);
+            }
+        }
         // Cheap (a few words per rail): reads acknowledgements and fault reports every time.
         self.core.handle_timeout(now);
         self.flush();
         if let Some(mut channel) = self.rearm_channel.take() {
-            if crate::rearm::needs_service(&channel, self) {
+            if !self.core.is_dead() && crate::rearm::needs_service(&channel, self) {
+                let was_closed = channel.is_closed();
                 channel.serve(self);
+                if channel.is_closed() && !was_closed {
+                    self.core.rearm_channel_lost(self.clock.now());
+                }
             }
             self.rearm_channel = Some(channel);
         }
         handled
+    }
+
+    /// Closes the connection gracefully: no new record is accepted (a split [`Sender`] gets
+    /// [`SendError::Ended`]), the connection keeps running until the peer delivered every record
+    /// sent — at most `linger_ns` — then the peer is told (it sees [`EndReason::PeerClosed`],
+    /// never a fault). Records the peer did not deliver stay listed by `unacked()`.
+    /// Dropping a connection (or its [`Receiver`]) does this with the configured
+    /// [`crate::Config::close_linger_ns`].
+    pub fn close(&mut self, linger_ns: Nanos) -> Result<(), CloseError> {
+        let start = self.clock.now();
+        self.core.close(start, linger_ns);
+        self.flush();
+        // The goodbye's own completion is waited for too, within one heartbeat timeout more: a
+        // queue pair destroyed with it in flight may never send it.
+        let deadline = start
+            .saturating_add(linger_ns)
+            .saturating_add(self.core.config().heartbeat_timeout_ns());
+        loop {
+            self.progress();
+            if self.core.is_dead() && !self.core.bye_pending() {
+                break;
+            }
+            let now = self.clock.now();
+            if now >= deadline {
+                break;
+            }
+            self.clock.idle(deadline);
+        }
+        match self.core.end_reason() {
+            Some(EndReason::Closed) | None => {
+                let undelivered = self
+                    .core
+                    .last_sent_seq()
+                    .saturating_sub(self.core.peer_delivered());
+                if undelivered == 0 {
+                    Ok(())
+                } else {
+                    Err(CloseError::Undelivered {
+                        records: undelivered,
+                    })
+                }
+            }
+            Some(reason) => Err(CloseError::Ended(reason)),
+        }
     }
 
     /// Re-arms failed rails with a peer in another process over `stream` (the TCP stream the
@@ -816,6 +910,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         self.core.stats()
     }
 
+    /// Why the session ended, once it has.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.core.end_reason()
+    }
+
     pub fn poll_event(&mut self) -> Option<Event> {
         self.core.poll_event()
     }
@@ -838,6 +937,22 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// The card of `rail` (None while released after a device-fatal event).
     pub fn card(&self, rail: usize) -> Option<&N> {
         self.rails[rail].card.as_ref().map(|c| &c.nic)
+    }
+}
+
+impl<N: Nic, C: Clock> Drop for Receiver<N, C> {
+    /// A graceful close (see [`Receiver::close`]) with the configured linger, so the peer sees
+    /// [`EndReason::PeerClosed`] rather than a fault; then the queue pairs are destroyed, with
+    /// every completion-channel event acknowledged first (libibverbs blocks destroying a completion
+    /// queue with unacknowledged events).
+    fn drop(&mut self) {
+        if !self.core.is_dead() || self.core.bye_pending() {
+            let linger = self.core.config().close_linger_ns();
+            let _ = self.close(linger);
+        }
+        for card in self.rails.iter_mut().filter_map(|r| r.card.as_mut()) {
+            card.link.clear_wakeups();
+        }
     }
 }
 

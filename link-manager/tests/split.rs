@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use railover::runtime::serve_rearms;
 use railover::sim::SimPair;
-use railover::{Config, RailState, SendError};
+use railover::{Config, EndReason, RailState, RecvError, SendError};
 
 /// Virtual time the traffic and the faults run for (then the sender stops and the rest drains).
 const RUN_NS: u64 = 150_000_000;
@@ -89,6 +89,11 @@ fn a_sender_thread_keeps_sending_through_failovers() {
                 "message {delivered}: lost, duplicated or reordered"
             );
         })
+        .or_else(|e| match e {
+            // The sender thread's Sender dropped: host 1 closed after host 2 delivered it all.
+            RecvError::Ended(EndReason::PeerClosed) => Ok(0),
+            e => Err(e),
+        })
         .unwrap();
         if a.has_rearm_request() || b.has_rearm_request() {
             serve_rearms(&mut a, &mut b);
@@ -130,6 +135,16 @@ fn a_sender_thread_keeps_sending_through_failovers() {
     assert!(faults >= 10, "{faults} faults injected");
     assert!(stats.failovers >= 5, "failovers: {}", stats.failovers);
     assert_eq!(stats.sent, delivered);
+    // Dropping the Sender closed the connection gracefully, once everything was delivered.
+    while !b.core().is_dead() {
+        let t = fabric.next_event_time().unwrap_or(fabric.now() + 1_000_000);
+        fabric.advance_to(t.max(fabric.now()));
+        a.progress();
+        let _ = b.poll(|_| panic!("nothing was left to deliver"));
+        assert!(fabric.now() < deadline, "host 2 never saw the close");
+    }
+    assert_eq!(a.core().end_reason(), Some(EndReason::Closed));
+    assert_eq!(b.core().end_reason(), Some(EndReason::PeerClosed));
     eprintln!(
         "{delivered} messages, {faults} faults, {} failovers, {} records resent, {} duplicates discarded at host 2",
         stats.failovers,

@@ -517,6 +517,9 @@ impl Drop for VerbsLink {
         self.shut_down();
         let mut sink = [Completion::EMPTY; 16];
         while self.poll(&mut sink) > 0 {}
+        // Every completion event fetched must be acknowledged before the CQ is destroyed
+        // (ibv_destroy_cq waits for that): take and acknowledge whatever is still queued.
+        self.clear_wakeups();
         let _ = (&self.pd, &self.ctx);
     }
 }

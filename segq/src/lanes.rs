@@ -21,7 +21,9 @@
 use crossbeam_utils::CachePadded;
 
 use crate::sender::{reset_halves, CopyReport, Poster, Producer, PushError, Reservation};
-use crate::sync::{fence, spin_wait, Arc, AtomicBool, AtomicUsize, MutPtr, Ordering, UnsafeCell};
+use crate::sync::{
+    fence, spin_wait, Arc, AtomicBool, AtomicU8, AtomicUsize, MutPtr, Ordering, UnsafeCell,
+};
 use crate::SendQueue;
 
 /// `active` while the control has the producers to itself.
@@ -37,9 +39,10 @@ pub enum LaneError {
     /// A failover is moving the lanes right now; retry in a moment.
     #[error("a failover is switching lanes; retry")]
     Switching,
-    /// Every lane is closed (every rail is dead).
-    #[error("every lane is closed")]
-    Closed,
+    /// Every lane is closed, with the owner's code ([`LaneControl::close_with`]; 0 for
+    /// [`LaneControl::close`]).
+    #[error("every lane is closed (code {0})")]
+    Closed(u8),
 }
 
 struct LaneShared {
@@ -51,6 +54,9 @@ struct LaneShared {
     /// Writer -> control: true while the writer uses the active producer. Cleared with Release
     /// (pairs with the control's Acquire load: the writer's records are visible to the copy).
     writer_inside: CachePadded<AtomicBool>,
+    /// Why the lanes were closed (the owner's code, opaque here). Stored before the Release store
+    /// of CLOSED into `active`, so a writer that loaded CLOSED with Acquire reads it.
+    close_code: AtomicU8,
 }
 
 // SAFETY: each producer is used by one thread at a time, by the protocol in the module doc; the
@@ -74,6 +80,8 @@ pub struct LaneControl {
     /// The last sequence number committed into lanes left behind by failovers (which may since
     /// have been reset): the stream's high-water mark survives them.
     left_behind_seq: u64,
+    /// Closed for good: a failover moves the records but keeps the writer out.
+    closed: bool,
 }
 
 /// Makes lanes of `queues` (one per rail, all of one geometry); `active` takes records first.
@@ -85,6 +93,7 @@ pub fn lanes(queues: Vec<SendQueue>, active: usize) -> (LaneWriter, LaneControl)
         producers: producers.into_iter().map(UnsafeCell::new).collect(),
         active: CachePadded::new(AtomicUsize::new(active)),
         writer_inside: CachePadded::new(AtomicBool::new(false)),
+        close_code: AtomicU8::new(0),
     });
     (
         LaneWriter {
@@ -97,6 +106,7 @@ pub fn lanes(queues: Vec<SendQueue>, active: usize) -> (LaneWriter, LaneControl)
             posters,
             active,
             left_behind_seq: 0,
+            closed: false,
         },
     )
 }
@@ -171,7 +181,10 @@ impl LaneWriter {
             }
             CLOSED => {
                 self.leave();
-                Err(LaneError::Closed)
+                // Stored before CLOSED was published, which the Acquire load above observed.
+                Err(LaneError::Closed(
+                    self.shared.close_code.load(Ordering::Relaxed),
+                ))
             }
             lane => Ok(lane),
         }
@@ -292,7 +305,7 @@ impl LaneControl {
             self.posters[to].inherit_acked_seq(acked);
             self.active = to;
         }
-        self.readmit(self.active);
+        self.readmit(if self.closed { CLOSED } else { self.active });
         result.map(|r| (r, next_seq))
     }
 
@@ -312,7 +325,18 @@ impl LaneControl {
 
     /// Every lane is dead: the writer fails with [`LaneError::Closed`] from now on.
     pub fn close(&mut self) {
+        self.close_with(0);
+    }
+
+    /// Like [`LaneControl::close`], leaving `code` (the owner's reason) for the writer to read
+    /// in [`LaneError::Closed`]. The first close's code stays.
+    pub fn close_with(&mut self, code: u8) {
+        if !self.closed {
+            self.shared.close_code.store(code, Ordering::Relaxed);
+            self.closed = true;
+        }
         self.exclude_writer();
+        // Pairs with the writer's Acquire in `enter`: the code above is visible once it sees CLOSED.
         self.shared.active.store(CLOSED, Ordering::Release);
     }
 }

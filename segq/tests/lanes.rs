@@ -134,7 +134,7 @@ fn a_closed_lane_set_refuses_records_and_single_thread_mode_needs_no_protocol() 
             (3, b"three".to_vec())
         ]
     );
-    control.close();
-    assert_eq!(writer.push(b"four"), Err(LaneError::Closed));
-    assert!(matches!(writer.reserve(1), Err(LaneError::Closed)));
+    control.close_with(7);
+    assert_eq!(writer.push(b"four"), Err(LaneError::Closed(7)));
+    assert!(matches!(writer.reserve(1), Err(LaneError::Closed(7))));
 }
