@@ -1067,8 +1067,8 @@ impl Core {
     }
 
     fn fail_rail(&mut self, r: usize, reason: FailReason) {
-        if self.rails[r].state == RailState::Failed {
-            return;
+        if self.rails[r].state == RailState::Failed || self.ended.is_some() {
+            return; // (after the session ended nothing is failed over: it is over)
         }
         let was_active = self.rails[r].state == RailState::Active;
         let now = self.now;

@@ -58,6 +58,8 @@ pub enum ConnectError {
     RailCount { want: usize, got: usize },
     #[error("re-arm channel: {0}")]
     Channel(std::io::Error),
+    #[error("the session ended: {0}")]
+    Ended(EndReason),
 }
 
 /// A close that could not hand everything over.
@@ -671,6 +673,15 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         handled
     }
 
+    /// Starts a graceful close without waiting: the connection ends by itself (see
+    /// [`Receiver::end_reason`]) as it keeps being driven (`poll`, `progress`), once the peer
+    /// delivered everything sent or `linger_ns` passed. For event loops that can't block.
+    pub fn start_close(&mut self, linger_ns: Nanos) {
+        let now = self.clock.now();
+        self.core.close(now, linger_ns);
+        self.flush();
+    }
+
     /// Closes the connection gracefully: no new record is accepted (a split [`Sender`] gets
     /// [`SendError::Ended`]), the connection keeps running until the peer delivered every record
     /// sent — at most `linger_ns` — then the peer is told (it sees [`EndReason::PeerClosed`],
@@ -679,8 +690,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// [`crate::Config::close_linger_ns`].
     pub fn close(&mut self, linger_ns: Nanos) -> Result<(), CloseError> {
         let start = self.clock.now();
-        self.core.close(start, linger_ns);
-        self.flush();
+        self.start_close(linger_ns);
         // The goodbye's own completion is waited for too, within one heartbeat timeout more: a
         // queue pair destroyed with it in flight may never send it.
         let deadline = start
@@ -691,11 +701,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             if self.core.is_dead() && !self.core.bye_pending() {
                 break;
             }
-            let now = self.clock.now();
-            if now >= deadline {
+            if self.clock.now() >= deadline {
                 break;
             }
-            self.clock.idle(deadline);
+            // Wakes for the core's timers (the linger's end among them) and for completions.
+            self.sleep_until(deadline);
         }
         match self.core.end_reason() {
             Some(EndReason::Closed) | None => {
@@ -831,6 +841,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Creates a fresh queue pair on `rail` (opening its card again first if a device-fatal
     /// event released it); send the returned hello to the peer.
     pub fn rearm_prepare(&mut self, rail: usize) -> Result<(N::Link, Hello), ConnectError> {
+        if let Some(reason) = self.core.end_reason() {
+            return Err(ConnectError::Ended(reason)); // nothing to re-arm for
+        }
         let cfg = *self.core.config();
         if self.rails[rail].card.is_none() {
             let nic = N::reopen(&self.rails[rail].reopen)?;

@@ -31,6 +31,9 @@ pub struct SimPair {
     pub cards: Vec<(SimNic, SimNic)>,
     pub a: SimConnection,
     pub b: SimConnection,
+    /// Until when host 1 / host 2 is paused (its process stopped: it makes no progress, while its
+    /// cards keep answering the wire, as a stopped process's NICs do).
+    paused_until: [Nanos; 2],
 }
 
 impl SimPair {
@@ -66,7 +69,19 @@ impl SimPair {
             cards,
             a,
             b,
+            paused_until: [0; 2],
         })
+    }
+
+    /// Stops host 1 (`host2` false) or host 2 from running until `until` (virtual time): a
+    /// paused, descheduled or SIGSTOPped process.
+    pub fn pause(&mut self, host2: bool, until: Nanos) {
+        self.paused_until[host2 as usize] = until;
+    }
+
+    /// Whether host 1 (`host2` false) or host 2 is paused now.
+    pub fn is_paused(&self, host2: bool) -> bool {
+        self.now() < self.paused_until[host2 as usize]
     }
 
     pub fn now(&self) -> Nanos {
@@ -75,19 +90,29 @@ impl SimPair {
 
     /// Both sides make progress; re-arm requests are served (both sides of a rail re-arm together).
     pub fn progress(&mut self) {
-        self.a.progress();
-        self.b.progress();
-        if self.a.has_rearm_request() || self.b.has_rearm_request() {
+        let (pa, pb) = (self.is_paused(false), self.is_paused(true));
+        if !pa {
+            self.a.progress();
+        }
+        if !pb {
+            self.b.progress();
+        }
+        // A re-arm needs both processes running.
+        if !pa && !pb && (self.a.has_rearm_request() || self.b.has_rearm_request()) {
             crate::runtime::serve_rearms(&mut self.a, &mut self.b);
         }
     }
 
     /// The next time anything can happen (fabric event or timer), capped at `limit`.
     pub fn next_deadline(&self, limit: Nanos) -> Nanos {
+        let resume = |t: Nanos| (t > self.now()).then_some(t);
         [
             self.fabric.next_event_time(),
-            self.a.next_timeout(),
-            self.b.next_timeout(),
+            // A paused host's timers wait for it to resume.
+            self.a.next_timeout().filter(|_| !self.is_paused(false)),
+            self.b.next_timeout().filter(|_| !self.is_paused(true)),
+            resume(self.paused_until[0]),
+            resume(self.paused_until[1]),
         ]
         .into_iter()
         .flatten()

@@ -1,16 +1,19 @@
 //! Deterministic simulation (VOPR-style): two endpoints over the simulated fabric, random
 //! workloads in both directions, random fault schedules of every kind (carrier loss, black hole,
 //! ACK loss, card removal, corruption, latency spikes, flapping, faults during failover, and
-//! all-rails-dead). After every step: each side delivered exactly the sent stream, in order, with
-//! no duplicate. At the end: everything delivered, or the sender surfaced AllRailsDown and reports
-//! every undelivered record as unacknowledged.
+//! all-rails-dead) and peer pauses (a host's process stops running, from one heartbeat interval to
+//! past the session timeout). After every step: each side delivered exactly the sent stream, in
+//! order, with no duplicate. At the end: everything delivered and every rail back (redundancy
+//! restored once the wires are), or the session ended — every rail dead, or a pause past the
+//! session timeout — and each side reports every record the other did not deliver as
+//! unacknowledged.
 //!
 //! `cargo test` runs RAILOVER_SEEDS seeds (default 1000); a failure prints its seed, and
 //! `RAILOVER_SEED=<n> cargo test -p railover --test simulation -- --nocapture` replays it exactly.
 
 use railover::core::Event;
 use railover::sim::{SimConnection, SimPair};
-use railover::{Config, SendError};
+use railover::{Config, EndReason, RailState, SendError};
 use railover_rdma::LinkParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -52,7 +55,15 @@ enum Fault {
     },
     /// Every wire dies for good: must end in AllRailsDown with a correct report.
     AllDead,
+    /// Host 1's or host 2's process stops running for `duration` (its cards keep answering).
+    Pause {
+        host2: bool,
+        duration: u64,
+    },
 }
+
+/// The simulation's session timeout: a pause longer than this ends the session.
+const SESSION_TIMEOUT: u64 = 200 * MS;
 
 /// Deferred fault actions (restores, flaps), by virtual time.
 type Pending = Vec<(u64, Box<dyn FnOnce(&mut SimPair)>)>;
@@ -67,6 +78,9 @@ struct Outcome {
     rearms: u64,
     dead: bool,
     delivered: usize,
+    pauses: u64,
+    unresponsive: u64,
+    timeouts: u64,
 }
 
 fn payload(rng: &mut ChaCha8Rng, seq: usize, max: usize) -> Vec<u8> {
@@ -83,9 +97,24 @@ fn payload(rng: &mut ChaCha8Rng, seq: usize, max: usize) -> Vec<u8> {
     v
 }
 
+/// How long a host pauses: mostly a few heartbeat timeouts, sometimes tens of them, rarely past
+/// the session timeout (which ends the session).
+fn pause_duration(rng: &mut ChaCha8Rng, past_session_timeout: bool) -> u64 {
+    match rng.random_range(0..10) {
+        0 if past_session_timeout => SESSION_TIMEOUT + rng.random_range(10..200) * MS,
+        0..=2 => rng.random_range(20..150) * MS,
+        _ => rng.random_range(1_000..20_000) * 1000,
+    }
+}
+
 fn schedule(rng: &mut ChaCha8Rng, rails: usize, all_dead: bool) -> Vec<(u64, Fault)> {
     let mut out = Vec::new();
     let mut t = rng.random_range(1..5) * MS;
+    // A pause ends the session only when it is the last thing that happens (the run ends there).
+    let mut session_may_end = false;
+    // No rail is re-armed while a host is paused, so wires faulted before or during a pause stay
+    // busy until it ends.
+    let mut pause_end = 0u64;
     // A wire is "busy" from its fault until it is restored and re-armed; never fault the last
     // healthy wire (that case is the explicit AllDead schedule).
     let mut busy_until = vec![0u64; rails];
@@ -98,7 +127,7 @@ fn schedule(rng: &mut ChaCha8Rng, rails: usize, all_dead: bool) -> Vec<(u64, Fau
         }
         let wire = free[rng.random_range(0..free.len())];
         let restore_after = rng.random_range(1..15) * MS;
-        let fault = match rng.random_range(0..7) {
+        let fault = match rng.random_range(0..8) {
             0 => Fault::CarrierLoss {
                 wire,
                 restore_after,
@@ -125,6 +154,14 @@ fn schedule(rng: &mut ChaCha8Rng, rails: usize, all_dead: bool) -> Vec<(u64, Fau
                 extra: rng.random_range(10..2000) * 1000,
                 duration: rng.random_range(1..5) * MS,
             },
+            6 => {
+                let duration = pause_duration(rng, !all_dead && !session_may_end);
+                session_may_end |= duration > SESSION_TIMEOUT;
+                Fault::Pause {
+                    host2: rng.random_bool(0.5),
+                    duration,
+                }
+            }
             _ => Fault::Flap {
                 wire,
                 times: rng.random_range(2..5),
@@ -134,10 +171,19 @@ fn schedule(rng: &mut ChaCha8Rng, rails: usize, all_dead: bool) -> Vec<(u64, Fau
         let span = match fault {
             Fault::Flap { times, period, .. } => times as u64 * period,
             Fault::Corrupt { .. } | Fault::Spike { .. } => 5 * MS,
+            Fault::Pause { .. } => 0, // a pause faults no wire
             _ => restore_after,
         };
         // Generous margin: detection, re-arm timer, heartbeat probation.
-        busy_until[wire] = t + span + 40 * MS;
+        match fault {
+            Fault::Pause { duration, .. } => {
+                for b in busy_until.iter_mut().filter(|b| **b > t) {
+                    *b += duration;
+                }
+                pause_end = pause_end.max(t + duration);
+            }
+            _ => busy_until[wire] = (t + span).max(pause_end) + 40 * MS,
+        }
         out.push((t, fault));
         // Sometimes the next fault lands during this failover (on another wire, if one is spare).
         t += if rng.random_bool(0.3) {
@@ -233,6 +279,7 @@ fn inject(pair: &mut SimPair, f: Fault, pending: &mut Pending) {
                 fab.carrier_loss(w);
             }
         }
+        Fault::Pause { host2, duration } => pair.pause(host2, now + duration),
     }
 }
 
@@ -274,7 +321,7 @@ fn send_some(
                 );
                 dir.sent.push(msg);
             }
-            Err(SendError::Backpressure) | Err(SendError::AllRailsDown) => return,
+            Err(SendError::Backpressure | SendError::AllRailsDown | SendError::Ended(_)) => return,
             Err(e) => panic!("unexpected send error {e}"),
         }
     }
@@ -309,6 +356,7 @@ fn run_seed(seed: u64) -> Outcome {
         .heartbeat_interval_ns(MS)
         .heartbeat_misses(3)
         .rearm_after_ns(10 * MS)
+        .session_timeout_ns(SESSION_TIMEOUT)
         .link_params(LinkParams {
             timeout: 8,
             retry_cnt: 1,
@@ -320,6 +368,16 @@ fn run_seed(seed: u64) -> Outcome {
     let latency = rng.random_range(1..30) * 1000;
     let mut pair = SimPair::new(cfg, seed, latency).unwrap();
     let faults = schedule(&mut rng, rails, all_dead);
+    if std::env::var_os("RAILOVER_SEED").is_some() {
+        println!("seed {seed}: {rails} rails, schedule {faults:?}");
+    }
+    let pauses = faults
+        .iter()
+        .filter(|(_, f)| matches!(f, Fault::Pause { .. }))
+        .count() as u64;
+    let session_may_end = faults
+        .iter()
+        .any(|(_, f)| matches!(f, Fault::Pause { duration, .. } if *duration > SESSION_TIMEOUT));
     let mut faults = faults.into_iter().peekable();
     let mut pending: Pending = Vec::new();
     let mut ab = Direction {
@@ -344,33 +402,46 @@ fn run_seed(seed: u64) -> Outcome {
             let (_, f) = pending.remove(0);
             f(&mut pair);
         }
+        let (a_paused, b_paused) = (pair.is_paused(false), pair.is_paused(true));
         if now >= next_send {
-            if ab.sent.len() < target {
-                let n = rng.random_range(1..20);
-                send_some(&mut pair.a, &mut ab, &mut rng, n, max_record);
+            // (The draws happen either way, so a pause does not change the rest of the run.)
+            let (na, nb) = (rng.random_range(1..20), rng.random_range(1..20));
+            if ab.sent.len() < target && !a_paused {
+                send_some(&mut pair.a, &mut ab, &mut rng, na, max_record);
             }
-            if ba.sent.len() < target {
-                let n = rng.random_range(1..20);
-                send_some(&mut pair.b, &mut ba, &mut rng, n, max_record);
+            if ba.sent.len() < target && !b_paused {
+                send_some(&mut pair.b, &mut ba, &mut rng, nb, max_record);
             }
             next_send = now + rng.random_range(10..500) * 1000;
         }
-        receive(&mut pair.b, &mut ab, seed, "host 2");
-        receive(&mut pair.a, &mut ba, seed, "host 1");
+        if !b_paused {
+            receive(&mut pair.b, &mut ab, seed, "host 2");
+        }
+        if !a_paused {
+            receive(&mut pair.a, &mut ba, seed, "host 1");
+        }
         let a_dead = pair.a.core().is_dead();
         let b_dead = pair.b.core().is_dead();
         let done_ab = ab.sent.len() >= target && ab.delivered == ab.sent.len();
         let done_ba = ba.sent.len() >= target && ba.delivered == ba.sent.len();
-        if (done_ab && done_ba && faults.peek().is_none()) || (a_dead && b_dead) {
+        // Redundancy restored: once the wires are back, every rail is up again on both sides.
+        let restored = (0..rails).all(|r| {
+            pair.a.core().rail_state(r) != RailState::Failed
+                && pair.b.core().rail_state(r) != RailState::Failed
+        });
+        let quiet = faults.peek().is_none() && pending.is_empty() && !a_paused && !b_paused;
+        if (done_ab && done_ba && quiet && restored) || (a_dead && b_dead) {
             break;
         }
         assert!(
             now < horizon,
-            "seed {seed}: stuck at {now} ns: a {}/{} b {}/{}, dead a={a_dead} b={b_dead}",
+            "seed {seed}: stuck at {now} ns: a {}/{} b {}/{}, dead a={a_dead} b={b_dead}, redundancy restored={restored}\nhost 1: {}host 2: {}",
             ab.delivered,
             ab.sent.len(),
             ba.delivered,
-            ba.sent.len()
+            ba.sent.len(),
+            pair.a.core().describe(),
+            pair.b.core().describe()
         );
         let mut limit = next_send;
         if let Some((t, _)) = faults.peek() {
@@ -382,27 +453,52 @@ fn run_seed(seed: u64) -> Outcome {
         pair.step(limit.max(now + 1));
     }
     let dead = pair.a.core().is_dead() || pair.b.core().is_dead();
+    let mut timeouts = 0;
     if dead {
+        let reasons = (pair.a.core().end_reason(), pair.b.core().end_reason());
         assert!(
-            all_dead,
-            "seed {seed}: a side died although a rail always remained"
+            all_dead || session_may_end,
+            "seed {seed}: the session ended ({reasons:?}) although a rail always remained and no pause outlasted the session timeout"
         );
         // Both sides surface the error, and each reports what the other did not get.
         assert!(
             pair.a.core().is_dead() && pair.b.core().is_dead(),
             "seed {seed}: only one side noticed"
         );
-        assert_eq!(pair.a.send(b"x"), Err(SendError::AllRailsDown));
+        if let (Some(EndReason::SessionTimeout), other) | (other, Some(EndReason::SessionTimeout)) =
+            reasons
+        {
+            // The side that waited out the pause says why; the paused side hears it on resume.
+            assert!(
+                session_may_end,
+                "seed {seed}: a session timeout without a long pause"
+            );
+            assert!(
+                matches!(
+                    other,
+                    Some(EndReason::PeerEnded | EndReason::SessionTimeout)
+                ),
+                "seed {seed}: {reasons:?}"
+            );
+            timeouts += 1;
+        } else {
+            assert!(
+                all_dead,
+                "seed {seed}: ended {reasons:?} without every wire dead"
+            );
+        }
+        assert!(pair.a.send(b"x").is_err());
         assert!(pair.b.poll(|_| {}).is_err());
         check_report(&pair.a, &ab, seed, "host 1");
         check_report(&pair.b, &ba, seed, "host 2");
     }
-    let (mut failovers, mut rearms) = (0, 0);
+    let (mut failovers, mut rearms, mut unresponsive) = (0, 0, 0);
     for c in [&mut pair.a, &mut pair.b] {
         while let Some(e) = c.poll_event() {
             match e {
                 Event::Failover { .. } => failovers += 1,
                 Event::RailUp { .. } => rearms += 1,
+                Event::PeerUnresponsive { .. } => unresponsive += 1,
                 _ => {}
             }
         }
@@ -412,6 +508,9 @@ fn run_seed(seed: u64) -> Outcome {
         rearms,
         dead,
         delivered: ab.delivered + ba.delivered,
+        pauses,
+        unresponsive,
+        timeouts,
     }
 }
 
@@ -419,6 +518,11 @@ fn run_seed(seed: u64) -> Outcome {
 fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
     if let Ok(seed) = std::env::var("RAILOVER_SEED") {
         let seed: u64 = seed.parse().expect("RAILOVER_SEED is a number");
+        // RUST_LOG=railover=info shows what each side decided, with virtual time in the fields.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let o = run_seed(seed);
         println!(
             "seed {seed}: {} delivered, {} failovers, {} re-arms, dead={}",
@@ -431,16 +535,20 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let (mut failovers, mut rearms, mut dead, mut delivered) = (0, 0, 0, 0);
+    let (mut pauses, mut unresponsive, mut timeouts) = (0, 0, 0);
     for seed in 0..seeds {
         let o = std::panic::catch_unwind(|| run_seed(seed)).unwrap_or_else(|_| {
             panic!("seed {seed} failed; replay: RAILOVER_SEED={seed} cargo test -p railover --test simulation -- --nocapture")
         });
         failovers += o.failovers;
         rearms += o.rearms;
-        dead += o.dead as u64;
+        dead += (o.dead && o.timeouts == 0) as u64;
         delivered += o.delivered;
+        pauses += o.pauses;
+        unresponsive += o.unresponsive;
+        timeouts += o.timeouts;
     }
-    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings");
+    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings, {pauses} peer pauses ({unresponsive} seen as unresponsive, {timeouts} session timeouts)");
     // The schedules must actually exercise failover and the all-dead path.
     assert!(
         failovers > seeds / 2,
@@ -454,6 +562,10 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         seeds < 50 || rearms > seeds / 2,
         "too few re-arms ({rearms}) for {seeds} seeds"
     );
+    assert!(
+        seeds < 50 || (unresponsive > 0 && timeouts > 0),
+        "pauses exercised neither unresponsiveness ({unresponsive}) nor the session timeout ({timeouts})"
+    );
 }
 
 #[test]
@@ -464,4 +576,99 @@ fn same_seed_replays_exactly() {
         (a.failovers, a.rearms, a.dead, a.delivered),
         (b.failovers, b.rearms, b.dead, b.delivered)
     );
+}
+
+/// A paused peer is not a fault: pauses alone (1 ms to 150 ms, the session timeout is 200 ms)
+/// fail no rail over, lose nothing, and every pause past the heartbeat timeout is reported as
+/// the peer unresponsive, then responsive again, with traffic resuming by itself.
+#[test]
+fn peer_pauses_alone_fail_nothing_over_and_resume_by_themselves() {
+    for seed in 0..200u64 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let cfg = Config::builder()
+            .rails(2)
+            .geometry(4096, 8, 256)
+            .heartbeat_interval_ns(MS)
+            .heartbeat_misses(3)
+            .session_timeout_ns(SESSION_TIMEOUT)
+            .backing(railover_segq::Backing::Heap)
+            .build()
+            .unwrap();
+        let mut pair = SimPair::new(cfg, seed, 5_000).unwrap();
+        let mut ab = Direction {
+            sent: Vec::new(),
+            delivered: 0,
+        };
+        let mut ba = Direction {
+            sent: Vec::new(),
+            delivered: 0,
+        };
+        let mut long_pauses = 0;
+        let mut next_pause = 5 * MS;
+        let mut pauses_left = 3;
+        let mut next_send = 0;
+        let horizon = 2_000 * MS;
+        loop {
+            let now = pair.now();
+            if pauses_left > 0
+                && now >= next_pause
+                && !pair.is_paused(false)
+                && !pair.is_paused(true)
+            {
+                let duration = rng.random_range(1_000..150_000) * 1000;
+                // Past the heartbeat timeout plus a beat, the peer must notice.
+                long_pauses += (duration > 5 * MS) as u32;
+                pair.pause(rng.random_bool(0.5), now + duration);
+                pauses_left -= 1;
+                next_pause = now + duration + rng.random_range(5..30) * MS;
+            }
+            let (a_paused, b_paused) = (pair.is_paused(false), pair.is_paused(true));
+            if now >= next_send {
+                if !a_paused && ab.sent.len() < 400 {
+                    send_some(&mut pair.a, &mut ab, &mut rng, 8, 256);
+                }
+                if !b_paused && ba.sent.len() < 400 {
+                    send_some(&mut pair.b, &mut ba, &mut rng, 8, 256);
+                }
+                next_send = now + 200_000;
+            }
+            if !b_paused {
+                receive(&mut pair.b, &mut ab, seed, "host 2");
+            }
+            if !a_paused {
+                receive(&mut pair.a, &mut ba, seed, "host 1");
+            }
+            let done = ab.sent.len() >= 400
+                && ba.sent.len() >= 400
+                && ab.delivered == ab.sent.len()
+                && ba.delivered == ba.sent.len();
+            let heard = !pair.a.core().peer_unresponsive() && !pair.b.core().peer_unresponsive();
+            if done && pauses_left == 0 && !a_paused && !b_paused && heard {
+                break;
+            }
+            assert!(now < horizon, "seed {seed}: stuck at {now}");
+            pair.step(next_send.min(next_pause).max(now + 1));
+        }
+        let (mut unresponsive, mut responsive) = (0, 0);
+        for c in [&mut pair.a, &mut pair.b] {
+            assert!(
+                !c.core().is_dead(),
+                "seed {seed}: a pause ended the session"
+            );
+            while let Some(e) = c.poll_event() {
+                match e {
+                    Event::PeerUnresponsive { .. } => unresponsive += 1,
+                    Event::PeerResponsive { .. } => responsive += 1,
+                    Event::RailDown { .. } | Event::Failover { .. } => {
+                        panic!("seed {seed}: a pause was taken for a fault: {e:?}")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(
+            unresponsive >= long_pauses && unresponsive == responsive,
+            "seed {seed}: {long_pauses} long pauses, {unresponsive} unresponsive, {responsive} responsive"
+        );
+    }
 }
