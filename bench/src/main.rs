@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod peer;
 mod plot;
 mod sim_runs;
 mod stats;
@@ -99,6 +100,23 @@ enum Cmd {
         /// verbs: the script that injects and clears faults (inside the SoftRoCE VM).
         #[arg(long, default_value = "ci/fault")]
         fault_script: String,
+    },
+    /// Two-process mode, host that listens (verbs): streams both ways with the `connect` side,
+    /// checks every record, times every call, prints a JSON report.
+    Serve {
+        #[command(flatten)]
+        args: peer::PeerArgs,
+        /// TCP port for the set-up (0: any; the chosen one is printed as `listening <port>`).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
+    /// Two-process mode, host that dials a `serve` (verbs).
+    Connect {
+        #[command(flatten)]
+        args: peer::PeerArgs,
+        /// The `serve` side's set-up address (loopback or a test host's address).
+        #[arg(long)]
+        addr: std::net::SocketAddr,
     },
 }
 
@@ -321,6 +339,24 @@ fn main() {
                 .any(|r| r.lost + r.duplicated + r.reordered > 0)
             {
                 std::process::exit(1);
+            }
+        }
+        Cmd::Serve { args, port } => {
+            #[cfg(feature = "verbs")]
+            peer::serve(args, port, cli.json);
+            #[cfg(not(feature = "verbs"))]
+            {
+                let _ = (args, port);
+                need_verbs()
+            }
+        }
+        Cmd::Connect { args, addr } => {
+            #[cfg(feature = "verbs")]
+            peer::connect_to(args, addr, cli.json);
+            #[cfg(not(feature = "verbs"))]
+            {
+                let _ = (args, addr);
+                need_verbs()
             }
         }
     }

@@ -1,0 +1,222 @@
+//! One process per host on real rxe devices (`railover-bench serve` / `connect`), as a user runs
+//! railover: a peer paused with SIGSTOP for 10x and 100x the heartbeat timeout, a graceful close
+//! from either side, a peer killed mid-stream. Every run checks 0 lost / duplicated / reordered /
+//! corrupted records from both processes' reports and prints its figures into
+//! `ci/out/rxe-results.txt`. Needs the SoftRoCE VM: `ci/vm-tests` runs these (`--include-ignored`).
+#![cfg(feature = "verbs")]
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_railover-bench");
+const HOST1: &str = "rxe_a1,rxe_b1";
+const HOST2: &str = "rxe_a2,rxe_b2";
+/// The runs' heartbeat: 1 ms x 30 misses (TCG emulation; see `railover-bench serve --help`).
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(30);
+
+struct Peer {
+    child: Child,
+    out: BufReader<ChildStdout>,
+    name: &'static str,
+}
+
+impl Peer {
+    fn spawn(name: &'static str, args: &[&str]) -> Peer {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--json")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: spawn {BIN}: {e}"));
+        let out = BufReader::new(child.stdout.take().expect("piped"));
+        Peer { child, out, name }
+    }
+
+    /// The next line the process prints (its progress: `listening <port>`, `connected`).
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.out.read_line(&mut l).expect("read child stdout");
+        assert!(!l.is_empty(), "{} exited early", self.name);
+        l.trim().to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {}", self.name);
+    }
+
+    /// Waits (at most `limit`) for the process to exit; returns its JSON report.
+    fn report(mut self, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let mut rest = String::new();
+                self.out.read_to_string(&mut rest).expect("read report");
+                let json = rest.lines().rev().find(|l| l.starts_with('{'));
+                let json =
+                    json.unwrap_or_else(|| panic!("{}: no report ({status}): {rest}", self.name));
+                return serde_json::from_str(json).expect("report is JSON");
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("{} did not finish within {limit:?}", self.name);
+            }
+            // Polling a child for its exit: nothing to synchronise on but the process table.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Starts `serve` on host 2's cards and `connect` on host 1's, each in its own process.
+fn start(secs: f64, serve_closes: bool) -> (Peer, Peer) {
+    let secs = secs.to_string();
+    let mut serve_args = vec!["serve", "-d", HOST2, "--secs", &secs];
+    let mut connect_args = vec!["connect", "-d", HOST1, "--secs", &secs];
+    if serve_closes {
+        serve_args.push("--closer");
+    } else {
+        connect_args.push("--closer");
+    }
+    let mut serve = Peer::spawn("serve", &serve_args);
+    let listening = serve.line();
+    let port = listening
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("serve said {listening:?}"));
+    let addr = format!("127.0.0.1:{port}");
+    connect_args.extend(["--addr", &addr]);
+    let mut connect = Peer::spawn("connect", &connect_args);
+    assert_eq!(serve.line(), "connected");
+    assert_eq!(connect.line(), "connected");
+    (serve, connect)
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// Exactly once, in order, intact, both ways; and every rail up at the end.
+fn check_stream(r: &Value) {
+    assert!(r["error"].is_null(), "{}: {}", r["role"], r["error"]);
+    for k in ["lost", "duplicates", "reordered", "corrupted"] {
+        assert_eq!(n(r, k), 0, "{}: {k} in {r}", r["role"]);
+    }
+    assert_eq!(Some(n(r, "delivered")), r["peer_sent"].as_u64(), "{r}");
+    assert_eq!(
+        n(r, "rails_up"),
+        n(r, "rails"),
+        "redundancy at the end: {r}"
+    );
+}
+
+fn write_result(line: &str) {
+    use std::io::Write;
+    eprintln!("{line}");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/out");
+    let _ = std::fs::create_dir_all(dir);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("{dir}/rxe-results.txt"))
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+fn figures(r: &Value) -> String {
+    format!(
+        "{}: delivered {} lost {} dup {} reordered {} failovers {} unresponsive {} (longest {:.0} ms) end {} close {} call p50 {} us p99.99 {} us max {} us",
+        r["role"], r["delivered"], r["lost"], r["duplicates"], r["reordered"], r["failovers"],
+        r["unresponsive"], r["longest_silence_ms"].as_f64().unwrap_or(0.0), r["end_reason"],
+        r["close"], r["call_p50_us"], r["call_p9999_us"], r["call_max_us"]
+    )
+}
+
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_peer_paused_for_10x_and_100x_the_heartbeat_timeout_is_waited_for_not_failed_over() {
+    let (serve, connect) = start(12.0, false);
+    // Let the stream run, pause host 2's process, resume it; twice.
+    for factor in [10u32, 100] {
+        std::thread::sleep(Duration::from_millis(700));
+        serve.signal("-STOP");
+        std::thread::sleep(HEARTBEAT_TIMEOUT * factor);
+        serve.signal("-CONT");
+    }
+    let s = serve.report(Duration::from_secs(180));
+    let c = connect.report(Duration::from_secs(180));
+    write_result(&format!(
+        "two processes, SIGSTOP 10x and 100x the heartbeat timeout: {}",
+        figures(&c)
+    ));
+    write_result(&format!("  {}", figures(&s)));
+    check_stream(&s);
+    check_stream(&c);
+    assert!(n(&c, "unresponsive") >= 2, "both pauses were seen: {c}");
+    assert_eq!(n(&c, "unresponsive"), n(&c, "responsive"), "{c}");
+    assert!(
+        c["longest_silence_ms"].as_f64().unwrap() >= (HEARTBEAT_TIMEOUT * 90).as_millis() as f64,
+        "the long pause was waited out: {c}"
+    );
+    assert_eq!(
+        n(&c, "rail_downs"),
+        0,
+        "a paused peer is not a failed wire: {c}"
+    );
+    assert_eq!(c["end_reason"], "Closed");
+    assert_eq!(c["close"], "ok");
+    assert_eq!(s["end_reason"], "PeerClosed");
+}
+
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_graceful_close_from_either_side_ends_both_without_a_fault() {
+    for serve_closes in [false, true] {
+        let (serve, connect) = start(1.0, serve_closes);
+        let s = serve.report(Duration::from_secs(120));
+        let c = connect.report(Duration::from_secs(120));
+        let (closer, other) = if serve_closes { (&s, &c) } else { (&c, &s) };
+        write_result(&format!(
+            "two processes, graceful close by {}: {}",
+            closer["role"],
+            figures(closer)
+        ));
+        write_result(&format!("  {}", figures(other)));
+        check_stream(&s);
+        check_stream(&c);
+        assert_eq!(closer["end_reason"], "Closed");
+        assert_eq!(closer["close"], "ok");
+        assert_eq!(other["end_reason"], "PeerClosed");
+        for r in [&s, &c] {
+            assert_eq!(n(r, "rail_downs"), 0, "a close is not a fault: {r}");
+            assert_eq!(n(r, "unacked"), 0, "{r}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_killed_peer_ends_the_session_with_a_clear_reason() {
+    let (mut serve, connect) = start(30.0, false);
+    std::thread::sleep(Duration::from_millis(1_000));
+    serve.child.kill().expect("SIGKILL");
+    let _ = serve.child.wait();
+    let c = connect.report(Duration::from_secs(120));
+    write_result(&format!("two processes, peer killed: {}", figures(&c)));
+    let reason = c["end_reason"].as_str().unwrap_or_default().to_string();
+    assert!(
+        reason == "AllRailsDown" || reason == "SessionTimeout",
+        "the session ends with a clear reason: {c}"
+    );
+    for k in ["duplicates", "reordered", "corrupted"] {
+        assert_eq!(n(&c, k), 0, "{k}: {c}");
+    }
+    assert!(n(&c, "sent") > 0, "{c}");
+}
