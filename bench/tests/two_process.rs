@@ -220,3 +220,42 @@ fn a_killed_peer_ends_the_session_with_a_clear_reason() {
     }
     assert!(n(&c, "sent") > 0, "{c}");
 }
+
+/// Runs `ci/fault OP WIRE` (inside the VM) and checks it worked.
+fn fault(op: &str, wire: &str) {
+    let script = std::env::var("RAILOVER_FAULT")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/fault").into());
+    let ok = Command::new("bash")
+        .args([&script, op, wire])
+        .status()
+        .expect("ci/fault")
+        .success();
+    assert!(ok, "ci/fault {op} {wire}");
+}
+
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_cut_wire_fails_over_and_comes_back_as_the_standby() {
+    let (serve, connect) = start(15.0, false);
+    // Wire a carries rail 0, the active rail at start.
+    std::thread::sleep(Duration::from_millis(1_000));
+    fault("carrier-loss", "a");
+    std::thread::sleep(Duration::from_millis(2_000));
+    fault("carrier-restore", "a");
+    let s = serve.report(Duration::from_secs(180));
+    let c = connect.report(Duration::from_secs(180));
+    write_result(&format!(
+        "two processes, wire a cut and restored (re-arm on the control thread): {}",
+        figures(&c)
+    ));
+    write_result(&format!("  {}", figures(&s)));
+    // check_stream includes "every rail up at the end": redundancy restored.
+    check_stream(&s);
+    check_stream(&c);
+    for r in [&s, &c] {
+        assert!(n(r, "failovers") >= 1, "the cut was failed over: {r}");
+        assert!(n(r, "rail_ups") >= 1, "the restored wire came back: {r}");
+    }
+    assert_eq!(c["end_reason"], "Closed");
+    assert_eq!(s["end_reason"], "PeerClosed");
+}

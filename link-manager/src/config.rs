@@ -39,6 +39,7 @@ pub struct Config {
     pub(crate) first_contact_grace_ns: u64,
     pub(crate) session_timeout_ns: u64,
     pub(crate) close_linger_ns: u64,
+    pub(crate) rearm_exchange_timeout_ns: u64,
     pub(crate) backing: Backing,
 }
 
@@ -72,6 +73,10 @@ impl Config {
     pub fn close_linger_ns(&self) -> u64 {
         self.close_linger_ns
     }
+    /// How long one re-arm exchange may wait for the peer before it is retried.
+    pub fn rearm_exchange_timeout_ns(&self) -> u64 {
+        self.rearm_exchange_timeout_ns
+    }
     /// How long silence lasts before the heartbeat declares a rail dead.
     pub fn heartbeat_timeout_ns(&self) -> u64 {
         self.heartbeat_interval_ns * self.heartbeat_misses as u64
@@ -93,6 +98,7 @@ pub struct ConfigBuilder {
     first_contact_grace_ns: u64,
     session_timeout_ns: u64,
     close_linger_ns: u64,
+    rearm_exchange_timeout_ns: u64,
     backing: Backing,
 }
 
@@ -111,6 +117,7 @@ impl Default for ConfigBuilder {
             first_contact_grace_ns: 100_000_000,
             session_timeout_ns: 5_000_000_000,
             close_linger_ns: 1_000_000_000,
+            rearm_exchange_timeout_ns: crate::rearm::EXCHANGE_TIMEOUT_NS,
             backing: Backing::Anonymous,
         }
     }
@@ -178,6 +185,12 @@ impl ConfigBuilder {
         self.close_linger_ns = ns;
         self
     }
+    /// How long one re-arm exchange with the peer (over the control channel) may take before
+    /// it is given up and retried (default 5 s).
+    pub fn rearm_exchange_timeout_ns(mut self, ns: u64) -> Self {
+        self.rearm_exchange_timeout_ns = ns;
+        self
+    }
     /// Memory backing of the rings.
     pub fn backing(mut self, b: Backing) -> Self {
         self.backing = b;
@@ -220,6 +233,7 @@ impl ConfigBuilder {
             first_contact_grace_ns: self.first_contact_grace_ns,
             session_timeout_ns: self.session_timeout_ns,
             close_linger_ns: self.close_linger_ns,
+            rearm_exchange_timeout_ns: self.rearm_exchange_timeout_ns,
             backing: self.backing,
         })
     }

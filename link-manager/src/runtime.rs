@@ -13,12 +13,21 @@ use railover_segq::{LaneError, LaneReservation, LaneWriter, PushError};
 
 use crate::config::Config;
 use crate::config::MAX_RAILS;
+use crate::control::{ControlChannel, ControlThread, InlineControl, ThreadCard};
 use crate::core::{
     closed_send_error, Buf, Core, EndReason, Event, Io, Nanos, RailState, RecvError, SendError,
     Stats,
 };
 use crate::memory::{QueueMem, RegionMem};
-use crate::rearm::{RearmChannel, Role};
+use crate::rearm::Role;
+
+/// How this connection re-arms rails with a peer in another process.
+enum Control<N: Nic> {
+    /// On the data thread, inside `progress` (the simulator, single-threaded set-ups).
+    Inline(Box<InlineControl<N::Link>>),
+    /// On a control thread of the connection's own (real devices).
+    Thread(ControlThread<N>),
+}
 
 /// A source of time for the driver.
 pub trait Clock {
@@ -88,27 +97,92 @@ struct RailIo<N: Nic> {
 
 /// Everything of a rail that lives on its card. Field order is drop order: the queue pair, the
 /// registrations, then the card itself.
-struct CardIo<N: Nic> {
-    link: N::Link,
+pub(crate) struct CardIo<N: Nic> {
+    pub(crate) link: N::Link,
     ring_tx: N::Mr,
     ring_rx: N::Mr,
     ctrl_out: N::Mr,
     ctrl_in: N::Mr,
-    nic: N,
+    /// Shared with the control thread (which makes fresh queue pairs on it); the data path holds
+    /// the owning reference, the control thread only a weak one, so releasing the card here
+    /// releases the device.
+    pub(crate) nic: Arc<N>,
+}
+
+/// A card's registrations of one rail's memory, without a queue pair (a card opened again by
+/// the control thread, on its way to the data path). Field order is drop order.
+pub(crate) struct CardRegs<N: Nic> {
+    ring_tx: N::Mr,
+    ring_rx: N::Mr,
+    ctrl_out: N::Mr,
+    ctrl_in: N::Mr,
+    pub(crate) nic: Arc<N>,
+}
+
+/// One rail's registered memory (stable for the connection's lifetime).
+#[derive(Clone)]
+pub(crate) struct RailMemory {
+    tx: railover_segq::Memory,
+    rx: railover_segq::Memory,
+    ctrl_out: Arc<railover_segq::Region>,
+    ctrl_in: Arc<railover_segq::Region>,
+}
+
+impl RailMemory {
+    pub(crate) fn of(core: &Core, rail: usize) -> RailMemory {
+        let (tx, rx, ctrl_out, ctrl_in) = core.rail_memory(rail);
+        RailMemory {
+            tx,
+            rx,
+            ctrl_out,
+            ctrl_in,
+        }
+    }
+}
+
+impl<N: Nic> CardRegs<N> {
+    /// Registers a rail's memory on `nic`.
+    pub(crate) fn register(nic: Arc<N>, mem: &RailMemory) -> Result<CardRegs<N>, FabricError> {
+        Ok(CardRegs {
+            ring_tx: nic.register(Arc::new(QueueMem(mem.tx.clone())), Access::Local)?,
+            ring_rx: nic.register(Arc::new(QueueMem(mem.rx.clone())), Access::RemoteWrite)?,
+            ctrl_out: nic.register(Arc::new(RegionMem(mem.ctrl_out.clone())), Access::Local)?,
+            ctrl_in: nic.register(
+                Arc::new(RegionMem(mem.ctrl_in.clone())),
+                Access::RemoteWrite,
+            )?,
+            nic,
+        })
+    }
+
+    /// Where the peer writes: (this side's mirror ring, its control slot).
+    pub(crate) fn remotes(&self) -> (RemoteRegion, RemoteRegion) {
+        (self.ring_rx.remote(), self.ctrl_in.remote())
+    }
 }
 
 impl<N: Nic> CardIo<N> {
     /// Registers rail `rail`'s memory on `nic` and creates a queue pair there.
     fn open(nic: N, cfg: &Config, core: &Core, rail: usize) -> Result<CardIo<N>, ConnectError> {
-        let (tx, rx, co, ci) = core.rail_memory(rail);
-        Ok(CardIo {
-            ring_tx: nic.register(Arc::new(QueueMem(tx)), Access::Local)?,
-            ring_rx: nic.register(Arc::new(QueueMem(rx)), Access::RemoteWrite)?,
-            ctrl_out: nic.register(Arc::new(RegionMem(co)), Access::Local)?,
-            ctrl_in: nic.register(Arc::new(RegionMem(ci)), Access::RemoteWrite)?,
-            link: nic.create_link(&cfg.link())?,
-            nic,
-        })
+        let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(core, rail))?;
+        let link = regs.nic.create_link(&cfg.link())?;
+        Ok(CardIo::assemble(link, regs))
+    }
+
+    pub(crate) fn assemble(link: N::Link, regs: CardRegs<N>) -> CardIo<N> {
+        CardIo {
+            link,
+            ring_tx: regs.ring_tx,
+            ring_rx: regs.ring_rx,
+            ctrl_out: regs.ctrl_out,
+            ctrl_in: regs.ctrl_in,
+            nic: regs.nic,
+        }
+    }
+
+    /// Where the peer writes: (this side's mirror ring, its control slot).
+    pub(crate) fn remotes(&self) -> (RemoteRegion, RemoteRegion) {
+        (self.ring_rx.remote(), self.ctrl_in.remote())
     }
 }
 
@@ -142,7 +216,7 @@ pub struct Receiver<N: Nic, C: Clock> {
     rearm_requests: Vec<usize>,
     completions: [Completion; 32],
     /// Re-arms with a peer in another process, over the set-up TCP stream (see [`crate::rearm`]).
-    rearm_channel: Option<RearmChannel<N::Link>>,
+    control: Option<Control<N>>,
     /// After a split: how the sender wakes this receiver when it sleeps in a blocking receive.
     doorbell: Option<Arc<Doorbell>>,
     /// Set when the split [`Sender`] is dropped: the connection then closes.
@@ -360,21 +434,21 @@ impl<N: Nic, C: Clock> Connection<N, C> {
     }
 }
 
-/// What this side tells the peer about one rail (at connect and at every re-arm: one definition).
-fn rail_hello<M: MemoryRegistration>(
+/// What this side tells the peer about one rail (at connect and at every re-arm: one definition):
+/// its queue pair, and where the peer writes (`remotes`: this side's mirror ring, control slot).
+pub(crate) fn rail_hello(
     cfg: &Config,
     rail: usize,
     endpoint: railover_rdma::Endpoint,
-    ring_rx: &M,
-    ctrl_in: &M,
+    remotes: (RemoteRegion, RemoteRegion),
 ) -> Hello {
     Hello {
         rail_index: rail as u16,
         rail_count: cfg.rails() as u16,
         endpoint,
         geometry: wire_geometry(cfg),
-        ring: ring_rx.remote(),
-        ctrl: ctrl_in.remote(),
+        ring: remotes.0,
+        ctrl: remotes.1,
     }
 }
 
@@ -403,13 +477,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         for (i, nic) in cards.into_iter().enumerate() {
             let reopen = nic.reopen_token();
             let card = CardIo::open(nic, &cfg, &core, i)?;
-            hellos.push(rail_hello(
-                &cfg,
-                i,
-                card.link.endpoint(),
-                &card.ring_rx,
-                &card.ctrl_in,
-            ));
+            hellos.push(rail_hello(&cfg, i, card.link.endpoint(), card.remotes()));
             rails.push(RailIo {
                 card: Some(card),
                 reopen,
@@ -425,7 +493,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     clock,
                     rearm_requests: Vec::with_capacity(8),
                     completions: [Completion::EMPTY; 32],
-                    rearm_channel: None,
+                    control: None,
                     doorbell: None,
                     sender_gone: None,
                 },
@@ -660,15 +728,14 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         // Cheap (a few words per rail): reads acknowledgements and fault reports every time.
         self.core.handle_timeout(now);
         self.flush();
-        if let Some(mut channel) = self.rearm_channel.take() {
-            if !self.core.is_dead() && crate::rearm::needs_service(&channel, self) {
-                let was_closed = channel.is_closed();
-                channel.serve(self);
-                if channel.is_closed() && !was_closed {
-                    self.core.rearm_channel_lost(self.clock.now());
+        if let Some(mut control) = self.control.take() {
+            if !self.core.is_dead() {
+                match &mut control {
+                    Control::Inline(c) => c.serve(self),
+                    Control::Thread(t) => t.serve(self),
                 }
             }
-            self.rearm_channel = Some(channel);
+            self.control = Some(control);
         }
         handled
     }
@@ -734,8 +801,25 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         stream: std::net::TcpStream,
         role: Role,
     ) -> std::io::Result<()> {
-        self.rearm_channel = Some(RearmChannel::new(stream, role)?);
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        self.attach_control_channel(Box::new(stream), role);
         Ok(())
+    }
+
+    /// Re-arms failed rails over `channel` (any byte stream to the peer's control plane: the
+    /// simulator's in-memory channel, say), inside `progress` on this thread.
+    pub fn attach_control_channel(&mut self, channel: Box<dyn ControlChannel + Send>, role: Role) {
+        let cfg = *self.core.config();
+        self.control = Some(Control::Inline(Box::new(InlineControl::new(
+            channel, role, &cfg,
+        ))));
+    }
+
+    /// Tells the user the control channel is gone (failed rails can't be re-armed any more).
+    pub(crate) fn rearm_channel_lost(&mut self) {
+        let now = self.clock.now();
+        self.core.rearm_channel_lost(now);
     }
 
     /// Times a split sender woke this receiver from a blocking receive (0 before a split).
@@ -747,7 +831,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
 
     /// Re-arms completed over the channel (None: no channel attached).
     pub fn rearms_completed(&self) -> Option<u64> {
-        self.rearm_channel.as_ref().map(|c| c.completed)
+        self.control.as_ref().map(|c| match c {
+            Control::Inline(c) => c.completed(),
+            Control::Thread(t) => t.completed(),
+        })
     }
 
     /// The connection's clock.
@@ -852,7 +939,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
         let card = self.rails[rail].card.as_ref().expect("opened above");
         let link = card.nic.create_link(&cfg.link())?;
-        let hello = rail_hello(&cfg, rail, link.endpoint(), &card.ring_rx, &card.ctrl_in);
+        let hello = rail_hello(&cfg, rail, link.endpoint(), card.remotes());
         Ok((link, hello))
     }
 
@@ -881,24 +968,52 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let peer = Hello::decode(&peer.encode())?;
         ours.check_peer(&peer)?;
         link.connect(&peer.endpoint)?;
-        self.install_rearmed(rail, link, ours, &peer);
+        self.install_rearmed(rail, link, &peer);
         Ok(())
     }
 
-    /// Installs an already connected fresh queue pair on `rail` (the peer's hello validated).
-    pub fn install_rearmed(&mut self, rail: usize, link: N::Link, _ours: &Hello, peer: &Hello) {
+    /// Installs an already connected fresh queue pair on `rail` (the peer's hello validated);
+    /// the old queue pair is destroyed here.
+    pub fn install_rearmed(&mut self, rail: usize, link: N::Link, peer: &Hello) {
+        drop(self.install_rearmed_keep_old(rail, link, peer));
+    }
+
+    /// Like [`Receiver::install_rearmed`], handing back the old queue pair for the caller to
+    /// destroy elsewhere (destroying one takes system calls: the control thread does it).
+    pub(crate) fn install_rearmed_keep_old(
+        &mut self,
+        rail: usize,
+        link: N::Link,
+        peer: &Hello,
+    ) -> Option<N::Link> {
         let r = &mut self.rails[rail];
         let Some(card) = r.card.as_mut() else {
             // Released (device fatal) since the queue pair was made: try again later.
             self.rearm_failed(rail);
-            return;
+            return Some(link);
         };
-        card.link = link; // the old queue pair is destroyed here
+        let old = std::mem::replace(&mut card.link, link);
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
         let now = self.clock.now();
         self.core.rail_rearmed(rail, now);
         self.flush();
+        Some(old)
+    }
+
+    /// Takes over a card the control thread opened again (after a device-fatal release). Its
+    /// registrations come with it; the queue pair follows with the install.
+    pub(crate) fn adopt_reopened_card(&mut self, rail: usize, regs: CardRegs<N>)
+    where
+        N::Link: Sized,
+    {
+        if self.rails[rail].card.is_none() {
+            // A placeholder queue pair until the install swaps the fresh one in.
+            match regs.nic.create_link(&self.core.config().link()) {
+                Ok(link) => self.rails[rail].card = Some(CardIo::assemble(link, regs)),
+                Err(e) => tracing::warn!(rail, error = %e, "reopened card unusable"),
+            }
+        }
     }
 
     /// Swaps in a reopened card for `rail` (after the old one was removed and came back): the
@@ -949,7 +1064,49 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
 
     /// The card of `rail` (None while released after a device-fatal event).
     pub fn card(&self, rail: usize) -> Option<&N> {
-        self.rails[rail].card.as_ref().map(|c| &c.nic)
+        self.rails[rail].card.as_ref().map(|c| &*c.nic)
+    }
+}
+
+impl<N, C> Receiver<N, C>
+where
+    N: Nic + Send + Sync + 'static,
+    N::Link: Send + 'static,
+    N::Mr: Send + 'static,
+    N::Reopen: Send + 'static,
+    C: Clock,
+{
+    /// Re-arms failed rails with a peer in another process over `stream` (the TCP stream the
+    /// connection was set up on) on a control thread of this connection's own: queue-pair
+    /// creation, card reopening, connecting, destroying old queue pairs and the stream's I/O all
+    /// happen there; `progress` only hands over requests and installs ready rails.
+    pub fn attach_control_thread(
+        &mut self,
+        stream: std::net::TcpStream,
+        role: Role,
+    ) -> std::io::Result<()> {
+        let cards = self
+            .rails
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (nic, remotes) = match &r.card {
+                    Some(c) => (Arc::downgrade(&c.nic), c.remotes()),
+                    None => (std::sync::Weak::new(), Default::default()),
+                };
+                ThreadCard::new(
+                    nic,
+                    r.reopen.clone(),
+                    RailMemory::of(&self.core, i),
+                    remotes,
+                )
+            })
+            .collect();
+        let cfg = *self.core.config();
+        self.control = Some(Control::Thread(ControlThread::spawn(
+            stream, role, cfg, cards,
+        )?));
+        Ok(())
     }
 }
 
@@ -988,8 +1145,8 @@ pub fn rearm_both<N: Nic, C: Clock>(
     })();
     match attempt {
         Ok((la, ha, lb, hb)) => {
-            a.install_rearmed(rail, la, &ha, &hb);
-            b.install_rearmed(rail, lb, &hb, &ha);
+            a.install_rearmed(rail, la, &hb);
+            b.install_rearmed(rail, lb, &ha);
             Ok(())
         }
         Err(e) => {

@@ -1,7 +1,13 @@
 //! Two connected endpoints on the deterministic simulated fabric, with a virtual clock: the basis of
 //! the seeded simulation tests, the examples and the benchmark's `--fabric sim`.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
 use railover_rdma::sim::{SimFabric, SimNic, WireId};
+
+use crate::control::ControlChannel;
+use crate::rearm::Role;
 
 use crate::config::Config;
 use crate::core::Nanos;
@@ -34,6 +40,110 @@ pub struct SimPair {
     /// Until when host 1 / host 2 is paused (its process stopped: it makes no progress, while its
     /// cards keep answering the wire, as a stopped process's NICs do).
     paused_until: [Nanos; 2],
+    /// The control channel the hosts re-arm over, when they use one (else re-arms are served
+    /// in-process by [`crate::runtime::serve_rearms`]).
+    control: Option<SimControl>,
+}
+
+/// The simulated control channel between the two hosts (the TCP stream of a real set-up), in
+/// virtual time: each direction delivers its bytes after its own delay, in order; it can carry
+/// garbage or break, as a stream can.
+#[derive(Clone)]
+pub struct SimControl(Arc<Mutex<ControlState>>);
+
+struct ControlState {
+    now: Nanos,
+    /// Bytes in flight towards host 1 (index 0) and host 2 (index 1), with their arrival times.
+    queues: [VecDeque<(Nanos, Vec<u8>)>; 2],
+    /// Delay of what host 1 (index 0) and host 2 (index 1) send.
+    delay: [Nanos; 2],
+    broken: bool,
+}
+
+/// One host's end of a [`SimControl`].
+struct SimControlEnd {
+    host2: bool,
+    state: SimControl,
+}
+
+impl SimControl {
+    fn new() -> SimControl {
+        SimControl(Arc::new(Mutex::new(ControlState {
+            now: 0,
+            queues: [VecDeque::new(), VecDeque::new()],
+            delay: [0; 2],
+            broken: false,
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What host 1 (`from_host2` false) or host 2 sends arrives `ns` later from now on.
+    pub fn set_delay(&self, from_host2: bool, ns: Nanos) {
+        self.state().delay[from_host2 as usize] = ns;
+    }
+
+    /// Bytes no honest peer sends, towards host 2 (`to_host2`) or host 1.
+    pub fn inject_garbage(&self, to_host2: bool, bytes: &[u8]) {
+        let mut s = self.state();
+        let now = s.now;
+        s.queues[to_host2 as usize].push_back((now, bytes.to_vec()));
+    }
+
+    /// The stream breaks (both ends read end-of-stream).
+    pub fn break_channel(&self) {
+        self.state().broken = true;
+    }
+
+    fn set_now(&self, now: Nanos) {
+        self.state().now = now;
+    }
+
+    fn next_arrival(&self) -> Option<Nanos> {
+        let s = self.state();
+        s.queues
+            .iter()
+            .filter_map(|q| q.front().map(|(t, _)| *t))
+            .min()
+    }
+}
+
+impl ControlChannel for SimControlEnd {
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut s = self.state.state();
+        if s.broken {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let at = s.now + s.delay[self.host2 as usize];
+        // In order: never before what was sent earlier.
+        let to = !self.host2 as usize;
+        let at = s.queues[to].back().map_or(at, |(t, _)| at.max(*t));
+        s.queues[to].push_back((at, bytes.to_vec()));
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut s = self.state.state();
+        if s.broken {
+            return Ok(0);
+        }
+        let now = s.now;
+        let q = &mut s.queues[self.host2 as usize];
+        match q.front_mut() {
+            Some((t, bytes)) if *t <= now => {
+                let n = bytes.len().min(buf.len());
+                buf[..n].copy_from_slice(&bytes[..n]);
+                bytes.drain(..n);
+                if bytes.is_empty() {
+                    q.pop_front();
+                }
+                Ok(n)
+            }
+            _ => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
 }
 
 impl SimPair {
@@ -70,7 +180,38 @@ impl SimPair {
             a,
             b,
             paused_until: [0; 2],
+            control: None,
         })
+    }
+
+    /// Like [`SimPair::new`], with the hosts re-arming over a simulated control channel (host 1
+    /// initiates), each inside its own `progress`, exactly as two processes do over TCP.
+    pub fn with_control_channel(
+        cfg: Config,
+        seed: u64,
+        latency_ns: u64,
+    ) -> Result<SimPair, ConnectError> {
+        let mut p = SimPair::new(cfg, seed, latency_ns)?;
+        let control = SimControl::new();
+        for (host2, conn) in [(false, &mut p.a), (true, &mut p.b)] {
+            let end = SimControlEnd {
+                host2,
+                state: control.clone(),
+            };
+            let role = if host2 {
+                Role::Acceptor
+            } else {
+                Role::Initiator
+            };
+            conn.attach_control_channel(Box::new(end), role);
+        }
+        p.control = Some(control);
+        Ok(p)
+    }
+
+    /// The control channel, when the hosts re-arm over one.
+    pub fn control(&self) -> Option<&SimControl> {
+        self.control.as_ref()
     }
 
     /// Stops host 1 (`host2` false) or host 2 from running until `until` (virtual time): a
@@ -91,14 +232,19 @@ impl SimPair {
     /// Both sides make progress; re-arm requests are served (both sides of a rail re-arm together).
     pub fn progress(&mut self) {
         let (pa, pb) = (self.is_paused(false), self.is_paused(true));
+        if let Some(c) = &self.control {
+            c.set_now(self.fabric.now());
+        }
         if !pa {
             self.a.progress();
         }
         if !pb {
             self.b.progress();
         }
-        // A re-arm needs both processes running.
-        if !pa && !pb && (self.a.has_rearm_request() || self.b.has_rearm_request()) {
+        // In-process re-arms need both processes running (over a channel, each side serves it
+        // in its own progress).
+        let in_process = self.control.is_none();
+        if in_process && !pa && !pb && (self.a.has_rearm_request() || self.b.has_rearm_request()) {
             crate::runtime::serve_rearms(&mut self.a, &mut self.b);
         }
     }
@@ -113,6 +259,11 @@ impl SimPair {
             self.b.next_timeout().filter(|_| !self.is_paused(true)),
             resume(self.paused_until[0]),
             resume(self.paused_until[1]),
+            // (Bytes already due wait for a paused host to resume.)
+            self.control
+                .as_ref()
+                .and_then(|c| c.next_arrival())
+                .filter(|t| *t > self.now()),
         ]
         .into_iter()
         .flatten()

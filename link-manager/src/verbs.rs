@@ -38,7 +38,7 @@ fn handshake(
     // a queue pair still in INIT is dropped and would end in a retry-exceeded error).
     handshake::barrier(&mut stream, timeout)?;
     // The stream stays: failed rails are re-armed over it (the dialling side initiates).
-    conn.attach_rearm_channel(stream, role)
+    conn.attach_control_thread(stream, role)
         .map_err(ConnectError::Channel)?;
     conn.start();
     Ok(conn)

@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 
 use railover::rearm::Role;
 use railover::sim::SimPair;
-use railover::{Config, RailState};
+use railover::{Config, Event, RailState};
 
 fn pair_with_channels() -> (SimPair, TcpStream) {
     let cfg = Config::builder()
@@ -118,8 +118,16 @@ fn a_hostile_rearm_message_closes_the_channel_without_harm() {
     assert_eq!(p.a.core().active_rail(), 1);
     p.fabric.carrier_restore(p.wires[0]);
     run(&mut p, &mut t, 30);
-    // No re-arm could happen (host 2 closed its channel), but nothing broke either.
+    // No re-arm could happen (host 2 closed its channel), but nothing broke either, and the user
+    // was told redundancy can't come back.
     assert_eq!(p.b.rearms_completed(), Some(0));
+    let events: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::RearmChannelLost { .. })),
+        "{events:?}"
+    );
     assert_eq!(p.a.core().rail_state(0), RailState::Failed);
     let before = t.delivered;
     run(&mut p, &mut t, 5);

@@ -60,7 +60,17 @@ enum Fault {
         host2: bool,
         duration: u64,
     },
+    /// What one host sends on the control channel arrives `delay` late, for `duration` (past
+    /// the exchange timeout, exchanges are given up and retried).
+    ControlDelay {
+        from_host2: bool,
+        delay: u64,
+        duration: u64,
+    },
 }
+
+/// The simulation's re-arm exchange timeout (seeds that re-arm over the control channel).
+const EXCHANGE_TIMEOUT: u64 = 30 * MS;
 
 /// The simulation's session timeout: a pause longer than this ends the session.
 const SESSION_TIMEOUT: u64 = 200 * MS;
@@ -81,6 +91,8 @@ struct Outcome {
     pauses: u64,
     unresponsive: u64,
     timeouts: u64,
+    /// Re-arms completed over the control channel (host 1's count; host 2's must match).
+    channel_rearms: u64,
 }
 
 fn payload(rng: &mut ChaCha8Rng, seq: usize, max: usize) -> Vec<u8> {
@@ -107,7 +119,12 @@ fn pause_duration(rng: &mut ChaCha8Rng, past_session_timeout: bool) -> u64 {
     }
 }
 
-fn schedule(rng: &mut ChaCha8Rng, rails: usize, all_dead: bool) -> Vec<(u64, Fault)> {
+fn schedule(
+    rng: &mut ChaCha8Rng,
+    rails: usize,
+    all_dead: bool,
+    channel: bool,
+) -> Vec<(u64, Fault)> {
     let mut out = Vec::new();
     let mut t = rng.random_range(1..5) * MS;
     // A pause ends the session only when it is the last thing that happens (the run ends there).
@@ -127,7 +144,7 @@ fn schedule(rng: &mut ChaCha8Rng, rails: usize, all_dead: bool) -> Vec<(u64, Fau
         }
         let wire = free[rng.random_range(0..free.len())];
         let restore_after = rng.random_range(1..15) * MS;
-        let fault = match rng.random_range(0..8) {
+        let fault = match rng.random_range(0..9) {
             0 => Fault::CarrierLoss {
                 wire,
                 restore_after,
@@ -154,6 +171,11 @@ fn schedule(rng: &mut ChaCha8Rng, rails: usize, all_dead: bool) -> Vec<(u64, Fau
                 extra: rng.random_range(10..2000) * 1000,
                 duration: rng.random_range(1..5) * MS,
             },
+            7 if channel => Fault::ControlDelay {
+                from_host2: rng.random_bool(0.5),
+                delay: rng.random_range(1..2 * EXCHANGE_TIMEOUT / MS) * MS,
+                duration: rng.random_range(5..100) * MS,
+            },
             6 => {
                 let duration = pause_duration(rng, !all_dead && !session_may_end);
                 session_may_end |= duration > SESSION_TIMEOUT;
@@ -171,7 +193,7 @@ fn schedule(rng: &mut ChaCha8Rng, rails: usize, all_dead: bool) -> Vec<(u64, Fau
         let span = match fault {
             Fault::Flap { times, period, .. } => times as u64 * period,
             Fault::Corrupt { .. } | Fault::Spike { .. } => 5 * MS,
-            Fault::Pause { .. } => 0, // a pause faults no wire
+            Fault::Pause { .. } | Fault::ControlDelay { .. } => 0, // they fault no wire
             _ => restore_after,
         };
         // Generous margin: detection, re-arm timer, heartbeat probation.
@@ -181,6 +203,15 @@ fn schedule(rng: &mut ChaCha8Rng, rails: usize, all_dead: bool) -> Vec<(u64, Fau
                     *b += duration;
                 }
                 pause_end = pause_end.max(t + duration);
+            }
+            // A slow control channel delays re-arms like a pause (plus the exchanges it timed
+            // out, retried a re-arm interval later).
+            Fault::ControlDelay { duration, .. } => {
+                let slow = duration + 2 * EXCHANGE_TIMEOUT + 20 * MS;
+                for b in busy_until.iter_mut().filter(|b| **b > t) {
+                    *b += slow;
+                }
+                pause_end = pause_end.max(t + slow);
             }
             _ => busy_until[wire] = (t + span).max(pause_end) + 40 * MS,
         }
@@ -280,6 +311,18 @@ fn inject(pair: &mut SimPair, f: Fault, pending: &mut Pending) {
             }
         }
         Fault::Pause { host2, duration } => pair.pause(host2, now + duration),
+        Fault::ControlDelay {
+            from_host2,
+            delay,
+            duration,
+        } => {
+            let control = pair.control().expect("scheduled with a channel").clone();
+            control.set_delay(from_host2, delay);
+            pending.push((
+                now + duration,
+                Box::new(move |_: &mut SimPair| control.set_delay(from_host2, 0)),
+            ));
+        }
     }
 }
 
@@ -357,6 +400,7 @@ fn run_seed(seed: u64) -> Outcome {
         .heartbeat_misses(3)
         .rearm_after_ns(10 * MS)
         .session_timeout_ns(SESSION_TIMEOUT)
+        .rearm_exchange_timeout_ns(EXCHANGE_TIMEOUT)
         .link_params(LinkParams {
             timeout: 8,
             retry_cnt: 1,
@@ -366,8 +410,15 @@ fn run_seed(seed: u64) -> Outcome {
         .build()
         .unwrap();
     let latency = rng.random_range(1..30) * 1000;
-    let mut pair = SimPair::new(cfg, seed, latency).unwrap();
-    let faults = schedule(&mut rng, rails, all_dead);
+    // Half the seeds re-arm over the simulated control channel, as two processes do (the rest
+    // in-process, which isolates the failover logic from the control plane's).
+    let channel = rng.random_bool(0.5);
+    let mut pair = if channel {
+        SimPair::with_control_channel(cfg, seed, latency).unwrap()
+    } else {
+        SimPair::new(cfg, seed, latency).unwrap()
+    };
+    let faults = schedule(&mut rng, rails, all_dead, channel);
     if std::env::var_os("RAILOVER_SEED").is_some() {
         println!("seed {seed}: {rails} rails, schedule {faults:?}");
     }
@@ -492,6 +543,14 @@ fn run_seed(seed: u64) -> Outcome {
         check_report(&pair.a, &ab, seed, "host 1");
         check_report(&pair.b, &ba, seed, "host 2");
     }
+    let channel_rearms = pair.a.rearms_completed().unwrap_or(0);
+    // The initiator counts an exchange when it sends READY, the acceptor when READY arrives: one
+    // that arrives after the acceptor gave up is counted by the initiator alone (its rail then
+    // fails and is re-armed again), never the other way round.
+    assert!(
+        pair.b.rearms_completed().unwrap_or(0) <= channel_rearms,
+        "seed {seed}: the acceptor completed an exchange the initiator did not"
+    );
     let (mut failovers, mut rearms, mut unresponsive) = (0, 0, 0);
     for c in [&mut pair.a, &mut pair.b] {
         while let Some(e) = c.poll_event() {
@@ -511,6 +570,7 @@ fn run_seed(seed: u64) -> Outcome {
         pauses,
         unresponsive,
         timeouts,
+        channel_rearms,
     }
 }
 
@@ -535,7 +595,7 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let (mut failovers, mut rearms, mut dead, mut delivered) = (0, 0, 0, 0);
-    let (mut pauses, mut unresponsive, mut timeouts) = (0, 0, 0);
+    let (mut pauses, mut unresponsive, mut timeouts, mut channel_rearms) = (0, 0, 0, 0);
     for seed in 0..seeds {
         let o = std::panic::catch_unwind(|| run_seed(seed)).unwrap_or_else(|_| {
             panic!("seed {seed} failed; replay: RAILOVER_SEED={seed} cargo test -p railover --test simulation -- --nocapture")
@@ -547,8 +607,9 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         pauses += o.pauses;
         unresponsive += o.unresponsive;
         timeouts += o.timeouts;
+        channel_rearms += o.channel_rearms;
     }
-    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings, {pauses} peer pauses ({unresponsive} seen as unresponsive, {timeouts} session timeouts)");
+    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings, {pauses} peer pauses ({unresponsive} seen as unresponsive, {timeouts} session timeouts), {channel_rearms} re-arms over the control channel");
     // The schedules must actually exercise failover and the all-dead path.
     assert!(
         failovers > seeds / 2,
@@ -561,6 +622,10 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
     assert!(
         seeds < 50 || rearms > seeds / 2,
         "too few re-arms ({rearms}) for {seeds} seeds"
+    );
+    assert!(
+        seeds < 50 || channel_rearms > seeds / 4,
+        "too few re-arms over the control channel ({channel_rearms}) for {seeds} seeds"
     );
     assert!(
         seeds < 50 || (unresponsive > 0 && timeouts > 0),

@@ -1,0 +1,422 @@
+//! The control plane's executors: they carry out the re-arm protocol ([`crate::rearm`]) over a
+//! control channel and hand re-armed rails to the data path.
+//!
+//! * [`ControlThread`] (real devices): a thread owned by the connection makes fresh queue pairs,
+//!   opens released cards again, connects queue pairs, destroys old ones and reads and writes the
+//!   control stream. The data thread only posts a request (when the core asks for a re-arm) and,
+//!   when the thread flags a result, installs the ready rail: one relaxed load per `progress` in
+//!   steady state, never a blocking call.
+//! * [`InlineControl`] (the simulator, which is single-threaded, and single-threaded set-ups):
+//!   the same protocol, carried out inside `progress` on a non-blocking channel.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use railover_rdma::handshake::Hello;
+use railover_rdma::{Link, Nic, RemoteRegion};
+
+use crate::config::{Config, MAX_RAILS};
+use crate::core::Nanos;
+use crate::rearm::{RearmIo, RearmProtocol, Role, FRAME};
+use crate::runtime::{rail_hello, CardRegs, Clock, Receiver};
+
+/// A byte stream to the peer's control plane. `recv` never blocks: `Ok(0)` means the peer closed
+/// it, `WouldBlock` that nothing is there now.
+pub trait ControlChannel {
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl ControlChannel for TcpStream {
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        // 150-byte frames on an otherwise idle stream never fill its buffer; a stream that is
+        // full anyway is as good as broken.
+        self.write_all(bytes)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.read(buf)
+    }
+}
+
+/// Reads what the channel has into the protocol; a closed or failed channel is reported to it.
+fn read_into(channel: &mut dyn ControlChannel, proto: &mut RearmProtocol, now: Nanos) {
+    let mut buf = [0u8; FRAME];
+    while !proto.is_closed() {
+        match channel.recv(&mut buf) {
+            Ok(0) => proto.channel_failed(),
+            Ok(n) => proto.on_bytes(&buf[..n], now),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "control channel failed");
+                proto.channel_failed();
+            }
+        }
+    }
+}
+
+/// The re-arm protocol carried out inside `progress`, on the data thread.
+pub struct InlineControl<L> {
+    proto: RearmProtocol,
+    channel: Box<dyn ControlChannel + Send>,
+    /// Per rail: the fresh queue pair of the exchange under way, with its hello.
+    fresh: [Option<(L, Hello)>; MAX_RAILS],
+    lost_reported: bool,
+}
+
+impl<L: Link> InlineControl<L> {
+    pub fn new(channel: Box<dyn ControlChannel + Send>, role: Role, cfg: &Config) -> Self {
+        InlineControl {
+            proto: RearmProtocol::new(role, cfg.rails())
+                .with_timeout(cfg.rearm_exchange_timeout_ns()),
+            channel,
+            fresh: std::array::from_fn(|_| None),
+            lost_reported: false,
+        }
+    }
+
+    pub fn completed(&self) -> u64 {
+        self.proto.completed()
+    }
+
+    /// Advances the protocol: the core's requests, the peer's frames, time-outs. The channel is
+    /// read only while a rail is failed or an exchange is under way (no system call otherwise).
+    pub fn serve<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
+        let failed = (0..rx.core().config().rails())
+            .any(|r| rx.core().rail_state(r) == crate::core::RailState::Failed);
+        if !(self.proto.busy() || rx.has_rearm_request() || failed) {
+            return;
+        }
+        let now = rx.now();
+        while let Some(rail) = rx.take_rearm_request() {
+            self.proto.request(rail, now);
+        }
+        read_into(&mut *self.channel, &mut self.proto, now);
+        self.proto.handle_timeout(now);
+        while let Some(io) = self.proto.poll() {
+            let now = rx.now();
+            match io {
+                RearmIo::Send(frame) => {
+                    if let Err(e) = self.channel.send(&frame) {
+                        tracing::warn!(error = %e, "control channel failed");
+                        self.proto.channel_failed();
+                    }
+                }
+                RearmIo::Prepare { rail } => match rx.rearm_prepare(rail) {
+                    Ok((link, ours)) => {
+                        self.fresh[rail] = Some((link, ours));
+                        self.proto.prepared::<String>(rail, Ok(ours), now);
+                    }
+                    Err(e) => self.proto.prepared(rail, Err(e), now),
+                },
+                RearmIo::Connect { rail, peer } => {
+                    let result = match self.fresh[rail].as_mut() {
+                        Some((link, _)) => link.connect(&peer.endpoint).map_err(|e| e.to_string()),
+                        None => Err("no fresh queue pair".into()),
+                    };
+                    self.proto.connected(rail, result, now);
+                }
+                RearmIo::Install { rail, peer } => match self.fresh[rail].take() {
+                    Some((link, _)) => rx.install_rearmed(rail, link, &peer),
+                    None => rx.rearm_failed(rail),
+                },
+                RearmIo::Abandon { rail } => {
+                    self.fresh[rail] = None;
+                    rx.rearm_failed(rail);
+                }
+                RearmIo::Decline { rail } => rx.rearm_failed(rail),
+            }
+        }
+        if self.proto.is_closed() && !self.lost_reported {
+            self.lost_reported = true;
+            rx.rearm_channel_lost();
+        }
+    }
+}
+
+/// Data thread -> control thread.
+enum Command<L> {
+    Rearm(usize),
+    /// An old queue pair to destroy (off the data thread: it takes system calls).
+    Retire(L),
+}
+
+/// Control thread -> data thread.
+pub(crate) enum Outcome<N: Nic> {
+    /// A fresh queue pair connected to the peer's: install it as `rail`'s standby. `card` is a
+    /// card the control thread opened again (after a device-fatal release) with its
+    /// registrations.
+    Install {
+        rail: usize,
+        link: N::Link,
+        peer: Hello,
+        card: Option<CardRegs<N>>,
+    },
+    /// The attempt failed; the core asks again later.
+    Failed(usize),
+    /// The control channel is gone for good.
+    ChannelLost,
+}
+
+/// The data thread's handle on its connection's control thread.
+pub struct ControlThread<N: Nic> {
+    commands: mpsc::Sender<Command<N::Link>>,
+    outcomes: mpsc::Receiver<Outcome<N>>,
+    /// Set (Release) by the thread after it queued an outcome; swapped (Acquire) by the data
+    /// thread before it drains them, so no outcome is left behind unflagged.
+    flagged: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    completed: u64,
+}
+
+/// What the control thread knows of one rail's card.
+pub(crate) struct ThreadCard<N: Nic> {
+    /// The data path's card (weak: releasing it there releases the device).
+    nic: Weak<N>,
+    reopen: N::Reopen,
+    mem: crate::runtime::RailMemory,
+    remotes: (RemoteRegion, RemoteRegion),
+    /// A card opened again here, not yet handed over.
+    reopened: Option<CardRegs<N>>,
+}
+
+impl<N: Nic> ThreadCard<N> {
+    /// `nic`: the data path's card (None while released); `remotes`: where the peer writes.
+    pub(crate) fn new(
+        nic: Weak<N>,
+        reopen: N::Reopen,
+        mem: crate::runtime::RailMemory,
+        remotes: (RemoteRegion, RemoteRegion),
+    ) -> Self {
+        ThreadCard {
+            nic,
+            reopen,
+            mem,
+            remotes,
+            reopened: None,
+        }
+    }
+}
+
+/// How long the control thread waits on the stream before it looks at its commands again.
+const CONTROL_POLL: Duration = Duration::from_millis(5);
+
+impl<N> ControlThread<N>
+where
+    N: Nic + Send + Sync + 'static,
+    N::Link: Send + 'static,
+    N::Mr: Send + 'static,
+    N::Reopen: Send + 'static,
+{
+    /// Starts the control thread of a connection whose rails' cards are `cards`.
+    pub(crate) fn spawn(
+        stream: TcpStream,
+        role: Role,
+        cfg: Config,
+        cards: Vec<ThreadCard<N>>,
+    ) -> std::io::Result<ControlThread<N>> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(CONTROL_POLL))?;
+        stream.set_nodelay(true)?;
+        let (commands, command_rx) = mpsc::channel();
+        let (outcome_tx, outcomes) = mpsc::channel();
+        let flagged = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, halt) = (flagged.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("railover-control".into())
+            .spawn(move || {
+                control_loop::<N>(stream, role, cfg, cards, command_rx, outcome_tx, flag, halt)
+            })?;
+        Ok(ControlThread {
+            commands,
+            outcomes,
+            flagged,
+            stop,
+            thread: Some(thread),
+            completed: 0,
+        })
+    }
+}
+
+impl<N: Nic> ControlThread<N> {
+    pub fn completed(&self) -> u64 {
+        self.completed
+    }
+
+    /// On the data thread, inside `progress`: hands the core's re-arm requests to the thread and
+    /// installs what it finished. Never blocks.
+    pub fn serve<C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
+        while let Some(rail) = rx.take_rearm_request() {
+            if self.commands.send(Command::Rearm(rail)).is_err() {
+                rx.rearm_failed(rail); // the thread is gone; the core asks again later
+            }
+        }
+        // Steady state: this one relaxed load. The swap pairs with the thread's Release store.
+        if !self.flagged.load(Ordering::Relaxed) || !self.flagged.swap(false, Ordering::Acquire) {
+            return;
+        }
+        while let Ok(outcome) = self.outcomes.try_recv() {
+            match outcome {
+                Outcome::Install {
+                    rail,
+                    link,
+                    peer,
+                    card,
+                } => {
+                    if let Some(regs) = card {
+                        rx.adopt_reopened_card(rail, regs);
+                    }
+                    if let Some(old) = rx.install_rearmed_keep_old(rail, link, &peer) {
+                        let _ = self.commands.send(Command::Retire(old));
+                    }
+                    self.completed += 1;
+                }
+                Outcome::Failed(rail) => rx.rearm_failed(rail),
+                Outcome::ChannelLost => rx.rearm_channel_lost(),
+            }
+        }
+    }
+}
+
+impl<N: Nic> Drop for ControlThread<N> {
+    fn drop(&mut self) {
+        // Relaxed: a stop flag; the thread sees it within one CONTROL_POLL.
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Makes a fresh queue pair on `card` (opening the card again if the data path released it) and
+/// the hello that describes it.
+fn prepare<N: Nic>(
+    card: &mut ThreadCard<N>,
+    cfg: &Config,
+    rail: usize,
+) -> Result<(N::Link, Hello), String> {
+    let nic = match (&card.reopened, card.nic.upgrade()) {
+        (Some(regs), _) => regs.nic.clone(),
+        (None, Some(nic)) => nic,
+        (None, None) => {
+            let nic = Arc::new(N::reopen(&card.reopen).map_err(|e| e.to_string())?);
+            tracing::info!(rail, card = nic.name(), "card opened again");
+            let regs = CardRegs::register(nic.clone(), &card.mem).map_err(|e| e.to_string())?;
+            card.remotes = regs.remotes();
+            card.reopened = Some(regs);
+            nic
+        }
+    };
+    let link = nic.create_link(&cfg.link()).map_err(|e| e.to_string())?;
+    let hello = rail_hello(cfg, rail, link.endpoint(), card.remotes);
+    Ok((link, hello))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn control_loop<N: Nic>(
+    mut stream: TcpStream,
+    role: Role,
+    cfg: Config,
+    mut cards: Vec<ThreadCard<N>>,
+    commands: mpsc::Receiver<Command<N::Link>>,
+    outcomes: mpsc::Sender<Outcome<N>>,
+    flagged: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) {
+    let start = Instant::now();
+    let now = || start.elapsed().as_nanos() as Nanos;
+    let mut proto =
+        RearmProtocol::new(role, cfg.rails()).with_timeout(cfg.rearm_exchange_timeout_ns());
+    let mut fresh: Vec<Option<N::Link>> = (0..cfg.rails()).map(|_| None).collect();
+    let mut lost_reported = false;
+    let report = |o: Outcome<N>| {
+        if outcomes.send(o).is_ok() {
+            // Pairs with the data thread's Acquire swap: the outcome is queued before the flag.
+            flagged.store(true, Ordering::Release);
+        }
+    };
+    // Relaxed: a stop flag (see ControlThread::drop).
+    while !stop.load(Ordering::Relaxed) {
+        // With the channel gone there is nothing to read: wait on the commands instead (still
+        // answering the data thread's requests with declines, and destroying old links).
+        let mut wait = if proto.is_closed() {
+            Some(CONTROL_POLL)
+        } else {
+            None
+        };
+        loop {
+            let command = match wait.take() {
+                Some(t) => commands.recv_timeout(t).map_err(|e| match e {
+                    mpsc::RecvTimeoutError::Timeout => mpsc::TryRecvError::Empty,
+                    mpsc::RecvTimeoutError::Disconnected => mpsc::TryRecvError::Disconnected,
+                }),
+                None => commands.try_recv(),
+            };
+            match command {
+                Ok(Command::Rearm(rail)) => proto.request(rail, now()),
+                Ok(Command::Retire(link)) => drop(link),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        }
+        if !proto.is_closed() {
+            read_into(&mut stream, &mut proto, now()); // waits up to CONTROL_POLL
+        }
+        proto.handle_timeout(now());
+        while let Some(io) = proto.poll() {
+            match io {
+                RearmIo::Send(frame) => {
+                    if let Err(e) = ControlChannel::send(&mut stream, &frame) {
+                        tracing::warn!(error = %e, "control channel failed");
+                        proto.channel_failed();
+                    }
+                }
+                RearmIo::Prepare { rail } => match prepare(&mut cards[rail], &cfg, rail) {
+                    Ok((link, ours)) => {
+                        fresh[rail] = Some(link);
+                        proto.prepared::<String>(rail, Ok(ours), now());
+                    }
+                    Err(e) => proto.prepared(rail, Err(e), now()),
+                },
+                RearmIo::Connect { rail, peer } => {
+                    let result = match fresh[rail].as_mut() {
+                        Some(link) => link.connect(&peer.endpoint).map_err(|e| e.to_string()),
+                        None => Err("no fresh queue pair".to_string()),
+                    };
+                    proto.connected(rail, result, now());
+                }
+                RearmIo::Install { rail, peer } => match fresh[rail].take() {
+                    Some(link) => {
+                        let card = cards[rail].reopened.take();
+                        if let Some(regs) = &card {
+                            cards[rail].nic = Arc::downgrade(&regs.nic);
+                        }
+                        report(Outcome::Install {
+                            rail,
+                            link,
+                            peer,
+                            card,
+                        });
+                    }
+                    None => report(Outcome::Failed(rail)),
+                },
+                RearmIo::Abandon { rail } => {
+                    fresh[rail] = None;
+                    report(Outcome::Failed(rail));
+                }
+                RearmIo::Decline { rail } => report(Outcome::Failed(rail)),
+            }
+        }
+        if proto.is_closed() && !lost_reported {
+            lost_reported = true;
+            report(Outcome::ChannelLost);
+        }
+    }
+}
