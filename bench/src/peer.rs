@@ -167,6 +167,9 @@ fn stream(role: &str, mut conn: VerbsConnection, a: &PeerArgs, as_json: bool) {
     let (mut failovers, mut rail_downs, mut rail_ups) = (0u64, 0u64, 0u64);
     let (mut unresponsive, mut responsive, mut longest_silence_ns) = (0u64, 0u64, 0u64);
     let mut close_result = None;
+    // What happened when (ms since the stream started): rail downs with their reasons,
+    // failovers, re-arms, unresponsive periods.
+    let mut timeline: Vec<String> = Vec::new();
     let mut error = None;
     let hard_limit = stream_for + Duration::from_secs(120);
     loop {
@@ -200,6 +203,12 @@ fn stream(role: &str, mut conn: VerbsConnection, a: &PeerArgs, as_json: bool) {
         let r = conn.poll(|m| check.deliver(m));
         timed(t);
         while let Some(e) = conn.poll_event() {
+            if !matches!(e, Event::FailoverComplete { .. }) {
+                timeline.push(format!(
+                    "{:.1} ms {e:?}",
+                    start.elapsed().as_secs_f64() * 1e3
+                ));
+            }
             match e {
                 Event::Failover { .. } => failovers += 1,
                 Event::RailDown { .. } => rail_downs += 1,
@@ -264,6 +273,7 @@ fn stream(role: &str, mut conn: VerbsConnection, a: &PeerArgs, as_json: bool) {
         "call_p9999_us": calls.value_at_quantile(0.9999) as f64 / 1e3,
         "call_max_us": calls.max() as f64 / 1e3,
         "error": error,
+        "timeline": timeline,
     });
     if as_json {
         println!("{report}");

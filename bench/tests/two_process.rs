@@ -168,7 +168,7 @@ fn a_peer_paused_for_10x_and_100x_the_heartbeat_timeout_is_waited_for_not_failed
     assert_eq!(
         n(&c, "rail_downs"),
         0,
-        "a paused peer is not a failed wire: {c}"
+        "a paused peer is not a failed wire: {c}\nserve: {s}"
     );
     assert_eq!(c["end_reason"], "Closed");
     assert_eq!(c["close"], "ok");
@@ -258,4 +258,26 @@ fn a_cut_wire_fails_over_and_comes_back_as_the_standby() {
     }
     assert_eq!(c["end_reason"], "Closed");
     assert_eq!(s["end_reason"], "PeerClosed");
+}
+
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_connection_starts_with_one_wire_down_and_gains_its_redundancy_when_it_comes_back() {
+    fault("carrier-loss", "a");
+    let (serve, connect) = start(12.0, false);
+    std::thread::sleep(Duration::from_millis(2_000));
+    fault("carrier-restore", "a");
+    let s = serve.report(Duration::from_secs(180));
+    let c = connect.report(Duration::from_secs(180));
+    write_result(&format!(
+        "two processes, started with wire a down, restored after 2 s: {}",
+        figures(&c)
+    ));
+    write_result(&format!("  {}", figures(&s)));
+    // check_stream includes "every rail up at the end".
+    check_stream(&s);
+    check_stream(&c);
+    for r in [&s, &c] {
+        assert!(n(r, "rail_ups") >= 1, "the missing rail joined later: {r}");
+    }
 }

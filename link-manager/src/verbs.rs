@@ -1,11 +1,20 @@
-//! Connecting over real RDMA devices (cargo feature `verbs`): open one card per rail, exchange one
-//! handshake per rail over TCP, connect the queue pairs; the TCP stream then carries re-arms
-//! ([`crate::rearm`]).
+//! Connecting over real RDMA devices (cargo feature `verbs`): a greeting, then one hello per
+//! rail over TCP, then the queue pairs are connected; the TCP stream then carries re-arms on the
+//! connection's control thread ([`crate::control`]).
+//!
+//! The listener trusts nothing before it has checked it: it reads the dialler's greeting first
+//! (nonce, rails, geometry) and answers only a valid one; it opens its cards only then, reads and
+//! validates the dialler's hellos, and only then sends its own (queue pair numbers, ring
+//! addresses and keys: what lets a peer write into its memory). Greetings are checked on
+//! threads of their own, so a slow, silent or hostile client never delays a good one; a
+//! greeting or hello that comes back reflected is refused (no connection to oneself).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
-use railover_rdma::handshake::{self, Hello};
+use railover_rdma::handshake::{self, Greeting, HandshakeError, Hello, WireGeometry};
 use railover_rdma::verbs::VerbsNic;
 
 use crate::config::Config;
@@ -14,6 +23,9 @@ use crate::runtime::{ConnectError, Connection, PendingConnection, RealClock};
 
 pub type VerbsConnection = Connection<VerbsNic, RealClock>;
 
+/// Greetings being checked at once, at most (more clients than that are turned away at once).
+const MAX_GREETINGS_IN_FLIGHT: usize = 64;
+
 fn open_cards(devices: &[&str]) -> Result<Vec<VerbsNic>, ConnectError> {
     devices
         .iter()
@@ -21,23 +33,62 @@ fn open_cards(devices: &[&str]) -> Result<Vec<VerbsNic>, ConnectError> {
         .collect()
 }
 
+fn greeting(cfg: &Config) -> Greeting {
+    let g = cfg.geometry();
+    Greeting::new(
+        cfg.rails() as u16,
+        WireGeometry {
+            segment_size: g.segment_size() as u32,
+            segment_count: g.segment_count() as u32,
+            max_record: g.max_record() as u32,
+        },
+    )
+}
+
+/// After the greeting: cards, hellos in the order that keeps the listener safe, queue pairs,
+/// barrier, control thread.
 fn handshake(
     cfg: Config,
     devices: &[&str],
     mut stream: TcpStream,
+    deadline: Instant,
     timeout: Duration,
     role: Role,
 ) -> Result<VerbsConnection, ConnectError> {
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(ConnectError::Handshake(HandshakeError::Timeout(timeout)))
+    };
     let pending = PendingConnection::new(cfg, open_cards(devices)?, RealClock::default())?;
-    let mut peer = Vec::with_capacity(devices.len());
-    for hello in pending.hellos() {
-        peer.push(handshake::exchange(&mut stream, hello, timeout)?);
+    let ours = pending.hellos().to_vec();
+    let mut peer: Vec<Hello> = Vec::with_capacity(ours.len());
+    match role {
+        // The dialler describes itself first ...
+        Role::Initiator => {
+            for h in &ours {
+                handshake::send_hello(&mut stream, h, left()?)?;
+            }
+            for h in &ours {
+                peer.push(handshake::recv_hello(&mut stream, h, left()?)?);
+            }
+        }
+        // ... and the listener answers only once every hello checked out.
+        Role::Acceptor => {
+            for h in &ours {
+                peer.push(handshake::recv_hello(&mut stream, h, left()?)?);
+            }
+            for h in &ours {
+                handshake::send_hello(&mut stream, h, left()?)?;
+            }
+        }
     }
     let mut conn = pending.connect_links(&peer)?;
     // Barrier: neither side writes before both sides' queue pairs are ready to receive (a write to
     // a queue pair still in INIT is dropped and would end in a retry-exceeded error).
-    handshake::barrier(&mut stream, timeout)?;
-    // The stream stays: failed rails are re-armed over it (the dialling side initiates).
+    handshake::barrier(&mut stream, left()?)?;
+    // The stream stays: failed rails are re-armed over it, on the control thread.
     conn.attach_control_thread(stream, role)
         .map_err(ConnectError::Channel)?;
     conn.start();
@@ -51,26 +102,79 @@ pub fn connect(
     peer: SocketAddr,
     timeout: Duration,
 ) -> Result<VerbsConnection, ConnectError> {
-    let stream = handshake::connect(peer, timeout)?;
-    handshake(cfg, devices, stream, timeout, Role::Initiator)
+    let deadline = Instant::now() + timeout;
+    let mut stream = handshake::connect(peer, timeout)?;
+    handshake::greet_as_client(&mut stream, &greeting(&cfg), timeout)?;
+    handshake(cfg, devices, stream, deadline, timeout, Role::Initiator)
 }
 
-/// Host side that listens.
+/// Host side that listens: returns the first client whose greeting checks out within `timeout`.
+/// Clients are greeted concurrently (a silent or slow one never holds up a good one); the ones
+/// that fail, or come after, are closed without having been sent anything.
 pub fn accept(
     cfg: Config,
     devices: &[&str],
     listener: &TcpListener,
     timeout: Duration,
 ) -> Result<VerbsConnection, ConnectError> {
-    let stream = handshake::accept(listener, timeout)?;
-    handshake(cfg, devices, stream, timeout, Role::Acceptor)
+    let deadline = Instant::now() + timeout;
+    let stream = accept_greeted(&cfg, listener, deadline, timeout)?;
+    handshake(cfg, devices, stream, deadline, timeout, Role::Acceptor)
 }
 
-/// Exchanges hellos for a re-arm of one rail over an established TCP stream (both sides call it).
-pub fn exchange_hello(
-    stream: &mut TcpStream,
-    ours: &Hello,
+/// Accepts clients and greets each on its own thread until one greeting checks out.
+fn accept_greeted(
+    cfg: &Config,
+    listener: &TcpListener,
+    deadline: Instant,
     timeout: Duration,
-) -> Result<Hello, ConnectError> {
-    Ok(handshake::exchange(stream, ours, timeout)?)
+) -> Result<TcpStream, ConnectError> {
+    listener.set_nonblocking(true)?;
+    let ours = greeting(cfg);
+    let (greeted_tx, greeted) = mpsc::channel::<TcpStream>();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    loop {
+        loop {
+            match listener.accept() {
+                Ok((mut stream, from)) => {
+                    // Relaxed: a soft cap on threads, no data published through it.
+                    if in_flight.load(Ordering::Relaxed) >= MAX_GREETINGS_IN_FLIGHT {
+                        tracing::warn!(%from, "too many greetings in progress; client turned away");
+                        continue; // dropped: closed, nothing sent
+                    }
+                    stream.set_nonblocking(false)?;
+                    let (tx, count) = (greeted_tx.clone(), in_flight.clone());
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let spawned = std::thread::Builder::new()
+                        .name("railover-greet".into())
+                        .spawn(move || {
+                            match handshake::greet_as_server(&mut stream, &ours, left) {
+                                Ok(_) => {
+                                    let _ = tx.send(stream); // (refused: another client won)
+                                }
+                                Err(e) => tracing::warn!(%from, error = %e, "client refused"),
+                            }
+                            count.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    if spawned.is_err() {
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HandshakeError::Timeout(timeout).into());
+        }
+        // Set-up path only: wait briefly for a greeted client, then look for new ones.
+        match greeted.recv_timeout(left.min(Duration::from_millis(2))) {
+            Ok(stream) => return Ok(stream),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("we hold a sender"),
+        }
+    }
 }

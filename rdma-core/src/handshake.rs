@@ -69,6 +69,12 @@ pub enum HandshakeError {
     },
     #[error("reserved field {field} is {value:#x}: a protocol feature this side doesn't know")]
     Reserved { field: &'static str, value: u16 },
+    #[error("the peer is this side itself (its own hello or greeting came back)")]
+    SelfConnection,
+    #[error("the peer's greeting answers another session (replayed or stale)")]
+    Replay,
+    #[error("the peer wants {remote} rails, this side {local}")]
+    RailCount { local: u16, remote: u16 },
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("i/o: {0}")]
@@ -266,6 +272,239 @@ impl Reader<'_> {
     }
 }
 
+/// The first message of a connection, before any hello: who this side is (a random nonce) and
+/// what it wants (rails, geometry). The listener answers only a valid greeting, and only then
+/// (after the dialler's hellos are validated too) sends anything the dialler could use to write
+/// into its memory; a greeting or hello that comes back reflected, or answers another session,
+/// is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Greeting {
+    /// Random per connection attempt.
+    pub nonce: u64,
+    /// The dialler's nonce, echoed by the listener (0 from the dialler).
+    pub echo: u64,
+    pub rails: u16,
+    pub geometry: WireGeometry,
+}
+
+pub const GREETING_MAGIC: [u8; 4] = *b"RLVG";
+/// Encoded size of a [`Greeting`].
+pub const GREETING_LEN: usize = 4 + 2 + 2 + 2 + 2 + 8 + 8 + 12;
+
+impl Greeting {
+    /// A greeting with a fresh random nonce.
+    pub fn new(rails: u16, geometry: WireGeometry) -> Greeting {
+        Greeting {
+            nonce: rand::random::<u64>() | 1, // never 0: 0 is "no echo"
+            echo: 0,
+            rails,
+            geometry,
+        }
+    }
+
+    /// The session both sides now share: both nonces.
+    pub fn session_id(client: &Greeting, server: &Greeting) -> u64 {
+        client.nonce ^ server.nonce.rotate_left(32)
+    }
+
+    pub fn encode(&self) -> [u8; GREETING_LEN] {
+        let mut b = [0u8; GREETING_LEN];
+        let mut w = Cursor { buf: &mut b, at: 0 };
+        w.put(&GREETING_MAGIC);
+        w.put(&VERSION.to_le_bytes());
+        w.put(&0u16.to_le_bytes()); // flags
+        w.put(&self.rails.to_le_bytes());
+        w.put(&0u16.to_le_bytes()); // padding
+        w.put(&self.nonce.to_le_bytes());
+        w.put(&self.echo.to_le_bytes());
+        w.put(&self.geometry.segment_size.to_le_bytes());
+        w.put(&self.geometry.segment_count.to_le_bytes());
+        w.put(&self.geometry.max_record.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; GREETING_LEN]) -> Result<Greeting, HandshakeError> {
+        let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
+        if magic != GREETING_MAGIC {
+            return Err(HandshakeError::BadMagic(magic));
+        }
+        let mut r = Reader { buf: b, at: 4 };
+        let version = r.u16();
+        if version != VERSION {
+            return Err(HandshakeError::Version(version));
+        }
+        let flags = r.u16();
+        if flags != 0 {
+            return Err(HandshakeError::Reserved {
+                field: "flags",
+                value: flags,
+            });
+        }
+        let rails = r.u16();
+        let pad = r.u16();
+        if pad != 0 {
+            return Err(HandshakeError::Reserved {
+                field: "padding",
+                value: pad,
+            });
+        }
+        let nonce = r.u64();
+        let echo = r.u64();
+        let geometry = WireGeometry {
+            segment_size: r.u32(),
+            segment_count: r.u32(),
+            max_record: r.u32(),
+        };
+        geometry.check()?;
+        if nonce == 0 {
+            return Err(HandshakeError::Replay);
+        }
+        Ok(Greeting {
+            nonce,
+            echo,
+            rails,
+            geometry,
+        })
+    }
+
+    fn check_wants(&self, theirs: &Greeting) -> Result<(), HandshakeError> {
+        if theirs.nonce == self.nonce {
+            return Err(HandshakeError::SelfConnection);
+        }
+        if theirs.rails != self.rails {
+            return Err(HandshakeError::RailCount {
+                local: self.rails,
+                remote: theirs.rails,
+            });
+        }
+        if theirs.geometry != self.geometry {
+            return Err(HandshakeError::GeometryMismatch {
+                local: self.geometry,
+                remote: theirs.geometry,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn remaining(deadline: Instant, timeout: Duration) -> Result<Duration, HandshakeError> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or(HandshakeError::Timeout(timeout))
+}
+
+fn timed_out(timeout: Duration) -> impl Fn(std::io::Error) -> HandshakeError {
+    move |e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            HandshakeError::Timeout(timeout)
+        }
+        _ => HandshakeError::Io(e),
+    }
+}
+
+fn write_by(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), HandshakeError> {
+    stream.set_write_timeout(Some(remaining(deadline, timeout)?))?;
+    stream.write_all(bytes).map_err(timed_out(timeout))
+}
+
+fn read_by(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), HandshakeError> {
+    stream.set_read_timeout(Some(remaining(deadline, timeout)?))?;
+    stream.read_exact(buf).map_err(timed_out(timeout))
+}
+
+/// The dialler's greeting: sends `ours`, then checks the listener's answer (it must echo our
+/// nonce and want what we want).
+pub fn greet_as_client(
+    stream: &mut TcpStream,
+    ours: &Greeting,
+    timeout: Duration,
+) -> Result<Greeting, HandshakeError> {
+    let deadline = Instant::now() + timeout;
+    stream.set_nodelay(true)?;
+    write_by(stream, &ours.encode(), deadline, timeout)?;
+    let mut b = [0u8; GREETING_LEN];
+    read_by(stream, &mut b, deadline, timeout)?;
+    let theirs = Greeting::decode(&b)?;
+    ours.check_wants(&theirs)?;
+    if theirs.echo != ours.nonce {
+        return Err(HandshakeError::Replay);
+    }
+    Ok(theirs)
+}
+
+/// The listener's greeting: reads and checks the dialler's first (sending nothing before), then
+/// answers with `ours`, echoing the dialler's nonce.
+pub fn greet_as_server(
+    stream: &mut TcpStream,
+    ours: &Greeting,
+    timeout: Duration,
+) -> Result<Greeting, HandshakeError> {
+    let deadline = Instant::now() + timeout;
+    stream.set_nodelay(true)?;
+    let mut b = [0u8; GREETING_LEN];
+    read_by(stream, &mut b, deadline, timeout)?;
+    let theirs = Greeting::decode(&b)?;
+    if theirs.echo != 0 {
+        return Err(HandshakeError::Replay);
+    }
+    ours.check_wants(&theirs)?;
+    let answer = Greeting {
+        echo: theirs.nonce,
+        ..*ours
+    };
+    write_by(stream, &answer.encode(), deadline, timeout)?;
+    Ok(theirs)
+}
+
+/// Sends one hello (length-prefixed).
+pub fn send_hello(
+    stream: &mut TcpStream,
+    ours: &Hello,
+    timeout: Duration,
+) -> Result<(), HandshakeError> {
+    let deadline = Instant::now() + timeout;
+    let body = ours.encode();
+    let mut msg = [0u8; 4 + HELLO_LEN];
+    msg[..4].copy_from_slice(&(HELLO_LEN as u32).to_le_bytes());
+    msg[4..].copy_from_slice(&body);
+    write_by(stream, &msg, deadline, timeout)
+}
+
+/// Receives and validates the peer's hello for the rail `ours` describes: it must belong with
+/// ours and must not be ours (a reflected hello would connect this side to itself).
+pub fn recv_hello(
+    stream: &mut TcpStream,
+    ours: &Hello,
+    timeout: Duration,
+) -> Result<Hello, HandshakeError> {
+    let deadline = Instant::now() + timeout;
+    let mut len = [0u8; 4];
+    read_by(stream, &mut len, deadline, timeout)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(HandshakeError::Oversized(len));
+    }
+    let mut body = vec![0u8; len];
+    read_by(stream, &mut body, deadline, timeout)?;
+    let peer = Hello::decode(&body)?;
+    ours.check_peer(&peer)?;
+    if peer.endpoint == ours.endpoint || peer.ring == ours.ring || peer.ctrl == ours.ctrl {
+        return Err(HandshakeError::SelfConnection);
+    }
+    Ok(peer)
+}
+
 /// Sends `ours` and receives and validates the peer's hello, within `timeout`.
 pub fn exchange(
     stream: &mut TcpStream,
@@ -361,6 +600,104 @@ pub fn accept(listener: &TcpListener, timeout: Duration) -> Result<TcpStream, Ha
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn geometry() -> WireGeometry {
+        WireGeometry {
+            segment_size: 4096,
+            segment_count: 8,
+            max_record: 256,
+        }
+    }
+
+    /// A connected loopback pair (client, server).
+    fn streams() -> (TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (c, l.accept().unwrap().0)
+    }
+
+    #[test]
+    fn greetings_agree_on_a_session_and_refuse_reflection_replay_and_mismatch() {
+        let t = Duration::from_secs(5);
+        let (mut c, mut s) = streams();
+        let (gc, gs) = (Greeting::new(2, geometry()), Greeting::new(2, geometry()));
+        let server = std::thread::spawn(move || greet_as_server(&mut s, &gs, t).map(|g| (g, gs)));
+        let theirs = greet_as_client(&mut c, &gc, t).unwrap();
+        let (seen, gs) = server.join().unwrap().unwrap();
+        assert_eq!(seen.nonce, gc.nonce);
+        assert_eq!(theirs.nonce, gs.nonce);
+        assert_eq!(
+            Greeting::session_id(&gc, &theirs),
+            Greeting::session_id(&seen, &gs)
+        );
+
+        // A client that reflects the server's own greeting (it cannot know it: it sends first,
+        // so this is a replay of an earlier one) is refused, and gets nothing back.
+        let (mut c, mut s) = streams();
+        let gs = Greeting::new(2, geometry());
+        c.write_all(&gs.encode()).unwrap();
+        assert!(matches!(
+            greet_as_server(&mut s, &gs, t),
+            Err(HandshakeError::Replay | HandshakeError::SelfConnection)
+        ));
+        let replayed = Greeting { echo: 0, ..gs };
+        let (mut c2, mut s2) = streams();
+        c2.write_all(&replayed.encode()).unwrap();
+        assert!(matches!(
+            greet_as_server(&mut s2, &gs, t),
+            Err(HandshakeError::SelfConnection)
+        ));
+        drop(s2);
+        let mut got = Vec::new();
+        c2.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "a refused client learns nothing");
+
+        // Another session's answer (wrong echo) is refused by the client.
+        let (mut c, mut s) = streams();
+        let gc = Greeting::new(2, geometry());
+        let stale = Greeting {
+            echo: 12345,
+            ..Greeting::new(2, geometry())
+        };
+        s.write_all(&stale.encode()).unwrap();
+        assert!(matches!(
+            greet_as_client(&mut c, &gc, t),
+            Err(HandshakeError::Replay)
+        ));
+
+        // Wanting something else is a typed error.
+        let (mut c, mut s) = streams();
+        c.write_all(&Greeting::new(3, geometry()).encode()).unwrap();
+        assert!(matches!(
+            greet_as_server(&mut s, &Greeting::new(2, geometry()), t),
+            Err(HandshakeError::RailCount {
+                local: 2,
+                remote: 3
+            })
+        ));
+        // A silent client times out.
+        let (_c, mut s) = streams();
+        assert!(matches!(
+            greet_as_server(
+                &mut s,
+                &Greeting::new(2, geometry()),
+                Duration::from_millis(50)
+            ),
+            Err(HandshakeError::Timeout(_))
+        ));
+    }
+
+    #[test]
+    fn a_reflected_hello_is_a_self_connection() {
+        let t = Duration::from_secs(5);
+        let (mut c, mut s) = streams();
+        let ours = sample();
+        send_hello(&mut c, &ours, t).unwrap();
+        assert!(matches!(
+            recv_hello(&mut s, &ours, t),
+            Err(HandshakeError::SelfConnection)
+        ));
+    }
 
     fn sample() -> Hello {
         Hello {
