@@ -239,9 +239,9 @@ fn a_cut_wire_fails_over_and_comes_back_as_the_standby() {
     let (serve, connect) = start(15.0, false);
     // Wire a carries rail 0, the active rail at start.
     std::thread::sleep(Duration::from_millis(1_000));
-    fault("carrier-loss", "a");
+    let cut = Cut::new("a");
     std::thread::sleep(Duration::from_millis(2_000));
-    fault("carrier-restore", "a");
+    drop(cut);
     let s = serve.report(Duration::from_secs(180));
     let c = connect.report(Duration::from_secs(180));
     write_result(&format!(
@@ -260,13 +260,30 @@ fn a_cut_wire_fails_over_and_comes_back_as_the_standby() {
     assert_eq!(s["end_reason"], "PeerClosed");
 }
 
+/// A wire cut for as long as it lives (restored however the test ends, so the next test finds
+/// both wires up).
+struct Cut(&'static str);
+
+impl Cut {
+    fn new(wire: &'static str) -> Cut {
+        fault("carrier-loss", wire);
+        Cut(wire)
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        fault("carrier-restore", self.0);
+    }
+}
+
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn a_connection_starts_with_one_wire_down_and_gains_its_redundancy_when_it_comes_back() {
-    fault("carrier-loss", "a");
+    let cut = Cut::new("a");
     let (serve, connect) = start(12.0, false);
     std::thread::sleep(Duration::from_millis(2_000));
-    fault("carrier-restore", "a");
+    drop(cut);
     let s = serve.report(Duration::from_secs(180));
     let c = connect.report(Duration::from_secs(180));
     write_result(&format!(

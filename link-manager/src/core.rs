@@ -48,6 +48,9 @@ pub enum FailReason {
     Protocol,
     /// The driver re-armed a rail that this side still thought healthy.
     Rearm,
+    /// The rail could not be connected when the connection was set up (a wire or port down at
+    /// start-up); it joins later through re-arm.
+    Unreachable,
 }
 
 /// Why a session ended. After it, `send` and `poll` fail with this reason and
@@ -936,6 +939,14 @@ impl Core {
         tracing::info!(rail, generation = r.generation, "rail re-armed as standby");
         self.push_event(Event::RailUp { rail, at: now });
         self.refresh_rail_stats();
+    }
+
+    /// The rail could not be connected at set-up: it starts failed (the others carry the
+    /// traffic) and joins through re-arm once its wire is back.
+    pub fn rail_unreachable(&mut self, rail: usize) {
+        if rail < self.rails.len() {
+            self.fail_rail(rail, FailReason::Unreachable);
+        }
     }
 
     /// The driver could not post to `rail` (the queue pair is unusable).

@@ -531,16 +531,29 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                 got: peer.len(),
             });
         }
+        let mut unreachable = Vec::new();
         for (i, (ours, theirs)) in self.hellos.iter().zip(peer).enumerate() {
             // Re-validate: a caller may hand us hellos that never went through decode().
             let theirs = Hello::decode(&theirs.encode())?;
             ours.check_peer(&theirs)?;
             let rail = &mut self.conn.rails[i];
-            let card = rail.card.as_mut().expect("cards are open until connected");
-            card.link.connect(&theirs.endpoint)?;
             rail.peer_ring = theirs.ring;
             rail.peer_ctrl = theirs.ctrl;
+            let card = rail.card.as_mut().expect("cards are open until connected");
+            if let Err(e) = card.link.connect(&theirs.endpoint) {
+                // A wire or port down at start-up: the rail starts failed and joins later.
+                tracing::warn!(rail = i, error = %e, "rail unreachable at set-up");
+                unreachable.push((i, e));
+            }
         }
+        if unreachable.len() == self.hellos.len() {
+            let (_, e) = unreachable.swap_remove(0);
+            return Err(e.into()); // no rail at all: nothing to start with
+        }
+        for (rail, _) in unreachable {
+            self.conn.rx.core.rail_unreachable(rail);
+        }
+        self.conn.rx.flush();
         Ok(self.conn)
     }
 }

@@ -148,6 +148,18 @@ impl ControlChannel for SimControlEnd {
 
 impl SimPair {
     pub fn new(cfg: Config, seed: u64, latency_ns: u64) -> Result<SimPair, ConnectError> {
+        SimPair::new_with(cfg, seed, latency_ns, |_, _| {})
+    }
+
+    /// Like [`SimPair::new`], calling `before_connect` with the fabric and its wires (one per
+    /// rail) once the cards exist and before the queue pairs are connected: to start with a wire
+    /// down, say.
+    pub fn new_with(
+        cfg: Config,
+        seed: u64,
+        latency_ns: u64,
+        before_connect: impl FnOnce(&SimFabric, &[WireId]),
+    ) -> Result<SimPair, ConnectError> {
         let fabric = SimFabric::new(seed);
         let mut wires = Vec::new();
         let mut cards = Vec::new();
@@ -170,6 +182,7 @@ impl SimPair {
             cards.iter().map(|c| c.1.clone()).collect(),
             SimClock(fabric.clone()),
         )?;
+        before_connect(&fabric, &wires);
         let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
         let a = pa.connect(&hb)?;
         let b = pb.connect(&ha)?;
@@ -192,8 +205,15 @@ impl SimPair {
         latency_ns: u64,
     ) -> Result<SimPair, ConnectError> {
         let mut p = SimPair::new(cfg, seed, latency_ns)?;
+        p.use_control_channel();
+        Ok(p)
+    }
+
+    /// From now on the hosts re-arm over a simulated control channel (see
+    /// [`SimPair::with_control_channel`]).
+    pub fn use_control_channel(&mut self) {
         let control = SimControl::new();
-        for (host2, conn) in [(false, &mut p.a), (true, &mut p.b)] {
+        for (host2, conn) in [(false, &mut self.a), (true, &mut self.b)] {
             let end = SimControlEnd {
                 host2,
                 state: control.clone(),
@@ -205,8 +225,7 @@ impl SimPair {
             };
             conn.attach_control_channel(Box::new(end), role);
         }
-        p.control = Some(control);
-        Ok(p)
+        self.control = Some(control);
     }
 
     /// The control channel, when the hosts re-arm over one.

@@ -133,3 +133,57 @@ fn a_hostile_rearm_message_closes_the_channel_without_harm() {
     run(&mut p, &mut t, 5);
     assert!(t.delivered > before, "traffic keeps flowing on rail 1");
 }
+
+/// A wire down at start-up (its queue pairs can't be connected) doesn't fail the connection: it
+/// starts on the other rail, and the missing one joins over the control channel once the wire
+/// is back.
+#[test]
+fn a_connection_starts_with_one_wire_down_and_gains_its_redundancy_when_it_comes_back() {
+    let cfg = Config::builder()
+        .rails(2)
+        .geometry(16 * 1024, 8, 256)
+        .rearm_after_ns(2_000_000)
+        .build()
+        .unwrap();
+    let mut p = SimPair::new_with(cfg, 22, 5_000, |fabric, wires| {
+        fabric.carrier_loss(wires[0]);
+    })
+    .unwrap();
+    p.use_control_channel();
+    for c in [&mut p.a, &mut p.b] {
+        let events: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                Event::RailDown {
+                    rail: 0,
+                    reason: railover::FailReason::Unreachable,
+                    ..
+                }
+            )),
+            "{events:?}"
+        );
+        assert_eq!(c.core().active_rail(), 1);
+    }
+    let mut t = Traffic {
+        sent: 0,
+        delivered: 0,
+    };
+    run(&mut p, &mut t, 20);
+    assert!(t.delivered > 0, "traffic flows on the rail that came up");
+    p.fabric.carrier_restore(p.wires[0]);
+    let mut waited = 0;
+    while !standby_again(&p, 0) {
+        run(&mut p, &mut t, 1);
+        waited += 1;
+        assert!(
+            waited < 10_000,
+            "rail 0 never joined\n{}",
+            p.a.core().describe()
+        );
+    }
+    assert!(p.a.rearms_completed().unwrap() >= 1);
+    let before = t.delivered;
+    run(&mut p, &mut t, 10);
+    assert!(t.delivered > before);
+}

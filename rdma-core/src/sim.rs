@@ -692,6 +692,10 @@ impl Link for SimLink {
         {
             return Err(FabricError::Unreachable);
         }
+        // As rxe: no route to the peer while the port is down (modify to RTR fails).
+        if !w.wires[w.nics[my_nic].wire].carrier {
+            return Err(FabricError::Unreachable);
+        }
         if w.qps[self.qp].state != QpState::Reset {
             return Err(FabricError::NotConnected);
         }
