@@ -14,8 +14,12 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_railover-bench");
 const HOST1: &str = "rxe_a1,rxe_b1";
 const HOST2: &str = "rxe_a2,rxe_b2";
-/// The runs' heartbeat: 1 ms x 30 misses (TCG emulation; see `railover-bench serve --help`).
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(30);
+/// The pause test's heartbeat: 1 ms x 100 misses. Under TCG emulation a vCPU stall of tens of ms
+/// is common (the runs see "unresponsive" periods of up to ~80 ms without any pause), and a
+/// stall right after a resume could fail a rail whose first block is late; the pauses scale
+/// with it (10x = 1 s, 100x = 10 s).
+const HEARTBEAT_MISSES: u32 = 100;
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(HEARTBEAT_MISSES as u64);
 
 struct Peer {
     child: Child,
@@ -76,9 +80,15 @@ impl Peer {
 
 /// Starts `serve` on host 2's cards and `connect` on host 1's, each in its own process.
 fn start(secs: f64, serve_closes: bool) -> (Peer, Peer) {
+    start_with(secs, serve_closes, &[])
+}
+
+fn start_with(secs: f64, serve_closes: bool, extra: &[&str]) -> (Peer, Peer) {
     let secs = secs.to_string();
     let mut serve_args = vec!["serve", "-d", HOST2, "--secs", &secs];
     let mut connect_args = vec!["connect", "-d", HOST1, "--secs", &secs];
+    serve_args.extend(extra);
+    connect_args.extend(extra);
     if serve_closes {
         serve_args.push("--closer");
     } else {
@@ -142,7 +152,8 @@ fn figures(r: &Value) -> String {
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn a_peer_paused_for_10x_and_100x_the_heartbeat_timeout_is_waited_for_not_failed_over() {
-    let (serve, connect) = start(12.0, false);
+    let misses = HEARTBEAT_MISSES.to_string();
+    let (serve, connect) = start_with(16.0, false, &["--hb-misses", &misses]);
     // Let the stream run, pause host 2's process, resume it; twice.
     for factor in [10u32, 100] {
         std::thread::sleep(Duration::from_millis(700));
@@ -153,7 +164,7 @@ fn a_peer_paused_for_10x_and_100x_the_heartbeat_timeout_is_waited_for_not_failed
     let s = serve.report(Duration::from_secs(180));
     let c = connect.report(Duration::from_secs(180));
     write_result(&format!(
-        "two processes, SIGSTOP 10x and 100x the heartbeat timeout: {}",
+        "two processes, SIGSTOP 10x (1 s) and 100x (10 s) the heartbeat timeout (100 ms): {}",
         figures(&c)
     ));
     write_result(&format!("  {}", figures(&s)));

@@ -11,7 +11,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use railover_rdma::{AsyncEvent, Completion, CompletionKind, WcStatus};
-use railover_segq::{LaneControl, LaneWriter, MirrorQueue, Region, SendQueue, StreamCursor};
+use railover_segq::{
+    LaneControl, LaneError, LaneWriter, MirrorQueue, PushError, Region, Reservation, SendQueue,
+    StreamCursor,
+};
 
 use crate::config::{Config, MAX_RAILS};
 use crate::ctrl::{CtrlBlock, CTRL_LEN, STATUS_CLOSED, STATUS_ENDED, STATUS_LIVE};
@@ -68,6 +71,18 @@ pub enum EndReason {
     PeerClosed,
     /// The peer's session ended (it timed out or lost every rail) and it said so.
     PeerEnded,
+}
+
+/// What a refused write into the lanes means for the sender.
+pub fn send_error_of(e: LaneError) -> SendError {
+    match e {
+        LaneError::Push(PushError::TooLarge { len, max }) => SendError::TooLarge { len, max },
+        LaneError::Push(PushError::Full) | LaneError::Switching => SendError::Backpressure,
+        LaneError::Closed(code) => closed_send_error(code),
+        // Through the public API a connection's own sends and a split writer never coexist
+        // (`split` consumes the connection); a caller of the core that mixes them is told so.
+        LaneError::WriterElsewhere => SendError::WriterElsewhere,
+    }
 }
 
 /// An [`EndReason`] as the code the send lanes are closed with (a split sender reads it).
@@ -183,6 +198,8 @@ pub enum SendError {
     AllRailsDown,
     #[error("session ended: {0}; records accepted but unacknowledged are available via unacked()")]
     Ended(EndReason),
+    #[error("the connection was split: send through its Sender")]
+    WriterElsewhere,
 }
 
 /// Receiving failed.
@@ -293,7 +310,7 @@ pub struct Core {
 impl Core {
     /// Allocates the rings and control slots of every rail. All rails start connected: rail 0
     /// active, the others warm standbys.
-    pub fn new(cfg: Config, now: Nanos) -> std::io::Result<(Core, LaneWriter)> {
+    pub fn new(cfg: Config, now: Nanos) -> std::io::Result<Core> {
         let mut rails = Vec::with_capacity(cfg.rails);
         let mut queues = Vec::with_capacity(cfg.rails);
         for i in 0..cfg.rails {
@@ -326,7 +343,7 @@ impl Core {
                 ctrl_seen: [0; 7],
             });
         }
-        let (writer, lanes) = railover_segq::lanes(queues, 0);
+        let lanes = railover_segq::lanes(queues, 0);
         let mut core = Core {
             cfg,
             rails,
@@ -348,7 +365,7 @@ impl Core {
             last_tick: now,
         };
         core.refresh_rail_stats();
-        Ok((core, writer))
+        Ok(core)
     }
 
     /// Every rail is connected at both ends: heartbeat timers start now (connection set-up can
@@ -485,6 +502,23 @@ impl Core {
     }
 
     // ---- the application's side ----
+
+    /// Queues `msg` as the next record (on the driver's thread; posting is [`Core::poll_io`]'s).
+    /// Returns its sequence number.
+    pub fn push(&mut self, msg: &[u8]) -> Result<u64, SendError> {
+        self.lanes.push_local(msg).map_err(send_error_of)
+    }
+
+    /// A zero-copy slot of `len` bytes for the next record (on the driver's thread).
+    pub fn reserve(&mut self, len: usize) -> Result<Reservation<'_>, SendError> {
+        self.lanes.reserve_local(len).map_err(send_error_of)
+    }
+
+    /// Hands out the writer for another thread (once): from then on records are pushed through
+    /// it, not [`Core::push`].
+    pub fn take_writer(&mut self) -> Option<LaneWriter> {
+        self.lanes.writer()
+    }
 
     /// Delivers every message that has arrived, in order and exactly once, to `deliver` (zero-copy).
     /// Returns how many it delivered.
@@ -920,7 +954,9 @@ impl Core {
         }
         let r = &mut self.rails[rail];
         r.rx.reset();
-        r.ctrl_in.write(0, &[0u8; CTRL_LEN]);
+        for word in (0..CTRL_LEN).step_by(8) {
+            r.ctrl_in.write_u64(word, 0);
+        }
         r.generation = r.generation.wrapping_add(1);
         r.state = RailState::Standby;
         r.peer_heartbeat = 0;

@@ -124,13 +124,17 @@ mod tests {
         assert_eq!(c.fault_gen(0), 0);
         c.store(&r);
         assert_eq!(CtrlBlock::load(&r), Some(c));
-        let mut bytes = [0u8; CTRL_LEN];
-        r.read(0, &mut bytes);
+        let words: Vec<u64> = (0..CTRL_LEN / 8).map(|w| r.read_u64(w * 8)).collect();
         for i in 0..CTRL_LEN {
             let flipped = Region::new(64, Backing::Heap).unwrap();
-            let mut b = bytes;
-            b[i] ^= 0x10;
-            flipped.write(0, &b);
+            for (w, v) in words.iter().enumerate() {
+                let v = if w == i / 8 {
+                    v ^ (0x10 << (8 * (i % 8)))
+                } else {
+                    *v
+                };
+                flipped.write_u64(w * 8, v);
+            }
             assert_eq!(CtrlBlock::load(&flipped), None, "flip at byte {i} accepted");
         }
     }

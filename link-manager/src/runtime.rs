@@ -9,15 +9,12 @@ use railover_rdma::{
     Access, AsyncEvent, Completion, CompletionKind, FabricError, Link, MemoryRegistration, Nic,
     RemoteRegion, WcStatus,
 };
-use railover_segq::{LaneError, LaneReservation, LaneWriter, PushError};
+use railover_segq::{LaneError, LaneReservation, LaneWriter, Reservation};
 
 use crate::config::Config;
 use crate::config::MAX_RAILS;
 use crate::control::{ControlChannel, ControlThread, InlineControl, ThreadCard};
-use crate::core::{
-    closed_send_error, Buf, Core, EndReason, Event, Io, Nanos, RailState, RecvError, SendError,
-    Stats,
-};
+use crate::core::{Buf, Core, EndReason, Event, Io, Nanos, RailState, RecvError, SendError, Stats};
 use crate::memory::{QueueMem, RegionMem};
 use crate::rearm::Role;
 
@@ -201,7 +198,6 @@ pub struct PendingConnection<N: Nic, C: Clock> {
 /// half to another thread.
 pub struct Connection<N: Nic, C: Clock> {
     rx: Receiver<N, C>,
-    tx: Sender,
     /// Sends since the last full progress: a caller that only sends still heart-beats.
     sends_since_progress: u32,
 }
@@ -286,11 +282,7 @@ impl Drop for Sender {
 }
 
 fn send_error(e: LaneError) -> SendError {
-    match e {
-        LaneError::Push(PushError::TooLarge { len, max }) => SendError::TooLarge { len, max },
-        LaneError::Push(PushError::Full) | LaneError::Switching => SendError::Backpressure,
-        LaneError::Closed(code) => closed_send_error(code),
-    }
+    crate::core::send_error_of(e)
 }
 
 impl Sender {
@@ -376,10 +368,10 @@ impl<N: Nic, C: Clock> Connection<N, C> {
             self.sends_since_progress = 0;
             self.rx.progress();
         }
-        let mut r = self.tx.send(msg);
+        let mut r = self.rx.core.push(msg);
         if matches!(r, Err(SendError::Backpressure)) {
             self.rx.progress(); // acknowledgements may be waiting
-            r = self.tx.send(msg);
+            r = self.rx.core.push(msg);
         }
         self.rx.flush();
         r
@@ -405,8 +397,8 @@ impl<N: Nic, C: Clock> Connection<N, C> {
 
     /// A zero-copy slot: fill it, `commit()` it, then call [`Receiver::flush`]. On
     /// [`SendError::Backpressure`], let the connection progress ([`Receiver::progress`]) and retry.
-    pub fn reserve(&mut self, len: usize) -> Result<LaneReservation<'_>, SendError> {
-        self.tx.reserve(len)
+    pub fn reserve(&mut self, len: usize) -> Result<Reservation<'_>, SendError> {
+        self.rx.core.reserve(len)
     }
 
     /// Hands the sending half to another thread. The [`Receiver`] keeps driving the connection
@@ -414,8 +406,16 @@ impl<N: Nic, C: Clock> Connection<N, C> {
     /// blocking: the sender wakes a sleeping receiver). Sends cost two fences more than on an
     /// unsplit connection and reach the wire on the receiver's next poll.
     pub fn split(self) -> (Sender, Receiver<N, C>) {
-        let Connection { mut rx, mut tx, .. } = self;
-        tx.writer.make_concurrent();
+        let Connection { mut rx, .. } = self;
+        let writer = rx
+            .core
+            .take_writer()
+            .expect("a connection hands out its writer once, at split (which consumes it)");
+        let mut tx = Sender {
+            writer,
+            doorbell: None,
+            gone: None,
+        };
         let gone = Arc::new(AtomicBool::new(false));
         tx.gone = Some(gone.clone());
         rx.sender_gone = Some(gone);
@@ -471,7 +471,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                 got: cards.len(),
             });
         }
-        let (core, writer) = Core::new(cfg, clock.now())?;
+        let core = Core::new(cfg, clock.now())?;
         let mut rails = Vec::with_capacity(cards.len());
         let mut hellos = Vec::with_capacity(cards.len());
         for (i, nic) in cards.into_iter().enumerate() {
@@ -496,11 +496,6 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     control: None,
                     doorbell: None,
                     sender_gone: None,
-                },
-                tx: Sender {
-                    writer,
-                    doorbell: None,
-                    gone: None,
                 },
                 sends_since_progress: 0,
             },

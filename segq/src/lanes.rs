@@ -1,7 +1,11 @@
 //! One send queue per rail (a *lane*), of which one — the active lane — takes the application's
-//! records. The application's thread holds the [`LaneWriter`]; the link's thread holds the
-//! [`LaneControl`] with every lane's [`Poster`], and at a failover it copies the unacknowledged
-//! records of the active lane into a standby lane and makes that one active.
+//! records. The link's thread holds the [`LaneControl`] with every lane's [`Poster`], and at a
+//! failover it copies the unacknowledged records of the active lane into a standby lane and makes
+//! that one active. The application writes either on the control's own thread
+//! ([`LaneControl::push_local`]: `&mut` access, no protocol at all) or from another thread
+//! through the [`LaneWriter`] ([`LaneControl::writer`]), which takes the protocol below. The
+//! types make the choice: the local path needs `&mut LaneControl`, so it can't race; once a
+//! writer exists, the local path is refused ([`LaneError::WriterElsewhere`]).
 //!
 //! A failover must see every record the writer committed to the old lane, and the writer must never
 //! commit into a lane the control is working on. The two threads exclude each other without a lock
@@ -12,8 +16,7 @@
 //! retried), or the control sees the writer inside and spins until it leaves (a few hundred
 //! nanoseconds: one record's copy, or the caller's time between `reserve` and `commit`).
 //! Writer: one Relaxed store, one fence, one Acquire load and one Release store per record; no
-//! read-modify-write, nothing contended unless a failover is under way. While both halves live on
-//! one thread ([`LaneWriter::is_concurrent`] false), the writer skips the protocol entirely.
+//! read-modify-write, nothing contended unless a failover is under way.
 //!
 //! The writer only touches the active lane's producer; the control touches a producer only while
 //! the writer is excluded (a switch) or when that lane is not the active one (a reset).
@@ -39,6 +42,9 @@ pub enum LaneError {
     /// A failover is moving the lanes right now; retry in a moment.
     #[error("a failover is switching lanes; retry")]
     Switching,
+    /// A [`LaneWriter`] was handed out: records go through it, not [`LaneControl::push_local`].
+    #[error("a lane writer was handed out: write through it")]
+    WriterElsewhere,
     /// Every lane is closed, with the owner's code ([`LaneControl::close_with`]; 0 for
     /// [`LaneControl::close`]).
     #[error("every lane is closed (code {0})")]
@@ -68,7 +74,6 @@ unsafe impl Send for LaneShared {}
 /// The application's side: writes records into the active lane.
 pub struct LaneWriter {
     shared: Arc<LaneShared>,
-    concurrent: bool,
     max_record: usize,
 }
 
@@ -82,10 +87,13 @@ pub struct LaneControl {
     left_behind_seq: u64,
     /// Closed for good: a failover moves the records but keeps the writer out.
     closed: bool,
+    /// A [`LaneWriter`] was handed out (the local path is closed).
+    writer_out: bool,
+    max_record: usize,
 }
 
 /// Makes lanes of `queues` (one per rail, all of one geometry); `active` takes records first.
-pub fn lanes(queues: Vec<SendQueue>, active: usize) -> (LaneWriter, LaneControl) {
+pub fn lanes(queues: Vec<SendQueue>, active: usize) -> LaneControl {
     assert!(active < queues.len(), "active lane {active} out of range");
     let max_record = queues[0].geometry().max_record();
     let (producers, posters): (Vec<_>, Vec<_>) = queues.into_iter().map(SendQueue::split).unzip();
@@ -95,20 +103,15 @@ pub fn lanes(queues: Vec<SendQueue>, active: usize) -> (LaneWriter, LaneControl)
         writer_inside: CachePadded::new(AtomicBool::new(false)),
         close_code: AtomicU8::new(0),
     });
-    (
-        LaneWriter {
-            shared: shared.clone(),
-            concurrent: false,
-            max_record,
-        },
-        LaneControl {
-            shared,
-            posters,
-            active,
-            left_behind_seq: 0,
-            closed: false,
-        },
-    )
+    LaneControl {
+        shared,
+        posters,
+        active,
+        left_behind_seq: 0,
+        closed: false,
+        writer_out: false,
+        max_record,
+    }
 }
 
 /// A reserved slot in the active lane; the writer stays "inside" until it is committed or dropped.
@@ -144,17 +147,6 @@ impl Drop for LaneReservation<'_> {
 }
 
 impl LaneWriter {
-    /// Switches the writer to the cross-thread protocol. Call before handing it to another thread
-    /// than the control's.
-    pub fn make_concurrent(&mut self) {
-        self.concurrent = true;
-    }
-
-    /// Whether the writer and the control may run on different threads.
-    pub fn is_concurrent(&self) -> bool {
-        self.concurrent
-    }
-
     /// Largest payload accepted.
     pub fn max_record(&self) -> usize {
         self.max_record
@@ -162,17 +154,15 @@ impl LaneWriter {
 
     /// Enters the active lane: its index, with the writer marked inside.
     fn enter(&self) -> Result<usize, LaneError> {
-        if self.concurrent {
-            // Never raise the flag while a switch is pending: a writer retrying in a loop would
-            // otherwise keep the control waiting for ever.
-            if self.shared.active.load(Ordering::Relaxed) == SWITCHING {
-                return Err(LaneError::Switching);
-            }
-            self.shared.writer_inside.store(true, Ordering::Relaxed);
-            // Dekker with `LaneControl::exclude_writer`: orders our store before our load of
-            // `active`, as its fence orders its SWITCHING store before its load of our flag.
-            fence(Ordering::SeqCst);
+        // Never raise the flag while a switch is pending: a writer retrying in a loop would
+        // otherwise keep the control waiting for ever.
+        if self.shared.active.load(Ordering::Relaxed) == SWITCHING {
+            return Err(LaneError::Switching);
         }
+        self.shared.writer_inside.store(true, Ordering::Relaxed);
+        // Dekker with `LaneControl::exclude_writer`: orders our store before our load of
+        // `active`, as its fence orders its SWITCHING store before its load of our flag.
+        fence(Ordering::SeqCst);
         // Pairs with the Release that ends a switch (see `LaneShared::active`).
         match self.shared.active.load(Ordering::Acquire) {
             SWITCHING => {
@@ -191,10 +181,8 @@ impl LaneWriter {
     }
 
     fn leave(&self) {
-        if self.concurrent {
-            // Pairs with the Acquire in `LaneControl::exclude_writer`.
-            self.shared.writer_inside.store(false, Ordering::Release);
-        }
+        // Pairs with the Acquire in `LaneControl::exclude_writer`.
+        self.shared.writer_inside.store(false, Ordering::Release);
     }
 
     /// Copies `payload` into the active lane as one record. Returns its sequence number.
@@ -241,6 +229,62 @@ impl LaneControl {
     /// The lane taking records.
     pub fn active(&self) -> usize {
         self.active
+    }
+
+    /// Largest payload accepted.
+    pub fn max_record(&self) -> usize {
+        self.max_record
+    }
+
+    /// Hands out the writer for another thread (once). From then on records go through it and
+    /// [`LaneControl::push_local`] is refused.
+    pub fn writer(&mut self) -> Option<LaneWriter> {
+        if std::mem::replace(&mut self.writer_out, true) {
+            return None;
+        }
+        Some(LaneWriter {
+            shared: self.shared.clone(),
+            max_record: self.max_record,
+        })
+    }
+
+    /// Whether this thread may write records itself: no writer was handed out, lanes open.
+    fn check_local(&self) -> Result<(), LaneError> {
+        if self.writer_out {
+            return Err(LaneError::WriterElsewhere);
+        }
+        if self.closed {
+            return Err(LaneError::Closed(
+                self.shared.close_code.load(Ordering::Relaxed),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copies `payload` into the active lane as one record, on the control's thread (no
+    /// protocol: nothing else can write). Returns its sequence number.
+    pub fn push_local(&mut self, payload: &[u8]) -> Result<u64, LaneError> {
+        self.check_local()?;
+        let producer = self.shared.producers[self.active].get_mut();
+        // SAFETY: no LaneWriter was handed out (checked), so the producers are touched only
+        // through this control, and `&mut self` makes this the only use while it lasts.
+        let r = unsafe { producer.deref() }.push(payload);
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked access
+        drop(producer);
+        Ok(r?)
+    }
+
+    /// Reserves a slot of `len` payload bytes in the active lane, on the control's thread.
+    pub fn reserve_local(&mut self, len: usize) -> Result<Reservation<'_>, LaneError> {
+        self.check_local()?;
+        let producer = self.shared.producers[self.active].get_mut();
+        // SAFETY: as in `push_local`.
+        let raw: *mut Producer = unsafe { producer.deref() };
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked access
+        drop(producer);
+        // SAFETY: `raw` points into `self.shared`, which outlives the reservation; the
+        // reservation borrows `self` mutably, so the access stays exclusive for its whole life.
+        Ok(unsafe { &mut *raw }.reserve(len)?)
     }
 
     pub fn lane_count(&self) -> usize {

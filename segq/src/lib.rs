@@ -64,12 +64,22 @@ impl Memory {
     pub fn is_empty(&self) -> bool {
         self.region().is_empty()
     }
-    /// Copies bytes out (bounds-checked; panics on a caller's out-of-range request).
-    pub fn read(&self, offset: usize, dst: &mut [u8]) {
-        self.region().read(offset, dst)
+    /// Copies bytes out (bounds-checked; panics on a caller's out-of-range request), as a NIC
+    /// reading a posted range would.
+    ///
+    /// # Safety
+    /// No one may write those bytes meanwhile (for a send queue: they are posted, i.e.
+    /// committed and not yet released).
+    pub unsafe fn read(&self, offset: usize, dst: &mut [u8]) {
+        // SAFETY: forwarded contract.
+        unsafe { self.region().read(offset, dst) }
     }
     /// Copies bytes in (bounds-checked), as a NIC placing a peer's write would.
-    pub fn write(&self, offset: usize, src: &[u8]) {
-        self.region().write(offset, src)
+    ///
+    /// # Safety
+    /// No one may read or write those bytes meanwhile.
+    pub unsafe fn write(&self, offset: usize, src: &[u8]) {
+        // SAFETY: forwarded contract.
+        unsafe { self.region().write(offset, src) }
     }
 }

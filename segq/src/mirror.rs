@@ -3,7 +3,7 @@
 //! bytes below that are ever parsed (correctness never depends on RDMA placement order).
 
 use crate::geometry::Geometry;
-use crate::record::{parse_record, ParseError, Parsed};
+use crate::record::{parse_arrived, ParseError, Parsed};
 use crate::region::{Backing, Region};
 use crate::sync::Arc;
 
@@ -126,11 +126,12 @@ impl MirrorQueue {
             let off = self.geo.offset(self.read_pos);
             let rem = self.geo.segment_remaining(self.read_pos);
             let available = (self.complete_pos - self.read_pos).min(rem as u64) as usize;
-            // [off, off+rem) is inside the ring (segments never straddle its end); the peer doesn't
-            // rewrite it before we acknowledge, and parse_record treats the bytes as untrusted.
+            // Only the bytes a completion announced: past them the NIC may still be writing.
+            // [off, off+available) is inside the ring (segments never straddle its end); the peer
+            // doesn't rewrite it before we acknowledge; parse_arrived treats it as untrusted.
             // SAFETY: in bounds, and no writer while unacknowledged (see above).
-            let seg_rest = unsafe { self.region.slice(off, rem) };
-            match parse_record(seg_rest, available, self.geo.max_record()) {
+            let seg_rest = unsafe { self.region.slice(off, available) };
+            match parse_arrived(seg_rest, rem, self.geo.max_record()) {
                 Ok(Parsed::EndOfSegment { skip }) => self.read_pos += skip as u64,
                 Ok(Parsed::Record {
                     seq,
@@ -173,7 +174,9 @@ impl MirrorQueue {
     }
 
     /// Writes raw bytes into the mirror as a peer's NIC would (for tests, simulators and fuzzing).
-    pub fn write_raw(&self, offset: usize, bytes: &[u8]) {
-        self.region.write(offset, bytes);
+    pub fn write_raw(&mut self, offset: usize, bytes: &[u8]) {
+        // SAFETY: `&mut self`: no delivery (which borrows the mirror) is reading meanwhile; the
+        // only other writers are a NIC and `unsafe` calls that promise exclusivity.
+        unsafe { self.region.write(offset, bytes) };
     }
 }

@@ -102,25 +102,33 @@ pub fn parse_record(
     max_record: usize,
 ) -> Result<Parsed, ParseError> {
     let available = available.min(seg_rest.len());
-    if seg_rest.len() < HEADER_LEN {
-        return Ok(Parsed::EndOfSegment {
-            skip: seg_rest.len(),
-        });
+    parse_arrived(&seg_rest[..available], seg_rest.len(), max_record)
+}
+
+/// [`parse_record`] given only the bytes known to have arrived (`arrived`, from the current
+/// position) and how many bytes are left in the segment (`seg_rest_len`): the receiver never
+/// forms a slice over bytes a NIC may still be writing. Never reads outside `arrived`.
+pub fn parse_arrived(
+    arrived: &[u8],
+    seg_rest_len: usize,
+    max_record: usize,
+) -> Result<Parsed, ParseError> {
+    let available = arrived.len().min(seg_rest_len);
+    if seg_rest_len < HEADER_LEN {
+        return Ok(Parsed::EndOfSegment { skip: seg_rest_len });
     }
     if available < HEADER_LEN {
         return Err(ParseError::Truncated);
     }
-    let header = Header::decode(seg_rest[..HEADER_LEN].try_into().expect("checked length"));
+    let header = Header::decode(arrived[..HEADER_LEN].try_into().expect("checked length"));
     if header.is_pad() {
-        if available < seg_rest.len() {
+        if available < seg_rest_len {
             return Err(ParseError::Truncated);
         }
-        return Ok(Parsed::EndOfSegment {
-            skip: seg_rest.len(),
-        });
+        return Ok(Parsed::EndOfSegment { skip: seg_rest_len });
     }
     let len = header.len as usize;
-    if len > max_record || record_size(len) > seg_rest.len() {
+    if len > max_record || record_size(len) > seg_rest_len {
         return Err(ParseError::BadLength {
             len: header.len,
             max: max_record,
@@ -130,7 +138,7 @@ pub fn parse_record(
     if size > available {
         return Err(ParseError::Truncated);
     }
-    let payload = &seg_rest[HEADER_LEN..HEADER_LEN + len];
+    let payload = &arrived[HEADER_LEN..HEADER_LEN + len];
     let actual = record_crc(header.seq, header.len, payload);
     if actual != header.crc {
         return Err(ParseError::Crc {

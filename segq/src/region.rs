@@ -115,24 +115,32 @@ impl Region {
 
     /// Copies `src` into the region at `offset`. Panics (a bug of the caller, never input-driven)
     /// when the range is outside the region.
-    pub fn write(&self, offset: usize, src: &[u8]) {
+    ///
+    /// # Safety
+    /// No one else (another thread through this region) may read or write those bytes meanwhile:
+    /// a region is shared (`&self`), so exclusivity is the caller's protocol (the queue's indices).
+    pub unsafe fn write(&self, offset: usize, src: &[u8]) {
         assert!(
             offset <= self.len && src.len() <= self.len - offset,
             "region write out of bounds"
         );
-        // SAFETY: bounds checked above; src cannot overlap our private mapping.
+        // SAFETY: bounds checked above; src cannot overlap our private mapping; no concurrent
+        // access is the caller's contract.
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
         }
     }
 
     /// Copies bytes at `offset` into `dst`. Panics when out of bounds (caller bug).
-    pub fn read(&self, offset: usize, dst: &mut [u8]) {
+    ///
+    /// # Safety
+    /// No one else (another thread through this region) may write those bytes meanwhile.
+    pub unsafe fn read(&self, offset: usize, dst: &mut [u8]) {
         assert!(
             offset <= self.len && dst.len() <= self.len - offset,
             "region read out of bounds"
         );
-        // SAFETY: bounds checked above.
+        // SAFETY: bounds checked above; no concurrent writer is the caller's contract.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.ptr.as_ptr().add(offset),
@@ -142,29 +150,32 @@ impl Region {
         }
     }
 
-    /// Reads a little-endian u64 at an 8-aligned `offset` with one aligned load.
-    pub fn read_u64(&self, offset: usize) -> u64 {
+    /// The u64 at an 8-aligned `offset`, as an atomic: threads may share it freely (no data race
+    /// from safe code), and a NIC writing it behind the compiler's back is seen by the next load.
+    fn word(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
         assert!(
             offset % 8 == 0 && offset + 8 <= self.len,
-            "region u64 read out of bounds"
+            "region u64 access out of bounds"
         );
-        // SAFETY: in bounds and 8-aligned (region is page aligned); volatile because a NIC may
-        // have written it behind the compiler's back.
-        u64::from_le(unsafe {
-            std::ptr::read_volatile(self.ptr.as_ptr().add(offset).cast::<u64>())
-        })
+        // SAFETY: in bounds and 8-aligned (the region is page aligned), valid for the region's
+        // lifetime, which bounds the reference; every other access to these bytes from Rust is
+        // through `unsafe fn`s whose callers promise no concurrent use.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }
+    }
+
+    /// Reads a little-endian u64 at an 8-aligned `offset` with one aligned load.
+    pub fn read_u64(&self, offset: usize) -> u64 {
+        // Relaxed: a single word; ordering with other memory is the caller's protocol (control
+        // blocks carry a crc and are re-read every heartbeat).
+        u64::from_le(self.word(offset).load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Writes a little-endian u64 at an 8-aligned `offset` with one aligned store.
     pub fn write_u64(&self, offset: usize, value: u64) {
-        assert!(
-            offset % 8 == 0 && offset + 8 <= self.len,
-            "region u64 write out of bounds"
-        );
-        // SAFETY: in bounds and 8-aligned; volatile so the store is not elided before a NIC reads it.
-        unsafe {
-            std::ptr::write_volatile(self.ptr.as_ptr().add(offset).cast::<u64>(), value.to_le())
-        }
+        // Relaxed: see read_u64; the NIC reads it after the post (a system call or a doorbell
+        // write, both ordered after this store).
+        self.word(offset)
+            .store(value.to_le(), std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Borrows `len` bytes at `offset`.
@@ -215,7 +226,8 @@ mod tests {
         assert_eq!(r.len(), 8192);
         assert_eq!(r.addr() as usize % PAGE_SIZE, 0);
         let mut buf = [1u8; 16];
-        r.read(8000, &mut buf);
+        // SAFETY: this thread is the region's only user.
+        unsafe { r.read(8000, &mut buf) };
         assert_eq!(buf, [0u8; 16]);
         r.write_u64(8, 0xdead_beef);
         assert_eq!(r.read_u64(8), 0xdead_beef);
@@ -227,9 +239,12 @@ mod tests {
         let r = Region::new(1, Backing::Anonymous).unwrap();
         assert_eq!(r.len(), PAGE_SIZE);
         assert_eq!(r.addr() as usize % PAGE_SIZE, 0);
-        r.write(10, b"abc");
         let mut out = [0u8; 3];
-        r.read(10, &mut out);
+        // SAFETY: this thread is the region's only user.
+        unsafe {
+            r.write(10, b"abc");
+            r.read(10, &mut out);
+        }
         assert_eq!(&out, b"abc");
     }
 
@@ -245,6 +260,7 @@ mod tests {
     #[should_panic(expected = "out of bounds")]
     fn out_of_bounds_write_is_refused() {
         let r = Region::new(4096, Backing::Heap).unwrap();
-        r.write(4090, &[0u8; 8]);
+        // SAFETY: this thread is the region's only user (the bounds check panics first).
+        unsafe { r.write(4090, &[0u8; 8]) };
     }
 }

@@ -59,15 +59,21 @@ impl Shared {
         }
     }
 
+    /// The producer's writes: only into space the poster released and not yet committed.
     pub(crate) fn write(&self, offset: usize, bytes: &[u8]) {
         self.track_write(offset, bytes.len());
-        self.region.write(offset, bytes);
+        // SAFETY: the producer (the only caller, one at a time: it is `&mut`-owned) writes only
+        // released, uncommitted space, which the poster and the NIC no longer read (the Acquire
+        // load of `released` orders their last reads before this).
+        unsafe { self.region.write(offset, bytes) };
     }
 
     pub(crate) fn read_header(&self, offset: usize) -> [u8; crate::record::HEADER_LEN] {
         let mut b = [0u8; crate::record::HEADER_LEN];
         self.track_read(offset, b.len());
-        self.region.read(offset, &mut b);
+        // SAFETY: the poster reads only committed bytes (the Acquire load of `committed` made
+        // them visible), which the producer does not write again until they are released.
+        unsafe { self.region.read(offset, &mut b) };
         b
     }
 

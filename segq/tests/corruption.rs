@@ -32,7 +32,8 @@ proptest! {
         while tx.push(&[n as u8; 20]).is_ok() { n += 1; }
         let r = tx.poster().pending(usize::MAX).unwrap();
         let mut bytes = vec![0u8; r.len()];
-        tx.memory().read(0, &mut bytes);
+        // SAFETY: posted bytes: committed, not released; the producer is this thread.
+        unsafe { tx.memory().read(0, &mut bytes) };
         let flip_at = flip_at % bytes.len();
         bytes[flip_at] ^= xor;
         let mut m = MirrorQueue::new(geo, Backing::Heap).unwrap();

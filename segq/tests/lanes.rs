@@ -22,8 +22,8 @@ fn failovers_under_a_concurrent_writer_lose_and_duplicate_nothing() {
     let queues = (0..3)
         .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
         .collect();
-    let (mut writer, mut control) = lanes(queues, 0);
-    writer.make_concurrent();
+    let mut control = lanes(queues, 0);
+    let mut writer = control.writer().expect("first writer");
     let writer_thread = std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         let (mut seq, mut switching) = (1, 0u64);
@@ -98,26 +98,30 @@ fn failovers_under_a_concurrent_writer_lose_and_duplicate_nothing() {
 }
 
 #[test]
-fn a_closed_lane_set_refuses_records_and_single_thread_mode_needs_no_protocol() {
+fn a_closed_lane_set_refuses_records_and_the_local_path_needs_no_protocol() {
     let geo = Geometry::new(256, 4, 64).unwrap();
     let queues = (0..2)
         .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
         .collect();
-    let (mut writer, mut control) = lanes(queues, 0);
-    assert!(!writer.is_concurrent());
-    assert_eq!(writer.push(b"one"), Ok(1));
+    let mut control = lanes(queues, 0);
+    // On the control's own thread: `&mut` access, no protocol.
+    assert_eq!(control.push_local(b"one"), Ok(1));
     {
-        let mut slot = writer.reserve(3).unwrap();
+        let mut slot = control.reserve_local(3).unwrap();
         slot.payload_mut().copy_from_slice(b"two");
         assert_eq!(slot.commit(), 2);
     }
-    drop(writer.reserve(5).unwrap()); // abandoned: takes no sequence number
+    let _abandoned = control.reserve_local(5).unwrap(); // takes no sequence number
     assert_eq!(
-        writer.push(&[0; 65]),
+        control.push_local(&[0; 65]),
         Err(LaneError::Push(PushError::TooLarge { len: 65, max: 64 }))
     );
     let (report, next) = control.fail_over(1).unwrap();
     assert_eq!((report.records, report.first_seq, next), (2, Some(1), 3));
+    // Once a writer is handed out, it is the only way in.
+    let mut writer = control.writer().expect("first writer");
+    assert!(control.writer().is_none(), "one writer only");
+    assert_eq!(control.push_local(b"x"), Err(LaneError::WriterElsewhere));
     assert_eq!(writer.push(b"three"), Ok(3));
     // Lane 0 is left behind and reset: what it held still counts as sent.
     assert!(control.reset(0, 1));

@@ -55,8 +55,8 @@ fn failover_never_loses_a_record_being_committed() {
         let queues = (0..2)
             .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
             .collect();
-        let (mut writer, mut control) = lanes(queues, 0);
-        writer.make_concurrent();
+        let mut control = lanes(queues, 0);
+        let mut writer = control.writer().expect("first writer");
         let t = loom::thread::spawn(move || {
             let mut seq = 1u8;
             while seq <= 3 {

@@ -51,7 +51,9 @@ fn cross_thread_stream_is_delivered_exactly_once_in_order() {
         };
         poster.mark_posted(&range);
         // The "NIC": read the posted bytes out of the sender's ring, place them in the mirror.
-        mem.read(range.offset, &mut wire[..range.len()]);
+        // SAFETY: a posted range is committed and not yet released: the producer thread does
+        // not write it until the mirror's consumption is acknowledged (below).
+        unsafe { mem.read(range.offset, &mut wire[..range.len()]) };
         mirror.write_raw(range.offset, &wire[..range.len()]);
         mirror.notify(range.notify_imm()).unwrap();
         mirror
