@@ -4,7 +4,9 @@
 //! every library call (its worst case is what a paused peer or a re-arm costs the data thread),
 //! then end the stream with an END record carrying the count; the closing side closes
 //! gracefully once it has the peer's END, the other side sees `PeerClosed`. Each prints
-//! `listening <port>` (serve) and `connected` lines, then one JSON report.
+//! `listening <port>` (serve) and `connected` lines, then one JSON report. With
+//! `--connections N` one thread drives N connections (totals in the report), and the report
+//! says how many queue pairs and registrations the process held at the end of the streams.
 
 #![cfg_attr(not(feature = "verbs"), allow(dead_code))]
 
@@ -57,6 +59,10 @@ pub struct PeerArgs {
     /// Set-up timeout (s).
     #[arg(long, default_value_t = 60)]
     setup_secs: u64,
+    /// Connections to open between the two processes (each streams; one thread drives all,
+    /// as a gateway's event loop would).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
 }
 
 fn config(a: &PeerArgs) -> Config {
@@ -128,31 +134,52 @@ pub fn serve(args: PeerArgs, port: u16, as_json: bool) {
     println!("listening {port}");
     let _ = std::io::stdout().flush();
     let devs: Vec<&str> = args.devices.iter().map(|s| s.as_str()).collect();
-    let conn = accept(
-        config(&args),
-        &devs,
-        &listener,
-        Duration::from_secs(args.setup_secs),
-    )
-    .expect("accept");
-    stream("serve", conn, &args, as_json);
+    let conns = (0..args.connections.max(1))
+        .map(|_| {
+            accept(
+                config(&args),
+                &devs,
+                &listener,
+                Duration::from_secs(args.setup_secs),
+            )
+            .expect("accept")
+        })
+        .collect();
+    stream("serve", conns, &args, as_json);
 }
 
 #[cfg(feature = "verbs")]
 pub fn connect_to(args: PeerArgs, addr: SocketAddr, as_json: bool) {
     let devs: Vec<&str> = args.devices.iter().map(|s| s.as_str()).collect();
-    let conn = connect(
-        config(&args),
-        &devs,
-        addr,
-        Duration::from_secs(args.setup_secs),
-    )
-    .expect("connect");
-    stream("connect", conn, &args, as_json);
+    let conns = (0..args.connections.max(1))
+        .map(|_| {
+            connect(
+                config(&args),
+                &devs,
+                addr,
+                Duration::from_secs(args.setup_secs),
+            )
+            .expect("connect")
+        })
+        .collect();
+    stream("connect", conns, &args, as_json);
+}
+
+/// One connection's stream and what it saw.
+#[cfg(feature = "verbs")]
+struct Stream {
+    conn: VerbsConnection,
+    next_out: u64,
+    next_at: Instant,
+    sent_end: bool,
+    check: Check,
+    close_result: Option<Result<(), String>>,
+    error: Option<String>,
+    done: bool,
 }
 
 #[cfg(feature = "verbs")]
-fn stream(role: &str, mut conn: VerbsConnection, a: &PeerArgs, as_json: bool) {
+fn stream(role: &str, conns: Vec<VerbsConnection>, a: &PeerArgs, as_json: bool) {
     println!("connected");
     let _ = std::io::stdout().flush();
     let mut calls = Histogram::<u64>::new(3).expect("histogram");
@@ -162,117 +189,171 @@ fn stream(role: &str, mut conn: VerbsConnection, a: &PeerArgs, as_json: bool) {
     let start = Instant::now();
     let stream_for = Duration::from_secs_f64(a.secs);
     let interval = Duration::from_micros(a.interval_us);
-    let (mut next_out, mut next_at, mut sent_end) = (0u64, start, false);
-    let mut check = Check::default();
+    let mut streams: Vec<Stream> = conns
+        .into_iter()
+        .map(|conn| Stream {
+            conn,
+            next_out: 0,
+            next_at: start,
+            sent_end: false,
+            check: Check::default(),
+            close_result: None,
+            error: None,
+            done: false,
+        })
+        .collect();
     let (mut failovers, mut rail_downs, mut rail_ups) = (0u64, 0u64, 0u64);
     let (mut unresponsive, mut responsive, mut longest_silence_ns) = (0u64, 0u64, 0u64);
-    let mut close_result = None;
-    // What happened when (ms since the stream started): rail downs with their reasons,
-    // failovers, re-arms, unresponsive periods.
+    // What happened when (ms since the stream started, connection index): rail downs with their
+    // reasons, failovers, re-arms, unresponsive periods.
     let mut timeline: Vec<String> = Vec::new();
-    let mut error = None;
     let hard_limit = stream_for + Duration::from_secs(120);
-    loop {
-        let now = Instant::now();
-        if !sent_end && now >= next_at {
-            let msg = if now >= start + stream_for {
-                let mut m = vec![0u8; a.size.max(16)];
-                m[..8].copy_from_slice(&END.to_le_bytes());
-                m[8..16].copy_from_slice(&next_out.to_le_bytes());
-                m
-            } else {
-                record(next_out, a.size.max(16))
-            };
+    while streams.iter().any(|s| !s.done) {
+        for (i, st) in streams.iter_mut().enumerate().filter(|(_, s)| !s.done) {
+            let now = Instant::now();
+            if !st.sent_end && now >= st.next_at {
+                let msg = if now >= start + stream_for {
+                    let mut m = vec![0u8; a.size.max(16)];
+                    m[..8].copy_from_slice(&END.to_le_bytes());
+                    m[8..16].copy_from_slice(&st.next_out.to_le_bytes());
+                    m
+                } else {
+                    record(st.next_out, a.size.max(16))
+                };
+                let t = Instant::now();
+                let r = st.conn.send(&msg);
+                timed(t);
+                match r {
+                    Ok(_) if msg[..8] == END.to_le_bytes() => st.sent_end = true,
+                    Ok(_) => {
+                        st.next_out += 1;
+                        st.next_at += interval;
+                    }
+                    Err(SendError::Backpressure) => {} // retried on the next turn
+                    Err(e) => {
+                        st.error = Some(format!("send: {e}"));
+                        st.done = true;
+                        continue;
+                    }
+                }
+            }
             let t = Instant::now();
-            let r = conn.send(&msg);
+            let check = &mut st.check;
+            let r = st.conn.poll(|m| check.deliver(m));
             timed(t);
-            match r {
-                Ok(_) if msg[..8] == END.to_le_bytes() => sent_end = true,
-                Ok(_) => {
-                    next_out += 1;
-                    next_at += interval;
+            while let Some(e) = st.conn.poll_event() {
+                if !matches!(e, Event::FailoverComplete { .. }) {
+                    timeline.push(format!(
+                        "{:.1} ms #{i} {e:?}",
+                        start.elapsed().as_secs_f64() * 1e3
+                    ));
                 }
-                Err(SendError::Backpressure) => {} // retried on the next turn
-                Err(e) => {
-                    error = Some(format!("send: {e}"));
-                    break;
+                match e {
+                    Event::Failover { .. } => failovers += 1,
+                    Event::RailDown { .. } => rail_downs += 1,
+                    Event::RailUp { .. } => rail_ups += 1,
+                    Event::PeerUnresponsive { .. } => unresponsive += 1,
+                    Event::PeerResponsive { silent_ns, .. } => {
+                        responsive += 1;
+                        longest_silence_ns = longest_silence_ns.max(silent_ns);
+                    }
+                    _ => {}
                 }
             }
-        }
-        let t = Instant::now();
-        let r = conn.poll(|m| check.deliver(m));
-        timed(t);
-        while let Some(e) = conn.poll_event() {
-            if !matches!(e, Event::FailoverComplete { .. }) {
-                timeline.push(format!(
-                    "{:.1} ms {e:?}",
-                    start.elapsed().as_secs_f64() * 1e3
-                ));
-            }
-            match e {
-                Event::Failover { .. } => failovers += 1,
-                Event::RailDown { .. } => rail_downs += 1,
-                Event::RailUp { .. } => rail_ups += 1,
-                Event::PeerUnresponsive { .. } => unresponsive += 1,
-                Event::PeerResponsive { silent_ns, .. } => {
-                    responsive += 1;
-                    longest_silence_ns = longest_silence_ns.max(silent_ns);
+            if let Err(e) = r {
+                if st.conn.end_reason().is_none() {
+                    st.error = Some(format!("poll: {e}"));
                 }
-                _ => {}
+                st.done = true;
+                continue;
             }
-        }
-        if let Err(e) = r {
-            if conn.end_reason().is_none() {
-                error = Some(format!("poll: {e}"));
+            let complete = st.sent_end && st.check.peer_total.is_some_and(|n| n == st.check.next);
+            if complete && a.closer {
+                let t = Instant::now();
+                st.close_result = Some(st.conn.close(5_000_000_000).map_err(|e| e.to_string()));
+                timed(t);
+                st.done = true;
             }
-            break;
-        }
-        let complete = sent_end && check.peer_total.is_some_and(|n| n == check.next);
-        if complete && a.closer {
-            let t = Instant::now();
-            close_result = Some(conn.close(5_000_000_000).map_err(|e| e.to_string()));
-            timed(t);
-            break;
-        }
-        if start.elapsed() > hard_limit {
-            error = Some("stream did not complete".into());
-            break;
+            if start.elapsed() > hard_limit {
+                st.error = Some("stream did not complete".into());
+                st.done = true;
+            }
         }
     }
+    // Before anything is dropped: what the process holds (a leak would show here).
+    let (live_qps, live_mrs) = railover_rdma::verbs::live_objects();
     let mut unacked = 0u64;
-    conn.unacked(|_, _| unacked += 1);
-    let rails = conn.core().config().rails();
-    let rails_up = (0..rails)
-        .filter(|&r| conn.core().rail_state(r) != railover::RailState::Failed)
-        .count();
-    let lost = check
-        .peer_total
-        .map_or(0, |n| n.saturating_sub(check.delivered));
+    let (mut rails, mut rails_up) = (0, 0);
+    let (mut sent, mut delivered, mut peer_sent, mut lost) = (0u64, 0u64, Some(0u64), 0u64);
+    let (mut duplicates, mut reordered, mut corrupted) = (0u64, 0u64, 0u64);
+    let mut end_reasons: Vec<String> = Vec::new();
+    let mut closes: Vec<String> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    for st in &streams {
+        st.conn.unacked(|_, _| unacked += 1);
+        let r = st.conn.core().config().rails();
+        rails += r;
+        rails_up += (0..r)
+            .filter(|&x| st.conn.core().rail_state(x) != railover::RailState::Failed)
+            .count();
+        sent += st.next_out;
+        delivered += st.check.delivered;
+        peer_sent = peer_sent.zip(st.check.peer_total).map(|(a, b)| a + b);
+        lost += st
+            .check
+            .peer_total
+            .map_or(0, |n| n.saturating_sub(st.check.delivered));
+        duplicates += st.check.duplicates;
+        reordered += st.check.reordered;
+        corrupted += st.check.corrupted;
+        let reason = st.conn.end_reason().map(|r| format!("{r:?}"));
+        if !end_reasons.contains(&reason.clone().unwrap_or_default()) {
+            end_reasons.push(reason.unwrap_or_default());
+        }
+        if let Some(c) = &st.close_result {
+            let c = c.clone().err().unwrap_or_else(|| "ok".into());
+            if !closes.contains(&c) {
+                closes.push(c);
+            }
+        }
+        errors.extend(st.error.clone());
+    }
+    // One connection: plain values; several: the distinct values, joined.
+    let one = |v: &Vec<String>| {
+        if v.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::String(v.join(","))
+        }
+    };
     let report = json!({
         "role": role,
-        "sent": next_out,
-        "delivered": check.delivered,
-        "peer_sent": check.peer_total,
+        "connections": streams.len(),
+        "sent": sent,
+        "delivered": delivered,
+        "peer_sent": peer_sent,
         "lost": lost,
-        "duplicates": check.duplicates,
-        "reordered": check.reordered,
-        "corrupted": check.corrupted,
+        "duplicates": duplicates,
+        "reordered": reordered,
+        "corrupted": corrupted,
         "failovers": failovers,
         "rail_downs": rail_downs,
         "rail_ups": rail_ups,
         "unresponsive": unresponsive,
         "responsive": responsive,
         "longest_silence_ms": longest_silence_ns as f64 / 1e6,
-        "end_reason": conn.end_reason().map(|r| format!("{r:?}")),
-        "close": close_result.map(|r| r.err().unwrap_or_else(|| "ok".into())),
+        "end_reason": one(&end_reasons),
+        "close": one(&closes),
         "unacked": unacked,
         "rails_up": rails_up,
         "rails": rails,
+        "live_qps": live_qps,
+        "live_mrs": live_mrs,
         "calls": calls.len(),
         "call_p50_us": calls.value_at_quantile(0.5) as f64 / 1e3,
         "call_p9999_us": calls.value_at_quantile(0.9999) as f64 / 1e3,
         "call_max_us": calls.max() as f64 / 1e3,
-        "error": error,
+        "error": if errors.is_empty() { serde_json::Value::Null } else { json!(errors.join("; ")) },
         "timeline": timeline,
     });
     if as_json {
@@ -280,5 +361,5 @@ fn stream(role: &str, mut conn: VerbsConnection, a: &PeerArgs, as_json: bool) {
     } else {
         println!("{}", serde_json::to_string_pretty(&report).expect("json"));
     }
-    drop(conn); // a graceful close if not closed yet (the non-closer already saw PeerClosed)
+    drop(streams); // graceful closes where not closed yet (the non-closer saw PeerClosed)
 }

@@ -276,6 +276,26 @@ struct Rail {
     ctrl_seen: [u64; 7],
 }
 
+/// Where a new connection picks up the stream of one that ended (see [`Core::resume_state`]): the
+/// application never filters duplicates itself, and nothing accepted is lost.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResumeState {
+    /// Highest sequence number this side delivered from the peer (later ones are new).
+    pub delivered: u64,
+    /// Every record accepted but not known delivered, in order, with its sequence number
+    /// (contiguous, ending at `last_sent`).
+    pub unacked: Vec<(u64, Vec<u8>)>,
+    /// Highest sequence number this side accepted for sending.
+    pub last_sent: u64,
+}
+
+impl ResumeState {
+    /// The first sequence number the resumed connection (re)sends.
+    pub fn first_unacked(&self) -> u64 {
+        self.unacked.first().map_or(self.last_sent + 1, |(s, _)| *s)
+    }
+}
+
 /// One side of a connection: its rails, its outgoing stream and its incoming stream.
 pub struct Core {
     cfg: Config,
@@ -311,10 +331,14 @@ impl Core {
     /// Allocates the rings and control slots of every rail. All rails start connected: rail 0
     /// active, the others warm standbys.
     pub fn new(cfg: Config, now: Nanos) -> std::io::Result<Core> {
+        Core::new_numbered(cfg, now, 1)
+    }
+
+    fn new_numbered(cfg: Config, now: Nanos, first_seq: u64) -> std::io::Result<Core> {
         let mut rails = Vec::with_capacity(cfg.rails);
         let mut queues = Vec::with_capacity(cfg.rails);
         for i in 0..cfg.rails {
-            queues.push(SendQueue::new(cfg.geometry, cfg.backing, 1)?);
+            queues.push(SendQueue::new(cfg.geometry, cfg.backing, first_seq)?);
             rails.push(Rail {
                 rx: MirrorQueue::new(cfg.geometry, cfg.backing)?,
                 ctrl_out: Arc::new(Region::new(CTRL_LEN, cfg.backing)?),
@@ -366,6 +390,41 @@ impl Core {
         };
         core.refresh_rail_stats();
         Ok(core)
+    }
+
+    /// Like [`Core::new`], continuing the stream of a connection that ended: the unacknowledged
+    /// records are queued again under their own sequence numbers (the peer discards those it
+    /// already delivered), and incoming records up to `state.delivered` are discarded here.
+    pub fn new_resuming(cfg: Config, now: Nanos, state: &ResumeState) -> std::io::Result<Core> {
+        let first = state.first_unacked();
+        let mut core = Core::new_numbered(cfg, now, first)?;
+        core.lanes.resume_after(first - 1);
+        core.cursor = StreamCursor::resuming_after(state.delivered);
+        core.peer_delivered = first - 1;
+        for (seq, payload) in &state.unacked {
+            match core.lanes.push_local(payload) {
+                Ok(s) if s == *seq => {}
+                r => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("resumed record {seq} could not be queued again: {r:?}"),
+                    ))
+                }
+            }
+        }
+        Ok(core)
+    }
+
+    /// Where a new connection would pick up this one's stream (allocates: call it once the
+    /// session ended, to open the next one with).
+    pub fn resume_state(&self) -> ResumeState {
+        let mut unacked = Vec::new();
+        self.unacked(|seq, p| unacked.push((seq, p.to_vec())));
+        ResumeState {
+            delivered: self.cursor.last_delivered(),
+            unacked,
+            last_sent: self.last_sent_seq(),
+        }
     }
 
     /// Every rail is connected at both ends: heartbeat timers start now (connection set-up can

@@ -22,6 +22,6 @@ pub mod verbs;
 
 pub use crate::config::{Config, ConfigBuilder, ConfigError, MAX_RAILS};
 pub use crate::core::{
-    EndReason, Event, FailReason, Nanos, RailState, RecvError, SendError, Stats,
+    EndReason, Event, FailReason, Nanos, RailState, RecvError, ResumeState, SendError, Stats,
 };
 pub use crate::runtime::{CloseError, ConnectError, Connection, Receiver, Sender};

@@ -465,13 +465,31 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
     /// Allocates and registers every rail's memory on its card and creates the queue pairs.
     /// `cards[i]` is this host's card of rail i (the first is primary).
     pub fn new(cfg: Config, cards: Vec<N>, clock: C) -> Result<Self, ConnectError> {
+        let core = Core::new(cfg, clock.now())?;
+        Self::with_core(cfg, cards, clock, core)
+    }
+
+    /// Like [`PendingConnection::new`], continuing the stream of a connection that ended
+    /// ([`Receiver::resume_state`]): its unacknowledged records are sent again under their own
+    /// sequence numbers and whatever it already delivered is discarded, so the application sees
+    /// every record exactly once across both connections. The peer must resume too.
+    pub fn new_resuming(
+        cfg: Config,
+        cards: Vec<N>,
+        clock: C,
+        state: &crate::core::ResumeState,
+    ) -> Result<Self, ConnectError> {
+        let core = Core::new_resuming(cfg, clock.now(), state)?;
+        Self::with_core(cfg, cards, clock, core)
+    }
+
+    fn with_core(cfg: Config, cards: Vec<N>, clock: C, core: Core) -> Result<Self, ConnectError> {
         if cards.len() != cfg.rails() {
             return Err(ConnectError::RailCount {
                 want: cfg.rails(),
                 got: cards.len(),
             });
         }
-        let core = Core::new(cfg, clock.now())?;
         let mut rails = Vec::with_capacity(cards.len());
         let mut hellos = Vec::with_capacity(cards.len());
         for (i, nic) in cards.into_iter().enumerate() {
@@ -1049,6 +1067,12 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Why the session ended, once it has.
     pub fn end_reason(&self) -> Option<EndReason> {
         self.core.end_reason()
+    }
+
+    /// Where a new connection picks up this one's stream ([`PendingConnection::new_resuming`],
+    /// `verbs::connect_resuming`): call it once the session ended.
+    pub fn resume_state(&self) -> crate::core::ResumeState {
+        self.core.resume_state()
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {

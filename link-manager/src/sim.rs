@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use railover_rdma::sim::{SimFabric, SimNic, WireId};
 
 use crate::control::ControlChannel;
+use crate::core::ResumeState;
 use crate::rearm::Role;
 
 use crate::config::Config;
@@ -160,6 +161,28 @@ impl SimPair {
         latency_ns: u64,
         before_connect: impl FnOnce(&SimFabric, &[WireId]),
     ) -> Result<SimPair, ConnectError> {
+        SimPair::build(cfg, seed, latency_ns, None, before_connect)
+    }
+
+    /// Two new endpoints continuing the streams of a pair whose session ended: host 1 resumes
+    /// from `a` (its old side's [`crate::Receiver::resume_state`]), host 2 from `b`.
+    pub fn new_resuming(
+        cfg: Config,
+        seed: u64,
+        latency_ns: u64,
+        a: &ResumeState,
+        b: &ResumeState,
+    ) -> Result<SimPair, ConnectError> {
+        SimPair::build(cfg, seed, latency_ns, Some((a, b)), |_, _| {})
+    }
+
+    fn build(
+        cfg: Config,
+        seed: u64,
+        latency_ns: u64,
+        resume: Option<(&ResumeState, &ResumeState)>,
+        before_connect: impl FnOnce(&SimFabric, &[WireId]),
+    ) -> Result<SimPair, ConnectError> {
         let fabric = SimFabric::new(seed);
         let mut wires = Vec::new();
         let mut cards = Vec::new();
@@ -172,16 +195,20 @@ impl SimPair {
             wires.push(w);
             cards.push((x, y));
         }
-        let pa = PendingConnection::new(
-            cfg,
-            cards.iter().map(|c| c.0.clone()).collect(),
-            SimClock(fabric.clone()),
-        )?;
-        let pb = PendingConnection::new(
-            cfg,
-            cards.iter().map(|c| c.1.clone()).collect(),
-            SimClock(fabric.clone()),
-        )?;
+        let side = |host2: bool| {
+            let cards = cards
+                .iter()
+                .map(|c| if host2 { c.1.clone() } else { c.0.clone() })
+                .collect();
+            let clock = SimClock(fabric.clone());
+            match resume {
+                Some((a, b)) => {
+                    PendingConnection::new_resuming(cfg, cards, clock, if host2 { b } else { a })
+                }
+                None => PendingConnection::new(cfg, cards, clock),
+            }
+        };
+        let (pa, pb) = (side(false)?, side(true)?);
         before_connect(&fabric, &wires);
         let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
         let a = pa.connect(&hb)?;

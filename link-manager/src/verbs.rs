@@ -18,6 +18,7 @@ use railover_rdma::handshake::{self, Greeting, HandshakeError, Hello, WireGeomet
 use railover_rdma::verbs::VerbsNic;
 
 use crate::config::Config;
+use crate::core::ResumeState;
 use crate::rearm::Role;
 use crate::runtime::{ConnectError, Connection, PendingConnection, RealClock};
 
@@ -33,16 +34,19 @@ fn open_cards(devices: &[&str]) -> Result<Vec<VerbsNic>, ConnectError> {
         .collect()
 }
 
-fn greeting(cfg: &Config) -> Greeting {
+fn greeting(cfg: &Config, resume: Option<&ResumeState>) -> Greeting {
     let g = cfg.geometry();
-    Greeting::new(
-        cfg.rails() as u16,
-        WireGeometry {
-            segment_size: g.segment_size() as u32,
-            segment_count: g.segment_count() as u32,
-            max_record: g.max_record() as u32,
-        },
-    )
+    Greeting {
+        resume: resume.map(|r| (r.delivered, r.first_unacked())),
+        ..Greeting::new(
+            cfg.rails() as u16,
+            WireGeometry {
+                segment_size: g.segment_size() as u32,
+                segment_count: g.segment_count() as u32,
+                max_record: g.max_record() as u32,
+            },
+        )
+    }
 }
 
 /// After the greeting: cards, hellos in the order that keeps the listener safe, queue pairs,
@@ -54,6 +58,7 @@ fn handshake(
     deadline: Instant,
     timeout: Duration,
     role: Role,
+    resume: Option<&ResumeState>,
 ) -> Result<VerbsConnection, ConnectError> {
     let left = || {
         deadline
@@ -61,7 +66,11 @@ fn handshake(
             .filter(|d| !d.is_zero())
             .ok_or(ConnectError::Handshake(HandshakeError::Timeout(timeout)))
     };
-    let pending = PendingConnection::new(cfg, open_cards(devices)?, RealClock::default())?;
+    let cards = open_cards(devices)?;
+    let pending = match resume {
+        Some(state) => PendingConnection::new_resuming(cfg, cards, RealClock::default(), state)?,
+        None => PendingConnection::new(cfg, cards, RealClock::default())?,
+    };
     let ours = pending.hellos().to_vec();
     let mut peer: Vec<Hello> = Vec::with_capacity(ours.len());
     match role {
@@ -102,10 +111,41 @@ pub fn connect(
     peer: SocketAddr,
     timeout: Duration,
 ) -> Result<VerbsConnection, ConnectError> {
+    dial(cfg, devices, peer, timeout, None)
+}
+
+/// Like [`connect`], continuing the stream of a connection that ended (`old.resume_state()`):
+/// every record is delivered exactly once across the two connections. The listener must
+/// [`accept_resuming`] with its own side's state.
+pub fn connect_resuming(
+    cfg: Config,
+    devices: &[&str],
+    peer: SocketAddr,
+    timeout: Duration,
+    state: &ResumeState,
+) -> Result<VerbsConnection, ConnectError> {
+    dial(cfg, devices, peer, timeout, Some(state))
+}
+
+fn dial(
+    cfg: Config,
+    devices: &[&str],
+    peer: SocketAddr,
+    timeout: Duration,
+    resume: Option<&ResumeState>,
+) -> Result<VerbsConnection, ConnectError> {
     let deadline = Instant::now() + timeout;
     let mut stream = handshake::connect(peer, timeout)?;
-    handshake::greet_as_client(&mut stream, &greeting(&cfg), timeout)?;
-    handshake(cfg, devices, stream, deadline, timeout, Role::Initiator)
+    handshake::greet_as_client(&mut stream, &greeting(&cfg, resume), timeout)?;
+    handshake(
+        cfg,
+        devices,
+        stream,
+        deadline,
+        timeout,
+        Role::Initiator,
+        resume,
+    )
 }
 
 /// Host side that listens: returns the first client whose greeting checks out within `timeout`.
@@ -117,9 +157,39 @@ pub fn accept(
     listener: &TcpListener,
     timeout: Duration,
 ) -> Result<VerbsConnection, ConnectError> {
+    listen(cfg, devices, listener, timeout, None)
+}
+
+/// Like [`accept`], continuing the stream of a connection that ended (see
+/// [`connect_resuming`]).
+pub fn accept_resuming(
+    cfg: Config,
+    devices: &[&str],
+    listener: &TcpListener,
+    timeout: Duration,
+    state: &ResumeState,
+) -> Result<VerbsConnection, ConnectError> {
+    listen(cfg, devices, listener, timeout, Some(state))
+}
+
+fn listen(
+    cfg: Config,
+    devices: &[&str],
+    listener: &TcpListener,
+    timeout: Duration,
+    resume: Option<&ResumeState>,
+) -> Result<VerbsConnection, ConnectError> {
     let deadline = Instant::now() + timeout;
-    let stream = accept_greeted(&cfg, listener, deadline, timeout)?;
-    handshake(cfg, devices, stream, deadline, timeout, Role::Acceptor)
+    let stream = accept_greeted(&cfg, listener, deadline, timeout, resume)?;
+    handshake(
+        cfg,
+        devices,
+        stream,
+        deadline,
+        timeout,
+        Role::Acceptor,
+        resume,
+    )
 }
 
 /// Accepts clients and greets each on its own thread until one greeting checks out.
@@ -128,9 +198,10 @@ fn accept_greeted(
     listener: &TcpListener,
     deadline: Instant,
     timeout: Duration,
+    resume: Option<&ResumeState>,
 ) -> Result<TcpStream, ConnectError> {
     listener.set_nonblocking(true)?;
-    let ours = greeting(cfg);
+    let ours = greeting(cfg, resume);
     let (greeted_tx, greeted) = mpsc::channel::<TcpStream>();
     let in_flight = Arc::new(AtomicUsize::new(0));
     loop {

@@ -73,6 +73,8 @@ pub enum HandshakeError {
     SelfConnection,
     #[error("the peer's greeting answers another session (replayed or stale)")]
     Replay,
+    #[error("cannot resume: {0}")]
+    Resume(&'static str),
     #[error("the peer wants {remote} rails, this side {local}")]
     RailCount { local: u16, remote: u16 },
     #[error("timed out after {0:?}")]
@@ -285,11 +287,16 @@ pub struct Greeting {
     pub echo: u64,
     pub rails: u16,
     pub geometry: WireGeometry,
+    /// Set when this side continues the stream of a connection that ended: (the highest
+    /// sequence number it delivered, the first it still holds unacknowledged). Both sides resume,
+    /// or neither; and each must still hold what the other has not delivered.
+    pub resume: Option<(u64, u64)>,
 }
 
 pub const GREETING_MAGIC: [u8; 4] = *b"RLVG";
 /// Encoded size of a [`Greeting`].
-pub const GREETING_LEN: usize = 4 + 2 + 2 + 2 + 2 + 8 + 8 + 12;
+pub const GREETING_LEN: usize = 4 + 2 + 2 + 2 + 2 + 8 + 8 + 12 + 8 + 8;
+const FLAG_RESUME: u16 = 1;
 
 impl Greeting {
     /// A greeting with a fresh random nonce.
@@ -299,6 +306,7 @@ impl Greeting {
             echo: 0,
             rails,
             geometry,
+            resume: None,
         }
     }
 
@@ -312,7 +320,12 @@ impl Greeting {
         let mut w = Cursor { buf: &mut b, at: 0 };
         w.put(&GREETING_MAGIC);
         w.put(&VERSION.to_le_bytes());
-        w.put(&0u16.to_le_bytes()); // flags
+        let flags = if self.resume.is_some() {
+            FLAG_RESUME
+        } else {
+            0
+        };
+        w.put(&flags.to_le_bytes());
         w.put(&self.rails.to_le_bytes());
         w.put(&0u16.to_le_bytes()); // padding
         w.put(&self.nonce.to_le_bytes());
@@ -320,6 +333,9 @@ impl Greeting {
         w.put(&self.geometry.segment_size.to_le_bytes());
         w.put(&self.geometry.segment_count.to_le_bytes());
         w.put(&self.geometry.max_record.to_le_bytes());
+        let (delivered, first) = self.resume.unwrap_or((0, 0));
+        w.put(&delivered.to_le_bytes());
+        w.put(&first.to_le_bytes());
         b
     }
 
@@ -334,7 +350,7 @@ impl Greeting {
             return Err(HandshakeError::Version(version));
         }
         let flags = r.u16();
-        if flags != 0 {
+        if flags & !FLAG_RESUME != 0 {
             return Err(HandshakeError::Reserved {
                 field: "flags",
                 value: flags,
@@ -355,15 +371,31 @@ impl Greeting {
             segment_count: r.u32(),
             max_record: r.u32(),
         };
+        let (delivered, first) = (r.u64(), r.u64());
         geometry.check()?;
         if nonce == 0 {
             return Err(HandshakeError::Replay);
         }
+        let resume = if flags & FLAG_RESUME != 0 {
+            if first == 0 {
+                return Err(HandshakeError::Resume(
+                    "first unacknowledged sequence number 0",
+                ));
+            }
+            Some((delivered, first))
+        } else if delivered != 0 || first != 0 {
+            return Err(HandshakeError::Resume(
+                "resume fields set without the resume flag",
+            ));
+        } else {
+            None
+        };
         Ok(Greeting {
             nonce,
             echo,
             rails,
             geometry,
+            resume,
         })
     }
 
@@ -382,6 +414,22 @@ impl Greeting {
                 local: self.geometry,
                 remote: theirs.geometry,
             });
+        }
+        match (self.resume, theirs.resume) {
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(HandshakeError::Resume(
+                    "one side resumes a stream, the other starts a new one",
+                ))
+            }
+            (Some((our_delivered, our_first)), Some((their_delivered, their_first))) => {
+                // Each side must still hold everything the other has not delivered.
+                if their_first > our_delivered + 1 || our_first > their_delivered + 1 {
+                    return Err(HandshakeError::Resume(
+                        "records between the two streams are gone (not the same session?)",
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -33,6 +33,20 @@ use crate::{
     MemoryRegistration, Nic, RegisterableMemory, RemoteRegion, WcStatus,
 };
 
+/// Queue pairs and memory registrations this process holds right now (a leak check: a
+/// connection holds exactly rails x 1 queue pairs and rails x 4 registrations).
+static LIVE_LINKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static LIVE_MRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// (queue pairs, memory registrations) alive in this process.
+pub fn live_objects() -> (usize, usize) {
+    // Relaxed: counters for reports, nothing is published through them.
+    (
+        LIVE_LINKS.load(std::sync::atomic::Ordering::Relaxed),
+        LIVE_MRS.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
 /// wr_id reserved for receives (which carry no buffer of their own).
 pub const RECV_WR_ID: u64 = u64::MAX;
 
@@ -179,6 +193,7 @@ impl Nic for VerbsNic {
         // SAFETY: addr..addr+len stays valid and registered memory outlives the MR (see above).
         let mr = unsafe { self.pd.reg_mr(addr, len, flags) };
         let mr = mr.map_err(|e| verbs_err("ibv_reg_mr", e))?;
+        LIVE_MRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(VerbsMr {
             lkey: mr.lkey(),
             mr,
@@ -232,6 +247,7 @@ impl Nic for VerbsNic {
         } else {
             0x1234
         };
+        LIVE_LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(VerbsLink {
             qp,
             cq,
@@ -511,8 +527,15 @@ impl Link for VerbsLink {
     }
 }
 
+impl Drop for VerbsMr {
+    fn drop(&mut self) {
+        LIVE_MRS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Drop for VerbsLink {
     fn drop(&mut self) {
+        LIVE_LINKS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         // QP to error, drain what it flushes, then the fields drop in order: QP, CQ, PD, context.
         self.shut_down();
         let mut sink = [Completion::EMPTY; 16];

@@ -299,6 +299,12 @@ impl LaneControl {
         &self.posters[lane]
     }
 
+    /// A stream resumed after `seq` (a new connection continuing an old one's numbering):
+    /// everything up to it counts as sent already.
+    pub fn resume_after(&mut self, seq: u64) {
+        self.left_behind_seq = self.left_behind_seq.max(seq);
+    }
+
     /// The highest sequence number committed into any lane (0: none): what this side has sent.
     pub fn last_committed_seq(&self) -> u64 {
         self.posters

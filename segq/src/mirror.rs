@@ -27,6 +27,15 @@ impl Default for StreamCursor {
 }
 
 impl StreamCursor {
+    /// A stream resumed after `delivered` (a new connection continuing an old one's stream): what
+    /// arrives numbered up to it is discarded as a duplicate.
+    pub fn resuming_after(delivered: u64) -> StreamCursor {
+        StreamCursor {
+            next_expected: delivered + 1,
+            ..StreamCursor::default()
+        }
+    }
+
     /// Highest sequence number delivered (0: none): the cumulative acknowledgement to send back.
     pub fn last_delivered(&self) -> u64 {
         self.next_expected - 1
