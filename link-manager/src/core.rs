@@ -247,6 +247,20 @@ fn wr_kind(wr_id: u64) -> u64 {
     (wr_id >> 8) & 0xff
 }
 
+/// The write of a rail's control block (already stored in its `ctrl_out`) into the peer's slot.
+fn ctrl_write(rail: usize, generation: u16, kind: u64) -> Io {
+    Io::Write {
+        rail,
+        wr_id: wr_id(generation, kind, rail),
+        local: Buf::Ctrl,
+        local_offset: 0,
+        len: CTRL_LEN,
+        remote: Buf::Ctrl,
+        remote_offset: 0,
+        imm: None,
+    }
+}
+
 struct Rail {
     rx: MirrorQueue,
     ctrl_out: Arc<Region>,
@@ -735,16 +749,7 @@ impl Core {
                 .store(&rail.ctrl_out);
                 rail.outstanding += 1;
                 self.stats.control_writes += 1;
-                return Some(Io::Write {
-                    rail: r,
-                    wr_id: wr_id(rail.generation, KIND_CTRL, r),
-                    local: Buf::Ctrl,
-                    local_offset: 0,
-                    len: CTRL_LEN,
-                    remote: Buf::Ctrl,
-                    remote_offset: 0,
-                    imm: None,
-                });
+                return Some(ctrl_write(r, rail.generation, KIND_CTRL));
             }
         }
         None
@@ -781,16 +786,7 @@ impl Core {
             rail.outstanding += 1;
             self.bye_outstanding += 1;
             self.stats.control_writes += 1;
-            return Some(Io::Write {
-                rail: r,
-                wr_id: wr_id(rail.generation, KIND_BYE, r),
-                local: Buf::Ctrl,
-                local_offset: 0,
-                len: CTRL_LEN,
-                remote: Buf::Ctrl,
-                remote_offset: 0,
-                imm: None,
-            });
+            return Some(ctrl_write(r, rail.generation, KIND_BYE));
         }
         None
     }

@@ -160,25 +160,13 @@ impl Hello {
             return Err(HandshakeError::Oversized(b.len()));
         }
         let mut r = Reader { buf: b, at: 6 };
-        let flags = r.u16();
-        if flags != 0 {
-            return Err(HandshakeError::Reserved {
-                field: "flags",
-                value: flags,
-            });
-        }
+        r.reserved("flags")?;
         let rail_index = r.u16();
         let rail_count = r.u16();
         let qpn = r.u32();
         let psn = r.u32();
         let lid = r.u16();
-        let pad = r.u16();
-        if pad != 0 {
-            return Err(HandshakeError::Reserved {
-                field: "padding",
-                value: pad,
-            });
-        }
+        r.reserved("padding")?;
         let gid: [u8; 16] = r.take(16).try_into().expect("16 bytes");
         let geometry = WireGeometry {
             segment_size: r.u32(),
@@ -258,6 +246,14 @@ struct Reader<'a> {
     at: usize,
 }
 impl Reader<'_> {
+    /// A reserved u16 that must be zero (a feature this side doesn't know otherwise).
+    fn reserved(&mut self, field: &'static str) -> Result<(), HandshakeError> {
+        match self.u16() {
+            0 => Ok(()),
+            value => Err(HandshakeError::Reserved { field, value }),
+        }
+    }
+
     fn take(&mut self, n: usize) -> &[u8] {
         let s = &self.buf[self.at..self.at + n];
         self.at += n;
@@ -357,13 +353,7 @@ impl Greeting {
             });
         }
         let rails = r.u16();
-        let pad = r.u16();
-        if pad != 0 {
-            return Err(HandshakeError::Reserved {
-                field: "padding",
-                value: pad,
-            });
-        }
+        r.reserved("padding")?;
         let nonce = r.u64();
         let echo = r.u64();
         let geometry = WireGeometry {
