@@ -362,3 +362,52 @@ fn sixteen_connections_fail_over_and_come_back_together_without_leaking() {
     }
     assert_eq!(after, baseline, "the kernel holds what it held before");
 }
+
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_receiver_that_stops_for_2_s_during_a_failover_loses_nothing() {
+    let (serve, connect) = start(14.0, false);
+    std::thread::sleep(Duration::from_millis(1_000));
+    // Host 2 stops delivering (its process stops), and meanwhile the active wire is cut.
+    serve.signal("-STOP");
+    let cut = Cut::new("a");
+    std::thread::sleep(Duration::from_millis(2_000));
+    serve.signal("-CONT");
+    std::thread::sleep(Duration::from_millis(1_000));
+    drop(cut);
+    let s = serve.report(Duration::from_secs(180));
+    let c = connect.report(Duration::from_secs(180));
+    write_result(&format!(
+        "two processes, receiver stopped 2 s while the active wire was cut: {}",
+        figures(&c)
+    ));
+    write_result(&format!("  {}", figures(&s)));
+    check_stream(&s);
+    check_stream(&c);
+    assert!(n(&c, "failovers") >= 1, "{c}");
+    assert_eq!(c["end_reason"], "Closed");
+}
+
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn maximal_and_odd_sized_records_go_through_a_failover_intact() {
+    // The runs' 64 KiB segments hold a 65,520-byte payload at most; 65,519 is odd and fills a
+    // segment to the last byte once framed (16-byte header, 8-byte alignment).
+    for (size, interval_us) in [("65519", "5000"), ("1999", "1000")] {
+        let (serve, connect) = start_with(8.0, false, &["-s", size, "--interval-us", interval_us]);
+        std::thread::sleep(Duration::from_millis(1_000));
+        let cut = Cut::new("a");
+        std::thread::sleep(Duration::from_millis(2_000));
+        drop(cut);
+        let s = serve.report(Duration::from_secs(180));
+        let c = connect.report(Duration::from_secs(180));
+        write_result(&format!(
+            "two processes, {size}-byte records through a cut and restore: {}",
+            figures(&c)
+        ));
+        write_result(&format!("  {}", figures(&s)));
+        check_stream(&s);
+        check_stream(&c);
+        assert!(n(&c, "failovers") >= 1, "{c}");
+    }
+}
