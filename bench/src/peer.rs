@@ -176,6 +176,8 @@ struct Stream {
     close_result: Option<Result<(), String>>,
     error: Option<String>,
     done: bool,
+    /// When both streams were complete (the closer then waits for every rail to be up).
+    complete_at: Option<Instant>,
 }
 
 #[cfg(feature = "verbs")]
@@ -200,6 +202,7 @@ fn stream(role: &str, conns: Vec<VerbsConnection>, a: &PeerArgs, as_json: bool) 
             close_result: None,
             error: None,
             done: false,
+            complete_at: None,
         })
         .collect();
     let (mut failovers, mut rail_downs, mut rail_ups) = (0u64, 0u64, 0u64);
@@ -268,7 +271,18 @@ fn stream(role: &str, conns: Vec<VerbsConnection>, a: &PeerArgs, as_json: bool) 
                 continue;
             }
             let complete = st.sent_end && st.check.peer_total.is_some_and(|n| n == st.check.next);
-            if complete && a.closer {
+            if complete && st.complete_at.is_none() {
+                st.complete_at = Some(Instant::now());
+            }
+            // The closer closes once every rail is up and has heard the peer (so a rail re-armed
+            // late is in place on both sides), or after 30 s of waiting for that.
+            let core = st.conn.core();
+            let healthy = (0..core.config().rails())
+                .all(|r| core.rail_state(r) != railover::RailState::Failed && core.rail_proven(r));
+            let waited_enough = st
+                .complete_at
+                .is_some_and(|t| healthy || t.elapsed() > Duration::from_secs(30));
+            if complete && a.closer && waited_enough {
                 let t = Instant::now();
                 st.close_result = Some(st.conn.close(5_000_000_000).map_err(|e| e.to_string()));
                 timed(t);

@@ -332,10 +332,22 @@ fn rdma_resources() -> (u64, u64) {
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn sixteen_connections_fail_over_and_come_back_together_without_leaking() {
     let baseline = rdma_resources();
+    // One thread drives 16 connections: under TCG a turn of its loop takes milliseconds, and the
+    // emulated devices fall tens of ms behind under the load, so the heartbeat gets the pause
+    // test's 100 ms timeout (a rail failed spuriously just before the cut would make the cut a
+    // double fault, which rightly ends that connection).
+    let misses = HEARTBEAT_MISSES.to_string();
     let (serve, connect) = start_with(
         20.0,
         false,
-        &["--connections", "16", "--interval-us", "2000"],
+        &[
+            "--connections",
+            "16",
+            "--interval-us",
+            "4000",
+            "--hb-misses",
+            &misses,
+        ],
     );
     std::thread::sleep(Duration::from_millis(2_000));
     let cut = Cut::new("a");
