@@ -2,10 +2,11 @@
 //! control channel and hand re-armed rails to the data path.
 //!
 //! * [`ControlThread`] (real devices): a thread owned by the connection makes fresh queue pairs,
-//!   opens released cards again, connects queue pairs, destroys old ones and reads and writes the
-//!   control stream. The data thread only posts a request (when the core asks for a re-arm) and,
-//!   when the thread flags a result, installs the ready rail: one relaxed load per `progress` in
-//!   steady state, never a blocking call.
+//!   opens released cards again, connects queue pairs, destroys old ones, reads and writes the
+//!   control stream, and reads the cards' asynchronous events (port down, device fatal...) as
+//!   they come, forwarding them at once. The data thread only posts a request (when the core asks
+//!   for a re-arm) and, when the thread flags a result, handles it: one relaxed load per
+//!   `progress` in steady state, never a blocking call, no system call.
 //! * [`InlineControl`] (the simulator, which is single-threaded, and single-threaded set-ups):
 //!   the same protocol, carried out inside `progress` on a non-blocking channel.
 
@@ -18,7 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use railover_rdma::handshake::Hello;
-use railover_rdma::{Link, Nic, RemoteRegion};
+use railover_rdma::{AsyncEvent, Link, Nic, RemoteRegion};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::config::{Config, MAX_RAILS};
 use crate::core::Nanos;
@@ -161,6 +163,8 @@ pub(crate) enum Outcome<N: Nic> {
     Failed(usize),
     /// The control channel is gone for good.
     ChannelLost,
+    /// An asynchronous event of `rail`'s card.
+    Event { rail: usize, event: AsyncEvent },
 }
 
 /// The data thread's handle on its connection's control thread.
@@ -170,6 +174,9 @@ pub struct ControlThread<N: Nic> {
     /// Set (Release) by the thread after it queued an outcome; swapped (Acquire) by the data
     /// thread before it drains them, so no outcome is left behind unflagged.
     flagged: Arc<AtomicBool>,
+    /// Written by the thread after each outcome: wakes a data thread asleep in a blocking
+    /// receive (it waits on this instead of the cards' event descriptors).
+    wake: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     completed: u64,
@@ -221,23 +228,31 @@ where
         cfg: Config,
         cards: Vec<ThreadCard<N>>,
     ) -> std::io::Result<ControlThread<N>> {
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(CONTROL_POLL))?;
+        // Non-blocking: the thread waits on it (and the cards' event descriptors) with poll.
+        stream.set_nonblocking(true)?;
         stream.set_nodelay(true)?;
+        use rustix::event::{eventfd, EventfdFlags};
+        let wake = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
         let (commands, command_rx) = mpsc::channel();
         let (outcome_tx, outcomes) = mpsc::channel();
         let flagged = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (flag, halt) = (flagged.clone(), stop.clone());
+        let (flag, halt, bell) = (flagged.clone(), stop.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name("railover-control".into())
             .spawn(move || {
-                control_loop::<N>(stream, role, cfg, cards, command_rx, outcome_tx, flag, halt)
+                let report = Reporter {
+                    outcomes: outcome_tx,
+                    flagged: flag,
+                    wake: bell,
+                };
+                control_loop::<N>(stream, role, cfg, cards, command_rx, report, halt)
             })?;
         Ok(ControlThread {
             commands,
             outcomes,
             flagged,
+            wake,
             stop,
             thread: Some(thread),
             completed: 0,
@@ -248,6 +263,17 @@ where
 impl<N: Nic> ControlThread<N> {
     pub fn completed(&self) -> u64 {
         self.completed
+    }
+
+    /// Readable when the thread has news for the data thread (to wait on in a blocking receive).
+    pub fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    /// After a blocking wait: consumes the wake-ups.
+    pub fn clear_wake(&self) {
+        let mut b = [0u8; 8];
+        let _ = rustix::io::read(&*self.wake, &mut b);
     }
 
     /// On the data thread, inside `progress`: hands the core's re-arm requests to the thread and
@@ -280,6 +306,7 @@ impl<N: Nic> ControlThread<N> {
                 }
                 Outcome::Failed(rail) => rx.rearm_failed(rail),
                 Outcome::ChannelLost => rx.rearm_channel_lost(),
+                Outcome::Event { rail, event } => rx.card_event(rail, event),
             }
         }
     }
@@ -319,15 +346,31 @@ fn prepare<N: Nic>(
     Ok((link, hello))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How the control thread hands outcomes to the data thread.
+struct Reporter<N: Nic> {
+    outcomes: mpsc::Sender<Outcome<N>>,
+    flagged: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
+}
+
+impl<N: Nic> Reporter<N> {
+    fn report(&self, o: Outcome<N>) {
+        if self.outcomes.send(o).is_ok() {
+            // Pairs with the data thread's Acquire swap: the outcome is queued before the flag.
+            self.flagged.store(true, Ordering::Release);
+            // Outcomes are rare (faults, re-arms): waking a blocking receiver each time is fine.
+            let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
+        }
+    }
+}
+
 fn control_loop<N: Nic>(
     mut stream: TcpStream,
     role: Role,
     cfg: Config,
     mut cards: Vec<ThreadCard<N>>,
     commands: mpsc::Receiver<Command<N::Link>>,
-    outcomes: mpsc::Sender<Outcome<N>>,
-    flagged: Arc<AtomicBool>,
+    reporter: Reporter<N>,
     stop: Arc<AtomicBool>,
 ) {
     let start = Instant::now();
@@ -336,38 +379,58 @@ fn control_loop<N: Nic>(
         RearmProtocol::new(role, cfg.rails()).with_timeout(cfg.rearm_exchange_timeout_ns());
     let mut fresh: Vec<Option<N::Link>> = (0..cfg.rails()).map(|_| None).collect();
     let mut lost_reported = false;
-    let report = |o: Outcome<N>| {
-        if outcomes.send(o).is_ok() {
-            // Pairs with the data thread's Acquire swap: the outcome is queued before the flag.
-            flagged.store(true, Ordering::Release);
-        }
-    };
     // Relaxed: a stop flag (see ControlThread::drop).
     while !stop.load(Ordering::Relaxed) {
-        // With the channel gone there is nothing to read: wait on the commands instead (still
-        // answering the data thread's requests with declines, and destroying old links).
-        let mut wait = if proto.is_closed() {
-            Some(CONTROL_POLL)
-        } else {
-            None
-        };
         loop {
-            let command = match wait.take() {
-                Some(t) => commands.recv_timeout(t).map_err(|e| match e {
-                    mpsc::RecvTimeoutError::Timeout => mpsc::TryRecvError::Empty,
-                    mpsc::RecvTimeoutError::Disconnected => mpsc::TryRecvError::Disconnected,
-                }),
-                None => commands.try_recv(),
-            };
-            match command {
+            match commands.try_recv() {
                 Ok(Command::Rearm(rail)) => proto.request(rail, now()),
                 Ok(Command::Retire(link)) => drop(link),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => return,
             }
         }
+        // Wait for the stream or a card's event (at most CONTROL_POLL: commands are looked at
+        // between waits). Cards the data path released are skipped (their Weak is dead).
+        let live: [Option<Arc<N>>; MAX_RAILS] =
+            std::array::from_fn(|i| cards.get(i).and_then(|c| c.nic.upgrade()));
+        {
+            let mut fds: [Option<BorrowedFd<'_>>; MAX_RAILS + 1] = [None; MAX_RAILS + 1];
+            if !proto.is_closed() {
+                fds[0] = Some(stream.as_fd());
+            }
+            for (slot, nic) in fds[1..].iter_mut().zip(&live) {
+                *slot = nic.as_ref().and_then(|n| n.event_fd());
+            }
+            let mut ready = [stream.as_fd(); MAX_RAILS + 1];
+            let mut n = 0;
+            for fd in fds.iter().flatten() {
+                ready[n] = *fd;
+                n += 1;
+            }
+            if n == 0 {
+                match commands.recv_timeout(CONTROL_POLL) {
+                    Ok(Command::Rearm(rail)) => proto.request(rail, now()),
+                    Ok(Command::Retire(link)) => drop(link),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else if let Err(e) =
+                railover_rdma::wait_readable(&ready[..n], CONTROL_POLL.as_nanos() as u64)
+            {
+                tracing::warn!(error = %e, "control thread: waiting failed");
+                std::thread::sleep(CONTROL_POLL); // never spin on a broken wait
+            }
+        }
+        for (rail, nic) in live.iter().enumerate() {
+            if let Some(nic) = nic {
+                while let Some(event) = nic.poll_event() {
+                    reporter.report(Outcome::Event { rail, event });
+                }
+            }
+        }
+        drop(live);
         if !proto.is_closed() {
-            read_into(&mut stream, &mut proto, now()); // waits up to CONTROL_POLL
+            read_into(&mut stream, &mut proto, now());
         }
         proto.handle_timeout(now());
         while let Some(io) = proto.poll() {
@@ -398,25 +461,25 @@ fn control_loop<N: Nic>(
                         if let Some(regs) = &card {
                             cards[rail].nic = Arc::downgrade(&regs.nic);
                         }
-                        report(Outcome::Install {
+                        reporter.report(Outcome::Install {
                             rail,
                             link,
                             peer,
                             card,
                         });
                     }
-                    None => report(Outcome::Failed(rail)),
+                    None => reporter.report(Outcome::Failed(rail)),
                 },
                 RearmIo::Abandon { rail } => {
                     fresh[rail] = None;
-                    report(Outcome::Failed(rail));
+                    reporter.report(Outcome::Failed(rail));
                 }
-                RearmIo::Decline { rail } => report(Outcome::Failed(rail)),
+                RearmIo::Decline { rail } => reporter.report(Outcome::Failed(rail)),
             }
         }
         if proto.is_closed() && !lost_reported {
             lost_reported = true;
-            report(Outcome::ChannelLost);
+            reporter.report(Outcome::ChannelLost);
         }
     }
 }

@@ -684,16 +684,23 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         else {
             return;
         };
-        let mut fds = [any; 2 * MAX_RAILS + 1];
+        let mut fds = [any; 2 * MAX_RAILS + 2];
         let mut n = 0;
+        // A control thread reads the cards' events and rings its own descriptor instead.
+        let thread = match &self.control {
+            Some(Control::Thread(t)) => Some(t),
+            _ => None,
+        };
         for card in self.rails.iter().filter_map(|r| r.card.as_ref()) {
-            for fd in [card.link.wakeup_fd(), card.nic.event_fd()]
-                .into_iter()
-                .flatten()
-            {
+            let events = card.nic.event_fd().filter(|_| thread.is_none());
+            for fd in [card.link.wakeup_fd(), events].into_iter().flatten() {
                 fds[n] = fd;
                 n += 1;
             }
+        }
+        if let Some(t) = thread {
+            fds[n] = t.wake_fd();
+            n += 1;
         }
         if let Some(bell) = &self.doorbell {
             fds[n] = rustix::fd::AsFd::as_fd(&bell.fd);
@@ -701,6 +708,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
         if let Err(e) = railover_rdma::wait_readable(&fds[..n], until - now) {
             tracing::warn!(error = %e, "waiting for completions failed; polling instead");
+        }
+        if let Some(t) = thread {
+            t.clear_wake();
         }
         if let Some(bell) = &self.doorbell {
             bell.clear();
@@ -720,11 +730,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let now = self.clock.now();
         let mut handled = 0;
         let mut fatal = [false; MAX_RAILS];
+        // With a control thread, it reads the cards' events (a system call each) and forwards them.
+        let events_here = !matches!(self.control, Some(Control::Thread(_)));
         for (i, rail) in self.rails.iter_mut().enumerate() {
             let Some(card) = rail.card.as_mut() else {
                 continue;
             };
-            while let Some(ev) = card.nic.poll_event() {
+            while let Some(ev) = card.nic.poll_event().filter(|_| events_here) {
                 fatal[i] |= ev == AsyncEvent::DeviceFatal;
                 self.core.handle_event(i, ev);
                 handled += 1;
@@ -840,6 +852,18 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         self.control = Some(Control::Inline(Box::new(InlineControl::new(
             channel, role, &cfg,
         ))));
+    }
+
+    /// An asynchronous event of `rail`'s card, read by the control thread.
+    pub(crate) fn card_event(&mut self, rail: usize, event: AsyncEvent) {
+        if self.rails[rail].card.is_none() {
+            return; // released meanwhile: the event is about a card this side let go of
+        }
+        self.core.handle_event(rail, event);
+        if event == AsyncEvent::DeviceFatal {
+            self.release_card(rail);
+        }
+        self.flush();
     }
 
     /// Tells the user the control channel is gone (failed rails can't be re-armed any more).
