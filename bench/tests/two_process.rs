@@ -142,10 +142,11 @@ fn write_result(line: &str) {
 
 fn figures(r: &Value) -> String {
     format!(
-        "{}: delivered {} lost {} dup {} reordered {} failovers {} unresponsive {} (longest {:.0} ms) end {} close {} call p50 {} us p99.99 {} us max {} us",
+        "{}: delivered {} lost {} dup {} reordered {} failovers {} unresponsive {} (longest {:.0} ms) end {} close {} (took {:.0} us) send/poll call p50 {} us p99.99 {} us max {} us",
         r["role"], r["delivered"], r["lost"], r["duplicates"], r["reordered"], r["failovers"],
         r["unresponsive"], r["longest_silence_ms"].as_f64().unwrap_or(0.0), r["end_reason"],
-        r["close"], r["call_p50_us"], r["call_p9999_us"], r["call_max_us"]
+        r["close"], r["close_max_us"].as_f64().unwrap_or(0.0), r["call_p50_us"],
+        r["call_p9999_us"], r["call_max_us"]
     )
 }
 
