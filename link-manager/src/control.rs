@@ -296,10 +296,11 @@ impl<N: Nic> ControlThread<N> {
                     peer,
                     card,
                 } => {
-                    if let Some(regs) = card {
-                        rx.adopt_reopened_card(rail, regs);
-                    }
-                    if let Some(old) = rx.install_rearmed_keep_old(rail, link, &peer) {
+                    let old = match card {
+                        Some(regs) => rx.install_reopened(rail, link, regs, &peer),
+                        None => rx.install_rearmed_keep_old(rail, link, &peer),
+                    };
+                    if let Some(old) = old {
                         let _ = self.commands.send(Command::Retire(old));
                     }
                     self.completed += 1;

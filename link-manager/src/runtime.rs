@@ -1051,19 +1051,31 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         Some(old)
     }
 
-    /// Takes over a card the control thread opened again (after a device-fatal release). Its
-    /// registrations come with it; the queue pair follows with the install.
-    pub(crate) fn adopt_reopened_card(&mut self, rail: usize, regs: CardRegs<N>)
-    where
-        N::Link: Sized,
-    {
-        if self.rails[rail].card.is_none() {
-            // A placeholder queue pair until the install swaps the fresh one in.
-            match regs.nic.create_link(&self.core.config().link()) {
-                Ok(link) => self.rails[rail].card = Some(CardIo::assemble(link, regs)),
-                Err(e) => tracing::warn!(rail, error = %e, "reopened card unusable"),
-            }
+    /// Installs a re-armed rail on a card the control thread opened again (after a device-fatal
+    /// release): the card, its registrations and the fresh queue pair come together. Hands back
+    /// a queue pair for the caller to destroy, if one is replaced.
+    pub(crate) fn install_reopened(
+        &mut self,
+        rail: usize,
+        link: N::Link,
+        regs: CardRegs<N>,
+        peer: &Hello,
+    ) -> Option<N::Link> {
+        if self.rails[rail].card.is_some() {
+            // The data path has a card again already (`replace_card`): the fresh queue pair lives
+            // on another one, so it is no use here. Drop the attempt; the core asks again.
+            drop(regs);
+            self.rearm_failed(rail);
+            return Some(link);
         }
+        let r = &mut self.rails[rail];
+        r.card = Some(CardIo::assemble(link, regs));
+        r.peer_ring = peer.ring;
+        r.peer_ctrl = peer.ctrl;
+        let now = self.clock.now();
+        self.core.rail_rearmed(rail, now);
+        self.flush();
+        None
     }
 
     /// Swaps in a reopened card for `rail` (after the old one was removed and came back): the
