@@ -736,7 +736,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             let Some(card) = rail.card.as_mut() else {
                 continue;
             };
-            while let Some(ev) = card.nic.poll_event().filter(|_| events_here) {
+            while let Some(ev) = events_here.then(|| card.nic.poll_event()).flatten() {
                 fatal[i] |= ev == AsyncEvent::DeviceFatal;
                 self.core.handle_event(i, ev);
                 handled += 1;

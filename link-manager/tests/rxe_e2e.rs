@@ -148,7 +148,9 @@ impl Hosts {
                         assert_eq!(seq as usize, dir.sent.len() + 1);
                         dir.sent.push(m);
                     }
-                    Err(SendError::Backpressure) | Err(SendError::AllRailsDown) => {}
+                    Err(
+                        SendError::Backpressure | SendError::AllRailsDown | SendError::Ended(_),
+                    ) => {}
                     Err(e) => panic!("{e}"),
                 }
             }
