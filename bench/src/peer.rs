@@ -22,10 +22,12 @@ use hdrhistogram::Histogram;
 #[cfg(feature = "verbs")]
 use railover::core::Event;
 #[cfg(feature = "verbs")]
-use railover::verbs::{accept, connect, VerbsConnection};
+use railover::verbs::{accept, accept_resuming, connect, connect_resuming, VerbsConnection};
 use railover::Config;
 #[cfg(feature = "verbs")]
 use railover::SendError;
+#[cfg(feature = "verbs")]
+use railover::{ConnectError, EndReason, ResumeState};
 use railover_rdma::LinkParams;
 #[cfg(feature = "verbs")]
 use serde_json::json;
@@ -63,6 +65,10 @@ pub struct PeerArgs {
     /// as a gateway's event loop would).
     #[arg(long, default_value_t = 1)]
     connections: usize,
+    /// When a session ends other than by a close (every rail down, session timeout), open a new
+    /// connection that resumes its stream exactly once (retrying for up to a minute).
+    #[arg(long)]
+    resume: bool,
 }
 
 fn config(a: &PeerArgs) -> Config {
@@ -145,7 +151,10 @@ pub fn serve(args: PeerArgs, port: u16, as_json: bool) {
             .expect("accept")
         })
         .collect();
-    stream("serve", conns, &args, as_json);
+    let setup = Duration::from_secs(args.setup_secs);
+    let reconnect =
+        |state: &ResumeState| accept_resuming(config(&args), &devs, &listener, setup, state);
+    stream("serve", conns, &args, as_json, &reconnect);
 }
 
 #[cfg(feature = "verbs")]
@@ -162,7 +171,10 @@ pub fn connect_to(args: PeerArgs, addr: SocketAddr, as_json: bool) {
             .expect("connect")
         })
         .collect();
-    stream("connect", conns, &args, as_json);
+    let setup = Duration::from_secs(args.setup_secs);
+    let reconnect =
+        |state: &ResumeState| connect_resuming(config(&args), &devs, addr, setup, state);
+    stream("connect", conns, &args, as_json, &reconnect);
 }
 
 /// One connection's stream and what it saw.
@@ -180,8 +192,45 @@ struct Stream {
     complete_at: Option<Instant>,
 }
 
+/// With `--resume`: replaces a connection whose session ended (not by a close) with a new one
+/// resuming its stream, retrying for up to a minute. Returns whether it did.
 #[cfg(feature = "verbs")]
-fn stream(role: &str, conns: Vec<VerbsConnection>, a: &PeerArgs, as_json: bool) {
+fn resume(
+    conn: &mut VerbsConnection,
+    reconnect: &dyn Fn(&ResumeState) -> Result<VerbsConnection, ConnectError>,
+) -> bool {
+    if matches!(
+        conn.end_reason(),
+        None | Some(EndReason::Closed | EndReason::PeerClosed)
+    ) {
+        return false;
+    }
+    let state = conn.resume_state();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match reconnect(&state) {
+            Ok(c) => {
+                *conn = c;
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "resume: not connected yet; retrying");
+                // Pacing the attempts (the wires may still be down).
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    false
+}
+
+#[cfg(feature = "verbs")]
+fn stream(
+    role: &str,
+    conns: Vec<VerbsConnection>,
+    a: &PeerArgs,
+    as_json: bool,
+    reconnect: &dyn Fn(&ResumeState) -> Result<VerbsConnection, ConnectError>,
+) {
     println!("connected");
     let _ = std::io::stdout().flush();
     let mut calls = Histogram::<u64>::new(3).expect("histogram");
@@ -212,6 +261,7 @@ fn stream(role: &str, conns: Vec<VerbsConnection>, a: &PeerArgs, as_json: bool) 
     let mut timeline: Vec<String> = Vec::new();
     let hard_limit = stream_for + Duration::from_secs(120);
     let mut close_max = Duration::ZERO;
+    let mut resumed = 0u64;
     while streams.iter().any(|s| !s.done) {
         for (i, st) in streams.iter_mut().enumerate().filter(|(_, s)| !s.done) {
             let now = Instant::now();
@@ -234,6 +284,14 @@ fn stream(role: &str, conns: Vec<VerbsConnection>, a: &PeerArgs, as_json: bool) 
                         st.next_at += interval;
                     }
                     Err(SendError::Backpressure) => {} // retried on the next turn
+                    Err(_) if a.resume && resume(&mut st.conn, reconnect) => {
+                        resumed += 1;
+                        timeline.push(format!(
+                            "{:.1} ms #{i} resumed",
+                            start.elapsed().as_secs_f64() * 1e3
+                        ));
+                        continue;
+                    }
                     Err(e) => {
                         st.error = Some(format!("send: {e}"));
                         st.done = true;
@@ -263,6 +321,14 @@ fn stream(role: &str, conns: Vec<VerbsConnection>, a: &PeerArgs, as_json: bool) 
                     }
                     _ => {}
                 }
+            }
+            if r.is_err() && a.resume && resume(&mut st.conn, reconnect) {
+                resumed += 1;
+                timeline.push(format!(
+                    "{:.1} ms #{i} resumed",
+                    start.elapsed().as_secs_f64() * 1e3
+                ));
+                continue;
             }
             if let Err(e) = r {
                 if st.conn.end_reason().is_none() {
@@ -370,6 +436,7 @@ fn stream(role: &str, conns: Vec<VerbsConnection>, a: &PeerArgs, as_json: bool) 
         "call_p9999_us": calls.value_at_quantile(0.9999) as f64 / 1e3,
         "call_max_us": calls.max() as f64 / 1e3,
         "close_max_us": close_max.as_secs_f64() * 1e6,
+        "resumed": resumed,
         "error": if errors.is_empty() { serde_json::Value::Null } else { json!(errors.join("; ")) },
         "timeline": timeline,
     });

@@ -424,3 +424,35 @@ fn maximal_and_odd_sized_records_go_through_a_failover_intact() {
         assert!(n(&c, "failovers") >= 1, "{c}");
     }
 }
+
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn after_both_wires_die_a_new_connection_resumes_the_streams_exactly_once() {
+    let (serve, connect) = start_with(16.0, false, &["--resume"]);
+    std::thread::sleep(Duration::from_millis(1_500));
+    // A double fault: the session ends (every rail down) on both sides, which keep trying to
+    // open a new connection that resumes it.
+    let (cut_a, cut_b) = (Cut::new("a"), Cut::new("b"));
+    std::thread::sleep(Duration::from_millis(2_000));
+    // One wire back: the new connection starts on it (the other rail joins later).
+    drop(cut_a);
+    std::thread::sleep(Duration::from_millis(3_000));
+    drop(cut_b);
+    let s = serve.report(Duration::from_secs(240));
+    let c = connect.report(Duration::from_secs(240));
+    write_result(&format!(
+        "two processes, both wires cut (session ended), one restored, stream resumed on a new connection: resumed {} / {} times; {}",
+        c["resumed"],
+        s["resumed"],
+        figures(&c)
+    ));
+    write_result(&format!("  {}", figures(&s)));
+    // Exactly once, in order, intact across the two connections; every rail up at the end.
+    check_stream(&s);
+    check_stream(&c);
+    for r in [&s, &c] {
+        assert!(n(r, "resumed") >= 1, "the stream was resumed: {r}");
+    }
+    assert_eq!(c["end_reason"], "Closed");
+    assert_eq!(s["end_reason"], "PeerClosed");
+}
