@@ -140,6 +140,18 @@ fn write_result(line: &str) {
     }
 }
 
+/// Waits for both processes' reports, writes the figures under `title`, and checks both streams
+/// (exactly once, in order, intact; every rail up at the end). Returns (serve's, connect's).
+fn finish(serve: Peer, connect: Peer, title: &str) -> (Value, Value) {
+    let s = serve.report(Duration::from_secs(240));
+    let c = connect.report(Duration::from_secs(240));
+    write_result(&format!("two processes, {title}: {}", figures(&c)));
+    write_result(&format!("  {}", figures(&s)));
+    check_stream(&s);
+    check_stream(&c);
+    (s, c)
+}
+
 fn figures(r: &Value) -> String {
     format!(
         "{}: delivered {} lost {} dup {} reordered {} failovers {} unresponsive {} (longest {:.0} ms) end {} close {} (took {:.0} us) send/poll call p50 {} us p99.99 {} us max {} us",
@@ -162,15 +174,11 @@ fn a_peer_paused_for_10x_and_100x_the_heartbeat_timeout_is_waited_for_not_failed
         std::thread::sleep(HEARTBEAT_TIMEOUT * factor);
         serve.signal("-CONT");
     }
-    let s = serve.report(Duration::from_secs(180));
-    let c = connect.report(Duration::from_secs(180));
-    write_result(&format!(
-        "two processes, SIGSTOP 10x (1 s) and 100x (10 s) the heartbeat timeout (100 ms): {}",
-        figures(&c)
-    ));
-    write_result(&format!("  {}", figures(&s)));
-    check_stream(&s);
-    check_stream(&c);
+    let (s, c) = finish(
+        serve,
+        connect,
+        "SIGSTOP 10x (1 s) and 100x (10 s) the heartbeat timeout (100 ms)",
+    );
     assert!(n(&c, "unresponsive") >= 2, "both pauses were seen: {c}");
     assert_eq!(n(&c, "unresponsive"), n(&c, "responsive"), "{c}");
     assert!(
@@ -254,16 +262,11 @@ fn a_cut_wire_fails_over_and_comes_back_as_the_standby() {
     let cut = Cut::new("a");
     std::thread::sleep(Duration::from_millis(2_000));
     drop(cut);
-    let s = serve.report(Duration::from_secs(180));
-    let c = connect.report(Duration::from_secs(180));
-    write_result(&format!(
-        "two processes, wire a cut and restored (re-arm on the control thread): {}",
-        figures(&c)
-    ));
-    write_result(&format!("  {}", figures(&s)));
-    // check_stream includes "every rail up at the end": redundancy restored.
-    check_stream(&s);
-    check_stream(&c);
+    let (s, c) = finish(
+        serve,
+        connect,
+        "wire a cut and restored (re-arm on the control thread)",
+    );
     for r in [&s, &c] {
         assert!(n(r, "failovers") >= 1, "the cut was failed over: {r}");
         assert!(n(r, "rail_ups") >= 1, "the restored wire came back: {r}");
@@ -296,16 +299,11 @@ fn a_connection_starts_with_one_wire_down_and_gains_its_redundancy_when_it_comes
     let (serve, connect) = start(12.0, false);
     std::thread::sleep(Duration::from_millis(2_000));
     drop(cut);
-    let s = serve.report(Duration::from_secs(180));
-    let c = connect.report(Duration::from_secs(180));
-    write_result(&format!(
-        "two processes, started with wire a down, restored after 2 s: {}",
-        figures(&c)
-    ));
-    write_result(&format!("  {}", figures(&s)));
-    // check_stream includes "every rail up at the end".
-    check_stream(&s);
-    check_stream(&c);
+    let (s, c) = finish(
+        serve,
+        connect,
+        "started with wire a down, restored after 2 s",
+    );
     for r in [&s, &c] {
         assert!(n(r, "rail_ups") >= 1, "the missing rail joined later: {r}");
     }
@@ -388,17 +386,14 @@ fn a_receiver_that_stops_for_2_s_during_a_failover_loses_nothing() {
     serve.signal("-CONT");
     std::thread::sleep(Duration::from_millis(1_000));
     drop(cut);
-    let s = serve.report(Duration::from_secs(180));
-    let c = connect.report(Duration::from_secs(180));
-    write_result(&format!(
-        "two processes, receiver stopped 2 s while the active wire was cut: {}",
-        figures(&c)
-    ));
-    write_result(&format!("  {}", figures(&s)));
-    check_stream(&s);
-    check_stream(&c);
+    let (s, c) = finish(
+        serve,
+        connect,
+        "receiver stopped 2 s while the active wire was cut",
+    );
     assert!(n(&c, "failovers") >= 1, "{c}");
     assert_eq!(c["end_reason"], "Closed");
+    assert_eq!(s["end_reason"], "PeerClosed");
 }
 
 #[test]
@@ -412,15 +407,8 @@ fn maximal_and_odd_sized_records_go_through_a_failover_intact() {
         let cut = Cut::new("a");
         std::thread::sleep(Duration::from_millis(2_000));
         drop(cut);
-        let s = serve.report(Duration::from_secs(180));
-        let c = connect.report(Duration::from_secs(180));
-        write_result(&format!(
-            "two processes, {size}-byte records through a cut and restore: {}",
-            figures(&c)
-        ));
-        write_result(&format!("  {}", figures(&s)));
-        check_stream(&s);
-        check_stream(&c);
+        let title = format!("{size}-byte records through a cut and restore");
+        let (_, c) = finish(serve, connect, &title);
         assert!(n(&c, "failovers") >= 1, "{c}");
     }
 }
