@@ -3,10 +3,14 @@
 //! An RDMA transport for trading engines that survives the loss of a NIC, a cable or a switch port
 //! without losing, duplicating or reordering a message.
 //!
-//! * [`core`]: the failover state machine, sans I/O.
+//! * [`core`]: the failover state machine, sans I/O (liveness, failover, close, resume).
+//! * [`rearm`]: re-arming a failed rail with the peer, sans I/O; [`control`] carries it out, on a
+//!   control thread of the connection (real devices) or inline (the simulator).
 //! * [`Connection`]: drives a [`core::Core`] over any fabric ([`railover_rdma::Nic`]);
 //!   [`Connection::split`] gives a lock-free [`Sender`] for another thread and the [`Receiver`].
-//! * [`sim::SimPair`]: two connected endpoints on the deterministic simulated fabric.
+//! * [`sim::SimPair`]: two connected endpoints on the deterministic simulated fabric, with a
+//!   simulated control channel and paused hosts when asked.
+//! * `verbs` (feature `verbs`): `connect` / `accept` (and their resuming forms) on real cards.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
