@@ -845,15 +845,20 @@ impl Core {
         }
     }
 
-    /// Heart-beats every live rail and tells a dead wire from a peer that is not running: a rail
-    /// silent while another hears the peer has failed; every rail silent at once means the peer
-    /// itself is not running (or every wire failed together, which the RC retry budget of the
-    /// heartbeats still posted on each rail reports as error completions). A peer silent past the
-    /// session timeout ends the session.
+    /// Heart-beats every live rail and tells a dead wire from a peer that is not running. A rail
+    /// has failed when it stayed silent for the heartbeat timeout *while another rail heard the
+    /// peer after that silence began*: the peer ran, this wire didn't carry it. When the peer
+    /// itself stops, its rails fall silent within about one heartbeat interval of each other,
+    /// none hears it later than another's silence began, and none is failed: once every rail is
+    /// silent the peer is unresponsive (a wire that really died meanwhile is still caught by the
+    /// RC retry budget of the heartbeats posted on it). A peer silent past the session timeout
+    /// ends the session.
     fn check_liveness(&mut self) {
-        let limit = self.cfg.heartbeat_timeout_ns();
-        let mut silent = [false; MAX_RAILS];
-        let mut hearing = 0;
+        let timeout = self.cfg.heartbeat_timeout_ns();
+        // Per live rail: since when it is silent past its limit (None: not silent).
+        let mut silent_since = [None; MAX_RAILS];
+        let mut all_silent = true;
+        let mut latest_heard: Option<Nanos> = None;
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.state == RailState::Failed {
                 continue;
@@ -864,25 +869,32 @@ impl Core {
             // the first packets of a new connection can take tens of ms (address resolution).
             let proven = rail.peer_heartbeat != 0;
             let limit = if proven {
-                limit
+                timeout
             } else {
-                limit.max(self.cfg.first_contact_grace_ns)
+                timeout.max(self.cfg.first_contact_grace_ns)
             };
-            let quiet = self.now.saturating_sub(rail.peer_seen_at);
-            if quiet > limit {
-                silent[r] = true;
-            } else if proven {
-                hearing += 1;
+            if self.now.saturating_sub(rail.peer_seen_at) > limit {
+                silent_since[r] = Some(rail.peer_seen_at + limit);
+            } else {
+                all_silent = false;
+            }
+            if proven {
+                latest_heard = latest_heard.max(Some(rail.peer_seen_at));
             }
         }
-        if hearing > 0 {
-            for r in (0..self.rails.len()).filter(|&r| silent[r]) {
+        let mut failed_any = false;
+        for (r, since) in silent_since.into_iter().enumerate() {
+            // Heard on another rail after this one's silence became a failure: a dead wire.
+            if since.is_some_and(|since| latest_heard.is_some_and(|heard| heard > since)) {
                 self.fail_rail(r, FailReason::HeartbeatMiss);
+                failed_any = true;
             }
+        }
+        if failed_any || !all_silent || self.ended.is_some() {
             return;
         }
-        if !silent.iter().any(|s| *s) {
-            return;
+        if !silent_since.iter().any(|s| s.is_some()) {
+            return; // no live rail at all (the session ends elsewhere)
         }
         match self.unresponsive_since {
             None => {
