@@ -665,14 +665,6 @@ impl Core {
         self.ended.is_none() && self.lanes.poster_ref(self.active).has_pending()
     }
 
-    /// The error a send gets once the session ended.
-    pub fn send_error(&self) -> Option<SendError> {
-        self.ended.map(|r| match r {
-            EndReason::AllRailsDown => SendError::AllRailsDown,
-            r => SendError::Ended(r),
-        })
-    }
-
     /// Visits every record accepted for sending but not known delivered, in order. After the
     /// session ended these are the records the user must treat as not sent. They may include
     /// records the peer delivered but whose acknowledgement never arrived; a connection that

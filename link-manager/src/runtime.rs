@@ -14,7 +14,9 @@ use railover_segq::{LaneError, LaneReservation, LaneWriter, Reservation};
 use crate::config::Config;
 use crate::config::MAX_RAILS;
 use crate::control::{ControlChannel, ControlThread, InlineControl, ThreadCard};
-use crate::core::{Buf, Core, EndReason, Event, Io, Nanos, RailState, RecvError, SendError, Stats};
+use crate::core::{
+    send_error_of, Buf, Core, EndReason, Event, Io, Nanos, RailState, RecvError, SendError, Stats,
+};
 use crate::memory::{QueueMem, RegionMem};
 use crate::rearm::Role;
 
@@ -92,10 +94,16 @@ struct RailIo<N: Nic> {
     peer_ctrl: RemoteRegion,
 }
 
-/// Everything of a rail that lives on its card. Field order is drop order: the queue pair, the
-/// registrations, then the card itself.
+/// Everything of a rail that lives on its card. Field order is drop order: the queue pair, then
+/// the registrations and the card itself.
 pub(crate) struct CardIo<N: Nic> {
     pub(crate) link: N::Link,
+    regs: CardRegs<N>,
+}
+
+/// A card and its registrations of one rail's memory (a card opened again by the control thread
+/// travels as this, without a queue pair). Field order is drop order: registrations, then card.
+pub(crate) struct CardRegs<N: Nic> {
     ring_tx: N::Mr,
     ring_rx: N::Mr,
     ctrl_out: N::Mr,
@@ -103,16 +111,6 @@ pub(crate) struct CardIo<N: Nic> {
     /// Shared with the control thread (which makes fresh queue pairs on it); the data path holds
     /// the owning reference, the control thread only a weak one, so releasing the card here
     /// releases the device.
-    pub(crate) nic: Arc<N>,
-}
-
-/// A card's registrations of one rail's memory, without a queue pair (a card opened again by
-/// the control thread, on its way to the data path). Field order is drop order.
-pub(crate) struct CardRegs<N: Nic> {
-    ring_tx: N::Mr,
-    ring_rx: N::Mr,
-    ctrl_out: N::Mr,
-    ctrl_in: N::Mr,
     pub(crate) nic: Arc<N>,
 }
 
@@ -163,23 +161,11 @@ impl<N: Nic> CardIo<N> {
     fn open(nic: N, cfg: &Config, core: &Core, rail: usize) -> Result<CardIo<N>, ConnectError> {
         let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(core, rail))?;
         let link = regs.nic.create_link(&cfg.link())?;
-        Ok(CardIo::assemble(link, regs))
+        Ok(CardIo { link, regs })
     }
 
-    pub(crate) fn assemble(link: N::Link, regs: CardRegs<N>) -> CardIo<N> {
-        CardIo {
-            link,
-            ring_tx: regs.ring_tx,
-            ring_rx: regs.ring_rx,
-            ctrl_out: regs.ctrl_out,
-            ctrl_in: regs.ctrl_in,
-            nic: regs.nic,
-        }
-    }
-
-    /// Where the peer writes: (this side's mirror ring, its control slot).
-    pub(crate) fn remotes(&self) -> (RemoteRegion, RemoteRegion) {
-        (self.ring_rx.remote(), self.ctrl_in.remote())
+    pub(crate) fn nic(&self) -> &Arc<N> {
+        &self.regs.nic
     }
 }
 
@@ -281,10 +267,6 @@ impl Drop for Sender {
     }
 }
 
-fn send_error(e: LaneError) -> SendError {
-    crate::core::send_error_of(e)
-}
-
 impl Sender {
     /// Queues `msg`; the receiver's thread posts it. Returns its sequence number. A failover in
     /// progress is waited out (it takes microseconds); a full ring is [`SendError::Backpressure`].
@@ -296,7 +278,7 @@ impl Sender {
                     if r.is_ok() {
                         self.notify();
                     }
-                    return r.map_err(send_error);
+                    return r.map_err(send_error_of);
                 }
             }
         }
@@ -323,7 +305,7 @@ impl Sender {
     /// A zero-copy slot of `len` bytes: fill it and `commit()` it. Keep it short: a failover
     /// waits for it.
     pub fn reserve(&mut self, len: usize) -> Result<LaneReservation<'_>, SendError> {
-        self.writer.reserve(len).map_err(send_error)
+        self.writer.reserve(len).map_err(send_error_of)
     }
 
     /// Whether the receiver is asleep in a blocking receive right now (a send would wake it).
@@ -495,7 +477,12 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         for (i, nic) in cards.into_iter().enumerate() {
             let reopen = nic.reopen_token();
             let card = CardIo::open(nic, &cfg, &core, i)?;
-            hellos.push(rail_hello(&cfg, i, card.link.endpoint(), card.remotes()));
+            hellos.push(rail_hello(
+                &cfg,
+                i,
+                card.link.endpoint(),
+                card.regs.remotes(),
+            ));
             rails.push(RailIo {
                 card: Some(card),
                 reopen,
@@ -649,7 +636,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         // does a connection with no card open at all.
         let mut cards = self.rails.iter().filter_map(|r| r.card.as_ref()).peekable();
         let descriptors = cards.peek().is_some()
-            && cards.all(|c| c.link.wakeup_fd().is_some() && c.nic.event_fd().is_some());
+            && cards.all(|c| c.link.wakeup_fd().is_some() && c.nic().event_fd().is_some());
         if !descriptors {
             self.clock.idle(until);
             return;
@@ -680,7 +667,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let Some(any) = self
             .rails
             .iter()
-            .find_map(|r| r.card.as_ref().and_then(|c| c.nic.event_fd()))
+            .find_map(|r| r.card.as_ref().and_then(|c| c.nic().event_fd()))
         else {
             return;
         };
@@ -692,7 +679,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             _ => None,
         };
         for card in self.rails.iter().filter_map(|r| r.card.as_ref()) {
-            let events = card.nic.event_fd().filter(|_| thread.is_none());
+            let events = card.nic().event_fd().filter(|_| thread.is_none());
             for fd in [card.link.wakeup_fd(), events].into_iter().flatten() {
                 fds[n] = fd;
                 n += 1;
@@ -736,7 +723,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             let Some(card) = rail.card.as_mut() else {
                 continue;
             };
-            while let Some(ev) = events_here.then(|| card.nic.poll_event()).flatten() {
+            while let Some(ev) = events_here.then(|| card.nic().poll_event()).flatten() {
                 fatal[i] |= ev == AsyncEvent::DeviceFatal;
                 self.core.handle_event(i, ev);
                 handled += 1;
@@ -910,8 +897,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                     let posted = match r.card.as_mut() {
                         Some(card) => {
                             let (mr, peer) = match (local, remote) {
-                                (Buf::Ring, Buf::Ring) => (&card.ring_tx, r.peer_ring),
-                                (Buf::Ctrl, Buf::Ctrl) => (&card.ctrl_out, r.peer_ctrl),
+                                (Buf::Ring, Buf::Ring) => (&card.regs.ring_tx, r.peer_ring),
+                                (Buf::Ctrl, Buf::Ctrl) => (&card.regs.ctrl_out, r.peer_ctrl),
                                 _ => {
                                     unreachable!("the core pairs ring with ring and ctrl with ctrl")
                                 }
@@ -988,8 +975,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail)?);
         }
         let card = self.rails[rail].card.as_ref().expect("opened above");
-        let link = card.nic.create_link(&cfg.link())?;
-        let hello = rail_hello(&cfg, rail, link.endpoint(), card.remotes());
+        let link = card.nic().create_link(&cfg.link())?;
+        let hello = rail_hello(&cfg, rail, link.endpoint(), card.regs.remotes());
         Ok((link, hello))
     }
 
@@ -998,7 +985,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// every process let go of it). A later re-arm opens it again.
     fn release_card(&mut self, rail: usize) {
         if let Some(card) = self.rails[rail].card.take() {
-            tracing::warn!(rail, card = card.nic.name(), "device fatal: card released");
+            tracing::warn!(
+                rail,
+                card = card.nic().name(),
+                "device fatal: card released"
+            );
         }
     }
 
@@ -1069,7 +1060,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             return Some(link);
         }
         let r = &mut self.rails[rail];
-        r.card = Some(CardIo::assemble(link, regs));
+        r.card = Some(CardIo { link, regs });
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
         let now = self.clock.now();
@@ -1132,7 +1123,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
 
     /// The card of `rail` (None while released after a device-fatal event).
     pub fn card(&self, rail: usize) -> Option<&N> {
-        self.rails[rail].card.as_ref().map(|c| &*c.nic)
+        self.rails[rail].card.as_ref().map(|c| &**c.nic())
     }
 }
 
@@ -1159,7 +1150,7 @@ where
             .enumerate()
             .map(|(i, r)| {
                 let (nic, remotes) = match &r.card {
-                    Some(c) => (Arc::downgrade(&c.nic), c.remotes()),
+                    Some(c) => (Arc::downgrade(c.nic()), c.regs.remotes()),
                     None => (std::sync::Weak::new(), Default::default()),
                 };
                 ThreadCard::new(

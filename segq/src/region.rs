@@ -157,9 +157,9 @@ impl Region {
             offset % 8 == 0 && offset + 8 <= self.len,
             "region u64 access out of bounds"
         );
-        // SAFETY: in bounds and 8-aligned (the region is page aligned), valid for the region's
-        // lifetime, which bounds the reference; every other access to these bytes from Rust is
-        // through `unsafe fn`s whose callers promise no concurrent use.
+        // The reference lives no longer than the region; every non-atomic access to these bytes
+        // from Rust goes through `unsafe fn`s whose callers promise no concurrent use.
+        // SAFETY: in bounds and 8-aligned (page-aligned region), valid for the borrow's life.
         unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }
     }
 

@@ -62,9 +62,9 @@ impl Shared {
     /// The producer's writes: only into space the poster released and not yet committed.
     pub(crate) fn write(&self, offset: usize, bytes: &[u8]) {
         self.track_write(offset, bytes.len());
-        // SAFETY: the producer (the only caller, one at a time: it is `&mut`-owned) writes only
-        // released, uncommitted space, which the poster and the NIC no longer read (the Acquire
-        // load of `released` orders their last reads before this).
+        // The Acquire load of `released` ordered the poster's and the NIC's last reads of this
+        // space before this write; the producer is `&mut`-owned, so it is the only caller.
+        // SAFETY: released, uncommitted space: nobody else reads or writes it now (see above).
         unsafe { self.region.write(offset, bytes) };
     }
 
