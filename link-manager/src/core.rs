@@ -267,8 +267,11 @@ struct Rail {
     ctrl_in: Arc<Region>,
     state: RailState,
     generation: u16,
-    heartbeat: u64,
+    /// The last heartbeat number the peer sent on this rail (0: none since it (re)connected).
     peer_heartbeat: u64,
+    /// The highest heartbeat number heard on any rail when this one (re)connected: the beats it
+    /// is measured against start there.
+    beat_floor: u64,
     peer_seen_at: Nanos,
     outstanding: u32,
     recv_credits: u32,
@@ -331,6 +334,9 @@ pub struct Core {
     bye_outstanding: u32,
     now: Nanos,
     next_heartbeat: Nanos,
+    /// Heartbeats sent, numbered alike on every rail: the peer compares rails by the numbers
+    /// they carried, not by when they arrived (a rail's queue can deliver old beats late).
+    beat: u64,
     io: VecDeque<Io>,
     events: VecDeque<Event>,
     stats: Stats,
@@ -363,8 +369,8 @@ impl Core {
                     RailState::Standby
                 },
                 generation: 0,
-                heartbeat: 0,
                 peer_heartbeat: 0,
+                beat_floor: 0,
                 peer_seen_at: now,
                 outstanding: 0,
                 recv_credits: 0,
@@ -395,6 +401,7 @@ impl Core {
             bye_outstanding: 0,
             now,
             next_heartbeat: now + cfg.heartbeat_interval_ns,
+            beat: 0,
             io: VecDeque::with_capacity(4 * MAX_RAILS),
             events: VecDeque::with_capacity(64),
             stats: Stats::default(),
@@ -567,8 +574,8 @@ impl Core {
         );
         for (i, r) in self.rails.iter().enumerate() {
             out += &format!(
-                "  rail {i}: {:?} gen={} outstanding={} recv_credits={} tx_next_seq={} tx_acked_seq={} rx_complete={} rx_read={} hb_out={} peer_hb={} peer_seen_at={} last_failure={:?}\n",
-                r.state, r.generation, r.outstanding, r.recv_credits, self.lanes.poster_ref(i).committed_seq() + 1, self.lanes.poster_ref(i).acked_seq(), r.rx.complete_pos(), r.rx.read_pos(), r.heartbeat, r.peer_heartbeat, r.peer_seen_at, r.last_failure
+                "  rail {i}: {:?} gen={} outstanding={} recv_credits={} tx_next_seq={} tx_acked_seq={} rx_complete={} rx_read={} beat_floor={} peer_hb={} peer_seen_at={} last_failure={:?}\n",
+                r.state, r.generation, r.outstanding, r.recv_credits, self.lanes.poster_ref(i).committed_seq() + 1, self.lanes.poster_ref(i).acked_seq(), r.rx.complete_pos(), r.rx.read_pos(), r.beat_floor, r.peer_heartbeat, r.peer_seen_at, r.last_failure
             );
         }
         out
@@ -731,7 +738,7 @@ impl Core {
                 rail.reported_consumed = rail.rx.read_pos();
                 rail.reported_notified = rail.notified;
                 CtrlBlock {
-                    heartbeat: rail.heartbeat,
+                    heartbeat: self.beat,
                     delivered_seq: delivered,
                     consumed_pos: rail.reported_consumed,
                     fault_gens,
@@ -767,7 +774,7 @@ impl Core {
                 continue;
             }
             CtrlBlock {
-                heartbeat: rail.heartbeat + 1,
+                heartbeat: self.beat + 1,
                 delivered_seq: delivered,
                 consumed_pos: rail.rx.read_pos(),
                 fault_gens,
@@ -838,24 +845,28 @@ impl Core {
     }
 
     /// Heart-beats every live rail and tells a dead wire from a peer that is not running. A rail
-    /// has failed when it stayed silent for the heartbeat timeout *while another rail heard the
-    /// peer after that silence began*: the peer ran, this wire didn't carry it. When the peer
-    /// itself stops, its rails fall silent within about one heartbeat interval of each other,
-    /// none hears it later than another's silence began, and none is failed: once every rail is
-    /// silent the peer is unresponsive (a wire that really died meanwhile is still caught by the
-    /// RC retry budget of the heartbeats posted on it). A peer silent past the session timeout
-    /// ends the session.
+    /// has failed when it stayed silent for the heartbeat timeout while another rail carried the
+    /// peer's later heartbeats: at least `heartbeat_misses` more of them (by number), and heard
+    /// after this rail's silence began. The peer ran; this wire didn't carry it. Comparing beat
+    /// numbers, not only arrival times, keeps a rail whose queue delivers old beats late (a
+    /// backlog of data before them) from condemning the other when the peer stops or is
+    /// descheduled. When the peer itself stops, its rails fall silent with the same last beat
+    /// (give or take one), and none is failed: once every rail is silent the peer is
+    /// unresponsive (a wire that really died meanwhile is still caught by the RC retry budget of
+    /// the heartbeats posted on it). A peer silent past the session timeout ends the session.
     fn check_liveness(&mut self) {
         let timeout = self.cfg.heartbeat_timeout_ns();
+        let misses = u64::from(self.cfg.heartbeat_misses());
+        self.beat += 1;
         // Per live rail: since when it is silent past its limit (None: not silent).
         let mut silent_since = [None; MAX_RAILS];
         let mut all_silent = true;
         let mut latest_heard: Option<Nanos> = None;
+        let mut latest_beat = 0;
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.state == RailState::Failed {
                 continue;
             }
-            rail.heartbeat += 1;
             rail.ctrl_due = true;
             // A rail that has not yet heard the peer since it (re)connected gets a longer grace:
             // the first packets of a new connection can take tens of ms (address resolution).
@@ -872,12 +883,16 @@ impl Core {
             }
             if proven {
                 latest_heard = latest_heard.max(Some(rail.peer_seen_at));
+                latest_beat = latest_beat.max(rail.peer_heartbeat);
             }
         }
         let mut failed_any = false;
         for (r, since) in silent_since.into_iter().enumerate() {
-            // Heard on another rail after this one's silence became a failure: a dead wire.
-            if since.is_some_and(|since| latest_heard.is_some_and(|heard| heard > since)) {
+            let Some(since) = since else { continue };
+            let rail = &self.rails[r];
+            let missed = latest_beat >= rail.peer_heartbeat.max(rail.beat_floor) + misses;
+            // Otherwise silent, but the others carried nothing it missed: the peer fell silent.
+            if missed && latest_heard.is_some_and(|heard| heard > since) {
                 self.fail_rail(r, FailReason::HeartbeatMiss);
                 failed_any = true;
             }
@@ -1020,6 +1035,8 @@ impl Core {
         r.state = RailState::Standby;
         r.peer_heartbeat = 0;
         r.peer_seen_at = now;
+        self.rails[rail].beat_floor = self.latest_peer_beat();
+        let r = &mut self.rails[rail];
         r.outstanding = 0;
         r.recv_credits = 0;
         r.ctrl_due = true;
@@ -1070,6 +1087,16 @@ impl Core {
     }
 
     // ---- internals ----
+
+    /// The highest heartbeat number the peer sent that any live rail carried.
+    fn latest_peer_beat(&self) -> u64 {
+        self.rails
+            .iter()
+            .filter(|r| r.state != RailState::Failed)
+            .map(|r| r.peer_heartbeat)
+            .max()
+            .unwrap_or(0)
+    }
 
     fn fault_gens(&self) -> u64 {
         let mut c = CtrlBlock::default();
