@@ -62,12 +62,44 @@ fn read_into(channel: &mut dyn ControlChannel, proto: &mut RearmProtocol, now: N
     }
 }
 
+/// Per rail: the fresh queue pair of the re-arm attempt under way, kept with its attempt number
+/// so a step for another attempt never touches it (see [`RearmIo::Prepare`]).
+struct FreshLinks<L>([Option<(u32, L)>; MAX_RAILS]);
+
+impl<L> FreshLinks<L> {
+    fn new() -> Self {
+        FreshLinks(std::array::from_fn(|_| None))
+    }
+
+    fn put(&mut self, rail: usize, attempt: u32, link: L) {
+        self.0[rail] = Some((attempt, link));
+    }
+
+    fn get_mut(&mut self, rail: usize, attempt: u32) -> Option<&mut L> {
+        match &mut self.0[rail] {
+            Some((a, link)) if *a == attempt => Some(link),
+            _ => None,
+        }
+    }
+
+    fn take(&mut self, rail: usize, attempt: u32) -> Option<L> {
+        match self.0[rail] {
+            Some((a, _)) if a == attempt => self.0[rail].take().map(|(_, link)| link),
+            _ => None,
+        }
+    }
+
+    /// Drops the attempt's queue pair (one made for a later attempt stays).
+    fn abandon(&mut self, rail: usize, attempt: u32) {
+        drop(self.take(rail, attempt));
+    }
+}
+
 /// The re-arm protocol carried out inside `progress`, on the data thread.
 pub struct InlineControl<L> {
     proto: RearmProtocol,
     channel: Box<dyn ControlChannel + Send>,
-    /// Per rail: the fresh queue pair of the exchange under way, with its hello.
-    fresh: [Option<(L, Hello)>; MAX_RAILS],
+    fresh: FreshLinks<L>,
     lost_reported: bool,
 }
 
@@ -77,7 +109,7 @@ impl<L: Link> InlineControl<L> {
             proto: RearmProtocol::new(role, cfg.rails())
                 .with_timeout(cfg.rearm_exchange_timeout_ns()),
             channel,
-            fresh: std::array::from_fn(|_| None),
+            fresh: FreshLinks::new(),
             lost_reported: false,
         }
     }
@@ -109,26 +141,34 @@ impl<L: Link> InlineControl<L> {
                         self.proto.channel_failed();
                     }
                 }
-                RearmIo::Prepare { rail } => match rx.rearm_prepare(rail) {
+                RearmIo::Prepare { rail, attempt } => match rx.rearm_prepare(rail) {
                     Ok((link, ours)) => {
-                        self.fresh[rail] = Some((link, ours));
-                        self.proto.prepared::<String>(rail, Ok(ours), now);
+                        self.fresh.put(rail, attempt, link);
+                        self.proto.prepared::<String>(rail, attempt, Ok(ours), now);
                     }
-                    Err(e) => self.proto.prepared(rail, Err(e), now),
+                    Err(e) => self.proto.prepared(rail, attempt, Err(e), now),
                 },
-                RearmIo::Connect { rail, peer } => {
-                    let result = match self.fresh[rail].as_mut() {
-                        Some((link, _)) => link.connect(&peer.endpoint).map_err(|e| e.to_string()),
+                RearmIo::Connect {
+                    rail,
+                    attempt,
+                    peer,
+                } => {
+                    let result = match self.fresh.get_mut(rail, attempt) {
+                        Some(link) => link.connect(&peer.endpoint).map_err(|e| e.to_string()),
                         None => Err("no fresh queue pair".into()),
                     };
-                    self.proto.connected(rail, result, now);
+                    self.proto.connected(rail, attempt, result, now);
                 }
-                RearmIo::Install { rail, peer } => match self.fresh[rail].take() {
-                    Some((link, _)) => rx.install_rearmed(rail, link, &peer),
+                RearmIo::Install {
+                    rail,
+                    attempt,
+                    peer,
+                } => match self.fresh.take(rail, attempt) {
+                    Some(link) => rx.install_rearmed(rail, link, &peer),
                     None => rx.rearm_failed(rail),
                 },
-                RearmIo::Abandon { rail } => {
-                    self.fresh[rail] = None;
+                RearmIo::Abandon { rail, attempt } => {
+                    self.fresh.abandon(rail, attempt);
                     rx.rearm_failed(rail);
                 }
                 RearmIo::Decline { rail } => rx.rearm_failed(rail),
@@ -378,7 +418,7 @@ fn control_loop<N: Nic>(
     let now = || start.elapsed().as_nanos() as Nanos;
     let mut proto =
         RearmProtocol::new(role, cfg.rails()).with_timeout(cfg.rearm_exchange_timeout_ns());
-    let mut fresh: Vec<Option<N::Link>> = (0..cfg.rails()).map(|_| None).collect();
+    let mut fresh = FreshLinks::new();
     let mut lost_reported = false;
     // Relaxed: a stop flag (see ControlThread::drop).
     while !stop.load(Ordering::Relaxed) {
@@ -442,21 +482,29 @@ fn control_loop<N: Nic>(
                         proto.channel_failed();
                     }
                 }
-                RearmIo::Prepare { rail } => match prepare(&mut cards[rail], &cfg, rail) {
+                RearmIo::Prepare { rail, attempt } => match prepare(&mut cards[rail], &cfg, rail) {
                     Ok((link, ours)) => {
-                        fresh[rail] = Some(link);
-                        proto.prepared::<String>(rail, Ok(ours), now());
+                        fresh.put(rail, attempt, link);
+                        proto.prepared::<String>(rail, attempt, Ok(ours), now());
                     }
-                    Err(e) => proto.prepared(rail, Err(e), now()),
+                    Err(e) => proto.prepared(rail, attempt, Err(e), now()),
                 },
-                RearmIo::Connect { rail, peer } => {
-                    let result = match fresh[rail].as_mut() {
+                RearmIo::Connect {
+                    rail,
+                    attempt,
+                    peer,
+                } => {
+                    let result = match fresh.get_mut(rail, attempt) {
                         Some(link) => link.connect(&peer.endpoint).map_err(|e| e.to_string()),
                         None => Err("no fresh queue pair".to_string()),
                     };
-                    proto.connected(rail, result, now());
+                    proto.connected(rail, attempt, result, now());
                 }
-                RearmIo::Install { rail, peer } => match fresh[rail].take() {
+                RearmIo::Install {
+                    rail,
+                    attempt,
+                    peer,
+                } => match fresh.take(rail, attempt) {
                     Some(link) => {
                         let card = cards[rail].reopened.take();
                         if let Some(regs) = &card {
@@ -471,8 +519,8 @@ fn control_loop<N: Nic>(
                     }
                     None => reporter.report(Outcome::Failed(rail)),
                 },
-                RearmIo::Abandon { rail } => {
-                    fresh[rail] = None;
+                RearmIo::Abandon { rail, attempt } => {
+                    fresh.abandon(rail, attempt);
                     reporter.report(Outcome::Failed(rail));
                 }
                 RearmIo::Decline { rail } => reporter.report(Outcome::Failed(rail)),

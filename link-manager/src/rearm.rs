@@ -58,15 +58,26 @@ pub const EXCHANGE_TIMEOUT_NS: Nanos = 5_000_000_000;
 pub enum RearmIo {
     /// Write this frame to the peer.
     Send([u8; FRAME]),
-    /// Make a fresh queue pair on `rail` (opening its card again if it was released); answer
-    /// with [`RearmProtocol::prepared`].
-    Prepare { rail: usize },
-    /// Connect `rail`'s fresh queue pair to the peer's; answer with [`RearmProtocol::connected`].
-    Connect { rail: usize, peer: Hello },
-    /// Both sides are ready: install `rail`'s fresh queue pair (the rail becomes a standby).
-    Install { rail: usize, peer: Hello },
-    /// The attempt failed: drop `rail`'s fresh queue pair, if any; the core asks again later.
-    Abandon { rail: usize },
+    /// Make a fresh queue pair on `rail` (opening its card again if it was released) for this
+    /// attempt; answer with [`RearmProtocol::prepared`]. The executor keeps it with the attempt:
+    /// the steps below name the attempt they act on, and one made for an attempt given up meanwhile
+    /// must never be connected or installed for the next (its hello went to nobody).
+    Prepare { rail: usize, attempt: u32 },
+    /// Connect the attempt's fresh queue pair to the peer's; answer with
+    /// [`RearmProtocol::connected`].
+    Connect {
+        rail: usize,
+        attempt: u32,
+        peer: Hello,
+    },
+    /// Both sides are ready: install the attempt's fresh queue pair (the rail becomes a standby).
+    Install {
+        rail: usize,
+        attempt: u32,
+        peer: Hello,
+    },
+    /// The attempt failed: drop its fresh queue pair, if any; the core asks again later.
+    Abandon { rail: usize, attempt: u32 },
     /// This side does not start re-arms (acceptor): the core asks again later, meanwhile the
     /// peer starts it.
     Decline { rail: usize },
@@ -161,6 +172,8 @@ pub struct RearmProtocol {
     /// Rails the core asked to re-arm, not yet started (initiator).
     wanted: [bool; MAX_RAILS],
     next_xid: u16,
+    /// Numbers every fresh queue pair asked of the executor: the current exchange's is the last.
+    attempt: u32,
     inbox: [u8; FRAME],
     have: usize,
     closed: bool,
@@ -189,6 +202,7 @@ impl RearmProtocol {
             state: Exchange::Idle,
             wanted: [false; MAX_RAILS],
             next_xid: 1,
+            attempt: 0,
             inbox: [0; FRAME],
             have: 0,
             closed: false,
@@ -277,9 +291,13 @@ impl RearmProtocol {
     pub fn prepared<E: std::fmt::Display>(
         &mut self,
         rail: usize,
+        attempt: u32,
         result: Result<Hello, E>,
         now: Nanos,
     ) {
+        if attempt != self.attempt {
+            return; // made for an attempt given up: the executor drops it
+        }
         match (self.state, result) {
             (Exchange::Preparing { rail: r, xid, .. }, Ok(ours)) if r == rail => {
                 self.send(REQUEST, rail, xid, Some(&ours));
@@ -301,7 +319,11 @@ impl RearmProtocol {
                     self.refuse_and_abandon(rail, xid, now);
                     return;
                 }
-                self.out.push_back(RearmIo::Connect { rail, peer });
+                self.out.push_back(RearmIo::Connect {
+                    rail,
+                    attempt,
+                    peer,
+                });
                 self.state = Exchange::AcceptConnecting {
                     rail,
                     xid,
@@ -326,9 +348,13 @@ impl RearmProtocol {
     pub fn connected<E: std::fmt::Display>(
         &mut self,
         rail: usize,
+        attempt: u32,
         result: Result<(), E>,
         now: Nanos,
     ) {
+        if attempt != self.attempt {
+            return;
+        }
         match (self.state, result) {
             (
                 Exchange::Connecting {
@@ -392,14 +418,21 @@ impl RearmProtocol {
     }
 
     fn install(&mut self, rail: usize, peer: Hello, now: Nanos) {
-        self.out.push_back(RearmIo::Install { rail, peer });
+        self.out.push_back(RearmIo::Install {
+            rail,
+            attempt: self.attempt,
+            peer,
+        });
         self.completed += 1;
         self.state = Exchange::Idle;
         self.start_next(now);
     }
 
     fn abandon(&mut self, rail: usize, now: Nanos) {
-        self.out.push_back(RearmIo::Abandon { rail });
+        self.out.push_back(RearmIo::Abandon {
+            rail,
+            attempt: self.attempt,
+        });
         self.state = Exchange::Idle;
         self.start_next(now);
     }
@@ -412,7 +445,10 @@ impl RearmProtocol {
     fn close(&mut self) {
         self.closed = true;
         if let Some(rail) = self.state.rail() {
-            self.out.push_back(RearmIo::Abandon { rail });
+            self.out.push_back(RearmIo::Abandon {
+                rail,
+                attempt: self.attempt,
+            });
         }
         self.state = Exchange::Idle;
         for rail in 0..self.rails {
@@ -433,7 +469,11 @@ impl RearmProtocol {
         self.wanted[rail] = false;
         let xid = self.next_xid;
         self.next_xid = self.next_xid.wrapping_add(1).max(1);
-        self.out.push_back(RearmIo::Prepare { rail });
+        self.attempt = self.attempt.wrapping_add(1);
+        self.out.push_back(RearmIo::Prepare {
+            rail,
+            attempt: self.attempt,
+        });
         self.state = Exchange::Preparing {
             rail,
             xid,
@@ -492,10 +532,17 @@ impl RearmProtocol {
             (Role::Acceptor, REQUEST) => {
                 // A new request supersedes one in progress: the initiator gave up on it.
                 if let Some(rail) = self.state.rail() {
-                    self.out.push_back(RearmIo::Abandon { rail });
+                    self.out.push_back(RearmIo::Abandon {
+                        rail,
+                        attempt: self.attempt,
+                    });
                 }
                 let peer = f.hello.expect("decoded with a hello");
-                self.out.push_back(RearmIo::Prepare { rail: f.rail });
+                self.attempt = self.attempt.wrapping_add(1);
+                self.out.push_back(RearmIo::Prepare {
+                    rail: f.rail,
+                    attempt: self.attempt,
+                });
                 self.state = Exchange::AcceptPreparing {
                     rail: f.rail,
                     xid: f.xid,
@@ -514,7 +561,11 @@ impl RearmProtocol {
                         self.refuse_and_abandon(rail, xid, now);
                         return;
                     }
-                    self.out.push_back(RearmIo::Connect { rail, peer });
+                    self.out.push_back(RearmIo::Connect {
+                        rail,
+                        attempt: self.attempt,
+                        peer,
+                    });
                     self.state = Exchange::Connecting {
                         rail,
                         xid,
@@ -604,24 +655,36 @@ mod tests {
             RearmProtocol::new(Role::Acceptor, 2),
         );
         i.request(1, 0);
-        assert_eq!(drain(&mut i), vec![RearmIo::Prepare { rail: 1 }]);
-        i.prepared::<String>(1, Ok(hello(1, 10)), 1);
+        assert_eq!(
+            drain(&mut i),
+            vec![RearmIo::Prepare {
+                rail: 1,
+                attempt: 1
+            }]
+        );
+        i.prepared::<String>(1, 1, Ok(hello(1, 10)), 1);
         let req = frames(&drain(&mut i));
         a.on_bytes(&req[0], 2);
-        assert_eq!(drain(&mut a), vec![RearmIo::Prepare { rail: 1 }]);
-        a.prepared::<String>(1, Ok(hello(1, 20)), 3);
-        assert!(
-            matches!(drain(&mut a)[..], [RearmIo::Connect { rail: 1, peer }] if peer.endpoint.qpn == 10)
+        assert_eq!(
+            drain(&mut a),
+            vec![RearmIo::Prepare {
+                rail: 1,
+                attempt: 1
+            }]
         );
-        a.connected::<String>(1, Ok(()), 4);
+        a.prepared::<String>(1, 1, Ok(hello(1, 20)), 3);
+        assert!(
+            matches!(drain(&mut a)[..], [RearmIo::Connect { rail: 1, attempt: 1, peer }] if peer.endpoint.qpn == 10)
+        );
+        a.connected::<String>(1, 1, Ok(()), 4);
         let acc = frames(&drain(&mut a));
         // Split across reads: framing holds.
         i.on_bytes(&acc[0][..7], 5);
         i.on_bytes(&acc[0][7..], 5);
         assert!(
-            matches!(drain(&mut i)[..], [RearmIo::Connect { rail: 1, peer }] if peer.endpoint.qpn == 20)
+            matches!(drain(&mut i)[..], [RearmIo::Connect { rail: 1, attempt: 1, peer }] if peer.endpoint.qpn == 20)
         );
-        i.connected::<String>(1, Ok(()), 6);
+        i.connected::<String>(1, 1, Ok(()), 6);
         let io = drain(&mut i);
         assert!(matches!(
             io[..],
@@ -629,7 +692,7 @@ mod tests {
         ));
         a.on_bytes(&frames(&io)[0], 7);
         assert!(
-            matches!(drain(&mut a)[..], [RearmIo::Install { rail: 1, peer }] if peer.endpoint.qpn == 10)
+            matches!(drain(&mut a)[..], [RearmIo::Install { rail: 1, attempt: 1, peer }] if peer.endpoint.qpn == 10)
         );
         assert_eq!((i.completed(), a.completed()), (1, 1));
         assert!(!i.busy() && !a.busy());
@@ -643,21 +706,27 @@ mod tests {
         );
         i.request(0, 0);
         drain(&mut i);
-        i.prepared::<String>(0, Ok(hello(0, 10)), 0);
+        i.prepared::<String>(0, 1, Ok(hello(0, 10)), 0);
         let req1 = frames(&drain(&mut i));
         // The acceptor is slow; the initiator gives up.
         i.handle_timeout(EXCHANGE_TIMEOUT_NS + 1);
-        assert_eq!(drain(&mut i), vec![RearmIo::Abandon { rail: 0 }]);
+        assert_eq!(
+            drain(&mut i),
+            vec![RearmIo::Abandon {
+                rail: 0,
+                attempt: 1
+            }]
+        );
         a.on_bytes(&req1[0], 1);
         drain(&mut a);
-        a.prepared::<String>(0, Ok(hello(0, 20)), 2);
+        a.prepared::<String>(0, 1, Ok(hello(0, 20)), 2);
         drain(&mut a);
-        a.connected::<String>(0, Ok(()), 3);
+        a.connected::<String>(0, 1, Ok(()), 3);
         let late_accept = frames(&drain(&mut a));
         // The core asks again: a new exchange (new id) starts.
         i.request(0, EXCHANGE_TIMEOUT_NS + 2);
         drain(&mut i);
-        i.prepared::<String>(0, Ok(hello(0, 11)), EXCHANGE_TIMEOUT_NS + 3);
+        i.prepared::<String>(0, 2, Ok(hello(0, 11)), EXCHANGE_TIMEOUT_NS + 3);
         let req2 = frames(&drain(&mut i));
         // The old ACCEPT arrives now: stale, ignored, the channel stays open.
         i.on_bytes(&late_accept[0], EXCHANGE_TIMEOUT_NS + 4);
@@ -667,16 +736,25 @@ mod tests {
         a.on_bytes(&req2[0], EXCHANGE_TIMEOUT_NS + 5);
         assert_eq!(
             drain(&mut a),
-            vec![RearmIo::Abandon { rail: 0 }, RearmIo::Prepare { rail: 0 }]
+            vec![
+                RearmIo::Abandon {
+                    rail: 0,
+                    attempt: 1
+                },
+                RearmIo::Prepare {
+                    rail: 0,
+                    attempt: 2
+                }
+            ]
         );
-        a.prepared::<String>(0, Ok(hello(0, 21)), EXCHANGE_TIMEOUT_NS + 6);
+        a.prepared::<String>(0, 2, Ok(hello(0, 21)), EXCHANGE_TIMEOUT_NS + 6);
         drain(&mut a);
-        a.connected::<String>(0, Ok(()), EXCHANGE_TIMEOUT_NS + 7);
+        a.connected::<String>(0, 2, Ok(()), EXCHANGE_TIMEOUT_NS + 7);
         i.on_bytes(&frames(&drain(&mut a))[0], EXCHANGE_TIMEOUT_NS + 8);
         assert!(
-            matches!(drain(&mut i)[..], [RearmIo::Connect { rail: 0, peer }] if peer.endpoint.qpn == 21)
+            matches!(drain(&mut i)[..], [RearmIo::Connect { rail: 0, attempt: 2, peer }] if peer.endpoint.qpn == 21)
         );
-        i.connected::<String>(0, Ok(()), EXCHANGE_TIMEOUT_NS + 9);
+        i.connected::<String>(0, 2, Ok(()), EXCHANGE_TIMEOUT_NS + 9);
         let io = drain(&mut i);
         a.on_bytes(&frames(&io)[0], EXCHANGE_TIMEOUT_NS + 10);
         assert!(matches!(
@@ -695,7 +773,13 @@ mod tests {
         assert!(i.is_closed());
         assert_eq!(
             drain(&mut i),
-            vec![RearmIo::Abandon { rail: 0 }, RearmIo::Decline { rail: 1 }]
+            vec![
+                RearmIo::Abandon {
+                    rail: 0,
+                    attempt: 1
+                },
+                RearmIo::Decline { rail: 1 }
+            ]
         );
         i.request(0, 2);
         assert_eq!(drain(&mut i), vec![RearmIo::Decline { rail: 0 }]);
@@ -711,17 +795,91 @@ mod tests {
         assert_eq!(drain(&mut a), vec![RearmIo::Decline { rail: 1 }]);
         i.request(1, 0);
         drain(&mut i);
-        i.prepared::<String>(1, Ok(hello(1, 10)), 0);
+        i.prepared::<String>(1, 1, Ok(hello(1, 10)), 0);
         a.on_bytes(&frames(&drain(&mut i))[0], 1);
         drain(&mut a);
-        a.prepared::<&str>(1, Err("card still down"), 2);
+        a.prepared::<&str>(1, 1, Err("card still down"), 2);
         let io = drain(&mut a);
         assert!(matches!(
             io[..],
-            [RearmIo::Send(_), RearmIo::Abandon { rail: 1 }]
+            [
+                RearmIo::Send(_),
+                RearmIo::Abandon {
+                    rail: 1,
+                    attempt: 1
+                }
+            ]
         ));
         i.on_bytes(&frames(&io)[0], 3);
-        assert_eq!(drain(&mut i), vec![RearmIo::Abandon { rail: 1 }]);
+        assert_eq!(
+            drain(&mut i),
+            vec![RearmIo::Abandon {
+                rail: 1,
+                attempt: 1
+            }]
+        );
         assert!(!i.is_closed() && !a.is_closed());
+    }
+
+    /// A request that supersedes one not yet carried out (both read at once, as after the
+    /// acceptor was paused past the initiator's time-out): the queue pair made for the first
+    /// must not be answered with, or connected, for the second. It was, before attempts were
+    /// numbered: the ACCEPT named one queue pair, another was connected and installed, and the
+    /// rail failed with retry-exceeded as soon as it carried a write.
+    #[test]
+    fn a_superseded_request_never_lends_its_queue_pair_to_the_next() {
+        let (mut i, mut a) = (
+            RearmProtocol::new(Role::Initiator, 2),
+            RearmProtocol::new(Role::Acceptor, 2),
+        );
+        i.request(0, 0);
+        drain(&mut i);
+        i.prepared::<String>(0, 1, Ok(hello(0, 10)), 0);
+        let req1 = frames(&drain(&mut i));
+        i.handle_timeout(EXCHANGE_TIMEOUT_NS + 1);
+        drain(&mut i);
+        i.request(0, EXCHANGE_TIMEOUT_NS + 2);
+        drain(&mut i);
+        i.prepared::<String>(0, 2, Ok(hello(0, 11)), EXCHANGE_TIMEOUT_NS + 2);
+        let req2 = frames(&drain(&mut i));
+        let both: Vec<u8> = [req1[0], req2[0]].concat();
+        a.on_bytes(&both, EXCHANGE_TIMEOUT_NS + 3);
+        // Carried out in order, as an executor does: each Prepare makes a new queue pair.
+        let mut qpn = 20;
+        let mut made = Vec::new();
+        let mut answer = None;
+        while let Some(io) = a.poll() {
+            match io {
+                RearmIo::Prepare { rail, attempt } => {
+                    made.push((attempt, qpn));
+                    a.prepared::<String>(rail, attempt, Ok(hello(0, qpn)), EXCHANGE_TIMEOUT_NS + 4);
+                    qpn += 1;
+                }
+                RearmIo::Connect {
+                    rail,
+                    attempt,
+                    peer,
+                } => {
+                    assert_eq!(
+                        peer.endpoint.qpn, 11,
+                        "connected to the live request's queue pair"
+                    );
+                    let ours = made.iter().find(|(a, _)| *a == attempt).unwrap().1;
+                    answer = Some(ours);
+                    a.connected::<String>(rail, attempt, Ok(()), EXCHANGE_TIMEOUT_NS + 5);
+                }
+                RearmIo::Send(frame) => {
+                    let accept = Hello::decode(&frame[4..]).unwrap();
+                    assert_eq!(
+                        Some(accept.endpoint.qpn),
+                        answer,
+                        "the ACCEPT names the queue pair that was connected"
+                    );
+                }
+                RearmIo::Abandon { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(answer, Some(21));
     }
 }
