@@ -69,6 +69,48 @@ pub struct PeerArgs {
     /// connection that resumes its stream exactly once (retrying for up to a minute).
     #[arg(long)]
     resume: bool,
+    /// Marks a steady-state window (the middle third of the stream) for a system-call tracer:
+    /// writes `railover-window-begin` / `railover-window-end` to stderr at its edges and reports
+    /// what the connections did inside it (`window` in the report).
+    #[arg(long)]
+    mark_window: bool,
+}
+
+/// What the connections did inside the marked window.
+#[derive(Default, Clone, Copy)]
+struct WindowCounts {
+    sent: u64,
+    delivered: u64,
+    data_writes: u64,
+    control_writes: u64,
+}
+
+impl WindowCounts {
+    fn now(streams: &[Stream]) -> WindowCounts {
+        let mut w = WindowCounts::default();
+        for st in streams {
+            let stats = st.conn.core().stats();
+            w.sent += st.next_out;
+            w.delivered += st.check.delivered;
+            w.data_writes += stats.data_writes;
+            w.control_writes += stats.control_writes;
+        }
+        w
+    }
+
+    fn since(self, begin: WindowCounts) -> serde_json::Value {
+        json!({
+            "sent": self.sent - begin.sent,
+            "delivered": self.delivered - begin.delivered,
+            "data_writes": self.data_writes - begin.data_writes,
+            "control_writes": self.control_writes - begin.control_writes,
+        })
+    }
+}
+
+/// One marker line on stderr: a single `write(2, ..)` the tracer finds.
+fn mark(what: &str) {
+    let _ = std::io::stderr().write_all(format!("railover-window-{what}\n").as_bytes());
 }
 
 fn config(a: &PeerArgs) -> Config {
@@ -262,7 +304,23 @@ fn stream(
     let hard_limit = stream_for + Duration::from_secs(120);
     let mut close_max = Duration::ZERO;
     let mut resumed = 0u64;
+    let (window_begin, window_end) = (start + stream_for / 3, start + stream_for * 2 / 3);
+    let mut window: (Option<WindowCounts>, Option<serde_json::Value>) = (None, None);
     while streams.iter().any(|s| !s.done) {
+        if a.mark_window && window.1.is_none() {
+            let now = Instant::now();
+            match window.0 {
+                None if now >= window_begin => {
+                    window.0 = Some(WindowCounts::now(&streams));
+                    mark("begin");
+                }
+                Some(begin) if now >= window_end => {
+                    mark("end");
+                    window.1 = Some(WindowCounts::now(&streams).since(begin));
+                }
+                _ => {}
+            }
+        }
         for (i, st) in streams.iter_mut().enumerate().filter(|(_, s)| !s.done) {
             let now = Instant::now();
             if !st.sent_end && now >= st.next_at {
@@ -437,6 +495,7 @@ fn stream(
         "call_max_us": calls.max() as f64 / 1e3,
         "close_max_us": close_max.as_secs_f64() * 1e6,
         "resumed": resumed,
+        "window": window.1,
         "error": if errors.is_empty() { serde_json::Value::Null } else { json!(errors.join("; ")) },
         "timeline": timeline,
     });
