@@ -77,6 +77,7 @@ pub struct PeerArgs {
 }
 
 /// What the connections did inside the marked window.
+#[cfg(feature = "verbs")]
 #[derive(Default, Clone, Copy)]
 struct WindowCounts {
     sent: u64,
@@ -85,6 +86,7 @@ struct WindowCounts {
     control_writes: u64,
 }
 
+#[cfg(feature = "verbs")]
 impl WindowCounts {
     fn now(streams: &[Stream]) -> WindowCounts {
         let mut w = WindowCounts::default();
@@ -109,6 +111,7 @@ impl WindowCounts {
 }
 
 /// One marker line on stderr: a single `write(2, ..)` the tracer finds.
+#[cfg(feature = "verbs")]
 fn mark(what: &str) {
     let _ = std::io::stderr().write_all(format!("railover-window-{what}\n").as_bytes());
 }
