@@ -64,6 +64,12 @@ enum Cmd {
         #[command(flatten)]
         cards: Cards,
     },
+    /// Polls an idle connection (simulated fabric) `count` times: what an empty poll costs, for
+    /// an instruction counter (`bench/instructions.sh`).
+    IdlePoll {
+        #[arg(long, default_value_t = 100_000)]
+        count: usize,
+    },
     /// One-way message rate with coalescing.
     Throughput {
         #[arg(long, value_enum, default_value = "sim")]
@@ -182,6 +188,10 @@ fn need_verbs() -> ! {
 fn main() {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::IdlePoll { count } => {
+            let found = sim_runs::idle_polls(count);
+            println!("{count} empty polls found {found} records");
+        }
         Cmd::Pingpong {
             fabric,
             size,

@@ -239,6 +239,13 @@ pub struct PingPongReport {
     pub cpu_rtt: Summary,
 }
 
+/// Polls host 1 of an idle pair `count` times (nothing sent, the virtual clock stands still, so
+/// no timer falls due either): returns the records found (0).
+pub fn idle_polls(count: usize) -> usize {
+    let mut pair = SimPair::new(config(64), 1, 2_000).expect("sim pair");
+    (0..count).map(|_| pair.a.poll(|_| {}).expect("poll")).sum()
+}
+
 pub fn pingpong(size: usize, iterations: usize, warmup: usize, latency_ns: u64) -> PingPongReport {
     let mut pair = SimPair::new(config(size), 1, latency_ns).expect("sim pair");
     let msg = vec![7u8; size];

@@ -152,6 +152,7 @@ impl Region {
 
     /// The u64 at an 8-aligned `offset`, as an atomic: threads may share it freely (no data race
     /// from safe code), and a NIC writing it behind the compiler's back is seen by the next load.
+    #[inline]
     fn word(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
         assert!(
             offset % 8 == 0 && offset + 8 <= self.len,
@@ -164,6 +165,7 @@ impl Region {
     }
 
     /// Reads a little-endian u64 at an 8-aligned `offset` with one aligned load.
+    #[inline]
     pub fn read_u64(&self, offset: usize) -> u64 {
         // Relaxed: a single word; ordering with other memory is the caller's protocol (control
         // blocks carry a crc and are re-read every heartbeat).
@@ -171,6 +173,7 @@ impl Region {
     }
 
     /// Writes a little-endian u64 at an 8-aligned `offset` with one aligned store.
+    #[inline]
     pub fn write_u64(&self, offset: usize, value: u64) {
         // Relaxed: see read_u64; the NIC reads it after the post (a system call or a doorbell
         // write, both ordered after this store).
