@@ -730,10 +730,16 @@ impl Core {
                 });
             }
         }
+        let due = |rail: &Rail| {
+            rail.state != RailState::Failed && rail.ctrl_due && rail.outstanding < max_wr
+        };
+        if !self.rails.iter().any(due) {
+            return None; // the common empty case: nothing more to compute
+        }
         let fault_gens = self.fault_gens();
         let delivered = self.cursor.last_delivered();
         for (r, rail) in self.rails.iter_mut().enumerate() {
-            if rail.state != RailState::Failed && rail.ctrl_due && rail.outstanding < max_wr {
+            if due(rail) {
                 rail.ctrl_due = false;
                 rail.reported_consumed = rail.rx.read_pos();
                 rail.reported_notified = rail.notified;
@@ -1115,7 +1121,9 @@ impl Core {
                 continue;
             }
             let raw = CtrlBlock::read_raw(&self.rails[r].ctrl_in);
-            if raw == self.rails[r].ctrl_seen {
+            // Word by word, not `==` (which calls memcmp on every progress).
+            let seen = &self.rails[r].ctrl_seen;
+            if raw.iter().zip(seen).fold(0, |diff, (a, b)| diff | (a ^ b)) == 0 {
                 continue; // nothing new (no heartbeat, acknowledgement or report since)
             }
             self.rails[r].ctrl_seen = raw;
