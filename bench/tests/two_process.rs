@@ -25,6 +25,8 @@ struct Peer {
     child: Child,
     out: BufReader<ChildStdout>,
     name: &'static str,
+    /// The port it listens on (serve).
+    port: Option<u16>,
 }
 
 impl Peer {
@@ -52,7 +54,12 @@ impl Peer {
             .spawn()
             .unwrap_or_else(|e| panic!("{name}: spawn {BIN}: {e}"));
         let out = BufReader::new(child.stdout.take().expect("piped"));
-        Peer { child, out, name }
+        Peer {
+            child,
+            out,
+            name,
+            port: None,
+        }
     }
 
     /// The next line the process prints (its progress: `listening <port>`, `connected`).
@@ -130,6 +137,7 @@ fn start_traced(
         .strip_prefix("listening ")
         .unwrap_or_else(|| panic!("serve said {listening:?}"));
     let addr = format!("127.0.0.1:{port}");
+    serve.port = port.parse().ok();
     connect_args.extend(["--addr", &addr]);
     let mut connect = spawn("connect", &connect_args, trace.map(|t| t.1));
     assert_eq!(serve.line(), "connected");
@@ -593,4 +601,52 @@ fn steady_state_makes_no_system_call_but_the_doorbell() {
             calls.doorbells
         );
     }
+}
+
+/// The control stream (TCP) between the two processes is destroyed mid-stream (`ss -K`, as a
+/// reset or a dead path would), then a wire is cut and restored: the dialler redials the
+/// listener's rejoin port, the re-arm protocol starts afresh on the new stream, and the cut
+/// rail comes back over it. Both sides report the loss and the recovery; nothing is lost.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_destroyed_control_stream_is_re_established_and_still_re_arms() {
+    let (serve, connect) = start(10.0, false);
+    let port = serve.port.expect("serve's port");
+    std::thread::sleep(Duration::from_millis(1_000));
+    let killed = Command::new("ss")
+        .args([
+            "-K",
+            "-t",
+            &format!("( sport = :{port} or dport = :{port} )"),
+        ])
+        .output()
+        .expect("ss");
+    assert!(killed.status.success(), "ss -K: {killed:?}");
+    std::thread::sleep(Duration::from_millis(1_000));
+    let cut = Cut::new("a");
+    std::thread::sleep(Duration::from_millis(2_000));
+    drop(cut);
+    let (s, c) = finish(
+        serve,
+        connect,
+        "control stream destroyed (ss -K), then wire a cut and restored",
+    );
+    let said = |r: &Value, what: &str| {
+        r["timeline"]
+            .as_array()
+            .expect("timeline")
+            .iter()
+            .filter(|e| e.as_str().is_some_and(|e| e.contains(what)))
+            .count()
+    };
+    for r in [&s, &c] {
+        assert!(n(r, "failovers") >= 1, "the cut was failed over: {r}");
+        assert!(n(r, "rail_ups") >= 1, "the cut rail came back: {r}");
+        assert!(
+            said(r, "RearmChannelLost") >= 1 && said(r, "RearmChannelRestored") >= 1,
+            "the loss and the recovery of the control stream were reported: {r}"
+        );
+    }
+    assert_eq!(c["end_reason"], "Closed");
+    assert_eq!(s["end_reason"], "PeerClosed");
 }

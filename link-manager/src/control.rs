@@ -25,6 +25,7 @@ use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use crate::config::{Config, MAX_RAILS};
 use crate::core::Nanos;
 use crate::rearm::{RearmIo, RearmProtocol, Role, FRAME};
+use crate::rejoin::TcpControl;
 use crate::runtime::{rail_hello, CardRegs, Clock, Receiver};
 
 /// A byte stream to the peer's control plane. `recv` never blocks: `Ok(0)` means the peer closed
@@ -32,6 +33,15 @@ use crate::runtime::{rail_hello, CardRegs, Clock, Receiver};
 pub trait ControlChannel {
     fn send(&mut self, bytes: &[u8]) -> std::io::Result<()>;
     fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// Ends the stream for both ends (the peer reads end-of-stream), after a frame no honest
+    /// peer sends: the peer then sets up a new one too.
+    fn shutdown(&mut self) {}
+    /// Puts a new stream to the same peer in place of a broken one, if one can be had now
+    /// (without blocking for long): `Ok(true)` when it is. A channel that can't (the default)
+    /// stays lost.
+    fn reconnect(&mut self) -> std::io::Result<bool> {
+        Ok(false)
+    }
 }
 
 impl ControlChannel for TcpStream {
@@ -42,6 +52,9 @@ impl ControlChannel for TcpStream {
     }
     fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.read(buf)
+    }
+    fn shutdown(&mut self) {
+        let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
     }
 }
 
@@ -123,7 +136,7 @@ impl<L: Link> InlineControl<L> {
     pub fn serve<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
         let failed = (0..rx.core().config().rails())
             .any(|r| rx.core().rail_state(r) == crate::core::RailState::Failed);
-        if !(self.proto.busy() || rx.has_rearm_request() || failed) {
+        if !(self.proto.busy() || rx.has_rearm_request() || failed || self.proto.is_closed()) {
             return;
         }
         let now = rx.now();
@@ -176,7 +189,13 @@ impl<L: Link> InlineControl<L> {
         }
         if self.proto.is_closed() && !self.lost_reported {
             self.lost_reported = true;
+            self.channel.shutdown();
             rx.rearm_channel_lost();
+        }
+        if self.proto.is_closed() && matches!(self.channel.reconnect(), Ok(true)) {
+            self.proto.reopen();
+            self.lost_reported = false;
+            rx.rearm_channel_restored();
         }
     }
 }
@@ -201,8 +220,10 @@ pub(crate) enum Outcome<N: Nic> {
     },
     /// The attempt failed; the core asks again later.
     Failed(usize),
-    /// The control channel is gone for good.
+    /// The control channel broke (it is being re-established).
     ChannelLost,
+    /// A new control channel is in place.
+    ChannelRestored,
     /// An asynchronous event of `rail`'s card.
     Event { rail: usize, event: AsyncEvent },
 }
@@ -263,14 +284,14 @@ where
 {
     /// Starts the control thread of a connection whose rails' cards are `cards`.
     pub(crate) fn spawn(
-        stream: TcpStream,
+        channel: TcpControl,
         role: Role,
         cfg: Config,
         cards: Vec<ThreadCard<N>>,
     ) -> std::io::Result<ControlThread<N>> {
         // Non-blocking: the thread waits on it (and the cards' event descriptors) with poll.
-        stream.set_nonblocking(true)?;
-        stream.set_nodelay(true)?;
+        channel.stream().set_nonblocking(true)?;
+        channel.stream().set_nodelay(true)?;
         use rustix::event::{eventfd, EventfdFlags};
         let wake = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
         let (commands, command_rx) = mpsc::channel();
@@ -286,7 +307,7 @@ where
                     flagged: flag,
                     wake: bell,
                 };
-                control_loop::<N>(stream, role, cfg, cards, command_rx, report, halt)
+                control_loop::<N>(channel, role, cfg, cards, command_rx, report, halt)
             })?;
         Ok(ControlThread {
             commands,
@@ -347,6 +368,7 @@ impl<N: Nic> ControlThread<N> {
                 }
                 Outcome::Failed(rail) => rx.rearm_failed(rail),
                 Outcome::ChannelLost => rx.rearm_channel_lost(),
+                Outcome::ChannelRestored => rx.rearm_channel_restored(),
                 Outcome::Event { rail, event } => rx.card_event(rail, event),
             }
         }
@@ -406,7 +428,7 @@ impl<N: Nic> Reporter<N> {
 }
 
 fn control_loop<N: Nic>(
-    mut stream: TcpStream,
+    mut channel: TcpControl,
     role: Role,
     cfg: Config,
     mut cards: Vec<ThreadCard<N>>,
@@ -435,14 +457,16 @@ fn control_loop<N: Nic>(
         let live: [Option<Arc<N>>; MAX_RAILS] =
             std::array::from_fn(|i| cards.get(i).and_then(|c| c.nic.upgrade()));
         {
-            let mut fds: [Option<BorrowedFd<'_>>; MAX_RAILS + 1] = [None; MAX_RAILS + 1];
+            // The stream, the rejoin port (the listener's side watches it always), the cards.
+            let mut fds: [Option<BorrowedFd<'_>>; MAX_RAILS + 2] = [None; MAX_RAILS + 2];
             if !proto.is_closed() {
-                fds[0] = Some(stream.as_fd());
+                fds[0] = Some(channel.stream().as_fd());
             }
-            for (slot, nic) in fds[1..].iter_mut().zip(&live) {
+            fds[1] = channel.rejoin_port().map(|l| l.as_fd());
+            for (slot, nic) in fds[2..].iter_mut().zip(&live) {
                 *slot = nic.as_ref().and_then(|n| n.event_fd());
             }
-            let mut ready = [stream.as_fd(); MAX_RAILS + 1];
+            let mut ready = [channel.stream().as_fd(); MAX_RAILS + 2];
             let mut n = 0;
             for fd in fds.iter().flatten() {
                 ready[n] = *fd;
@@ -471,13 +495,22 @@ fn control_loop<N: Nic>(
         }
         drop(live);
         if !proto.is_closed() {
-            read_into(&mut stream, &mut proto, now());
+            read_into(&mut channel, &mut proto, now());
+        }
+        // A broken stream is replaced (the dialler redials, backing off); the listener also
+        // takes a new one while its own looks fine (its end may be half-open).
+        if (proto.is_closed() || !channel.dials()) && matches!(channel.reconnect(), Ok(true)) {
+            proto.reopen();
+            if std::mem::take(&mut lost_reported) {
+                reporter.report(Outcome::ChannelRestored);
+            }
+            read_into(&mut channel, &mut proto, now());
         }
         proto.handle_timeout(now());
         while let Some(io) = proto.poll() {
             match io {
                 RearmIo::Send(frame) => {
-                    if let Err(e) = ControlChannel::send(&mut stream, &frame) {
+                    if let Err(e) = channel.send(&frame) {
                         tracing::warn!(error = %e, "control channel failed");
                         proto.channel_failed();
                     }
@@ -528,6 +561,7 @@ fn control_loop<N: Nic>(
         }
         if proto.is_closed() && !lost_reported {
             lost_reported = true;
+            channel.shutdown();
             reporter.report(Outcome::ChannelLost);
         }
     }

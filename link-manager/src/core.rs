@@ -148,9 +148,11 @@ pub enum Event {
     PeerUnresponsive { at: Nanos },
     /// The peer answered again after being unresponsive for `silent_ns`.
     PeerResponsive { silent_ns: Nanos, at: Nanos },
-    /// The re-arm channel to the peer is gone: failed rails can't be re-armed, so redundancy
-    /// lost from now on is not restored.
+    /// The re-arm channel to the peer broke: failed rails can't be re-armed until it is back
+    /// ([`Event::RearmChannelRestored`]; the connection re-establishes it by itself where it can).
     RearmChannelLost { at: Nanos },
+    /// A new re-arm channel is in place: failed rails are re-armed again.
+    RearmChannelRestored { at: Nanos },
     /// The session is over (for every reason; [`Event::AllRailsDown`] also comes for that one).
     Ended { reason: EndReason, at: Nanos },
 }
@@ -1079,6 +1081,12 @@ impl Core {
     pub fn rearm_channel_lost(&mut self, now: Nanos) {
         self.now = self.now.max(now);
         self.push_event(Event::RearmChannelLost { at: self.now });
+    }
+
+    /// The driver has a re-arm channel again.
+    pub fn rearm_channel_restored(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
+        self.push_event(Event::RearmChannelRestored { at: self.now });
     }
 
     /// The driver could not re-arm `rail` now; it will be asked again later.

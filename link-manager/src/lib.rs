@@ -19,6 +19,7 @@ pub mod core;
 pub mod ctrl;
 mod memory;
 pub mod rearm;
+pub mod rejoin;
 pub mod runtime;
 pub mod sim;
 #[cfg(feature = "verbs")]

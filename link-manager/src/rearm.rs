@@ -271,6 +271,17 @@ impl RearmProtocol {
         }
     }
 
+    /// A new stream replaced the old one: the protocol starts afresh on it (an exchange half done
+    /// on the old one is abandoned; the core asks for its rail again). Exchange ids and attempt
+    /// numbers carry on, so nothing from before is taken for something new.
+    pub fn reopen(&mut self) {
+        if !self.closed {
+            self.close(); // abandons what was under way
+        }
+        self.closed = false;
+        self.have = 0;
+    }
+
     /// Bytes read from the stream.
     pub fn on_bytes(&mut self, mut bytes: &[u8], now: Nanos) {
         while !bytes.is_empty() && !self.closed {

@@ -859,6 +859,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         self.core.rearm_channel_lost(now);
     }
 
+    pub(crate) fn rearm_channel_restored(&mut self) {
+        let now = self.clock.now();
+        self.core.rearm_channel_restored(now);
+    }
+
     /// Times a split sender woke this receiver from a blocking receive (0 before a split).
     pub fn sender_wakeups(&self) -> u64 {
         self.doorbell
@@ -1135,13 +1140,14 @@ where
     N::Reopen: Send + 'static,
     C: Clock,
 {
-    /// Re-arms failed rails with a peer in another process over `stream` (the TCP stream the
-    /// connection was set up on) on a control thread of this connection's own: queue-pair
+    /// Re-arms failed rails with a peer in another process over `channel` (the TCP stream the
+    /// connection was set up on, and its way back when it breaks: [`crate::rejoin`]) on a
+    /// control thread of this connection's own: queue-pair
     /// creation, card reopening, connecting, destroying old queue pairs and the stream's I/O all
     /// happen there; `progress` only hands over requests and installs ready rails.
     pub fn attach_control_thread(
         &mut self,
-        stream: std::net::TcpStream,
+        channel: crate::rejoin::TcpControl,
         role: Role,
     ) -> std::io::Result<()> {
         let cards = self
@@ -1163,7 +1169,7 @@ where
             .collect();
         let cfg = *self.core.config();
         self.control = Some(Control::Thread(ControlThread::spawn(
-            stream, role, cfg, cards,
+            channel, role, cfg, cards,
         )?));
         Ok(())
     }

@@ -59,12 +59,17 @@ struct ControlState {
     /// Delay of what host 1 (index 0) and host 2 (index 1) send.
     delay: [Nanos; 2],
     broken: bool,
+    /// Streams so far after the first: an end holding an older one reads end-of-stream, as a
+    /// process does on a TCP stream that was replaced.
+    epoch: u64,
 }
 
 /// One host's end of a [`SimControl`].
 struct SimControlEnd {
     host2: bool,
     state: SimControl,
+    /// The stream this end holds.
+    epoch: u64,
 }
 
 impl SimControl {
@@ -74,6 +79,7 @@ impl SimControl {
             queues: [VecDeque::new(), VecDeque::new()],
             delay: [0; 2],
             broken: false,
+            epoch: 0,
         })))
     }
 
@@ -98,6 +104,22 @@ impl SimControl {
         self.state().broken = true;
     }
 
+    /// A new stream can be set up from now on (the peer's address is reachable again): each end
+    /// takes it when it reconnects; bytes in flight on the old one are gone.
+    pub fn restore(&self) {
+        let mut s = self.state();
+        if s.broken {
+            s.broken = false;
+            s.epoch += 1;
+            s.queues.iter_mut().for_each(|q| q.clear());
+        }
+    }
+
+    /// Whether the stream is broken (not yet restored).
+    pub fn is_broken(&self) -> bool {
+        self.state().broken
+    }
+
     fn set_now(&self, now: Nanos) {
         self.state().now = now;
     }
@@ -114,7 +136,7 @@ impl SimControl {
 impl ControlChannel for SimControlEnd {
     fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let mut s = self.state.state();
-        if s.broken {
+        if s.broken || s.epoch != self.epoch {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
         let at = s.now + s.delay[self.host2 as usize];
@@ -127,7 +149,7 @@ impl ControlChannel for SimControlEnd {
 
     fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let mut s = self.state.state();
-        if s.broken {
+        if s.broken || s.epoch != self.epoch {
             return Ok(0);
         }
         let now = s.now;
@@ -144,6 +166,22 @@ impl ControlChannel for SimControlEnd {
             }
             _ => Err(std::io::ErrorKind::WouldBlock.into()),
         }
+    }
+
+    fn shutdown(&mut self) {
+        let mut s = self.state.state();
+        if s.epoch == self.epoch {
+            s.broken = true;
+        }
+    }
+
+    fn reconnect(&mut self) -> std::io::Result<bool> {
+        let s = self.state.state();
+        if s.broken || s.epoch == self.epoch {
+            return Ok(false); // no new stream yet
+        }
+        self.epoch = s.epoch;
+        Ok(true)
     }
 }
 
@@ -244,6 +282,7 @@ impl SimPair {
             let end = SimControlEnd {
                 host2,
                 state: control.clone(),
+                epoch: 0,
             };
             let role = if host2 {
                 Role::Acceptor

@@ -8,6 +8,10 @@
 //! addresses and keys: what lets a peer write into its memory). Greetings are checked on
 //! threads of their own, so a slow, silent or hostile client never delays a good one; a
 //! greeting or hello that comes back reflected is refused (no connection to oneself).
+//!
+//! After the barrier the listener opens the connection's rejoin port and tells the dialler its
+//! number: a control stream that breaks later is re-established through it
+//! ([`crate::rejoin`]), proven by the session id both greetings made.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +24,7 @@ use railover_rdma::verbs::VerbsNic;
 use crate::config::Config;
 use crate::core::ResumeState;
 use crate::rearm::Role;
+use crate::rejoin::{offer_rejoin_port, read_rejoin_port, TcpControl};
 use crate::runtime::{ConnectError, Connection, PendingConnection, RealClock};
 
 pub type VerbsConnection = Connection<VerbsNic, RealClock>;
@@ -54,7 +59,7 @@ fn greeting(cfg: &Config, resume: Option<&ResumeState>) -> Greeting {
 fn handshake(
     cfg: Config,
     devices: &[&str],
-    mut stream: TcpStream,
+    (mut stream, session): (TcpStream, u64),
     deadline: Instant,
     timeout: Duration,
     role: Role,
@@ -97,8 +102,20 @@ fn handshake(
     // Barrier: neither side writes before both sides' queue pairs are ready to receive (a write to
     // a queue pair still in INIT is dropped and would end in a retry-exceeded error).
     handshake::barrier(&mut stream, left()?)?;
-    // The stream stays: failed rails are re-armed over it, on the control thread.
-    conn.attach_control_thread(stream, role)
+    // The stream stays: failed rails are re-armed over it, on the control thread; the rejoin
+    // port brings it back if it breaks.
+    let channel = match role {
+        Role::Acceptor => {
+            let port = offer_rejoin_port(&mut stream, left()?).map_err(ConnectError::Channel)?;
+            TcpControl::listener(stream, session, port)
+        }
+        Role::Initiator => {
+            let port = read_rejoin_port(&mut stream, left()?).map_err(ConnectError::Channel)?;
+            TcpControl::dialler(stream, session, port)
+        }
+    }
+    .map_err(ConnectError::Channel)?;
+    conn.attach_control_thread(channel, role)
         .map_err(ConnectError::Channel)?;
     conn.start();
     Ok(conn)
@@ -136,11 +153,12 @@ fn dial(
 ) -> Result<VerbsConnection, ConnectError> {
     let deadline = Instant::now() + timeout;
     let mut stream = handshake::connect(peer, timeout)?;
-    handshake::greet_as_client(&mut stream, &greeting(&cfg, resume), timeout)?;
+    let ours = greeting(&cfg, resume);
+    let theirs = handshake::greet_as_client(&mut stream, &ours, timeout)?;
     handshake(
         cfg,
         devices,
-        stream,
+        (stream, Greeting::session_id(&ours, &theirs)),
         deadline,
         timeout,
         Role::Initiator,
@@ -180,11 +198,11 @@ fn listen(
     resume: Option<&ResumeState>,
 ) -> Result<VerbsConnection, ConnectError> {
     let deadline = Instant::now() + timeout;
-    let stream = accept_greeted(&cfg, listener, deadline, timeout, resume)?;
+    let greeted = accept_greeted(&cfg, listener, deadline, timeout, resume)?;
     handshake(
         cfg,
         devices,
-        stream,
+        greeted,
         deadline,
         timeout,
         Role::Acceptor,
@@ -192,17 +210,18 @@ fn listen(
     )
 }
 
-/// Accepts clients and greets each on its own thread until one greeting checks out.
+/// Accepts clients and greets each on its own thread until one greeting checks out: its stream
+/// and the session id.
 fn accept_greeted(
     cfg: &Config,
     listener: &TcpListener,
     deadline: Instant,
     timeout: Duration,
     resume: Option<&ResumeState>,
-) -> Result<TcpStream, ConnectError> {
+) -> Result<(TcpStream, u64), ConnectError> {
     listener.set_nonblocking(true)?;
     let ours = greeting(cfg, resume);
-    let (greeted_tx, greeted) = mpsc::channel::<TcpStream>();
+    let (greeted_tx, greeted) = mpsc::channel::<(TcpStream, u64)>();
     let in_flight = Arc::new(AtomicUsize::new(0));
     loop {
         loop {
@@ -221,8 +240,9 @@ fn accept_greeted(
                         .name("railover-greet".into())
                         .spawn(move || {
                             match handshake::greet_as_server(&mut stream, &ours, left) {
-                                Ok(_) => {
-                                    let _ = tx.send(stream); // (refused: another client won)
+                                Ok(theirs) => {
+                                    let session = Greeting::session_id(&theirs, &ours);
+                                    let _ = tx.send((stream, session)); // (refused: another won)
                                 }
                                 Err(e) => tracing::warn!(%from, error = %e, "client refused"),
                             }
@@ -243,7 +263,7 @@ fn accept_greeted(
         }
         // Set-up path only: wait briefly for a greeted client, then look for new ones.
         match greeted.recv_timeout(left.min(Duration::from_millis(2))) {
-            Ok(stream) => return Ok(stream),
+            Ok(greeted) => return Ok(greeted),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("we hold a sender"),
         }

@@ -187,3 +187,60 @@ fn a_connection_starts_with_one_wire_down_and_gains_its_redundancy_when_it_comes
     run(&mut p, &mut t, 10);
     assert!(t.delivered > before);
 }
+
+/// A control channel that breaks comes back: here host 2 reads garbage and hangs up; both hosts
+/// say the channel was lost, no rail is re-armed without one, and once a new stream can be had
+/// both take it, say so, and the rail cut meanwhile is re-armed over it.
+#[test]
+fn a_broken_control_channel_is_re_established_and_re_arms_again() {
+    let cfg = Config::builder()
+        .rails(2)
+        .geometry(16 * 1024, 8, 256)
+        .rearm_after_ns(2_000_000)
+        .build()
+        .unwrap();
+    let mut p = SimPair::with_control_channel(cfg, 23, 5_000).unwrap();
+    let control = p.control().expect("a control channel").clone();
+    let mut t = Traffic {
+        sent: 0,
+        delivered: 0,
+    };
+    run(&mut p, &mut t, 5);
+    control.inject_garbage(true, &[9u8; 200]);
+    p.fabric.carrier_loss(p.wires[0]); // a failed rail makes host 2 read its channel
+    run(&mut p, &mut t, 30);
+    assert!(control.is_broken(), "host 2 hung up on the garbage");
+    p.fabric.carrier_restore(p.wires[0]);
+    run(&mut p, &mut t, 30);
+    assert_eq!(
+        p.a.core().rail_state(0),
+        RailState::Failed,
+        "no re-arm without a channel"
+    );
+    let before = (p.a.rearms_completed(), p.b.rearms_completed());
+    control.restore();
+    let mut waited = 0;
+    while !standby_again(&p, 0) {
+        run(&mut p, &mut t, 1);
+        waited += 1;
+        assert!(
+            waited < 10_000,
+            "rail 0 never came back\n{}",
+            p.a.core().describe()
+        );
+    }
+    assert!(p.a.rearms_completed() > before.0 && p.b.rearms_completed() > before.1);
+    for c in [&mut p.a, &mut p.b] {
+        let said: Vec<&str> = std::iter::from_fn(|| c.poll_event())
+            .filter_map(|e| match e {
+                Event::RearmChannelLost { .. } => Some("lost"),
+                Event::RearmChannelRestored { .. } => Some("restored"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(said, ["lost", "restored"]);
+    }
+    let before = t.delivered;
+    run(&mut p, &mut t, 10);
+    assert!(t.delivered > before, "traffic keeps flowing");
+}

@@ -67,6 +67,11 @@ enum Fault {
         delay: u64,
         duration: u64,
     },
+    /// The control channel breaks; a new one can be had after `duration` (each side reconnects
+    /// and starts the re-arm protocol afresh on it).
+    ControlBreak {
+        duration: u64,
+    },
 }
 
 /// The simulation's re-arm exchange timeout (seeds that re-arm over the control channel).
@@ -93,6 +98,8 @@ struct Outcome {
     timeouts: u64,
     /// Re-arms completed over the control channel (host 1's count; host 2's must match).
     channel_rearms: u64,
+    /// Control channels re-established after a break (both hosts).
+    channel_restores: u64,
 }
 
 fn payload(rng: &mut ChaCha8Rng, seq: usize, max: usize) -> Vec<u8> {
@@ -176,6 +183,9 @@ fn schedule(
                 delay: rng.random_range(1..2 * EXCHANGE_TIMEOUT / MS) * MS,
                 duration: rng.random_range(5..100) * MS,
             },
+            8 if channel => Fault::ControlBreak {
+                duration: rng.random_range(1..60) * MS,
+            },
             6 => {
                 let duration = pause_duration(rng, !all_dead && !session_may_end);
                 session_may_end |= duration > SESSION_TIMEOUT;
@@ -193,7 +203,7 @@ fn schedule(
         let span = match fault {
             Fault::Flap { times, period, .. } => times as u64 * period,
             Fault::Corrupt { .. } | Fault::Spike { .. } => 5 * MS,
-            Fault::Pause { .. } | Fault::ControlDelay { .. } => 0, // they fault no wire
+            Fault::Pause { .. } | Fault::ControlDelay { .. } | Fault::ControlBreak { .. } => 0, // they fault no wire
             _ => restore_after,
         };
         // Generous margin: detection, re-arm timer, heartbeat probation.
@@ -206,7 +216,7 @@ fn schedule(
             }
             // A slow control channel delays re-arms like a pause (plus the exchanges it timed
             // out, retried a re-arm interval later).
-            Fault::ControlDelay { duration, .. } => {
+            Fault::ControlDelay { duration, .. } | Fault::ControlBreak { duration } => {
                 let slow = duration + 2 * EXCHANGE_TIMEOUT + 20 * MS;
                 for b in busy_until.iter_mut().filter(|b| **b > t) {
                     *b += slow;
@@ -321,6 +331,14 @@ fn inject(pair: &mut SimPair, f: Fault, pending: &mut Pending) {
             pending.push((
                 now + duration,
                 Box::new(move |_: &mut SimPair| control.set_delay(from_host2, 0)),
+            ));
+        }
+        Fault::ControlBreak { duration } => {
+            let control = pair.control().expect("scheduled with a channel").clone();
+            control.break_channel();
+            pending.push((
+                now + duration,
+                Box::new(move |_: &mut SimPair| control.restore()),
             ));
         }
     }
@@ -551,16 +569,26 @@ fn run_seed(seed: u64) -> Outcome {
         pair.b.rearms_completed().unwrap_or(0) <= channel_rearms,
         "seed {seed}: the acceptor completed an exchange the initiator did not"
     );
-    let (mut failovers, mut rearms, mut unresponsive) = (0, 0, 0);
-    for c in [&mut pair.a, &mut pair.b] {
+    let (mut failovers, mut rearms, mut unresponsive, mut channel_restores) = (0, 0, 0, 0);
+    let dead = pair.a.core().is_dead();
+    for (c, who) in [(&mut pair.a, "host 1"), (&mut pair.b, "host 2")] {
+        let (mut lost, mut restored) = (0, 0);
         while let Some(e) = c.poll_event() {
             match e {
                 Event::Failover { .. } => failovers += 1,
                 Event::RailUp { .. } => rearms += 1,
                 Event::PeerUnresponsive { .. } => unresponsive += 1,
+                Event::RearmChannelLost { .. } => lost += 1,
+                Event::RearmChannelRestored { .. } => restored += 1,
                 _ => {}
             }
         }
+        // Every control channel that broke came back (and was said to).
+        assert!(
+            restored == lost || (dead && restored + 1 == lost),
+            "seed {seed}: {who}: control channel lost {lost} times, restored {restored}"
+        );
+        channel_restores += restored;
     }
     Outcome {
         failovers,
@@ -571,6 +599,7 @@ fn run_seed(seed: u64) -> Outcome {
         unresponsive,
         timeouts,
         channel_rearms,
+        channel_restores,
     }
 }
 
@@ -596,6 +625,7 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         .unwrap_or(1000);
     let (mut failovers, mut rearms, mut dead, mut delivered) = (0, 0, 0, 0);
     let (mut pauses, mut unresponsive, mut timeouts, mut channel_rearms) = (0, 0, 0, 0);
+    let mut channel_restores = 0;
     for seed in 0..seeds {
         let o = std::panic::catch_unwind(|| run_seed(seed)).unwrap_or_else(|_| {
             panic!("seed {seed} failed; replay: RAILOVER_SEED={seed} cargo test -p railover --test simulation -- --nocapture")
@@ -608,8 +638,9 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         unresponsive += o.unresponsive;
         timeouts += o.timeouts;
         channel_rearms += o.channel_rearms;
+        channel_restores += o.channel_restores;
     }
-    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings, {pauses} peer pauses ({unresponsive} seen as unresponsive, {timeouts} session timeouts), {channel_rearms} re-arms over the control channel");
+    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings, {pauses} peer pauses ({unresponsive} seen as unresponsive, {timeouts} session timeouts), {channel_rearms} re-arms over the control channel, {channel_restores} control channels re-established");
     // The schedules must actually exercise failover and the all-dead path.
     assert!(
         failovers > seeds / 2,
@@ -626,6 +657,10 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
     assert!(
         seeds < 50 || channel_rearms > seeds / 4,
         "too few re-arms over the control channel ({channel_rearms}) for {seeds} seeds"
+    );
+    assert!(
+        seeds < 50 || channel_restores > seeds / 50,
+        "too few control channels re-established ({channel_restores}) for {seeds} seeds"
     );
     assert!(
         seeds < 50 || (unresponsive > 0 && timeouts > 0),
