@@ -650,3 +650,35 @@ fn a_destroyed_control_stream_is_re_established_and_still_re_arms() {
     assert_eq!(c["end_reason"], "Closed");
     assert_eq!(s["end_reason"], "PeerClosed");
 }
+
+/// Host 2's card of rail 0 is missing when the processes start (`rdma link delete`): the
+/// connection starts on rail 1 (both sides told the rail is absent), and when the card is added
+/// back, host 2's control thread opens it again by name, registers the rings on it and re-arms
+/// the rail: redundancy comes back, nothing lost. (This is also the control thread's reopen
+/// path, which a device-fatal event would take: rxe can't raise one.)
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_card_missing_at_start_is_opened_when_it_comes_back_and_its_rail_joins() {
+    struct Removed;
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            fault("restore-card", "a");
+        }
+    }
+    let removed = Removed;
+    fault("remove-card", "a");
+    let (serve, connect) = start(10.0, false);
+    std::thread::sleep(Duration::from_millis(2_000));
+    drop(removed);
+    let (s, c) = finish(
+        serve,
+        connect,
+        "host 2's card of rail 0 missing at start, added back after 2 s",
+    );
+    for r in [&s, &c] {
+        assert!(n(r, "rail_downs") >= 1, "rail 0 started failed: {r}");
+        assert!(n(r, "rail_ups") >= 1, "rail 0 joined: {r}");
+    }
+    assert_eq!(c["end_reason"], "Closed");
+    assert_eq!(s["end_reason"], "PeerClosed");
+}

@@ -497,6 +497,12 @@ fn control_loop<N: Nic>(
         if !proto.is_closed() {
             read_into(&mut channel, &mut proto, now());
         }
+        // Said before it is replaced (a dialler may get a new stream at once).
+        if proto.is_closed() && !lost_reported {
+            lost_reported = true;
+            channel.shutdown();
+            reporter.report(Outcome::ChannelLost);
+        }
         // A broken stream is replaced (the dialler redials, backing off); the listener also
         // takes a new one while its own looks fine (its end may be half-open).
         if (proto.is_closed() || !channel.dials()) && matches!(channel.reconnect(), Ok(true)) {

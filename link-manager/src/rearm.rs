@@ -503,6 +503,12 @@ impl RearmProtocol {
         }
         let hello = if matches!(kind, REQUEST | ACCEPT) {
             match Hello::decode(&self.inbox[4..]) {
+                // A re-arm offers a fresh queue pair: an absent rail is no offer.
+                Ok(h) if h.is_absent() => {
+                    tracing::warn!("absent rail in a re-arm message; closing the channel");
+                    self.close();
+                    return None;
+                }
                 Ok(h) => Some(h),
                 Err(e) => {
                     tracing::warn!(error = %e, "bad hello in a re-arm message; closing the channel");

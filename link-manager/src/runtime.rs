@@ -443,11 +443,41 @@ fn wire_geometry(cfg: &Config) -> WireGeometry {
     }
 }
 
+/// One rail's card at set-up.
+pub enum RailCard<N: Nic> {
+    Open(N),
+    /// It could not be opened (a card missing after a restart): the rail starts failed, the
+    /// peer is told ([`Hello::absent`]), and a re-arm opens it again from this token (its name)
+    /// once it is back.
+    Absent(N::Reopen),
+}
+
 impl<N: Nic, C: Clock> PendingConnection<N, C> {
     /// Allocates and registers every rail's memory on its card and creates the queue pairs.
     /// `cards[i]` is this host's card of rail i (the first is primary).
     pub fn new(cfg: Config, cards: Vec<N>, clock: C) -> Result<Self, ConnectError> {
         let core = Core::new(cfg, clock.now())?;
+        Self::with_core(
+            cfg,
+            cards.into_iter().map(RailCard::Open).collect(),
+            clock,
+            core,
+        )
+    }
+
+    /// Like [`PendingConnection::new`] with rails whose card could not be opened (at least one
+    /// must be open), continuing `resume`'s stream if given (see
+    /// [`PendingConnection::new_resuming`]).
+    pub fn with_cards(
+        cfg: Config,
+        cards: Vec<RailCard<N>>,
+        clock: C,
+        resume: Option<&crate::core::ResumeState>,
+    ) -> Result<Self, ConnectError> {
+        let core = match resume {
+            Some(state) => Core::new_resuming(cfg, clock.now(), state)?,
+            None => Core::new(cfg, clock.now())?,
+        };
         Self::with_core(cfg, cards, clock, core)
     }
 
@@ -462,10 +492,20 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         state: &crate::core::ResumeState,
     ) -> Result<Self, ConnectError> {
         let core = Core::new_resuming(cfg, clock.now(), state)?;
-        Self::with_core(cfg, cards, clock, core)
+        Self::with_core(
+            cfg,
+            cards.into_iter().map(RailCard::Open).collect(),
+            clock,
+            core,
+        )
     }
 
-    fn with_core(cfg: Config, cards: Vec<N>, clock: C, core: Core) -> Result<Self, ConnectError> {
+    fn with_core(
+        cfg: Config,
+        cards: Vec<RailCard<N>>,
+        clock: C,
+        core: Core,
+    ) -> Result<Self, ConnectError> {
         if cards.len() != cfg.rails() {
             return Err(ConnectError::RailCount {
                 want: cfg.rails(),
@@ -474,17 +514,30 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         }
         let mut rails = Vec::with_capacity(cards.len());
         let mut hellos = Vec::with_capacity(cards.len());
-        for (i, nic) in cards.into_iter().enumerate() {
-            let reopen = nic.reopen_token();
-            let card = CardIo::open(nic, &cfg, &core, i)?;
-            hellos.push(rail_hello(
-                &cfg,
-                i,
-                card.link.endpoint(),
-                card.regs.remotes(),
-            ));
+        for (i, card) in cards.into_iter().enumerate() {
+            let (card, reopen) = match card {
+                RailCard::Open(nic) => {
+                    let reopen = nic.reopen_token();
+                    let card = CardIo::open(nic, &cfg, &core, i)?;
+                    hellos.push(rail_hello(
+                        &cfg,
+                        i,
+                        card.link.endpoint(),
+                        card.regs.remotes(),
+                    ));
+                    (Some(card), reopen)
+                }
+                RailCard::Absent(reopen) => {
+                    hellos.push(Hello::absent(
+                        i as u16,
+                        cfg.rails() as u16,
+                        wire_geometry(&cfg),
+                    ));
+                    (None, reopen)
+                }
+            };
             rails.push(RailIo {
-                card: Some(card),
+                card,
                 reopen,
                 peer_ring: RemoteRegion::default(),
                 peer_ctrl: RemoteRegion::default(),
@@ -539,7 +592,15 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             let rail = &mut self.conn.rails[i];
             rail.peer_ring = theirs.ring;
             rail.peer_ctrl = theirs.ctrl;
-            let card = rail.card.as_mut().expect("cards are open until connected");
+            // A card missing on either side: the rail starts failed and joins later.
+            let Some(card) = rail.card.as_mut().filter(|_| !theirs.is_absent()) else {
+                tracing::warn!(
+                    rail = i,
+                    "no card on one side at set-up: the rail starts failed"
+                );
+                unreachable.push((i, FabricError::NotConnected));
+                continue;
+            };
             if let Err(e) = card.link.connect(&theirs.endpoint) {
                 // A wire or port down at start-up: the rail starts failed and joins later.
                 tracing::warn!(rail = i, error = %e, "rail unreachable at set-up");

@@ -12,7 +12,7 @@ use crate::rearm::Role;
 
 use crate::config::Config;
 use crate::core::Nanos;
-use crate::runtime::{Clock, ConnectError, Connection, PendingConnection};
+use crate::runtime::{Clock, ConnectError, Connection, PendingConnection, RailCard};
 
 /// The fabric's virtual clock.
 pub struct SimClock(SimFabric);
@@ -199,7 +199,20 @@ impl SimPair {
         latency_ns: u64,
         before_connect: impl FnOnce(&SimFabric, &[WireId]),
     ) -> Result<SimPair, ConnectError> {
-        SimPair::build(cfg, seed, latency_ns, None, before_connect)
+        SimPair::build(cfg, seed, latency_ns, None, None, before_connect)
+    }
+
+    /// Like [`SimPair::new`] with one card missing when the connection is set up (host 2's if
+    /// `host2`, of rail `rail`): it is removed from the fabric and its rail starts failed;
+    /// [`SimFabric::restore_card`] brings it back (the pair's `cards` hold it).
+    pub fn new_with_card_missing(
+        cfg: Config,
+        seed: u64,
+        latency_ns: u64,
+        host2: bool,
+        rail: usize,
+    ) -> Result<SimPair, ConnectError> {
+        SimPair::build(cfg, seed, latency_ns, None, Some((host2, rail)), |_, _| {})
     }
 
     /// Two new endpoints continuing the streams of a pair whose session ended: host 1 resumes
@@ -211,7 +224,7 @@ impl SimPair {
         a: &ResumeState,
         b: &ResumeState,
     ) -> Result<SimPair, ConnectError> {
-        SimPair::build(cfg, seed, latency_ns, Some((a, b)), |_, _| {})
+        SimPair::build(cfg, seed, latency_ns, Some((a, b)), None, |_, _| {})
     }
 
     fn build(
@@ -219,6 +232,7 @@ impl SimPair {
         seed: u64,
         latency_ns: u64,
         resume: Option<(&ResumeState, &ResumeState)>,
+        missing: Option<(bool, usize)>,
         before_connect: impl FnOnce(&SimFabric, &[WireId]),
     ) -> Result<SimPair, ConnectError> {
         let fabric = SimFabric::new(seed);
@@ -236,15 +250,20 @@ impl SimPair {
         let side = |host2: bool| {
             let cards = cards
                 .iter()
-                .map(|c| if host2 { c.1.clone() } else { c.0.clone() })
+                .enumerate()
+                .map(|(r, c)| {
+                    let card = if host2 { c.1.clone() } else { c.0.clone() };
+                    if missing == Some((host2, r)) {
+                        fabric.remove_card(&card);
+                        RailCard::Absent(card)
+                    } else {
+                        RailCard::Open(card)
+                    }
+                })
                 .collect();
             let clock = SimClock(fabric.clone());
-            match resume {
-                Some((a, b)) => {
-                    PendingConnection::new_resuming(cfg, cards, clock, if host2 { b } else { a })
-                }
-                None => PendingConnection::new(cfg, cards, clock),
-            }
+            let resume = resume.map(|(a, b)| if host2 { b } else { a });
+            PendingConnection::with_cards(cfg, cards, clock, resume)
         };
         let (pa, pb) = (side(false)?, side(true)?);
         before_connect(&fabric, &wires);

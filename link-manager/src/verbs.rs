@@ -25,18 +25,32 @@ use crate::config::Config;
 use crate::core::ResumeState;
 use crate::rearm::Role;
 use crate::rejoin::{offer_rejoin_port, read_rejoin_port, TcpControl};
-use crate::runtime::{ConnectError, Connection, PendingConnection, RealClock};
+use crate::runtime::{ConnectError, Connection, PendingConnection, RailCard, RealClock};
 
 pub type VerbsConnection = Connection<VerbsNic, RealClock>;
 
 /// Greetings being checked at once, at most (more clients than that are turned away at once).
 const MAX_GREETINGS_IN_FLIGHT: usize = 64;
 
-fn open_cards(devices: &[&str]) -> Result<Vec<VerbsNic>, ConnectError> {
-    devices
+/// Opens every rail's card. One that can't be opened (missing after a restart, say) is
+/// absent: its rail starts failed and joins when the card is back. None at all is an error.
+fn open_cards(devices: &[&str]) -> Result<Vec<RailCard<VerbsNic>>, ConnectError> {
+    let mut first_error = None;
+    let cards: Vec<RailCard<VerbsNic>> = devices
         .iter()
-        .map(|d| VerbsNic::open(d).map_err(ConnectError::from))
-        .collect()
+        .map(|d| match VerbsNic::open(d) {
+            Ok(nic) => RailCard::Open(nic),
+            Err(e) => {
+                tracing::warn!(card = d, error = %e, "card can't be opened: its rail starts failed");
+                first_error.get_or_insert(e);
+                RailCard::Absent(d.to_string())
+            }
+        })
+        .collect();
+    match first_error {
+        Some(e) if cards.iter().all(|c| matches!(c, RailCard::Absent(_))) => Err(e.into()),
+        _ => Ok(cards),
+    }
 }
 
 fn greeting(cfg: &Config, resume: Option<&ResumeState>) -> Greeting {
@@ -72,10 +86,7 @@ fn handshake(
             .ok_or(ConnectError::Handshake(HandshakeError::Timeout(timeout)))
     };
     let cards = open_cards(devices)?;
-    let pending = match resume {
-        Some(state) => PendingConnection::new_resuming(cfg, cards, RealClock::default(), state)?,
-        None => PendingConnection::new(cfg, cards, RealClock::default())?,
-    };
+    let pending = PendingConnection::with_cards(cfg, cards, RealClock::default(), resume)?;
     let ours = pending.hellos().to_vec();
     let mut peer: Vec<Hello> = Vec::with_capacity(ours.len());
     match role {

@@ -244,3 +244,68 @@ fn a_broken_control_channel_is_re_established_and_re_arms_again() {
     run(&mut p, &mut t, 10);
     assert!(t.delivered > before, "traffic keeps flowing");
 }
+
+/// A card that can't be opened at set-up (missing after a restart) doesn't fail the connection:
+/// the peer is told the rail is absent, both start it failed and run on the other rail, and once
+/// the card is back the re-arm opens it again by name, registers the rings on it and the rail
+/// joins over the control channel.
+#[test]
+fn a_card_missing_at_start_is_opened_when_it_comes_back_and_its_rail_joins() {
+    let cfg = Config::builder()
+        .rails(2)
+        .geometry(16 * 1024, 8, 256)
+        .rearm_after_ns(2_000_000)
+        .build()
+        .unwrap();
+    let mut p = SimPair::new_with_card_missing(cfg, 24, 5_000, true, 0).unwrap();
+    p.use_control_channel();
+    for c in [&mut p.a, &mut p.b] {
+        let events: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                Event::RailDown {
+                    rail: 0,
+                    reason: railover::FailReason::Unreachable,
+                    ..
+                }
+            )),
+            "{events:?}"
+        );
+        assert_eq!(c.core().active_rail(), 1);
+    }
+    let mut t = Traffic {
+        sent: 0,
+        delivered: 0,
+    };
+    run(&mut p, &mut t, 20);
+    assert!(
+        t.delivered > 0,
+        "traffic flows on the rail that has both cards"
+    );
+    assert_eq!(
+        p.b.core().rail_state(0),
+        RailState::Failed,
+        "no card, no rail"
+    );
+    p.fabric.restore_card(&p.cards[0].1);
+    let mut waited = 0;
+    while !standby_again(&p, 0) {
+        run(&mut p, &mut t, 1);
+        waited += 1;
+        assert!(
+            waited < 10_000,
+            "rail 0 never joined\n{}",
+            p.b.core().describe()
+        );
+    }
+    // The re-armed rail carries the next failover.
+    p.fabric.carrier_loss(p.wires[1]);
+    let before = t.delivered;
+    run(&mut p, &mut t, 30);
+    assert_eq!(p.a.core().active_rail(), 0);
+    assert!(
+        t.delivered > before,
+        "traffic flows on the rail whose card came back"
+    );
+}

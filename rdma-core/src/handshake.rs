@@ -25,6 +25,9 @@ pub struct WireGeometry {
     pub max_record: u32,
 }
 
+/// The hello's flag for a rail whose card this side could not open (see [`Hello::absent`]).
+const FLAG_ABSENT: u16 = 1;
+
 /// One side's description of one rail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Hello {
@@ -112,12 +115,30 @@ fn check_region(what: &'static str, r: RemoteRegion, min_len: u64) -> Result<(),
 }
 
 impl Hello {
+    /// A rail this side has no card for now (it could not be opened at set-up): no queue pair
+    /// and no memory to write into. The peer starts that rail failed; it joins through re-arm
+    /// once the card is back. On the wire: flag 1, every address and number zero.
+    pub fn absent(rail_index: u16, rail_count: u16, geometry: WireGeometry) -> Hello {
+        Hello {
+            rail_index,
+            rail_count,
+            geometry,
+            ..Hello::default()
+        }
+    }
+
+    /// Whether this is an [`Hello::absent`] rail (a real queue pair number is never 0).
+    pub fn is_absent(&self) -> bool {
+        self.endpoint.qpn == 0
+    }
+
     pub fn encode(&self) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
         let mut w = Cursor { buf: &mut b, at: 0 };
         w.put(&MAGIC);
         w.put(&VERSION.to_le_bytes());
-        w.put(&0u16.to_le_bytes());
+        let flags = if self.is_absent() { FLAG_ABSENT } else { 0 };
+        w.put(&flags.to_le_bytes());
         w.put(&self.rail_index.to_le_bytes());
         w.put(&self.rail_count.to_le_bytes());
         w.put(&self.endpoint.qpn.to_le_bytes());
@@ -160,7 +181,13 @@ impl Hello {
             return Err(HandshakeError::Oversized(b.len()));
         }
         let mut r = Reader { buf: b, at: 6 };
-        r.reserved("flags")?;
+        let flags = r.u16();
+        if flags & !FLAG_ABSENT != 0 {
+            return Err(HandshakeError::Reserved {
+                field: "flags",
+                value: flags,
+            });
+        }
         let rail_index = r.u16();
         let rail_count = r.u16();
         let qpn = r.u32();
@@ -188,6 +215,17 @@ impl Hello {
                 remote: 0,
                 remote_count: 0,
             });
+        }
+        if flags == FLAG_ABSENT {
+            // Nothing to write into: every field but the rail and geometry must be zero.
+            let zero = RemoteRegion::default();
+            if (qpn, psn, lid, gid, ring, ctrl) != (0, 0, 0, [0; 16], zero, zero) {
+                return Err(HandshakeError::Reserved {
+                    field: "absent rail",
+                    value: flags,
+                });
+            }
+            return Ok(Hello::absent(rail_index, rail_count, geometry));
         }
         check_region("ring", ring, geometry.capacity())?;
         check_region("ctrl", ctrl, MIN_CTRL_LEN)?;
@@ -726,6 +764,32 @@ mod tests {
     }
 
     #[test]
+    fn an_absent_rail_round_trips_and_carries_nothing_else() {
+        let absent = Hello::absent(1, 2, geometry());
+        assert!(absent.is_absent());
+        let back = Hello::decode(&absent.encode()).unwrap();
+        assert_eq!(back, absent);
+        assert!(!sample().is_absent());
+        // The flag with an address or a queue pair beside it is no honest hello.
+        let mut b = absent.encode();
+        b[12] = 7; // the queue pair number's low byte
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(HandshakeError::Reserved {
+                field: "absent rail",
+                ..
+            })
+        ));
+        // Unknown flags are refused.
+        let mut b = sample().encode();
+        b[6] = 2;
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(HandshakeError::Reserved { field: "flags", .. })
+        ));
+    }
+
+    #[test]
     fn a_reflected_hello_is_a_self_connection() {
         let t = Duration::from_secs(5);
         let (mut c, mut s) = streams();
@@ -819,12 +883,12 @@ mod tests {
             Err(HandshakeError::RailMismatch { .. })
         ));
         let mut b = good;
-        b[6] = 1; // unknown flag
+        b[6] = 4; // unknown flag
         assert!(matches!(
             Hello::decode(&b),
             Err(HandshakeError::Reserved {
                 field: "flags",
-                value: 1
+                value: 4
             })
         ));
         let mut b = good;
