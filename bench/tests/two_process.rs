@@ -107,15 +107,17 @@ fn start(secs: f64, serve_closes: bool) -> (Peer, Peer) {
 }
 
 fn start_with(secs: f64, serve_closes: bool, extra: &[&str]) -> (Peer, Peer) {
-    start_traced(secs, serve_closes, extra, None)
+    start_traced(secs, serve_closes, extra, None, &mut |_| {})
 }
 
-/// [`start_with`], each process under strace when `trace` names the two output files.
+/// [`start_with`], each process under strace when `trace` names the two output files, and
+/// `before_connect` called with serve's address once it listens (before `connect` starts).
 fn start_traced(
     secs: f64,
     serve_closes: bool,
     extra: &[&str],
     trace: Option<(&str, &str)>,
+    before_connect: &mut dyn FnMut(&str),
 ) -> (Peer, Peer) {
     let secs = secs.to_string();
     let mut serve_args = vec!["serve", "-d", HOST2, "--secs", &secs];
@@ -138,6 +140,7 @@ fn start_traced(
         .unwrap_or_else(|| panic!("serve said {listening:?}"));
     let addr = format!("127.0.0.1:{port}");
     serve.port = port.parse().ok();
+    before_connect(&addr);
     connect_args.extend(["--addr", &addr]);
     let mut connect = spawn("connect", &connect_args, trace.map(|t| t.1));
     assert_eq!(serve.line(), "connected");
@@ -558,6 +561,7 @@ fn steady_state_makes_no_system_call_but_the_doorbell() {
         false,
         &["--mark-window", "--interval-us", "500"],
         Some((&serve_trace, &connect_trace)),
+        &mut |_| {},
     );
     let (s, c) = finish(
         serve,
@@ -681,4 +685,84 @@ fn a_card_missing_at_start_is_opened_when_it_comes_back_and_its_rail_joins() {
     }
     assert_eq!(c["end_reason"], "Closed");
     assert_eq!(s["end_reason"], "PeerClosed");
+}
+
+/// A silent black hole (netem loss 100%) and corruption (netem corrupt) on the active wire,
+/// each for 2 s, one process per host: the rail is failed over (missed heartbeats; a crc
+/// mismatch at the receiver) and comes back once the fault is cleared; nothing lost.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_black_hole_and_corruption_fail_over_and_the_rail_comes_back() {
+    for (fault_on, fault_off, title) in [
+        (
+            "blackhole",
+            "blackhole-clear",
+            "silent black hole on wire a for 2 s",
+        ),
+        (
+            "corrupt",
+            "corrupt-clear",
+            "corruption (netem 5%) on wire a for 2 s",
+        ),
+    ] {
+        let (serve, connect) = start(9.0, false);
+        std::thread::sleep(Duration::from_millis(1_000));
+        fault(fault_on, "a");
+        std::thread::sleep(Duration::from_millis(2_000));
+        fault(fault_off, "a");
+        let (s, c) = finish(serve, connect, title);
+        for r in [&s, &c] {
+            assert!(n(r, "failovers") >= 1, "{title}: failed over: {r}");
+            assert!(n(r, "rail_ups") >= 1, "{title}: the rail came back: {r}");
+        }
+        assert_eq!(c["end_reason"], "Closed");
+        assert_eq!(s["end_reason"], "PeerClosed");
+    }
+}
+
+/// Hostile handshakes against the listener of a real set-up: a client that sends garbage, one
+/// that connects and says nothing (held open throughout), one that sends a greeting of another
+/// version. The good client that comes after them connects at once (greetings are checked
+/// concurrently; none was answered with anything) and streams normally.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn hostile_clients_do_not_stop_the_listener_from_serving_a_good_one() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let mut hostile: Vec<TcpStream> = Vec::new();
+    let mut answered = Vec::new();
+    let (serve, connect) = start_traced(4.0, false, &[], None, &mut |addr| {
+        let mut garbage = TcpStream::connect(addr).expect("connect");
+        garbage.write_all(&[0x5a; 96]).expect("write");
+        let silent = TcpStream::connect(addr).expect("connect");
+        let mut wrong = TcpStream::connect(addr).expect("connect");
+        // A well-formed greeting of a version this build doesn't speak.
+        use railover_rdma::handshake::{Greeting, WireGeometry};
+        let geometry = WireGeometry {
+            segment_size: 64 * 1024,
+            segment_count: 16,
+            max_record: 64,
+        };
+        let mut greeting = Greeting::new(2, geometry).encode();
+        greeting[4..6].copy_from_slice(&99u16.to_le_bytes());
+        wrong.write_all(&greeting).expect("write");
+        hostile.extend([garbage, silent, wrong]);
+    });
+    let (s, c) = finish(
+        serve,
+        connect,
+        "a good client after three hostile ones (garbage, silent, wrong version)",
+    );
+    // What the hostile clients got back: nothing (closed, or still waiting).
+    for h in &mut hostile {
+        h.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 256];
+        // Closed (0) or still waiting (WouldBlock): either way nothing came.
+        answered.push(std::io::Read::read(h, &mut b).unwrap_or_default());
+    }
+    assert_eq!(answered, [0, 0, 0], "a hostile client was sent something");
+    for r in [&s, &c] {
+        assert_eq!(n(r, "failovers"), 0, "{r}");
+    }
+    assert_eq!(c["end_reason"], "Closed");
 }
