@@ -108,12 +108,25 @@ impl<L> FreshLinks<L> {
     }
 }
 
+/// A result of the executor for the data path (what a control thread sends through its queue).
+enum Handover<L> {
+    Install { rail: usize, link: L, peer: Hello },
+    Failed(usize),
+    Lost,
+    Restored,
+}
+
 /// The re-arm protocol carried out inside `progress`, on the data thread.
 pub struct InlineControl<L> {
     proto: RearmProtocol,
     channel: Box<dyn ControlChannel + Send>,
     fresh: FreshLinks<L>,
     lost_reported: bool,
+    /// How long results wait before the data path takes them, in order (0: at once). The
+    /// simulator sets it to model a control thread: its results reach the data thread on that
+    /// thread's next `progress`, while frames, faults and the peer carry on meanwhile.
+    handover_lag_ns: Nanos,
+    handovers: std::collections::VecDeque<(Nanos, Handover<L>)>,
 }
 
 impl<L: Link> InlineControl<L> {
@@ -124,11 +137,45 @@ impl<L: Link> InlineControl<L> {
             channel,
             fresh: FreshLinks::new(),
             lost_reported: false,
+            handover_lag_ns: 0,
+            handovers: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Results reach the data path `lag_ns` after they are ready (see [`InlineControl`]).
+    pub fn set_handover_lag(&mut self, lag_ns: Nanos) {
+        self.handover_lag_ns = lag_ns;
     }
 
     pub fn completed(&self) -> u64 {
         self.proto.completed()
+    }
+
+    fn hand_over<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>, h: Handover<L>) {
+        if self.handover_lag_ns == 0 && self.handovers.is_empty() {
+            Self::apply(rx, h);
+        } else {
+            let due = rx.now() + self.handover_lag_ns;
+            self.handovers.push_back((due, h));
+        }
+    }
+
+    fn apply<N: Nic<Link = L>, C: Clock>(rx: &mut Receiver<N, C>, h: Handover<L>) {
+        match h {
+            Handover::Install { rail, link, peer } => rx.install_rearmed(rail, link, &peer),
+            Handover::Failed(rail) => rx.rearm_failed(rail),
+            Handover::Lost => rx.rearm_channel_lost(),
+            Handover::Restored => rx.rearm_channel_restored(),
+        }
+    }
+
+    /// Hands over the results that are due, in order.
+    fn deliver_due<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
+        let now = rx.now();
+        while self.handovers.front().is_some_and(|(due, _)| *due <= now) {
+            let (_, h) = self.handovers.pop_front().expect("peeked");
+            Self::apply(rx, h);
+        }
     }
 
     /// Advances the protocol: the core's requests, the peer's frames, time-outs. The channel is
@@ -136,6 +183,7 @@ impl<L: Link> InlineControl<L> {
     pub fn serve<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
         let failed = (0..rx.core().config().rails())
             .any(|r| rx.core().rail_state(r) == crate::core::RailState::Failed);
+        self.deliver_due(rx);
         if !(self.proto.busy() || rx.has_rearm_request() || failed || self.proto.is_closed()) {
             return;
         }
@@ -176,27 +224,31 @@ impl<L: Link> InlineControl<L> {
                     rail,
                     attempt,
                     peer,
-                } => match self.fresh.take(rail, attempt) {
-                    Some(link) => rx.install_rearmed(rail, link, &peer),
-                    None => rx.rearm_failed(rail),
-                },
+                } => {
+                    let h = match self.fresh.take(rail, attempt) {
+                        Some(link) => Handover::Install { rail, link, peer },
+                        None => Handover::Failed(rail),
+                    };
+                    self.hand_over(rx, h);
+                }
                 RearmIo::Abandon { rail, attempt } => {
                     self.fresh.abandon(rail, attempt);
-                    rx.rearm_failed(rail);
+                    self.hand_over(rx, Handover::Failed(rail));
                 }
-                RearmIo::Decline { rail } => rx.rearm_failed(rail),
+                RearmIo::Decline { rail } => self.hand_over(rx, Handover::Failed(rail)),
             }
         }
         if self.proto.is_closed() && !self.lost_reported {
             self.lost_reported = true;
             self.channel.shutdown();
-            rx.rearm_channel_lost();
+            self.hand_over(rx, Handover::Lost);
         }
         if self.proto.is_closed() && matches!(self.channel.reconnect(), Ok(true)) {
             self.proto.reopen();
             self.lost_reported = false;
-            rx.rearm_channel_restored();
+            self.hand_over(rx, Handover::Restored);
         }
+        self.deliver_due(rx);
     }
 }
 

@@ -902,6 +902,14 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         ))));
     }
 
+    /// With an inline control executor: its results reach the data path `lag_ns` after they
+    /// are ready, as a control thread's do (the simulator uses it to model one).
+    pub fn set_control_handover_lag(&mut self, lag_ns: Nanos) {
+        if let Some(Control::Inline(c)) = &mut self.control {
+            c.set_handover_lag(lag_ns);
+        }
+    }
+
     /// An asynchronous event of `rail`'s card, read by the control thread.
     pub(crate) fn card_event(&mut self, rail: usize, event: AsyncEvent) {
         if self.rails[rail].card.is_none() {

@@ -313,6 +313,13 @@ impl SimPair {
         self.control = Some(control);
     }
 
+    /// Re-arm results reach each host's data path `lag_ns` after its executor has them, as
+    /// with a control thread (frames, faults and the peer carry on meanwhile).
+    pub fn set_handover_lag(&mut self, lag_ns: Nanos) {
+        self.a.set_control_handover_lag(lag_ns);
+        self.b.set_control_handover_lag(lag_ns);
+    }
+
     /// The control channel, when the hosts re-arm over one.
     pub fn control(&self) -> Option<&SimControl> {
         self.control.as_ref()

@@ -432,7 +432,14 @@ fn run_seed(seed: u64) -> Outcome {
     // in-process, which isolates the failover logic from the control plane's).
     let channel = rng.random_bool(0.5);
     let mut pair = if channel {
-        SimPair::with_control_channel(cfg, seed, latency).unwrap()
+        let mut pair = SimPair::with_control_channel(cfg, seed, latency).unwrap();
+        // Half of those hand re-arm results to the data path late, as a control thread does
+        // (its results wait for the data thread's next progress; frames, faults and the peer
+        // carry on meanwhile).
+        if rng.random_bool(0.5) {
+            pair.set_handover_lag(rng.random_range(100..3_000) * 1000);
+        }
+        pair
     } else {
         SimPair::new(cfg, seed, latency).unwrap()
     };
