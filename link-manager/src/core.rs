@@ -339,6 +339,8 @@ pub struct Core {
     /// Heartbeats sent, numbered alike on every rail: the peer compares rails by the numbers
     /// they carried, not by when they arrived (a rail's queue can deliver old beats late).
     beat: u64,
+    /// Whether the last receive found anything announced (else it changed nothing).
+    recv_touched: bool,
     io: VecDeque<Io>,
     events: VecDeque<Event>,
     stats: Stats,
@@ -404,6 +406,7 @@ impl Core {
             now,
             next_heartbeat: now + cfg.heartbeat_interval_ns,
             beat: 0,
+            recv_touched: false,
             io: VecDeque::with_capacity(4 * MAX_RAILS),
             events: VecDeque::with_capacity(64),
             stats: Stats::default(),
@@ -637,6 +640,7 @@ impl Core {
             None => {}
         }
         let mut total = 0;
+        self.recv_touched = false;
         for r in 0..self.rails.len() {
             if self.rails[r].state == RailState::Failed {
                 continue; // late writes on a dead rail are ignored: the sender resends
@@ -644,6 +648,10 @@ impl Core {
             if total >= limit {
                 break;
             }
+            if !self.rails[r].rx.has_arrived() {
+                continue; // nothing announced (the common empty poll): no parsing, no ack due
+            }
+            self.recv_touched = true;
             match self.rails[r]
                 .rx
                 .consume_limit(&mut self.cursor, limit - total, |_, p| deliver(p))
@@ -667,6 +675,13 @@ impl Core {
             }
         }
         Ok(total)
+    }
+
+    /// Whether the last [`Core::poll_recv`] or [`Core::recv`] found anything announced: if not,
+    /// it changed nothing (no acknowledgement due, no rail failed) and there is nothing new to
+    /// post after it.
+    pub fn recv_touched(&self) -> bool {
+        self.recv_touched
     }
 
     /// Whether the application committed records that wait to be posted.

@@ -632,7 +632,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     pub fn poll(&mut self, deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
         self.progress();
         let n = self.core.poll_recv(deliver);
-        self.flush();
+        if self.core.recv_touched() {
+            self.flush(); // acknowledgements it made due, a rail it failed
+        }
         n
     }
 
@@ -641,7 +643,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, RecvError> {
         self.progress();
         let n = self.core.recv(buf);
-        self.flush();
+        if self.core.recv_touched() {
+            self.flush();
+        }
         n
     }
 

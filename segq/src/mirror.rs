@@ -85,13 +85,21 @@ impl MirrorQueue {
     }
 
     /// Position up to which data is known complete.
+    #[inline]
     pub fn complete_pos(&self) -> u64 {
         self.complete_pos
     }
 
     /// Position of the next record to parse.
+    #[inline]
     pub fn read_pos(&self) -> u64 {
         self.read_pos
+    }
+
+    /// Whether bytes a completion announced wait to be parsed (cheap: two loads).
+    #[inline]
+    pub fn has_arrived(&self) -> bool {
+        self.read_pos < self.complete_pos
     }
 
     /// Applies a write-with-immediate notification: `imm` is the low 32 bits of the position the

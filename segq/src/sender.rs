@@ -329,6 +329,7 @@ impl Poster {
 
     /// Sequence number of the last record committed (0: none). Never below that of any record
     /// this poster has seen (pending, posted, acknowledged).
+    #[inline]
     pub fn committed_seq(&self) -> u64 {
         self.shared.committed_seq.load(Ordering::Relaxed)
     }
@@ -344,6 +345,7 @@ impl Poster {
     }
 
     /// Whether committed records wait to be posted.
+    #[inline]
     pub fn has_pending(&self) -> bool {
         self.shared.load_committed() != self.posted_pos
     }

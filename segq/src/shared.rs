@@ -77,6 +77,7 @@ impl Shared {
         b
     }
 
+    #[inline]
     pub(crate) fn load_committed(&self) -> u64 {
         // Pairs with the Release store in `Producer::publish`: the record bytes are visible.
         self.committed.load(Ordering::Acquire)
