@@ -167,6 +167,16 @@ fn check_stream(r: &Value) {
     );
 }
 
+/// Both sides failed over (`what`) and got the rail back; "connect" closed, "serve" heard it.
+fn failed_over_and_back(s: &Value, c: &Value, what: &str) {
+    for r in [s, c] {
+        assert!(n(r, "failovers") >= 1, "{what}: failed over: {r}");
+        assert!(n(r, "rail_ups") >= 1, "{what}: the rail came back: {r}");
+    }
+    assert_eq!(c["end_reason"], "Closed");
+    assert_eq!(s["end_reason"], "PeerClosed");
+}
+
 fn write_result(line: &str) {
     use std::io::Write;
     eprintln!("{line}");
@@ -300,20 +310,19 @@ fn a_cut_wire_fails_over_and_comes_back_as_the_standby() {
     let (serve, connect) = start(15.0, false);
     // Wire a carries rail 0, the active rail at start.
     std::thread::sleep(Duration::from_millis(1_000));
-    let cut = Cut::new("a");
-    std::thread::sleep(Duration::from_millis(2_000));
-    drop(cut);
+    cut_for("a", Duration::from_millis(2_000));
     let (s, c) = finish(
         serve,
         connect,
         "wire a cut and restored (re-arm on the control thread)",
     );
-    for r in [&s, &c] {
-        assert!(n(r, "failovers") >= 1, "the cut was failed over: {r}");
-        assert!(n(r, "rail_ups") >= 1, "the restored wire came back: {r}");
-    }
-    assert_eq!(c["end_reason"], "Closed");
-    assert_eq!(s["end_reason"], "PeerClosed");
+    failed_over_and_back(&s, &c, "wire a cut");
+}
+
+/// Cuts `wire` for `how_long` (carrier loss), then restores it.
+fn cut_for(wire: &'static str, how_long: Duration) {
+    let _cut = Cut::new(wire);
+    std::thread::sleep(how_long);
 }
 
 /// A wire cut for as long as it lives (restored however the test ends, so the next test finds
@@ -391,9 +400,7 @@ fn sixteen_connections_fail_over_and_come_back_together_without_leaking() {
         ],
     );
     std::thread::sleep(Duration::from_millis(2_000));
-    let cut = Cut::new("a");
-    std::thread::sleep(Duration::from_millis(3_000));
-    drop(cut);
+    cut_for("a", Duration::from_millis(3_000));
     let s = serve.report(Duration::from_secs(300));
     let c = connect.report(Duration::from_secs(300));
     let after = rdma_resources();
@@ -446,9 +453,7 @@ fn maximal_and_odd_sized_records_go_through_a_failover_intact() {
     for (size, interval_us) in [("65519", "5000"), ("1999", "1000")] {
         let (serve, connect) = start_with(8.0, false, &["-s", size, "--interval-us", interval_us]);
         std::thread::sleep(Duration::from_millis(1_000));
-        let cut = Cut::new("a");
-        std::thread::sleep(Duration::from_millis(2_000));
-        drop(cut);
+        cut_for("a", Duration::from_millis(2_000));
         let title = format!("{size}-byte records through a cut and restore");
         let (_, c) = finish(serve, connect, &title);
         assert!(n(&c, "failovers") >= 1, "{c}");
@@ -627,9 +632,7 @@ fn a_destroyed_control_stream_is_re_established_and_still_re_arms() {
         .expect("ss");
     assert!(killed.status.success(), "ss -K: {killed:?}");
     std::thread::sleep(Duration::from_millis(1_000));
-    let cut = Cut::new("a");
-    std::thread::sleep(Duration::from_millis(2_000));
-    drop(cut);
+    cut_for("a", Duration::from_millis(2_000));
     let (s, c) = finish(
         serve,
         connect,
@@ -643,16 +646,13 @@ fn a_destroyed_control_stream_is_re_established_and_still_re_arms() {
             .filter(|e| e.as_str().is_some_and(|e| e.contains(what)))
             .count()
     };
+    failed_over_and_back(&s, &c, "wire a cut after the control stream was destroyed");
     for r in [&s, &c] {
-        assert!(n(r, "failovers") >= 1, "the cut was failed over: {r}");
-        assert!(n(r, "rail_ups") >= 1, "the cut rail came back: {r}");
         assert!(
             said(r, "RearmChannelLost") >= 1 && said(r, "RearmChannelRestored") >= 1,
             "the loss and the recovery of the control stream were reported: {r}"
         );
     }
-    assert_eq!(c["end_reason"], "Closed");
-    assert_eq!(s["end_reason"], "PeerClosed");
 }
 
 /// Host 2's card of rail 0 is missing when the processes start (`rdma link delete`): the
@@ -679,12 +679,7 @@ fn a_card_missing_at_start_is_opened_when_it_comes_back_and_its_rail_joins() {
         connect,
         "host 2's card of rail 0 missing at start, added back after 2 s",
     );
-    for r in [&s, &c] {
-        assert!(n(r, "rail_downs") >= 1, "rail 0 started failed: {r}");
-        assert!(n(r, "rail_ups") >= 1, "rail 0 joined: {r}");
-    }
-    assert_eq!(c["end_reason"], "Closed");
-    assert_eq!(s["end_reason"], "PeerClosed");
+    failed_over_and_back(&s, &c, "rail 0 without its card at start");
 }
 
 /// A silent black hole (netem loss 100%) and corruption (netem corrupt) on the active wire,
@@ -711,12 +706,7 @@ fn a_black_hole_and_corruption_fail_over_and_the_rail_comes_back() {
         std::thread::sleep(Duration::from_millis(2_000));
         fault(fault_off, "a");
         let (s, c) = finish(serve, connect, title);
-        for r in [&s, &c] {
-            assert!(n(r, "failovers") >= 1, "{title}: failed over: {r}");
-            assert!(n(r, "rail_ups") >= 1, "{title}: the rail came back: {r}");
-        }
-        assert_eq!(c["end_reason"], "Closed");
-        assert_eq!(s["end_reason"], "PeerClosed");
+        failed_over_and_back(&s, &c, title);
     }
 }
 

@@ -656,6 +656,22 @@ mod tests {
         std::iter::from_fn(|| p.poll()).collect()
     }
 
+    /// An initiator and an acceptor of two rails.
+    fn pair() -> (RearmProtocol, RearmProtocol) {
+        (
+            RearmProtocol::new(Role::Initiator, 2),
+            RearmProtocol::new(Role::Acceptor, 2),
+        )
+    }
+
+    /// The initiator's first exchange, for rail 0 (its queue pair 10): the REQUEST frame.
+    fn first_request(i: &mut RearmProtocol) -> [u8; FRAME] {
+        i.request(0, 0);
+        drain(i);
+        i.prepared::<String>(0, 1, Ok(hello(0, 10)), 0);
+        frames(&drain(i))[0]
+    }
+
     fn frames(io: &[RearmIo]) -> Vec<[u8; FRAME]> {
         io.iter()
             .filter_map(|i| match i {
@@ -667,10 +683,7 @@ mod tests {
 
     #[test]
     fn one_exchange_installs_on_both_sides() {
-        let (mut i, mut a) = (
-            RearmProtocol::new(Role::Initiator, 2),
-            RearmProtocol::new(Role::Acceptor, 2),
-        );
+        let (mut i, mut a) = pair();
         i.request(1, 0);
         assert_eq!(
             drain(&mut i),
@@ -717,14 +730,8 @@ mod tests {
 
     #[test]
     fn a_late_answer_to_a_timed_out_exchange_is_ignored_and_the_retry_completes() {
-        let (mut i, mut a) = (
-            RearmProtocol::new(Role::Initiator, 2),
-            RearmProtocol::new(Role::Acceptor, 2),
-        );
-        i.request(0, 0);
-        drain(&mut i);
-        i.prepared::<String>(0, 1, Ok(hello(0, 10)), 0);
-        let req1 = frames(&drain(&mut i));
+        let (mut i, mut a) = pair();
+        let req1 = first_request(&mut i);
         // The acceptor is slow; the initiator gives up.
         i.handle_timeout(EXCHANGE_TIMEOUT_NS + 1);
         assert_eq!(
@@ -734,7 +741,7 @@ mod tests {
                 attempt: 1
             }]
         );
-        a.on_bytes(&req1[0], 1);
+        a.on_bytes(&req1, 1);
         drain(&mut a);
         a.prepared::<String>(0, 1, Ok(hello(0, 20)), 2);
         drain(&mut a);
@@ -804,10 +811,7 @@ mod tests {
 
     #[test]
     fn the_acceptor_never_starts_and_refuses_what_it_cannot_prepare() {
-        let (mut i, mut a) = (
-            RearmProtocol::new(Role::Initiator, 2),
-            RearmProtocol::new(Role::Acceptor, 2),
-        );
+        let (mut i, mut a) = pair();
         a.request(1, 0);
         assert_eq!(drain(&mut a), vec![RearmIo::Decline { rail: 1 }]);
         i.request(1, 0);
@@ -845,21 +849,15 @@ mod tests {
     /// rail failed with retry-exceeded as soon as it carried a write.
     #[test]
     fn a_superseded_request_never_lends_its_queue_pair_to_the_next() {
-        let (mut i, mut a) = (
-            RearmProtocol::new(Role::Initiator, 2),
-            RearmProtocol::new(Role::Acceptor, 2),
-        );
-        i.request(0, 0);
-        drain(&mut i);
-        i.prepared::<String>(0, 1, Ok(hello(0, 10)), 0);
-        let req1 = frames(&drain(&mut i));
+        let (mut i, mut a) = pair();
+        let req1 = first_request(&mut i);
         i.handle_timeout(EXCHANGE_TIMEOUT_NS + 1);
         drain(&mut i);
         i.request(0, EXCHANGE_TIMEOUT_NS + 2);
         drain(&mut i);
         i.prepared::<String>(0, 2, Ok(hello(0, 11)), EXCHANGE_TIMEOUT_NS + 2);
         let req2 = frames(&drain(&mut i));
-        let both: Vec<u8> = [req1[0], req2[0]].concat();
+        let both: Vec<u8> = [req1, req2[0]].concat();
         a.on_bytes(&both, EXCHANGE_TIMEOUT_NS + 3);
         // Carried out in order, as an executor does: each Prepare makes a new queue pair.
         let mut qpn = 20;

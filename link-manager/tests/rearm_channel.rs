@@ -10,12 +10,7 @@ use railover::sim::SimPair;
 use railover::{Config, Event, RailState};
 
 fn pair_with_channels() -> (SimPair, TcpStream) {
-    let cfg = Config::builder()
-        .rails(2)
-        .geometry(16 * 1024, 8, 256)
-        .rearm_after_ns(2_000_000)
-        .build()
-        .unwrap();
+    let cfg = config();
     let mut p = SimPair::new(cfg, 21, 5_000).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let initiator = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -60,6 +55,56 @@ fn standby_again(p: &SimPair, rail: usize) -> bool {
         && p.b.core().rail_state(rail) == RailState::Standby
 }
 
+fn config() -> Config {
+    Config::builder()
+        .rails(2)
+        .geometry(16 * 1024, 8, 256)
+        .rearm_after_ns(2_000_000)
+        .build()
+        .unwrap()
+}
+
+/// Runs traffic for `ms` and checks some of it was delivered.
+fn flows(p: &mut SimPair, t: &mut Traffic, ms: u64, what: &str) {
+    let before = t.delivered;
+    run(p, t, ms);
+    assert!(t.delivered > before, "{what}");
+}
+
+/// Both hosts started without rail 0 (told, with the reason) and run on rail 1.
+fn started_without_rail_0(p: &mut SimPair) {
+    for c in [&mut p.a, &mut p.b] {
+        let events: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                Event::RailDown {
+                    rail: 0,
+                    reason: railover::FailReason::Unreachable,
+                    ..
+                }
+            )),
+            "{events:?}"
+        );
+        assert_eq!(c.core().active_rail(), 1);
+    }
+}
+
+/// Runs traffic until `rail` is a standby on both hosts again.
+fn until_standby_again(p: &mut SimPair, t: &mut Traffic, rail: usize) {
+    let mut waited = 0;
+    while !standby_again(p, rail) {
+        run(p, t, 1);
+        waited += 1;
+        assert!(
+            waited < 10_000,
+            "rail {rail} never came back\nhost 1: {}host 2: {}",
+            p.a.core().describe(),
+            p.b.core().describe()
+        );
+    }
+}
+
 #[test]
 fn a_failed_rail_is_rearmed_over_tcp_and_carries_the_next_failover() {
     let (mut p, _spare) = pair_with_channels();
@@ -97,9 +142,7 @@ fn a_failed_rail_is_rearmed_over_tcp_and_carries_the_next_failover() {
         "failed over to the re-armed rail"
     );
     assert!(!p.a.core().is_dead());
-    let before = t.delivered;
-    run(&mut p, &mut t, 10);
-    assert!(t.delivered > before, "traffic flows on the re-armed rail");
+    flows(&mut p, &mut t, 10, "traffic flows on the re-armed rail");
     assert_eq!(p.a.stats().failovers, 2);
 }
 
@@ -129,9 +172,7 @@ fn a_hostile_rearm_message_closes_the_channel_without_harm() {
         "{events:?}"
     );
     assert_eq!(p.a.core().rail_state(0), RailState::Failed);
-    let before = t.delivered;
-    run(&mut p, &mut t, 5);
-    assert!(t.delivered > before, "traffic keeps flowing on rail 1");
+    flows(&mut p, &mut t, 5, "traffic keeps flowing on rail 1");
 }
 
 /// A wire down at start-up (its queue pairs can't be connected) doesn't fail the connection: it
@@ -139,32 +180,13 @@ fn a_hostile_rearm_message_closes_the_channel_without_harm() {
 /// is back.
 #[test]
 fn a_connection_starts_with_one_wire_down_and_gains_its_redundancy_when_it_comes_back() {
-    let cfg = Config::builder()
-        .rails(2)
-        .geometry(16 * 1024, 8, 256)
-        .rearm_after_ns(2_000_000)
-        .build()
-        .unwrap();
+    let cfg = config();
     let mut p = SimPair::new_with(cfg, 22, 5_000, |fabric, wires| {
         fabric.carrier_loss(wires[0]);
     })
     .unwrap();
     p.use_control_channel();
-    for c in [&mut p.a, &mut p.b] {
-        let events: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
-        assert!(
-            events.iter().any(|e| matches!(
-                e,
-                Event::RailDown {
-                    rail: 0,
-                    reason: railover::FailReason::Unreachable,
-                    ..
-                }
-            )),
-            "{events:?}"
-        );
-        assert_eq!(c.core().active_rail(), 1);
-    }
+    started_without_rail_0(&mut p);
     let mut t = Traffic {
         sent: 0,
         delivered: 0,
@@ -172,20 +194,9 @@ fn a_connection_starts_with_one_wire_down_and_gains_its_redundancy_when_it_comes
     run(&mut p, &mut t, 20);
     assert!(t.delivered > 0, "traffic flows on the rail that came up");
     p.fabric.carrier_restore(p.wires[0]);
-    let mut waited = 0;
-    while !standby_again(&p, 0) {
-        run(&mut p, &mut t, 1);
-        waited += 1;
-        assert!(
-            waited < 10_000,
-            "rail 0 never joined\n{}",
-            p.a.core().describe()
-        );
-    }
+    until_standby_again(&mut p, &mut t, 0);
     assert!(p.a.rearms_completed().unwrap() >= 1);
-    let before = t.delivered;
-    run(&mut p, &mut t, 10);
-    assert!(t.delivered > before);
+    flows(&mut p, &mut t, 10, "traffic flows");
 }
 
 /// A control channel that breaks comes back: here host 2 reads garbage and hangs up; both hosts
@@ -193,12 +204,7 @@ fn a_connection_starts_with_one_wire_down_and_gains_its_redundancy_when_it_comes
 /// both take it, say so, and the rail cut meanwhile is re-armed over it.
 #[test]
 fn a_broken_control_channel_is_re_established_and_re_arms_again() {
-    let cfg = Config::builder()
-        .rails(2)
-        .geometry(16 * 1024, 8, 256)
-        .rearm_after_ns(2_000_000)
-        .build()
-        .unwrap();
+    let cfg = config();
     let mut p = SimPair::with_control_channel(cfg, 23, 5_000).unwrap();
     let control = p.control().expect("a control channel").clone();
     let mut t = Traffic {
@@ -219,16 +225,7 @@ fn a_broken_control_channel_is_re_established_and_re_arms_again() {
     );
     let before = (p.a.rearms_completed(), p.b.rearms_completed());
     control.restore();
-    let mut waited = 0;
-    while !standby_again(&p, 0) {
-        run(&mut p, &mut t, 1);
-        waited += 1;
-        assert!(
-            waited < 10_000,
-            "rail 0 never came back\n{}",
-            p.a.core().describe()
-        );
-    }
+    until_standby_again(&mut p, &mut t, 0);
     assert!(p.a.rearms_completed() > before.0 && p.b.rearms_completed() > before.1);
     for c in [&mut p.a, &mut p.b] {
         let said: Vec<&str> = std::iter::from_fn(|| c.poll_event())
@@ -240,9 +237,7 @@ fn a_broken_control_channel_is_re_established_and_re_arms_again() {
             .collect();
         assert_eq!(said, ["lost", "restored"]);
     }
-    let before = t.delivered;
-    run(&mut p, &mut t, 10);
-    assert!(t.delivered > before, "traffic keeps flowing");
+    flows(&mut p, &mut t, 10, "traffic keeps flowing");
 }
 
 /// A card that can't be opened at set-up (missing after a restart) doesn't fail the connection:
@@ -251,29 +246,10 @@ fn a_broken_control_channel_is_re_established_and_re_arms_again() {
 /// joins over the control channel.
 #[test]
 fn a_card_missing_at_start_is_opened_when_it_comes_back_and_its_rail_joins() {
-    let cfg = Config::builder()
-        .rails(2)
-        .geometry(16 * 1024, 8, 256)
-        .rearm_after_ns(2_000_000)
-        .build()
-        .unwrap();
+    let cfg = config();
     let mut p = SimPair::new_with_card_missing(cfg, 24, 5_000, true, 0).unwrap();
     p.use_control_channel();
-    for c in [&mut p.a, &mut p.b] {
-        let events: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
-        assert!(
-            events.iter().any(|e| matches!(
-                e,
-                Event::RailDown {
-                    rail: 0,
-                    reason: railover::FailReason::Unreachable,
-                    ..
-                }
-            )),
-            "{events:?}"
-        );
-        assert_eq!(c.core().active_rail(), 1);
-    }
+    started_without_rail_0(&mut p);
     let mut t = Traffic {
         sent: 0,
         delivered: 0,
@@ -289,16 +265,7 @@ fn a_card_missing_at_start_is_opened_when_it_comes_back_and_its_rail_joins() {
         "no card, no rail"
     );
     p.fabric.restore_card(&p.cards[0].1);
-    let mut waited = 0;
-    while !standby_again(&p, 0) {
-        run(&mut p, &mut t, 1);
-        waited += 1;
-        assert!(
-            waited < 10_000,
-            "rail 0 never joined\n{}",
-            p.b.core().describe()
-        );
-    }
+    until_standby_again(&mut p, &mut t, 0);
     // The re-armed rail carries the next failover.
     p.fabric.carrier_loss(p.wires[1]);
     let before = t.delivered;
