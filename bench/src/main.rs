@@ -257,8 +257,8 @@ fn main() {
                         r.virtual_msgs_per_s, r.cpu_msgs_per_s
                     );
                     println!(
-                        "  {} RDMA writes: {:.1} messages per write (coalescing)",
-                        r.rdma_writes, r.messages_per_write
+                        "  {} RDMA writes: {:.1} messages per write (coalescing), {:.1} writes per completion (selective signaling)",
+                        r.rdma_writes, r.messages_per_write, r.writes_per_completion
                     );
                 }
             }

@@ -285,6 +285,8 @@ pub struct ThroughputReport {
     pub cpu_msgs_per_s: f64,
     pub rdma_writes: u64,
     pub messages_per_write: f64,
+    /// Host 1's writes (data and control) per write completion it handled (selective signaling).
+    pub writes_per_completion: f64,
 }
 
 pub fn throughput(size: usize, count: u64, latency_ns: u64) -> ThroughputReport {
@@ -302,6 +304,7 @@ pub fn throughput(size: usize, count: u64, latency_ns: u64) -> ThroughputReport 
     let vt = (pair.now() - t0) as f64 / 1e9;
     let wt = w0.elapsed().as_secs_f64();
     let writes = pair.fabric.stats().writes_delivered;
+    let a = pair.a.stats();
     ThroughputReport {
         size,
         messages: count,
@@ -309,5 +312,7 @@ pub fn throughput(size: usize, count: u64, latency_ns: u64) -> ThroughputReport 
         cpu_msgs_per_s: count as f64 / wt,
         rdma_writes: writes,
         messages_per_write: count as f64 / writes.max(1) as f64,
+        writes_per_completion: (a.data_writes + a.control_writes) as f64
+            / a.write_completions.max(1) as f64,
     }
 }

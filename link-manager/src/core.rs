@@ -179,6 +179,8 @@ pub enum Io {
         remote: Buf,
         remote_offset: u64,
         imm: Option<u32>,
+        /// Whether it completes on success (see [`SIGNAL_EVERY`]); it always does in error.
+        signaled: bool,
     },
     /// Post `count` receives on `rail` (they catch write-with-immediate notifications).
     PostRecvs { rail: usize, count: u32 },
@@ -230,6 +232,8 @@ pub struct Stats {
     pub data_writes: u64,
     /// RDMA writes posted carrying control blocks (heartbeats, acknowledgements, reports).
     pub control_writes: u64,
+    /// Write completions handled (writes are signaled selectively: see [`SIGNAL_EVERY`]).
+    pub write_completions: u64,
 }
 
 const KIND_DATA: u64 = 1;
@@ -241,6 +245,22 @@ fn wr_id(generation: u16, kind: u64, rail: usize) -> u64 {
     ((generation as u64) << 16) | (kind << 8) | rail as u64
 }
 
+/// One data write in this many asks for a completion (and so does every control write, and a
+/// data write that would leave the send queue half full): a completion reports every write
+/// before it on its queue pair (RC completes in order), so the others need none, and the NIC
+/// writes and the driver polls a completion per batch instead of per write. Errors complete
+/// whether signaled or not.
+pub const SIGNAL_EVERY: u32 = 16;
+
+/// A signaled write's id also says how many unsignaled writes before it its completion reports.
+fn covering(wr_id: u64, unsignaled: u32) -> u64 {
+    wr_id | ((unsignaled.min(0xffff) as u64) << 32)
+}
+
+fn wr_covered(wr_id: u64) -> u32 {
+    ((wr_id >> 32) & 0xffff) as u32
+}
+
 fn wr_generation(wr_id: u64) -> u16 {
     (wr_id >> 16) as u16
 }
@@ -249,17 +269,19 @@ fn wr_kind(wr_id: u64) -> u64 {
     (wr_id >> 8) & 0xff
 }
 
-/// The write of a rail's control block (already stored in its `ctrl_out`) into the peer's slot.
-fn ctrl_write(rail: usize, generation: u16, kind: u64) -> Io {
+/// The write of a rail's control block (already stored in its `ctrl_out`) into the peer's slot:
+/// signaled, reporting the `unsignaled` data writes before it.
+fn ctrl_write(rail: usize, generation: u16, kind: u64, unsignaled: u32) -> Io {
     Io::Write {
         rail,
-        wr_id: wr_id(generation, kind, rail),
+        wr_id: covering(wr_id(generation, kind, rail), unsignaled),
         local: Buf::Ctrl,
         local_offset: 0,
         len: CTRL_LEN,
         remote: Buf::Ctrl,
         remote_offset: 0,
         imm: None,
+        signaled: true,
     }
 }
 
@@ -276,6 +298,8 @@ struct Rail {
     beat_floor: u64,
     peer_seen_at: Nanos,
     outstanding: u32,
+    /// Writes posted unsignaled since the last signaled one (outstanding until it completes).
+    unsignaled: u32,
     recv_credits: u32,
     ctrl_due: bool,
     reported_consumed: u64,
@@ -377,6 +401,7 @@ impl Core {
                 beat_floor: 0,
                 peer_seen_at: now,
                 outstanding: 0,
+                unsignaled: 0,
                 recv_credits: 0,
                 ctrl_due: true,
                 reported_consumed: 0,
@@ -735,15 +760,25 @@ impl Core {
                 rail.outstanding += 1;
                 rail.imm_posted += 1;
                 self.stats.data_writes += 1;
+                let id = wr_id(rail.generation, KIND_DATA, a);
+                let signaled =
+                    rail.unsignaled + 1 >= SIGNAL_EVERY || rail.outstanding * 2 >= max_wr;
+                let wr_id = if signaled {
+                    covering(id, std::mem::take(&mut rail.unsignaled))
+                } else {
+                    rail.unsignaled += 1;
+                    id
+                };
                 return Some(Io::Write {
                     rail: a,
-                    wr_id: wr_id(rail.generation, KIND_DATA, a),
+                    wr_id,
                     local: Buf::Ring,
                     local_offset: range.offset,
                     len: range.len(),
                     remote: Buf::Ring,
                     remote_offset: range.offset as u64,
                     imm: Some(range.notify_imm()),
+                    signaled,
                 });
             }
         }
@@ -771,7 +806,8 @@ impl Core {
                 .store(&rail.ctrl_out);
                 rail.outstanding += 1;
                 self.stats.control_writes += 1;
-                return Some(ctrl_write(r, rail.generation, KIND_CTRL));
+                let covered = std::mem::take(&mut rail.unsignaled);
+                return Some(ctrl_write(r, rail.generation, KIND_CTRL, covered));
             }
         }
         None
@@ -808,7 +844,8 @@ impl Core {
             rail.outstanding += 1;
             self.bye_outstanding += 1;
             self.stats.control_writes += 1;
-            return Some(ctrl_write(r, rail.generation, KIND_BYE));
+            let covered = std::mem::take(&mut rail.unsignaled);
+            return Some(ctrl_write(r, rail.generation, KIND_BYE, covered));
         }
         None
     }
@@ -985,7 +1022,9 @@ impl Core {
                 if wr_generation(c.wr_id) != r.generation {
                     return; // from a queue pair since replaced
                 }
-                r.outstanding = r.outstanding.saturating_sub(1);
+                self.stats.write_completions += 1;
+                // A signaled write's completion reports the unsignaled ones before it too.
+                r.outstanding = r.outstanding.saturating_sub(1 + wr_covered(c.wr_id));
                 if wr_kind(c.wr_id) == KIND_BYE {
                     self.bye_outstanding = self.bye_outstanding.saturating_sub(1);
                 }
@@ -1061,6 +1100,7 @@ impl Core {
         self.rails[rail].beat_floor = self.latest_peer_beat();
         let r = &mut self.rails[rail];
         r.outstanding = 0;
+        r.unsignaled = 0;
         r.recv_credits = 0;
         r.ctrl_due = true;
         r.reported_consumed = 0;

@@ -970,6 +970,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                     remote,
                     remote_offset,
                     imm,
+                    signaled,
                 } => {
                     let r = &mut self.rails[rail];
                     let posted = match r.card.as_mut() {
@@ -989,6 +990,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                                 &peer,
                                 remote_offset,
                                 imm,
+                                signaled,
                             )
                         }
                         None => Err(FabricError::Unavailable("card released".into())),

@@ -98,6 +98,7 @@ pub fn write_with_imm_lands_bytes_and_imm<E: ContractEnv>(env: &mut E) {
         &mr_dst.remote(),
         4000,
         Some(0xdead_beef),
+        true,
     )
     .unwrap();
     let rx = env.wait(&mut lb, 1);
@@ -144,13 +145,13 @@ pub fn plain_write_is_silent_at_the_receiver<E: ContractEnv>(env: &mut E) {
     let (mut la, mut lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
     lb.post_recvs(1).unwrap();
     src.write(0, &77u64.to_le_bytes());
-    la.post_write(1, &mr_src, 0, 8, &mr_dst.remote(), 64, None)
+    la.post_write(1, &mr_src, 0, 8, &mr_dst.remote(), 64, None, true)
         .unwrap();
     let tx = env.wait(&mut la, 1);
     assert_eq!(tx[0].status, WcStatus::Success);
     assert_eq!(dst.read(64, 8), 77u64.to_le_bytes().to_vec());
     // The one posted receive is still there: a following WRITE WITH IMM uses it.
-    la.post_write(2, &mr_src, 0, 8, &mr_dst.remote(), 72, Some(5))
+    la.post_write(2, &mr_src, 0, 8, &mr_dst.remote(), 72, Some(5), true)
         .unwrap();
     let rx = env.wait(&mut lb, 1);
     assert_eq!(rx.len(), 1, "exactly one receive completion: {rx:?}");
@@ -192,6 +193,7 @@ pub fn completions_in_order_exactly_once<E: ContractEnv>(env: &mut E) {
                 &mr_dst.remote(),
                 (next % 64) * 8,
                 Some(next as u32),
+                true,
             )
             .unwrap();
             next += 1;
@@ -236,10 +238,58 @@ pub fn bad_rkey_is_a_remote_access_error<E: ContractEnv>(env: &mut E) {
     lb.post_recvs(1).unwrap();
     let mut bad = mr_dst.remote();
     bad.rkey ^= 0x5a5a_0000;
-    la.post_write(9, &mr_src, 0, 8, &bad, 0, Some(1)).unwrap();
+    la.post_write(9, &mr_src, 0, 8, &bad, 0, Some(1), true)
+        .unwrap();
     let tx = env.wait(&mut la, 1);
     assert_eq!(tx.len(), 1);
     assert_eq!((tx[0].wr_id, tx[0].status), (9, WcStatus::RemoteAccess));
+}
+
+/// An unsignaled write lands like any other but completes only in error: after two unsignaled
+/// writes and a signaled one, the signaled one's is the only completion; an unsignaled write
+/// that fails (a bad rkey) still completes, with its error.
+pub fn unsignaled_writes_complete_only_in_error<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let src = HeapBuffer::new(4096);
+    let dst = HeapBuffer::new(4096);
+    let mr_src = a.register(src.clone(), Access::Local).unwrap();
+    let mr_dst = b.register(dst.clone(), Access::RemoteWrite).unwrap();
+    let (mut la, _lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
+    src.write(0, &[1, 2, 3]);
+    for (wr_id, signaled) in [(11, false), (12, false), (13, true)] {
+        let off = (wr_id - 11) as usize;
+        la.post_write(
+            wr_id,
+            &mr_src,
+            off,
+            1,
+            &mr_dst.remote(),
+            off as u64,
+            None,
+            signaled,
+        )
+        .unwrap();
+    }
+    let tx = env.wait(&mut la, 1);
+    assert_eq!(
+        tx,
+        vec![Completion {
+            wr_id: 13,
+            kind: CompletionKind::Write,
+            status: WcStatus::Success
+        }]
+    );
+    assert_eq!(dst.read(0, 3), vec![1, 2, 3], "every write landed");
+    let mut bad = mr_dst.remote();
+    bad.rkey ^= 0x5a5a_0000;
+    la.post_write(14, &mr_src, 0, 1, &bad, 0, None, false)
+        .unwrap();
+    let tx = env.wait(&mut la, 1);
+    assert_eq!(
+        (tx.len(), tx[0].wr_id, tx[0].status),
+        (1, 14, WcStatus::RemoteAccess),
+        "the error completes (no success of 11 or 12 before it)"
+    );
 }
 
 /// Local misuse is refused before anything is posted, with typed errors.
@@ -267,7 +317,7 @@ pub fn local_misuse_is_a_typed_error<E: ContractEnv>(env: &mut E) {
         Err(FabricError::InvalidParams(_))
     ));
     let (mut la, _lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
-    let r = la.post_write(1, &mr_src, 4000, 200, &mr_dst.remote(), 0, None);
+    let r = la.post_write(1, &mr_src, 4000, 200, &mr_dst.remote(), 0, None, true);
     assert!(matches!(r, Err(FabricError::OutOfRange { .. })), "{r:?}");
 }
 
@@ -281,7 +331,7 @@ pub fn shut_down_flushes<E: ContractEnv>(env: &mut E) {
         .unwrap();
     let (mut la, _lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
     la.shut_down();
-    la.post_write(3, &mr_src, 0, 8, &mr_dst.remote(), 0, None)
+    la.post_write(3, &mr_src, 0, 8, &mr_dst.remote(), 0, None, true)
         .unwrap();
     let tx = env.wait(&mut la, 1);
     assert_eq!(tx.len(), 1);
@@ -326,6 +376,7 @@ pub fn armed_completion_wakes_the_waiter<E: ContractEnv>(env: &mut E) {
             &mr_dst.remote(),
             0,
             Some(round),
+            true,
         )
         .unwrap();
         let fd = lb.wakeup_fd().unwrap();
@@ -352,6 +403,7 @@ pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
     plain_write_is_silent_at_the_receiver(&mut make());
     completions_in_order_exactly_once(&mut make());
     bad_rkey_is_a_remote_access_error(&mut make());
+    unsignaled_writes_complete_only_in_error(&mut make());
     local_misuse_is_a_typed_error(&mut make());
     shut_down_flushes(&mut make());
     armed_completion_wakes_the_waiter(&mut make());

@@ -271,7 +271,10 @@ pub trait Link {
     fn connect(&mut self, remote: &Endpoint) -> Result<(), FabricError>;
 
     /// Posts an RDMA WRITE (WITH IMMEDIATE when `imm` is set) of `len` bytes at `local_offset` of
-    /// `local` to `remote_offset` of the peer's `remote` region. Signaled: it always completes.
+    /// `local` to `remote_offset` of the peer's `remote` region. A `signaled` write completes; an
+    /// unsignaled one completes only in error (a flush included), and its send-queue slot is
+    /// freed when a later signaled request on the queue pair completes (RC completes in order):
+    /// the caller counts it outstanding until then.
     #[allow(clippy::too_many_arguments)]
     fn post_write(
         &mut self,
@@ -282,6 +285,7 @@ pub trait Link {
         remote: &RemoteRegion,
         remote_offset: u64,
         imm: Option<u32>,
+        signaled: bool,
     ) -> Result<(), FabricError>;
 
     /// Posts `count` receives (no buffers: they only catch immediates).

@@ -58,6 +58,8 @@ struct Wr {
     remote_addr: u64,
     imm: Option<u32>,
     ready_at: u64,
+    /// Completes on success too (else only in error).
+    signaled: bool,
 }
 
 struct Qp {
@@ -69,7 +71,8 @@ struct Qp {
     fifo: VecDeque<Wr>,
     head_scheduled: bool,
     last_arrival: u64,
-    awaiting_ack: VecDeque<u64>,
+    /// Written, not yet acknowledged: (wr_id, signaled).
+    awaiting_ack: VecDeque<(u64, bool)>,
     last_ack_time: u64,
     /// Bumped when acks in flight must be forgotten (error, stall).
     ack_generation: u64,
@@ -347,7 +350,8 @@ impl World {
         q.ack_generation += 1;
         q.stalled_since = None;
         let mut first = true;
-        let mut ids: Vec<u64> = q.awaiting_ack.drain(..).collect();
+        // In error every request completes, signaled or not.
+        let mut ids: Vec<u64> = q.awaiting_ack.drain(..).map(|(id, _)| id).collect();
         ids.extend(q.fifo.drain(..).map(|w| w.wr_id));
         for wr_id in ids {
             let st = if first { status } else { WcStatus::Flushed };
@@ -384,7 +388,7 @@ impl World {
             Ev::Ack { qp, generation } => {
                 let q = &mut self.qps[qp];
                 if q.state == QpState::Rts && q.ack_generation == generation {
-                    if let Some(wr_id) = q.awaiting_ack.pop_front() {
+                    if let Some((wr_id, true)) = q.awaiting_ack.pop_front() {
                         q.cq.push_back(Completion {
                             wr_id,
                             kind: CompletionKind::Write,
@@ -490,7 +494,7 @@ impl World {
         let now = self.now;
         let lat = self.wires[wire_id].latency_ns;
         let q = &mut self.qps[qp];
-        q.awaiting_ack.push_back(wr.wr_id);
+        q.awaiting_ack.push_back((wr.wr_id, wr.signaled));
         q.last_arrival = now;
         if self.wires[wire_id].ack_loss {
             self.stall(qp);
@@ -713,6 +717,7 @@ impl Link for SimLink {
         remote: &RemoteRegion,
         remote_offset: u64,
         imm: Option<u32>,
+        signaled: bool,
     ) -> Result<(), FabricError> {
         if local_offset > local.len || len > local.len - local_offset {
             return Err(FabricError::OutOfRange {
@@ -754,6 +759,7 @@ impl Link for SimLink {
             remote_addr: remote.addr.wrapping_add(remote_offset),
             imm,
             ready_at: now + latency,
+            signaled,
         });
         w.schedule_head(self.qp);
         Ok(())

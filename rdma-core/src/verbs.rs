@@ -375,6 +375,7 @@ impl Link for VerbsLink {
         remote: &RemoteRegion,
         remote_offset: u64,
         imm: Option<u32>,
+        signaled: bool,
     ) -> Result<(), FabricError> {
         if wr_id == RECV_WR_ID {
             return Err(FabricError::InvalidParams(
@@ -396,7 +397,12 @@ impl Link for VerbsLink {
             });
         }
         let mut guard = self.qp.start_post_send();
-        let wr = guard.construct_wr(wr_id, WorkRequestFlags::Signaled);
+        let flags = if signaled {
+            WorkRequestFlags::Signaled
+        } else {
+            WorkRequestFlags::none()
+        };
+        let wr = guard.construct_wr(wr_id, flags);
         let addr = remote.addr + remote_offset;
         let buf = match imm {
             // imm travels big-endian on the wire; the receiver converts back.

@@ -46,6 +46,10 @@ fn bad_rkey_is_a_remote_access_error() {
     contract::bad_rkey_is_a_remote_access_error(&mut Sim(SimFabric::new(4)));
 }
 #[test]
+fn unsignaled_writes_complete_only_in_error() {
+    contract::unsignaled_writes_complete_only_in_error(&mut Sim(SimFabric::new(8)));
+}
+#[test]
 fn local_misuse_is_a_typed_error() {
     contract::local_misuse_is_a_typed_error(&mut Sim(SimFabric::new(5)));
 }

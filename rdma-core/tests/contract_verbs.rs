@@ -80,6 +80,7 @@ verbs_contract!(
     completions_in_order_exactly_once,
     armed_completion_wakes_the_waiter,
     bad_rkey_is_a_remote_access_error,
+    unsignaled_writes_complete_only_in_error,
     local_misuse_is_a_typed_error,
     shut_down_flushes
 );

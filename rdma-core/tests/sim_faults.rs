@@ -70,9 +70,9 @@ fn black_hole_fails_at_the_retry_budget_not_before() {
     };
     let mut r = rig(params);
     r.fab.black_hole(r.wire);
-    r.la.post_write(1, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(1))
+    r.la.post_write(1, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(1), true)
         .unwrap();
-    r.la.post_write(2, &r.mr_src, 8, 8, &r.mr_dst.remote(), 8, Some(2))
+    r.la.post_write(2, &r.mr_src, 8, 8, &r.mr_dst.remote(), 8, Some(2), true)
         .unwrap();
     let budget = params.retry_budget_ns();
     assert_eq!(
@@ -100,7 +100,7 @@ fn black_hole_cleared_in_time_retransmits() {
     let mut r = rig(LinkParams::default());
     r.fab.black_hole(r.wire);
     r.src.write(0, b"retransmitted");
-    r.la.post_write(1, &r.mr_src, 0, 13, &r.mr_dst.remote(), 0, Some(1))
+    r.la.post_write(1, &r.mr_src, 0, 13, &r.mr_dst.remote(), 0, Some(1), true)
         .unwrap();
     r.fab.advance_to(100_000);
     r.fab.clear_black_hole(r.wire);
@@ -112,7 +112,7 @@ fn black_hole_cleared_in_time_retransmits() {
 #[test]
 fn carrier_loss_raises_port_events_on_both_cards_and_flushes() {
     let mut r = rig(LinkParams::default());
-    r.la.post_write(1, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(1))
+    r.la.post_write(1, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(1), true)
         .unwrap();
     r.fab.carrier_loss(r.wire);
     assert_eq!(r.a.poll_event(), Some(AsyncEvent::PortDown));
@@ -130,7 +130,7 @@ fn ack_loss_delivers_the_data_but_fails_the_send() {
     let mut r = rig(LinkParams::default());
     r.fab.ack_loss(r.wire);
     r.src.write(0, b"landed");
-    r.la.post_write(1, &r.mr_src, 0, 6, &r.mr_dst.remote(), 0, Some(6))
+    r.la.post_write(1, &r.mr_src, 0, 6, &r.mr_dst.remote(), 0, Some(6), true)
         .unwrap();
     r.fab
         .advance_to(LinkParams::default().retry_budget_ns() + 10_000);
@@ -150,7 +150,7 @@ fn card_removal_is_device_fatal_locally_and_a_timeout_remotely() {
     let mut r = rig(LinkParams::default());
     r.fab.remove_card(&r.b);
     assert_eq!(r.b.poll_event(), Some(AsyncEvent::DeviceFatal));
-    r.la.post_write(1, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(1))
+    r.la.post_write(1, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(1), true)
         .unwrap();
     r.fab
         .advance_to(LinkParams::default().retry_budget_ns() + 10_000);
@@ -163,9 +163,9 @@ fn corruption_flips_bytes_of_the_next_write_only() {
     let mut r = rig(LinkParams::default());
     r.src.write(0, &[0xAA; 64]);
     r.fab.corrupt_next(r.wire, 1);
-    r.la.post_write(1, &r.mr_src, 0, 64, &r.mr_dst.remote(), 0, Some(1))
+    r.la.post_write(1, &r.mr_src, 0, 64, &r.mr_dst.remote(), 0, Some(1), true)
         .unwrap();
-    r.la.post_write(2, &r.mr_src, 0, 64, &r.mr_dst.remote(), 64, Some(2))
+    r.la.post_write(2, &r.mr_src, 0, 64, &r.mr_dst.remote(), 64, Some(2), true)
         .unwrap();
     r.fab.advance_to(100_000);
     assert_ne!(r.dst.read(0, 64), vec![0xAA; 64]);
@@ -177,11 +177,11 @@ fn corruption_flips_bytes_of_the_next_write_only() {
 #[test]
 fn per_qp_order_survives_latency_spikes() {
     let mut r = rig(LinkParams::default());
-    r.la.post_write(1, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(1))
+    r.la.post_write(1, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(1), true)
         .unwrap();
     r.fab.latency_spike(r.wire, 50_000, 1);
     r.fab.advance_to(0);
-    r.la.post_write(2, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(2))
+    r.la.post_write(2, &r.mr_src, 0, 8, &r.mr_dst.remote(), 0, Some(2), true)
         .unwrap();
     r.fab.advance_to(1_000_000);
     let imms: Vec<_> = drain(&mut r.lb).into_iter().map(|c| c.kind).collect();
