@@ -181,9 +181,9 @@ impl<L: Link> InlineControl<L> {
     /// Advances the protocol: the core's requests, the peer's frames, time-outs. The channel is
     /// read only while a rail is failed or an exchange is under way (no system call otherwise).
     pub fn serve<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
+        self.deliver_due(rx);
         let failed = (0..rx.core().config().rails())
             .any(|r| rx.core().rail_state(r) == crate::core::RailState::Failed);
-        self.deliver_due(rx);
         if !(self.proto.busy() || rx.has_rearm_request() || failed || self.proto.is_closed()) {
             return;
         }
@@ -479,6 +479,20 @@ impl<N: Nic> Reporter<N> {
     }
 }
 
+/// Says once that the stream broke, and ends it for the peer too (it then sets up a new one).
+fn report_loss<N: Nic>(
+    proto: &RearmProtocol,
+    channel: &mut TcpControl,
+    lost_reported: &mut bool,
+    reporter: &Reporter<N>,
+) {
+    if proto.is_closed() && !*lost_reported {
+        *lost_reported = true;
+        channel.shutdown();
+        reporter.report(Outcome::ChannelLost);
+    }
+}
+
 fn control_loop<N: Nic>(
     mut channel: TcpControl,
     role: Role,
@@ -550,11 +564,7 @@ fn control_loop<N: Nic>(
             read_into(&mut channel, &mut proto, now());
         }
         // Said before it is replaced (a dialler may get a new stream at once).
-        if proto.is_closed() && !lost_reported {
-            lost_reported = true;
-            channel.shutdown();
-            reporter.report(Outcome::ChannelLost);
-        }
+        report_loss(&proto, &mut channel, &mut lost_reported, &reporter);
         // A broken stream is replaced (the dialler redials, backing off); the listener also
         // takes a new one while its own looks fine (its end may be half-open).
         if (proto.is_closed() || !channel.dials()) && matches!(channel.reconnect(), Ok(true)) {
@@ -617,10 +627,6 @@ fn control_loop<N: Nic>(
                 RearmIo::Decline { rail } => reporter.report(Outcome::Failed(rail)),
             }
         }
-        if proto.is_closed() && !lost_reported {
-            lost_reported = true;
-            channel.shutdown();
-            reporter.report(Outcome::ChannelLost);
-        }
+        report_loss(&proto, &mut channel, &mut lost_reported, &reporter);
     }
 }

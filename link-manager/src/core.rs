@@ -1088,6 +1088,8 @@ impl Core {
             tracing::error!(rail, "refusing to reset the active lane");
             return;
         }
+        // Measured against the beats the other rails carried so far.
+        let floor = self.latest_peer_beat();
         let r = &mut self.rails[rail];
         r.rx.reset();
         for word in (0..CTRL_LEN).step_by(8) {
@@ -1097,8 +1099,7 @@ impl Core {
         r.state = RailState::Standby;
         r.peer_heartbeat = 0;
         r.peer_seen_at = now;
-        self.rails[rail].beat_floor = self.latest_peer_beat();
-        let r = &mut self.rails[rail];
+        r.beat_floor = floor;
         r.outstanding = 0;
         r.unsignaled = 0;
         r.recv_credits = 0;

@@ -456,13 +456,8 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
     /// Allocates and registers every rail's memory on its card and creates the queue pairs.
     /// `cards[i]` is this host's card of rail i (the first is primary).
     pub fn new(cfg: Config, cards: Vec<N>, clock: C) -> Result<Self, ConnectError> {
-        let core = Core::new(cfg, clock.now())?;
-        Self::with_core(
-            cfg,
-            cards.into_iter().map(RailCard::Open).collect(),
-            clock,
-            core,
-        )
+        let cards = cards.into_iter().map(RailCard::Open).collect();
+        Self::with_cards(cfg, cards, clock, None)
     }
 
     /// Like [`PendingConnection::new`] with rails whose card could not be opened (at least one
@@ -491,13 +486,8 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         clock: C,
         state: &crate::core::ResumeState,
     ) -> Result<Self, ConnectError> {
-        let core = Core::new_resuming(cfg, clock.now(), state)?;
-        Self::with_core(
-            cfg,
-            cards.into_iter().map(RailCard::Open).collect(),
-            clock,
-            core,
-        )
+        let cards = cards.into_iter().map(RailCard::Open).collect();
+        Self::with_cards(cfg, cards, clock, Some(state))
     }
 
     fn with_core(

@@ -1,7 +1,7 @@
-//! The fabric contract on real verbs: rxe_a1 <-> rxe_a2 across wire A in the SoftRoCE VM
-//! (`ci/softroce run -- cargo test -p railover-rdma --test contract_verbs`).
-//! Outside the VM (RAILOVER_SOFTROCE unset) on a machine without RDMA, each test checks that the
-//! failure is a typed error and reports the verbs suite as not applicable.
+//! The fabric contract on real verbs: rxe_a1 <-> rxe_a2 across wire A in the SoftRoCE VM. The
+//! contract tests are `#[ignore]`d outside it (`ci/vm-tests` runs them with `--include-ignored`),
+//! so host summaries never count them; one test checks that opening a card is a typed error
+//! where there is no RDMA.
 #![cfg(feature = "verbs")]
 
 use std::time::{Duration, Instant};
@@ -48,28 +48,28 @@ impl ContractEnv for Verbs {
     }
 }
 
-/// Whether the verbs suite applies; when not, the failure must be a clean typed error.
-fn applicable() -> bool {
+/// Opening a card: inside the harness (RAILOVER_SOFTROCE set) it must work; on a machine
+/// without RDMA it must fail with a typed error, never a panic or a crash.
+#[test]
+fn opening_a_card_works_in_the_vm_and_is_a_typed_error_elsewhere() {
+    let opened = VerbsNic::open("rxe_a1");
     if std::env::var_os("RAILOVER_SOFTROCE").is_some() {
-        return true; // inside the harness: devices must be there, failures are failures
-    }
-    match VerbsNic::open("rxe_a1") {
-        Ok(_) => true,
-        Err(e @ (FabricError::Unavailable(_) | FabricError::NoSuchDevice(_))) => {
-            eprintln!("verbs contract not applicable here ({e}); CI runs it in the SoftRoCE VM");
-            false
+        assert!(opened.is_ok(), "rxe_a1 in the VM: {:?}", opened.err());
+    } else {
+        match opened {
+            Ok(_) => {} // a host with rxe devices set up: nothing to refuse
+            Err(FabricError::Unavailable(_) | FabricError::NoSuchDevice(_)) => {}
+            Err(e) => panic!("opening a device failed with an unexpected error: {e}"),
         }
-        Err(e) => panic!("opening a device failed with an unexpected error: {e}"),
     }
 }
 
 macro_rules! verbs_contract {
     ($($name:ident),*) => {$(
         #[test]
+        #[ignore = "needs rxe devices: ci/vm-tests runs it"]
         fn $name() {
-            if applicable() {
-                contract::$name(&mut Verbs);
-            }
+            contract::$name(&mut Verbs);
         }
     )*};
 }
