@@ -17,7 +17,7 @@ use railover_segq::{
 };
 
 use crate::config::{Config, MAX_RAILS};
-use crate::ctrl::{CtrlBlock, CTRL_LEN, STATUS_CLOSED, STATUS_ENDED, STATUS_LIVE};
+use crate::ctrl::{CtrlBlock, CTRL_CRC_OFFSET, CTRL_LEN, STATUS_CLOSED, STATUS_ENDED, STATUS_LIVE};
 
 /// Virtual or real time in nanoseconds, from the driver's clock.
 pub type Nanos = u64;
@@ -319,6 +319,13 @@ struct Rail {
     ctrl_seen: [u64; 7],
 }
 
+impl Rail {
+    /// Whether a control block is due on this rail and a work request is free for it.
+    fn ctrl_postable(&self, max_wr: u32) -> bool {
+        self.state != RailState::Failed && self.ctrl_due && self.outstanding < max_wr
+    }
+}
+
 /// Where a new connection picks up the stream of one that ended (see [`Core::resume_state`]): the
 /// application never filters duplicates itself, and nothing accepted is lost.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -365,6 +372,13 @@ pub struct Core {
     beat: u64,
     /// Whether the last receive found anything announced (else it changed nothing).
     recv_touched: bool,
+    /// Whether a write-with-immediate notification may have announced records not yet consumed
+    /// (else a receive has nothing to look at: the common empty poll returns at once).
+    maybe_arrived: bool,
+    /// Whether anything but the application's new records may have made I/O due since
+    /// [`Core::poll_io`] last found none (a completion, an event, a timer, a receive, a failure).
+    /// Until then an empty poll checks the active lane alone, not every rail.
+    rescan: bool,
     io: VecDeque<Io>,
     events: VecDeque<Event>,
     stats: Stats,
@@ -432,6 +446,8 @@ impl Core {
             next_heartbeat: now + cfg.heartbeat_interval_ns,
             beat: 0,
             recv_touched: false,
+            maybe_arrived: false,
+            rescan: true,
             io: VecDeque::with_capacity(4 * MAX_RAILS),
             events: VecDeque::with_capacity(64),
             stats: Stats::default(),
@@ -487,6 +503,7 @@ impl Core {
         }
         self.last_tick = self.now;
         self.next_heartbeat = self.now + self.cfg.heartbeat_interval_ns;
+        self.rescan = true;
     }
 
     pub fn config(&self) -> &Config {
@@ -566,6 +583,7 @@ impl Core {
         }
         self.closing_until = Some(self.now.saturating_add(linger_ns));
         self.lanes.close_with(reason_code(EndReason::Closed));
+        self.rescan = true;
         self.check_close();
     }
 
@@ -654,7 +672,20 @@ impl Core {
         Ok(len)
     }
 
+    #[inline]
     fn poll_recv_limit(
+        &mut self,
+        limit: usize,
+        deliver: impl FnMut(&[u8]),
+    ) -> Result<usize, RecvError> {
+        self.recv_touched = false;
+        if !self.maybe_arrived && self.ended.is_none() {
+            return Ok(0); // no notification since everything announced was consumed
+        }
+        self.consume_arrived(limit, deliver)
+    }
+
+    fn consume_arrived(
         &mut self,
         limit: usize,
         mut deliver: impl FnMut(&[u8]),
@@ -664,19 +695,24 @@ impl Core {
             Some(reason) => return Err(RecvError::Ended(reason)),
             None => {}
         }
+        if !self.maybe_arrived {
+            return Ok(0);
+        }
         let mut total = 0;
-        self.recv_touched = false;
+        let mut more = false;
         for r in 0..self.rails.len() {
             if self.rails[r].state == RailState::Failed {
                 continue; // late writes on a dead rail are ignored: the sender resends
             }
             if total >= limit {
+                more = true; // stopped early: what is left is looked at next time
                 break;
             }
             if !self.rails[r].rx.has_arrived() {
                 continue; // nothing announced (the common empty poll): no parsing, no ack due
             }
             self.recv_touched = true;
+            self.rescan = true;
             match self.rails[r]
                 .rx
                 .consume_limit(&mut self.cursor, limit - total, |_, p| deliver(p))
@@ -698,7 +734,9 @@ impl Core {
             {
                 rail.ctrl_due = true;
             }
+            more |= rail.state != RailState::Failed && rail.rx.has_arrived();
         }
+        self.maybe_arrived = more;
         Ok(total)
     }
 
@@ -730,15 +768,33 @@ impl Core {
     // ---- the driver's side ----
 
     /// Next I/O to carry out, if any. Call until it returns None.
+    #[inline]
     pub fn poll_io(&mut self) -> Option<Io> {
+        // The steady-state empty poll ends here: nothing queued, nothing happened since the last
+        // full scan found nothing to do, and no new record from the application (one load).
+        if !self.rescan
+            && self.io.is_empty()
+            && self.ended.is_none()
+            && !self.lanes.poster_ref(self.active).has_pending()
+        {
+            return None;
+        }
+        self.poll_io_scan()
+    }
+
+    fn poll_io_scan(&mut self) -> Option<Io> {
         if let Some(io) = self.io.pop_front() {
             return Some(io);
         }
         if self.ended.is_some() {
             return self.poll_bye();
         }
-        // Receives first: the credits a control write reports must already be posted.
+        if !self.rescan {
+            // Only the application's new records can be due.
+            return self.poll_data();
+        }
         let max_recv = self.cfg.link.max_recv_wr;
+        // Receives first: the credits a control write reports must already be posted.
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.state != RailState::Failed && rail.recv_credits <= max_recv / 2 {
                 let count = max_recv - rail.recv_credits;
@@ -746,9 +802,24 @@ impl Core {
                 return Some(Io::PostRecvs { rail: r, count });
             }
         }
+        if let Some(io) = self.poll_data() {
+            return Some(io);
+        }
         let max_wr = self.cfg.link.max_send_wr;
-        // Data on the active rail, coalesced; two work requests stay free for control writes, and
-        // at most half the peer's receive queue is in flight beyond what it reported processed.
+        if !self.rails.iter().any(|rail| rail.ctrl_postable(max_wr)) {
+            self.rescan = false; // a completion, timer or receive sets it again
+            return None;
+        }
+        self.poll_ctrl()
+    }
+
+    /// The next data write on the active rail, coalesced, if the application committed records
+    /// not yet posted. Two work requests stay free for control writes, and at most half the
+    /// peer's receive queue is in flight beyond what it reported processed.
+    #[inline]
+    fn poll_data(&mut self) -> Option<Io> {
+        let max_wr = self.cfg.link.max_send_wr;
+        let max_recv = self.cfg.link.max_recv_wr;
         let a = self.active;
         let rail = &mut self.rails[a];
         if rail.state == RailState::Active
@@ -782,16 +853,16 @@ impl Core {
                 });
             }
         }
-        let due = |rail: &Rail| {
-            rail.state != RailState::Failed && rail.ctrl_due && rail.outstanding < max_wr
-        };
-        if !self.rails.iter().any(due) {
-            return None; // the common empty case: nothing more to compute
-        }
+        None
+    }
+
+    /// The control block due on some rail (acknowledgement, credits, heartbeat, fault report).
+    fn poll_ctrl(&mut self) -> Option<Io> {
+        let max_wr = self.cfg.link.max_send_wr;
         let fault_gens = self.fault_gens();
         let delivered = self.cursor.last_delivered();
         for (r, rail) in self.rails.iter_mut().enumerate() {
-            if due(rail) {
+            if rail.ctrl_postable(max_wr) {
                 rail.ctrl_due = false;
                 rail.reported_consumed = rail.rx.read_pos();
                 rail.reported_notified = rail.notified;
@@ -866,7 +937,36 @@ impl Core {
     }
 
     /// Advances the clock: heartbeats, heartbeat-miss detection, acknowledgements, re-arm requests.
+    #[inline]
     pub fn handle_timeout(&mut self, now: Nanos) {
+        // The steady-state poll: no timer due, no failed rail, not closing, and neither peer
+        // control block changed since it was last processed (a few loads per rail).
+        if now < self.next_heartbeat
+            && now >= self.now
+            && self.closing_until.is_none()
+            && self.ended.is_none()
+            && self.rails_quiet()
+        {
+            self.now = now;
+            self.last_tick = now;
+            return;
+        }
+        self.handle_timeout_full(now);
+    }
+
+    /// Whether every rail is up (none waits for a re-arm) and no peer control block changed
+    /// since it was last processed, judged by its crc word alone: one load per rail. A block
+    /// whose crc collides with the last one's (one change in 2^32) waits for the next timer
+    /// tick, which compares every word.
+    #[inline]
+    fn rails_quiet(&self) -> bool {
+        self.rails.iter().all(|rail| {
+            rail.state != RailState::Failed
+                && rail.ctrl_in.read_u64(CTRL_CRC_OFFSET) == rail.ctrl_seen[CTRL_CRC_OFFSET / 8]
+        })
+    }
+
+    fn handle_timeout_full(&mut self, now: Nanos) {
         self.now = self.now.max(now);
         // If this side itself did not run for a whole heartbeat timeout (descheduled, stopped,
         // blocked in set-up), the silence it sees is its own: give every peer a fresh window
@@ -882,12 +982,15 @@ impl Core {
         }
         self.last_tick = self.now;
         self.process_ctrl();
-        self.check_close();
+        if self.closing_until.is_some() {
+            self.check_close();
+        }
         if self.ended.is_some() {
             return;
         }
         if self.now >= self.next_heartbeat {
             self.next_heartbeat = self.now + self.cfg.heartbeat_interval_ns;
+            self.rescan = true;
             self.check_liveness();
         }
         if self.ended.is_some() {
@@ -1017,6 +1120,7 @@ impl Core {
         let Some(r) = self.rails.get_mut(rail) else {
             return;
         };
+        self.rescan = true;
         match c.kind {
             CompletionKind::Write => {
                 if wr_generation(c.wr_id) != r.generation {
@@ -1046,9 +1150,12 @@ impl Core {
                 {
                     r.ctrl_due = true;
                 }
-                if let Err(e) = r.rx.notify(imm) {
-                    tracing::warn!(rail, error = %e, "impossible notification");
-                    self.fail_rail(rail, FailReason::Protocol);
+                match r.rx.notify(imm) {
+                    Ok(()) => self.maybe_arrived = true,
+                    Err(e) => {
+                        tracing::warn!(rail, error = %e, "impossible notification");
+                        self.fail_rail(rail, FailReason::Protocol);
+                    }
                 }
             }
             CompletionKind::Recv => r.recv_credits = r.recv_credits.saturating_sub(1),
@@ -1060,6 +1167,7 @@ impl Core {
         if rail >= self.rails.len() {
             return;
         }
+        self.rescan = true;
         match ev {
             AsyncEvent::PortDown => self.fail_rail(rail, FailReason::PortDown),
             AsyncEvent::DeviceFatal => self.fail_rail(rail, FailReason::DeviceFatal),
@@ -1112,6 +1220,7 @@ impl Core {
         r.notified = 0;
         r.reported_notified = 0;
         r.ctrl_seen = [0; 7];
+        self.rescan = true;
         tracing::info!(rail, generation = r.generation, "rail re-armed as standby");
         self.push_event(Event::RailUp { rail, at: now });
         self.refresh_rail_stats();
@@ -1154,6 +1263,7 @@ impl Core {
             r.port_active = false;
             r.failed_at = self.now;
         }
+        self.rescan = true;
     }
 
     // ---- internals ----
@@ -1190,10 +1300,13 @@ impl Core {
             if raw.iter().zip(seen).fold(0, |diff, (a, b)| diff | (a ^ b)) == 0 {
                 continue; // nothing new (no heartbeat, acknowledgement or report since)
             }
-            self.rails[r].ctrl_seen = raw;
+            self.rescan = true;
             let Some(c) = CtrlBlock::decode(&raw) else {
+                // Torn (the write is still landing) or corrupt: not remembered, so the next poll
+                // looks again even if the crc word is the one that already landed.
                 continue;
             };
+            self.rails[r].ctrl_seen = raw;
             let now = self.now;
             let rail = &mut self.rails[r];
             if c.heartbeat != rail.peer_heartbeat {
@@ -1277,6 +1390,7 @@ impl Core {
         }
         let was_active = self.rails[r].state == RailState::Active;
         let now = self.now;
+        self.rescan = true;
         let rail = &mut self.rails[r];
         rail.state = RailState::Failed;
         rail.failed_at = now;
@@ -1361,6 +1475,7 @@ impl Core {
             return;
         }
         self.ended = Some(reason);
+        self.rescan = true;
         self.unresponsive_since = None;
         self.lanes.close_with(reason_code(reason));
         for (r, rail) in self.rails.iter().enumerate() {
@@ -1389,5 +1504,48 @@ impl Core {
         for (i, r) in self.rails.iter().enumerate() {
             self.stats.rail_states[i] = Some(r.state);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(heartbeat: u64) -> [u64; 7] {
+        let r = Region::new(CTRL_LEN, railover_segq::Backing::Heap).unwrap();
+        CtrlBlock {
+            heartbeat,
+            ..CtrlBlock::default()
+        }
+        .store(&r);
+        r.read_words(0)
+    }
+
+    /// The poll's fast path compares only the crc word. A block whose crc word landed before the
+    /// rest (a torn read) must still be processed on the poll after the rest lands, not a whole
+    /// heartbeat interval later.
+    #[test]
+    fn a_block_read_torn_is_processed_once_it_has_landed() {
+        let cfg = Config::builder().rails(2).build().unwrap();
+        let mut core = Core::new(cfg, 0).unwrap();
+        core.start(0);
+        let ctrl_in = core.rail_memory(1).3;
+        let whole = block(7);
+        // The crc word first, the rest still old (zero).
+        ctrl_in.write_u64(CTRL_CRC_OFFSET, whole[CTRL_CRC_OFFSET / 8]);
+        core.handle_timeout(1);
+        assert!(!core.rail_proven(1), "a torn block was trusted");
+        for (i, w) in whole.iter().enumerate() {
+            ctrl_in.write_u64(i * 8, *w);
+        }
+        core.handle_timeout(2); // long before the next heartbeat tick
+        assert!(core.rail_proven(1), "the landed block was not processed");
+        // And a block that did not change is not processed again: a new one is.
+        let next = block(8);
+        for (i, w) in next.iter().enumerate() {
+            ctrl_in.write_u64(i * 8, *w);
+        }
+        core.handle_timeout(3);
+        assert_eq!(core.rails[1].peer_heartbeat, 8);
     }
 }

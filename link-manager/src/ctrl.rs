@@ -20,6 +20,8 @@ use railover_segq::Region;
 pub const CTRL_LEN: usize = 56;
 /// Words before the crc.
 const WORDS: usize = 6;
+/// Where the crc word is: it changes whenever the block does (but for crc collisions).
+pub const CTRL_CRC_OFFSET: usize = WORDS * 8;
 
 /// [`CtrlBlock::status`]: the writer's session runs.
 pub const STATUS_LIVE: u64 = 0;
@@ -72,7 +74,7 @@ impl CtrlBlock {
     /// The block's words as they are now (cheap: compare with the last ones seen before paying
     /// for [`CtrlBlock::decode`]).
     pub fn read_raw(region: &Region) -> [u64; WORDS + 1] {
-        std::array::from_fn(|i| region.read_u64(i * 8))
+        region.read_words(0)
     }
 
     /// Checks and decodes raw words; None if torn, corrupted or never written.

@@ -172,6 +172,25 @@ impl Region {
         u64::from_le(self.word(offset).load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// Reads `N` consecutive little-endian u64s from an 8-aligned `offset`, one aligned load
+    /// each (one bounds check for all: a control block is read on every poll).
+    #[inline]
+    pub fn read_words<const N: usize>(&self, offset: usize) -> [u64; N] {
+        assert!(
+            offset % 8 == 0 && offset <= self.len && N * 8 <= self.len - offset,
+            "region u64 access out of bounds"
+        );
+        std::array::from_fn(|i| {
+            // SAFETY: in bounds (checked above for all N words) and 8-aligned (page-aligned
+            // region, 8-aligned offset); atomics, so concurrent writers are no data race.
+            let word = unsafe {
+                std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(offset + i * 8).cast())
+            };
+            // Relaxed: as read_u64.
+            u64::from_le(word.load(std::sync::atomic::Ordering::Relaxed))
+        })
+    }
+
     /// Writes a little-endian u64 at an 8-aligned `offset` with one aligned store.
     #[inline]
     pub fn write_u64(&self, offset: usize, value: u64) {
