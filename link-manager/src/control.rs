@@ -171,6 +171,9 @@ impl<L: Link> InlineControl<L> {
 
     /// Hands over the results that are due, in order.
     fn deliver_due<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
+        if self.handovers.is_empty() {
+            return; // (the steady state: no clock read)
+        }
         let now = rx.now();
         while self.handovers.front().is_some_and(|(due, _)| *due <= now) {
             let (_, h) = self.handovers.pop_front().expect("peeked");
@@ -182,9 +185,11 @@ impl<L: Link> InlineControl<L> {
     /// read only while a rail is failed or an exchange is under way (no system call otherwise).
     pub fn serve<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
         self.deliver_due(rx);
-        let failed = (0..rx.core().config().rails())
-            .any(|r| rx.core().rail_state(r) == crate::core::RailState::Failed);
-        if !(self.proto.busy() || rx.has_rearm_request() || failed || self.proto.is_closed()) {
+        if !(self.proto.busy()
+            || rx.has_rearm_request()
+            || rx.core().any_rail_failed()
+            || self.proto.is_closed())
+        {
             return;
         }
         let now = rx.now();

@@ -533,6 +533,12 @@ impl Core {
         self.rails[rail].state
     }
 
+    /// Whether some rail is down (waiting for a re-arm).
+    #[inline]
+    pub fn any_rail_failed(&self) -> bool {
+        self.rails.iter().any(|r| r.state == RailState::Failed)
+    }
+
     /// Whether the rail has heard the peer since it (re)connected.
     pub fn rail_proven(&self, rail: usize) -> bool {
         self.rails[rail].peer_heartbeat != 0

@@ -243,6 +243,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn read_words_reads_what_read_u64_reads_and_stays_in_bounds() {
+        let r = Region::new(64, Backing::Heap).unwrap();
+        let last = r.len() - 24;
+        for i in 0..3 {
+            r.write_u64(last + i * 8, 0x0101_0101 * (i as u64 + 1));
+        }
+        let words: [u64; 3] = r.read_words(last);
+        assert_eq!(words, std::array::from_fn(|i| r.read_u64(last + i * 8)));
+        assert_eq!(words[2], 0x0303_0303);
+        let past_the_end = std::panic::catch_unwind(|| r.read_words::<4>(last));
+        assert!(past_the_end.is_err(), "read past the region's end");
+    }
+
+    #[test]
     fn heap_region_is_page_aligned_zeroed_and_rounded() {
         let r = Region::new(5000, Backing::Heap).unwrap();
         assert_eq!(r.len(), 8192);
