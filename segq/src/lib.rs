@@ -3,7 +3,7 @@
 //! A lock-free segmented queue of framed records in registrable memory.
 //!
 //! * [`SendQueue`]: the sender's ring. The application [`Producer`] frames records
-//!   (`seq | len | crc32c | payload`); the link's [`Poster`] hands out contiguous byte ranges to post
+//!   (`crc32c | len | seq | payload`); the link's [`Poster`] hands out contiguous byte ranges to post
 //!   as one RDMA write each, and frees whole segments as cumulative acknowledgements arrive. On a
 //!   rail failure, [`SendQueue::copy_unacked_into`] moves every unacknowledged record, with its
 //!   sequence number, into the standby card's queue.

@@ -1,5 +1,6 @@
-//! Record framing: `seq: u64 | len: u32 | crc32c: u32 | payload | pad to 8`, all little endian.
-//! The crc covers the sequence number, the length and the payload, so a record damaged anywhere
+//! Record framing: `crc32c: u32 | len: u32 | seq: u64 | payload | pad to 8`, all little endian,
+//! every field aligned to its size. The crc covers everything after it (the length, the sequence
+//! number and the payload: one contiguous run, one crc pass), so a record damaged anywhere
 //! (header or body) is caught. A header whose length is [`PAD_MARKER`] closes its segment.
 
 /// Bytes of framing in front of every payload.
@@ -15,13 +16,14 @@ pub const fn record_size(payload_len: usize) -> usize {
     HEADER_LEN + payload_len.next_multiple_of(RECORD_ALIGN)
 }
 
-/// crc32c over the header fields and the payload.
+/// Where the bytes the crc covers start in a record (right after the crc).
+pub const CRC_COVERS_FROM: usize = 4;
+
+/// crc32c of a record whose bytes from [`CRC_COVERS_FROM`] to the payload's end are `covered`
+/// (the length, the sequence number, the payload): one pass.
 #[inline]
-pub fn record_crc(seq: u64, len: u32, payload: &[u8]) -> u32 {
-    let mut head = [0u8; 12];
-    head[..8].copy_from_slice(&seq.to_le_bytes());
-    head[8..].copy_from_slice(&len.to_le_bytes());
-    crc32c::crc32c_append(crc32c::crc32c(&head), payload)
+pub fn record_crc(covered: &[u8]) -> u32 {
+    crc32c::crc32c(covered)
 }
 
 /// A decoded record header (not yet validated against anything).
@@ -36,18 +38,18 @@ impl Header {
     #[inline]
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        b[..8].copy_from_slice(&self.seq.to_le_bytes());
-        b[8..12].copy_from_slice(&self.len.to_le_bytes());
-        b[12..].copy_from_slice(&self.crc.to_le_bytes());
+        b[..4].copy_from_slice(&self.crc.to_le_bytes());
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..].copy_from_slice(&self.seq.to_le_bytes());
         b
     }
 
     #[inline]
     pub fn decode(b: &[u8; HEADER_LEN]) -> Header {
         Header {
-            seq: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
-            len: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
-            crc: u32::from_le_bytes(b[12..].try_into().expect("4 bytes")),
+            crc: u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
+            len: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
+            seq: u64::from_le_bytes(b[8..].try_into().expect("8 bytes")),
         }
     }
 
@@ -138,8 +140,7 @@ pub fn parse_arrived(
     if size > available {
         return Err(ParseError::Truncated);
     }
-    let payload = &arrived[HEADER_LEN..HEADER_LEN + len];
-    let actual = record_crc(header.seq, header.len, payload);
+    let actual = record_crc(&arrived[CRC_COVERS_FROM..HEADER_LEN + len]);
     if actual != header.crc {
         return Err(ParseError::Crc {
             seq: header.seq,
@@ -158,15 +159,10 @@ pub fn parse_arrived(
 /// Writes a complete record (header and payload) into `dst`, which must be `record_size(len)` long.
 pub fn encode_record(dst: &mut [u8], seq: u64, payload: &[u8]) {
     let len = payload.len() as u32;
-    dst[..HEADER_LEN].copy_from_slice(
-        &Header {
-            seq,
-            len,
-            crc: record_crc(seq, len, payload),
-        }
-        .encode(),
-    );
+    dst[..HEADER_LEN].copy_from_slice(&Header { seq, len, crc: 0 }.encode());
     dst[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+    let crc = record_crc(&dst[CRC_COVERS_FROM..HEADER_LEN + payload.len()]);
+    dst[..4].copy_from_slice(&crc.to_le_bytes());
 }
 
 #[cfg(test)]
@@ -214,18 +210,18 @@ mod tests {
     #[test]
     fn hostile_lengths_are_errors_not_panics() {
         let mut v = framed(1, b"x", 64);
-        v[8..12].copy_from_slice(&1000u32.to_le_bytes());
+        v[4..8].copy_from_slice(&1000u32.to_le_bytes());
         assert!(matches!(
             parse_record(&v, 64, 48),
             Err(ParseError::BadLength { len: 1000, .. })
         ));
-        v[8..12].copy_from_slice(&(PAD_MARKER - 1).to_le_bytes());
+        v[4..8].copy_from_slice(&(PAD_MARKER - 1).to_le_bytes());
         assert!(matches!(
             parse_record(&v, 64, 48),
             Err(ParseError::BadLength { .. })
         ));
         // max_record larger than the segment still cannot make it read past the segment
-        v[8..12].copy_from_slice(&60u32.to_le_bytes());
+        v[4..8].copy_from_slice(&60u32.to_le_bytes());
         assert!(matches!(
             parse_record(&v, 64, 1000),
             Err(ParseError::BadLength { .. })

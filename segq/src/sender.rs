@@ -6,7 +6,7 @@
 //! has exactly one writer.
 
 use crate::geometry::Geometry;
-use crate::record::{record_crc, record_size, Header, HEADER_LEN};
+use crate::record::{record_crc, record_size, Header, CRC_COVERS_FROM, HEADER_LEN};
 use crate::region::Backing;
 use crate::shared::Shared;
 use crate::sync::{Arc, Ordering};
@@ -185,15 +185,19 @@ impl Producer {
             shared.write(geo.offset(self.write_pos), &Header::pad().encode());
         }
         let off = geo.offset(start);
-        shared.track_read(off + HEADER_LEN, len);
-        // SAFETY: the payload was just written by this (unique) producer and isn't published yet.
-        let payload = unsafe { shared.region.slice(off + HEADER_LEN, len) };
-        let header = Header {
+        // The length and sequence number first, then one crc pass over them and the payload.
+        let mut header = Header {
             seq,
             len: len as u32,
-            crc: record_crc(seq, len as u32, payload),
+            crc: 0,
         };
         shared.write(off, &header.encode());
+        let covered = HEADER_LEN - CRC_COVERS_FROM + len;
+        shared.track_read(off + CRC_COVERS_FROM, covered);
+        // SAFETY: the header and payload were just written by this (unique) producer and aren't
+        // published yet.
+        header.crc = record_crc(unsafe { shared.region.slice(off + CRC_COVERS_FROM, covered) });
+        shared.write(off, &header.crc.to_le_bytes());
         self.write_pos = start + record_size(len) as u64;
         self.next_seq = seq + 1;
         // Ordered before the Release below: a reader that saw the record sees its number here.
