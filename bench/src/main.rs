@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 mod peer;
+#[cfg(feature = "verbs")]
+mod peer_perf;
 mod plot;
 mod sim_runs;
 mod stats;

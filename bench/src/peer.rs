@@ -33,7 +33,7 @@ use railover_rdma::LinkParams;
 use serde_json::json;
 
 /// The END record's marker in the sequence field.
-const END: u64 = u64::MAX;
+pub(crate) const END: u64 = u64::MAX;
 
 #[derive(clap::Args, Clone)]
 pub struct PeerArgs {
@@ -74,6 +74,20 @@ pub struct PeerArgs {
     /// what the connections did inside it (`window` in the report).
     #[arg(long)]
     mark_window: bool,
+    /// Instead of the paced stream, a ping-pong (see `peer_perf`): `connect --pingpong N` times
+    /// N round trips, `serve --pingpong` echoes.
+    #[arg(long, num_args = 0..=1, default_missing_value = "0")]
+    pingpong: Option<u64>,
+    /// Instead of the paced stream, a flood: `connect --flood N` sends N records as fast as it
+    /// can, `serve --flood` counts them and reports the rate.
+    #[arg(long, num_args = 0..=1, default_missing_value = "0")]
+    flood: Option<u64>,
+    /// Untimed round trips before the timed ones (`--pingpong`).
+    #[arg(long, default_value_t = 200)]
+    warmup: u64,
+    /// Records committed per post (`--flood`): they go out coalesced, in as few writes as fit.
+    #[arg(long, default_value_t = 16)]
+    batch: u64,
 }
 
 /// What the connections did inside the marked window.
@@ -197,6 +211,9 @@ pub fn serve(args: PeerArgs, port: u16, as_json: bool) {
         })
         .collect();
     let setup = Duration::from_secs(args.setup_secs);
+    let Some(conns) = perf(false, &args, conns) else {
+        return;
+    };
     let reconnect =
         |state: &ResumeState| accept_resuming(config(&args), &devs, &listener, setup, state);
     stream("serve", conns, &args, as_json, &reconnect);
@@ -217,9 +234,37 @@ pub fn connect_to(args: PeerArgs, addr: SocketAddr, as_json: bool) {
         })
         .collect();
     let setup = Duration::from_secs(args.setup_secs);
+    let Some(conns) = perf(true, &args, conns) else {
+        return;
+    };
     let reconnect =
         |state: &ResumeState| connect_resuming(config(&args), &devs, addr, setup, state);
     stream("connect", conns, &args, as_json, &reconnect);
+}
+
+/// Runs `--pingpong` or `--flood` on the first connection (None: it ran); the connections
+/// back if neither was asked for.
+#[cfg(feature = "verbs")]
+fn perf(
+    dialler: bool,
+    a: &PeerArgs,
+    mut conns: Vec<VerbsConnection>,
+) -> Option<Vec<VerbsConnection>> {
+    use crate::peer_perf as p;
+    if a.pingpong.is_none() && a.flood.is_none() {
+        return Some(conns);
+    }
+    println!("connected");
+    let _ = std::io::stdout().flush();
+    let conn = conns.swap_remove(0);
+    match (a.pingpong, a.flood, dialler) {
+        (Some(n), _, true) => p::pingpong_client(conn, a.size, n, a.warmup),
+        (Some(_), _, false) => p::pingpong_server(conn),
+        (_, Some(n), true) => p::flood_client(conn, a.size, n, a.batch.max(1)),
+        (_, _, false) => p::flood_server(conn),
+        (None, None, true) => unreachable!("checked above"),
+    }
+    None
 }
 
 /// One connection's stream and what it saw.

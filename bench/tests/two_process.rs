@@ -756,3 +756,34 @@ fn hostile_clients_do_not_stop_the_listener_from_serving_a_good_one() {
     }
     assert_eq!(c["end_reason"], "Closed");
 }
+
+/// The perftest-style modes `bench/perftest-compare` measures with, one process per host: the
+/// ping-pong gets every record back intact and in turn, and the flood delivers every record in
+/// order with several records per RDMA write (the sender commits 16 per post: coalescing works
+/// on real verbs, where it measured 1.0 message per write before).
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn perftest_style_pingpong_and_flood_deliver_everything_and_the_flood_coalesces() {
+    let (serve, connect) = start_with(1.0, false, &["--pingpong", "300", "--hb-misses", "200"]);
+    let c = connect.report(Duration::from_secs(120));
+    let s = serve.report(Duration::from_secs(60));
+    write_result(&format!("two processes, --pingpong 300: {c}"));
+    let (pc, ps) = (&c["pingpong"], &s["pingpong"]);
+    assert_eq!(n(pc, "wrong_echoes"), 0, "{c}");
+    assert_eq!(n(&pc["rtt"], "count"), 300, "{c}");
+    assert_eq!(n(ps, "echoed"), 300 + n(pc, "warmup"), "{s}");
+    assert_eq!(pc["close"], "ok", "{c}");
+    assert_eq!(ps["end"], "Some(PeerClosed)", "{s}");
+
+    let (serve, connect) = start_with(1.0, false, &["--flood", "20000", "--hb-misses", "200"]);
+    let c = connect.report(Duration::from_secs(120));
+    let s = serve.report(Duration::from_secs(60));
+    write_result(&format!("two processes, --flood 20000: {c} / {s}"));
+    let (fc, fs) = (&c["flood"], &s["flood"]);
+    assert_eq!(n(fs, "sent"), 20_000, "{s}");
+    assert_eq!(n(fs, "delivered"), 20_000, "{s}");
+    assert_eq!(n(fs, "out_of_order"), 0, "{s}");
+    let per_write = fc["messages_per_data_write"].as_f64().expect("number");
+    assert!(per_write >= 2.0, "no coalescing: {c}");
+    assert_eq!(fc["close"], "ok", "{c}");
+}
