@@ -5,9 +5,10 @@ use crate::record::HEADER_LEN;
 
 /// Smallest segment: a header plus a little payload.
 pub const MIN_SEGMENT_SIZE: usize = 64;
-/// Largest ring: byte positions travel in 32-bit immediates, so a ring must stay below 2^31 bytes to
-/// keep a 32-bit position unambiguous within one ring's window.
-pub const MAX_CAPACITY: usize = 1 << 30;
+/// Largest ring: a write's end position travels in the low [`crate::NOTIFY_BITS`] bits of its
+/// immediate, in 8-byte units (a 128 MiB window), and one write never spans more than a ring; a
+/// ring at most half the window keeps every notification unambiguous.
+pub const MAX_CAPACITY: usize = 1 << 26;
 
 /// Why a geometry was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,7 +133,7 @@ mod tests {
             Err(GeometryError::SegmentCount(1))
         );
         assert!(matches!(
-            Geometry::new(1 << 30, 4, 10),
+            Geometry::new(1 << 25, 4, 10),
             Err(GeometryError::TooLarge { .. })
         ));
         assert!(matches!(

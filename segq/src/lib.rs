@@ -27,6 +27,19 @@ mod shared;
 mod sync;
 
 pub use geometry::{Geometry, GeometryError, MAX_CAPACITY, MIN_SEGMENT_SIZE};
+
+/// Bits of a write's immediate that carry its end position (in 8-byte units, modulo 2^24: a
+/// 128 MiB window, twice the largest ring). The 8 bits above are free for the link's own use.
+pub const NOTIFY_BITS: u32 = 24;
+/// Mask of the position bits of an immediate.
+pub const NOTIFY_MASK: u32 = (1 << NOTIFY_BITS) - 1;
+
+/// The position bits of the immediate that announces data up to `end` (an 8-aligned position).
+#[inline]
+pub fn notify_imm_of(end: u64) -> u32 {
+    debug_assert_eq!(end % 8, 0, "ring positions are 8-aligned");
+    ((end / 8) as u32) & NOTIFY_MASK
+}
 pub use lanes::{lanes, LaneControl, LaneError, LaneReservation, LaneWriter};
 pub use mirror::{ConsumeError, MirrorQueue, StreamCursor};
 pub use record::{ParseError, HEADER_LEN};

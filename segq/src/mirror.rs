@@ -102,12 +102,14 @@ impl MirrorQueue {
         self.read_pos < self.complete_pos
     }
 
-    /// Applies a write-with-immediate notification: `imm` is the low 32 bits of the position the
-    /// write ended at. A stale or impossible value (one that would move backwards or beyond one ring
-    /// ahead of the reader) is a protocol error, never silently accepted.
+    /// Applies a write-with-immediate notification: the low [`NOTIFY_BITS`](crate::NOTIFY_BITS)
+    /// bits of `imm` are the position the write ended at, in 8-byte units (see
+    /// [`PendingRange::notify_imm`](crate::PendingRange::notify_imm)); the bits above are the
+    /// caller's and ignored. A stale or impossible value (one that would move backwards or beyond
+    /// one ring ahead of the reader) is a protocol error, never silently accepted.
     pub fn notify(&mut self, imm: u32) -> Result<(), ConsumeError> {
-        let delta = imm.wrapping_sub(self.complete_pos as u32) as u64;
-        let claimed = self.complete_pos + delta;
+        let units = imm.wrapping_sub(crate::notify_imm_of(self.complete_pos)) & crate::NOTIFY_MASK;
+        let claimed = self.complete_pos + u64::from(units) * 8;
         let limit = self.read_pos + self.geo.capacity() as u64;
         if claimed > limit {
             return Err(ConsumeError::BadNotification {

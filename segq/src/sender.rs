@@ -49,9 +49,11 @@ impl PendingRange {
     pub fn is_empty(&self) -> bool {
         self.start == self.end
     }
-    /// The immediate that notifies the receiver: the low 32 bits of the end position.
+    /// The immediate that notifies the receiver: the end position in 8-byte units, its low
+    /// [`NOTIFY_BITS`](crate::NOTIFY_BITS) bits. The bits above are zero: the caller may carry
+    /// its own there ([`MirrorQueue::notify`](crate::MirrorQueue::notify) ignores them).
     pub fn notify_imm(&self) -> u32 {
-        self.end as u32
+        crate::notify_imm_of(self.end)
     }
 }
 

@@ -6,7 +6,8 @@ use std::collections::VecDeque;
 
 use proptest::prelude::*;
 use railover_segq::{
-    Backing, Geometry, MirrorQueue, PendingRange, PushError, SendQueue, StreamCursor,
+    notify_imm_of, Backing, Geometry, MirrorQueue, PendingRange, PushError, SendQueue,
+    StreamCursor, NOTIFY_BITS,
 };
 
 #[derive(Debug, Clone)]
@@ -230,12 +231,15 @@ fn copy_reports_whether_only_the_current_segment_was_unacked() {
 fn stale_or_impossible_notifications_are_refused() {
     let geo = Geometry::new(64, 4, 48).unwrap();
     let mut m = MirrorQueue::new(geo, Backing::Heap).unwrap();
-    m.notify(24).unwrap();
+    m.notify(notify_imm_of(24)).unwrap();
     // An old immediate delivered again (rdma-core 44's rxe CQ bug) must not pass as new data.
-    assert!(m.notify(16).is_err());
+    assert!(m.notify(notify_imm_of(16)).is_err());
     assert!(
-        m.notify(24 + 257).is_err(),
+        m.notify(notify_imm_of(24 + 264)).is_err(),
         "beyond one ring ahead of the reader"
     );
     assert_eq!(m.complete_pos(), 24);
+    // The bits above the position are the caller's: ignored.
+    m.notify(notify_imm_of(32) | 0xab << NOTIFY_BITS).unwrap();
+    assert_eq!(m.complete_pos(), 32);
 }
