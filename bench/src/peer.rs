@@ -52,9 +52,12 @@ pub struct PeerArgs {
     /// This side closes the connection (gracefully) once both streams are complete.
     #[arg(long)]
     closer: bool,
-    /// Missed 1 ms heartbeats before a rail is declared dead (TCG emulation needs ~30; NICs 3).
+    /// Missed heartbeats before a rail is declared dead (TCG emulation needs ~30 of 1 ms; NICs 3).
     #[arg(long, default_value_t = 30)]
     hb_misses: u32,
+    /// Heartbeat interval (us).
+    #[arg(long, default_value_t = 1000)]
+    hb_interval_us: u64,
     /// How long the peer may be unresponsive before the session ends (ms).
     #[arg(long, default_value_t = 20_000)]
     session_timeout_ms: u64,
@@ -134,7 +137,7 @@ fn config(a: &PeerArgs) -> Config {
     Config::builder()
         .rails(a.devices.len())
         .geometry(64 * 1024, 16, a.size.max(64))
-        .heartbeat_interval_ns(1_000_000)
+        .heartbeat_interval_ns(a.hb_interval_us * 1_000)
         .heartbeat_misses(a.hb_misses)
         .session_timeout_ns(a.session_timeout_ms * 1_000_000)
         .close_linger_ns(5_000_000_000)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use railover_rdma::{AsyncEvent, Completion, CompletionKind, WcStatus};
 use railover_segq::{
     LaneControl, LaneError, LaneWriter, MirrorQueue, PushError, Region, Reservation, SendQueue,
-    StreamCursor,
+    StreamCursor, NOTIFY_BITS,
 };
 
 use crate::config::{Config, MAX_RAILS};
@@ -300,6 +300,9 @@ struct Rail {
     outstanding: u32,
     /// Writes posted unsignaled since the last signaled one (outstanding until it completes).
     unsignaled: u32,
+    /// A data write posted since the last heartbeat tick: its immediate carried the heartbeat
+    /// number, so the tick's control block may be skipped (see [`Core::check_liveness`]).
+    beat_in_data: bool,
     recv_credits: u32,
     ctrl_due: bool,
     reported_consumed: u64,
@@ -319,7 +322,32 @@ struct Rail {
     ctrl_seen: [u64; 7],
 }
 
+/// The heartbeat number's low bits, placed above the position bits of a data write's immediate.
+fn beat_bits(beat: u64) -> u32 {
+    ((beat as u32) & ((1 << (32 - NOTIFY_BITS)) - 1)) << NOTIFY_BITS
+}
+
 impl Rail {
+    /// A data write on this rail carried the peer's heartbeat number's low bits (`low`): if that
+    /// is a later beat than the last one heard here, it counts as that beat (the peer ran and
+    /// this rail carried it). Returns whether it was new. Beats on a rail arrive in order and a
+    /// rail carries one at least every interval, so the low bits are ahead by less than half
+    /// their range; a value behind (an older beat than a block already brought) is not news.
+    /// Before the rail has heard a full beat number (a block) its data says nothing.
+    fn heard_beat_low_bits(&mut self, low: u32, now: Nanos) -> bool {
+        if self.peer_heartbeat == 0 {
+            return false;
+        }
+        let range = 1u64 << (32 - NOTIFY_BITS);
+        let ahead = (u64::from(low).wrapping_sub(self.peer_heartbeat)) & (range - 1);
+        if ahead == 0 || ahead >= range / 2 {
+            return false;
+        }
+        self.peer_heartbeat += ahead;
+        self.peer_seen_at = now;
+        true
+    }
+
     /// Whether a control block is due on this rail and a work request is free for it.
     fn ctrl_postable(&self, max_wr: u32) -> bool {
         self.state != RailState::Failed && self.ctrl_due && self.outstanding < max_wr
@@ -370,8 +398,13 @@ pub struct Core {
     /// Heartbeats sent, numbered alike on every rail: the peer compares rails by the numbers
     /// they carried, not by when they arrived (a rail's queue can deliver old beats late).
     beat: u64,
+    /// A heartbeat the active rail skipped at the last tick, expecting a data write to carry
+    /// it: by then its block goes after all (see [`Core::check_liveness`]).
+    beat_owed_at: Option<Nanos>,
     /// Whether the last receive found anything announced (else it changed nothing).
     recv_touched: bool,
+    /// Between a lost re-arm channel and its restoration.
+    rearm_channel_down: bool,
     /// Whether a write-with-immediate notification may have announced records not yet consumed
     /// (else a receive has nothing to look at: the common empty poll returns at once).
     maybe_arrived: bool,
@@ -416,6 +449,7 @@ impl Core {
                 peer_seen_at: now,
                 outstanding: 0,
                 unsignaled: 0,
+                beat_in_data: false,
                 recv_credits: 0,
                 ctrl_due: true,
                 reported_consumed: 0,
@@ -445,8 +479,10 @@ impl Core {
             now,
             next_heartbeat: now + cfg.heartbeat_interval_ns,
             beat: 0,
+            beat_owed_at: None,
             recv_touched: false,
             maybe_arrived: false,
+            rearm_channel_down: false,
             rescan: true,
             io: VecDeque::with_capacity(4 * MAX_RAILS),
             events: VecDeque::with_capacity(64),
@@ -836,6 +872,8 @@ impl Core {
                 self.lanes.poster(a).mark_posted(&range);
                 rail.outstanding += 1;
                 rail.imm_posted += 1;
+                rail.beat_in_data = true;
+                self.beat_owed_at = None; // this write carries the current beat
                 self.stats.data_writes += 1;
                 let id = wr_id(rail.generation, KIND_DATA, a);
                 let signaled =
@@ -854,7 +892,7 @@ impl Core {
                     len: range.len(),
                     remote: Buf::Ring,
                     remote_offset: range.offset as u64,
-                    imm: Some(range.notify_imm()),
+                    imm: Some(range.notify_imm() | beat_bits(self.beat)),
                     signaled,
                 });
             }
@@ -939,7 +977,15 @@ impl Core {
             .map(|r| r.failed_at + self.cfg.rearm_after_ns)
             .min();
         let next = rearm.map_or(self.next_heartbeat, |t| t.min(self.next_heartbeat));
+        let next = self.beat_owed_at.map_or(next, |t| t.min(next));
         Some(self.closing_until.map_or(next, |t| t.min(next)))
+    }
+
+    /// Tells the core the time before the driver hands it completions (a beat a data write
+    /// carries is heard at this time); [`Core::handle_timeout`] still runs the timers.
+    #[inline]
+    pub fn observe_time(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
     }
 
     /// Advances the clock: heartbeats, heartbeat-miss detection, acknowledgements, re-arm requests.
@@ -948,6 +994,7 @@ impl Core {
         // The steady-state poll: no timer due, no failed rail, not closing, and neither peer
         // control block changed since it was last processed (a few loads per rail).
         if now < self.next_heartbeat
+            && self.beat_owed_at.is_none()
             && now >= self.now
             && self.closing_until.is_none()
             && self.ended.is_none()
@@ -998,6 +1045,14 @@ impl Core {
             self.next_heartbeat = self.now + self.cfg.heartbeat_interval_ns;
             self.rescan = true;
             self.check_liveness();
+        } else if self.beat_owed_at.is_some_and(|t| self.now >= t) {
+            // No data write carried the skipped beat in time: its block goes now.
+            self.beat_owed_at = None;
+            self.rescan = true;
+            let active = &mut self.rails[self.active];
+            if active.state != RailState::Failed {
+                active.ctrl_due = true;
+            }
         }
         if self.ended.is_some() {
             return;
@@ -1024,7 +1079,8 @@ impl Core {
     /// unresponsive (a wire that really died meanwhile is still caught by the RC retry budget of
     /// the heartbeats posted on it). A peer silent past the session timeout ends the session.
     fn check_liveness(&mut self) {
-        let timeout = self.cfg.heartbeat_timeout_ns();
+        // (The peer may hold a beat back for a quarter interval, for a data write to carry it.)
+        let timeout = self.cfg.heartbeat_timeout_ns() + self.cfg.heartbeat_interval_ns / 4;
         let misses = u64::from(self.cfg.heartbeat_misses());
         self.beat += 1;
         // Per live rail: since when it is silent past its limit (None: not silent).
@@ -1032,11 +1088,27 @@ impl Core {
         let mut all_silent = true;
         let mut latest_heard: Option<Nanos> = None;
         let mut latest_beat = 0;
+        let live = self
+            .rails
+            .iter()
+            .filter(|r| r.state != RailState::Failed)
+            .count();
+        let owed_at = self.now + self.cfg.heartbeat_interval_ns / 4;
+        self.beat_owed_at = None;
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.state == RailState::Failed {
                 continue;
             }
-            rail.ctrl_due = true;
+            // The active rail's data writes carried the last interval's beat in their
+            // immediates, and another live rail's block carries the acknowledgements: this
+            // beat rides on the next data write instead of a block of its own, unless none is
+            // posted within a quarter interval (then the block goes after all).
+            if rail.state == RailState::Active && rail.beat_in_data && live > 1 {
+                self.beat_owed_at = Some(owed_at);
+            } else {
+                rail.ctrl_due = true;
+            }
+            rail.beat_in_data = false;
             // A rail that has not yet heard the peer since it (re)connected gets a longer grace:
             // the first packets of a new connection can take tens of ms (address resolution).
             let proven = rail.peer_heartbeat != 0;
@@ -1157,7 +1229,12 @@ impl Core {
                     r.ctrl_due = true;
                 }
                 match r.rx.notify(imm) {
-                    Ok(()) => self.maybe_arrived = true,
+                    Ok(()) => {
+                        self.maybe_arrived = true;
+                        if r.heard_beat_low_bits(imm >> NOTIFY_BITS, self.now) {
+                            self.peer_heard();
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(rail, error = %e, "impossible notification");
                         self.fail_rail(rail, FailReason::Protocol);
@@ -1216,6 +1293,7 @@ impl Core {
         r.beat_floor = floor;
         r.outstanding = 0;
         r.unsignaled = 0;
+        r.beat_in_data = false;
         r.recv_credits = 0;
         r.ctrl_due = true;
         r.reported_consumed = 0;
@@ -1251,13 +1329,21 @@ impl Core {
     /// restored (the user is told).
     pub fn rearm_channel_lost(&mut self, now: Nanos) {
         self.now = self.now.max(now);
+        self.rearm_channel_down = true;
         self.push_event(Event::RearmChannelLost { at: self.now });
     }
 
     /// The driver has a re-arm channel again.
     pub fn rearm_channel_restored(&mut self, now: Nanos) {
         self.now = self.now.max(now);
+        self.rearm_channel_down = false;
         self.push_event(Event::RearmChannelRestored { at: self.now });
+    }
+
+    /// Whether the re-arm channel is lost right now (between [`Event::RearmChannelLost`] and
+    /// [`Event::RearmChannelRestored`]): a rail that fails meanwhile can't come back yet.
+    pub fn rearm_channel_down(&self) -> bool {
+        self.rearm_channel_down
     }
 
     /// The driver could not re-arm `rail` now; it will be asked again later.
@@ -1315,7 +1401,8 @@ impl Core {
             self.rails[r].ctrl_seen = raw;
             let now = self.now;
             let rail = &mut self.rails[r];
-            if c.heartbeat != rail.peer_heartbeat {
+            // Beats only move forward: a data write's immediate may have carried a later one.
+            if c.heartbeat > rail.peer_heartbeat {
                 rail.peer_heartbeat = c.heartbeat;
                 rail.peer_seen_at = now;
                 self.peer_heard();
@@ -1410,7 +1497,8 @@ impl Core {
             reason,
             at: now,
         });
-        // Tell the peer over every rail still alive.
+        // Tell the peer over every rail still alive (an owed beat goes with it).
+        self.beat_owed_at = None;
         for other in self
             .rails
             .iter_mut()
@@ -1525,6 +1613,28 @@ mod tests {
         }
         .store(&r);
         r.read_words(0)
+    }
+
+    /// A data write's immediate carries the beat number's low 8 bits: a later beat counts
+    /// (across the wrap of the low bits), an earlier or equal one does not, and an unproven rail
+    /// (no full beat number yet) learns nothing from it.
+    #[test]
+    fn beats_carried_by_data_count_only_forward() {
+        let cfg = Config::builder().rails(2).build().unwrap();
+        let mut core = Core::new(cfg, 0).unwrap();
+        let rail = &mut core.rails[0];
+        assert!(!rail.heard_beat_low_bits(5, 10), "unproven rail");
+        assert_eq!(rail.peer_heartbeat, 0);
+        rail.peer_heartbeat = 254;
+        assert!(rail.heard_beat_low_bits(255, 20));
+        assert_eq!((rail.peer_heartbeat, rail.peer_seen_at), (255, 20));
+        assert!(rail.heard_beat_low_bits(1, 30), "across the wrap");
+        assert_eq!(rail.peer_heartbeat, 257);
+        assert!(!rail.heard_beat_low_bits(1, 40), "the same beat again");
+        assert!(!rail.heard_beat_low_bits(255, 50), "an older beat");
+        assert_eq!((rail.peer_heartbeat, rail.peer_seen_at), (257, 30));
+        assert_eq!(beat_bits(257) >> NOTIFY_BITS, 1);
+        assert_eq!(beat_bits(257) & railover_segq::NOTIFY_MASK, 0);
     }
 
     /// The poll's fast path compares only the crc word. A block whose crc word landed before the

@@ -14,6 +14,10 @@
 //!                          down): the peer ends its side without treating the silence as a fault
 //! 48 crc              u64  crc32c of bytes 0..48 (low 32 bits)
 //! ```
+//!
+//! The heartbeat number's low 8 bits also ride in every data write's immediate (above the 24
+//! position bits): while the active rail carries data, its block is skipped at a heartbeat tick
+//! (see `Core::check_liveness`).
 
 use railover_segq::Region;
 

@@ -770,6 +770,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// [`Connection::progress`], returning how many completions and device events it handled.
     fn progress_counted(&mut self) -> usize {
         let now = self.clock.now();
+        self.core.observe_time(now);
         let mut handled = 0;
         let mut fatal = [false; MAX_RAILS];
         // With a control thread, it reads the cards' events (a system call each) and forwards them.

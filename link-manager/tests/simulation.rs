@@ -500,11 +500,13 @@ fn run_seed(seed: u64) -> Outcome {
         let b_dead = pair.b.core().is_dead();
         let done_ab = ab.sent.len() >= target && ab.delivered == ab.sent.len();
         let done_ba = ba.sent.len() >= target && ba.delivered == ba.sent.len();
-        // Redundancy restored: once the wires are back, every rail is up again on both sides.
+        // Redundancy restored: once the wires are back, every rail is up again on both sides,
+        // and so is the re-arm channel (a rail failing later could come back).
         let restored = (0..rails).all(|r| {
             pair.a.core().rail_state(r) != RailState::Failed
                 && pair.b.core().rail_state(r) != RailState::Failed
-        });
+        }) && !pair.a.core().rearm_channel_down()
+            && !pair.b.core().rearm_channel_down();
         let quiet = faults.peek().is_none() && pending.is_empty() && !a_paused && !b_paused;
         if (done_ab && done_ba && quiet && restored) || (a_dead && b_dead) {
             break;

@@ -1,0 +1,119 @@
+//! Heartbeats ride on data: while the active rail carries data writes, their immediates carry
+//! the heartbeat number and the rail sends no heartbeat block of its own (the standby still
+//! does, with the acknowledgements); once the data stops, the blocks come back. Either way the
+//! peer hears every rail and fails none.
+
+use railover::core::Event;
+use railover::sim::SimPair;
+use railover::{Config, RailState};
+
+const MS: u64 = 1_000_000;
+
+/// Host 1's control writes during `intervals` heartbeat intervals, sending one record every
+/// `every_ns` (0: none) while host 2 receives; returns (control writes, records delivered).
+fn run(p: &mut SimPair, intervals: u64, every_ns: u64) -> (u64, usize) {
+    let before = p.a.stats().control_writes;
+    let end = p.now() + intervals * MS;
+    let mut delivered = 0;
+    let mut next_send = p.now();
+    while p.now() < end {
+        if every_ns > 0 && p.now() >= next_send {
+            p.a.send(&[7u8; 64]).expect("send");
+            next_send += every_ns;
+        }
+        let limit = if every_ns > 0 {
+            next_send.min(end)
+        } else {
+            end
+        };
+        p.step(limit.max(p.now() + 1));
+        delivered += p.b.poll(|m| assert_eq!(m, &[7u8; 64])).expect("poll");
+        p.a.poll(|_| {}).expect("poll");
+    }
+    (p.a.stats().control_writes - before, delivered)
+}
+
+#[test]
+fn a_rail_carrying_data_sends_no_heartbeat_blocks_and_no_rail_is_failed() {
+    let cfg = Config::builder()
+        .rails(2)
+        .heartbeat_interval_ns(MS)
+        .heartbeat_misses(3)
+        .build()
+        .unwrap();
+    let mut p = SimPair::new(cfg, 11, 2_000).unwrap();
+    run(&mut p, 5, 0); // connected, both rails proven
+    let (idle_blocks, _) = run(&mut p, 100, 0);
+    let (streaming_blocks, delivered) = run(&mut p, 100, 50_000);
+    let (idle_again, _) = run(&mut p, 100, 0);
+    eprintln!(
+        "host 1's control writes per 100 intervals: idle {idle_blocks}, streaming {streaming_blocks}, idle again {idle_again}"
+    );
+    assert!(delivered >= 1_990, "the stream was delivered: {delivered}");
+    // Idle: a block per rail per interval. Streaming: the standby's alone (the active rail's
+    // beats rode on the data).
+    assert!(idle_blocks >= 190, "idle: {idle_blocks}");
+    assert!(
+        streaming_blocks * 10 <= idle_blocks * 6,
+        "streaming: {streaming_blocks} blocks against {idle_blocks} idle"
+    );
+    assert!(idle_again >= 190, "the blocks came back: {idle_again}");
+    for (who, c) in [("host 1", &mut p.a), ("host 2", &mut p.b)] {
+        while let Some(e) = c.poll_event() {
+            assert!(
+                !matches!(
+                    e,
+                    Event::RailDown { .. }
+                        | Event::Failover { .. }
+                        | Event::PeerUnresponsive { .. }
+                ),
+                "{who}: {e:?}"
+            );
+        }
+        for r in 0..2 {
+            assert_ne!(c.core().rail_state(r), RailState::Failed, "{who}: rail {r}");
+        }
+    }
+}
+
+/// A black hole on the active wire while it carries data is still found by the heartbeat rule
+/// (its data, and so its beats, stop arriving while the standby's go on) and failed over, with
+/// nothing lost.
+#[test]
+fn a_black_hole_under_a_stream_is_still_caught_by_the_beats() {
+    let cfg = Config::builder()
+        .rails(2)
+        .heartbeat_interval_ns(MS)
+        .heartbeat_misses(3)
+        .build()
+        .unwrap();
+    let mut p = SimPair::new(cfg, 12, 2_000).unwrap();
+    run(&mut p, 5, 0);
+    let (_, before) = run(&mut p, 10, 50_000);
+    let wire = p.wires[0];
+    p.fabric.black_hole(wire);
+    let (_, during) = run(&mut p, 30, 50_000);
+    let mut downs = Vec::new();
+    while let Some(e) = p.b.poll_event() {
+        if let Event::RailDown { rail, reason, .. } = e {
+            downs.push((rail, reason));
+        }
+    }
+    while let Some(e) = p.a.poll_event() {
+        if let Event::RailDown { rail, reason, .. } = e {
+            downs.push((rail, reason));
+        }
+    }
+    assert!(
+        downs.iter().any(|(rail, _)| *rail == 0),
+        "the black-holed rail was not failed: {downs:?}"
+    );
+    assert_eq!(p.a.core().active_rail(), 1, "traffic moved to the standby");
+    // Everything sent so far arrives (the last records of the run may still be in flight).
+    let (_, after) = run(&mut p, 10, 0);
+    assert_eq!(
+        (before + during + after) as u64,
+        p.a.core().last_sent_seq(),
+        "lost records"
+    );
+}
