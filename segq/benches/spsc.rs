@@ -182,6 +182,7 @@ fn compare() {
         "{:<6} {:<11} {:>14} {:>10} {:>10} {:>12} {:>12}",
         "size", "queue", "msgs/s", "p50 ns", "p99 ns", "segq/x rate", "x/segq p50"
     );
+    let mut ratio_lines = Vec::new();
     for size in [64usize, 1024] {
         let n = 1_000_000u64;
         let mut rates = vec![Vec::new(); QUEUES.len()];
@@ -220,7 +221,18 @@ fn compare() {
                 segq_rate / r,
                 p50 as f64 / segq_p50
             );
+            if *name == "rtrb" {
+                ratio_lines.push(format!(
+                    "segq/rtrb {size}B rate ratio: {:.2}\nsegq/rtrb {size}B p50 handoff ratio: {:.2}",
+                    segq_rate / r,
+                    segq_p50 / p50 as f64
+                ));
+            }
         }
+    }
+    println!();
+    for line in ratio_lines {
+        println!("{line}");
     }
 }
 
