@@ -303,6 +303,9 @@ struct Rail {
     /// A data write posted since the last heartbeat tick: its immediate carried the heartbeat
     /// number, so the tick's control block may be skipped (see [`Core::check_liveness`]).
     beat_in_data: bool,
+    /// The peer's data arrived on this rail since the last block that brought a new beat: the
+    /// peer may skip its next block here (its next data write carries the beat).
+    data_since_block: bool,
     recv_credits: u32,
     ctrl_due: bool,
     reported_consumed: u64,
@@ -450,6 +453,7 @@ impl Core {
                 outstanding: 0,
                 unsignaled: 0,
                 beat_in_data: false,
+                data_since_block: false,
                 recv_credits: 0,
                 ctrl_due: true,
                 reported_consumed: 0,
@@ -1079,8 +1083,7 @@ impl Core {
     /// unresponsive (a wire that really died meanwhile is still caught by the RC retry budget of
     /// the heartbeats posted on it). A peer silent past the session timeout ends the session.
     fn check_liveness(&mut self) {
-        // (The peer may hold a beat back for a quarter interval, for a data write to carry it.)
-        let timeout = self.cfg.heartbeat_timeout_ns() + self.cfg.heartbeat_interval_ns / 4;
+        let timeout = self.cfg.heartbeat_timeout_ns();
         let misses = u64::from(self.cfg.heartbeat_misses());
         self.beat += 1;
         // Per live rail: since when it is silent past its limit (None: not silent).
@@ -1112,8 +1115,15 @@ impl Core {
             // A rail that has not yet heard the peer since it (re)connected gets a longer grace:
             // the first packets of a new connection can take tens of ms (address resolution).
             let proven = rail.peer_heartbeat != 0;
+            // A rail the peer's data arrived on since its last block: the peer may hold the
+            // next beat back for a quarter interval, for a data write to carry it.
+            let held_back = if rail.data_since_block {
+                self.cfg.heartbeat_interval_ns / 4
+            } else {
+                0
+            };
             let limit = if proven {
-                timeout
+                timeout + held_back
             } else {
                 timeout.max(self.cfg.first_contact_grace_ns)
             };
@@ -1131,7 +1141,10 @@ impl Core {
         for (r, since) in silent_since.into_iter().enumerate() {
             let Some(since) = since else { continue };
             let rail = &self.rails[r];
-            let missed = latest_beat >= rail.peer_heartbeat.max(rail.beat_floor) + misses;
+            // A rail carrying the peer's data may lack the one beat the peer skipped (it rides on
+            // the next data write): one beat more before it counts as missed.
+            let skipped = u64::from(rail.data_since_block);
+            let missed = latest_beat >= rail.peer_heartbeat.max(rail.beat_floor) + misses + skipped;
             // Otherwise silent, but the others carried nothing it missed: the peer fell silent.
             if missed && latest_heard.is_some_and(|heard| heard > since) {
                 self.fail_rail(r, FailReason::HeartbeatMiss);
@@ -1231,6 +1244,7 @@ impl Core {
                 match r.rx.notify(imm) {
                     Ok(()) => {
                         self.maybe_arrived = true;
+                        r.data_since_block = true;
                         if r.heard_beat_low_bits(imm >> NOTIFY_BITS, self.now) {
                             self.peer_heard();
                         }
@@ -1294,6 +1308,7 @@ impl Core {
         r.outstanding = 0;
         r.unsignaled = 0;
         r.beat_in_data = false;
+        r.data_since_block = false;
         r.recv_credits = 0;
         r.ctrl_due = true;
         r.reported_consumed = 0;
@@ -1404,6 +1419,7 @@ impl Core {
             // Beats only move forward: a data write's immediate may have carried a later one.
             if c.heartbeat > rail.peer_heartbeat {
                 rail.peer_heartbeat = c.heartbeat;
+                rail.data_since_block = false;
                 rail.peer_seen_at = now;
                 self.peer_heard();
             }

@@ -17,8 +17,11 @@ fn run(p: &mut SimPair, intervals: u64, every_ns: u64) -> (u64, usize) {
     let mut delivered = 0;
     let mut next_send = p.now();
     while p.now() < end {
+        // (A paused host runs nothing: no send, no poll.)
         if every_ns > 0 && p.now() >= next_send {
-            p.a.send(&[7u8; 64]).expect("send");
+            if !p.is_paused(false) {
+                p.a.send(&[7u8; 64]).expect("send");
+            }
             next_send += every_ns;
         }
         let limit = if every_ns > 0 {
@@ -27,8 +30,12 @@ fn run(p: &mut SimPair, intervals: u64, every_ns: u64) -> (u64, usize) {
             end
         };
         p.step(limit.max(p.now() + 1));
-        delivered += p.b.poll(|m| assert_eq!(m, &[7u8; 64])).expect("poll");
-        p.a.poll(|_| {}).expect("poll");
+        if !p.is_paused(true) {
+            delivered += p.b.poll(|m| assert_eq!(m, &[7u8; 64])).expect("poll");
+        }
+        if !p.is_paused(false) {
+            p.a.poll(|_| {}).expect("poll");
+        }
     }
     (p.a.stats().control_writes - before, delivered)
 }
@@ -116,4 +123,38 @@ fn a_black_hole_under_a_stream_is_still_caught_by_the_beats() {
         p.a.core().last_sent_seq(),
         "lost records"
     );
+}
+
+/// Seed 2881's shape: host 1 skips its active rail's block at a tick (its data carried the beat)
+/// and stops right then (descheduled, 1.6 ms), while the active wire turns slow (+1.9 ms for
+/// 3 ms). The active rail then lacks one beat the standby carried, and its next beats arrive
+/// late: it is slow, not dead, and no rail may be failed for it.
+#[test]
+fn a_sender_stopped_right_after_skipping_a_beat_fails_no_rail_on_a_slow_wire() {
+    let cfg = Config::builder()
+        .rails(2)
+        .heartbeat_interval_ns(MS)
+        .heartbeat_misses(3)
+        .build()
+        .unwrap();
+    let mut p = SimPair::new(cfg, 13, 2_000).unwrap();
+    run(&mut p, 5, 0);
+    run(&mut p, 5, 50_000); // ends on a tick, processed with data sent in the interval before
+    assert_eq!(p.now() % MS, 0, "on a tick");
+    p.pause(false, p.now() + 1_619_000);
+    let wire = p.wires[0];
+    let spike_at = p.now() + 154_000;
+    while p.now() < spike_at {
+        p.step(spike_at);
+    }
+    p.fabric.latency_spike(wire, 1_864_000, 3 * MS);
+    run(&mut p, 20, 50_000);
+    for (who, c) in [("host 1", &mut p.a), ("host 2", &mut p.b)] {
+        while let Some(e) = c.poll_event() {
+            assert!(
+                !matches!(e, Event::RailDown { .. } | Event::Failover { .. }),
+                "{who}: {e:?}"
+            );
+        }
+    }
 }
