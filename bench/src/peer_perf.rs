@@ -18,22 +18,13 @@ use serde_json::json;
 
 use crate::peer::END;
 use crate::stats::{histogram, summarize_us};
+use crate::verbs_runs::send_retry;
 
 /// How long the side that did not close waits for the peer's close before it reports anyway.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 fn seq_of(m: &[u8]) -> u64 {
     u64::from_le_bytes(m[..8].try_into().expect("records are at least 16 bytes"))
-}
-
-fn send_retry(c: &mut VerbsConnection, m: &[u8]) {
-    loop {
-        match c.send(m) {
-            Ok(_) => return,
-            Err(SendError::Backpressure) => c.progress(),
-            Err(e) => panic!("send: {e}"),
-        }
-    }
 }
 
 /// The END record, then a graceful close (the peer delivered everything, or 5 s passed).

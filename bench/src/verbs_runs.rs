@@ -50,7 +50,8 @@ fn pair(size: usize, host1: &[String], host2: &[String]) -> (VerbsConnection, Ve
     (a, t.join().expect("host 2 thread"))
 }
 
-fn send_retry(c: &mut VerbsConnection, m: &[u8]) {
+/// Sends `m`, letting the connection progress while its ring is full.
+pub(crate) fn send_retry(c: &mut VerbsConnection, m: &[u8]) {
     loop {
         match c.send(m) {
             Ok(_) => return,

@@ -9,6 +9,17 @@ use railover::{Config, RailState};
 
 const MS: u64 = 1_000_000;
 
+/// Two rails, 1 ms heartbeats, 3 misses; 2 us wires.
+fn pair(seed: u64) -> SimPair {
+    let cfg = Config::builder()
+        .rails(2)
+        .heartbeat_interval_ns(MS)
+        .heartbeat_misses(3)
+        .build()
+        .unwrap();
+    SimPair::new(cfg, seed, 2_000).unwrap()
+}
+
 /// Host 1's control writes during `intervals` heartbeat intervals, sending one record every
 /// `every_ns` (0: none) while host 2 receives; returns (control writes, records delivered).
 fn run(p: &mut SimPair, intervals: u64, every_ns: u64) -> (u64, usize) {
@@ -42,13 +53,7 @@ fn run(p: &mut SimPair, intervals: u64, every_ns: u64) -> (u64, usize) {
 
 #[test]
 fn a_rail_carrying_data_sends_no_heartbeat_blocks_and_no_rail_is_failed() {
-    let cfg = Config::builder()
-        .rails(2)
-        .heartbeat_interval_ns(MS)
-        .heartbeat_misses(3)
-        .build()
-        .unwrap();
-    let mut p = SimPair::new(cfg, 11, 2_000).unwrap();
+    let mut p = pair(11);
     run(&mut p, 5, 0); // connected, both rails proven
     let (idle_blocks, _) = run(&mut p, 100, 0);
     let (streaming_blocks, delivered) = run(&mut p, 100, 50_000);
@@ -88,13 +93,7 @@ fn a_rail_carrying_data_sends_no_heartbeat_blocks_and_no_rail_is_failed() {
 /// nothing lost.
 #[test]
 fn a_black_hole_under_a_stream_is_still_caught_by_the_beats() {
-    let cfg = Config::builder()
-        .rails(2)
-        .heartbeat_interval_ns(MS)
-        .heartbeat_misses(3)
-        .build()
-        .unwrap();
-    let mut p = SimPair::new(cfg, 12, 2_000).unwrap();
+    let mut p = pair(12);
     run(&mut p, 5, 0);
     let (_, before) = run(&mut p, 10, 50_000);
     let wire = p.wires[0];
@@ -131,13 +130,7 @@ fn a_black_hole_under_a_stream_is_still_caught_by_the_beats() {
 /// late: it is slow, not dead, and no rail may be failed for it.
 #[test]
 fn a_sender_stopped_right_after_skipping_a_beat_fails_no_rail_on_a_slow_wire() {
-    let cfg = Config::builder()
-        .rails(2)
-        .heartbeat_interval_ns(MS)
-        .heartbeat_misses(3)
-        .build()
-        .unwrap();
-    let mut p = SimPair::new(cfg, 13, 2_000).unwrap();
+    let mut p = pair(13);
     run(&mut p, 5, 0);
     run(&mut p, 5, 50_000); // ends on a tick, processed with data sent in the interval before
     assert_eq!(p.now() % MS, 0, "on a tick");
