@@ -179,7 +179,7 @@ impl ConfigBuilder {
         self.session_timeout_ns = ns;
         self
     }
-    /// How long [`crate::Connection::close`] (and dropping a connection) waits for the peer to
+    /// How long [`Receiver::close`](crate::runtime::Receiver::close) (and dropping a connection) waits for the peer to
     /// deliver every record accepted before telling it the connection is closed (default 1 s).
     pub fn close_linger_ns(mut self, ns: u64) -> Self {
         self.close_linger_ns = ns;

@@ -801,7 +801,7 @@ impl Core {
     /// Visits every record accepted for sending but not known delivered, in order. After the
     /// session ended these are the records the user must treat as not sent. They may include
     /// records the peer delivered but whose acknowledgement never arrived; a connection that
-    /// resumes the stream ([`Core::resume_from`]) discards those by sequence number.
+    /// resumes the stream ([`Core::new_resuming`]) discards those by sequence number.
     pub fn unacked(&self, f: impl FnMut(u64, &[u8])) {
         self.lanes.poster_ref(self.active).for_each_unacked(f)
     }

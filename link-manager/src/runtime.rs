@@ -558,7 +558,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
 
     /// Validates the peer's hellos, connects every rail and starts the connection. Use this when
     /// the peer is known to be connected too (one process); across hosts use
-    /// [`PendingConnection::connect_links`], a barrier with the peer, then [`Connection::start`].
+    /// [`PendingConnection::connect_links`], a barrier with the peer, then [`Receiver::start`].
     pub fn connect(self, peer: &[Hello]) -> Result<Connection<N, C>, ConnectError> {
         let mut conn = self.connect_links(peer)?;
         conn.start();
@@ -639,7 +639,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         n
     }
 
-    /// Blocking form of [`Connection::poll`]: sleeps (completion channels, device events) until
+    /// Blocking form of [`Receiver::poll`]: sleeps (completion channels, device events) until
     /// a message arrives or `timeout_ns` pass; returns how many were delivered (0: timed out).
     /// The thread still wakes at every heartbeat interval to heart-beat and check its rails.
     pub fn poll_blocking(
@@ -657,7 +657,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
     }
 
-    /// Blocking form of [`Connection::recv`]: `Ok(None)` when nothing arrived within `timeout_ns`.
+    /// Blocking form of [`Receiver::recv`]: `Ok(None)` when nothing arrived within `timeout_ns`.
     pub fn recv_blocking(
         &mut self,
         buf: &mut [u8],
@@ -1187,7 +1187,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         &self.core
     }
 
-    /// When the connection next needs [`Connection::progress`] even if nothing arrives.
+    /// When the connection next needs [`Receiver::progress`] even if nothing arrives.
     pub fn next_timeout(&self) -> Option<Nanos> {
         self.core.poll_timeout()
     }
