@@ -696,6 +696,7 @@ impl Core {
 
     /// Delivers every message that has arrived, in order and exactly once, to `deliver` (zero-copy).
     /// Returns how many it delivered.
+    #[inline]
     pub fn poll_recv(&mut self, deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
         self.poll_recv_limit(usize::MAX, deliver)
     }

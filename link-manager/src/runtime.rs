@@ -949,8 +949,18 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     /// Carries out every I/O the core wants now.
+    #[inline]
     pub fn flush(&mut self) {
-        while let Some(io) = self.core.poll_io() {
+        // The steady-state empty poll: nothing due (checked inline, no call).
+        if let Some(io) = self.core.poll_io() {
+            self.carry_out(io);
+        }
+    }
+
+    /// [`Receiver::flush`] once something is due: this I/O and every one after it.
+    fn carry_out(&mut self, first: Io) {
+        let mut next = Some(first);
+        while let Some(io) = next.take().or_else(|| self.core.poll_io()) {
             match io {
                 Io::Write {
                     rail,
