@@ -303,6 +303,9 @@ struct Rail {
     /// A data write posted since the last heartbeat tick: its immediate carried the heartbeat
     /// number, so the tick's control block may be skipped (see [`Core::check_liveness`]).
     beat_in_data: bool,
+    /// The beat of the last block this side posted on this rail since it (re)connected (0: none
+    /// yet, so the peer has no full beat number from it: no block is skipped until there is).
+    block_beat: u64,
     /// The peer's data arrived on this rail since the last block that brought a new beat: the
     /// peer may skip its next block here (its next data write carries the beat).
     data_since_block: bool,
@@ -334,19 +337,32 @@ impl Rail {
     /// A data write on this rail carried the peer's heartbeat number's low bits (`low`): if that
     /// is a later beat than the last one heard here, it counts as that beat (the peer ran and
     /// this rail carried it). Returns whether it was new. Beats on a rail arrive in order and a
-    /// rail carries one at least every interval, so the low bits are ahead by less than half
-    /// their range; a value behind (an older beat than a block already brought) is not news.
-    /// Before the rail has heard a full beat number (a block) its data says nothing.
-    fn heard_beat_low_bits(&mut self, low: u32, now: Nanos) -> bool {
-        if self.peer_heartbeat == 0 {
-            return false;
-        }
+    /// rail carries one at least every interval and a quarter, so the low bits are ahead by
+    /// less than half their range; a value behind (an older beat than a block already brought)
+    /// is not news. A rail that has heard no full beat number yet (its first block was lost)
+    /// takes the one nearest `base`, the latest beat heard on any rail (0: none, nothing learnt).
+    fn heard_beat_low_bits(&mut self, low: u32, base: u64, now: Nanos) -> bool {
         let range = 1u64 << (32 - NOTIFY_BITS);
-        let ahead = (u64::from(low).wrapping_sub(self.peer_heartbeat)) & (range - 1);
-        if ahead == 0 || ahead >= range / 2 {
-            return false;
-        }
-        self.peer_heartbeat += ahead;
+        let low = u64::from(low) & (range - 1);
+        let beat = if self.peer_heartbeat != 0 {
+            let ahead = low.wrapping_sub(self.peer_heartbeat) & (range - 1);
+            if ahead == 0 || ahead >= range / 2 {
+                return false;
+            }
+            self.peer_heartbeat + ahead
+        } else {
+            let ahead = low.wrapping_sub(base) & (range - 1);
+            let beat = if ahead < range / 2 {
+                base + ahead
+            } else {
+                (base + ahead).saturating_sub(range)
+            };
+            if base == 0 || beat == 0 {
+                return false;
+            }
+            beat
+        };
+        self.peer_heartbeat = beat;
         self.peer_seen_at = now;
         true
     }
@@ -454,6 +470,7 @@ impl Core {
                 unsignaled: 0,
                 beat_in_data: false,
                 data_since_block: false,
+                block_beat: 0,
                 recv_credits: 0,
                 ctrl_due: true,
                 reported_consumed: 0,
@@ -482,7 +499,7 @@ impl Core {
             bye_outstanding: 0,
             now,
             next_heartbeat: now + cfg.heartbeat_interval_ns,
-            beat: 0,
+            beat: 1, // (from 1: a rail's first block already proves it; 0 means none heard)
             beat_owed_at: None,
             recv_touched: false,
             maybe_arrived: false,
@@ -774,7 +791,8 @@ impl Core {
             let rail = &mut self.rails[r];
             let pos = rail.rx.read_pos();
             // Acknowledge the first data on a rail at once (ends a failover's blackout quickly),
-            // then every quarter ring; heartbeats carry the rest.
+            // then every quarter ring; heartbeat blocks carry the rest (the active rail's skip
+            // them while it carries data: then the threshold does).
             if pos != rail.reported_consumed
                 && (rail.reported_consumed == 0
                     || pos - rail.reported_consumed >= self.cfg.ack_every_bytes)
@@ -913,6 +931,10 @@ impl Core {
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.ctrl_postable(max_wr) {
                 rail.ctrl_due = false;
+                rail.block_beat = self.beat;
+                if r == self.active {
+                    self.beat_owed_at = None; // this block carries the beat
+                }
                 rail.reported_consumed = rail.rx.read_pos();
                 rail.reported_notified = rail.notified;
                 CtrlBlock {
@@ -996,8 +1018,8 @@ impl Core {
     /// Advances the clock: heartbeats, heartbeat-miss detection, acknowledgements, re-arm requests.
     #[inline]
     pub fn handle_timeout(&mut self, now: Nanos) {
-        // The steady-state poll: no timer due, no failed rail, not closing, and neither peer
-        // control block changed since it was last processed (a few loads per rail).
+        // The steady-state poll: no timer due, no failed rail, not closing, and no peer control
+        // block changed since it was last processed (a few loads per rail).
         if now < self.next_heartbeat
             && self.beat_owed_at.is_none()
             && now >= self.now
@@ -1103,11 +1125,17 @@ impl Core {
             if rail.state == RailState::Failed {
                 continue;
             }
-            // The active rail's data writes carried the last interval's beat in their
-            // immediates, and another live rail's block carries the acknowledgements: this
-            // beat rides on the next data write instead of a block of its own, unless none is
-            // posted within a quarter interval (then the block goes after all).
-            if rail.state == RailState::Active && rail.beat_in_data && live > 1 {
+            // The active rail carried data writes (their immediates carry the beat) and another
+            // live rail's block carries the beat and what this side delivered: this beat rides
+            // on the next data write instead of a block of its own, unless none is posted within
+            // a quarter interval (then the block goes after all). The active rail's own
+            // acknowledgements and credits go when their thresholds make a block due. Only once
+            // a block gave the peer this rail's full beat number.
+            if rail.state == RailState::Active
+                && rail.beat_in_data
+                && live > 1
+                && rail.block_beat != 0
+            {
                 self.beat_owed_at = Some(owed_at);
             } else {
                 rail.ctrl_due = true;
@@ -1209,6 +1237,15 @@ impl Core {
 
     /// A completion from `rail`'s queue pair.
     pub fn handle_completion(&mut self, rail: usize, c: Completion) {
+        // An unproven rail reads a beat carried by data against the latest heard on any rail.
+        let beat_base = match self.rails.get(rail) {
+            Some(r)
+                if r.peer_heartbeat == 0 && matches!(c.kind, CompletionKind::RecvImm { .. }) =>
+            {
+                self.latest_peer_beat()
+            }
+            _ => 0,
+        };
         let Some(r) = self.rails.get_mut(rail) else {
             return;
         };
@@ -1246,7 +1283,7 @@ impl Core {
                     Ok(()) => {
                         self.maybe_arrived = true;
                         r.data_since_block = true;
-                        if r.heard_beat_low_bits(imm >> NOTIFY_BITS, self.now) {
+                        if r.heard_beat_low_bits(imm >> NOTIFY_BITS, beat_base, self.now) {
                             self.peer_heard();
                         }
                     }
@@ -1310,6 +1347,7 @@ impl Core {
         r.unsignaled = 0;
         r.beat_in_data = false;
         r.data_since_block = false;
+        r.block_beat = 0;
         r.recv_credits = 0;
         r.ctrl_due = true;
         r.reported_consumed = 0;
@@ -1640,15 +1678,27 @@ mod tests {
         let cfg = Config::builder().rails(2).build().unwrap();
         let mut core = Core::new(cfg, 0).unwrap();
         let rail = &mut core.rails[0];
-        assert!(!rail.heard_beat_low_bits(5, 10), "unproven rail");
+        assert!(
+            !rail.heard_beat_low_bits(5, 0, 10),
+            "unproven, and no beat heard anywhere"
+        );
         assert_eq!(rail.peer_heartbeat, 0);
+        // Unproven: the beat nearest the latest heard on another rail (600 = 2 * 256 + 88).
+        assert!(rail.heard_beat_low_bits(89, 600, 15));
+        assert_eq!(rail.peer_heartbeat, 601);
+        rail.peer_heartbeat = 0;
+        assert!(
+            rail.heard_beat_low_bits(87, 600, 15),
+            "one behind the other rail"
+        );
+        assert_eq!(rail.peer_heartbeat, 599);
         rail.peer_heartbeat = 254;
-        assert!(rail.heard_beat_low_bits(255, 20));
+        assert!(rail.heard_beat_low_bits(255, 0, 20));
         assert_eq!((rail.peer_heartbeat, rail.peer_seen_at), (255, 20));
-        assert!(rail.heard_beat_low_bits(1, 30), "across the wrap");
+        assert!(rail.heard_beat_low_bits(1, 0, 30), "across the wrap");
         assert_eq!(rail.peer_heartbeat, 257);
-        assert!(!rail.heard_beat_low_bits(1, 40), "the same beat again");
-        assert!(!rail.heard_beat_low_bits(255, 50), "an older beat");
+        assert!(!rail.heard_beat_low_bits(1, 0, 40), "the same beat again");
+        assert!(!rail.heard_beat_low_bits(255, 0, 50), "an older beat");
         assert_eq!((rail.peer_heartbeat, rail.peer_seen_at), (257, 30));
         assert_eq!(beat_bits(257) >> NOTIFY_BITS, 1);
         assert_eq!(beat_bits(257) & railover_segq::NOTIFY_MASK, 0);

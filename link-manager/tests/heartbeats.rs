@@ -151,3 +151,26 @@ fn a_sender_stopped_right_after_skipping_a_beat_fails_no_rail_on_a_slow_wire() {
         }
     }
 }
+
+/// A one-way stream from the very start (a flood, or a resumed connection's queued records):
+/// the active rail skips no block before one has given the peer its full beat number, so the
+/// peer proves the rail and never fails it, and the stream still saves the blocks.
+#[test]
+fn a_stream_from_the_first_instant_fails_no_rail() {
+    let mut p = pair(14);
+    let (blocks, delivered) = run(&mut p, 200, 50_000);
+    assert!(delivered >= 3_990, "delivered {delivered}");
+    assert!(
+        blocks <= 260,
+        "the active rail's blocks were not skipped: {blocks}"
+    );
+    for (who, c) in [("host 1", &mut p.a), ("host 2", &mut p.b)] {
+        while let Some(e) = c.poll_event() {
+            assert!(
+                !matches!(e, Event::RailDown { .. } | Event::Failover { .. }),
+                "{who}: {e:?}"
+            );
+        }
+        assert!(c.core().rail_proven(0) && c.core().rail_proven(1), "{who}");
+    }
+}

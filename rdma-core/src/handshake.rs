@@ -96,7 +96,7 @@ impl WireGeometry {
             && self.segment_size >= 64
             && self.segment_count.is_power_of_two()
             && self.segment_count >= 2
-            && self.capacity() <= 1 << 26 // segq's MAX_CAPACITY
+            && self.capacity() <= 1 << 25 // segq's MAX_CAPACITY
             && self.max_record > 0
             && self.max_record as u64 + 16 <= self.segment_size as u64;
         if ok {

@@ -7,8 +7,9 @@ use crate::record::HEADER_LEN;
 pub const MIN_SEGMENT_SIZE: usize = 64;
 /// Largest ring: a write's end position travels in the low [`crate::NOTIFY_BITS`] bits of its
 /// immediate, in 8-byte units (a 128 MiB window), and one write never spans more than a ring; a
-/// ring at most half the window keeps every notification unambiguous.
-pub const MAX_CAPACITY: usize = 1 << 26;
+/// ring at most a quarter of the window keeps every notification unambiguous, a stale one (up
+/// to a ring behind) included: it reads as more than a ring ahead and is refused.
+pub const MAX_CAPACITY: usize = 1 << 25;
 
 /// Why a geometry was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,7 +134,7 @@ mod tests {
             Err(GeometryError::SegmentCount(1))
         );
         assert!(matches!(
-            Geometry::new(1 << 25, 4, 10),
+            Geometry::new(1 << 24, 4, 10),
             Err(GeometryError::TooLarge { .. })
         ));
         assert!(matches!(
