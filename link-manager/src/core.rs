@@ -1486,6 +1486,12 @@ impl Core {
                 continue;
             }
             self.peer_delivered = self.peer_delivered.max(c.delivered_seq);
+            // What the peer delivered counts on the active lane too, whichever rail said so:
+            // its own blocks may be skipped while it carries data.
+            let active = self.active;
+            self.lanes
+                .poster(active)
+                .note_delivered(self.peer_delivered);
             if let Err(e) = self
                 .lanes
                 .poster(r)

@@ -352,7 +352,7 @@ impl LaneControl {
         let next_seq = dst.next_seq();
         if result.is_ok() {
             let acked = self.posters[from].acked_seq();
-            self.posters[to].inherit_acked_seq(acked);
+            self.posters[to].note_delivered(acked);
             self.active = to;
         }
         self.readmit(if self.closed { CLOSED } else { self.active });

@@ -345,9 +345,11 @@ impl Poster {
         crate::Memory(crate::MemoryKind::Send(self.shared.clone()))
     }
 
-    /// Takes over what an earlier queue of the stream knew delivered (after a failover copy).
-    pub(crate) fn inherit_acked_seq(&mut self, acked_seq: u64) {
-        self.acked_seq = self.acked_seq.max(acked_seq);
+    /// The peer delivered every record up to `seq` (learnt from any rail, or from an earlier
+    /// queue of the stream after a failover copy): they are no longer unacknowledged here, and
+    /// a failover copies none of them (their space is freed by position acknowledgements).
+    pub fn note_delivered(&mut self, seq: u64) {
+        self.acked_seq = self.acked_seq.max(seq);
     }
 
     /// Whether committed records wait to be posted.
