@@ -142,3 +142,30 @@ fn a_closed_lane_set_refuses_records_and_the_local_path_needs_no_protocol() {
     assert_eq!(writer.push(b"four"), Err(LaneError::Closed(7)));
     assert!(matches!(writer.reserve(1), Err(LaneError::Closed(7))));
 }
+
+/// A delivery learnt elsewhere (another rail's acknowledgement) takes records out of the
+/// unacknowledged list and out of a failover copy, though their ring space is not freed yet.
+#[test]
+fn records_noted_delivered_are_neither_unacked_nor_copied() {
+    let geo = Geometry::new(256, 4, 64).unwrap();
+    let queues = (0..2)
+        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+        .collect();
+    let mut control = lanes(queues, 0);
+    for i in 0..5u8 {
+        control.push_local(&[i; 8]).unwrap();
+    }
+    let range = control.poster(0).pending(usize::MAX).unwrap();
+    control.poster(0).mark_posted(&range);
+    control.poster(0).note_delivered(3);
+    let mut unacked = Vec::new();
+    control
+        .poster_ref(0)
+        .for_each_unacked(|seq, _| unacked.push(seq));
+    assert_eq!(unacked, [4, 5]);
+    let (report, next_seq) = control.fail_over(1).unwrap();
+    assert_eq!(
+        (report.records, report.first_seq, next_seq),
+        (2, Some(4), 6)
+    );
+}
