@@ -8,6 +8,7 @@ mod peer;
 #[cfg(feature = "verbs")]
 mod peer_perf;
 mod plot;
+mod replica_runs;
 mod sim_runs;
 mod stats;
 #[cfg(feature = "verbs")]
@@ -118,6 +119,12 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
+    /// The replicated order book (railover-replica): its overhead on the simulated fabric, or its
+    /// processes (primary, backup, client) on real cards.
+    Replica {
+        #[command(subcommand)]
+        cmd: replica_runs::ReplicaCmd,
+    },
     /// Two-process mode, host that dials a `serve` (verbs).
     Connect {
         #[command(flatten)]
@@ -126,6 +133,49 @@ enum Cmd {
         #[arg(long)]
         addr: std::net::SocketAddr,
     },
+}
+
+fn run_replica(cmd: replica_runs::ReplicaCmd, as_json: bool) {
+    use replica_runs::ReplicaCmd;
+    match cmd {
+        ReplicaCmd::Sim {
+            requests,
+            latency_ns,
+        } => {
+            let r = replica_runs::sim_overhead(requests, latency_ns);
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+            } else {
+                replica_runs::print_overhead(&r);
+            }
+        }
+        #[cfg(feature = "verbs")]
+        ReplicaCmd::Backup { net, repl_port } => {
+            replica_runs::serve(net, replica_runs::ServerRole::Backup { repl_port }, as_json)
+        }
+        #[cfg(feature = "verbs")]
+        ReplicaCmd::Primary { net, backup } => {
+            replica_runs::serve(net, replica_runs::ServerRole::Primary { backup }, as_json)
+        }
+        ReplicaCmd::Client {
+            servers,
+            orders,
+            window,
+            interval_us,
+            mark_at,
+            id,
+        } => {
+            let r = replica_runs::client(servers, orders, window, interval_us, mark_at, id);
+            if as_json {
+                println!("{}", serde_json::to_string(&r).expect("json"));
+            } else {
+                println!("{r:#?}");
+            }
+            if r.lost > 0 || r.mismatched_duplicates > 0 {
+                std::process::exit(1);
+            }
+        }
+    }
 }
 
 /// Fault kinds the SoftRoCE harness injects (card removal can't be, on rxe: see the README).
@@ -362,6 +412,7 @@ fn main() {
                 need_verbs()
             }
         }
+        Cmd::Replica { cmd } => run_replica(cmd, cli.json),
         Cmd::Connect { args, addr } => {
             #[cfg(feature = "verbs")]
             peer::connect_to(args, addr, cli.json);

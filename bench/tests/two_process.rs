@@ -787,3 +787,88 @@ fn perftest_style_pingpong_and_flood_deliver_everything_and_the_flood_coalesces(
     assert!(per_write >= 2.0, "no coalescing: {c}");
     assert_eq!(fc["close"], "ok", "{c}");
 }
+
+/// railover-replica as a user runs it: the backup, the primary and a client, each its own
+/// process; the primary replicates to the backup over both rails, the client streams orders over
+/// TCP. The primary is killed (`kill -9`) mid-stream: the backup takes over, the client moves to
+/// it and resends what was unanswered. Every order is answered exactly once (a duplicate reply
+/// must equal the first), and the takeover time is printed.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_killed_primary_is_replaced_by_its_backup_and_every_order_is_answered_once() {
+    let mut backup = Peer::spawn("backup", &["replica", "backup", "-d", HOST2]);
+    let repl = backup.line();
+    let repl_port = repl
+        .strip_prefix("replication ")
+        .unwrap_or_else(|| panic!("backup said {repl:?}"))
+        .to_string();
+    let backup_clients = backup.line();
+    let backup_port = backup_clients
+        .strip_prefix("clients ")
+        .unwrap_or_else(|| panic!("backup said {backup_clients:?}"))
+        .to_string();
+    let backup_addr = format!("127.0.0.1:{repl_port}");
+    let mut primary = Peer::spawn(
+        "primary",
+        &["replica", "primary", "-d", HOST1, "--backup", &backup_addr],
+    );
+    let primary_clients = primary.line();
+    let primary_port = primary_clients
+        .strip_prefix("clients ")
+        .unwrap_or_else(|| panic!("primary said {primary_clients:?}"))
+        .to_string();
+    // (No wait for the backup to sync: in synchronous mode no reply leaves the primary before
+    // the backup has acknowledged it, so 1,000 answered orders prove it follows.)
+    const ORDERS: &str = "3000";
+    let servers = format!("127.0.0.1:{primary_port},127.0.0.1:{backup_port}");
+    let mut client = Peer::spawn(
+        "client",
+        &[
+            "replica",
+            "client",
+            "--servers",
+            &servers,
+            "--orders",
+            ORDERS,
+            "--mark-at",
+            "1000",
+            "--interval-us",
+            "500",
+        ],
+    );
+    assert_eq!(client.line(), "answered 1000");
+    primary.signal("-KILL");
+    let _ = primary.child.wait();
+    let r = client.report(Duration::from_secs(180));
+    // The backup said it took over.
+    let mut promoted = None;
+    while promoted.is_none() {
+        let l = backup.line();
+        if l.contains("promoted") {
+            promoted = Some(l);
+        }
+    }
+    backup.signal("-KILL");
+    let _ = backup.child.wait();
+    write_result(&format!(
+        "replica, primary killed after 1000 of {ORDERS} orders: answered {}, lost {}, \
+         duplicate replies {} (differing {}), server switches {}, longest reply gap {:.1} ms \
+         (kill to the backup's first reply), rtt p50 {} us p99 {} us; backup: {}",
+        n(&r, "answered"),
+        n(&r, "lost"),
+        n(&r, "duplicate_replies"),
+        n(&r, "mismatched_duplicates"),
+        n(&r, "server_switches"),
+        r["longest_reply_gap_ms"].as_f64().unwrap_or(f64::NAN),
+        r["rtt"]["p50"],
+        r["rtt"]["p99"],
+        promoted.unwrap_or_default(),
+    ));
+    assert_eq!(n(&r, "answered"), 3000, "{r}");
+    assert_eq!(n(&r, "lost"), 0, "{r}");
+    assert_eq!(n(&r, "mismatched_duplicates"), 0, "{r}");
+    assert!(
+        n(&r, "server_switches") >= 1,
+        "the client moved to the backup: {r}"
+    );
+}

@@ -340,6 +340,12 @@ impl SimPair {
         self.fabric.now()
     }
 
+    /// The fabric and the two connections, for a caller that drives each host on its own (a
+    /// server loop that owns its connection, say); time moves with [`SimFabric::advance_to`].
+    pub fn into_parts(self) -> (SimFabric, SimConnection, SimConnection) {
+        (self.fabric, self.a, self.b)
+    }
+
     /// Both sides make progress; re-arm requests are served (both sides of a rail re-arm together).
     pub fn progress(&mut self) {
         let (pa, pb) = (self.is_paused(false), self.is_paused(true));

@@ -21,12 +21,15 @@
 //!   primary's non-determinism (time, random numbers, external calls) and replays it on the backup.
 //! * [`matching`]: the example service, a price-time order book with a risk check.
 //! * [`wire`]: the protocol's messages.
+//! * [`net`]: the replicas and clients as processes: clients over TCP, replication over a
+//!   railover connection.
 //! * [`sim`]: clients, primary, backup and railover's simulated fabric in one seeded, replayable
 //!   run, with crashes at every step of the request path.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod client;
 pub mod matching;
+pub mod net;
 pub mod node;
 pub mod service;
 pub mod sim;

@@ -1,0 +1,393 @@
+//! `railover-bench replica ...`: the replicated order book (`railover-replica`) as processes, and
+//! its replication overhead.
+//! - `replica sim`: reply latency and CPU per request with and without a backup, side by side in
+//!   one run, on the simulated fabric (virtual time for the wire, this host's clock for the CPU).
+//! - `replica backup` / `replica primary` / `replica client` (verbs): one process each; the
+//!   client streams orders over TCP, follows the primary to the backup when it dies, and checks
+//!   that every order is answered exactly once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use railover::sim::SimPair;
+use railover::Config;
+use railover_replica::matching::{OrderBook, OrderReply, OrderRequest, RiskLimits, Side};
+use railover_replica::net::TcpClient;
+use railover_replica::node::{Action, NodeConfig, NodeEvent};
+use railover_replica::{ClientEvent, Node};
+use serde::Serialize;
+
+use crate::stats::{histogram, summarize_us, Summary};
+
+#[derive(clap::Subcommand)]
+pub enum ReplicaCmd {
+    /// Replication overhead on the simulated fabric: reply latency (virtual) and CPU per request,
+    /// solo primary against primary + backup, in one run.
+    Sim {
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// One-way wire latency of the simulated fabric (ns).
+        #[arg(long, default_value_t = 1_000)]
+        latency_ns: u64,
+    },
+    /// The backup's process (verbs): accepts the primary's replication connection, serves
+    /// clients (refusing them until it takes over).
+    #[cfg(feature = "verbs")]
+    Backup {
+        #[command(flatten)]
+        net: NetArgs,
+        /// Port the primary's replication connection is set up on (0: any; printed as
+        /// `replication <port>`).
+        #[arg(long, default_value_t = 0)]
+        repl_port: u16,
+    },
+    /// The primary's process (verbs): connects to the backup, serves clients.
+    #[cfg(feature = "verbs")]
+    Primary {
+        #[command(flatten)]
+        net: NetArgs,
+        /// The backup's replication set-up address (`replica backup` prints its port).
+        #[arg(long)]
+        backup: SocketAddr,
+    },
+    /// A client process: streams orders to the servers (primary first), checks every reply.
+    Client {
+        /// The servers' client addresses, primary first.
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 5_000)]
+        orders: u64,
+        /// Orders outstanding at once.
+        #[arg(long, default_value_t = 4)]
+        window: usize,
+        /// Pace: at most one new order every this many microseconds.
+        #[arg(long, default_value_t = 500)]
+        interval_us: u64,
+        /// Print `answered <n>` when n orders are answered (a test kills the primary then).
+        #[arg(long)]
+        mark_at: Option<u64>,
+        /// Client id.
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+    },
+}
+
+/// A server process's settings (verbs).
+#[cfg(feature = "verbs")]
+#[derive(clap::Args)]
+pub struct NetArgs {
+    /// This host's cards, one per rail.
+    #[arg(short = 'd', long = "dev", value_delimiter = ',', required = true)]
+    devices: Vec<String>,
+    /// Port clients connect to (0: any; printed as `clients <port>`).
+    #[arg(long, default_value_t = 0)]
+    client_port: u16,
+    /// Missed heartbeats before a rail is declared dead (TCG emulation needs ~30 of 1 ms).
+    #[arg(long, default_value_t = 30)]
+    hb_misses: u32,
+    /// How long the peer may be unresponsive before the replication session ends (ms).
+    #[arg(long, default_value_t = 2_000)]
+    session_timeout_ms: u64,
+    #[arg(long, default_value_t = 60)]
+    setup_secs: u64,
+}
+
+#[cfg(feature = "verbs")]
+fn link_config(hb_misses: u32, session_timeout_ms: u64) -> Config {
+    use railover_rdma::LinkParams;
+    Config::builder()
+        .rails(2)
+        .geometry(256 * 1024, 16, 2048)
+        .heartbeat_interval_ns(1_000_000)
+        .heartbeat_misses(hb_misses)
+        .session_timeout_ns(session_timeout_ms * 1_000_000)
+        .link_params(LinkParams {
+            timeout: 13,
+            retry_cnt: 1,
+            ..LinkParams::default()
+        })
+        .first_contact_grace_ns(2_000_000_000)
+        .rearm_after_ns(1_000_000_000)
+        .build()
+        .expect("valid config")
+}
+
+fn order(n: u64) -> OrderRequest {
+    OrderRequest::New {
+        side: if n % 2 == 0 { Side::Buy } else { Side::Sell },
+        price: 100 + n % 3,
+        qty: 1 + n % 5,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OverheadReport {
+    pub requests: usize,
+    pub latency_ns: u64,
+    /// Request in -> reply out at the primary, virtual time (the backup's round trip).
+    pub solo_reply: Summary,
+    pub replicated_reply: Summary,
+    /// This host's CPU per request (primary and backup together when replicated).
+    pub solo_cpu_ns: f64,
+    pub replicated_cpu_ns: f64,
+    pub cpu_ratio: f64,
+}
+
+/// Replication overhead on the simulated fabric: the same requests to a solo primary and to a
+/// primary with a backup, one after the other in one run.
+pub fn sim_overhead(requests: usize, latency_ns: u64) -> OverheadReport {
+    let (solo, solo_cpu) = overhead_run(requests, latency_ns, false);
+    let (repl, repl_cpu) = overhead_run(requests, latency_ns, true);
+    OverheadReport {
+        requests,
+        latency_ns,
+        solo_reply: solo,
+        replicated_reply: repl,
+        solo_cpu_ns: solo_cpu,
+        replicated_cpu_ns: repl_cpu,
+        cpu_ratio: repl_cpu / solo_cpu,
+    }
+}
+
+fn overhead_run(requests: usize, latency_ns: u64, with_backup: bool) -> (Summary, f64) {
+    let cfg = Config::builder()
+        .rails(2)
+        .geometry(256 * 1024, 16, 2048)
+        .heartbeat_interval_ns(1_000_000)
+        .build()
+        .expect("valid config");
+    let pair = SimPair::new(cfg, 1, latency_ns).expect("sim pair");
+    let (fabric, mut a, mut b) = pair.into_parts();
+    let node_cfg = NodeConfig::default();
+    let mut primary = Node::primary(node_cfg, OrderBook::new(), RiskLimits::new(u64::MAX / 2), 1);
+    let mut backup = Node::<OrderBook, _>::joining(node_cfg, RiskLimits::new(u64::MAX / 2), 2);
+    if with_backup {
+        primary.attach_backup();
+    }
+    let mut h = histogram();
+    let mut pending: BTreeMap<u64, u64> = BTreeMap::new();
+    let client = railover_replica::Client::new(1, 1, 0);
+    let mut client = client;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut answered = 0usize;
+    let mut inbox = Vec::new();
+    while answered < requests {
+        if sent < requests as u64 && pending.is_empty() {
+            sent += 1;
+            client.request(order(sent).encode());
+            for (_, bytes) in client.take_outbox() {
+                pending.insert(sent, fabric.now());
+                primary.on_client(&bytes, fabric.now());
+            }
+        }
+        while let Some(act) = primary.pop_action() {
+            match act {
+                Action::ToBackup(m) => {
+                    a.send(&m).expect("replicate");
+                }
+                Action::ToClient { msg, .. } => {
+                    if let Ok(Some(ClientEvent::Answered { seq, .. })) = client.on_message(0, &msg)
+                    {
+                        let t0 = pending.remove(&seq).expect("pending");
+                        h.record((fabric.now() - t0).max(1)).ok();
+                        answered += 1;
+                    }
+                }
+                Action::ToPrimary(_) => unreachable!("a primary sends no acks"),
+            }
+        }
+        if !with_backup {
+            continue;
+        }
+        b.poll(|m| inbox.push(m.to_vec())).expect("backup link");
+        for m in inbox.drain(..) {
+            backup.on_replication(&m);
+        }
+        while let Some(act) = backup.pop_action() {
+            if let Action::ToPrimary(m) = act {
+                b.send(&m).expect("ack");
+            }
+        }
+        a.poll(|m| inbox.push(m.to_vec())).expect("primary link");
+        for m in inbox.drain(..) {
+            primary.on_replication(&m);
+        }
+        if let Some(t) = fabric.next_event_time() {
+            fabric.advance_to(t.max(fabric.now()));
+        }
+    }
+    assert!(
+        !matches!(backup.poll_event(), Some(NodeEvent::Divergence { .. })),
+        "the backup diverged"
+    );
+    let cpu = started.elapsed().as_nanos() as f64 / requests as f64;
+    (summarize_us(&h), cpu)
+}
+
+pub fn print_overhead(r: &OverheadReport) {
+    println!(
+        "replication overhead, simulated fabric ({} ns one way), {} requests, one run:",
+        r.latency_ns, r.requests
+    );
+    println!(
+        "  reply latency at the primary (virtual): solo p50 {:.2} us, replicated p50 {:.2} us p99 {:.2} us",
+        r.solo_reply.p50, r.replicated_reply.p50, r.replicated_reply.p99
+    );
+    println!(
+        "  CPU per request (this host): solo {:.0} ns, replicated {:.0} ns (primary + backup)",
+        r.solo_cpu_ns, r.replicated_cpu_ns
+    );
+    println!("replication cpu ratio: {:.2}", r.cpu_ratio);
+}
+
+#[cfg(feature = "verbs")]
+pub fn serve(net: NetArgs, role: ServerRole, as_json: bool) {
+    use railover::verbs::{accept, connect};
+    use railover_replica::net::{Server, ServerEvent};
+    use std::net::TcpListener;
+    let clients = TcpListener::bind(("127.0.0.1", net.client_port)).expect("bind clients");
+    let devs: Vec<&str> = net.devices.iter().map(String::as_str).collect();
+    let cfg = link_config(net.hb_misses, net.session_timeout_ms);
+    let setup = Duration::from_secs(net.setup_secs);
+    let risk = RiskLimits::new(u64::MAX / 2);
+    let node_cfg = NodeConfig::default();
+    let seed = std::process::id() as u64 ^ railover_replica::net::wall_clock_ns();
+    let (node, conn) = match role {
+        ServerRole::Backup { repl_port } => {
+            let listener = TcpListener::bind(("127.0.0.1", repl_port)).expect("bind replication");
+            println!(
+                "replication {}",
+                listener.local_addr().expect("addr").port()
+            );
+            println!("clients {}", clients.local_addr().expect("addr").port());
+            flush();
+            let conn = accept(cfg, &devs, &listener, setup).expect("accept the primary");
+            (Node::<OrderBook, _>::joining(node_cfg, risk, seed), conn)
+        }
+        ServerRole::Primary { backup } => {
+            let conn = connect(cfg, &devs, backup, setup).expect("connect to the backup");
+            println!("clients {}", clients.local_addr().expect("addr").port());
+            flush();
+            (Node::primary(node_cfg, OrderBook::new(), risk, seed), conn)
+        }
+    };
+    let mut server = Server::new(node, clients).expect("server");
+    server.attach_replication(conn);
+    let started = Instant::now();
+    loop {
+        server.run_once();
+        while let Some(e) = server.poll_event() {
+            let at_ms = started.elapsed().as_secs_f64() * 1e3;
+            let what = match &e {
+                ServerEvent::Node(NodeEvent::Promoted { applied }) => {
+                    format!("promoted applied={applied}")
+                }
+                ServerEvent::Node(NodeEvent::BackupSynced { index }) => {
+                    format!("backup-synced index={index}")
+                }
+                ServerEvent::ReplicationEnded(r) => format!("replication-ended {r:?}"),
+                other => format!("{other:?}"),
+            };
+            if as_json {
+                println!("{}", serde_json::json!({ "event": what, "at_ms": at_ms }));
+            } else {
+                println!("{at_ms:.1} ms: {what}");
+            }
+            flush();
+        }
+    }
+}
+
+#[cfg(feature = "verbs")]
+pub enum ServerRole {
+    Backup { repl_port: u16 },
+    Primary { backup: SocketAddr },
+}
+
+fn flush() {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientReport {
+    pub orders: u64,
+    pub answered: u64,
+    pub duplicate_replies: u64,
+    /// Duplicates whose reply differed from the first (must be 0).
+    pub mismatched_duplicates: u64,
+    pub lost: u64,
+    pub server_switches: u64,
+    /// Longest time between two replies (around a takeover: the time from the primary's death
+    /// to the backup's first reply, plus one order interval).
+    pub longest_reply_gap_ms: f64,
+    pub rtt: Summary,
+}
+
+pub fn client(
+    servers: Vec<SocketAddr>,
+    orders: u64,
+    window: usize,
+    interval_us: u64,
+    mark_at: Option<u64>,
+    id: u64,
+) -> ClientReport {
+    let mut c = TcpClient::new(id, servers, Duration::from_millis(5));
+    let mut replies: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut sent_at: BTreeMap<u64, Instant> = BTreeMap::new();
+    let (mut dups, mut mismatched) = (0, 0);
+    let mut h = histogram();
+    let mut sent = 0u64;
+    let mut next_send = Instant::now();
+    let mut last_reply = Instant::now();
+    let mut longest_gap = Duration::ZERO;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (replies.len() as u64) < orders && Instant::now() < deadline {
+        let now = Instant::now();
+        if sent < orders && c.unanswered() < window && now >= next_send {
+            sent += 1;
+            let seq = c.request(order(sent).encode());
+            sent_at.insert(seq, now);
+            next_send = now + Duration::from_micros(interval_us);
+        }
+        c.run_once();
+        while let Some(e) = c.poll_event() {
+            match e {
+                ClientEvent::Answered { seq, body } => {
+                    let now = Instant::now();
+                    if let Some(t) = sent_at.remove(&seq) {
+                        h.record((now - t).as_nanos().max(1) as u64).ok();
+                    }
+                    if replies.is_empty() || OrderReply::decode(&body).is_some() {
+                        longest_gap = longest_gap.max(now - last_reply);
+                    }
+                    last_reply = now;
+                    replies.insert(seq, body);
+                    if Some(replies.len() as u64) == mark_at {
+                        println!("answered {}", replies.len());
+                        flush();
+                    }
+                }
+                ClientEvent::Duplicate { seq, body } => {
+                    dups += 1;
+                    if replies.get(&seq) != Some(&body) {
+                        mismatched += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    ClientReport {
+        orders,
+        answered: replies.len() as u64,
+        duplicate_replies: dups,
+        mismatched_duplicates: mismatched,
+        lost: orders - replies.len() as u64,
+        server_switches: c.switches,
+        longest_reply_gap_ms: longest_gap.as_secs_f64() * 1e3,
+        rtt: summarize_us(&h),
+    }
+}

@@ -1,0 +1,417 @@
+//! The replicas and clients as processes: clients reach the servers over TCP (length-framed
+//! [`crate::wire::Msg`]s), the primary reaches the backup over a railover [`Connection`] (real
+//! cards in production, the simulated fabric in tests). Both drivers are non-blocking loops the
+//! caller turns ([`Server::run_once`], [`TcpClient::run_once`]).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use railover::core::{EndReason, Event};
+use railover::runtime::Clock;
+use railover::{Connection, SendError};
+use railover_rdma::Nic;
+
+use crate::client::{Client, ClientEvent};
+use crate::node::{Action, Node, NodeEvent, Role};
+use crate::service::{External, Service};
+use crate::wire::Msg;
+
+/// Largest frame a peer may announce; a longer one closes its connection.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// A non-blocking TCP stream carrying `u32` little-endian length-prefixed frames.
+pub struct Framed {
+    stream: TcpStream,
+    read: Vec<u8>,
+    write: Vec<u8>,
+}
+
+/// Why a framed stream closed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("frame of {0} bytes exceeds {MAX_FRAME}")]
+    TooLong(usize),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Framed {
+    pub fn new(stream: TcpStream) -> io::Result<Framed> {
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        Ok(Framed {
+            stream,
+            read: Vec::new(),
+            write: Vec::new(),
+        })
+    }
+
+    /// Queues a frame (sent by [`Framed::flush`]).
+    pub fn queue(&mut self, msg: &[u8]) {
+        self.write
+            .extend_from_slice(&(msg.len() as u32).to_le_bytes());
+        self.write.extend_from_slice(msg);
+    }
+
+    /// Writes what the socket takes now.
+    pub fn flush(&mut self) -> Result<(), FrameError> {
+        while !self.write.is_empty() {
+            match self.stream.write(&self.write) {
+                Ok(0) => return Err(FrameError::Closed),
+                Ok(n) => {
+                    self.write.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what arrived and hands over each complete frame.
+    pub fn read_frames(&mut self, mut frame: impl FnMut(&[u8])) -> Result<(), FrameError> {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(FrameError::Closed),
+                Ok(n) => self.read.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut at = 0;
+        while self.read.len() - at >= 4 {
+            let len =
+                u32::from_le_bytes(self.read[at..at + 4].try_into().expect("4 bytes")) as usize;
+            if len > MAX_FRAME {
+                return Err(FrameError::TooLong(len));
+            }
+            if self.read.len() - at - 4 < len {
+                break;
+            }
+            frame(&self.read[at + 4..at + 4 + len]);
+            at += 4 + len;
+        }
+        self.read.drain(..at);
+        Ok(())
+    }
+}
+
+/// Wall-clock nanoseconds: what [`crate::Ctx::now`] returns on a real primary.
+pub fn wall_clock_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// What happened to a server, for its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    Node(NodeEvent),
+    /// The replication connection ended (this server then promotes itself if it was the backup,
+    /// or goes on without a backup if it was the primary).
+    ReplicationEnded(Option<EndReason>),
+}
+
+/// A replica's process: its [`Node`], its clients over TCP, and the replication connection.
+pub struct Server<S: Service, E: External, N: Nic, C: Clock> {
+    node: Node<S, E>,
+    repl: Option<Connection<N, C>>,
+    repl_out: VecDeque<Vec<u8>>,
+    listener: TcpListener,
+    clients: Vec<Option<Framed>>,
+    /// Which connection each client last wrote from (its replies go there).
+    route: BTreeMap<u64, usize>,
+    events: VecDeque<ServerEvent>,
+    /// The replication connection reported every rail silent.
+    peer_silent: bool,
+    /// The replication connection's control stream broke.
+    channel_lost: bool,
+}
+
+impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
+    /// Serves `node` to the clients that connect to `listener`.
+    pub fn new(node: Node<S, E>, listener: TcpListener) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Server {
+            node,
+            repl: None,
+            repl_out: VecDeque::new(),
+            listener,
+            clients: Vec::new(),
+            route: BTreeMap::new(),
+            events: VecDeque::new(),
+            peer_silent: false,
+            channel_lost: false,
+        })
+    }
+
+    pub fn node(&self) -> &Node<S, E> {
+        &self.node
+    }
+
+    /// The replication connection is up: a primary sends the new backup its state, a backup
+    /// waits for it.
+    pub fn attach_replication(&mut self, conn: Connection<N, C>) {
+        if self.node.role() == Role::Primary {
+            self.node.attach_backup();
+        }
+        self.repl_out.clear();
+        self.repl = Some(conn);
+        self.peer_silent = false;
+        self.channel_lost = false;
+    }
+
+    /// Takes the replication connection out without ending it (a test forgets it to model a
+    /// killed process, whose peer sees nothing but silence and failing writes).
+    pub fn take_replication(&mut self) -> Option<Connection<N, C>> {
+        self.repl.take()
+    }
+
+    pub fn has_replication(&self) -> bool {
+        self.repl.is_some()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// One turn of the loop: new clients, their requests, the replication connection, and
+    /// everything the node has to send.
+    pub fn run_once(&mut self) {
+        self.accept_clients();
+        let now = wall_clock_ns();
+        for i in 0..self.clients.len() {
+            let Some(conn) = &mut self.clients[i] else {
+                continue;
+            };
+            let (node, route) = (&mut self.node, &mut self.route);
+            let read = conn.read_frames(|frame| {
+                if let Ok(Msg::Request(r)) = Msg::decode(frame) {
+                    route.insert(r.client, i);
+                }
+                node.on_client(frame, now);
+            });
+            if read.is_err() {
+                self.clients[i] = None;
+            }
+        }
+        self.replicate();
+        self.carry_out();
+        for slot in &mut self.clients {
+            if slot.as_mut().is_some_and(|c| c.flush().is_err()) {
+                *slot = None;
+            }
+        }
+    }
+
+    fn accept_clients(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Ok(f) = Framed::new(stream) {
+                        match self.clients.iter().position(Option::is_none) {
+                            Some(free) => self.clients[free] = Some(f),
+                            None => self.clients.push(Some(f)),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break, // WouldBlock, or a failed accept: try again next turn
+            }
+        }
+    }
+
+    fn replicate(&mut self) {
+        let Some(conn) = &mut self.repl else { return };
+        let node = &mut self.node;
+        let mut ended = conn.poll(|m| node.on_replication(m)).is_err();
+        while let Some(e) = conn.poll_event() {
+            match e {
+                Event::Ended { .. } => ended = true,
+                Event::PeerUnresponsive { .. } => self.peer_silent = true,
+                Event::PeerResponsive { .. } => self.peer_silent = false,
+                Event::RearmChannelLost { .. } => self.channel_lost = true,
+                Event::RearmChannelRestored { .. } => self.channel_lost = false,
+                _ => {}
+            }
+        }
+        // Every rail silent and the peer's TCP control stream closed: its process is gone
+        // (a stopped or descheduled one keeps its socket open and waits out the session
+        // timeout instead).
+        ended |= self.peer_silent && self.channel_lost;
+        while let Some(m) = self.repl_out.front() {
+            match conn.send(m) {
+                Ok(_) => {
+                    self.repl_out.pop_front();
+                }
+                Err(SendError::Backpressure) => break,
+                Err(_) => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if !ended {
+            return;
+        }
+        let reason = conn.end_reason();
+        self.repl = None;
+        self.repl_out.clear();
+        self.events.push_back(ServerEvent::ReplicationEnded(reason));
+        match self.node.role() {
+            Role::Primary => self.node.backup_lost(),
+            // The primary is gone (its process, or every rail to it): take over.
+            Role::Backup => {
+                let _ = self.node.promote();
+            }
+            Role::Joining => {}
+        }
+    }
+
+    fn carry_out(&mut self) {
+        while let Some(e) = self.node.poll_event() {
+            self.events.push_back(ServerEvent::Node(e));
+        }
+        while let Some(action) = self.node.pop_action() {
+            match action {
+                Action::ToBackup(m) | Action::ToPrimary(m) => {
+                    if self.repl.is_some() {
+                        self.repl_out.push_back(m);
+                    }
+                }
+                Action::ToClient { client, msg } => {
+                    let conn = self.route.get(&client).copied();
+                    if let Some(Some(c)) = conn.map(|i| &mut self.clients[i]) {
+                        c.queue(&msg);
+                    }
+                }
+            }
+        }
+        // Send what the node just produced within this turn.
+        if let Some(conn) = &mut self.repl {
+            while let Some(m) = self.repl_out.front() {
+                match conn.send(m) {
+                    Ok(_) => {
+                        self.repl_out.pop_front();
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// A client process's side: one TCP connection at a time to one of the servers; on a reset or
+/// a refusal it moves to the next one (after a backoff) and resends every unanswered request.
+pub struct TcpClient {
+    client: Client,
+    servers: Vec<SocketAddr>,
+    conn: Option<Framed>,
+    retry_at: Instant,
+    backoff: Duration,
+    events: VecDeque<ClientEvent>,
+    /// Times the client moved to another server.
+    pub switches: u64,
+}
+
+impl TcpClient {
+    pub fn new(id: u64, servers: Vec<SocketAddr>, backoff: Duration) -> TcpClient {
+        TcpClient {
+            client: Client::new(id, servers.len(), 0),
+            servers,
+            conn: None,
+            retry_at: Instant::now(),
+            backoff,
+            events: VecDeque::new(),
+            switches: 0,
+        }
+    }
+
+    pub fn unanswered(&self) -> usize {
+        self.client.unanswered()
+    }
+
+    pub fn server(&self) -> usize {
+        self.client.server()
+    }
+
+    /// Sends a new request (queued until connected); returns its sequence number.
+    pub fn request(&mut self, body: Vec<u8>) -> u64 {
+        let seq = self.client.request(body);
+        self.send_outbox();
+        seq
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    fn move_on(&mut self, switch: bool) {
+        self.conn = None;
+        if switch {
+            self.client.switch_server();
+            self.switches += 1;
+        }
+        self.retry_at = Instant::now() + self.backoff;
+    }
+
+    fn send_outbox(&mut self) {
+        let server = self.client.server();
+        let out = self.client.take_outbox();
+        let Some(conn) = &mut self.conn else { return }; // resent on connecting
+        for (to, bytes) in out {
+            if to == server {
+                conn.queue(&bytes);
+            }
+        }
+        if conn.flush().is_err() {
+            self.move_on(true);
+        }
+    }
+
+    /// One turn: connects if needed, reads replies, sends what is queued.
+    pub fn run_once(&mut self) {
+        if self.conn.is_none() {
+            if Instant::now() < self.retry_at {
+                return;
+            }
+            let addr = self.servers[self.client.server()];
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .and_then(Framed::new)
+            {
+                Ok(f) => {
+                    self.conn = Some(f);
+                    self.client.take_outbox(); // superseded by the resend
+                    self.client.resend_all();
+                }
+                Err(_) => return self.move_on(true),
+            }
+        }
+        let server = self.client.server();
+        let (client, events) = (&mut self.client, &mut self.events);
+        let mut redirected = false;
+        let read = self.conn.as_mut().expect("connected").read_frames(|frame| {
+            if let Ok(Some(e)) = client.on_message(server, frame) {
+                redirected |= matches!(e, ClientEvent::Redirected { .. });
+                events.push_back(e);
+            }
+        });
+        if redirected {
+            // `on_message` already moved to the next server.
+            self.switches += 1;
+            return self.move_on(false);
+        }
+        if read.is_err() {
+            return self.move_on(true);
+        }
+        self.send_outbox();
+    }
+}
