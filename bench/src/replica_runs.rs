@@ -47,9 +47,10 @@ pub enum ReplicaCmd {
     Primary {
         #[command(flatten)]
         net: NetArgs,
-        /// The backup's replication set-up address (`replica backup` prints its port).
+        /// The backup's replication set-up address (`replica backup` prints its port); without
+        /// it the primary runs solo (to compare against).
         #[arg(long)]
-        backup: SocketAddr,
+        backup: Option<SocketAddr>,
     },
     /// A client process: streams orders to the servers (primary first), checks every reply.
     Client {
@@ -264,17 +265,23 @@ pub fn serve(net: NetArgs, role: ServerRole, as_json: bool) {
             println!("clients {}", clients.local_addr().expect("addr").port());
             flush();
             let conn = accept(cfg, &devs, &listener, setup).expect("accept the primary");
-            (Node::<OrderBook, _>::joining(node_cfg, risk, seed), conn)
+            (
+                Node::<OrderBook, _>::joining(node_cfg, risk, seed),
+                Some(conn),
+            )
         }
         ServerRole::Primary { backup } => {
-            let conn = connect(cfg, &devs, backup, setup).expect("connect to the backup");
+            let conn =
+                backup.map(|b| connect(cfg, &devs, b, setup).expect("connect to the backup"));
             println!("clients {}", clients.local_addr().expect("addr").port());
             flush();
             (Node::primary(node_cfg, OrderBook::new(), risk, seed), conn)
         }
     };
     let mut server = Server::new(node, clients).expect("server");
-    server.attach_replication(conn);
+    if let Some(conn) = conn {
+        server.attach_replication(conn);
+    }
     let started = Instant::now();
     loop {
         server.run_once();
@@ -303,7 +310,7 @@ pub fn serve(net: NetArgs, role: ServerRole, as_json: bool) {
 #[cfg(feature = "verbs")]
 pub enum ServerRole {
     Backup { repl_port: u16 },
-    Primary { backup: SocketAddr },
+    Primary { backup: Option<SocketAddr> },
 }
 
 fn flush() {
@@ -353,7 +360,9 @@ pub fn client(
             next_send = now + Duration::from_micros(interval_us);
         }
         c.run_once();
+        let mut heard = false;
         while let Some(e) = c.poll_event() {
+            heard = true;
             match e {
                 ClientEvent::Answered { seq, body } => {
                     let now = Instant::now();
@@ -378,6 +387,13 @@ pub fn client(
                 }
                 _ => {}
             }
+        }
+        let can_send = sent < orders && c.unanswered() < window;
+        if !heard && !can_send {
+            // Nothing to do until a reply comes: sleep in the kernel, not on the CPU.
+            c.wait(Duration::from_millis(1));
+        } else if !heard && sent < orders {
+            c.wait(next_send.saturating_duration_since(Instant::now()));
         }
     }
     ClientReport {

@@ -1,0 +1,340 @@
+//! One replica's state machine, message by message: the session manager's exactly-once answers,
+//! synchronous holding, what happens on a backup's loss, the verification engine, and a buggy or
+//! hostile peer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use railover_replica::node::{
+    Action, BackupLoss, DivergenceKind, Node, NodeConfig, NodeEvent, PromoteError, RefusedWhy,
+    ReplicationMode, Role,
+};
+use railover_replica::service::{Ctx, NoExternal, ReplayMismatch, RestoreError, Service};
+use railover_replica::wire::{Msg, Request};
+
+/// Counts requests; replies with the count and a random number (from its context).
+#[derive(Default)]
+struct Counter(u64);
+
+impl Service for Counter {
+    fn apply(&mut self, ctx: &mut Ctx<'_>, _client: u64, request: &[u8]) -> Vec<u8> {
+        self.0 += 1;
+        let mut reply = self.0.to_le_bytes().to_vec();
+        reply.extend_from_slice(&ctx.random().to_le_bytes());
+        reply.extend_from_slice(request);
+        reply
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        self.0.to_le_bytes().to_vec()
+    }
+    fn restore(s: &[u8]) -> Result<Self, RestoreError> {
+        let b: [u8; 8] = s.try_into().map_err(|_| RestoreError("8 bytes".into()))?;
+        Ok(Counter(u64::from_le_bytes(b)))
+    }
+}
+
+fn request(client: u64, seq: u64, body: &[u8]) -> Vec<u8> {
+    Msg::Request(Request {
+        client,
+        seq,
+        answered_below: 1, // the client has no reply yet
+        body: body.to_vec(),
+    })
+    .encode()
+}
+
+fn cfg(mode: ReplicationMode, backup_loss: BackupLoss) -> NodeConfig {
+    NodeConfig {
+        mode,
+        backup_loss,
+        snapshot_chunk: 4,
+    }
+}
+
+/// Moves every replication message between the two until neither has anything to say; returns
+/// the replies the primary released (seq, body).
+fn exchange<S: Service>(
+    p: &mut Node<S, NoExternal>,
+    b: &mut Node<S, NoExternal>,
+) -> Vec<(u64, Vec<u8>)> {
+    let mut replies = Vec::new();
+    loop {
+        let mut moved = false;
+        while let Some(a) = p.pop_action() {
+            moved = true;
+            match a {
+                Action::ToBackup(m) => b.on_replication(&m),
+                Action::ToClient { msg, .. } => match Msg::decode(&msg).unwrap() {
+                    Msg::Reply { seq, body } => replies.push((seq, body)),
+                    m => panic!("{m:?}"),
+                },
+                Action::ToPrimary(_) => unreachable!(),
+            }
+        }
+        while let Some(a) = b.pop_action() {
+            moved = true;
+            match a {
+                Action::ToPrimary(m) => p.on_replication(&m),
+                a => panic!("backup sent {a:?}"),
+            }
+        }
+        if !moved {
+            return replies;
+        }
+    }
+}
+
+fn pair(
+    mode: ReplicationMode,
+    loss: BackupLoss,
+) -> (Node<Counter, NoExternal>, Node<Counter, NoExternal>) {
+    let mut p = Node::primary(cfg(mode, loss), Counter::default(), NoExternal, 1);
+    let mut b = Node::joining(cfg(mode, loss), NoExternal, 2);
+    p.attach_backup();
+    assert!(exchange(&mut p, &mut b).is_empty());
+    assert!(p.backup_live());
+    assert_eq!(p.poll_event(), Some(NodeEvent::BackupSynced { index: 0 }));
+    assert_eq!(b.role(), Role::Backup);
+    (p, b)
+}
+
+#[test]
+fn a_synchronous_reply_waits_for_the_backup_and_a_resend_is_answered_from_the_records() {
+    let (mut p, mut b) = pair(ReplicationMode::Sync, BackupLoss::Stall);
+    p.on_client(&request(7, 1, b"x"), 0);
+    let entry = match p.pop_action() {
+        Some(Action::ToBackup(m)) => m,
+        a => panic!("the entry goes first: {a:?}"),
+    };
+    assert_eq!(p.pop_action(), None, "the reply waits for the backup");
+    assert_eq!(p.held(), 1);
+    // A resend while held: nothing now (the reply leaves once), nothing applied twice.
+    p.on_client(&request(7, 1, b"x"), 0);
+    assert_eq!(p.pop_action(), None);
+    b.on_replication(&entry);
+    let replies = exchange(&mut p, &mut b);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(p.applied(), 1);
+    // Resent after the reply: the same bytes, from the records, still applied once.
+    p.on_client(&request(7, 1, b"x"), 0);
+    let again = exchange(&mut p, &mut b);
+    assert_eq!(again, replies);
+    assert_eq!((p.applied(), b.applied()), (1, 1));
+    assert_eq!(p.encode_state(), b.encode_state());
+    // The promoted backup answers it the same way too.
+    b.promote().unwrap();
+    b.on_client(&request(7, 1, b"x"), 0);
+    match b.pop_action() {
+        Some(Action::ToClient { msg, .. }) => assert_eq!(
+            Msg::decode(&msg).unwrap(),
+            Msg::Reply {
+                seq: 1,
+                body: replies[0].1.clone()
+            }
+        ),
+        a => panic!("{a:?}"),
+    }
+}
+
+#[test]
+fn a_request_ahead_of_an_unanswered_one_is_sent_back_not_applied() {
+    let (mut p, _b) = pair(ReplicationMode::Sync, BackupLoss::Stall);
+    p.on_client(&request(7, 3, b"x"), 0);
+    match p.pop_action() {
+        Some(Action::ToClient { msg, .. }) => {
+            assert_eq!(Msg::decode(&msg).unwrap(), Msg::OutOfOrder { expected: 1 })
+        }
+        a => panic!("{a:?}"),
+    }
+    assert_eq!(p.applied(), 0);
+}
+
+#[test]
+fn losing_the_backup_stalls_or_continues_as_configured() {
+    for loss in [BackupLoss::Stall, BackupLoss::ContinueSolo] {
+        let (mut p, _b) = pair(ReplicationMode::Sync, loss);
+        p.on_client(&request(7, 1, b"x"), 0);
+        assert!(matches!(p.pop_action(), Some(Action::ToBackup(_))));
+        p.backup_lost();
+        assert_eq!(p.poll_event(), Some(NodeEvent::BackupLost { held: 1 }));
+        p.on_client(&request(7, 2, b"y"), 0);
+        let released = std::iter::from_fn(|| p.pop_action()).count();
+        match loss {
+            BackupLoss::Stall => {
+                assert_eq!(released, 0, "nothing leaves without a backup");
+                assert!(p.stalled());
+                // A new backup joins: its snapshot holds both; its ack releases both.
+                let mut b2 = Node::joining(cfg(ReplicationMode::Sync, loss), NoExternal, 3);
+                p.attach_backup();
+                let replies = exchange(&mut p, &mut b2);
+                assert_eq!(replies.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+                assert_eq!(p.encode_state(), b2.encode_state());
+            }
+            BackupLoss::ContinueSolo => assert_eq!(released, 2),
+        }
+    }
+}
+
+static OUTSIDE: AtomicU64 = AtomicU64::new(0);
+
+/// Reads a counter outside its context: not deterministic.
+struct Leaky;
+
+impl Service for Leaky {
+    fn apply(&mut self, ctx: &mut Ctx<'_>, _client: u64, _request: &[u8]) -> Vec<u8> {
+        // Relaxed: a plain counter, nothing published through it.
+        let n = OUTSIDE.fetch_add(1, Ordering::Relaxed);
+        if n % 2 == 0 {
+            ctx.now(); // the primary (even call) asks for the time, the backup does not
+        }
+        n.to_le_bytes().to_vec()
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(_: &[u8]) -> Result<Self, RestoreError> {
+        Ok(Leaky)
+    }
+}
+
+#[test]
+fn the_verification_engine_reports_a_service_that_is_not_deterministic() {
+    let mut p = Node::primary(
+        cfg(ReplicationMode::Sync, BackupLoss::Stall),
+        Leaky,
+        NoExternal,
+        1,
+    );
+    let mut b =
+        Node::<Leaky, _>::joining(cfg(ReplicationMode::Sync, BackupLoss::Stall), NoExternal, 2);
+    p.attach_backup();
+    exchange(&mut p, &mut b);
+    OUTSIDE.store(0, Ordering::Relaxed);
+    p.on_client(&request(1, 1, b""), 5); // primary: n = 0, asks for the time
+    exchange(&mut p, &mut b); // backup: n = 1, does not
+    match b.poll_event() {
+        Some(NodeEvent::Divergence {
+            index: 1,
+            kind:
+                DivergenceKind::Replay(ReplayMismatch::Unused {
+                    used: 0,
+                    recorded: 1,
+                }),
+            ..
+        }) => {}
+        e => panic!("{e:?}"),
+    }
+    p.on_client(&request(1, 2, b""), 5); // primary: n = 2 asks; backup: n = 3 does not
+    exchange(&mut p, &mut b);
+    assert!(matches!(
+        b.poll_event(),
+        Some(NodeEvent::Divergence { index: 2, .. })
+    ));
+    OUTSIDE.store(1, Ordering::Relaxed); // now neither asks, but the replies differ
+    p.on_client(&request(1, 3, b""), 5);
+    OUTSIDE.store(3, Ordering::Relaxed);
+    exchange(&mut p, &mut b);
+    assert!(matches!(
+        b.poll_event(),
+        Some(NodeEvent::Divergence {
+            index: 3,
+            kind: DivergenceKind::Digest { .. },
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_buggy_or_hostile_peer_is_refused_and_nothing_applied_is_lost() {
+    let (mut p, mut b) = pair(ReplicationMode::Sync, BackupLoss::Stall);
+    p.on_client(&request(7, 1, b"x"), 0);
+    let Some(Action::ToBackup(entry)) = p.pop_action() else {
+        panic!("entry")
+    };
+    // The same entry twice, garbage, a message the role does not take.
+    b.on_replication(&entry);
+    b.on_replication(&entry);
+    assert!(matches!(
+        b.poll_event(),
+        Some(NodeEvent::Refused {
+            error: RefusedWhy::OutOfOrder {
+                expected: 2,
+                got: 1
+            },
+            ..
+        })
+    ));
+    b.on_replication(&[1, 2, 3]);
+    assert!(matches!(
+        b.poll_event(),
+        Some(NodeEvent::Refused {
+            error: RefusedWhy::Decode(_),
+            ..
+        })
+    ));
+    b.on_replication(&Msg::Ack { applied: 1 }.encode());
+    assert!(matches!(
+        b.poll_event(),
+        Some(NodeEvent::Refused {
+            error: RefusedWhy::Unexpected,
+            ..
+        })
+    ));
+    assert_eq!(b.applied(), 1);
+    // An acknowledgement of entries the primary never made.
+    p.on_replication(&Msg::Ack { applied: 9 }.encode());
+    assert!(matches!(
+        p.poll_event(),
+        Some(NodeEvent::Refused {
+            error: RefusedWhy::AckBeyondLog {
+                acked: 9,
+                applied: 1
+            },
+            ..
+        })
+    ));
+    assert_eq!(
+        p.held(),
+        1,
+        "the reply still waits for a real acknowledgement"
+    );
+    exchange(&mut p, &mut b);
+    assert_eq!(p.held(), 0);
+    // A snapshot that does not decode leaves the joiner joining.
+    let mut j =
+        Node::<Counter, _>::joining(cfg(ReplicationMode::Sync, BackupLoss::Stall), NoExternal, 3);
+    j.on_replication(
+        &Msg::Snapshot(railover_replica::wire::SnapshotChunk {
+            index: 0,
+            total: 3,
+            offset: 0,
+            bytes: vec![1, 2, 3],
+        })
+        .encode(),
+    );
+    assert!(matches!(
+        j.poll_event(),
+        Some(NodeEvent::Refused {
+            error: RefusedWhy::Snapshot(_),
+            ..
+        })
+    ));
+    assert_eq!(j.role(), Role::Joining);
+    assert_eq!(j.promote(), Err(PromoteError::NotSynced));
+    assert_eq!(p.promote(), Err(PromoteError::AlreadyPrimary));
+    // A client's garbage is refused too; a backup refuses requests.
+    p.on_client(&[0xff; 3], 0);
+    assert!(matches!(
+        p.poll_event(),
+        Some(NodeEvent::Refused {
+            error: RefusedWhy::Decode(_),
+            ..
+        })
+    ));
+    b.on_client(&request(7, 2, b"y"), 0);
+    match b.pop_action() {
+        Some(Action::ToClient { msg, .. }) => {
+            assert_eq!(Msg::decode(&msg).unwrap(), Msg::NotPrimary)
+        }
+        a => panic!("{a:?}"),
+    }
+}
