@@ -150,8 +150,8 @@ fn run_replica(cmd: replica_runs::ReplicaCmd, as_json: bool) {
             }
         }
         #[cfg(feature = "verbs")]
-        ReplicaCmd::Backup { net, repl_port } => {
-            replica_runs::serve(net, replica_runs::ServerRole::Backup { repl_port }, as_json)
+        ReplicaCmd::Backup { net, connect } => {
+            replica_runs::serve(net, replica_runs::ServerRole::Backup { connect }, as_json)
         }
         #[cfg(feature = "verbs")]
         ReplicaCmd::Primary { net, backup } => {
@@ -164,8 +164,17 @@ fn run_replica(cmd: replica_runs::ReplicaCmd, as_json: bool) {
             interval_us,
             mark_at,
             id,
+            reply_timeout_ms,
         } => {
-            let r = replica_runs::client(servers, orders, window, interval_us, mark_at, id);
+            let r = replica_runs::client(
+                servers,
+                orders,
+                window,
+                interval_us,
+                mark_at,
+                id,
+                std::time::Duration::from_millis(reply_timeout_ms),
+            );
             if as_json {
                 println!("{}", serde_json::to_string(&r).expect("json"));
             } else {

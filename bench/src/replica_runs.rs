@@ -31,16 +31,16 @@ pub enum ReplicaCmd {
         #[arg(long, default_value_t = 1_000)]
         latency_ns: u64,
     },
-    /// The backup's process (verbs): accepts the primary's replication connection, serves
-    /// clients (refusing them until it takes over).
+    /// The backup's process (verbs): takes the primary's replication connection (or dials a
+    /// running primary with `--connect` and joins it from its snapshot), serves clients (refusing
+    /// them until it takes over).
     #[cfg(feature = "verbs")]
     Backup {
         #[command(flatten)]
         net: NetArgs,
-        /// Port the primary's replication connection is set up on (0: any; printed as
-        /// `replication <port>`).
-        #[arg(long, default_value_t = 0)]
-        repl_port: u16,
+        /// Joins the running primary whose replication port this is (a restarted backup).
+        #[arg(long)]
+        connect: Option<SocketAddr>,
     },
     /// The primary's process (verbs): connects to the backup, serves clients.
     #[cfg(feature = "verbs")]
@@ -65,12 +65,17 @@ pub enum ReplicaCmd {
         /// Pace: at most one new order every this many microseconds.
         #[arg(long, default_value_t = 500)]
         interval_us: u64,
-        /// Print `answered <n>` when n orders are answered (a test kills the primary then).
-        #[arg(long)]
-        mark_at: Option<u64>,
+        /// Print `answered <n>` when n orders are answered, for each n (a test kills a server
+        /// then).
+        #[arg(long, value_delimiter = ',')]
+        mark_at: Vec<u64>,
         /// Client id.
         #[arg(long, default_value_t = 1)]
         id: u64,
+        /// A server that accepted the connection but answers nothing for this long is left for
+        /// the other one (ms).
+        #[arg(long, default_value_t = 100)]
+        reply_timeout_ms: u64,
     },
 }
 
@@ -84,6 +89,10 @@ pub struct NetArgs {
     /// Port clients connect to (0: any; printed as `clients <port>`).
     #[arg(long, default_value_t = 0)]
     client_port: u16,
+    /// Port replication connections are set up on: the primary's at the start, then (once this
+    /// server is the primary) each joining backup's (0: any; printed as `replication <port>`).
+    #[arg(long, default_value_t = 0)]
+    repl_port: u16,
     /// Missed heartbeats before a rail is declared dead (TCG emulation needs ~30 of 1 ms).
     #[arg(long, default_value_t = 30)]
     hb_misses: u32,
@@ -248,43 +257,77 @@ pub fn serve(net: NetArgs, role: ServerRole, as_json: bool) {
     use railover::verbs::{accept, connect};
     use railover_replica::net::{Server, ServerEvent};
     use std::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
     let clients = TcpListener::bind(("127.0.0.1", net.client_port)).expect("bind clients");
-    let devs: Vec<&str> = net.devices.iter().map(String::as_str).collect();
+    let repl = TcpListener::bind(("127.0.0.1", net.repl_port)).expect("bind replication");
+    println!("replication {}", repl.local_addr().expect("addr").port());
+    println!("clients {}", clients.local_addr().expect("addr").port());
+    flush();
+    let devs: Vec<String> = net.devices.clone();
     let cfg = link_config(net.hb_misses, net.session_timeout_ms);
     let setup = Duration::from_secs(net.setup_secs);
+    // Replication connections are accepted on a thread of their own (a set-up takes
+    // milliseconds and must not stall the loop); one at a time is taken, others are closed.
+    let (offered, incoming) = mpsc::channel();
+    let replicating = Arc::new(AtomicBool::new(false));
+    {
+        let (devs, replicating) = (devs.clone(), replicating.clone());
+        std::thread::spawn(move || {
+            let devs: Vec<&str> = devs.iter().map(String::as_str).collect();
+            loop {
+                match accept(cfg, &devs, &repl, Duration::from_secs(3600)) {
+                    // Relaxed: a hint; the loop re-checks before it takes a connection.
+                    Ok(c) if !replicating.load(Ordering::Relaxed) => {
+                        if offered.send(c).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(c) => drop(c), // a second replica: closed
+                    Err(e) => eprintln!("replication set-up refused: {e}"),
+                }
+            }
+        });
+    }
+    let dial = |addr| {
+        let devs: Vec<&str> = devs.iter().map(String::as_str).collect();
+        connect(cfg, &devs, addr, setup).expect("connect the replication link")
+    };
     let risk = RiskLimits::new(u64::MAX / 2);
     let node_cfg = NodeConfig::default();
     let seed = std::process::id() as u64 ^ railover_replica::net::wall_clock_ns();
-    let (node, conn) = match role {
-        ServerRole::Backup { repl_port } => {
-            let listener = TcpListener::bind(("127.0.0.1", repl_port)).expect("bind replication");
-            println!(
-                "replication {}",
-                listener.local_addr().expect("addr").port()
-            );
-            println!("clients {}", clients.local_addr().expect("addr").port());
-            flush();
-            let conn = accept(cfg, &devs, &listener, setup).expect("accept the primary");
-            (
-                Node::<OrderBook, _>::joining(node_cfg, risk, seed),
-                Some(conn),
-            )
-        }
-        ServerRole::Primary { backup } => {
-            let conn =
-                backup.map(|b| connect(cfg, &devs, b, setup).expect("connect to the backup"));
-            println!("clients {}", clients.local_addr().expect("addr").port());
-            flush();
-            (Node::primary(node_cfg, OrderBook::new(), risk, seed), conn)
-        }
+    let (node, dialled) = match role {
+        ServerRole::Backup { connect } => (
+            Node::<OrderBook, _>::joining(node_cfg, risk, seed),
+            connect.map(dial),
+        ),
+        ServerRole::Primary { backup } => (
+            Node::primary(node_cfg, OrderBook::new(), risk, seed),
+            backup.map(dial),
+        ),
     };
     let mut server = Server::new(node, clients).expect("server");
-    if let Some(conn) = conn {
+    // An ended connection closes on a thread of its own: its goodbye may wait for a peer that
+    // is gone.
+    server.retire_with(|c| {
+        std::thread::spawn(move || drop(c));
+    });
+    if let Some(conn) = dialled {
         server.attach_replication(conn);
     }
     let started = Instant::now();
+    let mut turns = 0u64;
     loop {
         server.run_once();
+        turns += 1;
+        if turns % 64 == 0 {
+            if !server.has_replication() {
+                if let Ok(conn) = incoming.try_recv() {
+                    server.attach_replication(conn);
+                }
+            }
+            replicating.store(server.has_replication(), Ordering::Relaxed);
+        }
         while let Some(e) = server.poll_event() {
             let at_ms = started.elapsed().as_secs_f64() * 1e3;
             let what = match &e {
@@ -294,11 +337,18 @@ pub fn serve(net: NetArgs, role: ServerRole, as_json: bool) {
                 ServerEvent::Node(NodeEvent::BackupSynced { index }) => {
                     format!("backup-synced index={index}")
                 }
+                ServerEvent::Node(NodeEvent::BackupLost { held }) => {
+                    format!("backup-lost held={held}")
+                }
                 ServerEvent::ReplicationEnded(r) => format!("replication-ended {r:?}"),
                 other => format!("{other:?}"),
             };
             if as_json {
-                println!("{}", serde_json::json!({ "event": what, "at_ms": at_ms }));
+                let wall_ns = railover_replica::net::wall_clock_ns();
+                println!(
+                    "{}",
+                    serde_json::json!({ "event": what, "at_ms": at_ms, "wall_ns": wall_ns })
+                );
             } else {
                 println!("{at_ms:.1} ms: {what}");
             }
@@ -309,7 +359,7 @@ pub fn serve(net: NetArgs, role: ServerRole, as_json: bool) {
 
 #[cfg(feature = "verbs")]
 pub enum ServerRole {
-    Backup { repl_port: u16 },
+    Backup { connect: Option<SocketAddr> },
     Primary { backup: Option<SocketAddr> },
 }
 
@@ -327,9 +377,17 @@ pub struct ClientReport {
     pub mismatched_duplicates: u64,
     pub lost: u64,
     pub server_switches: u64,
+    /// Switches because a server answered nothing for the reply timeout.
+    pub reply_timeouts: u64,
+    /// Order ids the replies skip or repeat: the engine numbers the orders it applies 1, 2, 3..
+    /// and every order here is accepted, so an order applied twice (or an id handed out by a
+    /// primary whose entry was lost) shows as a gap. Must be 0.
+    pub order_id_gaps: u64,
     /// Longest time between two replies (around a takeover: the time from the primary's death
     /// to the backup's first reply, plus one order interval).
     pub longest_reply_gap_ms: f64,
+    /// When that gap ended (wall clock, ns since the epoch: comparable with the servers' events).
+    pub longest_reply_gap_end_wall_ns: u64,
     pub rtt: Summary,
 }
 
@@ -338,10 +396,12 @@ pub fn client(
     orders: u64,
     window: usize,
     interval_us: u64,
-    mark_at: Option<u64>,
+    mark_at: Vec<u64>,
     id: u64,
+    reply_timeout: Duration,
 ) -> ClientReport {
     let mut c = TcpClient::new(id, servers, Duration::from_millis(5));
+    c.set_reply_timeout(reply_timeout);
     let mut replies: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     let mut sent_at: BTreeMap<u64, Instant> = BTreeMap::new();
     let (mut dups, mut mismatched) = (0, 0);
@@ -350,6 +410,7 @@ pub fn client(
     let mut next_send = Instant::now();
     let mut last_reply = Instant::now();
     let mut longest_gap = Duration::ZERO;
+    let mut gap_end_wall_ns = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     while (replies.len() as u64) < orders && Instant::now() < deadline {
         let now = Instant::now();
@@ -369,12 +430,14 @@ pub fn client(
                     if let Some(t) = sent_at.remove(&seq) {
                         h.record((now - t).as_nanos().max(1) as u64).ok();
                     }
-                    if replies.is_empty() || OrderReply::decode(&body).is_some() {
-                        longest_gap = longest_gap.max(now - last_reply);
+                    // (Between replies only: the wait for the first is set-up, not a gap.)
+                    if !replies.is_empty() && now - last_reply > longest_gap {
+                        longest_gap = now - last_reply;
+                        gap_end_wall_ns = railover_replica::net::wall_clock_ns();
                     }
                     last_reply = now;
                     replies.insert(seq, body);
-                    if Some(replies.len() as u64) == mark_at {
+                    if mark_at.contains(&(replies.len() as u64)) {
                         println!("answered {}", replies.len());
                         flush();
                     }
@@ -396,14 +459,28 @@ pub fn client(
             c.wait(next_send.saturating_duration_since(Instant::now()));
         }
     }
+    let mut ids: Vec<u64> = replies
+        .values()
+        .filter_map(|b| match OrderReply::decode(b) {
+            Some(OrderReply::Accepted { order_id, .. }) => Some(order_id),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let order_id_gaps = (replies.len() as u64).abs_diff(ids.len() as u64)
+        + ids.last().map_or(0, |max| max - ids.len() as u64);
     ClientReport {
+        order_id_gaps,
         orders,
         answered: replies.len() as u64,
         duplicate_replies: dups,
         mismatched_duplicates: mismatched,
         lost: orders - replies.len() as u64,
         server_switches: c.switches,
+        reply_timeouts: c.timeouts,
         longest_reply_gap_ms: longest_gap.as_secs_f64() * 1e3,
+        longest_reply_gap_end_wall_ns: gap_end_wall_ns,
         rtt: summarize_us(&h),
     }
 }

@@ -158,7 +158,12 @@ pub struct Server<S: Service, E: External, N: Nic, C: Clock> {
     /// The replication connection's control stream broke.
     channel_lost: bool,
     turns: u64,
+    /// What becomes of a replication connection that ended (see [`Server::retire_with`]).
+    retire: Option<Retire<N, C>>,
 }
+
+/// Takes a replication connection that ended (see [`Server::retire_with`]).
+type Retire<N, C> = Box<dyn FnMut(Connection<N, C>)>;
 
 /// New clients are accepted every this many turns of [`Server::run_once`].
 const ACCEPT_EVERY: u64 = 64;
@@ -178,7 +183,15 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
             peer_silent: false,
             channel_lost: false,
             turns: 0,
+            retire: None,
         })
+    }
+
+    /// Hands each replication connection that ended to `retire` instead of dropping it on the
+    /// loop's thread (a drop closes gracefully: it may wait up to a heartbeat timeout for a peer
+    /// that is gone). A process gives it to another thread.
+    pub fn retire_with(&mut self, retire: impl FnMut(Connection<N, C>) + 'static) {
+        self.retire = Some(Box::new(retire));
     }
 
     pub fn node(&self) -> &Node<S, E> {
@@ -298,7 +311,9 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
             return;
         }
         let reason = conn.end_reason();
-        self.repl = None;
+        if let (Some(conn), Some(retire)) = (self.repl.take(), &mut self.retire) {
+            retire(conn);
+        }
         self.repl_out.clear();
         self.events.push_back(ServerEvent::ReplicationEnded(reason));
         match self.node.role() {
@@ -355,11 +370,24 @@ pub struct TcpClient {
     events: VecDeque<ClientEvent>,
     /// Times the client moved to another server.
     pub switches: u64,
+    /// How long the client waits for a reply before it tries the other server.
+    reply_timeout: Duration,
+    /// The last reply (or connection) from the current server.
+    heard_at: Instant,
+    /// Times the reply timeout moved the client on.
+    pub timeouts: u64,
 }
 
 impl TcpClient {
+    /// Client `id` of the servers at `servers` (the primary first). After a refused or reset
+    /// connection it waits `backoff` before the next server. A server that accepts but does not
+    /// answer for [`TcpClient::set_reply_timeout`] (default 100 ms) is left too: a dying
+    /// process's socket can take that long to close.
     pub fn new(id: u64, servers: Vec<SocketAddr>, backoff: Duration) -> TcpClient {
         TcpClient {
+            reply_timeout: Duration::from_millis(100),
+            heard_at: Instant::now(),
+            timeouts: 0,
             client: Client::new(id, servers.len(), 0),
             servers,
             conn: None,
@@ -372,6 +400,10 @@ impl TcpClient {
 
     pub fn unanswered(&self) -> usize {
         self.client.unanswered()
+    }
+
+    pub fn set_reply_timeout(&mut self, timeout: Duration) {
+        self.reply_timeout = timeout;
     }
 
     pub fn server(&self) -> usize {
@@ -440,6 +472,7 @@ impl TcpClient {
             {
                 Ok(f) => {
                     self.conn = Some(f);
+                    self.heard_at = Instant::now();
                     self.client.take_outbox(); // superseded by the resend
                     self.client.resend_all();
                 }
@@ -449,7 +482,9 @@ impl TcpClient {
         let server = self.client.server();
         let (client, events) = (&mut self.client, &mut self.events);
         let mut redirected = false;
+        let mut heard = false;
         let read = self.conn.as_mut().expect("connected").read_frames(|frame| {
+            heard = true;
             if let Ok(Some(e)) = client.on_message(server, frame) {
                 redirected |= matches!(e, ClientEvent::Redirected { .. });
                 events.push_back(e);
@@ -461,6 +496,13 @@ impl TcpClient {
             return self.move_on(false);
         }
         if read.is_err() {
+            return self.move_on(true);
+        }
+        let now = Instant::now();
+        if heard || self.client.unanswered() == 0 {
+            self.heard_at = now;
+        } else if now - self.heard_at > self.reply_timeout {
+            self.timeouts += 1;
             return self.move_on(true);
         }
         self.send_outbox();

@@ -115,6 +115,17 @@ fn a_killed_primary_is_replaced_by_the_backup_and_every_order_is_answered_once()
         // Virtual time for railover moves 10 us a turn.
         fabric.advance_to(fabric.now() + 10_000);
     }
+    // Every order was accepted and the engine numbers what it applies: the ids are 1..=ORDERS
+    // exactly when no order was applied twice or lost.
+    let mut ids: Vec<u64> = replies
+        .values()
+        .map(|b| match OrderReply::decode(b) {
+            Some(OrderReply::Accepted { order_id, .. }) => order_id,
+            r => panic!("{r:?}"),
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=ORDERS).collect::<Vec<_>>());
     assert!(promoted, "the backup took over");
     assert_eq!(backup.node().role(), Role::Primary);
     assert_eq!(backup.node().applied(), ORDERS, "each order applied once");
