@@ -157,24 +157,8 @@ fn run_replica(cmd: replica_runs::ReplicaCmd, as_json: bool) {
         ReplicaCmd::Primary { net, backup } => {
             replica_runs::serve(net, replica_runs::ServerRole::Primary { backup }, as_json)
         }
-        ReplicaCmd::Client {
-            servers,
-            orders,
-            window,
-            interval_us,
-            mark_at,
-            id,
-            reply_timeout_ms,
-        } => {
-            let r = replica_runs::client(
-                servers,
-                orders,
-                window,
-                interval_us,
-                mark_at,
-                id,
-                std::time::Duration::from_millis(reply_timeout_ms),
-            );
+        ReplicaCmd::Client { args } => {
+            let r = replica_runs::client(args);
             if as_json {
                 println!("{}", serde_json::to_string(&r).expect("json"));
             } else {

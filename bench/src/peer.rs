@@ -23,9 +23,9 @@ use hdrhistogram::Histogram;
 use railover::core::Event;
 #[cfg(feature = "verbs")]
 use railover::verbs::{accept, accept_resuming, connect, connect_resuming, VerbsConnection};
-use railover::Config;
 #[cfg(feature = "verbs")]
 use railover::SendError;
+use railover::{Config, ConfigBuilder};
 #[cfg(feature = "verbs")]
 use railover::{ConnectError, EndReason, ResumeState};
 use railover_rdma::LinkParams;
@@ -134,13 +134,21 @@ fn mark(what: &str) {
 }
 
 fn config(a: &PeerArgs) -> Config {
-    Config::builder()
+    verbs_config(a.hb_interval_us, a.hb_misses, a.session_timeout_ms)
         .rails(a.devices.len())
         .geometry(64 * 1024, 16, a.size.max(64))
-        .heartbeat_interval_ns(a.hb_interval_us * 1_000)
-        .heartbeat_misses(a.hb_misses)
-        .session_timeout_ns(a.session_timeout_ms * 1_000_000)
         .close_linger_ns(5_000_000_000)
+        .build()
+        .expect("valid config")
+}
+
+/// What every two-process tool sets on real cards (under TCG emulation too): heartbeats, session
+/// timeout, one transport retry of ~33 ms, two seconds for the first contact, re-arms after 1 s.
+pub fn verbs_config(hb_interval_us: u64, hb_misses: u32, session_timeout_ms: u64) -> ConfigBuilder {
+    Config::builder()
+        .heartbeat_interval_ns(hb_interval_us * 1_000)
+        .heartbeat_misses(hb_misses)
+        .session_timeout_ns(session_timeout_ms * 1_000_000)
         .link_params(LinkParams {
             timeout: 13,
             retry_cnt: 1,
@@ -148,8 +156,6 @@ fn config(a: &PeerArgs) -> Config {
         })
         .first_contact_grace_ns(2_000_000_000)
         .rearm_after_ns(1_000_000_000)
-        .build()
-        .expect("valid config")
 }
 
 fn record(seq: u64, size: usize) -> Vec<u8> {

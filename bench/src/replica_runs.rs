@@ -54,29 +54,35 @@ pub enum ReplicaCmd {
     },
     /// A client process: streams orders to the servers (primary first), checks every reply.
     Client {
-        /// The servers' client addresses, primary first.
-        #[arg(long, value_delimiter = ',', required = true)]
-        servers: Vec<SocketAddr>,
-        #[arg(long, default_value_t = 5_000)]
-        orders: u64,
-        /// Orders outstanding at once.
-        #[arg(long, default_value_t = 4)]
-        window: usize,
-        /// Pace: at most one new order every this many microseconds.
-        #[arg(long, default_value_t = 500)]
-        interval_us: u64,
-        /// Print `answered <n>` when n orders are answered, for each n (a test kills a server
-        /// then).
-        #[arg(long, value_delimiter = ',')]
-        mark_at: Vec<u64>,
-        /// Client id.
-        #[arg(long, default_value_t = 1)]
-        id: u64,
-        /// A server that accepted the connection but answers nothing for this long is left for
-        /// the other one (ms).
-        #[arg(long, default_value_t = 100)]
-        reply_timeout_ms: u64,
+        #[command(flatten)]
+        args: ClientArgs,
     },
+}
+
+/// A client process's settings.
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    /// The servers' client addresses, primary first.
+    #[arg(long, value_delimiter = ',', required = true)]
+    servers: Vec<SocketAddr>,
+    #[arg(long, default_value_t = 5_000)]
+    orders: u64,
+    /// Orders outstanding at once.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Pace: at most one new order every this many microseconds.
+    #[arg(long, default_value_t = 500)]
+    interval_us: u64,
+    /// Print `answered <n>` when n orders are answered, for each n (a test kills a server then).
+    #[arg(long, value_delimiter = ',')]
+    mark_at: Vec<u64>,
+    /// Client id.
+    #[arg(long, default_value_t = 1)]
+    id: u64,
+    /// A server that accepted the connection but answers nothing for this long is left for the
+    /// other one (ms).
+    #[arg(long, default_value_t = 100)]
+    reply_timeout_ms: u64,
 }
 
 /// A server process's settings (verbs).
@@ -103,22 +109,12 @@ pub struct NetArgs {
     setup_secs: u64,
 }
 
+/// The replication link on real cards: the two-process tools' settings (`peer::verbs_config`).
 #[cfg(feature = "verbs")]
 fn link_config(hb_misses: u32, session_timeout_ms: u64) -> Config {
-    use railover_rdma::LinkParams;
-    Config::builder()
+    crate::peer::verbs_config(1_000, hb_misses, session_timeout_ms)
         .rails(2)
         .geometry(256 * 1024, 16, 2048)
-        .heartbeat_interval_ns(1_000_000)
-        .heartbeat_misses(hb_misses)
-        .session_timeout_ns(session_timeout_ms * 1_000_000)
-        .link_params(LinkParams {
-            timeout: 13,
-            retry_cnt: 1,
-            ..LinkParams::default()
-        })
-        .first_contact_grace_ns(2_000_000_000)
-        .rearm_after_ns(1_000_000_000)
         .build()
         .expect("valid config")
 }
@@ -391,17 +387,18 @@ pub struct ClientReport {
     pub rtt: Summary,
 }
 
-pub fn client(
-    servers: Vec<SocketAddr>,
-    orders: u64,
-    window: usize,
-    interval_us: u64,
-    mark_at: Vec<u64>,
-    id: u64,
-    reply_timeout: Duration,
-) -> ClientReport {
+pub fn client(args: ClientArgs) -> ClientReport {
+    let ClientArgs {
+        servers,
+        orders,
+        window,
+        interval_us,
+        mark_at,
+        id,
+        reply_timeout_ms,
+    } = args;
     let mut c = TcpClient::new(id, servers, Duration::from_millis(5));
-    c.set_reply_timeout(reply_timeout);
+    c.set_reply_timeout(Duration::from_millis(reply_timeout_ms));
     let mut replies: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     let mut sent_at: BTreeMap<u64, Instant> = BTreeMap::new();
     let (mut dups, mut mismatched) = (0, 0);

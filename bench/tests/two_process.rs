@@ -798,13 +798,9 @@ struct Replica {
 
 impl Replica {
     fn spawn(name: &'static str, args: &[&str]) -> Replica {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .arg("--json")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{name}: spawn {BIN}: {e}"));
-        let out = BufReader::new(child.stdout.take().expect("piped"));
+        let Peer {
+            child, out, name, ..
+        } = Peer::spawn(name, args);
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for l in out.lines().map_while(Result::ok) {
@@ -892,69 +888,24 @@ fn replica_line(r: &Value, what: &str) -> String {
     )
 }
 
-/// railover-replica as a user runs it: the backup, the primary and a client, each its own
-/// process; the primary replicates to the backup over both rails, the client streams orders over
-/// TCP. The primary is killed (`kill -9`) mid-stream: the backup takes over, the client moves to
-/// it and resends what was unanswered. Every order is answered exactly once (a duplicate reply
-/// must equal the first); the longest gap between two replies (the kill to the backup's first
-/// reply) is printed.
-#[test]
-#[ignore = "needs rxe devices: ci/vm-tests runs it"]
-fn a_killed_primary_is_replaced_by_its_backup_and_every_order_is_answered_once() {
+/// The three processes of a replicated order book: the backup (host 2's cards), the primary
+/// (host 1's, replicating to it) and a client streaming `orders` to both servers, printing
+/// `answered <n>` at each of `marks`.
+struct Replicas {
+    backup: Replica,
+    primary: Replica,
+    /// Where the primary takes joining backups.
+    primary_repl: String,
+    /// The backup's client port (a restarted backup takes it over).
+    backup_clients: String,
+    client: Replica,
+}
+
+fn start_replicas(orders: &str, marks: &str) -> Replicas {
     let backup = Replica::spawn("backup", &["replica", "backup", "-d", HOST2]);
     let backup_repl = format!("127.0.0.1:{}", backup.port("replication "));
     let backup_clients = backup.port("clients ");
-    let mut primary = Replica::spawn(
-        "primary",
-        &["replica", "primary", "-d", HOST1, "--backup", &backup_repl],
-    );
-    let primary_clients = primary.port("clients ");
-    let servers = format!("127.0.0.1:{primary_clients},127.0.0.1:{backup_clients}");
-    let client = Replica::spawn(
-        "client",
-        &[
-            "replica",
-            "client",
-            "--servers",
-            &servers,
-            "--orders",
-            "3000",
-            "--mark-at",
-            "1000",
-            "--interval-us",
-            "500",
-        ],
-    );
-    // In synchronous mode no reply leaves the primary before the backup acknowledged it:
-    // 1,000 answered orders prove the backup follows.
-    client.wait_for("answered 1000", Duration::from_secs(120));
-    primary.kill();
-    let r = client.report(Duration::from_secs(180));
-    let promoted = backup.wait_for("promoted", Duration::from_secs(30));
-    write_result(&format!(
-        "{}; backup: {promoted}",
-        replica_line(&r, "primary killed after 1000 of 3000 orders")
-    ));
-    assert_eq!(n(&r, "answered"), 3000, "{r}");
-    assert_eq!(n(&r, "lost"), 0, "{r}");
-    assert_eq!(n(&r, "mismatched_duplicates"), 0, "{r}");
-    assert!(
-        n(&r, "server_switches") >= 1,
-        "the client moved to the backup: {r}"
-    );
-}
-
-/// The whole cycle with one process per role: the backup is killed, the primary holds its
-/// replies (no reply leaves unreplicated), a restarted backup dials the running primary and
-/// joins it from a snapshot, the held replies go out; then the primary is killed and the new
-/// backup takes over. Every order is answered exactly once.
-#[test]
-#[ignore = "needs rxe devices: ci/vm-tests runs it"]
-fn a_restarted_backup_joins_the_running_primary_and_takes_over_when_it_dies() {
-    let mut backup = Replica::spawn("backup", &["replica", "backup", "-d", HOST2]);
-    let backup_repl = format!("127.0.0.1:{}", backup.port("replication "));
-    let backup_clients = backup.port("clients ");
-    let mut primary = Replica::spawn(
+    let primary = Replica::spawn(
         "primary",
         &["replica", "primary", "-d", HOST1, "--backup", &backup_repl],
     );
@@ -969,13 +920,73 @@ fn a_restarted_backup_joins_the_running_primary_and_takes_over_when_it_dies() {
             "--servers",
             &servers,
             "--orders",
-            "4000",
+            orders,
             "--mark-at",
-            "1000,2500",
+            marks,
             "--interval-us",
             "500",
         ],
     );
+    Replicas {
+        backup,
+        primary,
+        primary_repl,
+        backup_clients,
+        client,
+    }
+}
+
+/// Every order answered, once, none applied twice, and the client moved server at least once.
+fn check_orders(r: &Value, orders: u64) {
+    assert_eq!(n(r, "answered"), orders, "{r}");
+    assert_eq!(n(r, "lost"), 0, "{r}");
+    assert_eq!(n(r, "mismatched_duplicates"), 0, "{r}");
+    assert_eq!(n(r, "order_id_gaps"), 0, "no order applied twice: {r}");
+    assert!(n(r, "server_switches") >= 1, "the client moved server: {r}");
+}
+
+/// railover-replica as a user runs it: the backup, the primary and a client, each its own
+/// process; the primary replicates to the backup over both rails, the client streams orders over
+/// TCP. The primary is killed (`kill -9`) mid-stream: the backup takes over, the client moves to
+/// it and resends what was unanswered. Every order is answered exactly once (a duplicate reply
+/// must equal the first); the longest gap between two replies (the kill to the backup's first
+/// reply) is printed.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_killed_primary_is_replaced_by_its_backup_and_every_order_is_answered_once() {
+    let Replicas {
+        backup,
+        mut primary,
+        client,
+        ..
+    } = start_replicas("3000", "1000");
+    // In synchronous mode no reply leaves the primary before the backup acknowledged it:
+    // 1,000 answered orders prove the backup follows.
+    client.wait_for("answered 1000", Duration::from_secs(120));
+    primary.kill();
+    let r = client.report(Duration::from_secs(180));
+    let promoted = backup.wait_for("promoted", Duration::from_secs(30));
+    write_result(&format!(
+        "{}; backup: {promoted}",
+        replica_line(&r, "primary killed after 1000 of 3000 orders")
+    ));
+    check_orders(&r, 3000);
+}
+
+/// The whole cycle with one process per role: the backup is killed, the primary holds its
+/// replies (no reply leaves unreplicated), a restarted backup dials the running primary and
+/// joins it from a snapshot, the held replies go out; then the primary is killed and the new
+/// backup takes over. Every order is answered exactly once.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_restarted_backup_joins_the_running_primary_and_takes_over_when_it_dies() {
+    let Replicas {
+        mut backup,
+        mut primary,
+        primary_repl,
+        backup_clients,
+        client,
+    } = start_replicas("4000", "1000,2500");
     client.wait_for("answered 1000", Duration::from_secs(120));
     backup.kill();
     let lost = primary.wait_for("backup-lost", Duration::from_secs(60));
@@ -1005,11 +1016,5 @@ fn a_restarted_backup_joins_the_running_primary_and_takes_over_when_it_dies() {
             "backup killed after 1000 of 4000 orders, restarted and joined, then the primary killed after 2500"
         )
     ));
-    assert_eq!(n(&r, "answered"), 4000, "{r}");
-    assert_eq!(n(&r, "lost"), 0, "{r}");
-    assert_eq!(n(&r, "mismatched_duplicates"), 0, "{r}");
-    assert!(
-        n(&r, "server_switches") >= 1,
-        "the client moved to the new backup: {r}"
-    );
+    check_orders(&r, 4000);
 }
