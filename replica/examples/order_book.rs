@@ -52,8 +52,12 @@ fn main() {
         l2,
     )
     .expect("backup");
-    backup.attach_replication(to_primary);
-    primary.as_mut().expect("up").attach_replication(to_backup);
+    backup.attach_replication(to_primary).expect("small state");
+    primary
+        .as_mut()
+        .expect("up")
+        .attach_replication(to_backup)
+        .expect("small state");
     let mut client = TcpClient::new(1, servers, Duration::from_millis(2));
 
     let started = Instant::now();

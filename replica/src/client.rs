@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::wire::{DecodeError, Msg, Request};
+use crate::wire::{DecodeError, Msg, RefusedRequest, Request};
 
 /// What a message from a server meant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,8 @@ pub enum ClientEvent {
     Redirected { to: usize },
     /// The server missed earlier requests: the client resent every unanswered one.
     Resent,
+    /// The server refused request `seq`: it will never be applied.
+    Refused { seq: u64, why: RefusedRequest },
 }
 
 /// A message the client could not use.
@@ -28,6 +30,8 @@ pub enum ClientError {
     Decode(#[from] DecodeError),
     #[error("a server sent a message clients don't take")]
     Unexpected,
+    #[error("a server sent client {0}'s message here")]
+    OtherClient(u64),
 }
 
 pub struct Client {
@@ -132,10 +136,21 @@ impl Client {
             return Ok(None);
         }
         match msg {
-            Msg::Reply { seq, body } => Ok(Some(match self.unanswered.remove(&seq) {
+            Msg::Reply { client, .. }
+            | Msg::OutOfOrder { client, .. }
+            | Msg::Refused { client, .. }
+                if client != self.id =>
+            {
+                Err(ClientError::OtherClient(client))
+            }
+            Msg::Reply { seq, body, .. } => Ok(Some(match self.unanswered.remove(&seq) {
                 Some(_) => ClientEvent::Answered { seq, body },
                 None => ClientEvent::Duplicate { seq, body },
             })),
+            Msg::Refused { seq, why, .. } => Ok(self
+                .unanswered
+                .remove(&seq)
+                .map(|_| ClientEvent::Refused { seq, why })),
             Msg::OutOfOrder { .. } => {
                 self.resend_all();
                 Ok(Some(ClientEvent::Resent))
@@ -168,6 +183,7 @@ mod tests {
         }
         assert_eq!(c.take_outbox().len(), 3);
         let reply = Msg::Reply {
+            client: 9,
             seq: 2,
             body: b"B".to_vec(),
         };
@@ -204,8 +220,15 @@ mod tests {
         c.resend_all();
         assert_eq!(c.take_outbox().len(), 2);
         assert_eq!(
-            c.on_message(0, &Msg::OutOfOrder { expected: 1 }.encode())
-                .unwrap(),
+            c.on_message(
+                0,
+                &Msg::OutOfOrder {
+                    client: 9,
+                    expected: 1
+                }
+                .encode()
+            )
+            .unwrap(),
             Some(ClientEvent::Resent)
         );
         assert_eq!(c.take_outbox().len(), 2);
@@ -217,5 +240,16 @@ mod tests {
             c.on_message(0, &Msg::Ack { applied: 1 }.encode()),
             Err(ClientError::Unexpected)
         );
+        // Another client's reply is never taken for this one's.
+        let other = Msg::Reply {
+            client: 8,
+            seq: 1,
+            body: vec![],
+        };
+        assert_eq!(
+            c.on_message(0, &other.encode()),
+            Err(ClientError::OtherClient(8))
+        );
+        assert_eq!(c.unanswered(), 2);
     }
 }

@@ -55,7 +55,12 @@ pub enum OrderReply {
 
 /// Rejection reasons.
 pub const REJECT_RISK: u8 = 1;
-pub const REJECT_ZERO: u8 = 2;
+/// A quantity or price of 0, or past [`MAX_QTY`] / [`MAX_PRICE`].
+pub const REJECT_BOUNDS: u8 = 2;
+
+/// Largest quantity and price an order may carry (sums of them never overflow).
+pub const MAX_QTY: u64 = 1 << 32;
+pub const MAX_PRICE: u64 = 1 << 32;
 
 impl OrderRequest {
     pub fn encode(&self) -> Vec<u8> {
@@ -201,7 +206,9 @@ impl OrderBook {
     /// Resting quantity on each side.
     pub fn depth(&self) -> (u64, u64) {
         let sum = |book: &BTreeMap<u64, VecDeque<Resting>>| {
-            book.values().flatten().map(|o| o.qty).sum::<u64>()
+            book.values()
+                .flatten()
+                .fold(0u64, |sum, o| sum.saturating_add(o.qty))
         };
         (sum(&self.bids), sum(&self.asks))
     }
@@ -214,9 +221,9 @@ impl OrderBook {
         price: u64,
         qty: u64,
     ) -> OrderReply {
-        if qty == 0 || price == 0 {
+        if qty == 0 || price == 0 || qty > MAX_QTY || price > MAX_PRICE {
             return OrderReply::Rejected {
-                reason: REJECT_ZERO,
+                reason: REJECT_BOUNDS,
             };
         }
         let mut call = Writer(Vec::with_capacity(25));
@@ -232,7 +239,7 @@ impl OrderBook {
         let at = ctx.now();
         let token = ctx.random();
         let order_id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         let (book, crosses): (_, fn(u64, u64) -> bool) = match side {
             Side::Buy => (&mut self.asks, |level, limit| level <= limit),
             Side::Sell => (&mut self.bids, |level, limit| level >= limit),
@@ -270,7 +277,7 @@ impl OrderBook {
                 book.remove(&level);
             }
         }
-        self.trades += fills.len() as u64;
+        self.trades = self.trades.wrapping_add(fills.len() as u64);
         if left > 0 {
             let own = match side {
                 Side::Buy => &mut self.bids,
@@ -409,11 +416,13 @@ impl External for RiskLimits {
             return vec![0];
         };
         let used = self.approved.entry(owner).or_default();
-        if *used + qty > self.limit {
-            return vec![0];
+        match used.checked_add(qty).filter(|total| *total <= self.limit) {
+            Some(total) => {
+                *used = total;
+                vec![1]
+            }
+            None => vec![0],
         }
-        *used += qty;
-        vec![1]
     }
 }
 
@@ -516,5 +525,24 @@ mod tests {
             OrderReply::decode(&book.apply(&mut Ctx::replay(&[]), 1, &[9])),
             Some(OrderReply::BadRequest)
         );
+        // Hostile quantities: refused by bounds, and the risk system can't be overflowed past
+        // its limit (nor panic) however it is called.
+        assert_eq!(
+            apply(&mut book, &mut risk, 1, buy(u64::MAX)),
+            OrderReply::Rejected {
+                reason: REJECT_BOUNDS
+            }
+        );
+        let call = |qty: u64| {
+            let mut w = Writer(Vec::new());
+            w.u64(1);
+            w.u8(0);
+            w.u64(50);
+            w.u64(qty);
+            w.0
+        };
+        assert_eq!(risk.call(&call(u64::MAX)), vec![0]);
+        assert_eq!(risk.call(&call(2)), vec![1], "8 + 2 is within 10");
+        assert_eq!(risk.call(&call(u64::MAX - 5)), vec![0]);
     }
 }

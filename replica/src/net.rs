@@ -14,9 +14,9 @@ use railover::{Connection, SendError};
 use railover_rdma::Nic;
 
 use crate::client::{Client, ClientEvent};
-use crate::node::{Action, Node, NodeEvent, Role};
+use crate::node::{Action, Node, NodeEvent, Peer, Role, StateTooLarge};
 use crate::service::{External, Service};
-use crate::wire::Msg;
+use crate::wire::{Msg, RefusedRequest};
 
 /// Largest frame a peer may announce; a longer one closes its connection.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -99,13 +99,21 @@ impl Framed {
     /// Reads what arrived and hands over each complete frame.
     pub fn read_frames(&mut self, mut frame: impl FnMut(&[u8])) -> Result<(), FrameError> {
         let mut buf = [0u8; 16 * 1024];
+        // What ends the stream is reported after the frames that came before it.
+        let mut ended = None;
         loop {
             match self.stream.read(&mut buf) {
-                Ok(0) => return Err(FrameError::Closed),
+                Ok(0) => {
+                    ended = Some(FrameError::Closed);
+                    break;
+                }
                 Ok(n) => self.read.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    ended = Some(e.into());
+                    break;
+                }
             }
         }
         let mut at = 0;
@@ -122,9 +130,17 @@ impl Framed {
             at += 4 + len;
         }
         self.read.drain(..at);
-        Ok(())
+        ended.map_or(Ok(()), Err)
+    }
+
+    /// Bytes queued and not yet taken by the socket.
+    pub fn unsent(&self) -> usize {
+        self.write.len()
     }
 }
+
+/// A client whose unread replies pile up past this is disconnected (it resends on reconnecting).
+pub const MAX_UNSENT: usize = 16 << 20;
 
 /// Wall-clock nanoseconds: what [`crate::Ctx::now`] returns on a real primary.
 pub fn wall_clock_ns() -> u64 {
@@ -150,6 +166,8 @@ pub struct Server<S: Service, E: External, N: Nic, C: Clock> {
     repl_out: VecDeque<Vec<u8>>,
     listener: TcpListener,
     clients: Vec<Option<Framed>>,
+    /// Which entries of `clients` are open (read while a connection's frames are handled).
+    alive: Vec<bool>,
     /// Which connection each client last wrote from (its replies go there).
     route: BTreeMap<u64, usize>,
     events: VecDeque<ServerEvent>,
@@ -178,6 +196,7 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
             repl_out: VecDeque::new(),
             listener,
             clients: Vec::new(),
+            alive: Vec::new(),
             route: BTreeMap::new(),
             events: VecDeque::new(),
             peer_silent: false,
@@ -200,14 +219,15 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
 
     /// The replication connection is up: a primary sends the new backup its state, a backup
     /// waits for it.
-    pub fn attach_replication(&mut self, conn: Connection<N, C>) {
+    pub fn attach_replication(&mut self, conn: Connection<N, C>) -> Result<(), StateTooLarge> {
         if self.node.role() == Role::Primary {
-            self.node.attach_backup();
+            self.node.attach_backup()?;
         }
         self.repl_out.clear();
         self.repl = Some(conn);
         self.peer_silent = false;
         self.channel_lost = false;
+        Ok(())
     }
 
     /// Takes the replication connection out without ending it (a test forgets it to model a
@@ -238,26 +258,54 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
             let Some(conn) = &mut self.clients[i] else {
                 continue;
             };
-            let (node, route) = (&mut self.node, &mut self.route);
+            let (node, route, clients_alive) = (&mut self.node, &mut self.route, &self.alive);
+            let mut taken = Vec::new();
             let read = conn.read_frames(|frame| {
                 if let Ok(Msg::Request(r)) = Msg::decode(frame) {
-                    route.insert(r.client, i);
+                    // A client id belongs to one live connection: its replies go there only.
+                    match route.get(&r.client) {
+                        Some(&j) if j != i && clients_alive.get(j) == Some(&true) => {
+                            taken.push(r);
+                            return;
+                        }
+                        _ => {
+                            route.insert(r.client, i);
+                        }
+                    }
                 }
                 // The clock is read once a request is there (where it is no vDSO call, as
                 // under emulation, it is a system call).
                 node.on_client(frame, *now.get_or_insert_with(wall_clock_ns));
             });
+            for r in taken {
+                let msg = Msg::Refused {
+                    client: r.client,
+                    seq: r.seq,
+                    why: RefusedRequest::ClientIdInUse,
+                };
+                conn.queue(&msg.encode());
+            }
             if read.is_err() {
-                self.clients[i] = None;
+                self.close_client(i);
             }
         }
         self.replicate();
         self.carry_out();
-        for slot in &mut self.clients {
-            if slot.as_mut().is_some_and(|c| c.flush().is_err()) {
-                *slot = None;
+        for i in 0..self.clients.len() {
+            let failed = self.clients[i]
+                .as_mut()
+                .is_some_and(|c| c.flush().is_err() || c.unsent() > MAX_UNSENT);
+            if failed {
+                self.close_client(i);
             }
         }
+    }
+
+    /// Closes client connection `i`; its client ids are free for another connection.
+    fn close_client(&mut self, i: usize) {
+        self.clients[i] = None;
+        self.alive[i] = false;
+        self.route.retain(|_, slot| *slot != i);
     }
 
     fn accept_clients(&mut self) {
@@ -266,8 +314,14 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
                 Ok((stream, _)) => {
                     if let Ok(f) = Framed::new(stream) {
                         match self.clients.iter().position(Option::is_none) {
-                            Some(free) => self.clients[free] = Some(f),
-                            None => self.clients.push(Some(f)),
+                            Some(free) => {
+                                self.clients[free] = Some(f);
+                                self.alive[free] = true;
+                            }
+                            None => {
+                                self.clients.push(Some(f));
+                                self.alive.push(true);
+                            }
                         }
                     }
                 }
@@ -311,8 +365,15 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
             return;
         }
         let reason = conn.end_reason();
-        if let (Some(conn), Some(retire)) = (self.repl.take(), &mut self.retire) {
-            retire(conn);
+        self.end_replication(reason);
+    }
+
+    /// The replication connection is over: it is retired; a primary goes on without its backup,
+    /// a backup takes over (unless it diverged or never synced).
+    fn end_replication(&mut self, reason: Option<EndReason>) {
+        match (self.repl.take(), &mut self.retire) {
+            (Some(conn), Some(retire)) => retire(conn),
+            (conn, _) => drop(conn),
         }
         self.repl_out.clear();
         self.events.push_back(ServerEvent::ReplicationEnded(reason));
@@ -327,8 +388,23 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
     }
 
     fn carry_out(&mut self) {
+        let mut drop_replication = false;
         while let Some(e) = self.node.poll_event() {
+            // A replica out of step with its peer (a diverged backup, a message it had to
+            // refuse) must not go on as if it followed: the connection ends and the primary
+            // takes a new backup from a snapshot.
+            drop_replication |= matches!(
+                e,
+                NodeEvent::Divergence { .. }
+                    | NodeEvent::Refused {
+                        from: Peer::Primary | Peer::Backup,
+                        ..
+                    }
+            );
             self.events.push_back(ServerEvent::Node(e));
+        }
+        if drop_replication {
+            self.end_replication(None);
         }
         while let Some(action) = self.node.pop_action() {
             match action {

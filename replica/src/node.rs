@@ -19,7 +19,10 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::service::{Ctx, External, ReplayMismatch, RestoreError, Rng, Service};
-use crate::wire::{DecodeError, Entry, Msg, Reader, Recorded, Request, SnapshotChunk, Writer};
+use crate::wire::{
+    DecodeError, Entry, Msg, Reader, Recorded, RefusedRequest, Request, SnapshotChunk, Writer,
+    MAX_SNAPSHOT,
+};
 
 /// When a reply may leave the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,9 +40,12 @@ pub enum ReplicationMode {
 /// What a synchronous primary does when it loses its backup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackupLoss {
-    /// Keep applying requests but hold their replies until a new backup has joined and
-    /// acknowledged them. Safe when the "lost" backup is in fact alive and promotes itself (a
-    /// partition): this primary then never answers again, so clients never see two primaries.
+    /// Hold the replies of what was applied, and apply nothing new (new requests get
+    /// [`Msg::NotPrimary`]), until a new backup has joined and acknowledged them. If the "lost"
+    /// backup is in fact alive and promoted itself (a partition), this primary answers nothing
+    /// more by itself. But it is not fenced: a backup that joins it later releases its held
+    /// replies, so stop (fence) a stalled primary before any backup may join it once the other
+    /// replica may have taken over.
     Stall,
     /// Release held replies and go on alone. Only safe if something outside (a fence, an
     /// operator) guarantees the backup will not promote itself.
@@ -52,6 +58,10 @@ pub struct NodeConfig {
     pub backup_loss: BackupLoss,
     /// Largest snapshot piece per message (keep it within the transport's record size).
     pub snapshot_chunk: usize,
+    /// Largest request body; a larger one is refused before it is applied
+    /// ([`RefusedRequest::TooLarge`]). Keep an entry (body, recorded values, ~60 bytes) within
+    /// the transport's record size.
+    pub max_request: usize,
 }
 
 impl Default for NodeConfig {
@@ -60,6 +70,7 @@ impl Default for NodeConfig {
             mode: ReplicationMode::Sync,
             backup_loss: BackupLoss::Stall,
             snapshot_chunk: 1024,
+            max_request: 1024,
         }
     }
 }
@@ -152,7 +163,14 @@ pub enum PromoteError {
     AlreadyPrimary,
     #[error("a joining backup has no complete state yet: it can't take over")]
     NotSynced,
+    #[error("this backup diverged from the primary: its state can't be trusted to take over")]
+    Diverged,
 }
+
+/// The state is too large to send to a joining backup ([`MAX_SNAPSHOT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("state of {0} bytes exceeds the largest snapshot")]
+pub struct StateTooLarge(pub usize);
 
 /// One applied entry, for the simulation's checks ([`Node::enable_journal`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,6 +221,12 @@ pub struct Node<S: Service, E: External> {
     /// Joining: the snapshot so far.
     incoming: Vec<u8>,
     ack_due: bool,
+    /// Backup: an entry's replay did not match the primary's (it acknowledges nothing more and
+    /// can't be promoted).
+    diverged: bool,
+    /// The latest time the service was given: a new primary's clock may be behind the old one's,
+    /// and the time a service sees never goes back.
+    last_time: u64,
     actions: VecDeque<Action>,
     events: VecDeque<NodeEvent>,
     journal: Option<Vec<Journaled>>,
@@ -237,6 +261,8 @@ impl<S: Service, E: External> Node<S, E> {
             stalled: false,
             incoming: Vec::new(),
             ack_due: false,
+            diverged: false,
+            last_time: 0,
             actions: VecDeque::new(),
             events: VecDeque::new(),
             journal: None,
@@ -260,6 +286,11 @@ impl<S: Service, E: External> Node<S, E> {
     /// Whether a backup follows the log (its snapshot acknowledged).
     pub fn backup_live(&self) -> bool {
         self.backup == BackupState::Live
+    }
+
+    /// Whether this backup's replay diverged from the primary's (see [`NodeEvent::Divergence`]).
+    pub fn diverged(&self) -> bool {
+        self.diverged
     }
 
     pub fn service(&self) -> Option<&S> {
@@ -302,61 +333,85 @@ impl<S: Service, E: External> Node<S, E> {
             Err(e) => return self.refuse(Peer::Client, RefusedWhy::Decode(e)),
         };
         if self.role != Role::Primary {
-            self.actions.push_back(Action::ToClient {
-                client: req.client,
-                msg: Msg::NotPrimary.encode(),
-            });
-            return;
+            return self.send_client(req.client, Msg::NotPrimary);
         }
-        let session = self.sessions.entry(req.client).or_insert_with(|| Session {
-            next_seq: 1,
-            ..Session::default()
-        });
-        if req.seq < session.next_seq {
+        // Sequence numbers start at 1; every request below `answered_below` was answered, so it
+        // can't pass the request itself.
+        if req.seq == 0 || req.seq == u64::MAX || req.answered_below > req.seq {
+            return self.refuse_request(&req, RefusedRequest::BadSequence);
+        }
+        let next_seq = self.sessions.get(&req.client).map_or(1, |s| s.next_seq);
+        if req.seq < next_seq {
             // Seen before: answer from the records if the reply may leave; if it is held it
             // leaves when released; if it was trimmed the client already has it.
-            if let Some((index, reply)) = session.replies.get(&req.seq) {
-                if *index <= self.released_through {
-                    self.actions.push_back(Action::ToClient {
-                        client: req.client,
-                        msg: Msg::Reply {
-                            seq: req.seq,
-                            body: reply.clone(),
-                        }
-                        .encode(),
-                    });
-                }
+            let released = self.released_through;
+            let stored = self
+                .sessions
+                .get(&req.client)
+                .and_then(|s| s.replies.get(&req.seq));
+            if let Some((_, reply)) = stored.filter(|(index, _)| *index <= released) {
+                let msg = Msg::Reply {
+                    client: req.client,
+                    seq: req.seq,
+                    body: reply.clone(),
+                };
+                self.send_client(req.client, msg);
             }
             return;
         }
-        if req.seq > session.next_seq {
-            if req.answered_below <= session.next_seq {
+        if req.body.len() > self.cfg.max_request {
+            return self.refuse_request(&req, RefusedRequest::TooLarge);
+        }
+        if self.stalled {
+            // Without a backup nothing new is applied (its external calls would be made twice
+            // if the backup took over meanwhile): the client tries the other server, then here
+            // again, until a backup has joined.
+            return self.send_client(req.client, Msg::NotPrimary);
+        }
+        if req.seq > next_seq {
+            let lost_replies =
+                self.cfg.mode == ReplicationMode::Async && req.answered_below > next_seq;
+            if !lost_replies {
                 // The client still waits for the requests in between: they are on their way or
                 // were refused (sent while this was a backup). Applying this one first would
                 // reorder the client's requests.
-                self.actions.push_back(Action::ToClient {
+                let msg = Msg::OutOfOrder {
                     client: req.client,
-                    msg: Msg::OutOfOrder {
-                        expected: session.next_seq,
-                    }
-                    .encode(),
-                });
-                return;
+                    expected: next_seq,
+                };
+                return self.send_client(req.client, msg);
             }
             // The client holds replies to requests this log never had: an asynchronous
             // primary's loss (see [`ReplicationMode::Async`]).
             self.events.push_back(NodeEvent::Gap {
                 client: req.client,
-                expected: session.next_seq,
+                expected: next_seq,
                 got: req.seq,
             });
         }
         self.dispatch(req, now);
     }
 
+    fn send_client(&mut self, client: u64, msg: Msg) {
+        self.actions.push_back(Action::ToClient {
+            client,
+            msg: msg.encode(),
+        });
+    }
+
+    fn refuse_request(&mut self, req: &Request, why: RefusedRequest) {
+        let msg = Msg::Refused {
+            client: req.client,
+            seq: req.seq,
+            why,
+        };
+        self.send_client(req.client, msg);
+    }
+
     /// The dispatcher: applies a new request, logs it, replicates it, releases or holds the reply.
     fn dispatch(&mut self, req: Request, now: u64) {
         let service = self.service.as_mut().expect("a primary has a state");
+        let now = now.max(self.last_time);
         let mut recorded = Vec::new();
         let reply = {
             let mut ctx = Ctx::record(now, &mut self.rng, &mut self.external, &mut recorded);
@@ -394,8 +449,13 @@ impl<S: Service, E: External> Node<S, E> {
     /// Appends an applied entry to the records (both roles): the session's next sequence number,
     /// its reply, and the trim the client allowed.
     fn record(&mut self, entry: &Entry, reply: Vec<u8>) {
+        for r in &entry.recorded {
+            if let Recorded::Time(t) = r {
+                self.last_time = self.last_time.max(*t);
+            }
+        }
         let session = self.sessions.entry(entry.client).or_default();
-        session.next_seq = entry.seq + 1;
+        session.next_seq = entry.seq.saturating_add(1);
         session.replies = session.replies.split_off(&entry.answered_below);
         if let Some(j) = &mut self.journal {
             j.push(Journaled {
@@ -413,14 +473,12 @@ impl<S: Service, E: External> Node<S, E> {
 
     fn send_reply(&mut self, client: u64, seq: u64) {
         if let Some((_, reply)) = self.sessions.get(&client).and_then(|s| s.replies.get(&seq)) {
-            self.actions.push_back(Action::ToClient {
+            let msg = Msg::Reply {
                 client,
-                msg: Msg::Reply {
-                    seq,
-                    body: reply.clone(),
-                }
-                .encode(),
-            });
+                seq,
+                body: reply.clone(),
+            };
+            self.send_client(client, msg);
         }
     }
 
@@ -479,11 +537,12 @@ impl<S: Service, E: External> Node<S, E> {
 
     /// The backup's side of the request path: apply with the primary's values and compare.
     fn apply_entry(&mut self, e: Entry) {
-        if e.index != self.applied + 1 {
+        let expected = self.applied.saturating_add(1);
+        if e.index != expected || self.applied == u64::MAX {
             return self.refuse(
                 Peer::Primary,
                 RefusedWhy::OutOfOrder {
-                    expected: self.applied + 1,
+                    expected,
                     got: e.index,
                 },
             );
@@ -502,6 +561,9 @@ impl<S: Service, E: External> Node<S, E> {
             None => None,
         };
         if let Some(kind) = kind {
+            // Never acknowledged: in synchronous mode the primary then holds the reply until a
+            // backup that agrees has joined; this one can't take over.
+            self.diverged = true;
             self.events.push_back(NodeEvent::Divergence {
                 index: e.index,
                 client: e.client,
@@ -510,10 +572,13 @@ impl<S: Service, E: External> Node<S, E> {
             });
         }
         self.record(&e, reply);
-        self.ack_due = true;
+        self.ack_due = !self.diverged;
     }
 
     fn on_snapshot_chunk(&mut self, c: SnapshotChunk) {
+        if c.offset == 0 {
+            self.incoming.clear(); // a new transfer (a primary that re-attached this backup)
+        }
         if c.offset as usize != self.incoming.len() {
             return self.refuse(
                 Peer::Primary,
@@ -529,8 +594,9 @@ impl<S: Service, E: External> Node<S, E> {
         }
         let state = std::mem::take(&mut self.incoming);
         match decode_state::<S>(&state) {
-            Ok((applied, service, sessions)) if applied == c.index => {
+            Ok((applied, last_time, service, sessions)) if applied == c.index => {
                 self.applied = applied;
+                self.last_time = last_time;
                 self.service = Some(service);
                 self.sessions = sessions;
                 self.role = Role::Backup;
@@ -549,9 +615,12 @@ impl<S: Service, E: External> Node<S, E> {
 
     /// A new backup is connected (its replication connection up): it gets the state as of now,
     /// then every later entry. Replaces any earlier backup.
-    pub fn attach_backup(&mut self) {
+    pub fn attach_backup(&mut self) -> Result<(), StateTooLarge> {
         assert_eq!(self.role, Role::Primary, "only a primary takes a backup");
         let state = self.encode_state();
+        if state.len() > MAX_SNAPSHOT as usize {
+            return Err(StateTooLarge(state.len()));
+        }
         let total = state.len() as u32;
         for (i, piece) in state.chunks(self.cfg.snapshot_chunk.max(1)).enumerate() {
             let chunk = SnapshotChunk {
@@ -567,6 +636,7 @@ impl<S: Service, E: External> Node<S, E> {
             index: self.applied,
         };
         self.stalled = false;
+        Ok(())
     }
 
     /// Whether replies are held for want of a backup (see [`BackupLoss::Stall`]).
@@ -596,6 +666,7 @@ impl<S: Service, E: External> Node<S, E> {
         match self.role {
             Role::Primary => Err(PromoteError::AlreadyPrimary),
             Role::Joining => Err(PromoteError::NotSynced),
+            Role::Backup if self.diverged => Err(PromoteError::Diverged),
             Role::Backup => {
                 self.role = Role::Primary;
                 self.ack_due = false;
@@ -618,6 +689,7 @@ impl<S: Service, E: External> Node<S, E> {
     pub fn encode_state(&self) -> Vec<u8> {
         let mut w = Writer(Vec::new());
         w.u64(self.applied);
+        w.u64(self.last_time);
         w.bytes(&self.service.as_ref().map(S::snapshot).unwrap_or_default());
         w.u32(self.sessions.len() as u32);
         for (client, s) in &self.sessions {
@@ -634,12 +706,13 @@ impl<S: Service, E: External> Node<S, E> {
     }
 }
 
-type State<S> = (u64, S, BTreeMap<u64, Session>);
+type State<S> = (u64, u64, S, BTreeMap<u64, Session>);
 
 fn decode_state<S: Service>(bytes: &[u8]) -> Result<State<S>, RestoreError> {
     let bad = |e: DecodeError| RestoreError(e.to_string());
     let mut r = Reader(bytes);
     let applied = r.u64().map_err(bad)?;
+    let last_time = r.u64().map_err(bad)?;
     let service = S::restore(&r.bytes().map_err(bad)?)?;
     let mut sessions = BTreeMap::new();
     for _ in 0..r.u32().map_err(bad)? {
@@ -656,5 +729,5 @@ fn decode_state<S: Service>(bytes: &[u8]) -> Result<State<S>, RestoreError> {
     if !r.is_empty() {
         return Err(RestoreError(format!("{} bytes left over", r.0.len())));
     }
-    Ok((applied, service, sessions))
+    Ok((applied, last_time, service, sessions))
 }

@@ -35,6 +35,7 @@ use crate::node::{
     Action, BackupLoss, Journaled, Node, NodeConfig, NodeEvent, ReplicationMode, Role,
 };
 use crate::service::{Ctx, External, Rng, Service};
+use crate::wire::Msg;
 
 const US: u64 = 1_000;
 const MS: u64 = 1_000_000;
@@ -210,6 +211,10 @@ struct World {
     crashed_at: Option<u64>,
     report: Report,
     risk: SharedRisk,
+    /// Every reply delivered to a client: (client id, seq, body).
+    all_replies: Vec<(u64, u64, Vec<u8>)>,
+    /// Broken invariants seen on the way (a run fails with the first).
+    errors: Vec<String>,
 }
 
 const CLIENT_TIMEOUT: u64 = 30 * MS;
@@ -240,6 +245,7 @@ fn node_config(mode: ReplicationMode) -> NodeConfig {
         mode,
         backup_loss: BackupLoss::Stall,
         snapshot_chunk: 1024,
+        max_request: 1024,
     }
 }
 
@@ -348,6 +354,8 @@ impl World {
                 ..Report::default()
             },
             risk,
+            all_replies: Vec::new(),
+            errors: Vec::new(),
         };
         w.restarts(); // the first backup joins
         w
@@ -437,6 +445,9 @@ impl World {
             self.restarts();
             for slot in 0..2 {
                 self.execute(slot)?;
+            }
+            if let Some(e) = self.errors.first() {
+                return Err(e.clone());
             }
             self.flush_link();
             self.feed_clients();
@@ -648,6 +659,16 @@ impl World {
 
     fn client_message(&mut self, client: usize, slot: usize, bytes: &[u8]) {
         let now = self.now;
+        // Every reply that reaches a client, from whichever server (also those it ignores,
+        // from a server it has left), is checked against the log at the end.
+        if let Ok(Msg::Reply {
+            client: id,
+            seq,
+            body,
+        }) = Msg::decode(bytes)
+        {
+            self.all_replies.push((id, seq, body));
+        }
         let c = &mut self.clients[client];
         match c.client.on_message(slot, bytes) {
             Ok(Some(ClientEvent::Answered { seq, body })) => {
@@ -665,6 +686,9 @@ impl World {
                 }
             }
             Ok(Some(ClientEvent::Resent)) => self.report.out_of_order += 1,
+            Ok(Some(ClientEvent::Refused { seq, why })) => self
+                .errors
+                .push(format!("client {client} request {seq} refused: {why:?}")),
             Ok(Some(ClientEvent::Redirected { .. })) => {
                 self.report.redirects += 1;
                 c.last_progress = now;
@@ -826,6 +850,17 @@ impl World {
         self.faults.sort_by_key(|f| Reverse(f.0));
     }
 
+    /// Whether an event breaks the run's invariants.
+    fn broken(&self, e: &NodeEvent) -> Option<String> {
+        match e {
+            NodeEvent::Divergence { .. } | NodeEvent::Refused { .. } => Some(format!("{e:?}")),
+            NodeEvent::Gap { .. } if self.cfg.mode == ReplicationMode::Sync => {
+                Some(format!("{e:?}"))
+            }
+            _ => None,
+        }
+    }
+
     /// A primary crash armed for a step of the request path that no request will reach any more
     /// (the clients are done) happens now.
     fn unarm_idle(&mut self) {
@@ -857,6 +892,11 @@ impl World {
         let Some(mut node) = self.slots[slot].node.take() else {
             return;
         };
+        while let Some(e) = node.poll_event() {
+            if let Some(why) = self.broken(&e) {
+                self.errors.push(format!("slot {slot} (crashing): {why}"));
+            }
+        }
         let journal = node.take_journal();
         self.slots[slot].history.extend(journal);
         self.slots[slot].killed = killed;
@@ -918,7 +958,8 @@ impl World {
                 .node
                 .as_mut()
                 .expect("primary")
-                .attach_backup();
+                .attach_backup()
+                .expect("the simulated state is small");
             if std::env::var_os("RAILOVER_REPLICA_TRACE").is_some() {
                 eprintln!("{} us: join: {}", self.now / US, self.describe());
             }
@@ -933,14 +974,13 @@ impl World {
                 return Ok(());
             };
             while let Some(e) = node.poll_event() {
-                match e {
-                    NodeEvent::Divergence { .. } | NodeEvent::Refused { .. } => {
-                        return Err(format!("slot {slot}: {e:?}"));
-                    }
-                    NodeEvent::Gap { .. } if self.cfg.mode == ReplicationMode::Sync => {
-                        return Err(format!("slot {slot}: {e:?}"));
-                    }
-                    _ => {}
+                let broken = match e {
+                    NodeEvent::Divergence { .. } | NodeEvent::Refused { .. } => true,
+                    NodeEvent::Gap { .. } => self.cfg.mode == ReplicationMode::Sync,
+                    _ => false,
+                };
+                if broken {
+                    return Err(format!("slot {slot}: {e:?}"));
                 }
             }
             let Some(action) = node.pop_action() else {
@@ -951,7 +991,7 @@ impl World {
                 (Action::ToBackup(b), Some(CrashPoint::BeforeReplication)) => {
                     matches!(b.get(1), Some(4)) // an entry, not a snapshot piece
                 }
-                (Action::ToClient { .. }, Some(CrashPoint::BeforeReply)) => true,
+                (Action::ToClient { msg, .. }, Some(CrashPoint::BeforeReply)) => is_reply(msg),
                 _ => false,
             };
             if crash_here && self.redundant_primary() != Some(slot) {
@@ -969,7 +1009,7 @@ impl World {
                 self.crash(slot, killed);
                 return Ok(());
             }
-            let reply = matches!(action, Action::ToClient { .. });
+            let reply = matches!(&action, Action::ToClient { msg, .. } if is_reply(msg));
             match action {
                 Action::ToBackup(b) | Action::ToPrimary(b) => {
                     if let Some(l) = &mut self.link {
@@ -1065,6 +1105,17 @@ impl World {
                 ));
             }
         }
+        // Every reply any client received, from any server, is the log's.
+        for (client, seq, body) in &self.all_replies {
+            let idx = seen.get(&(*client, *seq)).ok_or(format!(
+                "client {client} got a reply to {seq}, which is not in the log"
+            ))?;
+            if &log[*idx as usize - 1].reply != body {
+                return Err(format!(
+                    "client {client} got a reply to {seq} that differs from the log's"
+                ));
+            }
+        }
         // A fresh service replaying the log gives the same replies and the primary's state.
         let mut fresh = OrderBook::new();
         for e in log {
@@ -1072,6 +1123,9 @@ impl World {
             let reply = fresh.apply(&mut ctx, e.client, &e.body);
             if reply != e.reply {
                 return Err(format!("replaying entry {} gives another reply", e.index));
+            }
+            if let Some(m) = ctx.finish() {
+                return Err(format!("replaying entry {}: {m:?}", e.index));
             }
         }
         let primary = self.slots[p].node.as_ref().expect("primary");
@@ -1086,6 +1140,11 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// Whether an encoded message is a reply (not a refusal or a redirect).
+fn is_reply(msg: &[u8]) -> bool {
+    matches!(Msg::decode(msg), Ok(Msg::Reply { .. }))
 }
 
 /// A random order: mostly new orders around 100, some cancels.

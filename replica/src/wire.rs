@@ -7,6 +7,10 @@
 /// Protocol version; a message with another is refused ([`DecodeError::Version`]).
 pub const VERSION: u8 = 1;
 
+/// Largest state a joining backup takes (a snapshot announcing more is refused before anything
+/// is allocated for it).
+pub const MAX_SNAPSHOT: u32 = 1 << 30;
+
 /// One request of a client, with the client's own sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -60,19 +64,60 @@ pub struct SnapshotChunk {
 pub enum Msg {
     /// Client to server.
     Request(Request),
-    /// Server to client: the reply to request `seq`.
-    Reply { seq: u64, body: Vec<u8> },
+    /// Server to client: the reply to request `seq` of `client` (the client checks both: a
+    /// reply is never taken for another client's).
+    Reply {
+        client: u64,
+        seq: u64,
+        body: Vec<u8>,
+    },
     /// Server to client: this server is a backup; ask the other one.
     NotPrimary,
     /// Server to client: a request arrived before an earlier one still unanswered (sent while
     /// this server was a backup, say): resend from `expected`.
-    OutOfOrder { expected: u64 },
+    OutOfOrder { client: u64, expected: u64 },
+    /// Server to client: request `seq` is refused and will never be applied (see
+    /// [`RefusedRequest`]).
+    Refused {
+        client: u64,
+        seq: u64,
+        why: RefusedRequest,
+    },
     /// Primary to backup.
     Entry(Entry),
     /// Primary to a joining backup.
     Snapshot(SnapshotChunk),
     /// Backup to primary: every entry up to `applied` is applied (and its reply recorded).
     Ack { applied: u64 },
+}
+
+/// Why a server refused a request (it is not applied, now or later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedRequest {
+    /// The body exceeds the server's largest request.
+    TooLarge,
+    /// A sequence number the server can't take (`u64::MAX`, or an `answered_below` past it).
+    BadSequence,
+    /// The client id is in use on another live connection.
+    ClientIdInUse,
+}
+
+impl RefusedRequest {
+    fn code(self) -> u8 {
+        match self {
+            RefusedRequest::TooLarge => 1,
+            RefusedRequest::BadSequence => 2,
+            RefusedRequest::ClientIdInUse => 3,
+        }
+    }
+    fn of(code: u8) -> Result<Self, DecodeError> {
+        Ok(match code {
+            1 => RefusedRequest::TooLarge,
+            2 => RefusedRequest::BadSequence,
+            3 => RefusedRequest::ClientIdInUse,
+            c => return Err(DecodeError::UnknownRefusal(c)),
+        })
+    }
 }
 
 /// Why a message could not be decoded.
@@ -86,9 +131,11 @@ pub enum DecodeError {
     UnknownTag(u8),
     #[error("unknown recorded value kind {0}")]
     UnknownRecorded(u8),
+    #[error("unknown refusal reason {0}")]
+    UnknownRefusal(u8),
     #[error("{0} bytes left over after the message")]
     Trailing(usize),
-    #[error("snapshot chunk at {offset} of {len} bytes runs past its total {total}")]
+    #[error("snapshot chunk at {offset} of {len} bytes runs past its total {total} (or the total past the largest snapshot)")]
     ChunkBounds { offset: u32, len: usize, total: u32 },
 }
 
@@ -99,6 +146,7 @@ const TAG_ENTRY: u8 = 4;
 const TAG_SNAPSHOT: u8 = 5;
 const TAG_ACK: u8 = 6;
 const TAG_OUT_OF_ORDER: u8 = 7;
+const TAG_REFUSED: u8 = 8;
 
 const REC_TIME: u8 = 1;
 const REC_RANDOM: u8 = 2;
@@ -116,15 +164,23 @@ impl Msg {
                 w.u64(r.answered_below);
                 w.bytes(&r.body);
             }
-            Msg::Reply { seq, body } => {
+            Msg::Reply { client, seq, body } => {
                 w.u8(TAG_REPLY);
+                w.u64(*client);
                 w.u64(*seq);
                 w.bytes(body);
             }
             Msg::NotPrimary => w.u8(TAG_NOT_PRIMARY),
-            Msg::OutOfOrder { expected } => {
+            Msg::OutOfOrder { client, expected } => {
                 w.u8(TAG_OUT_OF_ORDER);
+                w.u64(*client);
                 w.u64(*expected);
+            }
+            Msg::Refused { client, seq, why } => {
+                w.u8(TAG_REFUSED);
+                w.u64(*client);
+                w.u64(*seq);
+                w.u8(why.code());
             }
             Msg::Entry(e) => {
                 w.u8(TAG_ENTRY);
@@ -185,11 +241,20 @@ impl Msg {
                 body: r.bytes()?,
             }),
             TAG_REPLY => Msg::Reply {
+                client: r.u64()?,
                 seq: r.u64()?,
                 body: r.bytes()?,
             },
             TAG_NOT_PRIMARY => Msg::NotPrimary,
-            TAG_OUT_OF_ORDER => Msg::OutOfOrder { expected: r.u64()? },
+            TAG_OUT_OF_ORDER => Msg::OutOfOrder {
+                client: r.u64()?,
+                expected: r.u64()?,
+            },
+            TAG_REFUSED => Msg::Refused {
+                client: r.u64()?,
+                seq: r.u64()?,
+                why: RefusedRequest::of(r.u8()?)?,
+            },
             TAG_ENTRY => {
                 let (index, client, seq, answered_below) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
                 let digest = r.u32()?;
@@ -221,7 +286,7 @@ impl Msg {
             TAG_SNAPSHOT => {
                 let (index, total, offset) = (r.u64()?, r.u32()?, r.u32()?);
                 let bytes = r.bytes()?;
-                if offset as u64 + bytes.len() as u64 > total as u64 {
+                if total > MAX_SNAPSHOT || offset as u64 + bytes.len() as u64 > total as u64 {
                     return Err(DecodeError::ChunkBounds {
                         offset,
                         len: bytes.len(),
@@ -314,11 +379,20 @@ mod tests {
                 body: b"buy".to_vec(),
             }),
             Msg::Reply {
+                client: 7,
                 seq: 3,
                 body: vec![1, 2, 3],
             },
             Msg::NotPrimary,
-            Msg::OutOfOrder { expected: 4 },
+            Msg::OutOfOrder {
+                client: 7,
+                expected: 4,
+            },
+            Msg::Refused {
+                client: 7,
+                seq: 5,
+                why: RefusedRequest::TooLarge,
+            },
             Msg::Entry(Entry {
                 index: 9,
                 client: 7,
@@ -383,6 +457,7 @@ mod tests {
         );
         // A length claiming 4 GiB is refused before anything is allocated.
         let mut huge = vec![VERSION, TAG_REPLY];
+        huge.extend_from_slice(&1u64.to_le_bytes());
         huge.extend_from_slice(&1u64.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(

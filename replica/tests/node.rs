@@ -9,7 +9,7 @@ use railover_replica::node::{
     ReplicationMode, Role,
 };
 use railover_replica::service::{Ctx, NoExternal, ReplayMismatch, RestoreError, Service};
-use railover_replica::wire::{Msg, Request};
+use railover_replica::wire::{Msg, RefusedRequest, Request};
 
 /// Counts requests; replies with the count and a random number (from its context).
 #[derive(Default)]
@@ -47,6 +47,7 @@ fn cfg(mode: ReplicationMode, backup_loss: BackupLoss) -> NodeConfig {
         mode,
         backup_loss,
         snapshot_chunk: 4,
+        max_request: 64,
     }
 }
 
@@ -64,7 +65,10 @@ fn exchange<S: Service>(
             match a {
                 Action::ToBackup(m) => b.on_replication(&m),
                 Action::ToClient { msg, .. } => match Msg::decode(&msg).unwrap() {
-                    Msg::Reply { seq, body } => replies.push((seq, body)),
+                    Msg::Reply { client, seq, body } => {
+                        assert_eq!(client, 7, "every request here is client 7's");
+                        replies.push((seq, body))
+                    }
                     m => panic!("{m:?}"),
                 },
                 Action::ToPrimary(_) => unreachable!(),
@@ -89,7 +93,7 @@ fn pair(
 ) -> (Node<Counter, NoExternal>, Node<Counter, NoExternal>) {
     let mut p = Node::primary(cfg(mode, loss), Counter::default(), NoExternal, 1);
     let mut b = Node::joining(cfg(mode, loss), NoExternal, 2);
-    p.attach_backup();
+    p.attach_backup().unwrap();
     assert!(exchange(&mut p, &mut b).is_empty());
     assert!(p.backup_live());
     assert_eq!(p.poll_event(), Some(NodeEvent::BackupSynced { index: 0 }));
@@ -127,6 +131,7 @@ fn a_synchronous_reply_waits_for_the_backup_and_a_resend_is_answered_from_the_re
         Some(Action::ToClient { msg, .. }) => assert_eq!(
             Msg::decode(&msg).unwrap(),
             Msg::Reply {
+                client: 7,
                 seq: 1,
                 body: replies[0].1.clone()
             }
@@ -141,7 +146,13 @@ fn a_request_ahead_of_an_unanswered_one_is_sent_back_not_applied() {
     p.on_client(&request(7, 3, b"x"), 0);
     match p.pop_action() {
         Some(Action::ToClient { msg, .. }) => {
-            assert_eq!(Msg::decode(&msg).unwrap(), Msg::OutOfOrder { expected: 1 })
+            assert_eq!(
+                Msg::decode(&msg).unwrap(),
+                Msg::OutOfOrder {
+                    client: 7,
+                    expected: 1
+                }
+            )
         }
         a => panic!("{a:?}"),
     }
@@ -157,19 +168,32 @@ fn losing_the_backup_stalls_or_continues_as_configured() {
         p.backup_lost();
         assert_eq!(p.poll_event(), Some(NodeEvent::BackupLost { held: 1 }));
         p.on_client(&request(7, 2, b"y"), 0);
-        let released = std::iter::from_fn(|| p.pop_action()).count();
+        let sent: Vec<Action> = std::iter::from_fn(|| p.pop_action()).collect();
+        let decoded = |a: &Action| match a {
+            Action::ToClient { msg, .. } => Msg::decode(msg).unwrap(),
+            a => panic!("{a:?}"),
+        };
         match loss {
             BackupLoss::Stall => {
-                assert_eq!(released, 0, "nothing leaves without a backup");
+                // Nothing held leaves, nothing new is applied: the client is sent elsewhere.
+                assert_eq!(
+                    sent.iter().map(decoded).collect::<Vec<_>>(),
+                    [Msg::NotPrimary]
+                );
                 assert!(p.stalled());
-                // A new backup joins: its snapshot holds both; its ack releases both.
+                assert_eq!((p.applied(), p.held()), (1, 1));
+                // A new backup joins: its snapshot holds request 1, its ack releases it; the
+                // resent request 2 is applied and answered after its own ack.
                 let mut b2 = Node::joining(cfg(ReplicationMode::Sync, loss), NoExternal, 3);
-                p.attach_backup();
+                p.attach_backup().unwrap();
                 let replies = exchange(&mut p, &mut b2);
-                assert_eq!(replies.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+                assert_eq!(replies.iter().map(|r| r.0).collect::<Vec<_>>(), [1]);
+                p.on_client(&request(7, 2, b"y"), 0);
+                let replies = exchange(&mut p, &mut b2);
+                assert_eq!(replies.iter().map(|r| r.0).collect::<Vec<_>>(), [2]);
                 assert_eq!(p.encode_state(), b2.encode_state());
             }
-            BackupLoss::ContinueSolo => assert_eq!(released, 2),
+            BackupLoss::ContinueSolo => assert_eq!(sent.len(), 2, "both replies leave"),
         }
     }
 }
@@ -206,7 +230,7 @@ fn the_verification_engine_reports_a_service_that_is_not_deterministic() {
     );
     let mut b =
         Node::<Leaky, _>::joining(cfg(ReplicationMode::Sync, BackupLoss::Stall), NoExternal, 2);
-    p.attach_backup();
+    p.attach_backup().unwrap();
     exchange(&mut p, &mut b);
     OUTSIDE.store(0, Ordering::Relaxed);
     p.on_client(&request(1, 1, b""), 5); // primary: n = 0, asks for the time
@@ -335,6 +359,98 @@ fn a_buggy_or_hostile_peer_is_refused_and_nothing_applied_is_lost() {
         Some(Action::ToClient { msg, .. }) => {
             assert_eq!(Msg::decode(&msg).unwrap(), Msg::NotPrimary)
         }
+        a => panic!("{a:?}"),
+    }
+}
+
+#[test]
+fn requests_it_cannot_take_are_refused_with_a_reason_and_never_applied() {
+    let (mut p, _b) = pair(ReplicationMode::Sync, BackupLoss::Stall);
+    let refused = |p: &mut Node<Counter, NoExternal>| match p.pop_action() {
+        Some(Action::ToClient { msg, .. }) => match Msg::decode(&msg).unwrap() {
+            Msg::Refused { why, .. } => why,
+            m => panic!("{m:?}"),
+        },
+        a => panic!("{a:?}"),
+    };
+    p.on_client(&request(7, 1, &[0; 65]), 0); // max_request is 64
+    assert_eq!(refused(&mut p), RefusedRequest::TooLarge);
+    for (seq, answered_below) in [(0, 0), (u64::MAX, 1), (3, 5)] {
+        let msg = Msg::Request(Request {
+            client: 7,
+            seq,
+            answered_below,
+            body: vec![],
+        });
+        p.on_client(&msg.encode(), 0);
+        assert_eq!(refused(&mut p), RefusedRequest::BadSequence, "seq {seq}");
+    }
+    assert_eq!(p.applied(), 0);
+    // The sequence is untouched: request 1 is still the next.
+    p.on_client(&request(7, 1, b"ok"), 0);
+    assert!(matches!(p.pop_action(), Some(Action::ToBackup(_))));
+    assert_eq!(p.applied(), 1);
+}
+
+#[test]
+fn a_diverged_backup_acknowledges_nothing_more_and_cannot_take_over() {
+    let mut p = Node::primary(
+        cfg(ReplicationMode::Sync, BackupLoss::Stall),
+        Leaky,
+        NoExternal,
+        1,
+    );
+    let mut b =
+        Node::<Leaky, _>::joining(cfg(ReplicationMode::Sync, BackupLoss::Stall), NoExternal, 2);
+    p.attach_backup().unwrap();
+    exchange(&mut p, &mut b);
+    OUTSIDE.store(1, Ordering::Relaxed);
+    p.on_client(&request(1, 1, b""), 5);
+    OUTSIDE.store(3, Ordering::Relaxed);
+    let released = exchange(&mut p, &mut b);
+    assert!(b.diverged());
+    assert!(
+        released.is_empty(),
+        "the primary holds the reply the backup disagrees with"
+    );
+    assert_eq!(p.held(), 1);
+    assert_eq!(b.promote(), Err(PromoteError::Diverged));
+}
+
+/// Answers with the time it is given.
+struct Clocked;
+
+impl Service for Clocked {
+    fn apply(&mut self, ctx: &mut Ctx<'_>, _client: u64, _request: &[u8]) -> Vec<u8> {
+        ctx.now().to_le_bytes().to_vec()
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(_: &[u8]) -> Result<Self, RestoreError> {
+        Ok(Clocked)
+    }
+}
+
+#[test]
+fn the_time_a_service_sees_never_goes_back_across_a_takeover() {
+    let c = cfg(ReplicationMode::Sync, BackupLoss::Stall);
+    let mut p = Node::primary(c, Clocked, NoExternal, 1);
+    let mut b = Node::<Clocked, _>::joining(c, NoExternal, 2);
+    p.attach_backup().unwrap();
+    exchange(&mut p, &mut b);
+    p.on_client(&request(7, 1, b""), 1_000);
+    exchange(&mut p, &mut b);
+    b.promote().unwrap();
+    // The new primary's clock is behind the old one's.
+    b.on_client(&request(7, 2, b""), 400);
+    match b.pop_action() {
+        Some(Action::ToClient { msg, .. }) => match Msg::decode(&msg).unwrap() {
+            Msg::Reply { body, .. } => {
+                assert_eq!(u64::from_le_bytes(body.try_into().unwrap()), 1_000)
+            }
+            m => panic!("{m:?}"),
+        },
         a => panic!("{a:?}"),
     }
 }

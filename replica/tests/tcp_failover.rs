@@ -14,9 +14,18 @@ use railover_rdma::LinkParams;
 use railover_replica::matching::{OrderBook, OrderReply, OrderRequest, RiskLimits, Side};
 use railover_replica::net::{Server, ServerEvent, TcpClient};
 use railover_replica::node::{NodeConfig, NodeEvent, Role};
+use railover_replica::wire::RefusedRequest;
 use railover_replica::{ClientEvent, Node};
 
 const MS: u64 = 1_000_000;
+
+fn order(n: u64) -> OrderRequest {
+    OrderRequest::New {
+        side: if n % 2 == 0 { Side::Buy } else { Side::Sell },
+        price: 100 + n % 3,
+        qty: 1 + n % 5,
+    }
+}
 
 #[test]
 fn a_killed_primary_is_replaced_by_the_backup_and_every_order_is_answered_once() {
@@ -46,9 +55,12 @@ fn a_killed_primary_is_replaced_by_the_backup_and_every_order_is_answered_once()
     let mut primary =
         Some(Server::new(Node::primary(node_cfg, OrderBook::new(), risk(), 1), l1).unwrap());
     let mut backup = Server::new(Node::<OrderBook, _>::joining(node_cfg, risk(), 2), l2).unwrap();
-    backup.attach_replication(b);
-    primary.as_mut().unwrap().attach_replication(a);
-    let mut client = TcpClient::new(1, servers, Duration::from_millis(2));
+    backup.attach_replication(b).unwrap();
+    primary.as_mut().unwrap().attach_replication(a).unwrap();
+    let mut client = TcpClient::new(1, servers.clone(), Duration::from_millis(2));
+    // Another connection claiming client 1's id while it is live is refused (its replies would
+    // otherwise go astray).
+    let (mut intruder, mut intruder_refused) = (None::<TcpClient>, false);
 
     const ORDERS: u64 = 600;
     const KILL_AT: usize = 200;
@@ -60,13 +72,27 @@ fn a_killed_primary_is_replaced_by_the_backup_and_every_order_is_answered_once()
         assert!(turns < 50_000_000, "stuck: {} replies", replies.len());
         while sent < ORDERS && client.unanswered() < 8 {
             sent += 1;
-            let side = if sent % 2 == 0 { Side::Buy } else { Side::Sell };
-            let order = OrderRequest::New {
-                side,
-                price: 100 + sent % 3,
-                qty: 1 + sent % 5,
-            };
-            client.request(order.encode());
+            client.request(order(sent).encode());
+        }
+        if replies.len() >= 50 && !intruder_refused && intruder.is_none() {
+            let mut i = TcpClient::new(1, servers.clone(), Duration::from_millis(2));
+            i.request(order(1).encode());
+            intruder = Some(i);
+        }
+        if let Some(i) = &mut intruder {
+            i.run_once();
+            while let Some(e) = i.poll_event() {
+                match e {
+                    ClientEvent::Refused {
+                        why: RefusedRequest::ClientIdInUse,
+                        ..
+                    } => intruder_refused = true,
+                    e => panic!("the intruder got {e:?}"),
+                }
+            }
+            if intruder_refused {
+                intruder = None;
+            }
         }
         client.run_once();
         while let Some(e) = client.poll_event() {
@@ -127,6 +153,7 @@ fn a_killed_primary_is_replaced_by_the_backup_and_every_order_is_answered_once()
     ids.sort_unstable();
     assert_eq!(ids, (1..=ORDERS).collect::<Vec<_>>());
     assert!(promoted, "the backup took over");
+    assert!(intruder_refused);
     assert_eq!(backup.node().role(), Role::Primary);
     assert_eq!(backup.node().applied(), ORDERS, "each order applied once");
     assert!(client.switches > 0);
