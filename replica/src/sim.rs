@@ -12,6 +12,8 @@
 //! - a crash of the backup (the primary holds replies until a new backup has joined);
 //! - the crashed host restarting as a joining backup (state transfer: snapshot, then the log);
 //! - rail faults on the replication connection (carrier loss, black hole, corruption);
+//! - a partition: every rail of the replication connection cut while both replicas live. The
+//!   backup takes over, the old primary stalls and is fenced (stopped) 5 ms later;
 //! - client resend storms.
 //!
 //! At the end, [`run`] checks that every request of every client was answered exactly once with
@@ -55,6 +57,10 @@ pub struct SimConfig {
     pub backup_crashes: bool,
     pub rail_faults: bool,
     pub storms: bool,
+    /// Cut every rail of the replication connection while both replicas live (only with
+    /// [`ReplicationMode::Sync`]): the backup promotes itself, the old primary stalls and is
+    /// fenced (stopped) a little later, as an operator or a fencing agent would.
+    pub partitions: bool,
 }
 
 impl Default for SimConfig {
@@ -69,6 +75,7 @@ impl Default for SimConfig {
             backup_crashes: true,
             rail_faults: true,
             storms: true,
+            partitions: true,
         }
     }
 }
@@ -103,6 +110,9 @@ pub struct Report {
     pub joins: u64,
     pub rail_faults: u64,
     pub rail_failovers: u64,
+    pub partitions: u64,
+    /// Old primaries stopped after a partition made the backup take over.
+    pub fenced: u64,
     pub storms: u64,
     /// Longest time from a primary crash to the first reply from the promoted backup.
     pub takeover_ns: u64,
@@ -131,6 +141,8 @@ struct Slot {
     restart_at: Option<u64>,
     /// A primary crash waiting for its step of the request path.
     armed: Option<CrashPoint>,
+    /// When this (old, stalled) primary is stopped, the other replica having taken over.
+    fence_at: Option<u64>,
 }
 
 /// The replication connection: host 1 of the pair is the primary's slot.
@@ -180,6 +192,7 @@ enum Fault {
     Storm {
         client: usize,
     },
+    Partition,
 }
 
 struct ClientHost {
@@ -219,6 +232,9 @@ struct World {
 
 const CLIENT_TIMEOUT: u64 = 30 * MS;
 const RESTART_DELAY: u64 = 10 * MS;
+/// How long a stalled old primary lives on after the other replica took over, before it is
+/// stopped.
+const FENCE_DELAY: u64 = 5 * MS;
 /// A client waits this long before retrying after a redirect or a reset connection.
 const RETRY_BACKOFF: u64 = MS;
 
@@ -279,6 +295,7 @@ impl World {
                 killed: false,
                 restart_at: None,
                 armed: None,
+                fence_at: None,
             }
         };
         let clients = (0..cfg.clients)
@@ -332,6 +349,9 @@ impl World {
                 let client = (rng.next_u64() % cfg.clients as u64) as usize;
                 faults.push((t, Fault::Storm { client }));
             }
+        }
+        if cfg.partitions && cfg.mode == ReplicationMode::Sync && rng.next_u64() % 4 == 0 {
+            faults.push((at(&mut rng), Fault::Partition));
         }
         faults.sort_by_key(|f| Reverse(f.0)); // popped from the end, earliest first
         let mut w = World {
@@ -411,16 +431,22 @@ impl World {
             && self
                 .slots
                 .iter()
-                .all(|s| s.restart_at.is_none() && s.armed.is_none())
+                .all(|s| s.restart_at.is_none() && s.armed.is_none() && s.fence_at.is_none())
     }
 
+    /// The primary's slot; after a partition, the one that took over (not the stalled one
+    /// waiting to be fenced).
     fn primary_slot(&self) -> Option<usize> {
-        (0..2).find(|s| {
+        let primary = |s: &usize| {
             self.slots[*s]
                 .node
                 .as_ref()
                 .is_some_and(|n| n.role() == Role::Primary)
-        })
+        };
+        (0..2)
+            .filter(primary)
+            .find(|s| self.slots[*s].fence_at.is_none())
+            .or_else(|| (0..2).find(primary))
     }
 
     fn run(&mut self) -> Result<(), String> {
@@ -499,7 +525,7 @@ impl World {
             t = t.min(*at);
         }
         for s in &self.slots {
-            if let Some(at) = s.restart_at {
+            for at in [s.restart_at, s.fence_at].into_iter().flatten() {
                 t = t.min(at);
             }
         }
@@ -572,6 +598,16 @@ impl World {
                 Role::Primary => node.backup_lost(),
                 Role::Backup => {
                     node.promote().expect("a synced backup promotes");
+                    let old = 1 - slot;
+                    let old_primary = self.slots[old]
+                        .node
+                        .as_ref()
+                        .is_some_and(|n| n.role() == Role::Primary);
+                    if old_primary {
+                        // A partition, not a crash: the old primary lives on, stalled. It is
+                        // stopped before it may take a backup again.
+                        self.slots[old].fence_at = Some(self.now + FENCE_DELAY);
+                    }
                     if std::env::var_os("RAILOVER_REPLICA_TRACE").is_some() {
                         eprintln!("{} us: slot {slot} promoted", self.now / US);
                     }
@@ -584,6 +620,16 @@ impl World {
         let live_sides = (0..2).filter(|s| !ended[*s] && !paused[*s]).count();
         if live_sides < 2 && (ended[0] || ended[1]) {
             self.link = None;
+            // A live side whose session had not ended yet would see it end too: a primary goes
+            // on without its backup.
+            for side in 0..2 {
+                let slot = if side == 0 { primary } else { 1 - primary };
+                if !ended[side] && !paused[side] {
+                    if let Some(n) = self.node(slot).filter(|n| n.role() == Role::Primary) {
+                        n.backup_lost();
+                    }
+                }
+            }
         }
     }
 
@@ -768,7 +814,11 @@ impl World {
                         continue;
                     };
                     let b = 1 - p;
-                    if self.slots[b].node.is_some() && self.slots[p].armed.is_none() {
+                    let backup = self.slots[b]
+                        .node
+                        .as_ref()
+                        .is_some_and(|n| n.role() != Role::Primary);
+                    if backup && self.slots[p].armed.is_none() {
                         self.report.backup_crashes += 1;
                         self.crash(b, killed);
                     }
@@ -803,6 +853,24 @@ impl World {
                         }
                         self.rail_restores
                             .push((self.now + duration, self.links_made, rail, kind));
+                    }
+                }
+                Fault::Partition => {
+                    // Only with a backup following (a partition of a primary alone is nothing),
+                    // and no other fault in progress.
+                    let busy = !self.rail_restores.is_empty();
+                    if self.redundant_primary().is_none() || busy {
+                        self.postpone();
+                        continue;
+                    }
+                    self.faults.pop();
+                    let l = self.link.as_ref().expect("a backup follows over a link");
+                    for wire in &l.pair.wires {
+                        l.pair.fabric.carrier_loss(*wire);
+                    }
+                    self.report.partitions += 1;
+                    if std::env::var_os("RAILOVER_REPLICA_TRACE").is_some() {
+                        eprintln!("{} us: partition", self.now / US);
                     }
                 }
                 Fault::Storm { client } => {
@@ -928,6 +996,14 @@ impl World {
 
     /// A crashed host comes back as a joining backup, and joins once a primary is there.
     fn restarts(&mut self) {
+        for slot in 0..2 {
+            if self.slots[slot].fence_at.is_some_and(|t| t <= self.now) {
+                self.slots[slot].fence_at = None;
+                self.report.fenced += 1;
+                self.crash(slot, true);
+                self.crashed_at = None; // the takeover was the partition's, not this stop's
+            }
+        }
         for slot in 0..2 {
             if self.slots[slot].restart_at.is_some_and(|t| t <= self.now) {
                 self.slots[slot].restart_at = None;

@@ -49,7 +49,8 @@ fn every_request_is_answered_exactly_once_through_crashes_joins_and_rail_faults(
     let takeover = reports.iter().map(|r| r.takeover_ns).max().unwrap_or(0);
     println!(
         "{} seeds: {} requests, {} log entries; primary crashes {:?}; backup crashes {}; \
-         promotions {}; joins {}; rail faults {} (railover failovers {}); storms {}; \
+         promotions {}; joins {}; rail faults {} (railover failovers {}); partitions {} (old \
+         primaries fenced {}); storms {}; \
          duplicate replies {}; redirects {}; client timeouts {}; longest takeover {:.1} ms",
         reports.len(),
         sum(|r| r.requests),
@@ -60,6 +61,8 @@ fn every_request_is_answered_exactly_once_through_crashes_joins_and_rail_faults(
         sum(|r| r.joins),
         sum(|r| r.rail_faults),
         sum(|r| r.rail_failovers),
+        sum(|r| r.partitions),
+        sum(|r| r.fenced),
         sum(|r| r.storms),
         sum(|r| r.duplicate_replies),
         sum(|r| r.redirects),
@@ -81,6 +84,8 @@ fn every_request_is_answered_exactly_once_through_crashes_joins_and_rail_faults(
             ("promotions", sum(|r| r.promotions)),
             ("joins", sum(|r| r.joins)),
             ("railover failovers", sum(|r| r.rail_failovers)),
+            ("partitions", sum(|r| r.partitions)),
+            ("fenced old primaries", sum(|r| r.fenced)),
             ("storms", sum(|r| r.storms)),
             ("duplicate replies", sum(|r| r.duplicate_replies)),
         ] {
