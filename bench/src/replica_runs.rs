@@ -136,24 +136,24 @@ pub struct OverheadReport {
     pub replicated_reply: Summary,
     /// This host's time per request: the nodes, railover and the simulated fabric, all on one
     /// thread (wall clock over the run).
-    pub solo_cpu_ns: f64,
-    pub replicated_cpu_ns: f64,
-    pub cpu_ratio: f64,
+    pub solo_host_ns: f64,
+    pub replicated_host_ns: f64,
+    pub host_time_ratio: f64,
 }
 
 /// Replication overhead on the simulated fabric: the same requests to a solo primary and to a
 /// primary with a backup, one after the other in one run.
 pub fn sim_overhead(requests: usize, latency_ns: u64) -> OverheadReport {
-    let (solo, solo_cpu) = overhead_run(requests, latency_ns, false);
-    let (repl, repl_cpu) = overhead_run(requests, latency_ns, true);
+    let (solo, solo_host) = overhead_run(requests, latency_ns, false);
+    let (repl, repl_host) = overhead_run(requests, latency_ns, true);
     OverheadReport {
         requests,
         latency_ns,
         solo_reply: solo,
         replicated_reply: repl,
-        solo_cpu_ns: solo_cpu,
-        replicated_cpu_ns: repl_cpu,
-        cpu_ratio: repl_cpu / solo_cpu,
+        solo_host_ns: solo_host,
+        replicated_host_ns: repl_host,
+        host_time_ratio: repl_host / solo_host,
     }
 }
 
@@ -247,9 +247,9 @@ pub fn print_overhead(r: &OverheadReport) {
     );
     println!(
         "  this host's time per request (nodes, railover and the simulated fabric on one thread): solo {:.0} ns, replicated {:.0} ns",
-        r.solo_cpu_ns, r.replicated_cpu_ns
+        r.solo_host_ns, r.replicated_host_ns
     );
-    println!("replication cpu ratio: {:.2}", r.cpu_ratio);
+    println!("replication host time ratio: {:.2}", r.host_time_ratio);
 }
 
 #[cfg(feature = "verbs")]
