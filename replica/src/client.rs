@@ -237,7 +237,14 @@ mod tests {
             Err(ClientError::Decode(_))
         ));
         assert_eq!(
-            c.on_message(0, &Msg::Ack { applied: 1 }.encode()),
+            c.on_message(
+                0,
+                &Msg::Ack {
+                    epoch: 1,
+                    applied: 1,
+                }
+                .encode()
+            ),
             Err(ClientError::Unexpected)
         );
         // Another client's reply is never taken for this one's.

@@ -216,6 +216,9 @@ pub struct Node<S: Service, E: External> {
     /// Primary: entries whose replies wait for `released_through`, in log order.
     held: VecDeque<(u64, u64, u64)>,
     backup: BackupState,
+    /// Primary: how many times a backup was attached (the current one's epoch). Backup: its
+    /// snapshot's epoch, which its acknowledgements carry.
+    epoch: u64,
     /// Primary: the backup was lost under [`BackupLoss::Stall`]; replies wait for a new one.
     stalled: bool,
     /// Joining: the snapshot so far.
@@ -259,6 +262,7 @@ impl<S: Service, E: External> Node<S, E> {
             held: VecDeque::new(),
             backup: BackupState::None,
             stalled: false,
+            epoch: 0,
             incoming: Vec::new(),
             ack_due: false,
             diverged: false,
@@ -314,6 +318,7 @@ impl<S: Service, E: External> Node<S, E> {
         if self.ack_due {
             self.ack_due = false;
             let ack = Msg::Ack {
+                epoch: self.epoch,
                 applied: self.applied,
             };
             return Some(Action::ToPrimary(ack.encode()));
@@ -506,7 +511,10 @@ impl<S: Service, E: External> Node<S, E> {
             Err(e) => return self.refuse(from, RefusedWhy::Decode(e)),
         };
         match (self.role, msg) {
-            (Role::Primary, Msg::Ack { applied }) => self.on_ack(applied),
+            // An acknowledgement from a backup attached before the current one (its messages
+            // still on their way) says nothing about the current one: ignored.
+            (Role::Primary, Msg::Ack { epoch, .. }) if epoch != self.epoch => {}
+            (Role::Primary, Msg::Ack { applied, .. }) => self.on_ack(applied),
             (Role::Backup, Msg::Entry(e)) => self.apply_entry(e),
             (Role::Joining, Msg::Snapshot(c)) => self.on_snapshot_chunk(c),
             _ => self.refuse(from, RefusedWhy::Unexpected),
@@ -577,9 +585,11 @@ impl<S: Service, E: External> Node<S, E> {
 
     fn on_snapshot_chunk(&mut self, c: SnapshotChunk) {
         if c.offset == 0 {
-            self.incoming.clear(); // a new transfer (a primary that re-attached this backup)
+            // A new transfer (a primary that re-attached this backup).
+            self.incoming.clear();
+            self.epoch = c.epoch;
         }
-        if c.offset as usize != self.incoming.len() {
+        if c.offset as usize != self.incoming.len() || c.epoch != self.epoch {
             return self.refuse(
                 Peer::Primary,
                 RefusedWhy::OutOfOrder {
@@ -621,9 +631,11 @@ impl<S: Service, E: External> Node<S, E> {
         if state.len() > MAX_SNAPSHOT as usize {
             return Err(StateTooLarge(state.len()));
         }
+        self.epoch += 1;
         let total = state.len() as u32;
         for (i, piece) in state.chunks(self.cfg.snapshot_chunk.max(1)).enumerate() {
             let chunk = SnapshotChunk {
+                epoch: self.epoch,
                 index: self.applied,
                 total,
                 offset: (i * self.cfg.snapshot_chunk.max(1)) as u32,

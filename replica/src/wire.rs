@@ -53,6 +53,9 @@ pub struct Entry {
 /// A piece of the primary's state (service snapshot and sessions) for a joining backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotChunk {
+    /// Which attachment of a backup this transfer belongs to: the backup's acknowledgements
+    /// carry it back, so the primary never takes an earlier backup's for this one's.
+    pub epoch: u64,
     /// The state is the one after applying entry `index`.
     pub index: u64,
     pub total: u32,
@@ -87,8 +90,9 @@ pub enum Msg {
     Entry(Entry),
     /// Primary to a joining backup.
     Snapshot(SnapshotChunk),
-    /// Backup to primary: every entry up to `applied` is applied (and its reply recorded).
-    Ack { applied: u64 },
+    /// Backup to primary: every entry up to `applied` is applied (and its reply recorded), by
+    /// the backup attached in `epoch` (its snapshot's).
+    Ack { epoch: u64, applied: u64 },
 }
 
 /// Why a server refused a request (it is not applied, now or later).
@@ -214,13 +218,15 @@ impl Msg {
             }
             Msg::Snapshot(c) => {
                 w.u8(TAG_SNAPSHOT);
+                w.u64(c.epoch);
                 w.u64(c.index);
                 w.u32(c.total);
                 w.u32(c.offset);
                 w.bytes(&c.bytes);
             }
-            Msg::Ack { applied } => {
+            Msg::Ack { epoch, applied } => {
                 w.u8(TAG_ACK);
+                w.u64(*epoch);
                 w.u64(*applied);
             }
         }
@@ -284,7 +290,7 @@ impl Msg {
                 })
             }
             TAG_SNAPSHOT => {
-                let (index, total, offset) = (r.u64()?, r.u32()?, r.u32()?);
+                let (epoch, index, total, offset) = (r.u64()?, r.u64()?, r.u32()?, r.u32()?);
                 let bytes = r.bytes()?;
                 if total > MAX_SNAPSHOT || offset as u64 + bytes.len() as u64 > total as u64 {
                     return Err(DecodeError::ChunkBounds {
@@ -294,13 +300,17 @@ impl Msg {
                     });
                 }
                 Msg::Snapshot(SnapshotChunk {
+                    epoch,
                     index,
                     total,
                     offset,
                     bytes,
                 })
             }
-            TAG_ACK => Msg::Ack { applied: r.u64()? },
+            TAG_ACK => Msg::Ack {
+                epoch: r.u64()?,
+                applied: r.u64()?,
+            },
             tag => return Err(DecodeError::UnknownTag(tag)),
         };
         match r.0.len() {
@@ -410,12 +420,16 @@ mod tests {
                 body: b"buy".to_vec(),
             }),
             Msg::Snapshot(SnapshotChunk {
+                epoch: 2,
                 index: 9,
                 total: 10,
                 offset: 8,
                 bytes: vec![1, 2],
             }),
-            Msg::Ack { applied: 9 },
+            Msg::Ack {
+                epoch: 2,
+                applied: 9,
+            },
         ]
     }
 
@@ -481,6 +495,7 @@ mod tests {
             Err(DecodeError::Truncated { .. })
         ));
         let chunk = Msg::Snapshot(SnapshotChunk {
+            epoch: 1,
             index: 1,
             total: 1,
             offset: 1,

@@ -295,7 +295,13 @@ fn a_buggy_or_hostile_peer_is_refused_and_nothing_applied_is_lost() {
             ..
         })
     ));
-    b.on_replication(&Msg::Ack { applied: 1 }.encode());
+    b.on_replication(
+        &Msg::Ack {
+            epoch: 1,
+            applied: 1,
+        }
+        .encode(),
+    );
     assert!(matches!(
         b.poll_event(),
         Some(NodeEvent::Refused {
@@ -305,7 +311,13 @@ fn a_buggy_or_hostile_peer_is_refused_and_nothing_applied_is_lost() {
     ));
     assert_eq!(b.applied(), 1);
     // An acknowledgement of entries the primary never made.
-    p.on_replication(&Msg::Ack { applied: 9 }.encode());
+    p.on_replication(
+        &Msg::Ack {
+            epoch: 1,
+            applied: 9,
+        }
+        .encode(),
+    );
     assert!(matches!(
         p.poll_event(),
         Some(NodeEvent::Refused {
@@ -328,6 +340,7 @@ fn a_buggy_or_hostile_peer_is_refused_and_nothing_applied_is_lost() {
         Node::<Counter, _>::joining(cfg(ReplicationMode::Sync, BackupLoss::Stall), NoExternal, 3);
     j.on_replication(
         &Msg::Snapshot(railover_replica::wire::SnapshotChunk {
+            epoch: 1,
             index: 0,
             total: 3,
             offset: 0,
@@ -453,4 +466,39 @@ fn the_time_a_service_sees_never_goes_back_across_a_takeover() {
         },
         a => panic!("{a:?}"),
     }
+}
+
+#[test]
+fn an_earlier_backups_acknowledgement_releases_nothing_for_the_new_one() {
+    let (mut p, mut b1) = pair(ReplicationMode::Sync, BackupLoss::Stall);
+    p.on_client(&request(7, 1, b"x"), 0);
+    let Some(Action::ToBackup(entry)) = p.pop_action() else {
+        panic!("entry")
+    };
+    b1.on_replication(&entry);
+    let Some(Action::ToPrimary(stale_ack)) = b1.pop_action() else {
+        panic!("ack")
+    };
+    // The first backup's connection ends before its ack arrives; a new backup is attached, its
+    // snapshot (holding entry 1) on the way.
+    p.backup_lost();
+    let _ = p.poll_event();
+    p.attach_backup().unwrap();
+    let snapshot: Vec<Action> = std::iter::from_fn(|| p.pop_action()).collect();
+    // Taken for the new backup's, the old ack would release reply 1 while only the primary has
+    // it (the new backup has no state yet: the primary's loss now would lose the reply's entry).
+    p.on_replication(&stale_ack);
+    assert_eq!(p.held(), 1, "the old backup's ack is not the new one's");
+    assert!(!p.backup_live());
+    assert_eq!(p.pop_action(), None);
+    let mut b2 = Node::joining(cfg(ReplicationMode::Sync, BackupLoss::Stall), NoExternal, 3);
+    for a in snapshot {
+        let Action::ToBackup(m) = a else {
+            panic!("{a:?}")
+        };
+        b2.on_replication(&m);
+    }
+    let replies = exchange(&mut p, &mut b2);
+    assert_eq!(replies.iter().map(|r| r.0).collect::<Vec<_>>(), [1]);
+    assert!(p.backup_live());
 }
