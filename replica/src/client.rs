@@ -36,6 +36,7 @@ pub enum ClientError {
 
 pub struct Client {
     id: u64,
+    session: u64,
     servers: usize,
     server: usize,
     next_seq: u64,
@@ -50,6 +51,7 @@ impl Client {
         assert!(servers > 0 && first < servers);
         Client {
             id,
+            session: 0,
             servers,
             server: first,
             next_seq: 1,
@@ -60,6 +62,14 @@ impl Client {
 
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// This run's session nonce (default 0). A client process that may restart under the same
+    /// id picks a new one at each start (a random number, the start time): the servers then
+    /// start it afresh at sequence 1 instead of answering from the previous run's records.
+    pub fn with_session(mut self, session: u64) -> Client {
+        self.session = session;
+        self
     }
 
     /// The server the client talks to now.
@@ -93,6 +103,7 @@ impl Client {
     fn queue(&mut self, seq: u64) {
         let msg = Msg::Request(Request {
             client: self.id,
+            session: self.session,
             seq,
             answered_below: self.answered_below(),
             body: self.unanswered[&seq].clone(),

@@ -186,6 +186,8 @@ pub struct Journaled {
 /// A client's session: its transaction records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Session {
+    /// The client process's run these records belong to.
+    session: u64,
     next_seq: u64,
     /// Replies of requests the client has not acknowledged yet, by sequence number, with the
     /// index of their entry.
@@ -345,7 +347,15 @@ impl<S: Service, E: External> Node<S, E> {
         if req.seq == 0 || req.seq == u64::MAX || req.answered_below > req.seq {
             return self.refuse_request(&req, RefusedRequest::BadSequence);
         }
-        let next_seq = self.sessions.get(&req.client).map_or(1, |s| s.next_seq);
+        let next_seq = match self.sessions.get(&req.client) {
+            Some(s) if s.session == req.session => s.next_seq,
+            // A new run of the client (or its first): it starts at 1, and the old run's
+            // records are dropped when its first request is applied.
+            Some(_) if req.seq != 1 => {
+                return self.refuse_request(&req, RefusedRequest::StaleSession);
+            }
+            _ => 1,
+        };
         if req.seq < next_seq {
             // Seen before: answer from the records if the reply may leave; if it is held it
             // leaves when released; if it was trimmed the client already has it.
@@ -353,6 +363,7 @@ impl<S: Service, E: External> Node<S, E> {
             let stored = self
                 .sessions
                 .get(&req.client)
+                .filter(|s| s.session == req.session)
                 .and_then(|s| s.replies.get(&req.seq));
             if let Some((_, reply)) = stored.filter(|(index, _)| *index <= released) {
                 let msg = Msg::Reply {
@@ -427,6 +438,7 @@ impl<S: Service, E: External> Node<S, E> {
         let entry = Entry {
             index,
             client: req.client,
+            session: req.session,
             seq: req.seq,
             answered_below: req.answered_below,
             recorded,
@@ -460,6 +472,12 @@ impl<S: Service, E: External> Node<S, E> {
             }
         }
         let session = self.sessions.entry(entry.client).or_default();
+        if session.session != entry.session {
+            *session = Session {
+                session: entry.session,
+                ..Session::default()
+            };
+        }
         session.next_seq = entry.seq.saturating_add(1);
         session.replies = session.replies.split_off(&entry.answered_below);
         if let Some(j) = &mut self.journal {
@@ -706,6 +724,7 @@ impl<S: Service, E: External> Node<S, E> {
         w.u32(self.sessions.len() as u32);
         for (client, s) in &self.sessions {
             w.u64(*client);
+            w.u64(s.session);
             w.u64(s.next_seq);
             w.u32(s.replies.len() as u32);
             for (seq, (index, reply)) in &s.replies {
@@ -729,6 +748,7 @@ fn decode_state<S: Service>(bytes: &[u8]) -> Result<State<S>, RestoreError> {
     let mut sessions = BTreeMap::new();
     for _ in 0..r.u32().map_err(bad)? {
         let client = r.u64().map_err(bad)?;
+        let session = r.u64().map_err(bad)?;
         let next_seq = r.u64().map_err(bad)?;
         let mut replies = BTreeMap::new();
         for _ in 0..r.u32().map_err(bad)? {
@@ -736,7 +756,14 @@ fn decode_state<S: Service>(bytes: &[u8]) -> Result<State<S>, RestoreError> {
             let index = r.u64().map_err(bad)?;
             replies.insert(seq, (index, r.bytes().map_err(bad)?));
         }
-        sessions.insert(client, Session { next_seq, replies });
+        sessions.insert(
+            client,
+            Session {
+                session,
+                next_seq,
+                replies,
+            },
+        );
     }
     if !r.is_empty() {
         return Err(RestoreError(format!("{} bytes left over", r.0.len())));

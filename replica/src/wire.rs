@@ -15,6 +15,10 @@ pub const MAX_SNAPSHOT: u32 = 1 << 30;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub client: u64,
+    /// Which run of the client process this is (a nonce it picks at start): a restarted client
+    /// with the same id starts a new session at sequence 1 instead of being answered from the
+    /// old session's records.
+    pub session: u64,
     pub seq: u64,
     /// Every request of this client below this sequence number has been answered: the servers
     /// may forget their replies.
@@ -42,6 +46,7 @@ pub struct Entry {
     /// Position in the input log, from 1, without gaps.
     pub index: u64,
     pub client: u64,
+    pub session: u64,
     pub seq: u64,
     pub answered_below: u64,
     pub recorded: Vec<Recorded>,
@@ -104,6 +109,8 @@ pub enum RefusedRequest {
     BadSequence,
     /// The client id is in use on another live connection.
     ClientIdInUse,
+    /// A request of a session that is not the client's current one (past sequence 1).
+    StaleSession,
 }
 
 impl RefusedRequest {
@@ -112,6 +119,7 @@ impl RefusedRequest {
             RefusedRequest::TooLarge => 1,
             RefusedRequest::BadSequence => 2,
             RefusedRequest::ClientIdInUse => 3,
+            RefusedRequest::StaleSession => 4,
         }
     }
     fn of(code: u8) -> Result<Self, DecodeError> {
@@ -119,6 +127,7 @@ impl RefusedRequest {
             1 => RefusedRequest::TooLarge,
             2 => RefusedRequest::BadSequence,
             3 => RefusedRequest::ClientIdInUse,
+            4 => RefusedRequest::StaleSession,
             c => return Err(DecodeError::UnknownRefusal(c)),
         })
     }
@@ -164,6 +173,7 @@ impl Msg {
             Msg::Request(r) => {
                 w.u8(TAG_REQUEST);
                 w.u64(r.client);
+                w.u64(r.session);
                 w.u64(r.seq);
                 w.u64(r.answered_below);
                 w.bytes(&r.body);
@@ -190,6 +200,7 @@ impl Msg {
                 w.u8(TAG_ENTRY);
                 w.u64(e.index);
                 w.u64(e.client);
+                w.u64(e.session);
                 w.u64(e.seq);
                 w.u64(e.answered_below);
                 w.u32(e.digest);
@@ -242,6 +253,7 @@ impl Msg {
         let msg = match r.u8()? {
             TAG_REQUEST => Msg::Request(Request {
                 client: r.u64()?,
+                session: r.u64()?,
                 seq: r.u64()?,
                 answered_below: r.u64()?,
                 body: r.bytes()?,
@@ -262,7 +274,8 @@ impl Msg {
                 why: RefusedRequest::of(r.u8()?)?,
             },
             TAG_ENTRY => {
-                let (index, client, seq, answered_below) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let (index, client, session) = (r.u64()?, r.u64()?, r.u64()?);
+                let (seq, answered_below) = (r.u64()?, r.u64()?);
                 let digest = r.u32()?;
                 let count = r.u32()? as usize;
                 // Each recorded value takes at least 5 bytes: a count beyond that is a lie.
@@ -282,6 +295,7 @@ impl Msg {
                 Msg::Entry(Entry {
                     index,
                     client,
+                    session,
                     seq,
                     answered_below,
                     recorded,
@@ -384,6 +398,7 @@ mod tests {
         vec![
             Msg::Request(Request {
                 client: 7,
+                session: 11,
                 seq: 3,
                 answered_below: 2,
                 body: b"buy".to_vec(),
@@ -406,6 +421,7 @@ mod tests {
             Msg::Entry(Entry {
                 index: 9,
                 client: 7,
+                session: 11,
                 seq: 3,
                 answered_below: 2,
                 recorded: vec![
@@ -482,6 +498,7 @@ mod tests {
         let mut entry = Msg::Entry(Entry {
             index: 1,
             client: 1,
+            session: 1,
             seq: 1,
             answered_below: 1,
             recorded: vec![],
@@ -489,7 +506,7 @@ mod tests {
             body: vec![],
         })
         .encode();
-        entry[2 + 32 + 4..2 + 32 + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+        entry[2 + 40 + 4..2 + 40 + 8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             Msg::decode(&entry),
             Err(DecodeError::Truncated { .. })

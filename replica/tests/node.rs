@@ -35,6 +35,7 @@ impl Service for Counter {
 fn request(client: u64, seq: u64, body: &[u8]) -> Vec<u8> {
     Msg::Request(Request {
         client,
+        session: 0,
         seq,
         answered_below: 1, // the client has no reply yet
         body: body.to_vec(),
@@ -391,6 +392,7 @@ fn requests_it_cannot_take_are_refused_with_a_reason_and_never_applied() {
     for (seq, answered_below) in [(0, 0), (u64::MAX, 1), (3, 5)] {
         let msg = Msg::Request(Request {
             client: 7,
+            session: 0,
             seq,
             answered_below,
             body: vec![],
@@ -501,4 +503,44 @@ fn an_earlier_backups_acknowledgement_releases_nothing_for_the_new_one() {
     let replies = exchange(&mut p, &mut b2);
     assert_eq!(replies.iter().map(|r| r.0).collect::<Vec<_>>(), [1]);
     assert!(p.backup_live());
+}
+
+#[test]
+fn a_restarted_client_starts_a_new_session_and_is_never_answered_from_the_old_one() {
+    let (mut p, mut b) = pair(ReplicationMode::Sync, BackupLoss::Stall);
+    let req = |session, seq, body: &[u8]| {
+        Msg::Request(Request {
+            client: 7,
+            session,
+            seq,
+            answered_below: 1,
+            body: body.to_vec(),
+        })
+        .encode()
+    };
+    p.on_client(&req(100, 1, b"old"), 0);
+    p.on_client(&req(100, 2, b"old"), 0);
+    let old = exchange(&mut p, &mut b);
+    assert_eq!(old.len(), 2);
+    // The client process restarts with the same id and a new session: its request 1 is applied,
+    // not answered with the old run's reply 1.
+    p.on_client(&req(200, 1, b"new"), 0);
+    let new = exchange(&mut p, &mut b);
+    assert_eq!(new.len(), 1);
+    assert_ne!(new[0].1, old[0].1);
+    assert_eq!(p.applied(), 3);
+    // A late request of the old run is refused, never applied.
+    p.on_client(&req(100, 3, b"late"), 0);
+    match p.pop_action() {
+        Some(Action::ToClient { msg, .. }) => assert!(matches!(
+            Msg::decode(&msg).unwrap(),
+            Msg::Refused {
+                why: RefusedRequest::StaleSession,
+                ..
+            }
+        )),
+        a => panic!("{a:?}"),
+    }
+    assert_eq!(p.applied(), 3);
+    assert_eq!(p.encode_state(), b.encode_state());
 }
