@@ -30,8 +30,8 @@ pub enum ClientError {
     Decode(#[from] DecodeError),
     #[error("a server sent a message clients don't take")]
     Unexpected,
-    #[error("a server sent client {0}'s message here")]
-    OtherClient(u64),
+    #[error("a server sent client {client}'s message (session {session}) here")]
+    OtherClient { client: u64, session: u64 },
 }
 
 pub struct Client {
@@ -147,12 +147,18 @@ impl Client {
             return Ok(None);
         }
         match msg {
-            Msg::Reply { client, .. }
-            | Msg::OutOfOrder { client, .. }
-            | Msg::Refused { client, .. }
-                if client != self.id =>
-            {
-                Err(ClientError::OtherClient(client))
+            Msg::Reply {
+                client, session, ..
+            }
+            | Msg::OutOfOrder {
+                client, session, ..
+            }
+            | Msg::Refused {
+                client, session, ..
+            } if client != self.id || session != self.session => {
+                // Another client's, or another run's of this client (a reply released after a
+                // restart): never taken for this run's.
+                Err(ClientError::OtherClient { client, session })
             }
             Msg::Reply { seq, body, .. } => Ok(Some(match self.unanswered.remove(&seq) {
                 Some(_) => ClientEvent::Answered { seq, body },
@@ -195,6 +201,7 @@ mod tests {
         assert_eq!(c.take_outbox().len(), 3);
         let reply = Msg::Reply {
             client: 9,
+            session: 0,
             seq: 2,
             body: b"B".to_vec(),
         };
@@ -235,6 +242,7 @@ mod tests {
                 0,
                 &Msg::OutOfOrder {
                     client: 9,
+                    session: 0,
                     expected: 1
                 }
                 .encode()
@@ -261,12 +269,30 @@ mod tests {
         // Another client's reply is never taken for this one's.
         let other = Msg::Reply {
             client: 8,
+            session: 0,
             seq: 1,
             body: vec![],
         };
         assert_eq!(
             c.on_message(0, &other.encode()),
-            Err(ClientError::OtherClient(8))
+            Err(ClientError::OtherClient {
+                client: 8,
+                session: 0
+            })
+        );
+        // Nor is a reply to an earlier run of this client (released after it restarted).
+        let earlier_run = Msg::Reply {
+            client: 9,
+            session: 5,
+            seq: 1,
+            body: vec![],
+        };
+        assert_eq!(
+            c.on_message(0, &earlier_run.encode()),
+            Err(ClientError::OtherClient {
+                client: 9,
+                session: 5
+            })
         );
         assert_eq!(c.unanswered(), 2);
     }

@@ -280,6 +280,7 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
             for r in taken {
                 let msg = Msg::Refused {
                     client: r.client,
+                    session: r.session,
                     seq: r.seq,
                     why: RefusedRequest::ClientIdInUse,
                 };

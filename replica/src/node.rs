@@ -368,6 +368,7 @@ impl<S: Service, E: External> Node<S, E> {
             if let Some((_, reply)) = stored.filter(|(index, _)| *index <= released) {
                 let msg = Msg::Reply {
                     client: req.client,
+                    session: req.session,
                     seq: req.seq,
                     body: reply.clone(),
                 };
@@ -393,6 +394,7 @@ impl<S: Service, E: External> Node<S, E> {
                 // reorder the client's requests.
                 let msg = Msg::OutOfOrder {
                     client: req.client,
+                    session: req.session,
                     expected: next_seq,
                 };
                 return self.send_client(req.client, msg);
@@ -418,6 +420,7 @@ impl<S: Service, E: External> Node<S, E> {
     fn refuse_request(&mut self, req: &Request, why: RefusedRequest) {
         let msg = Msg::Refused {
             client: req.client,
+            session: req.session,
             seq: req.seq,
             why,
         };
@@ -495,9 +498,11 @@ impl<S: Service, E: External> Node<S, E> {
     }
 
     fn send_reply(&mut self, client: u64, seq: u64) {
-        if let Some((_, reply)) = self.sessions.get(&client).and_then(|s| s.replies.get(&seq)) {
+        let session = self.sessions.get(&client);
+        if let Some((s, (_, reply))) = session.and_then(|s| Some((s, s.replies.get(&seq)?))) {
             let msg = Msg::Reply {
                 client,
+                session: s.session,
                 seq,
                 body: reply.clone(),
             };

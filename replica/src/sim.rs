@@ -711,6 +711,7 @@ impl World {
             client: id,
             seq,
             body,
+            ..
         }) = Msg::decode(bytes)
         {
             self.all_replies.push((id, seq, body));

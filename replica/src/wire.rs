@@ -76,6 +76,7 @@ pub enum Msg {
     /// reply is never taken for another client's).
     Reply {
         client: u64,
+        session: u64,
         seq: u64,
         body: Vec<u8>,
     },
@@ -83,11 +84,16 @@ pub enum Msg {
     NotPrimary,
     /// Server to client: a request arrived before an earlier one still unanswered (sent while
     /// this server was a backup, say): resend from `expected`.
-    OutOfOrder { client: u64, expected: u64 },
+    OutOfOrder {
+        client: u64,
+        session: u64,
+        expected: u64,
+    },
     /// Server to client: request `seq` is refused and will never be applied (see
     /// [`RefusedRequest`]).
     Refused {
         client: u64,
+        session: u64,
         seq: u64,
         why: RefusedRequest,
     },
@@ -178,21 +184,38 @@ impl Msg {
                 w.u64(r.answered_below);
                 w.bytes(&r.body);
             }
-            Msg::Reply { client, seq, body } => {
+            Msg::Reply {
+                client,
+                session,
+                seq,
+                body,
+            } => {
                 w.u8(TAG_REPLY);
                 w.u64(*client);
+                w.u64(*session);
                 w.u64(*seq);
                 w.bytes(body);
             }
             Msg::NotPrimary => w.u8(TAG_NOT_PRIMARY),
-            Msg::OutOfOrder { client, expected } => {
+            Msg::OutOfOrder {
+                client,
+                session,
+                expected,
+            } => {
                 w.u8(TAG_OUT_OF_ORDER);
                 w.u64(*client);
+                w.u64(*session);
                 w.u64(*expected);
             }
-            Msg::Refused { client, seq, why } => {
+            Msg::Refused {
+                client,
+                session,
+                seq,
+                why,
+            } => {
                 w.u8(TAG_REFUSED);
                 w.u64(*client);
+                w.u64(*session);
                 w.u64(*seq);
                 w.u8(why.code());
             }
@@ -260,16 +283,19 @@ impl Msg {
             }),
             TAG_REPLY => Msg::Reply {
                 client: r.u64()?,
+                session: r.u64()?,
                 seq: r.u64()?,
                 body: r.bytes()?,
             },
             TAG_NOT_PRIMARY => Msg::NotPrimary,
             TAG_OUT_OF_ORDER => Msg::OutOfOrder {
                 client: r.u64()?,
+                session: r.u64()?,
                 expected: r.u64()?,
             },
             TAG_REFUSED => Msg::Refused {
                 client: r.u64()?,
+                session: r.u64()?,
                 seq: r.u64()?,
                 why: RefusedRequest::of(r.u8()?)?,
             },
@@ -405,16 +431,19 @@ mod tests {
             }),
             Msg::Reply {
                 client: 7,
+                session: 11,
                 seq: 3,
                 body: vec![1, 2, 3],
             },
             Msg::NotPrimary,
             Msg::OutOfOrder {
                 client: 7,
+                session: 11,
                 expected: 4,
             },
             Msg::Refused {
                 client: 7,
+                session: 11,
                 seq: 5,
                 why: RefusedRequest::TooLarge,
             },
@@ -487,6 +516,7 @@ mod tests {
         );
         // A length claiming 4 GiB is refused before anything is allocated.
         let mut huge = vec![VERSION, TAG_REPLY];
+        huge.extend_from_slice(&1u64.to_le_bytes());
         huge.extend_from_slice(&1u64.to_le_bytes());
         huge.extend_from_slice(&1u64.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());

@@ -66,7 +66,9 @@ fn exchange<S: Service>(
             match a {
                 Action::ToBackup(m) => b.on_replication(&m),
                 Action::ToClient { msg, .. } => match Msg::decode(&msg).unwrap() {
-                    Msg::Reply { client, seq, body } => {
+                    Msg::Reply {
+                        client, seq, body, ..
+                    } => {
                         assert_eq!(client, 7, "every request here is client 7's");
                         replies.push((seq, body))
                     }
@@ -133,6 +135,7 @@ fn a_synchronous_reply_waits_for_the_backup_and_a_resend_is_answered_from_the_re
             Msg::decode(&msg).unwrap(),
             Msg::Reply {
                 client: 7,
+                session: 0,
                 seq: 1,
                 body: replies[0].1.clone()
             }
@@ -151,6 +154,7 @@ fn a_request_ahead_of_an_unanswered_one_is_sent_back_not_applied() {
                 Msg::decode(&msg).unwrap(),
                 Msg::OutOfOrder {
                     client: 7,
+                    session: 0,
                     expected: 1
                 }
             )
