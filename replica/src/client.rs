@@ -64,9 +64,10 @@ impl Client {
         self.id
     }
 
-    /// This run's session nonce (default 0). A client process that may restart under the same
-    /// id picks a new one at each start (a random number, the start time): the servers then
-    /// start it afresh at sequence 1 instead of answering from the previous run's records.
+    /// This run's session number (default 0). A client process that may restart under the same
+    /// id takes a larger one at each start (its start time, say): the servers then start it
+    /// afresh at sequence 1 instead of answering from the previous run's records, and refuse
+    /// what an earlier (smaller) session still sends.
     pub fn with_session(mut self, session: u64) -> Client {
         self.session = session;
         self

@@ -465,9 +465,8 @@ impl TcpClient {
             reply_timeout: Duration::from_millis(100),
             heard_at: Instant::now(),
             timeouts: 0,
-            // Each run of a client process is a new session (see `Client::with_session`).
-            client: Client::new(id, servers.len(), 0)
-                .with_session(wall_clock_ns() ^ u64::from(std::process::id()) << 32),
+            // Each run of a client process is a new, later session (see `Client::with_session`).
+            client: Client::new(id, servers.len(), 0).with_session(wall_clock_ns()),
             servers,
             conn: None,
             retry_at: Instant::now(),

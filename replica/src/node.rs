@@ -177,6 +177,7 @@ pub struct StateTooLarge(pub usize);
 pub struct Journaled {
     pub index: u64,
     pub client: u64,
+    pub session: u64,
     pub seq: u64,
     pub recorded: Vec<Recorded>,
     pub body: Vec<u8>,
@@ -349,11 +350,12 @@ impl<S: Service, E: External> Node<S, E> {
         }
         let next_seq = match self.sessions.get(&req.client) {
             Some(s) if s.session == req.session => s.next_seq,
-            // A new run of the client (or its first): it starts at 1, and the old run's
-            // records are dropped when its first request is applied.
-            Some(_) if req.seq != 1 => {
+            // An earlier run's request (still on its way when the client restarted).
+            Some(s) if req.session < s.session => {
                 return self.refuse_request(&req, RefusedRequest::StaleSession);
             }
+            // A later run of the client (or its first): it starts at 1, and the earlier run's
+            // records are dropped when its first request is applied.
             _ => 1,
         };
         if req.seq < next_seq {
@@ -487,6 +489,7 @@ impl<S: Service, E: External> Node<S, E> {
             j.push(Journaled {
                 index: entry.index,
                 client: entry.client,
+                session: entry.session,
                 seq: entry.seq,
                 recorded: entry.recorded.clone(),
                 body: entry.body.clone(),

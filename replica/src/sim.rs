@@ -14,7 +14,9 @@
 //! - rail faults on the replication connection (carrier loss, black hole, corruption);
 //! - a partition: every rail of the replication connection cut while both replicas live. The
 //!   backup takes over, the old primary stalls and is fenced (stopped) 5 ms later;
-//! - client resend storms.
+//! - client resend storms;
+//! - client restarts: a new session under the same id (what the old run had unanswered is
+//!   abandoned; replies to it that reach the new run are not taken).
 //!
 //! At the end, [`run`] checks that every request of every client was answered exactly once with
 //! the reply the log gives it, that no request was applied twice, that a fresh service replaying
@@ -31,7 +33,7 @@ use railover::{Config, SendError};
 use railover_rdma::LinkParams;
 use railover_segq::Backing;
 
-use crate::client::{Client, ClientEvent};
+use crate::client::{Client, ClientError, ClientEvent};
 use crate::matching::{OrderBook, OrderRequest, RiskLimits, Side};
 use crate::node::{
     Action, BackupLoss, Journaled, Node, NodeConfig, NodeEvent, ReplicationMode, Role,
@@ -57,6 +59,9 @@ pub struct SimConfig {
     pub backup_crashes: bool,
     pub rail_faults: bool,
     pub storms: bool,
+    /// Restart client processes: a new session under the same id (what the old run had
+    /// unanswered is abandoned, and never answered to the new run).
+    pub client_restarts: bool,
     /// Cut every rail of the replication connection while both replicas live (only with
     /// [`ReplicationMode::Sync`]): the backup promotes itself, the old primary stalls and is
     /// fenced (stopped) a little later, as an operator or a fencing agent would.
@@ -75,6 +80,7 @@ impl Default for SimConfig {
             backup_crashes: true,
             rail_faults: true,
             storms: true,
+            client_restarts: true,
             partitions: true,
         }
     }
@@ -114,6 +120,9 @@ pub struct Report {
     /// Old primaries stopped after a partition made the backup take over.
     pub fenced: u64,
     pub storms: u64,
+    pub client_restarts: u64,
+    /// Replies of an earlier run of a client that reached its new run (and were not taken).
+    pub other_run_replies: u64,
     /// Longest time from a primary crash to the first reply from the promoted backup.
     pub takeover_ns: u64,
     pub virtual_ns: u64,
@@ -193,6 +202,9 @@ enum Fault {
         client: usize,
     },
     Partition,
+    ClientRestart {
+        client: usize,
+    },
 }
 
 struct ClientHost {
@@ -204,6 +216,10 @@ struct ClientHost {
     /// First reply per sequence number.
     replies: BTreeMap<u64, Vec<u8>>,
     last_progress: u64,
+    /// This run's session nonce.
+    session: u64,
+    /// Earlier runs of this client: (session, first reply per sequence number).
+    earlier_runs: Vec<(u64, BTreeMap<u64, Vec<u8>>)>,
 }
 
 struct World {
@@ -225,7 +241,7 @@ struct World {
     report: Report,
     risk: SharedRisk,
     /// Every reply delivered to a client: (client id, seq, body).
-    all_replies: Vec<(u64, u64, Vec<u8>)>,
+    all_replies: Vec<(u64, u64, u64, Vec<u8>)>,
     /// Broken invariants seen on the way (a run fails with the first).
     errors: Vec<String>,
 }
@@ -306,6 +322,8 @@ impl World {
                 next_send_at: 0,
                 replies: BTreeMap::new(),
                 last_progress: 0,
+                session: 0,
+                earlier_runs: Vec::new(),
             })
             .collect();
         let mut faults = Vec::new();
@@ -349,6 +367,10 @@ impl World {
                 let client = (rng.next_u64() % cfg.clients as u64) as usize;
                 faults.push((t, Fault::Storm { client }));
             }
+        }
+        if cfg.client_restarts && rng.next_u64() % 4 == 0 {
+            let client = (rng.next_u64() % cfg.clients as u64) as usize;
+            faults.push((at(&mut rng), Fault::ClientRestart { client }));
         }
         if cfg.partitions && cfg.mode == ReplicationMode::Sync && rng.next_u64() % 4 == 0 {
             faults.push((at(&mut rng), Fault::Partition));
@@ -709,12 +731,12 @@ impl World {
         // from a server it has left), is checked against the log at the end.
         if let Ok(Msg::Reply {
             client: id,
+            session,
             seq,
             body,
-            ..
         }) = Msg::decode(bytes)
         {
-            self.all_replies.push((id, seq, body));
+            self.all_replies.push((id, session, seq, body));
         }
         let c = &mut self.clients[client];
         match c.client.on_message(slot, bytes) {
@@ -742,6 +764,11 @@ impl World {
                 self.retry_later(client);
             }
             Ok(None) => {}
+            // A reply to an earlier run of this client (released after it restarted): the
+            // client does not take it.
+            Err(ClientError::OtherClient { client: id, .. }) if id == client as u64 + 1 => {
+                self.report.other_run_replies += 1;
+            }
             Err(e) => panic!("client {client} got a bad message: {e}"),
         }
         self.send_client_outbox(client);
@@ -873,6 +900,18 @@ impl World {
                     if std::env::var_os("RAILOVER_REPLICA_TRACE").is_some() {
                         eprintln!("{} us: partition", self.now / US);
                     }
+                }
+                Fault::ClientRestart { client } => {
+                    self.faults.pop();
+                    self.report.client_restarts += 1;
+                    let c = &mut self.clients[client];
+                    let session = c.session + 1 + self.rng.next_u64() % 1000; // later runs: larger
+                    let replies = std::mem::take(&mut c.replies);
+                    c.earlier_runs.push((c.session, replies));
+                    c.session = session;
+                    c.client = Client::new(client as u64 + 1, 2, 0).with_session(session);
+                    c.sent = 0;
+                    c.last_progress = self.now;
                 }
                 Fault::Storm { client } => {
                     self.faults.pop();
@@ -1151,22 +1190,41 @@ impl World {
             if e.index != i as u64 + 1 {
                 return Err(format!("log position {i} holds entry {}", e.index));
             }
-            if let Some(first) = seen.insert((e.client, e.seq), e.index) {
+            if let Some(first) = seen.insert((e.client, e.session, e.seq), e.index) {
                 return Err(format!(
-                    "request {}/{} applied twice: entries {first} and {}",
-                    e.client, e.seq, e.index
+                    "request {}/{}/{} applied twice: entries {first} and {}",
+                    e.client, e.session, e.seq, e.index
                 ));
             }
         }
         // Every client got one reply per request, the one the log gives it.
         for (i, c) in self.clients.iter().enumerate() {
             let client = i as u64 + 1;
+            // Every reply an earlier run got is the log's (what it had unanswered when it
+            // restarted may or may not have been applied: once at most).
+            for (session, replies) in &c.earlier_runs {
+                if replies.keys().any(|s| s & (1 << 63) != 0) {
+                    return Err(format!(
+                        "client {client} (earlier run): a second reply differs"
+                    ));
+                }
+                for (seq, got) in replies {
+                    let idx = seen.get(&(client, *session, *seq)).ok_or(format!(
+                        "client {client} (earlier run) request {seq} answered but not in the log"
+                    ))?;
+                    if &log[*idx as usize - 1].reply != got {
+                        return Err(format!(
+                            "client {client} (earlier run) request {seq}: reply differs"
+                        ));
+                    }
+                }
+            }
             for seq in 1..=self.cfg.requests_per_client as u64 {
                 let got = c
                     .replies
                     .get(&seq)
                     .ok_or(format!("client {client} request {seq} never answered"))?;
-                let idx = seen.get(&(client, seq)).ok_or(format!(
+                let idx = seen.get(&(client, c.session, seq)).ok_or(format!(
                     "client {client} request {seq} answered but not in the log"
                 ))?;
                 if &log[*idx as usize - 1].reply != got {
@@ -1183,8 +1241,8 @@ impl World {
             }
         }
         // Every reply any client received, from any server, is the log's.
-        for (client, seq, body) in &self.all_replies {
-            let idx = seen.get(&(*client, *seq)).ok_or(format!(
+        for (client, session, seq, body) in &self.all_replies {
+            let idx = seen.get(&(*client, *session, *seq)).ok_or(format!(
                 "client {client} got a reply to {seq}, which is not in the log"
             ))?;
             if &log[*idx as usize - 1].reply != body {

@@ -15,9 +15,9 @@ pub const MAX_SNAPSHOT: u32 = 1 << 30;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub client: u64,
-    /// Which run of the client process this is (a nonce it picks at start): a restarted client
-    /// with the same id starts a new session at sequence 1 instead of being answered from the
-    /// old session's records.
+    /// Which run of the client process this is (larger for each later run: its start time, say):
+    /// a restarted client with the same id starts a new session at sequence 1 instead of being
+    /// answered from the old session's records.
     pub session: u64,
     pub seq: u64,
     /// Every request of this client below this sequence number has been answered: the servers
@@ -115,7 +115,7 @@ pub enum RefusedRequest {
     BadSequence,
     /// The client id is in use on another live connection.
     ClientIdInUse,
-    /// A request of a session that is not the client's current one (past sequence 1).
+    /// A request of an earlier run of the client than the servers' current one.
     StaleSession,
 }
 

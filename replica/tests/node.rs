@@ -533,8 +533,9 @@ fn a_restarted_client_starts_a_new_session_and_is_never_answered_from_the_old_on
     assert_eq!(new.len(), 1);
     assert_ne!(new[0].1, old[0].1);
     assert_eq!(p.applied(), 3);
-    // A late request of the old run is refused, never applied.
+    // A late request of the old run is refused, never applied, even its first.
     p.on_client(&req(100, 3, b"late"), 0);
+    p.on_client(&req(100, 1, b"late"), 0);
     match p.pop_action() {
         Some(Action::ToClient { msg, .. }) => assert!(matches!(
             Msg::decode(&msg).unwrap(),
@@ -545,6 +546,7 @@ fn a_restarted_client_starts_a_new_session_and_is_never_answered_from_the_old_on
         )),
         a => panic!("{a:?}"),
     }
+    assert!(matches!(p.pop_action(), Some(Action::ToClient { .. })));
     assert_eq!(p.applied(), 3);
     assert_eq!(p.encode_state(), b.encode_state());
 }

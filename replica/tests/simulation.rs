@@ -50,7 +50,8 @@ fn every_request_is_answered_exactly_once_through_crashes_joins_and_rail_faults(
     println!(
         "{} seeds: {} requests, {} log entries; primary crashes {:?}; backup crashes {}; \
          promotions {}; joins {}; rail faults {} (railover failovers {}); partitions {} (old \
-         primaries fenced {}); storms {}; \
+         primaries fenced {}); storms {}; client restarts {} (replies to an earlier run refused by \
+         the new one: {}); \
          duplicate replies {}; redirects {}; client timeouts {}; longest takeover {:.1} ms",
         reports.len(),
         sum(|r| r.requests),
@@ -64,6 +65,8 @@ fn every_request_is_answered_exactly_once_through_crashes_joins_and_rail_faults(
         sum(|r| r.partitions),
         sum(|r| r.fenced),
         sum(|r| r.storms),
+        sum(|r| r.client_restarts),
+        sum(|r| r.other_run_replies),
         sum(|r| r.duplicate_replies),
         sum(|r| r.redirects),
         sum(|r| r.client_timeouts),
@@ -87,6 +90,7 @@ fn every_request_is_answered_exactly_once_through_crashes_joins_and_rail_faults(
             ("partitions", sum(|r| r.partitions)),
             ("fenced old primaries", sum(|r| r.fenced)),
             ("storms", sum(|r| r.storms)),
+            ("client restarts", sum(|r| r.client_restarts)),
             ("duplicate replies", sum(|r| r.duplicate_replies)),
         ] {
             assert!(n > 0, "no {what}");
