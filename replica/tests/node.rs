@@ -2,7 +2,7 @@
 //! synchronous holding, what happens on a backup's loss, the verification engine, and a buggy or
 //! hostile peer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
 
 use railover_replica::node::{
     Action, BackupLoss, DivergenceKind, Node, NodeConfig, NodeEvent, PromoteError, RefusedWhy,
@@ -203,15 +203,21 @@ fn losing_the_backup_stalls_or_continues_as_configured() {
     }
 }
 
-static OUTSIDE: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// State outside the service (per test thread: tests run in parallel).
+    static OUTSIDE: Cell<u64> = const { Cell::new(0) };
+}
+
+fn set_outside(n: u64) {
+    OUTSIDE.with(|c| c.set(n));
+}
 
 /// Reads a counter outside its context: not deterministic.
 struct Leaky;
 
 impl Service for Leaky {
     fn apply(&mut self, ctx: &mut Ctx<'_>, _client: u64, _request: &[u8]) -> Vec<u8> {
-        // Relaxed: a plain counter, nothing published through it.
-        let n = OUTSIDE.fetch_add(1, Ordering::Relaxed);
+        let n = OUTSIDE.with(|c| c.replace(c.get() + 1));
         if n % 2 == 0 {
             ctx.now(); // the primary (even call) asks for the time, the backup does not
         }
@@ -225,19 +231,20 @@ impl Service for Leaky {
     }
 }
 
-#[test]
-fn the_verification_engine_reports_a_service_that_is_not_deterministic() {
-    let mut p = Node::primary(
-        cfg(ReplicationMode::Sync, BackupLoss::Stall),
-        Leaky,
-        NoExternal,
-        1,
-    );
-    let mut b =
-        Node::<Leaky, _>::joining(cfg(ReplicationMode::Sync, BackupLoss::Stall), NoExternal, 2);
+/// A synced primary and backup of the [`Leaky`] service.
+fn leaky_pair() -> (Node<Leaky, NoExternal>, Node<Leaky, NoExternal>) {
+    let c = cfg(ReplicationMode::Sync, BackupLoss::Stall);
+    let mut p = Node::primary(c, Leaky, NoExternal, 1);
+    let mut b = Node::<Leaky, _>::joining(c, NoExternal, 2);
     p.attach_backup().unwrap();
     exchange(&mut p, &mut b);
-    OUTSIDE.store(0, Ordering::Relaxed);
+    (p, b)
+}
+
+#[test]
+fn the_verification_engine_reports_a_service_that_is_not_deterministic() {
+    let (mut p, mut b) = leaky_pair();
+    set_outside(0);
     p.on_client(&request(1, 1, b""), 5); // primary: n = 0, asks for the time
     exchange(&mut p, &mut b); // backup: n = 1, does not
     match b.poll_event() {
@@ -258,9 +265,9 @@ fn the_verification_engine_reports_a_service_that_is_not_deterministic() {
         b.poll_event(),
         Some(NodeEvent::Divergence { index: 2, .. })
     ));
-    OUTSIDE.store(1, Ordering::Relaxed); // now neither asks, but the replies differ
+    set_outside(1); // now neither asks, but the replies differ
     p.on_client(&request(1, 3, b""), 5);
-    OUTSIDE.store(3, Ordering::Relaxed);
+    set_outside(3);
     exchange(&mut p, &mut b);
     assert!(matches!(
         b.poll_event(),
@@ -413,19 +420,10 @@ fn requests_it_cannot_take_are_refused_with_a_reason_and_never_applied() {
 
 #[test]
 fn a_diverged_backup_acknowledges_nothing_more_and_cannot_take_over() {
-    let mut p = Node::primary(
-        cfg(ReplicationMode::Sync, BackupLoss::Stall),
-        Leaky,
-        NoExternal,
-        1,
-    );
-    let mut b =
-        Node::<Leaky, _>::joining(cfg(ReplicationMode::Sync, BackupLoss::Stall), NoExternal, 2);
-    p.attach_backup().unwrap();
-    exchange(&mut p, &mut b);
-    OUTSIDE.store(1, Ordering::Relaxed);
+    let (mut p, mut b) = leaky_pair();
+    set_outside(1);
     p.on_client(&request(1, 1, b""), 5);
-    OUTSIDE.store(3, Ordering::Relaxed);
+    set_outside(3);
     let released = exchange(&mut p, &mut b);
     assert!(b.diverged());
     assert!(
