@@ -871,13 +871,6 @@ impl Drop for Replica {
     }
 }
 
-/// Wall-clock nanoseconds (the replica processes stamp their events with the same clock).
-fn wall_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 fn replica_line(r: &Value, what: &str) -> String {
     format!(
         "replica, {what}: answered {}, lost {}, order ids skipped or repeated {}, duplicate \
@@ -970,7 +963,8 @@ fn a_killed_primary_is_replaced_by_its_backup_and_every_order_is_answered_once()
     // In synchronous mode no reply leaves the primary before the backup acknowledged it:
     // 1,000 answered orders prove the backup follows.
     client.wait_for("answered 1000", Duration::from_secs(120));
-    let killed_ns = wall_ns();
+    // The clock the replica processes stamp their events and replies with.
+    let killed_ns = railover_replica::net::wall_clock_ns();
     primary.kill();
     let r = client.report(Duration::from_secs(180));
     let promoted = backup.wait_for("promoted", Duration::from_secs(30));

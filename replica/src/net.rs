@@ -261,21 +261,23 @@ impl<S: Service, E: External, N: Nic, C: Clock> Server<S, E, N, C> {
             let (node, route, clients_alive) = (&mut self.node, &mut self.route, &self.alive);
             let mut taken = Vec::new();
             let read = conn.read_frames(|frame| {
-                if let Ok(Msg::Request(r)) = Msg::decode(frame) {
-                    // A client id belongs to one live connection: its replies go there only.
-                    match route.get(&r.client) {
-                        Some(&j) if j != i && clients_alive.get(j) == Some(&true) => {
-                            taken.push(r);
-                            return;
-                        }
-                        _ => {
-                            route.insert(r.client, i);
-                        }
+                // Decoded once, here: the node takes the request as it is.
+                let Ok(Msg::Request(r)) = Msg::decode(frame) else {
+                    return node.on_client(frame, 0); // refused by the node, with its reason
+                };
+                // A client id belongs to one live connection: its replies go there only.
+                match route.get(&r.client) {
+                    Some(&j) if j != i && clients_alive.get(j) == Some(&true) => {
+                        taken.push(r);
+                        return;
+                    }
+                    _ => {
+                        route.insert(r.client, i);
                     }
                 }
                 // The clock is read once a request is there (where it is no vDSO call, as
                 // under emulation, it is a system call).
-                node.on_client(frame, *now.get_or_insert_with(wall_clock_ns));
+                node.on_request(r, *now.get_or_insert_with(wall_clock_ns));
             });
             for r in taken {
                 let msg = Msg::Refused {

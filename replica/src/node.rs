@@ -335,11 +335,16 @@ impl<S: Service, E: External> Node<S, E> {
 
     /// A message from a client, at `now` (the primary's clock: what [`Ctx::now`] returns).
     pub fn on_client(&mut self, bytes: &[u8], now: u64) {
-        let req = match Msg::decode(bytes) {
-            Ok(Msg::Request(r)) => r,
-            Ok(_) => return self.refuse(Peer::Client, RefusedWhy::Unexpected),
-            Err(e) => return self.refuse(Peer::Client, RefusedWhy::Decode(e)),
-        };
+        match Msg::decode(bytes) {
+            Ok(Msg::Request(r)) => self.on_request(r, now),
+            Ok(_) => self.refuse(Peer::Client, RefusedWhy::Unexpected),
+            Err(e) => self.refuse(Peer::Client, RefusedWhy::Decode(e)),
+        }
+    }
+
+    /// A client's request, already decoded (a driver that looked at it first: see
+    /// [`Node::on_client`]).
+    pub fn on_request(&mut self, req: Request, now: u64) {
         if self.role != Role::Primary {
             return self.send_client(req.client, Msg::NotPrimary);
         }
@@ -450,10 +455,14 @@ impl<S: Service, E: External> Node<S, E> {
             digest,
             body: req.body,
         };
+        // Encoded in place (no copy of the entry), then taken back to be recorded.
+        let msg = Msg::Entry(entry);
         if self.backup != BackupState::None {
-            self.actions
-                .push_back(Action::ToBackup(Msg::Entry(entry.clone()).encode()));
+            self.actions.push_back(Action::ToBackup(msg.encode()));
         }
+        let Msg::Entry(entry) = msg else {
+            unreachable!("built as an entry")
+        };
         self.record(&entry, reply);
         if self.replies_wait() {
             self.held.push_back((index, entry.client, entry.seq));
