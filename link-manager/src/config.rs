@@ -23,6 +23,37 @@ pub enum ConfigError {
     MaxWrite(usize),
     #[error("session timeout {session_ns} ns must exceed the heartbeat timeout {heartbeat_ns} ns")]
     SessionTimeout { session_ns: u64, heartbeat_ns: u64 },
+    #[error("gray-failure switch: the window must be > 0 and the hold-down at least the window")]
+    GraySwitch,
+}
+
+/// How a connection uses its rails (see the README's "Rail modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RailMode {
+    /// One rail carries the stream; the others are connected, heart-beating standbys. A fault
+    /// costs a blackout: detection, then a resend of what was not acknowledged.
+    #[default]
+    ActiveStandby,
+    /// Every record is written on every live rail; the receiver delivers the first copy and
+    /// drops the others by sequence number. A fault on one rail costs no blackout; the price is
+    /// the wire traffic times the number of rails (reported in the stats).
+    HotHot,
+}
+
+/// Proactive switching away from a rail that degrades before it fails (gray failure), judged by
+/// each rail's write-completion latency (a moving average over its signaled writes: data and
+/// heartbeats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraySwitch {
+    /// The active rail counts as degraded while its latency exceeds the best standby's by more
+    /// than this. Set it above the queueing delay a loaded rail shows (tens of microseconds on
+    /// hardware; milliseconds on SoftRoCE).
+    pub margin_ns: u64,
+    /// How long the active rail must stay degraded before the switch (evaluated each heartbeat).
+    pub window_ns: u64,
+    /// A rail left for being degraded is not chosen by a later switch for this long (a failover
+    /// still takes it if nothing else is left).
+    pub hold_down_ns: u64,
 }
 
 /// Connection configuration. Build it with [`Config::builder`].
@@ -41,6 +72,8 @@ pub struct Config {
     pub(crate) close_linger_ns: u64,
     pub(crate) rearm_exchange_timeout_ns: u64,
     pub(crate) backing: Backing,
+    pub(crate) mode: RailMode,
+    pub(crate) gray: Option<GraySwitch>,
 }
 
 impl Config {
@@ -77,6 +110,14 @@ impl Config {
     pub fn rearm_exchange_timeout_ns(&self) -> u64 {
         self.rearm_exchange_timeout_ns
     }
+    /// How the rails carry the stream.
+    pub fn rail_mode(&self) -> RailMode {
+        self.mode
+    }
+    /// The gray-failure switch, if enabled.
+    pub fn gray_switch(&self) -> Option<GraySwitch> {
+        self.gray
+    }
     /// How long silence lasts before the heartbeat declares a rail dead.
     pub fn heartbeat_timeout_ns(&self) -> u64 {
         self.heartbeat_interval_ns * self.heartbeat_misses as u64
@@ -100,6 +141,8 @@ pub struct ConfigBuilder {
     close_linger_ns: u64,
     rearm_exchange_timeout_ns: u64,
     backing: Backing,
+    mode: RailMode,
+    gray: Option<GraySwitch>,
 }
 
 impl Default for ConfigBuilder {
@@ -119,6 +162,8 @@ impl Default for ConfigBuilder {
             close_linger_ns: 1_000_000_000,
             rearm_exchange_timeout_ns: crate::rearm::EXCHANGE_TIMEOUT_NS,
             backing: Backing::Anonymous,
+            mode: RailMode::ActiveStandby,
+            gray: None,
         }
     }
 }
@@ -196,6 +241,17 @@ impl ConfigBuilder {
         self.backing = b;
         self
     }
+    /// How this side's stream uses the rails (default [`RailMode::ActiveStandby`]). A sender's
+    /// choice: the receiver takes either.
+    pub fn rail_mode(mut self, mode: RailMode) -> Self {
+        self.mode = mode;
+        self
+    }
+    /// Switch away from a degrading active rail before it fails (default off).
+    pub fn gray_switch(mut self, gray: GraySwitch) -> Self {
+        self.gray = Some(gray);
+        self
+    }
 
     pub fn build(self) -> Result<Config, ConfigError> {
         let geometry = Geometry::new(self.segment_size, self.segment_count, self.max_record)?;
@@ -221,6 +277,11 @@ impl ConfigBuilder {
                 heartbeat_ns,
             });
         }
+        if let Some(g) = self.gray {
+            if g.window_ns == 0 || g.hold_down_ns < g.window_ns {
+                return Err(ConfigError::GraySwitch);
+            }
+        }
         Ok(Config {
             geometry,
             rails: self.rails,
@@ -235,6 +296,8 @@ impl ConfigBuilder {
             close_linger_ns: self.close_linger_ns,
             rearm_exchange_timeout_ns: self.rearm_exchange_timeout_ns,
             backing: self.backing,
+            mode: self.mode,
+            gray: self.gray,
         })
     }
 }
@@ -285,5 +348,24 @@ mod tests {
                 heartbeat_ns: 3_000_000
             })
         ));
+        let gray = GraySwitch {
+            margin_ns: 1_000,
+            window_ns: 0,
+            hold_down_ns: 0,
+        };
+        assert_eq!(
+            Config::builder().gray_switch(gray).build(),
+            Err(ConfigError::GraySwitch)
+        );
+        let gray = GraySwitch {
+            window_ns: 5_000_000,
+            hold_down_ns: 1_000_000,
+            ..gray
+        };
+        assert_eq!(
+            Config::builder().gray_switch(gray).build(),
+            Err(ConfigError::GraySwitch),
+            "a hold-down shorter than the window lets a flapping rail back at once"
+        );
     }
 }

@@ -16,8 +16,11 @@ use railover_segq::{
     StreamCursor, NOTIFY_BITS,
 };
 
-use crate::config::{Config, MAX_RAILS};
-use crate::ctrl::{CtrlBlock, CTRL_CRC_OFFSET, CTRL_LEN, STATUS_CLOSED, STATUS_ENDED, STATUS_LIVE};
+use crate::config::{Config, RailMode, MAX_RAILS};
+use crate::ctrl::{
+    CtrlBlock, CTRL_CRC_OFFSET, CTRL_LEN, STATUS_ACK_NOW, STATUS_CLOSED, STATUS_ENDED, STATUS_LIVE,
+    STATUS_MASK,
+};
 
 /// Virtual or real time in nanoseconds, from the driver's clock.
 pub type Nanos = u64;
@@ -155,6 +158,33 @@ pub enum Event {
     RearmChannelRestored { at: Nanos },
     /// The session is over (for every reason; [`Event::AllRailsDown`] also comes for that one).
     Ended { reason: EndReason, at: Nanos },
+    /// A planned switch of the active rail while both rails work (no failure): `from` stays a
+    /// standby. What `from` had posted was delivered first (it stopped posting until the peer
+    /// said so); `records` moved to `to`, of which `resent` had been posted on `from` already
+    /// (0 unless the drain outlasted its deadline).
+    Switched {
+        from: usize,
+        to: usize,
+        reason: SwitchReason,
+        records: usize,
+        resent: usize,
+        at: Nanos,
+    },
+    /// A planned switch was given up: its target failed during the drain (the active rail stays
+    /// active).
+    SwitchAbandoned { from: usize, to: usize, at: Nanos },
+}
+
+/// Why a planned switch happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SwitchReason {
+    /// The active rail's write-completion latency exceeded the standby's by more than the
+    /// configured margin for the configured window (gray failure).
+    Degraded {
+        active_latency_ns: Nanos,
+        standby_latency_ns: Nanos,
+    },
 }
 
 /// Which registered buffer of a rail an [`Io::Write`] reads or targets.
@@ -234,6 +264,15 @@ pub struct Stats {
     pub control_writes: u64,
     /// Write completions handled (writes are signaled selectively: see [`SIGNAL_EVERY`]).
     pub write_completions: u64,
+    /// Bytes of the data writes (records and padding, every rail): the wire cost of the stream.
+    pub data_bytes: u64,
+    /// Data writes posted on standbys (hot-hot copies; padding after a planned switch).
+    pub standby_writes: u64,
+    /// Planned switches of the active rail (gray failure), and ones abandoned.
+    pub planned_switches: u64,
+    pub abandoned_switches: u64,
+    /// Per rail: the moving average of its write-completion latency (0: no sample yet).
+    pub rail_latency_ns: [Nanos; MAX_RAILS],
 }
 
 const KIND_DATA: u64 = 1;
@@ -326,6 +365,27 @@ struct Rail {
     /// The peer's control block as last processed: an unchanged block is not decoded again
     /// (processing it is idempotent; the crc alone was a quarter of a round trip's work).
     ctrl_seen: [u64; 7],
+    /// When each signaled write outstanding was posted, oldest first (RC completes in order):
+    /// a completion's latency is a health sample (capacity for a full send queue, so never
+    /// reallocated).
+    signaled_at: VecDeque<Nanos>,
+    /// Moving average (1/8 weight) of the write-completion latency; 0 until the first sample.
+    latency_ns: Nanos,
+    /// A planned switch left this rail: no later one chooses it before this time.
+    avoid_until: Nanos,
+    /// This side drains the rail (a planned switch) and asks the peer to acknowledge at once.
+    ack_request: bool,
+    /// The peer drains its stream on this rail: acknowledge each consumption at once.
+    peer_wants_ack: bool,
+}
+
+/// A planned switch under way: the active rail posts nothing new until the peer delivered what
+/// it posted (then the rest moves to `to` and nothing is sent twice).
+#[derive(Debug, Clone, Copy)]
+struct Switch {
+    to: usize,
+    reason: SwitchReason,
+    deadline: Nanos,
 }
 
 /// The heartbeat number's low bits, placed above the position bits of a data write's immediate.
@@ -370,6 +430,28 @@ impl Rail {
     /// Whether a control block is due on this rail and a work request is free for it.
     fn ctrl_postable(&self, max_wr: u32) -> bool {
         self.state != RailState::Failed && self.ctrl_due && self.outstanding < max_wr
+    }
+
+    /// The rail's write latency now: the moving average, or the age of the oldest signaled write
+    /// still outstanding if that is longer (a stalled rail shows before its writes complete).
+    fn current_latency(&self, now: Nanos) -> Nanos {
+        let waiting = self
+            .signaled_at
+            .front()
+            .map_or(0, |posted| now.saturating_sub(*posted));
+        self.latency_ns.max(waiting)
+    }
+
+    /// A write completed successfully: the oldest signaled one (the rest it covers had none).
+    fn completion_latency(&mut self, now: Nanos) {
+        if let Some(posted) = self.signaled_at.pop_front() {
+            let sample = now.saturating_sub(posted).max(1);
+            self.latency_ns = if self.latency_ns == 0 {
+                sample
+            } else {
+                self.latency_ns - self.latency_ns / 8 + sample / 8
+            };
+        }
     }
 }
 
@@ -439,6 +521,13 @@ pub struct Core {
     peer_delivered: u64,
     /// When handle_timeout last ran (to tell our own stalls from the peer's silence).
     last_tick: Nanos,
+    /// A standby lane may have records to post (hot-hot copies, or padding after a planned
+    /// switch): [`Core::poll_io`]'s fast path must not skip it.
+    standby_due: bool,
+    /// Since when the active rail has been degraded against a standby (gray switch).
+    degraded_since: Option<Nanos>,
+    /// A planned switch draining the active rail.
+    switching: Option<Switch>,
 }
 
 impl Core {
@@ -483,6 +572,11 @@ impl Core {
                 notified: 0,
                 reported_notified: 0,
                 ctrl_seen: [0; 7],
+                signaled_at: VecDeque::with_capacity(cfg.link.max_send_wr as usize + 1),
+                latency_ns: 0,
+                avoid_until: 0,
+                ack_request: false,
+                peer_wants_ack: false,
             });
         }
         let lanes = railover_segq::lanes(queues, 0);
@@ -511,6 +605,9 @@ impl Core {
             blackout_from: None,
             peer_delivered: 0,
             last_tick: now,
+            standby_due: false,
+            degraded_since: None,
+            switching: None,
         };
         core.refresh_rail_stats();
         Ok(core)
@@ -659,7 +756,20 @@ impl Core {
         s.sent = self.last_sent_seq();
         s.delivered = self.cursor.delivered;
         s.duplicates_discarded = self.cursor.duplicates;
+        for (i, r) in self.rails.iter().enumerate() {
+            s.rail_latency_ns[i] = r.latency_ns;
+        }
         s
+    }
+
+    /// The moving average of `rail`'s write-completion latency (0: no sample yet).
+    pub fn rail_latency_ns(&self, rail: usize) -> Nanos {
+        self.rails[rail].latency_ns
+    }
+
+    /// Whether a planned switch is draining the active rail right now.
+    pub fn is_switching(&self) -> bool {
+        self.switching.is_some()
     }
 
     /// Highest sequence number the peer is known to have delivered.
@@ -795,6 +905,7 @@ impl Core {
             // them while it carries data: then the threshold does).
             if pos != rail.reported_consumed
                 && (rail.reported_consumed == 0
+                    || rail.peer_wants_ack
                     || pos - rail.reported_consumed >= self.cfg.ack_every_bytes)
             {
                 rail.ctrl_due = true;
@@ -802,6 +913,13 @@ impl Core {
             more |= rail.state != RailState::Failed && rail.rx.has_arrived();
         }
         self.maybe_arrived = more;
+        if total > 0 {
+            // The peer drains a rail for a planned switch: every rail it asked on says at once
+            // what was delivered (the fastest one ends its wait).
+            for rail in self.rails.iter_mut().filter(|r| r.peer_wants_ack) {
+                rail.ctrl_due = true;
+            }
+        }
         Ok(total)
     }
 
@@ -840,6 +958,7 @@ impl Core {
         if !self.rescan
             && self.io.is_empty()
             && self.ended.is_none()
+            && !self.standby_due
             && !self.lanes.poster_ref(self.active).has_pending()
         {
             return None;
@@ -878,16 +997,58 @@ impl Core {
         self.poll_ctrl()
     }
 
-    /// The next data write on the active rail, coalesced, if the application committed records
-    /// not yet posted. Two work requests stay free for control writes, and at most half the
-    /// peer's receive queue is in flight beyond what it reported processed.
+    /// The next data write, coalesced: on the active rail if the application committed records
+    /// not yet posted (unless a planned switch drains it), then on the standbys (hot-hot copies,
+    /// padding left by a planned switch).
     #[inline]
     fn poll_data(&mut self) -> Option<Io> {
+        if self.switching.is_none() {
+            if let Some(io) = self.post_lane(self.active) {
+                if self.cfg.mode == RailMode::HotHot {
+                    self.standby_due = true; // its copies go next
+                }
+                return Some(io);
+            }
+        }
+        // Hot-hot: the copies go even when the active rail can't post (a rail slow to complete
+        // holds its send queue full; the standby must not wait for it).
+        if self.standby_due || self.rescan || self.cfg.mode == RailMode::HotHot {
+            return self.poll_standbys();
+        }
+        None
+    }
+
+    /// The standbys' data writes: in hot-hot mode each first takes copies of the active lane's
+    /// new records.
+    fn poll_standbys(&mut self) -> Option<Io> {
+        self.standby_due = false;
+        let hot = self.cfg.mode == RailMode::HotHot;
+        for r in 0..self.rails.len() {
+            if r == self.active || self.rails[r].state != RailState::Standby {
+                continue;
+            }
+            if hot {
+                // A stalled copy (the standby's ring full) resumes when its acknowledgement
+                // arrives (a control block: that rescans).
+                let _ = self.lanes.shadow(r);
+            }
+            if let Some(io) = self.post_lane(r) {
+                self.standby_due = true;
+                return Some(io);
+            }
+        }
+        None
+    }
+
+    /// The next data write of lane `a`'s committed, unposted records on its rail. Two work
+    /// requests stay free for control writes, and at most half the peer's receive queue is in
+    /// flight beyond what it reported processed.
+    #[inline]
+    fn post_lane(&mut self, a: usize) -> Option<Io> {
         let max_wr = self.cfg.link.max_send_wr;
         let max_recv = self.cfg.link.max_recv_wr;
-        let a = self.active;
         let rail = &mut self.rails[a];
-        if rail.state == RailState::Active
+        if rail.state != RailState::Failed
             && rail.outstanding + 2 < max_wr
             && rail.imm_posted - rail.peer_notified < (max_recv / 2) as u64
         {
@@ -896,12 +1057,18 @@ impl Core {
                 rail.outstanding += 1;
                 rail.imm_posted += 1;
                 rail.beat_in_data = true;
-                self.beat_owed_at = None; // this write carries the current beat
+                if a == self.active {
+                    self.beat_owed_at = None; // this write carries the current beat
+                } else {
+                    self.stats.standby_writes += 1;
+                }
                 self.stats.data_writes += 1;
+                self.stats.data_bytes += range.len() as u64;
                 let id = wr_id(rail.generation, KIND_DATA, a);
                 let signaled =
                     rail.unsignaled + 1 >= SIGNAL_EVERY || rail.outstanding * 2 >= max_wr;
                 let wr_id = if signaled {
+                    rail.signaled_at.push_back(self.now);
                     covering(id, std::mem::take(&mut rail.unsignaled))
                 } else {
                     rail.unsignaled += 1;
@@ -937,17 +1104,19 @@ impl Core {
                 }
                 rail.reported_consumed = rail.rx.read_pos();
                 rail.reported_notified = rail.notified;
+                let ack_now = if rail.ack_request { STATUS_ACK_NOW } else { 0 };
                 CtrlBlock {
                     heartbeat: self.beat,
                     delivered_seq: delivered,
                     consumed_pos: rail.reported_consumed,
                     fault_gens,
                     notified: rail.notified,
-                    status: STATUS_LIVE,
+                    status: STATUS_LIVE | ack_now,
                 }
                 .store(&rail.ctrl_out);
                 rail.outstanding += 1;
                 self.stats.control_writes += 1;
+                rail.signaled_at.push_back(self.now);
                 let covered = std::mem::take(&mut rail.unsignaled);
                 return Some(ctrl_write(r, rail.generation, KIND_CTRL, covered));
             }
@@ -986,6 +1155,7 @@ impl Core {
             rail.outstanding += 1;
             self.bye_outstanding += 1;
             self.stats.control_writes += 1;
+            rail.signaled_at.push_back(self.now);
             let covered = std::mem::take(&mut rail.unsignaled);
             return Some(ctrl_write(r, rail.generation, KIND_BYE, covered));
         }
@@ -1072,6 +1242,8 @@ impl Core {
             self.next_heartbeat = self.now + self.cfg.heartbeat_interval_ns;
             self.rescan = true;
             self.check_liveness();
+            self.check_gray();
+            self.check_switch();
         } else if self.beat_owed_at.is_some_and(|t| self.now >= t) {
             // No data write carried the skipped beat in time: its block goes now.
             self.beat_owed_at = None;
@@ -1266,6 +1438,8 @@ impl Core {
                 }
                 if c.status != WcStatus::Success {
                     self.fail_rail(rail, FailReason::Completion(c.status));
+                } else {
+                    r.completion_latency(self.now);
                 }
             }
             CompletionKind::RecvImm { imm, .. } => {
@@ -1358,6 +1532,10 @@ impl Core {
         r.notified = 0;
         r.reported_notified = 0;
         r.ctrl_seen = [0; 7];
+        r.signaled_at.clear();
+        r.latency_ns = 0;
+        r.ack_request = false;
+        r.peer_wants_ack = false;
         self.rescan = true;
         tracing::info!(rail, generation = r.generation, "rail re-armed as standby");
         self.push_event(Event::RailUp { rail, at: now });
@@ -1501,7 +1679,12 @@ impl Core {
                 self.fail_rail(r, FailReason::Protocol);
                 continue;
             }
-            match c.status {
+            let wants_ack = c.status & STATUS_ACK_NOW != 0;
+            if wants_ack && !self.rails[r].peer_wants_ack {
+                self.rails[r].ctrl_due = true; // what is consumed already, at once
+            }
+            self.rails[r].peer_wants_ack = wants_ack;
+            match c.status & STATUS_MASK {
                 STATUS_LIVE => {}
                 STATUS_CLOSED => {
                     tracing::info!(rail = r, "peer closed the connection");
@@ -1524,6 +1707,7 @@ impl Core {
                 }
             }
         }
+        self.check_switch();
         if let Some((since, first_seq)) = self.blackout_from {
             if self.peer_delivered >= first_seq {
                 let blackout_ns = self.now.saturating_sub(since);
@@ -1534,6 +1718,167 @@ impl Core {
                     rail: self.active,
                     blackout_ns,
                 });
+            }
+        }
+    }
+
+    /// Gray failure: at a heartbeat tick, whether the active rail has been slower than the best
+    /// standby by more than the margin for the whole window; if so, a planned switch begins.
+    fn check_gray(&mut self) {
+        let Some(gray) = self.cfg.gray else { return };
+        if self.switching.is_some() || self.ended.is_some() || self.unresponsive_since.is_some() {
+            return;
+        }
+        let a = self.active;
+        let now = self.now;
+        let active_latency_ns = self.rails[a].current_latency(now);
+        let best = (0..self.rails.len())
+            .filter(|&i| {
+                let r = &self.rails[i];
+                i != a
+                    && r.state == RailState::Standby
+                    && r.peer_heartbeat != 0
+                    && r.latency_ns != 0
+                    && r.avoid_until <= now
+            })
+            .min_by_key(|&i| self.rails[i].current_latency(now));
+        match best {
+            Some(to)
+                if active_latency_ns
+                    > self.rails[to]
+                        .current_latency(now)
+                        .saturating_add(gray.margin_ns) =>
+            {
+                let since = *self.degraded_since.get_or_insert(now);
+                if now - since >= gray.window_ns {
+                    self.degraded_since = None;
+                    let reason = SwitchReason::Degraded {
+                        active_latency_ns,
+                        standby_latency_ns: self.rails[to].current_latency(now),
+                    };
+                    tracing::warn!(from = a, to, ?reason, "active rail degraded: switching");
+                    self.begin_switch(to, reason);
+                }
+            }
+            _ => self.degraded_since = None,
+        }
+    }
+
+    /// Starts a planned switch to `to`. Hot-hot: at once (the standby already holds the
+    /// stream). Otherwise the active rail stops posting and asks the peer to acknowledge at
+    /// once; [`Core::check_switch`] finishes when the peer delivered what it posted.
+    fn begin_switch(&mut self, to: usize, reason: SwitchReason) {
+        if self.cfg.mode == RailMode::HotHot {
+            self.finish_switch(to, reason);
+            return;
+        }
+        self.switching = Some(Switch {
+            to,
+            reason,
+            deadline: self.now + self.cfg.heartbeat_interval_ns,
+        });
+        // Asked on every live rail: the answer comes back on the fastest.
+        for rail in self
+            .rails
+            .iter_mut()
+            .filter(|r| r.state != RailState::Failed)
+        {
+            rail.ack_request = true;
+            rail.ctrl_due = true;
+        }
+        self.rescan = true;
+        self.check_switch();
+    }
+
+    /// Finishes a planned switch once the drain is done (or, past its deadline of a heartbeat
+    /// interval, with what is still unacknowledged sent again on the new rail: a rail this slow
+    /// is not waited for), or abandons it if the target failed.
+    fn check_switch(&mut self) {
+        let Some(sw) = self.switching else { return };
+        let a = self.active;
+        if self.ended.is_some() || self.rails[sw.to].state != RailState::Standby {
+            self.abandon_switch(sw);
+            return;
+        }
+        if self.peer_delivered >= self.lanes.poster_ref(a).last_posted_seq() {
+            self.finish_switch(sw.to, sw.reason);
+        } else if self.now >= sw.deadline {
+            tracing::warn!(
+                from = a,
+                to = sw.to,
+                "planned switch: drain not acknowledged in time; resending the rest"
+            );
+            self.finish_switch(sw.to, sw.reason);
+        }
+    }
+
+    /// The drain is over: the next blocks stop asking for immediate acknowledgements.
+    fn end_ack_requests(&mut self) {
+        for rail in &mut self.rails {
+            rail.ack_request = false;
+        }
+    }
+
+    fn abandon_switch(&mut self, sw: Switch) {
+        let a = self.active;
+        self.switching = None;
+        self.end_ack_requests();
+        self.rescan = true;
+        if self.ended.is_none() {
+            self.stats.abandoned_switches += 1;
+            self.push_event(Event::SwitchAbandoned {
+                from: a,
+                to: sw.to,
+                at: self.now,
+            });
+        }
+    }
+
+    /// Makes `to` the active rail while the old one works: it keeps what it posted (delivered,
+    /// or in hot-hot also held by `to`), its unposted records move to `to`, and it stays a
+    /// standby that later planned switches avoid for the hold-down.
+    fn finish_switch(&mut self, to: usize, reason: SwitchReason) {
+        let from = self.active;
+        self.switching = None;
+        self.end_ack_requests();
+        self.rescan = true;
+        let posted_before = self.lanes.poster_ref(from).last_posted_seq();
+        match self.lanes.fail_over(to) {
+            Ok((rep, _)) => {
+                // The copy is a run of sequence numbers; those up to `posted_before` went out
+                // on `from` already.
+                let resent = match (rep.first_seq, rep.last_seq) {
+                    (Some(first), Some(last)) if first <= posted_before => {
+                        (last.min(posted_before) - first + 1) as usize
+                    }
+                    _ => 0,
+                };
+                self.stats.records_resent += resent as u64;
+                self.rails[to].state = RailState::Active;
+                self.rails[from].state = RailState::Standby;
+                self.active = to;
+                let hold = self.cfg.gray.map_or(0, |g| g.hold_down_ns);
+                self.rails[from].avoid_until = self.now.saturating_add(hold);
+                if self.cfg.mode != RailMode::HotHot {
+                    // They went to `to`: padding replaces them here, posted to keep the peer's
+                    // mirror in step. (Hot-hot: `from` is a standby holding the stream.)
+                    self.lanes.retire_unposted(from);
+                }
+                self.standby_due = true;
+                self.stats.planned_switches += 1;
+                tracing::info!(from, to, records = rep.records, "planned switch");
+                self.push_event(Event::Switched {
+                    from,
+                    to,
+                    reason,
+                    records: rep.records,
+                    resent,
+                    at: self.now,
+                });
+                self.refresh_rail_stats();
+            }
+            Err(e) => {
+                tracing::error!(from, to, error = %e, "planned switch: standby could not take the records");
             }
         }
     }
@@ -1577,12 +1922,23 @@ impl Core {
     }
 
     fn failover_from(&mut self, from: usize) {
+        if let Some(sw) = self.switching.take() {
+            tracing::warn!(from, to = sw.to, "planned switch overtaken by a failure");
+            self.end_ack_requests();
+        }
         loop {
-            // Prefer a standby that has proven its path (heard the peer); any standby beats none.
+            // Prefer a standby that has proven its path (heard the peer), and of those the one
+            // holding most of the stream (hot-hot); any standby beats none.
             let standby = |i: &usize| self.rails[*i].state == RailState::Standby;
             let proven = (0..self.rails.len())
                 .filter(standby)
-                .find(|&i| self.rails[i].peer_heartbeat != 0);
+                .filter(|&i| self.rails[i].peer_heartbeat != 0)
+                .max_by_key(|&i| {
+                    (
+                        self.lanes.poster_ref(i).committed_seq(),
+                        std::cmp::Reverse(i),
+                    )
+                });
             let Some(to) = proven.or_else(|| (0..self.rails.len()).find(standby)) else {
                 self.end(EndReason::AllRailsDown);
                 return;
@@ -1596,6 +1952,7 @@ impl Core {
                     self.stats.bytes_resent += rep.bytes as u64;
                     let first = rep.first_seq.unwrap_or(next_seq);
                     self.blackout_from = Some((self.now, first));
+                    let caught_up = self.cfg.mode == RailMode::HotHot && rep.records == 0;
                     tracing::warn!(
                         from,
                         to,
@@ -1610,6 +1967,15 @@ impl Core {
                         bytes: rep.bytes,
                         at: self.now,
                     });
+                    if caught_up {
+                        // Hot-hot: the standby already carried every record; nothing waits.
+                        self.blackout_from = None;
+                        self.stats.last_blackout_ns = Some(0);
+                        self.push_event(Event::FailoverComplete {
+                            rail: to,
+                            blackout_ns: 0,
+                        });
+                    }
                     return;
                 }
                 Err(e) => {

@@ -11,7 +11,8 @@
 //!                          (receive credits: the peer keeps at most half a receive queue beyond it)
 //! 40 status           u64  0 while the writer's session runs; STATUS_CLOSED once it closed
 //!                          gracefully, STATUS_ENDED once it ended otherwise (timed out, all rails
-//!                          down): the peer ends its side without treating the silence as a fault
+//!                          down): the peer ends its side without treating the silence as a fault;
+//!                          bit 8 (STATUS_ACK_NOW): acknowledge this rail at once (a drain)
 //! 48 crc              u64  crc32c of bytes 0..48 (low 32 bits)
 //! ```
 //!
@@ -34,6 +35,11 @@ pub const STATUS_LIVE: u64 = 0;
 pub const STATUS_CLOSED: u64 = 1;
 /// The writer's session ended otherwise (session timeout, every rail down).
 pub const STATUS_ENDED: u64 = 2;
+/// Flag above the status: the writer is draining this rail (a planned switch) and asks for an
+/// acknowledgement as soon as anything on it is consumed, not at the usual thresholds.
+pub const STATUS_ACK_NOW: u64 = 1 << 8;
+/// The status proper, without flags.
+pub const STATUS_MASK: u64 = 0xff;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CtrlBlock {

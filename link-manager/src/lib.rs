@@ -25,8 +25,9 @@ pub mod sim;
 #[cfg(feature = "verbs")]
 pub mod verbs;
 
-pub use crate::config::{Config, ConfigBuilder, ConfigError, MAX_RAILS};
+pub use crate::config::{Config, ConfigBuilder, ConfigError, GraySwitch, RailMode, MAX_RAILS};
 pub use crate::core::{
     EndReason, Event, FailReason, Nanos, RailState, RecvError, ResumeState, SendError, Stats,
+    SwitchReason,
 };
 pub use crate::runtime::{CloseError, ConnectError, Connection, Receiver, Sender};

@@ -6,14 +6,15 @@
 //! order, with no duplicate. At the end: everything delivered and every rail back (redundancy
 //! restored once the wires are), or the session ended — every rail dead, or a pause past the
 //! session timeout — and each side reports every record the other did not deliver as
-//! unacknowledged.
+//! unacknowledged. A third of the seeds run hot-hot rails, a quarter the gray-failure switch
+//! (with partial loss and slow rails among the faults).
 //!
 //! `cargo test` runs RAILOVER_SEEDS seeds (default 1000); a failure prints its seed, and
 //! `RAILOVER_SEED=<n> cargo test -p railover --test simulation -- --nocapture` replays it exactly.
 
 use railover::core::Event;
 use railover::sim::{SimConnection, SimPair};
-use railover::{Config, EndReason, RailState, SendError};
+use railover::{Config, EndReason, GraySwitch, RailMode, RailState, SendError};
 use railover_rdma::LinkParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -46,6 +47,13 @@ enum Fault {
     Spike {
         wire: usize,
         extra: u64,
+        duration: u64,
+    },
+    /// Partial loss: a share of the writes arrive after an RC retransmission.
+    Lossy {
+        wire: usize,
+        per_mille: u32,
+        retransmit: u64,
         duration: u64,
     },
     Flap {
@@ -100,6 +108,9 @@ struct Outcome {
     channel_rearms: u64,
     /// Control channels re-established after a break (both hosts).
     channel_restores: u64,
+    /// Planned switches away from a degraded rail (both hosts).
+    switches: u64,
+    hot_hot: bool,
 }
 
 fn payload(rng: &mut ChaCha8Rng, seq: usize, max: usize) -> Vec<u8> {
@@ -151,7 +162,7 @@ fn schedule(
         }
         let wire = free[rng.random_range(0..free.len())];
         let restore_after = rng.random_range(1..15) * MS;
-        let fault = match rng.random_range(0..9) {
+        let fault = match rng.random_range(0..10) {
             0 => Fault::CarrierLoss {
                 wire,
                 restore_after,
@@ -178,6 +189,12 @@ fn schedule(
                 extra: rng.random_range(10..2000) * 1000,
                 duration: rng.random_range(1..5) * MS,
             },
+            9 => Fault::Lossy {
+                wire,
+                per_mille: rng.random_range(10..300),
+                retransmit: rng.random_range(100..3_000) * 1000,
+                duration: rng.random_range(1..10) * MS,
+            },
             7 if channel => Fault::ControlDelay {
                 from_host2: rng.random_bool(0.5),
                 delay: rng.random_range(1..2 * EXCHANGE_TIMEOUT / MS) * MS,
@@ -203,6 +220,7 @@ fn schedule(
         let span = match fault {
             Fault::Flap { times, period, .. } => times as u64 * period,
             Fault::Corrupt { .. } | Fault::Spike { .. } => 5 * MS,
+            Fault::Lossy { duration, .. } => duration,
             Fault::Pause { .. } | Fault::ControlDelay { .. } | Fault::ControlBreak { .. } => 0, // they fault no wire
             _ => restore_after,
         };
@@ -298,6 +316,12 @@ fn inject(pair: &mut SimPair, f: Fault, pending: &mut Pending) {
             extra,
             duration,
         } => fab.latency_spike(pair.wires[wire], extra, duration),
+        Fault::Lossy {
+            wire,
+            per_mille,
+            retransmit,
+            duration,
+        } => fab.lossy(pair.wires[wire], per_mille, retransmit, duration),
         Fault::Flap {
             wire,
             times,
@@ -411,7 +435,14 @@ fn run_seed(seed: u64) -> Outcome {
     let rails = rng.random_range(2..=3);
     let all_dead = rng.random_bool(0.1);
     let max_record = [64usize, 256, 1000][rng.random_range(0..3)];
-    let cfg = Config::builder()
+    // A third of the seeds write every record on every rail; a quarter switch away from a
+    // degraded rail before it fails (chosen by the seed alone, so each schedule stays its own).
+    let mode = if seed % 3 == 1 {
+        RailMode::HotHot
+    } else {
+        RailMode::ActiveStandby
+    };
+    let mut cfg = Config::builder()
         .rails(rails)
         .geometry(4096, 8, max_record)
         .heartbeat_interval_ns(MS)
@@ -425,8 +456,15 @@ fn run_seed(seed: u64) -> Outcome {
             ..LinkParams::default()
         })
         .backing(railover_segq::Backing::Heap)
-        .build()
-        .unwrap();
+        .rail_mode(mode);
+    if seed % 4 == 2 {
+        cfg = cfg.gray_switch(GraySwitch {
+            margin_ns: 300_000,
+            window_ns: 2 * MS,
+            hold_down_ns: 20 * MS,
+        });
+    }
+    let cfg = cfg.build().unwrap();
     let latency = rng.random_range(1..30) * 1000;
     // Half the seeds re-arm over the simulated control channel, as two processes do (the rest
     // in-process, which isolates the failover logic from the control plane's).
@@ -579,12 +617,14 @@ fn run_seed(seed: u64) -> Outcome {
         "seed {seed}: the acceptor completed an exchange the initiator did not"
     );
     let (mut failovers, mut rearms, mut unresponsive, mut channel_restores) = (0, 0, 0, 0);
+    let mut switches = 0;
     let dead = pair.a.core().is_dead();
     for (c, who) in [(&mut pair.a, "host 1"), (&mut pair.b, "host 2")] {
         let (mut lost, mut restored) = (0, 0);
         while let Some(e) = c.poll_event() {
             match e {
                 Event::Failover { .. } => failovers += 1,
+                Event::Switched { .. } => switches += 1,
                 Event::RailUp { .. } => rearms += 1,
                 Event::PeerUnresponsive { .. } => unresponsive += 1,
                 Event::RearmChannelLost { .. } => lost += 1,
@@ -609,6 +649,8 @@ fn run_seed(seed: u64) -> Outcome {
         timeouts,
         channel_rearms,
         channel_restores,
+        switches,
+        hot_hot: mode == RailMode::HotHot,
     }
 }
 
@@ -634,7 +676,7 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         .unwrap_or(1000);
     let (mut failovers, mut rearms, mut dead, mut delivered) = (0, 0, 0, 0);
     let (mut pauses, mut unresponsive, mut timeouts, mut channel_rearms) = (0, 0, 0, 0);
-    let mut channel_restores = 0;
+    let (mut channel_restores, mut switches, mut hot_hot_seeds) = (0, 0, 0);
     for seed in 0..seeds {
         let o = std::panic::catch_unwind(|| run_seed(seed)).unwrap_or_else(|_| {
             panic!("seed {seed} failed; replay: RAILOVER_SEED={seed} cargo test -p railover --test simulation -- --nocapture")
@@ -648,8 +690,14 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         timeouts += o.timeouts;
         channel_rearms += o.channel_rearms;
         channel_restores += o.channel_restores;
+        switches += o.switches;
+        hot_hot_seeds += o.hot_hot as u64;
     }
-    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings, {pauses} peer pauses ({unresponsive} seen as unresponsive, {timeouts} session timeouts), {channel_rearms} re-arms over the control channel, {channel_restores} control channels re-established");
+    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings, {pauses} peer pauses ({unresponsive} seen as unresponsive, {timeouts} session timeouts), {channel_rearms} re-arms over the control channel, {channel_restores} control channels re-established, {hot_hot_seeds} hot-hot seeds, {switches} planned switches away from a degraded rail");
+    assert!(
+        seeds < 50 || switches > seeds / 50,
+        "too few planned switches ({switches}) for {seeds} seeds"
+    );
     // The schedules must actually exercise failover and the all-dead path.
     assert!(
         failovers > seeds / 2,

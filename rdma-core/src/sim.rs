@@ -97,6 +97,11 @@ struct Wire {
     corrupt_next: u32,
     spike_until: u64,
     spike_extra_ns: u64,
+    /// Partial loss (netem-like): until `loss_until`, each write is lost with probability
+    /// `loss_per_mille`/1000 and arrives after an RC retransmission, `loss_retransmit_ns` late.
+    loss_until: u64,
+    loss_per_mille: u32,
+    loss_retransmit_ns: u64,
 }
 
 struct Mr {
@@ -175,6 +180,9 @@ impl SimFabric {
             corrupt_next: 0,
             spike_until: 0,
             spike_extra_ns: 0,
+            loss_until: 0,
+            loss_per_mille: 0,
+            loss_retransmit_ns: 0,
         });
         drop(w);
         let mk = |id: usize, name: &str| SimNic {
@@ -309,6 +317,18 @@ impl SimFabric {
         let now = w.now;
         w.wires[wire.0].spike_until = now + duration_ns;
         w.wires[wire.0].spike_extra_ns = extra_ns;
+    }
+
+    /// Partial loss for `duration_ns`: each write posted meanwhile is lost with probability
+    /// `per_mille`/1000 and retransmitted by RC `retransmit_ns` later (so it, and everything
+    /// behind it on its queue pair, arrives late; nothing is lost for good).
+    pub fn lossy(&self, wire: WireId, per_mille: u32, retransmit_ns: u64, duration_ns: u64) {
+        let mut w = self.world.borrow_mut();
+        let now = w.now;
+        let wire = &mut w.wires[wire.0];
+        wire.loss_until = now + duration_ns;
+        wire.loss_per_mille = per_mille.min(1000);
+        wire.loss_retransmit_ns = retransmit_ns;
     }
 
     /// A queue pair hits a fatal error (QP-fatal event on its card).
@@ -745,10 +765,17 @@ impl Link for SimLink {
         if q.fifo.len() + q.awaiting_ack.len() >= q.params.max_send_wr as usize {
             return Err(FabricError::SendQueueFull);
         }
-        let wire = &w.wires[w.nics[q.nic].wire];
+        let wire_id = w.nics[q.nic].wire;
+        let wire = &w.wires[wire_id];
         let mut latency = wire.latency_ns;
         if now < wire.spike_until {
             latency += wire.spike_extra_ns;
+        }
+        if now < wire.loss_until {
+            let (per_mille, retransmit) = (wire.loss_per_mille, wire.loss_retransmit_ns);
+            if w.rng.random_range(0..1000) < per_mille {
+                latency += retransmit;
+            }
         }
         w.qps[self.qp].fifo.push_back(Wr {
             wr_id,

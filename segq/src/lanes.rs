@@ -23,7 +23,9 @@
 
 use crossbeam_utils::CachePadded;
 
-use crate::sender::{reset_halves, CopyReport, Poster, Producer, PushError, Reservation};
+use crate::sender::{
+    reset_halves, CopyReport, Poster, Producer, PushError, Reservation, ShadowReport,
+};
 use crate::sync::{
     fence, spin_wait, Arc, AtomicBool, AtomicU8, AtomicUsize, MutPtr, Ordering, UnsafeCell,
 };
@@ -90,12 +92,16 @@ pub struct LaneControl {
     /// A [`LaneWriter`] was handed out (the local path is closed).
     writer_out: bool,
     max_record: usize,
+    /// Per lane: the active lane's byte position up to which its records were copied into that
+    /// lane ([`LaneControl::shadow`]); back to 0 whenever the active lane changes.
+    shadow_from: Vec<u64>,
 }
 
 /// Makes lanes of `queues` (one per rail, all of one geometry); `active` takes records first.
 pub fn lanes(queues: Vec<SendQueue>, active: usize) -> LaneControl {
     assert!(active < queues.len(), "active lane {active} out of range");
     let max_record = queues[0].geometry().max_record();
+    let shared_lanes = queues.len();
     let (producers, posters): (Vec<_>, Vec<_>) = queues.into_iter().map(SendQueue::split).unzip();
     let shared = Arc::new(LaneShared {
         producers: producers.into_iter().map(UnsafeCell::new).collect(),
@@ -111,6 +117,7 @@ pub fn lanes(queues: Vec<SendQueue>, active: usize) -> LaneControl {
         closed: false,
         writer_out: false,
         max_record,
+        shadow_from: vec![0; shared_lanes],
     }
 }
 
@@ -354,6 +361,7 @@ impl LaneControl {
             let acked = self.posters[from].acked_seq();
             self.posters[to].note_delivered(acked);
             self.active = to;
+            self.shadow_from.fill(0);
         }
         self.readmit(if self.closed { CLOSED } else { self.active });
         result.map(|r| (r, next_seq))
@@ -370,7 +378,42 @@ impl LaneControl {
         // (switches happen only here, under exclusion, so the writer cannot be inside it).
         let producer = unsafe { producer.deref() };
         reset_halves(producer, &mut self.posters[lane], next_seq);
+        self.shadow_from[lane] = 0;
         true
+    }
+
+    /// Hot standby: copies the active lane's records that lane `to` lacks into it, in order and
+    /// with their sequence numbers (see [`Poster::copy_new_into`]), without stopping the
+    /// writer. Refused (None) for the active lane itself.
+    pub fn shadow(&mut self, to: usize) -> Option<ShadowReport> {
+        let from = self.active;
+        if to == from || to >= self.posters.len() {
+            return None;
+        }
+        let producer = self.shared.producers[to].get_mut();
+        // SAFETY: the writer only touches the active lane's producer and `to` is not active
+        // (switches happen only under exclusion), so this is the only reference to it. The
+        // active lane's records are read through its poster, as for posting.
+        let dst = unsafe { producer.deref() };
+        let report = self.posters[from].copy_new_into(&mut self.shadow_from[to], dst);
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked access
+        drop(producer);
+        Some(report)
+    }
+
+    /// Lane `lane` (not the active one) gave its records not yet posted to another lane (a
+    /// planned switch): they are retired here, never to be sent from it (see
+    /// [`Poster::retire_unposted`]). Returns how many, or None for the active lane.
+    pub fn retire_unposted(&mut self, lane: usize) -> Option<usize> {
+        if lane == self.active || lane >= self.posters.len() {
+            return None;
+        }
+        let producer = self.shared.producers[lane].get_mut();
+        // SAFETY: as in `shadow`: `lane` is not active, so the writer is not in it.
+        let retired = self.posters[lane].retire_unposted(unsafe { producer.deref() });
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked access
+        drop(producer);
+        Some(retired)
     }
 
     /// Every lane is dead: the writer fails with [`LaneError::Closed`] from now on.

@@ -46,6 +46,7 @@ pub use record::{ParseError, HEADER_LEN};
 pub use region::{Backing, Region, PAGE_SIZE};
 pub use sender::{
     AckError, CopyReport, PendingRange, Poster, Producer, PushError, Reservation, SendQueue,
+    ShadowReport,
 };
 
 /// A handle on a queue's memory that keeps it alive (hold it as long as the memory is registered).

@@ -389,7 +389,9 @@ impl Poster {
     }
 
     /// Copies every unacknowledged record, in order and with its sequence number, into `dst` (the
-    /// standby card's queue), which then continues numbering after them.
+    /// standby card's queue), which then continues numbering after them. Records `dst` already
+    /// holds (numbered below its next sequence number: a hot standby's copies) are not copied
+    /// again, so `dst` stays in sequence order.
     pub(crate) fn copy_unacked_into(
         &self,
         own: &Producer,
@@ -397,8 +399,9 @@ impl Poster {
     ) -> Result<CopyReport, PushError> {
         let mut report = CopyReport::default();
         let mut result = Ok(());
+        let held_below = dst.next_seq;
         self.for_each_unacked(|seq, payload| {
-            if result.is_err() {
+            if result.is_err() || seq < held_below {
                 return;
             }
             result = dst.push_with_seq(seq, payload);
@@ -416,6 +419,96 @@ impl Poster {
             == geo.segment_floor(own.write_pos)
             || self.acked_pos == own.write_pos;
         Ok(report)
+    }
+}
+
+/// How far a hot standby's copy of the active queue went (see [`Poster::copy_new_into`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShadowReport {
+    /// Records copied by this call.
+    pub records: usize,
+    /// Their payload bytes.
+    pub bytes: usize,
+    /// The copy stopped at a record the standby had no room for (it is retried once the
+    /// standby's peer has acknowledged more).
+    pub stalled: bool,
+}
+
+impl Poster {
+    /// Copies the records committed here from byte position `*from` on into `dst` (a hot
+    /// standby's queue), with their sequence numbers, skipping those `dst` already holds and
+    /// those known delivered, and advances `*from` past what it copied. A record already
+    /// acknowledged here (consumed by the peer) is never read: `*from` moves up to the
+    /// acknowledged position first, so a standby that fell behind skips to the records the peer
+    /// may still lack (every one it skips was delivered, so `dst` never shows the receiver a
+    /// gap). On a full `dst` the copy stops at that record.
+    pub(crate) fn copy_new_into(&self, from: &mut u64, dst: &mut Producer) -> ShadowReport {
+        let mut report = ShadowReport::default();
+        let committed = self.shared.load_committed();
+        let mut pos = (*from).max(self.acked_pos);
+        while pos < committed {
+            match entry_at(&self.shared, pos) {
+                Entry::Skip(k) => pos += k as u64,
+                Entry::Record { seq, size, .. } if seq < dst.next_seq || seq <= self.acked_seq => {
+                    pos += size as u64
+                }
+                Entry::Record { seq, len, size } => {
+                    let off = self.shared.geo.offset(pos) + HEADER_LEN;
+                    self.shared.track_read(off, len);
+                    // SAFETY: below `committed` (Acquire above) and not acknowledged, so the
+                    // producer won't overwrite it while we read.
+                    let payload = unsafe { self.shared.region.slice(off, len) };
+                    if dst.push_with_seq(seq, payload).is_err() {
+                        report.stalled = true;
+                        break;
+                    }
+                    report.records += 1;
+                    report.bytes += len;
+                    pos += size as u64;
+                }
+            }
+        }
+        *from = pos;
+        report
+    }
+
+    /// Retires the committed records not yet posted (they went to another queue): each segment
+    /// they touch is padded from their first byte to its end, and the producer moves on to the
+    /// next segment. Posting the padding keeps the peer's mirror in step (it skips it) and lets
+    /// acknowledgements free the space; none of the records is ever sent from here. Returns how
+    /// many records were retired.
+    pub(crate) fn retire_unposted(&mut self, own: &mut Producer) -> usize {
+        let committed = self.shared.load_committed();
+        let geo = self.shared.geo;
+        let mut retired = 0;
+        // Count first: the padding hides the records from the walker.
+        let mut pos = self.posted_pos;
+        while pos < committed {
+            match entry_at(&self.shared, pos) {
+                Entry::Skip(k) => pos += k as u64,
+                Entry::Record { seq, size, .. } => {
+                    if retired == 0 {
+                        // This queue no longer holds them: a later copy into it brings them.
+                        own.next_seq = seq;
+                    }
+                    retired += 1;
+                    pos += size as u64;
+                }
+            }
+        }
+        let mut pos = self.posted_pos;
+        while pos < committed {
+            if geo.segment_remaining(pos) >= HEADER_LEN {
+                self.shared.write(geo.offset(pos), &Header::pad().encode());
+            }
+            pos = geo.segment_floor(pos) + geo.segment_size() as u64;
+        }
+        if pos > committed {
+            own.write_pos = pos;
+            // Pairs with the Acquire in `Shared::load_committed`: the padding before the index.
+            self.shared.committed.store(pos, Ordering::Release);
+        }
+        retired
     }
 }
 

@@ -169,3 +169,149 @@ fn records_noted_delivered_are_neither_unacked_nor_copied() {
         (2, Some(4), 6)
     );
 }
+
+/// Parses every record of `lane` in `[from, to)` the way the peer's mirror would (padding
+/// skipped): `(seq, payload)` in ring order.
+fn records_posted(control: &mut railover_segq::LaneControl, lane: usize) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(range) = control.poster(lane).pending(usize::MAX) {
+        let (first, last) = match range.seqs {
+            Some(s) => s,
+            None => {
+                control.poster(lane).mark_posted(&range);
+                continue;
+            }
+        };
+        control.poster_ref(lane).for_each_unacked(|seq, p| {
+            if (first..=last).contains(&seq) {
+                out.push((seq, p.to_vec()));
+            }
+        });
+        control.poster(lane).mark_posted(&range);
+    }
+    out
+}
+
+/// A hot standby gets every record of the active lane, in order, once; a standby that fell
+/// behind (its ring full) skips only records the peer has consumed, so it never shows the
+/// receiver a gap; a failover to it copies nothing it already holds.
+#[test]
+fn a_hot_standby_holds_the_stream_in_order_and_a_failover_to_it_copies_nothing_twice() {
+    let geo = Geometry::new(256, 4, 64).unwrap();
+    let queues = (0..2)
+        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+        .collect();
+    let mut control = lanes(queues, 0);
+    for i in 1..=3u8 {
+        control.push_local(&[i; 10]).unwrap();
+    }
+    assert!(
+        control.shadow(0).is_none(),
+        "the active lane is not its own standby"
+    );
+    let rep = control.shadow(1).unwrap();
+    assert_eq!((rep.records, rep.bytes, rep.stalled), (3, 30, false));
+    assert_eq!(control.shadow(1).unwrap().records, 0, "nothing twice");
+    control.push_local(&[4; 10]).unwrap();
+    assert_eq!(control.shadow(1).unwrap().records, 1);
+    let on_standby: Vec<u64> = records_posted(&mut control, 1)
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(on_standby, [1, 2, 3, 4]);
+
+    // The standby's peer stops consuming: its ring fills and the copy stalls there, while the
+    // active lane's peer consumes everything and the writer goes on.
+    let mut seq = 4;
+    let mut stalled = false;
+    for _ in 0..40 {
+        seq += 1;
+        control.push_local(&[seq as u8; 40]).unwrap();
+        stalled |= control.shadow(1).unwrap().stalled;
+        ack_all(&mut control, 0, seq);
+    }
+    assert!(stalled, "a standby whose peer consumes nothing fills up");
+    let held: Vec<u64> = records_posted(&mut control, 1)
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert!(
+        held.windows(2).all(|w| w[1] == w[0] + 1) && *held.last().unwrap() < seq,
+        "the standby holds a run of the stream and fell behind: {held:?}"
+    );
+    // One record the active lane's peer has not consumed yet; then the standby's peer catches
+    // up. The copy resumes with that record alone: every record skipped was delivered.
+    seq += 1;
+    control.push_local(&[7; 8]).unwrap();
+    ack_all(&mut control, 1, seq - 1);
+    let rep = control.shadow(1).unwrap();
+    assert_eq!((rep.records, rep.stalled), (1, false));
+    let resumed: Vec<u64> = records_posted(&mut control, 1)
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(resumed, [seq]);
+    // A record not yet copied goes with the failover; none the standby holds is copied again.
+    control.push_local(b"last").unwrap();
+    let (report, next) = control.fail_over(1).unwrap();
+    assert_eq!(
+        (report.records, report.first_seq, next),
+        (1, Some(seq + 1), seq + 2)
+    );
+}
+
+/// Posts and acknowledges everything on `lane` (its peer consumed it all, delivering up to `seq`).
+fn ack_all(control: &mut railover_segq::LaneControl, lane: usize, seq: u64) {
+    while let Some(r) = control.poster(lane).pending(usize::MAX) {
+        control.poster(lane).mark_posted(&r);
+    }
+    let posted = posted_pos(control, lane);
+    control.poster(lane).ack(posted, seq).unwrap();
+}
+
+/// The poster's posted position, found by asking for an ack one byte beyond it (refused with the
+/// position in the error).
+fn posted_pos(control: &mut railover_segq::LaneControl, lane: usize) -> u64 {
+    match control.poster(lane).ack(u64::MAX, 0) {
+        Err(railover_segq::AckError::BeyondPosted { posted, .. }) => posted,
+        Ok(_) => unreachable!("nothing is posted up to u64::MAX"),
+    }
+}
+
+/// A planned switch retires the old lane's unposted records (they went to the new lane): the
+/// old lane posts only padding for them, which the peer skips, and its ring is freed by it.
+#[test]
+fn retired_records_are_never_posted_and_their_space_comes_back() {
+    let geo = Geometry::new(256, 4, 64).unwrap();
+    let queues = (0..2)
+        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+        .collect();
+    let mut control = lanes(queues, 0);
+    control.push_local(&[1; 30]).unwrap();
+    let r = control.poster(0).pending(usize::MAX).unwrap();
+    control.poster(0).mark_posted(&r);
+    control.poster(0).ack(r.end, 1).unwrap();
+    for i in 2..=9u8 {
+        control.push_local(&[i; 30]).unwrap(); // spans segments, never posted
+    }
+    let (report, _) = control.fail_over(1).unwrap();
+    assert_eq!((report.records, report.first_seq), (8, Some(2)));
+    assert_eq!(control.retire_unposted(1), None, "not the active lane");
+    assert_eq!(control.retire_unposted(0), Some(8));
+    // What lane 0 still posts holds no record: a mirror parsing it delivers nothing.
+    let mut ranges = 0;
+    while let Some(r) = control.poster(0).pending(usize::MAX) {
+        assert_eq!((r.records, r.seqs), (0, None), "padding only");
+        control.poster(0).mark_posted(&r);
+        ranges += 1;
+    }
+    assert!(ranges >= 1);
+    let posted = posted_pos(&mut control, 0);
+    assert_eq!(posted % 256, 0, "the producer moved on to a fresh segment");
+    control.poster(0).ack(posted, 9).unwrap();
+    assert!(control.poster_ref(0).all_acked());
+    // The retired lane is clean: a later failover back to it numbers on correctly.
+    control.push_local(b"ten").unwrap();
+    let (report, next) = control.fail_over(0).unwrap();
+    assert_eq!((report.records, report.first_seq, next), (9, Some(2), 11));
+}

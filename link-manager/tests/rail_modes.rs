@@ -1,0 +1,352 @@
+//! Hot-hot rails and the gray-failure switch on the simulated fabric.
+//!
+//! A steady stream (one record every 20 µs, host 1 to host 2) runs through one fault on the
+//! active wire; every record's delivery latency (from `send` to delivery) is measured in virtual
+//! time. Hot-hot: no fault of any kind delays a record beyond the fault-free worst case plus a
+//! wire latency, and nothing is lost, duplicated or reordered. Active-standby, same faults: the
+//! black hole's blackout is the heartbeat timeout (which shows the measure can fail). The gray
+//! switch leaves a slow or lossy active rail within its window, sends again only records the peer
+//! had not acknowledged, and does not come back to it before the hold-down.
+
+use railover::core::{Event, SwitchReason};
+use railover::sim::SimPair;
+use railover::{Config, GraySwitch, RailMode, RailState};
+use railover_rdma::LinkParams;
+
+const US: u64 = 1_000;
+const MS: u64 = 1_000_000;
+const WIRE_NS: u64 = 5 * US;
+const EVERY_NS: u64 = 20 * US;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    CarrierLoss,
+    BlackHole,
+    AckLoss,
+    RemoveCard,
+    Corrupt,
+    Spike,
+    Lossy,
+    /// Slower by a little more than the gray margin, for long (its writes still land within
+    /// the drain's deadline).
+    Slow,
+}
+
+const FAULTS: [Fault; 7] = [
+    Fault::CarrierLoss,
+    Fault::BlackHole,
+    Fault::AckLoss,
+    Fault::RemoveCard,
+    Fault::Corrupt,
+    Fault::Spike,
+    Fault::Lossy,
+];
+
+fn config(mode: RailMode, gray: Option<GraySwitch>) -> Config {
+    let mut b = Config::builder()
+        .rails(2)
+        .geometry(4096, 16, 256)
+        .heartbeat_interval_ns(MS)
+        .heartbeat_misses(3)
+        .rearm_after_ns(10 * MS)
+        .link_params(LinkParams {
+            timeout: 8,
+            retry_cnt: 1,
+            ..LinkParams::default()
+        })
+        .rail_mode(mode)
+        .backing(railover_segq::Backing::Heap);
+    if let Some(g) = gray {
+        b = b.gray_switch(g);
+    }
+    b.build().unwrap()
+}
+
+struct Run {
+    /// Worst delivery latency of a record sent before, during or after the fault.
+    worst_ns: u64,
+    records: usize,
+    events: Vec<Event>,
+    /// Host 1's stats at the end.
+    stats: railover::Stats,
+    /// Host 2 discarded as duplicates.
+    duplicates: u64,
+}
+
+/// Streams `records` records from host 1 to host 2 and injects `fault` on wire 0 (the active
+/// one) at 5 ms; checks every record arrives exactly once and in order.
+fn run(mode: RailMode, gray: Option<GraySwitch>, fault: Fault, records: usize, seed: u64) -> Run {
+    let mut pair = SimPair::new(config(mode, gray), seed, WIRE_NS).unwrap();
+    let wire = pair.wires[0];
+    let mut sent_at: Vec<u64> = Vec::new();
+    let mut delivered = 0usize;
+    let mut worst_ns = 0;
+    let mut next_send = MS; // after the connection settles
+    let mut injected = false;
+    let mut events = Vec::new();
+    while delivered < records {
+        let now = pair.now();
+        if !injected && now >= 5 * MS {
+            injected = true;
+            let fab = pair.fabric.clone();
+            match fault {
+                Fault::None => {}
+                Fault::CarrierLoss => fab.carrier_loss(wire),
+                Fault::BlackHole => fab.black_hole(wire),
+                Fault::AckLoss => fab.ack_loss(wire),
+                Fault::RemoveCard => fab.remove_card(&pair.cards[0].0),
+                Fault::Corrupt => fab.corrupt_next(wire, 2),
+                Fault::Spike => fab.latency_spike(wire, 2 * MS, 4 * MS),
+                Fault::Lossy => fab.lossy(wire, 200, 3 * MS, 10 * MS),
+                Fault::Slow => fab.latency_spike(wire, 500 * US, 20 * MS),
+            }
+        }
+        if now >= next_send && sent_at.len() < records {
+            let seq = sent_at.len() as u64 + 1;
+            match pair.a.send(&seq.to_le_bytes()) {
+                Ok(s) => {
+                    assert_eq!(s, seq);
+                    sent_at.push(now);
+                    next_send += EVERY_NS;
+                }
+                Err(e) => panic!("{mode:?} {fault:?}: send {seq} refused: {e}"),
+            }
+        }
+        pair.b
+            .poll(|msg| {
+                delivered += 1;
+                let seq = u64::from_le_bytes(msg.try_into().expect("8-byte record"));
+                assert_eq!(
+                    seq, delivered as u64,
+                    "{mode:?} {fault:?}: lost, duplicated or reordered"
+                );
+                worst_ns = worst_ns.max(now - sent_at[delivered - 1]);
+            })
+            .unwrap_or_else(|e| panic!("{mode:?} {fault:?}: receive failed: {e}"));
+        while let Some(e) = pair.a.poll_event() {
+            events.push(e);
+        }
+        assert!(
+            now < 200 * MS,
+            "{mode:?} {fault:?}: stuck at {delivered}/{records}\n{}",
+            pair.a.core().describe()
+        );
+        pair.step(next_send.max(now + 1));
+    }
+    Run {
+        worst_ns,
+        records,
+        events,
+        stats: pair.a.core().stats(),
+        duplicates: pair.b.core().stats().duplicates_discarded,
+    }
+}
+
+#[test]
+fn hot_hot_rails_deliver_through_every_fault_kind_without_a_blackout() {
+    let records = 1_000; // 20 ms of stream: the fault at 5 ms, detection and failover inside it
+    let calm = run(RailMode::HotHot, None, Fault::None, records, 1);
+    let bound = calm.worst_ns + 2 * WIRE_NS;
+    println!(
+        "hot-hot, no fault: worst delivery latency {} ns",
+        calm.worst_ns
+    );
+    for (i, fault) in FAULTS.into_iter().enumerate() {
+        let r = run(RailMode::HotHot, None, fault, records, 10 + i as u64);
+        let failovers = r
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Failover { .. }))
+            .count();
+        println!(
+            "hot-hot, {fault:?}: worst delivery latency {} ns, {failovers} failovers, {} records resent",
+            r.worst_ns, r.stats.records_resent
+        );
+        assert!(
+            r.worst_ns <= bound,
+            "hot-hot, {fault:?}: a record took {} ns (no fault: {} ns)",
+            r.worst_ns,
+            calm.worst_ns
+        );
+    }
+    // The same measure sees an active-standby blackout: a black hole costs the heartbeat
+    // timeout (3 ms) before the standby takes over.
+    let cold = run(RailMode::ActiveStandby, None, Fault::BlackHole, records, 10);
+    println!(
+        "active-standby, BlackHole: worst delivery latency {} ns",
+        cold.worst_ns
+    );
+    assert!(cold.worst_ns > MS, "{} ns", cold.worst_ns);
+}
+
+/// The price of hot-hot: every record crosses both wires.
+#[test]
+fn hot_hot_costs_twice_the_wire_traffic_and_reports_it() {
+    let hot = run(RailMode::HotHot, None, Fault::None, 500, 3);
+    let cold = run(RailMode::ActiveStandby, None, Fault::None, 500, 3);
+    let ratio = hot.stats.data_bytes as f64 / cold.stats.data_bytes as f64;
+    println!(
+        "data bytes: hot-hot {} active-standby {} (x{ratio:.2}); standby writes {}",
+        hot.stats.data_bytes, cold.stats.data_bytes, hot.stats.standby_writes
+    );
+    assert!((1.9..=2.1).contains(&ratio), "x{ratio:.2}");
+    assert_eq!(cold.stats.standby_writes, 0);
+    assert!(hot.stats.standby_writes > 0);
+    assert_eq!(hot.records, 500);
+    // The receiver dropped each second copy.
+    assert!(hot.duplicates >= 450, "{} duplicates", hot.duplicates);
+}
+
+/// A hot-hot rail that failed comes back through re-arm and rejoins the pair: after the wire is
+/// restored, both rails carry the stream again.
+#[test]
+fn a_repaired_rail_rejoins_the_hot_pair() {
+    let mut pair = SimPair::new(config(RailMode::HotHot, None), 5, WIRE_NS).unwrap();
+    let wire = pair.wires[0];
+    let mut delivered = 0u64;
+    let mut sent = 0u64;
+    let mut restored_at = None;
+    let mut writes_after_rearm = None;
+    while pair.now() < 120 * MS {
+        let now = pair.now();
+        if (5 * MS..5 * MS + EVERY_NS).contains(&now) {
+            pair.fabric.carrier_loss(wire);
+        }
+        if restored_at.is_none() && now >= 20 * MS {
+            pair.fabric.carrier_restore(wire);
+            restored_at = Some(now);
+        }
+        sent += 1;
+        pair.a.send(&sent.to_le_bytes()).unwrap();
+        pair.b
+            .poll(|m| {
+                delivered += 1;
+                assert_eq!(u64::from_le_bytes(m.try_into().unwrap()), delivered);
+            })
+            .unwrap();
+        let core = pair.a.core();
+        if writes_after_rearm.is_none()
+            && core.rail_state(0) != RailState::Failed
+            && core.rail_state(1) != RailState::Failed
+            && restored_at.is_some()
+            && core.stats().failovers == 1
+        {
+            writes_after_rearm = Some(core.stats().standby_writes);
+        }
+        pair.step(now + EVERY_NS);
+    }
+    let core = pair.a.core();
+    assert_eq!(core.stats().failovers, 1);
+    assert_eq!(core.active_rail(), 1);
+    assert_eq!(core.rail_state(0), RailState::Standby, "re-armed");
+    let before = writes_after_rearm.expect("both rails up again");
+    assert!(
+        core.stats().standby_writes > before + 100,
+        "the re-armed rail carries copies again ({} -> {})",
+        before,
+        core.stats().standby_writes
+    );
+    for _ in 0..100 {
+        let now = pair.now();
+        pair.step(now + EVERY_NS);
+        pair.b
+            .poll(|m| {
+                delivered += 1;
+                assert_eq!(u64::from_le_bytes(m.try_into().unwrap()), delivered);
+            })
+            .unwrap();
+    }
+    assert_eq!(delivered, sent);
+}
+
+const GRAY: GraySwitch = GraySwitch {
+    margin_ns: 300 * US,
+    window_ns: 2 * MS,
+    hold_down_ns: 50 * MS,
+};
+
+fn switches(events: &[Event]) -> Vec<(usize, usize, u64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Switched { from, to, at, .. } => Some((*from, *to, *at)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A slow or lossy active rail (not failed: it still delivers) is left within the window (plus
+/// the heartbeat ticks the latency average needs to move), by a planned switch that sends
+/// nothing twice; the rail stays a standby and is not chosen again within the hold-down.
+#[test]
+fn the_gray_switch_leaves_a_degraded_rail_within_its_window_resending_only_unacknowledged() {
+    for mode in [RailMode::ActiveStandby, RailMode::HotHot] {
+        for fault in [Fault::Spike, Fault::Lossy, Fault::Slow] {
+            let records = 1_500; // 30 ms: the fault at 5 ms lasts 4-10 ms
+            let r = run(mode, Some(GRAY), fault, records, 7);
+            let sw = switches(&r.events);
+            println!(
+                "{mode:?} {fault:?}: switches {sw:?}, worst latency {} ns, {} resent, {} duplicates",
+                r.worst_ns, r.stats.records_resent, r.duplicates
+            );
+            let (from, to, at) = *sw
+                .first()
+                .unwrap_or_else(|| panic!("{mode:?} {fault:?}: no switch; events {:?}", r.events));
+            assert_eq!((from, to), (0, 1));
+            let degraded_at = 5 * MS;
+            // The average needs a few samples (a heartbeat each on an idle rail), then the
+            // window, judged at heartbeat ticks.
+            assert!(
+                at - degraded_at <= GRAY.window_ns + 4 * MS,
+                "{mode:?} {fault:?}: switched {} ns after the degradation",
+                at - degraded_at
+            );
+            assert!(
+                !r.events.iter().any(|e| matches!(
+                    e,
+                    Event::RailDown { .. } | Event::Failover { .. } | Event::SwitchAbandoned { .. }
+                )),
+                "{mode:?} {fault:?}: {:?}",
+                r.events
+            );
+            // Only records the peer had not acknowledged are sent again (those still in flight
+            // on the slow rail when the drain's deadline passed), each arriving twice at most.
+            if mode == RailMode::ActiveStandby {
+                assert_eq!(
+                    r.duplicates, r.stats.records_resent,
+                    "{fault:?}: a copy beyond those resent"
+                );
+                if fault == Fault::Slow {
+                    // The drain finished: the peer had everything posted; nothing went twice.
+                    assert_eq!((r.stats.records_resent, r.duplicates), (0, 0));
+                }
+            }
+            assert_eq!(
+                sw.len(),
+                1,
+                "{mode:?} {fault:?}: no switch back within the hold-down"
+            );
+            assert!(matches!(
+                r.events
+                    .iter()
+                    .find(|e| matches!(e, Event::Switched { .. })),
+                Some(Event::Switched {
+                    reason: SwitchReason::Degraded { .. },
+                    ..
+                })
+            ));
+        }
+    }
+}
+
+/// Without a degradation the gray switch never fires, and with it disabled a degraded rail is
+/// kept (the faults above are not failures).
+#[test]
+fn no_degradation_no_switch_and_disabled_means_kept() {
+    let r = run(RailMode::ActiveStandby, Some(GRAY), Fault::None, 1_000, 8);
+    assert!(switches(&r.events).is_empty(), "{:?}", r.events);
+    let r = run(RailMode::ActiveStandby, None, Fault::Lossy, 1_000, 8);
+    assert!(switches(&r.events).is_empty());
+    assert_eq!(r.stats.failovers, 0);
+}
