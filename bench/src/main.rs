@@ -2,6 +2,7 @@
 //! real verbs (cargo feature `verbs`), printed as a table or JSON, with SVG plots.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use railover::RailMode;
 use serde_json::json;
 
 mod peer;
@@ -93,6 +94,9 @@ enum Cmd {
         /// Fault kinds (default: all).
         #[arg(long, value_delimiter = ',')]
         kinds: Vec<String>,
+        /// Rail modes, side by side (active-standby, hot-hot; default both).
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<String>,
         #[arg(long, default_value_t = 20)]
         reps: usize,
         /// Interval between messages (virtual ns).
@@ -178,8 +182,9 @@ fn print_failover_table(setting: &str, reports: &[sim_runs::FailoverReport], vir
     println!("\nrailover failover on {setting}");
     println!("detection = fault -> failover; blackout = failover -> first record delivered over the standby; gap = longest silence the receiver saw\n");
     println!(
-        "{:<14} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>5} {:>5}",
+        "{:<14} {:<14} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>5} {:>5} {:>9}",
         "fault",
+        "mode",
         "reps",
         "det p50",
         "det p99",
@@ -190,12 +195,14 @@ fn print_failover_table(setting: &str, reports: &[sim_runs::FailoverReport], vir
         "resent",
         "lost",
         "dup",
-        "reord"
+        "reord",
+        "wire B/msg"
     );
     for r in reports {
         println!(
-            "{:<14} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>5} {:>5} {:>5}",
+            "{:<14} {:<14} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>5} {:>5} {:>5} {:>9.1}",
             r.kind,
+            r.mode,
             r.reps,
             r.detection.p50,
             r.detection.p99,
@@ -206,7 +213,8 @@ fn print_failover_table(setting: &str, reports: &[sim_runs::FailoverReport], vir
             r.records_resent,
             r.lost,
             r.duplicated,
-            r.reordered
+            r.reordered,
+            r.wire_bytes_per_message
         );
     }
     println!(
@@ -320,6 +328,7 @@ fn main() {
         Cmd::Failover {
             fabric,
             kinds,
+            modes,
             reps,
             interval_ns,
             latency_ns,
@@ -343,25 +352,57 @@ fn main() {
                     std::process::exit(2);
                 }
             }
+            let modes: Vec<RailMode> = if modes.is_empty() {
+                vec![RailMode::ActiveStandby, RailMode::HotHot]
+            } else {
+                modes
+                    .iter()
+                    .map(|m| match m.as_str() {
+                        "active-standby" => RailMode::ActiveStandby,
+                        "hot-hot" => RailMode::HotHot,
+                        other => {
+                            eprintln!("unknown rail mode {other}; known: active-standby, hot-hot");
+                            std::process::exit(2);
+                        }
+                    })
+                    .collect()
+            };
             let mut reports = Vec::new();
             for (i, k) in kinds.iter().enumerate() {
-                if !cli.json {
-                    eprintln!("[{}/{}] {k}: {reps} repetitions...", i + 1, kinds.len());
-                }
-                reports.push(match fabric {
-                    Fabric::Sim => sim_runs::failover(k, reps, interval_ns, latency_ns, seed, size),
-                    Fabric::Verbs => {
-                        #[cfg(feature = "verbs")]
-                        {
-                            verbs_runs::failover(k, reps, size, &host1, &host2, &fault_script)
-                        }
-                        #[cfg(not(feature = "verbs"))]
-                        {
-                            let _ = (&host1, &host2, &fault_script);
-                            need_verbs()
-                        }
+                for &mode in &modes {
+                    if !cli.json {
+                        eprintln!(
+                            "[{}/{}] {k}, {}: {reps} repetitions...",
+                            i + 1,
+                            kinds.len(),
+                            sim_runs::mode_name(mode)
+                        );
                     }
-                });
+                    reports.push(match fabric {
+                        Fabric::Sim => {
+                            sim_runs::failover(k, mode, reps, interval_ns, latency_ns, seed, size)
+                        }
+                        Fabric::Verbs => {
+                            #[cfg(feature = "verbs")]
+                            {
+                                verbs_runs::failover(
+                                    k,
+                                    mode,
+                                    reps,
+                                    size,
+                                    &host1,
+                                    &host2,
+                                    &fault_script,
+                                )
+                            }
+                            #[cfg(not(feature = "verbs"))]
+                            {
+                                let _ = (&host1, &host2, &fault_script);
+                                need_verbs()
+                            }
+                        }
+                    });
+                }
             }
             let name = match fabric {
                 Fabric::Sim => "sim",
@@ -378,7 +419,7 @@ fn main() {
             }
             if let Some(dir) = &cli.plot_dir {
                 for r in &reports {
-                    let path = format!("{dir}/failover-{}.svg", r.kind);
+                    let path = format!("{dir}/failover-{}-{}.svg", r.kind, r.mode);
                     plot::timeline(
                         &path,
                         &format!("failover timeline (sim): {}", r.kind),

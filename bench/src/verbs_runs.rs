@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use railover::verbs::{accept, connect, VerbsConnection};
-use railover::{Config, SendError};
+use railover::{Config, RailMode, SendError};
 use railover_rdma::LinkParams;
 use serde_json::json;
 
@@ -16,8 +16,9 @@ use crate::stats::{histogram, print_table, summarize_us};
 /// Heartbeat 1 ms; 30 missed beats by default (RAILOVER_HB_MISSES to change) because under qemu TCG
 /// two busy-polling threads on two emulated CPUs delay rxe's kernel work by many ms (real NICs: 3).
 /// RC timeout 13 (~67 ms budget): a new rxe connection's first write takes 3-22 ms.
-fn config(size: usize) -> Config {
+fn config_in(size: usize, mode: RailMode) -> Config {
     Config::builder()
+        .rail_mode(mode)
         .rails(2)
         .geometry(64 * 1024, 16, size.max(64))
         .heartbeat_interval_ns(1_000_000)
@@ -38,6 +39,16 @@ fn config(size: usize) -> Config {
 }
 
 fn pair(size: usize, host1: &[String], host2: &[String]) -> (VerbsConnection, VerbsConnection) {
+    pair_in(size, RailMode::ActiveStandby, host1, host2)
+}
+
+fn pair_in(
+    size: usize,
+    mode: RailMode,
+    host1: &[String],
+    host2: &[String],
+) -> (VerbsConnection, VerbsConnection) {
+    let config = move |size| config_in(size, mode);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let addr = listener.local_addr().expect("addr");
     let h2: Vec<String> = host2.to_vec();
@@ -260,6 +271,7 @@ fn fault(script: &str, op: &str, wire: &str) -> std::process::Child {
 /// re-arm over the TCP stream between repetitions); reports detection and blackout in real time.
 pub fn failover(
     kind: &str,
+    mode: RailMode,
     reps: usize,
     size: usize,
     host1: &[String],
@@ -270,7 +282,7 @@ pub fn failover(
         .iter()
         .find(|f| f.0 == kind)
         .unwrap_or_else(|| panic!("fault kind {kind} can't be injected on rxe"));
-    let (a, b) = pair(size, host1, host2);
+    let (a, b) = pair_in(size, mode, host1, host2);
     let mut s = Stream {
         a,
         b,
@@ -338,6 +350,8 @@ pub fn failover(
     let stats = s.a.stats();
     crate::sim_runs::FailoverReport {
         kind: kind.to_string(),
+        mode: crate::sim_runs::mode_name(mode).to_string(),
+        wire_bytes_per_message: stats.data_bytes as f64 / sent.max(1) as f64,
         reps,
         heartbeat_interval_us: 1_000.0,
         detection: summarize_us(&detection),
