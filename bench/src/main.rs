@@ -355,17 +355,7 @@ fn main() {
             let modes: Vec<RailMode> = if modes.is_empty() {
                 vec![RailMode::ActiveStandby, RailMode::HotHot]
             } else {
-                modes
-                    .iter()
-                    .map(|m| match m.as_str() {
-                        "active-standby" => RailMode::ActiveStandby,
-                        "hot-hot" => RailMode::HotHot,
-                        other => {
-                            eprintln!("unknown rail mode {other}; known: active-standby, hot-hot");
-                            std::process::exit(2);
-                        }
-                    })
-                    .collect()
+                modes.iter().map(|m| peer::rail_mode(m)).collect()
             };
             let mut reports = Vec::new();
             for (i, k) in kinds.iter().enumerate() {

@@ -25,7 +25,7 @@ use railover::core::Event;
 use railover::verbs::{accept, accept_resuming, connect, connect_resuming, VerbsConnection};
 #[cfg(feature = "verbs")]
 use railover::SendError;
-use railover::{Config, ConfigBuilder};
+use railover::{Config, ConfigBuilder, GraySwitch, RailMode};
 #[cfg(feature = "verbs")]
 use railover::{ConnectError, EndReason, ResumeState};
 use railover_rdma::LinkParams;
@@ -91,6 +91,32 @@ pub struct PeerArgs {
     /// Records committed per post (`--flood`): they go out coalesced, in as few writes as fit.
     #[arg(long, default_value_t = 16)]
     batch: u64,
+    /// How this side's stream uses the rails: active-standby or hot-hot (every record on every
+    /// live rail).
+    #[arg(long, default_value = "active-standby")]
+    rail_mode: String,
+    /// Gray-failure switch: leave the active rail when its write latency exceeds the best
+    /// standby's by this much (us; 0: off) ...
+    #[arg(long, default_value_t = 0)]
+    gray_margin_us: u64,
+    /// ... for this long (ms) ...
+    #[arg(long, default_value_t = 20)]
+    gray_window_ms: u64,
+    /// ... and don't choose it again for this long (ms).
+    #[arg(long, default_value_t = 10_000)]
+    gray_hold_ms: u64,
+}
+
+/// The rail mode named on the command line.
+pub fn rail_mode(name: &str) -> RailMode {
+    match name {
+        "active-standby" => RailMode::ActiveStandby,
+        "hot-hot" => RailMode::HotHot,
+        other => {
+            eprintln!("unknown rail mode {other}; known: active-standby, hot-hot");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// What the connections did inside the marked window.
@@ -134,12 +160,22 @@ fn mark(what: &str) {
 }
 
 fn config(a: &PeerArgs) -> Config {
-    verbs_config(a.hb_interval_us, a.hb_misses, a.session_timeout_ms)
+    let mut b = verbs_config(a.hb_interval_us, a.hb_misses, a.session_timeout_ms)
         .rails(a.devices.len())
         .geometry(64 * 1024, 16, a.size.max(64))
         .close_linger_ns(5_000_000_000)
-        .build()
-        .expect("valid config")
+        .rail_mode(rail_mode(&a.rail_mode));
+    if a.gray_margin_us > 0 {
+        b = b.gray_switch(GraySwitch {
+            margin_ns: a.gray_margin_us * 1_000,
+            window_ns: a.gray_window_ms * 1_000_000,
+            hold_down_ns: a.gray_hold_ms * 1_000_000,
+        });
+    }
+    b.build().unwrap_or_else(|e| {
+        eprintln!("invalid configuration: {e}");
+        std::process::exit(2);
+    })
 }
 
 /// What every two-process tool sets on real cards (under TCG emulation too): heartbeats, session
@@ -355,6 +391,10 @@ fn stream(
         .collect();
     let (mut failovers, mut rail_downs, mut rail_ups) = (0u64, 0u64, 0u64);
     let (mut unresponsive, mut responsive, mut longest_silence_ns) = (0u64, 0u64, 0u64);
+    // Time between consecutive deliveries (any connection): a blackout shows in its tail.
+    let mut gaps = Histogram::<u64>::new(3).expect("histogram");
+    let mut last_delivery: Option<Instant> = None;
+    let mut switched_at_ms: Vec<f64> = Vec::new();
     // What happened when (ms since the stream started, connection index): rail downs with their
     // reasons, failovers, re-arms, unresponsive periods.
     let mut timeline: Vec<String> = Vec::new();
@@ -416,8 +456,19 @@ fn stream(
             }
             let t = Instant::now();
             let check = &mut st.check;
+            let before = check.delivered;
             let r = st.conn.poll(|m| check.deliver(m));
             timed(t);
+            if st.check.delivered > before {
+                let now = Instant::now();
+                if let Some(last) = last_delivery {
+                    let _ = gaps.record((now - last).as_nanos() as u64);
+                }
+                for _ in 1..st.check.delivered - before {
+                    let _ = gaps.record(0);
+                }
+                last_delivery = Some(now);
+            }
             while let Some(e) = st.conn.poll_event() {
                 if !matches!(e, Event::FailoverComplete { .. }) {
                     timeline.push(format!(
@@ -427,6 +478,9 @@ fn stream(
                 }
                 match e {
                     Event::Failover { .. } => failovers += 1,
+                    Event::Switched { .. } => {
+                        switched_at_ms.push(start.elapsed().as_secs_f64() * 1e3)
+                    }
                     Event::RailDown { .. } => rail_downs += 1,
                     Event::RailUp { .. } => rail_ups += 1,
                     Event::PeerUnresponsive { .. } => unresponsive += 1,
@@ -480,6 +534,7 @@ fn stream(
     // Before anything is dropped: what the process holds (a leak would show here).
     let (live_qps, live_mrs) = railover_rdma::verbs::live_objects();
     let mut unacked = 0u64;
+    let (mut data_bytes, mut standby_writes, mut records_resent) = (0u64, 0u64, 0u64);
     let (mut rails, mut rails_up) = (0, 0);
     let (mut sent, mut delivered, mut peer_sent, mut lost) = (0u64, 0u64, Some(0u64), 0u64);
     let (mut duplicates, mut reordered, mut corrupted) = (0u64, 0u64, 0u64);
@@ -488,6 +543,10 @@ fn stream(
     let mut errors: Vec<String> = Vec::new();
     for st in &streams {
         st.conn.unacked(|_, _| unacked += 1);
+        let stats = st.conn.core().stats();
+        data_bytes += stats.data_bytes;
+        standby_writes += stats.standby_writes;
+        records_resent += stats.records_resent;
         let r = st.conn.core().config().rails();
         rails += r;
         rails_up += (0..r)
@@ -552,6 +611,13 @@ fn stream(
         "call_max_us": calls.max() as f64 / 1e3,
         "close_max_us": close_max.as_secs_f64() * 1e6,
         "resumed": resumed,
+        "switched_at_ms": switched_at_ms,
+        "records_resent": records_resent,
+        "data_bytes": data_bytes,
+        "standby_writes": standby_writes,
+        "gap_p50_us": gaps.value_at_quantile(0.5) as f64 / 1e3,
+        "gap_p999_us": gaps.value_at_quantile(0.999) as f64 / 1e3,
+        "gap_max_us": gaps.max() as f64 / 1e3,
         "window": window.1,
         "error": if errors.is_empty() { serde_json::Value::Null } else { json!(errors.join("; ")) },
         "timeline": timeline,

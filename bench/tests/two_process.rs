@@ -2,7 +2,9 @@
 //! railover: a peer paused with SIGSTOP for 10x and 100x the heartbeat timeout, a graceful close
 //! from either side, a peer killed mid-stream. Every run checks 0 lost / duplicated / reordered /
 //! corrupted records from both processes' reports and prints its figures into
-//! `ci/out/rxe-results.txt`. Needs the SoftRoCE VM: `ci/vm-tests` runs these (`--include-ignored`).
+//! `ci/out/rxe-results.txt`. Hot-hot rails through a cut wire, and the gray switch leaving a
+//! netem-delayed wire, run the same way. Needs the SoftRoCE VM: `ci/vm-tests` runs these
+//! (`--include-ignored`).
 #![cfg(feature = "verbs")]
 
 use std::io::{BufRead, BufReader, Read};
@@ -1022,4 +1024,121 @@ fn a_restarted_backup_joins_the_running_primary_and_takes_over_when_it_dies() {
         )
     ));
     check_orders(&r, 4000);
+}
+
+fn gap_figures(r: &Value) -> String {
+    format!(
+        "{}: gap between deliveries p50 {} us p99.9 {} us max {} us; failovers {}, records resent {}, data bytes {}, standby writes {}",
+        r["role"], r["gap_p50_us"], r["gap_p999_us"], r["gap_max_us"], r["failovers"],
+        r["records_resent"], r["data_bytes"], r["standby_writes"]
+    )
+}
+
+/// Hot-hot rails as two processes: a calm run, then the same run with the active wire cut for
+/// 2 s, then that cut in active-standby mode. Each delivers exactly once in order; each cut
+/// fails over and the rail comes back; the figures (the tail of the time between deliveries, the
+/// records resent) go to `ci/out/rxe-results.txt`.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn hot_hot_rails_carry_the_stream_through_a_cut_wire() {
+    let hot = ["--rail-mode", "hot-hot"];
+    let (serve, connect) = start_with(6.0, false, &hot);
+    let (s, c) = finish(serve, connect, "hot-hot, no fault");
+    let calm = (gap_figures(&c), gap_figures(&s));
+    for r in [&s, &c] {
+        assert!(
+            n(r, "standby_writes") > 0,
+            "both rails carry the stream: {r}"
+        );
+    }
+    let (serve, connect) = start_with(6.0, false, &hot);
+    std::thread::sleep(Duration::from_millis(2_000));
+    cut_for("a", Duration::from_millis(2_000));
+    let (s, c) = finish(serve, connect, "hot-hot, wire a cut for 2 s");
+    failed_over_and_back(&s, &c, "hot-hot, wire a cut");
+    let cut = (gap_figures(&c), gap_figures(&s));
+    // The same cut in active-standby mode, for comparison (same VM boot).
+    let (serve, connect) = start_with(6.0, false, &[]);
+    std::thread::sleep(Duration::from_millis(2_000));
+    cut_for("a", Duration::from_millis(2_000));
+    let (s, c) = finish(serve, connect, "active-standby, wire a cut for 2 s");
+    failed_over_and_back(&s, &c, "active-standby, wire a cut");
+    write_result(&format!("  hot-hot calm:         {}", calm.0));
+    write_result(&format!("                        {}", calm.1));
+    write_result(&format!("  hot-hot cut:          {}", cut.0));
+    write_result(&format!("                        {}", cut.1));
+    write_result(&format!("  active-standby cut:   {}", gap_figures(&c)));
+    write_result(&format!("                        {}", gap_figures(&s)));
+}
+
+/// The gray-failure switch as two processes: 5 ms of netem delay each way on the active wire
+/// (a slow wire, not a dead one: the heartbeat timeout is 100 ms, the RC retry budget ~67 ms)
+/// makes both sides leave it by a planned switch; no rail fails, nothing is lost, duplicated or
+/// reordered.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn the_gray_switch_leaves_a_slow_wire_before_it_fails() {
+    let args = [
+        "--hb-misses",
+        "100",
+        "--gray-margin-us",
+        "4000",
+        "--gray-window-ms",
+        "50",
+        "--gray-hold-ms",
+        "60000",
+    ];
+    let (serve, connect) = start_with(6.0, false, &args);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(2_000));
+    let slowed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let _slow = Netem::new("delay", "a", "5");
+    let (s, c) = finish(serve, connect, "gray switch: wire a delayed 5 ms each way");
+    for r in [&s, &c] {
+        let at: Vec<f64> = r["switched_at_ms"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r}"))
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        write_result(&format!(
+            "  {}: delay applied at ~{slowed_ms:.0} ms, switched at {at:?} ms; rail downs {}, failovers {}, records resent {}",
+            r["role"], r["rail_downs"], r["failovers"], r["records_resent"]
+        ));
+        assert!(!at.is_empty(), "no planned switch: {r}");
+        assert!(
+            at[0] >= slowed_ms - 50.0,
+            "switched before the wire was slowed: {r}"
+        );
+        assert_eq!(
+            at.len(),
+            1,
+            "the hold-down keeps it from switching back: {r}"
+        );
+        assert_eq!(n(r, "rail_downs"), 0, "a slow wire is not a failure: {r}");
+        assert_eq!(n(r, "failovers"), 0, "{r}");
+    }
+}
+
+/// A netem qdisc on both ends of a wire for as long as it lives.
+struct Netem(&'static str);
+
+impl Netem {
+    fn new(op: &str, wire: &'static str, value: &str) -> Netem {
+        let script = std::env::var("RAILOVER_FAULT")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/fault").into());
+        let ok = Command::new("bash")
+            .args([&script, op, wire, value])
+            .status()
+            .expect("ci/fault")
+            .success();
+        assert!(ok, "ci/fault {op} {wire} {value}");
+        Netem(wire)
+    }
+}
+
+impl Drop for Netem {
+    fn drop(&mut self) {
+        fault("netem-clear", self.0);
+    }
 }

@@ -369,8 +369,11 @@ struct Rail {
     /// a completion's latency is a health sample (capacity for a full send queue, so never
     /// reallocated).
     signaled_at: VecDeque<Nanos>,
-    /// Moving average (1/8 weight) of the write-completion latency; 0 until the first sample.
+    /// Moving average (1/8 weight) of the write-completion latency; 0 until the first sample
+    /// past the warm-up.
     latency_ns: Nanos,
+    /// Completions since the rail (re)connected: the first [`LATENCY_WARMUP`] are not samples.
+    completions: u32,
     /// A planned switch left this rail: no later one chooses it before this time.
     avoid_until: Nanos,
     /// This side drains the rail (a planned switch) and asks the peer to acknowledge at once.
@@ -378,6 +381,10 @@ struct Rail {
     /// The peer drains its stream on this rail: acknowledge each consumption at once.
     peer_wants_ack: bool,
 }
+
+/// Completions of a fresh connection that don't count as latency samples: its first writes wait
+/// for address resolution and the like (3-22 ms on rxe against ~1 ms after).
+const LATENCY_WARMUP: u32 = 8;
 
 /// A planned switch under way: the active rail posts nothing new until the peer delivered what
 /// it posted (then the rest moves to `to` and nothing is sent twice).
@@ -445,6 +452,10 @@ impl Rail {
     /// A write completed successfully: the oldest signaled one (the rest it covers had none).
     fn completion_latency(&mut self, now: Nanos) {
         if let Some(posted) = self.signaled_at.pop_front() {
+            if self.completions < LATENCY_WARMUP {
+                self.completions += 1;
+                return;
+            }
             let sample = now.saturating_sub(posted).max(1);
             self.latency_ns = if self.latency_ns == 0 {
                 sample
@@ -574,6 +585,7 @@ impl Core {
                 ctrl_seen: [0; 7],
                 signaled_at: VecDeque::with_capacity(cfg.link.max_send_wr as usize + 1),
                 latency_ns: 0,
+                completions: 0,
                 avoid_until: 0,
                 ack_request: false,
                 peer_wants_ack: false,
@@ -1534,6 +1546,7 @@ impl Core {
         r.ctrl_seen = [0; 7];
         r.signaled_at.clear();
         r.latency_ns = 0;
+        r.completions = 0;
         r.ack_request = false;
         r.peer_wants_ack = false;
         self.rescan = true;

@@ -74,8 +74,12 @@ struct Run {
     duplicates: u64,
 }
 
+/// When the fault comes: the rails have settled (a fresh rail's first completions are not
+/// latency samples) and the stream runs.
+const FAULT_AT: u64 = 15 * MS;
+
 /// Streams `records` records from host 1 to host 2 and injects `fault` on wire 0 (the active
-/// one) at 5 ms; checks every record arrives exactly once and in order.
+/// one) at [`FAULT_AT`]; checks every record arrives exactly once and in order.
 fn run(mode: RailMode, gray: Option<GraySwitch>, fault: Fault, records: usize, seed: u64) -> Run {
     let mut pair = SimPair::new(config(mode, gray), seed, WIRE_NS).unwrap();
     let wire = pair.wires[0];
@@ -87,7 +91,7 @@ fn run(mode: RailMode, gray: Option<GraySwitch>, fault: Fault, records: usize, s
     let mut events = Vec::new();
     while delivered < records {
         let now = pair.now();
-        if !injected && now >= 5 * MS {
+        if !injected && now >= FAULT_AT {
             injected = true;
             let fab = pair.fabric.clone();
             match fault {
@@ -145,7 +149,7 @@ fn run(mode: RailMode, gray: Option<GraySwitch>, fault: Fault, records: usize, s
 
 #[test]
 fn hot_hot_rails_deliver_through_every_fault_kind_without_a_blackout() {
-    let records = 1_000; // 20 ms of stream: the fault at 5 ms, detection and failover inside it
+    let records = 1_500; // 30 ms of stream: the fault at 15 ms, detection and failover inside it
     let calm = run(RailMode::HotHot, None, Fault::None, records, 1);
     let bound = calm.worst_ns + 2 * WIRE_NS;
     println!(
@@ -283,7 +287,7 @@ fn switches(events: &[Event]) -> Vec<(usize, usize, u64)> {
 fn the_gray_switch_leaves_a_degraded_rail_within_its_window_resending_only_unacknowledged() {
     for mode in [RailMode::ActiveStandby, RailMode::HotHot] {
         for fault in [Fault::Spike, Fault::Lossy, Fault::Slow] {
-            let records = 1_500; // 30 ms: the fault at 5 ms lasts 4-10 ms
+            let records = 2_000; // 40 ms: the fault at 15 ms lasts 4-20 ms
             let r = run(mode, Some(GRAY), fault, records, 7);
             let sw = switches(&r.events);
             println!(
@@ -294,7 +298,7 @@ fn the_gray_switch_leaves_a_degraded_rail_within_its_window_resending_only_unack
                 .first()
                 .unwrap_or_else(|| panic!("{mode:?} {fault:?}: no switch; events {:?}", r.events));
             assert_eq!((from, to), (0, 1));
-            let degraded_at = 5 * MS;
+            let degraded_at = FAULT_AT;
             // The average needs a few samples (a heartbeat each on an idle rail), then the
             // window, judged at heartbeat ticks.
             assert!(
@@ -344,9 +348,9 @@ fn the_gray_switch_leaves_a_degraded_rail_within_its_window_resending_only_unack
 /// kept (the faults above are not failures).
 #[test]
 fn no_degradation_no_switch_and_disabled_means_kept() {
-    let r = run(RailMode::ActiveStandby, Some(GRAY), Fault::None, 1_000, 8);
+    let r = run(RailMode::ActiveStandby, Some(GRAY), Fault::None, 1_500, 8);
     assert!(switches(&r.events).is_empty(), "{:?}", r.events);
-    let r = run(RailMode::ActiveStandby, None, Fault::Lossy, 1_000, 8);
+    let r = run(RailMode::ActiveStandby, None, Fault::Lossy, 1_500, 8);
     assert!(switches(&r.events).is_empty());
     assert_eq!(r.stats.failovers, 0);
 }
