@@ -105,6 +105,10 @@ pub struct PeerArgs {
     /// ... and don't choose it again for this long (ms).
     #[arg(long, default_value_t = 10_000)]
     gray_hold_ms: u64,
+    /// RC transport retries (each ~33 ms here) before a write fails the rail: more lets a slow
+    /// wire be left by the gray switch rather than failed.
+    #[arg(long, default_value_t = 1)]
+    rc_retries: u8,
 }
 
 /// The rail mode named on the command line.
@@ -164,6 +168,11 @@ fn config(a: &PeerArgs) -> Config {
         .rails(a.devices.len())
         .geometry(64 * 1024, 16, a.size.max(64))
         .close_linger_ns(5_000_000_000)
+        .link_params(LinkParams {
+            timeout: 13,
+            retry_cnt: a.rc_retries,
+            ..LinkParams::default()
+        })
         .rail_mode(rail_mode(&a.rail_mode));
     if a.gray_margin_us > 0 {
         b = b.gray_switch(GraySwitch {
@@ -403,7 +412,22 @@ fn stream(
     let mut resumed = 0u64;
     let (window_begin, window_end) = (start + stream_for / 3, start + stream_for * 2 / 3);
     let mut window: (Option<WindowCounts>, Option<serde_json::Value>) = (None, None);
+    // With the gray switch on: each rail's latency as it judges it, every 250 ms (connection 0).
+    let mut next_latency_sample = start;
     while streams.iter().any(|s| !s.done) {
+        if a.gray_margin_us > 0 && Instant::now() >= next_latency_sample {
+            next_latency_sample += Duration::from_millis(250);
+            let core = streams[0].conn.core();
+            let lat: Vec<String> = (0..core.config().rails())
+                .map(|r| format!("{:.2}", core.rail_latency_ns(r) as f64 / 1e6))
+                .collect();
+            timeline.push(format!(
+                "{:.1} ms #0 latency ms (active {}): {}",
+                start.elapsed().as_secs_f64() * 1e3,
+                core.active_rail(),
+                lat.join(" / ")
+            ));
+        }
         if a.mark_window && window.1.is_none() {
             let now = Instant::now();
             match window.0 {

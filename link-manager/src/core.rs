@@ -170,8 +170,8 @@ pub enum Event {
         resent: usize,
         at: Nanos,
     },
-    /// A planned switch was given up: its target failed during the drain (the active rail stays
-    /// active).
+    /// A planned switch was given up: its target failed (or was re-armed) during the drain, or
+    /// could not take the records (the active rail stays active).
     SwitchAbandoned { from: usize, to: usize, at: Nanos },
 }
 
@@ -365,12 +365,15 @@ struct Rail {
     /// The peer's control block as last processed: an unchanged block is not decoded again
     /// (processing it is idempotent; the crc alone was a quarter of a round trip's work).
     ctrl_seen: [u64; 7],
-    /// When each signaled write outstanding was posted, oldest first (RC completes in order):
-    /// a completion's latency is a health sample (capacity for a full send queue, so never
-    /// reallocated).
-    signaled_at: VecDeque<Nanos>,
-    /// Moving average (1/8 weight) of the write-completion latency; 0 until the first sample
-    /// past the warm-up.
+    /// Signaled writes posted and completed since the rail (re)connected: RC completes them in
+    /// order, so the n-th completion is the n-th signaled write's.
+    signaled_posted: u64,
+    signaled_done: u64,
+    /// The signaled write being timed (its number and when it was posted): one at a time, the
+    /// next one posted after its completion (a few instructions per write, no queue).
+    probe: Option<(u64, Nanos)>,
+    /// Moving average of the write-completion latency (weight 1/4: one write is timed at a
+    /// time, so samples are few); 0 until the first sample past the warm-up.
     latency_ns: Nanos,
     /// Completions since the rail (re)connected: the first [`LATENCY_WARMUP`] are not samples.
     completions: u32,
@@ -439,19 +442,31 @@ impl Rail {
         self.state != RailState::Failed && self.ctrl_due && self.outstanding < max_wr
     }
 
-    /// The rail's write latency now: the moving average, or the age of the oldest signaled write
-    /// still outstanding if that is longer (a stalled rail shows before its writes complete).
+    /// The rail's write latency now: the moving average, or the age of the write being timed if
+    /// that is longer (a stalled rail shows before its writes complete).
     fn current_latency(&self, now: Nanos) -> Nanos {
         let waiting = self
-            .signaled_at
-            .front()
-            .map_or(0, |posted| now.saturating_sub(*posted));
+            .probe
+            .map_or(0, |(_, posted)| now.saturating_sub(posted));
         self.latency_ns.max(waiting)
     }
 
-    /// A write completed successfully: the oldest signaled one (the rest it covers had none).
+    /// A signaled write is posted now: timed if none is.
+    #[inline]
+    fn signaled_posted(&mut self, now: Nanos) {
+        self.signaled_posted += 1;
+        if self.probe.is_none() {
+            self.probe = Some((self.signaled_posted, now));
+        }
+    }
+
+    /// A write completed successfully (a signaled one; those it covers had no completion): if it
+    /// was the timed one, its latency is a sample.
+    #[inline]
     fn completion_latency(&mut self, now: Nanos) {
-        if let Some(posted) = self.signaled_at.pop_front() {
+        self.signaled_done += 1;
+        if let Some((_, posted)) = self.probe.filter(|(n, _)| self.signaled_done >= *n) {
+            self.probe = None;
             if self.completions < LATENCY_WARMUP {
                 self.completions += 1;
                 return;
@@ -460,7 +475,7 @@ impl Rail {
             self.latency_ns = if self.latency_ns == 0 {
                 sample
             } else {
-                self.latency_ns - self.latency_ns / 8 + sample / 8
+                self.latency_ns - self.latency_ns / 4 + sample / 4
             };
         }
     }
@@ -583,7 +598,9 @@ impl Core {
                 notified: 0,
                 reported_notified: 0,
                 ctrl_seen: [0; 7],
-                signaled_at: VecDeque::with_capacity(cfg.link.max_send_wr as usize + 1),
+                signaled_posted: 0,
+                signaled_done: 0,
+                probe: None,
                 latency_ns: 0,
                 completions: 0,
                 avoid_until: 0,
@@ -774,9 +791,15 @@ impl Core {
         s
     }
 
-    /// The moving average of `rail`'s write-completion latency (0: no sample yet).
+    /// `rail`'s write-completion latency as the gray switch judges it: the moving average, or
+    /// the age of the write being timed if longer (0: no sample yet).
     pub fn rail_latency_ns(&self, rail: usize) -> Nanos {
-        self.rails[rail].latency_ns
+        let r = &self.rails[rail];
+        if r.latency_ns == 0 {
+            0
+        } else {
+            r.current_latency(self.now)
+        }
     }
 
     /// Whether a planned switch is draining the active rail right now.
@@ -1024,38 +1047,50 @@ impl Core {
         }
         // Hot-hot: the copies go even when the active rail can't post (a rail slow to complete
         // holds its send queue full; the standby must not wait for it).
-        if self.standby_due || self.rescan || self.cfg.mode == RailMode::HotHot {
+        if self.standby_due || self.cfg.mode == RailMode::HotHot {
             return self.poll_standbys();
         }
         None
     }
 
     /// The standbys' data writes: in hot-hot mode each first takes copies of the active lane's
-    /// new records.
+    /// new records. (Kept out of line: active-standby's data path doesn't come here.)
+    #[inline(never)]
     fn poll_standbys(&mut self) -> Option<Io> {
-        self.standby_due = false;
         let hot = self.cfg.mode == RailMode::HotHot;
+        // Stays set while a standby holds records it can't post yet (its send queue or the
+        // peer's receive credits are full): the completion or control block that frees them
+        // comes through `poll_io`, which must then look here again.
+        let mut left = false;
         for r in 0..self.rails.len() {
-            if r == self.active || self.rails[r].state != RailState::Standby {
+            // Not before the rail heard the peer: a re-armed rail's peer may not have posted its
+            // receives yet (a write with immediate would meet none); its first control block
+            // says it has (and rescans).
+            if r == self.active
+                || self.rails[r].state != RailState::Standby
+                || self.rails[r].peer_heartbeat == 0
+            {
                 continue;
             }
             if hot {
                 // A stalled copy (the standby's ring full) resumes when its acknowledgement
-                // arrives (a control block: that rescans).
+                // arrives (a control block: that rescans, and hot-hot looks here every scan).
                 let _ = self.lanes.shadow(r);
             }
             if let Some(io) = self.post_lane(r) {
                 self.standby_due = true;
                 return Some(io);
             }
+            left |= self.lanes.poster_ref(r).has_pending();
         }
+        self.standby_due = left;
         None
     }
 
     /// The next data write of lane `a`'s committed, unposted records on its rail. Two work
     /// requests stay free for control writes, and at most half the peer's receive queue is in
     /// flight beyond what it reported processed.
-    #[inline]
+    #[inline(always)]
     fn post_lane(&mut self, a: usize) -> Option<Io> {
         let max_wr = self.cfg.link.max_send_wr;
         let max_recv = self.cfg.link.max_recv_wr;
@@ -1080,7 +1115,7 @@ impl Core {
                 let signaled =
                     rail.unsignaled + 1 >= SIGNAL_EVERY || rail.outstanding * 2 >= max_wr;
                 let wr_id = if signaled {
-                    rail.signaled_at.push_back(self.now);
+                    rail.signaled_posted(self.now);
                     covering(id, std::mem::take(&mut rail.unsignaled))
                 } else {
                     rail.unsignaled += 1;
@@ -1128,7 +1163,7 @@ impl Core {
                 .store(&rail.ctrl_out);
                 rail.outstanding += 1;
                 self.stats.control_writes += 1;
-                rail.signaled_at.push_back(self.now);
+                rail.signaled_posted(self.now);
                 let covered = std::mem::take(&mut rail.unsignaled);
                 return Some(ctrl_write(r, rail.generation, KIND_CTRL, covered));
             }
@@ -1167,7 +1202,7 @@ impl Core {
             rail.outstanding += 1;
             self.bye_outstanding += 1;
             self.stats.control_writes += 1;
-            rail.signaled_at.push_back(self.now);
+            rail.signaled_posted(self.now);
             let covered = std::mem::take(&mut rail.unsignaled);
             return Some(ctrl_write(r, rail.generation, KIND_BYE, covered));
         }
@@ -1544,7 +1579,9 @@ impl Core {
         r.notified = 0;
         r.reported_notified = 0;
         r.ctrl_seen = [0; 7];
-        r.signaled_at.clear();
+        r.signaled_posted = 0;
+        r.signaled_done = 0;
+        r.probe = None;
         r.latency_ns = 0;
         r.completions = 0;
         r.ack_request = false;
@@ -1825,10 +1862,13 @@ impl Core {
         }
     }
 
-    /// The drain is over: the next blocks stop asking for immediate acknowledgements.
+    /// The drain is over: a block without the request goes on every rail that carried it (else
+    /// the peer, whose last block said so, would go on acknowledging every receive).
     fn end_ack_requests(&mut self) {
         for rail in &mut self.rails {
-            rail.ack_request = false;
+            if std::mem::take(&mut rail.ack_request) && rail.state != RailState::Failed {
+                rail.ctrl_due = true;
+            }
         }
     }
 
@@ -1892,6 +1932,12 @@ impl Core {
             }
             Err(e) => {
                 tracing::error!(from, to, error = %e, "planned switch: standby could not take the records");
+                self.stats.abandoned_switches += 1;
+                self.push_event(Event::SwitchAbandoned {
+                    from,
+                    to,
+                    at: self.now,
+                });
             }
         }
     }
@@ -1901,6 +1947,9 @@ impl Core {
             return; // (after the session ended nothing is failed over: it is over)
         }
         let was_active = self.rails[r].state == RailState::Active;
+        if let Some(sw) = self.switching.filter(|sw| sw.to == r) {
+            self.abandon_switch(sw); // (a re-arm fails it and makes it a fresh standby at once)
+        }
         let now = self.now;
         self.rescan = true;
         let rail = &mut self.rails[r];
@@ -1942,13 +1991,22 @@ impl Core {
         loop {
             // Prefer a standby that has proven its path (heard the peer), and of those the one
             // holding most of the stream (hot-hot); any standby beats none.
+            // Active-standby: one a planned switch left recently (slow) comes last.
             let standby = |i: &usize| self.rails[*i].state == RailState::Standby;
+            let hot = self.cfg.mode == RailMode::HotHot;
+            let now = self.now;
             let proven = (0..self.rails.len())
                 .filter(standby)
                 .filter(|&i| self.rails[i].peer_heartbeat != 0)
                 .max_by_key(|&i| {
+                    let holds = if hot {
+                        self.lanes.poster_ref(i).committed_seq()
+                    } else {
+                        0
+                    };
                     (
-                        self.lanes.poster_ref(i).committed_seq(),
+                        holds,
+                        self.rails[i].avoid_until <= now,
                         std::cmp::Reverse(i),
                     )
                 });

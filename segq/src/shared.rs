@@ -59,12 +59,15 @@ impl Shared {
         }
     }
 
-    /// The producer's writes: only into space the poster released and not yet committed.
+    /// The producer's writes: only into space the poster released and not yet committed, or
+    /// (retiring a lane's records, `Poster::retire_unposted`) committed space never posted,
+    /// of a lane the writer is not in, by the control thread that holds both halves.
     pub(crate) fn write(&self, offset: usize, bytes: &[u8]) {
         self.track_write(offset, bytes.len());
         // The Acquire load of `released` ordered the poster's and the NIC's last reads of this
         // space before this write; the producer is `&mut`-owned, so it is the only caller.
-        // SAFETY: released, uncommitted space: nobody else reads or writes it now (see above).
+        // Unposted records were never handed to a NIC, and only their poster reads them.
+        // SAFETY: nobody else reads or writes this space now (see above).
         unsafe { self.region.write(offset, bytes) };
     }
 

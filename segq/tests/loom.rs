@@ -80,3 +80,44 @@ fn failover_never_loses_a_record_being_committed() {
         assert_eq!(seen, vec![1, 2, 3]);
     });
 }
+
+/// Hot standby: the control copies the active lane's records into a standby lane while the
+/// writer commits into the active one (no exclusion). Every copy reads a whole committed record
+/// (the per-word cells catch a read racing the writer's bytes), and the standby ends up with
+/// records 1..=3 once each, in order. Then a failover to the standby copies nothing twice.
+#[test]
+fn shadow_copies_race_no_writer_bytes_and_keep_order() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
+        let geo = Geometry::new(64, 2, 8).unwrap();
+        let queues = (0..2)
+            .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+            .collect();
+        let mut control = lanes(queues, 0);
+        let mut writer = control.writer().expect("first writer");
+        let t = loom::thread::spawn(move || {
+            for seq in 1..=3u8 {
+                assert_eq!(writer.push(&[seq; 8]), Ok(seq as u64));
+            }
+        });
+        let mut copied = 0;
+        while copied < 3 {
+            let rep = control.shadow(1).expect("a standby lane");
+            assert!(!rep.stalled);
+            copied += rep.records;
+            if rep.records == 0 {
+                loom::thread::yield_now();
+            }
+        }
+        t.join().unwrap();
+        let mut seen = Vec::new();
+        control.poster_ref(1).for_each_unacked(|seq, p| {
+            assert!(p.iter().all(|&b| b as u64 == seq));
+            seen.push(seq);
+        });
+        assert_eq!(seen, vec![1, 2, 3]);
+        let (report, next) = control.fail_over(1).unwrap();
+        assert_eq!((report.records, next), (0, 4));
+    });
+}
