@@ -554,6 +554,8 @@ pub struct Core {
     degraded_since: Option<Nanos>,
     /// A planned switch draining the active rail.
     switching: Option<Switch>,
+    /// Some rail's peer asks for immediate acknowledgements (it drains for a planned switch).
+    peer_draining: bool,
 }
 
 impl Core {
@@ -637,6 +639,7 @@ impl Core {
             standby_due: false,
             degraded_since: None,
             switching: None,
+            peer_draining: false,
         };
         core.refresh_rail_stats();
         Ok(core)
@@ -948,7 +951,7 @@ impl Core {
             more |= rail.state != RailState::Failed && rail.rx.has_arrived();
         }
         self.maybe_arrived = more;
-        if total > 0 {
+        if total > 0 && self.peer_draining {
             // The peer drains a rail for a planned switch: every rail it asked on says at once
             // what was delivered (the fastest one ends its wait).
             for rail in self.rails.iter_mut().filter(|r| r.peer_wants_ack) {
@@ -1588,6 +1591,7 @@ impl Core {
         r.peer_wants_ack = false;
         self.rescan = true;
         tracing::info!(rail, generation = r.generation, "rail re-armed as standby");
+        self.peer_draining = self.rails.iter().any(|x| x.peer_wants_ack);
         self.push_event(Event::RailUp { rail, at: now });
         self.refresh_rail_stats();
     }
@@ -1734,6 +1738,7 @@ impl Core {
                 self.rails[r].ctrl_due = true; // what is consumed already, at once
             }
             self.rails[r].peer_wants_ack = wants_ack;
+            self.peer_draining = self.rails.iter().any(|x| x.peer_wants_ack);
             match c.status & STATUS_MASK {
                 STATUS_LIVE => {}
                 STATUS_CLOSED => {
