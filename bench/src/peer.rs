@@ -105,6 +105,9 @@ pub struct PeerArgs {
     /// ... and don't choose it again for this long (ms).
     #[arg(long, default_value_t = 10_000)]
     gray_hold_ms: u64,
+    /// ... or when its card counted at least this many RC retransmissions in a window (0: off).
+    #[arg(long, default_value_t = 0)]
+    gray_retransmits: u32,
     /// RC transport retries (each ~33 ms here) before a write fails the rail: more lets a slow
     /// wire be left by the gray switch rather than failed.
     #[arg(long, default_value_t = 1)]
@@ -179,6 +182,7 @@ fn config(a: &PeerArgs) -> Config {
             margin_ns: a.gray_margin_us * 1_000,
             window_ns: a.gray_window_ms * 1_000_000,
             hold_down_ns: a.gray_hold_ms * 1_000_000,
+            retransmits_per_window: a.gray_retransmits,
         });
     }
     b.build().unwrap_or_else(|e| {

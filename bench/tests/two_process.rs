@@ -1131,6 +1131,76 @@ fn the_gray_switch_leaves_a_slow_wire_before_it_fails() {
     }
 }
 
+/// The gray switch counting the cards' retransmissions (rxe's `completer_retry_err`, read by
+/// each process's control thread): 5 % netem loss each way on the active wire makes both sides
+/// leave it by a planned switch before the RC retry budget fails it; nothing is lost,
+/// duplicated or reordered.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn the_gray_switch_leaves_a_lossy_wire_counting_retransmissions() {
+    let args = [
+        "--hb-misses",
+        "100",
+        // Latency alone would need 1 s of excess: the retransmission count decides.
+        "--gray-margin-us",
+        "1000000",
+        "--gray-window-ms",
+        "100",
+        "--gray-hold-ms",
+        "60000",
+        "--gray-retransmits",
+        "3",
+        "--rc-retries",
+        "6",
+    ];
+    let (serve, connect) = start_with(6.0, false, &args);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(2_000));
+    let lossy_from_ms = started.elapsed().as_secs_f64() * 1e3;
+    let _lossy = Netem::new("loss", "a", "5");
+    let lossy_ms = started.elapsed().as_secs_f64() * 1e3;
+    let (s, c) = finish(serve, connect, "gray switch: wire a losing 5 % each way");
+    for r in [&s, &c] {
+        let at: Vec<f64> = r["switched_at_ms"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r}"))
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        write_result(&format!(
+            "  {}: loss applied between {lossy_from_ms:.0} and {lossy_ms:.0} ms, switched at {at:?} ms; rail downs {}, failovers {}, records resent {}",
+            r["role"], r["rail_downs"], r["failovers"], r["records_resent"]
+        ));
+        for line in r["timeline"].as_array().into_iter().flatten() {
+            let line = line.as_str().unwrap_or_default();
+            if line.contains("Switched") || line.contains("RailDown") {
+                write_result(&format!("    {line}"));
+            }
+        }
+        assert!(!at.is_empty(), "no planned switch: {r}");
+        assert!(
+            at[0] >= lossy_from_ms - 50.0,
+            "switched before the wire lost anything: {r}"
+        );
+        let first_switch = r["timeline"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .position(|l| l.contains("Switched"));
+        let first_down = r["timeline"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .position(|l| l.contains("RailDown"));
+        assert!(
+            first_down.is_none_or(|d| first_switch.is_some_and(|s| s < d)),
+            "the lossy rail was left by a planned switch before anything failed: {r}"
+        );
+    }
+}
+
 /// A netem qdisc on both ends of a wire for as long as it lives.
 struct Netem(&'static str);
 

@@ -54,6 +54,11 @@ pub struct GraySwitch {
     /// A rail left for being degraded is not chosen by a later switch for this long (a failover
     /// still takes it if nothing else is left).
     pub hold_down_ns: u64,
+    /// Also switch when the active rail's card counted at least this many RC retransmissions in
+    /// one window while a standby's counted fewer (0: latency alone). Where the card exposes
+    /// them (`hw_counters`: rxe, ConnectX); read off the data path (the control thread, or the
+    /// simulator's card), per card, so every connection on it shares the count.
+    pub retransmits_per_window: u32,
 }
 
 /// Connection configuration. Build it with [`Config::builder`].
@@ -352,6 +357,7 @@ mod tests {
             margin_ns: 1_000,
             window_ns: 0,
             hold_down_ns: 0,
+            retransmits_per_window: 0,
         };
         assert_eq!(
             Config::builder().gray_switch(gray).build(),

@@ -283,6 +283,8 @@ pub(crate) enum Outcome<N: Nic> {
     ChannelRestored,
     /// An asynchronous event of `rail`'s card.
     Event { rail: usize, event: AsyncEvent },
+    /// `rail`'s card's RC retransmission counter changed (gray switch).
+    Retransmissions { rail: usize, total: u64 },
 }
 
 /// The data thread's handle on its connection's control thread.
@@ -427,6 +429,7 @@ impl<N: Nic> ControlThread<N> {
                 Outcome::ChannelLost => rx.rearm_channel_lost(),
                 Outcome::ChannelRestored => rx.rearm_channel_restored(),
                 Outcome::Event { rail, event } => rx.card_event(rail, event),
+                Outcome::Retransmissions { rail, total } => rx.card_retransmissions(rail, total),
             }
         }
     }
@@ -513,6 +516,7 @@ fn control_loop<N: Nic>(
         RearmProtocol::new(role, cfg.rails()).with_timeout(cfg.rearm_exchange_timeout_ns());
     let mut fresh = FreshLinks::new();
     let mut lost_reported = false;
+    let mut retransmissions: [Option<u64>; MAX_RAILS] = [None; MAX_RAILS];
     // Relaxed: a stop flag (see ControlThread::drop).
     while !stop.load(Ordering::Relaxed) {
         loop {
@@ -561,6 +565,19 @@ fn control_loop<N: Nic>(
             if let Some(nic) = nic {
                 while let Some(event) = nic.poll_event() {
                     reporter.report(Outcome::Event { rail, event });
+                }
+            }
+        }
+        // The gray switch's retransmission counts: read here, off the data thread (files).
+        if cfg
+            .gray_switch()
+            .is_some_and(|g| g.retransmits_per_window > 0)
+        {
+            for (rail, nic) in live.iter().enumerate() {
+                let total = nic.as_ref().and_then(|n| n.retransmissions());
+                if let Some(total) = total.filter(|t| Some(*t) != retransmissions[rail]) {
+                    retransmissions[rail] = Some(total);
+                    reporter.report(Outcome::Retransmissions { rail, total });
                 }
             }
         }

@@ -185,6 +185,9 @@ pub enum SwitchReason {
         active_latency_ns: Nanos,
         standby_latency_ns: Nanos,
     },
+    /// The active rail's card retransmitted at least the configured number of times in one
+    /// window (a lossy link), the standby's fewer.
+    Retransmitting { active: u64, standby: u64 },
 }
 
 /// Which registered buffer of a rail an [`Io::Write`] reads or targets.
@@ -379,6 +382,12 @@ struct Rail {
     completions: u32,
     /// A planned switch left this rail: no later one chooses it before this time.
     avoid_until: Nanos,
+    /// The card's RC retransmission counter as last reported by the driver, where it was at
+    /// the start of the current window (None: not reported yet), and the count of the last
+    /// complete window.
+    retransmissions: u64,
+    retransmissions_base: Option<u64>,
+    retransmissions_in_window: u64,
     /// This side drains the rail (a planned switch) and asks the peer to acknowledge at once.
     ack_request: bool,
     /// The peer drains its stream on this rail: acknowledge each consumption at once.
@@ -556,6 +565,8 @@ pub struct Core {
     switching: Option<Switch>,
     /// Some rail's peer asks for immediate acknowledgements (it drains for a planned switch).
     peer_draining: bool,
+    /// When the current retransmission-counting window began (gray switch).
+    retransmit_window_start: Nanos,
 }
 
 impl Core {
@@ -606,6 +617,9 @@ impl Core {
                 latency_ns: 0,
                 completions: 0,
                 avoid_until: 0,
+                retransmissions: 0,
+                retransmissions_base: None,
+                retransmissions_in_window: 0,
                 ack_request: false,
                 peer_wants_ack: false,
             });
@@ -640,6 +654,7 @@ impl Core {
             degraded_since: None,
             switching: None,
             peer_draining: false,
+            retransmit_window_start: now,
         };
         core.refresh_rail_stats();
         Ok(core)
@@ -803,6 +818,21 @@ impl Core {
         } else {
             r.current_latency(self.now)
         }
+    }
+
+    /// The driver read `rail`'s card's RC retransmission counter (see
+    /// [`GraySwitch::retransmits_per_window`](crate::config::GraySwitch)): `total` so far.
+    pub fn note_retransmissions(&mut self, rail: usize, total: u64) {
+        if let Some(r) = self.rails.get_mut(rail) {
+            r.retransmissions = total;
+            r.retransmissions_base.get_or_insert(total); // counted from the first report on
+        }
+    }
+
+    /// Whether the gray switch counts retransmissions (the driver then reports them about
+    /// once per heartbeat interval).
+    pub fn wants_retransmissions(&self) -> bool {
+        self.cfg.gray.is_some_and(|g| g.retransmits_per_window > 0)
     }
 
     /// Whether a planned switch is draining the active rail right now.
@@ -1781,21 +1811,55 @@ impl Core {
     /// standby by more than the margin for the whole window; if so, a planned switch begins.
     fn check_gray(&mut self) {
         let Some(gray) = self.cfg.gray else { return };
+        let now = self.now;
+        // Retransmissions: counted per window (the cards' counters, reported by the driver).
+        let window_done = gray.retransmits_per_window > 0
+            && now.saturating_sub(self.retransmit_window_start) >= gray.window_ns;
+        if window_done {
+            self.retransmit_window_start = now;
+            for r in &mut self.rails {
+                if let Some(base) = r.retransmissions_base {
+                    r.retransmissions_in_window = r.retransmissions.saturating_sub(base);
+                    r.retransmissions_base = Some(r.retransmissions);
+                }
+            }
+        }
         if self.switching.is_some() || self.ended.is_some() || self.unresponsive_since.is_some() {
             return;
         }
         let a = self.active;
-        let now = self.now;
+        let eligible = |i: usize, r: &Rail| {
+            i != a && r.state == RailState::Standby && r.peer_heartbeat != 0 && r.avoid_until <= now
+        };
+        let limit = u64::from(gray.retransmits_per_window);
+        if window_done && self.rails[a].retransmissions_in_window >= limit {
+            let calm = (0..self.rails.len())
+                .filter(|&i| {
+                    let r = &self.rails[i];
+                    eligible(i, r)
+                        && r.retransmissions_base.is_some()
+                        && r.retransmissions_in_window < limit
+                })
+                .min_by_key(|&i| self.rails[i].retransmissions_in_window);
+            if let Some(to) = calm {
+                let reason = SwitchReason::Retransmitting {
+                    active: self.rails[a].retransmissions_in_window,
+                    standby: self.rails[to].retransmissions_in_window,
+                };
+                tracing::warn!(
+                    from = a,
+                    to,
+                    ?reason,
+                    "active rail retransmitting: switching"
+                );
+                self.degraded_since = None;
+                self.begin_switch(to, reason);
+                return;
+            }
+        }
         let active_latency_ns = self.rails[a].current_latency(now);
         let best = (0..self.rails.len())
-            .filter(|&i| {
-                let r = &self.rails[i];
-                i != a
-                    && r.state == RailState::Standby
-                    && r.peer_heartbeat != 0
-                    && r.latency_ns != 0
-                    && r.avoid_until <= now
-            })
+            .filter(|&i| eligible(i, &self.rails[i]) && self.rails[i].latency_ns != 0)
             .min_by_key(|&i| self.rails[i].current_latency(now));
         match best {
             Some(to)

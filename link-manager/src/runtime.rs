@@ -203,6 +203,9 @@ pub struct Receiver<N: Nic, C: Clock> {
     doorbell: Option<Arc<Doorbell>>,
     /// Set when the split [`Sender`] is dropped: the connection then closes.
     sender_gone: Option<Arc<AtomicBool>>,
+    /// When the cards' retransmission counters are read next (gray switch, inline control:
+    /// about once a heartbeat interval; a control thread reads them itself).
+    next_counter_read: Nanos,
 }
 
 /// Lets a split [`Sender`] wake its [`Receiver`] sleeping in a blocking receive, so a record
@@ -544,6 +547,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     control: None,
                     doorbell: None,
                     sender_gone: None,
+                    next_counter_read: 0,
                 },
                 sends_since_progress: 0,
             },
@@ -798,6 +802,14 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         for (rail, _) in fatal.iter().enumerate().filter(|(_, f)| **f) {
             self.release_card(rail);
         }
+        if events_here && now >= self.next_counter_read && self.core.wants_retransmissions() {
+            self.next_counter_read = now + self.core.config().heartbeat_interval_ns();
+            for (i, rail) in self.rails.iter().enumerate() {
+                if let Some(total) = rail.card.as_ref().and_then(|c| c.nic().retransmissions()) {
+                    self.core.note_retransmissions(i, total);
+                }
+            }
+        }
         if let Some(gone) = &self.sender_gone {
             // Pairs with the Release in `Sender::drop`.
             if gone.load(Ordering::Acquire) && !self.core.is_closing() && !self.core.is_dead() {
@@ -906,6 +918,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     /// An asynchronous event of `rail`'s card, read by the control thread.
+    /// The control thread read `rail`'s card's retransmission counter.
+    pub(crate) fn card_retransmissions(&mut self, rail: usize, total: u64) {
+        self.core.note_retransmissions(rail, total);
+    }
+
     pub(crate) fn card_event(&mut self, rail: usize, event: AsyncEvent) {
         if self.rails[rail].card.is_none() {
             return; // released meanwhile: the event is about a card this side let go of

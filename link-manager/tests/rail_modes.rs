@@ -31,6 +31,8 @@ enum Fault {
     /// Slower by a little more than the gray margin, for long (its writes still land within
     /// the drain's deadline).
     Slow,
+    /// A tenth of the writes retransmitted, each only 50 us late (below any latency margin).
+    LightLoss,
 }
 
 const FAULTS: [Fault; 7] = [
@@ -104,6 +106,7 @@ fn run(mode: RailMode, gray: Option<GraySwitch>, fault: Fault, records: usize, s
                 Fault::Spike => fab.latency_spike(wire, 2 * MS, 4 * MS),
                 Fault::Lossy => fab.lossy(wire, 200, 3 * MS, 10 * MS),
                 Fault::Slow => fab.latency_spike(wire, 500 * US, 20 * MS),
+                Fault::LightLoss => fab.lossy(wire, 100, 50 * US, 20 * MS),
             }
         }
         if now >= next_send && sent_at.len() < records {
@@ -268,6 +271,7 @@ const GRAY: GraySwitch = GraySwitch {
     margin_ns: 300 * US,
     window_ns: 2 * MS,
     hold_down_ns: 50 * MS,
+    retransmits_per_window: 0,
 };
 
 fn switches(events: &[Event]) -> Vec<(usize, usize, u64)> {
@@ -353,4 +357,52 @@ fn no_degradation_no_switch_and_disabled_means_kept() {
     let r = run(RailMode::ActiveStandby, None, Fault::Lossy, 1_500, 8);
     assert!(switches(&r.events).is_empty());
     assert_eq!(r.stats.failovers, 0);
+}
+
+/// Loss that costs little latency (each retransmission 50 us late, under the 300 us margin) is
+/// still a gray failure where the card counts its retransmissions: the switch counts them per
+/// window and leaves the rail; without counting, latency alone keeps it.
+#[test]
+fn the_gray_switch_counts_retransmissions_where_latency_hides_the_loss() {
+    let counting = GraySwitch {
+        retransmits_per_window: 3,
+        ..GRAY
+    };
+    for mode in [RailMode::ActiveStandby, RailMode::HotHot] {
+        let r = run(mode, Some(counting), Fault::LightLoss, 2_000, 9);
+        let sw = switches(&r.events);
+        println!("{mode:?} LightLoss, counting retransmissions: switches {sw:?}");
+        assert_eq!(sw.len(), 1, "{mode:?}: {:?}", r.events);
+        let (from, to, at) = sw[0];
+        assert_eq!((from, to), (0, 1));
+        // Counted over whole windows: within two of them (plus a tick) of the loss starting.
+        assert!(
+            at - FAULT_AT <= 2 * GRAY.window_ns + MS,
+            "{mode:?}: switched {} ns after the loss began",
+            at - FAULT_AT
+        );
+        assert!(r.events.iter().any(|e| matches!(
+            e,
+            Event::Switched {
+                reason: SwitchReason::Retransmitting { .. },
+                ..
+            }
+        )));
+        assert!(!r
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::RailDown { .. } | Event::Failover { .. })));
+    }
+    let r = run(
+        RailMode::ActiveStandby,
+        Some(GRAY),
+        Fault::LightLoss,
+        2_000,
+        9,
+    );
+    assert!(
+        switches(&r.events).is_empty(),
+        "latency alone does not see it: {:?}",
+        r.events
+    );
 }

@@ -462,6 +462,8 @@ fn run_seed(seed: u64) -> Outcome {
             margin_ns: 300_000,
             window_ns: 2 * MS,
             hold_down_ns: 20 * MS,
+            // Half of those also count retransmissions (partial loss).
+            retransmits_per_window: if seed % 8 == 2 { 3 } else { 0 },
         });
     }
     let cfg = cfg.build().unwrap();

@@ -248,6 +248,12 @@ pub trait Nic {
         None
     }
 
+    /// RC retransmissions this card counted so far (all its queue pairs), where it exposes them
+    /// (`hw_counters`); `None` where it doesn't. May read files: not for the data path.
+    fn retransmissions(&self) -> Option<u64> {
+        None
+    }
+
     /// What it takes to open this card again once every handle on it was dropped (after a
     /// device-fatal event the device can only recover when the process lets go of it).
     type Reopen: Clone;

@@ -86,6 +86,8 @@ struct NicState {
     wire: usize,
     removed: bool,
     events: VecDeque<AsyncEvent>,
+    /// Writes this card had to retransmit (partial loss): its `hw_counters`.
+    retransmissions: u64,
 }
 
 struct Wire {
@@ -169,6 +171,7 @@ impl SimFabric {
                 wire,
                 removed: false,
                 events: VecDeque::new(),
+                retransmissions: 0,
             });
         }
         w.wires.push(Wire {
@@ -673,6 +676,10 @@ impl Nic for SimNic {
             .events
             .pop_front()
     }
+
+    fn retransmissions(&self) -> Option<u64> {
+        Some(self.fabric.world.borrow().nics[self.id].retransmissions)
+    }
 }
 
 impl SimNic {
@@ -775,6 +782,8 @@ impl Link for SimLink {
             let (per_mille, retransmit) = (wire.loss_per_mille, wire.loss_retransmit_ns);
             if w.rng.random_range(0..1000) < per_mille {
                 latency += retransmit;
+                let nic = w.qps[self.qp].nic;
+                w.nics[nic].retransmissions += 1;
             }
         }
         w.qps[self.qp].fifo.push_back(Wr {

@@ -179,6 +179,26 @@ impl Nic for VerbsNic {
         &self.name
     }
 
+    /// The port counters that count a retransmission by this card's requester: rxe's
+    /// `completer_retry_err`, ConnectX's `local_ack_timeout_err` (summed over its ports).
+    fn retransmissions(&self) -> Option<u64> {
+        const COUNTERS: [&str; 2] = ["completer_retry_err", "local_ack_timeout_err"];
+        let ports = std::fs::read_dir(format!("/sys/class/infiniband/{}/ports", self.name)).ok()?;
+        let mut total = None;
+        for port in ports.flatten() {
+            for counter in COUNTERS {
+                let path = port.path().join("hw_counters").join(counter);
+                if let Some(v) = std::fs::read_to_string(path)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                {
+                    *total.get_or_insert(0) += v;
+                }
+            }
+        }
+        total
+    }
+
     fn register(
         &self,
         mem: Arc<dyn RegisterableMemory>,
