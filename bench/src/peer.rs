@@ -407,6 +407,8 @@ fn stream(
     // Time between consecutive deliveries (any connection): a blackout shows in its tail.
     let mut gaps = Histogram::<u64>::new(3).expect("histogram");
     let mut last_delivery: Option<Instant> = None;
+    // The three longest gaps and when they ended (ms into the stream): where a tail comes from.
+    let mut longest_gaps: Vec<(f64, f64)> = Vec::new();
     let mut switched_at_ms: Vec<f64> = Vec::new();
     // What happened when (ms since the stream started, connection index): rail downs with their
     // reasons, failovers, re-arms, unresponsive periods.
@@ -490,7 +492,14 @@ fn stream(
             if st.check.delivered > before {
                 let now = Instant::now();
                 if let Some(last) = last_delivery {
-                    let _ = gaps.record((now - last).as_nanos() as u64);
+                    let gap = now - last;
+                    let _ = gaps.record(gap.as_nanos() as u64);
+                    let gap_ms = gap.as_secs_f64() * 1e3;
+                    if longest_gaps.len() < 3 || gap_ms > longest_gaps[2].0 {
+                        longest_gaps.push((gap_ms, (now - start).as_secs_f64() * 1e3));
+                        longest_gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
+                        longest_gaps.truncate(3);
+                    }
                 }
                 for _ in 1..st.check.delivered - before {
                     let _ = gaps.record(0);
@@ -646,6 +655,7 @@ fn stream(
         "gap_p50_us": gaps.value_at_quantile(0.5) as f64 / 1e3,
         "gap_p999_us": gaps.value_at_quantile(0.999) as f64 / 1e3,
         "gap_max_us": gaps.max() as f64 / 1e3,
+        "longest_gaps_ms_at_ms": longest_gaps,
         "window": window.1,
         "error": if errors.is_empty() { serde_json::Value::Null } else { json!(errors.join("; ")) },
         "timeline": timeline,

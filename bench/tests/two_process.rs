@@ -1028,10 +1028,16 @@ fn a_restarted_backup_joins_the_running_primary_and_takes_over_when_it_dies() {
 
 fn gap_figures(r: &Value) -> String {
     format!(
-        "{}: gap between deliveries p50 {} us p99.9 {} us max {} us; failovers {}, records resent {}, data bytes {}, standby writes {}",
-        r["role"], r["gap_p50_us"], r["gap_p999_us"], r["gap_max_us"], r["failovers"],
-        r["records_resent"], r["data_bytes"], r["standby_writes"]
+        "{}: gap between deliveries p50 {} us p99.9 {} us max {} us (longest [ms, ended at ms]: {}); failovers {}, records resent {}, data bytes {}, standby writes {}",
+        r["role"], r["gap_p50_us"], r["gap_p999_us"], r["gap_max_us"],
+        r["longest_gaps_ms_at_ms"], r["failovers"], r["records_resent"], r["data_bytes"],
+        r["standby_writes"]
     )
+}
+
+/// Milliseconds since `t`.
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// Hot-hot rails as two processes: a calm run, then the same run with the active wire cut for
@@ -1052,11 +1058,15 @@ fn hot_hot_rails_carry_the_stream_through_a_cut_wire() {
         );
     }
     let (serve, connect) = start_with(6.0, false, &hot);
+    let t0 = Instant::now();
     std::thread::sleep(Duration::from_millis(2_000));
+    let cut_at = ms_since(t0);
     cut_for("a", Duration::from_millis(2_000));
+    let restored_at = ms_since(t0);
     let (s, c) = finish(serve, connect, "hot-hot, wire a cut for 2 s");
     failed_over_and_back(&s, &c, "hot-hot, wire a cut");
     let cut = (gap_figures(&c), gap_figures(&s));
+    let when = format!("cut at ~{cut_at:.0} ms, restored (ip link up returned) at ~{restored_at:.0} ms; the rail's re-arm follows");
     // The same cut in active-standby mode, for comparison (same VM boot).
     let (serve, connect) = start_with(6.0, false, &[]);
     std::thread::sleep(Duration::from_millis(2_000));
@@ -1065,6 +1075,7 @@ fn hot_hot_rails_carry_the_stream_through_a_cut_wire() {
     failed_over_and_back(&s, &c, "active-standby, wire a cut");
     write_result(&format!("  hot-hot calm:         {}", calm.0));
     write_result(&format!("                        {}", calm.1));
+    write_result(&format!("  hot-hot cut ({when}):"));
     write_result(&format!("  hot-hot cut:          {}", cut.0));
     write_result(&format!("                        {}", cut.1));
     write_result(&format!("  active-standby cut:   {}", gap_figures(&c)));
