@@ -178,12 +178,14 @@ fn config(a: &PeerArgs) -> Config {
         })
         .rail_mode(rail_mode(&a.rail_mode));
     if a.gray_margin_us > 0 {
-        b = b.gray_switch(GraySwitch {
-            margin_ns: a.gray_margin_us * 1_000,
-            window_ns: a.gray_window_ms * 1_000_000,
-            hold_down_ns: a.gray_hold_ms * 1_000_000,
-            retransmits_per_window: a.gray_retransmits,
-        });
+        b = b.gray_switch(
+            GraySwitch::new(
+                a.gray_margin_us * 1_000,
+                a.gray_window_ms * 1_000_000,
+                a.gray_hold_ms * 1_000_000,
+            )
+            .retransmits_per_window(a.gray_retransmits),
+        );
     }
     b.build().unwrap_or_else(|e| {
         eprintln!("invalid configuration: {e}");

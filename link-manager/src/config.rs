@@ -8,6 +8,7 @@ pub const MAX_RAILS: usize = 4;
 
 /// Why a configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error("invalid queue geometry: {0}")]
     Geometry(#[from] GeometryError),
@@ -29,6 +30,7 @@ pub enum ConfigError {
 
 /// How a connection uses its rails (see the README's "Rail modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum RailMode {
     /// One rail carries the stream; the others are connected, heart-beating standbys. A fault
     /// costs a blackout: detection, then a resend of what was not acknowledged.
@@ -44,6 +46,7 @@ pub enum RailMode {
 /// each rail's write-completion latency (a moving average over its signaled writes: data and
 /// heartbeats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GraySwitch {
     /// The active rail counts as degraded while its latency exceeds the best standby's by more
     /// than this. Set it above the queueing delay a loaded rail shows (tens of microseconds on
@@ -59,6 +62,26 @@ pub struct GraySwitch {
     /// them (`hw_counters`: rxe, ConnectX); read off the data path (the control thread, or the
     /// simulator's card), per card, so every connection on it shares the count.
     pub retransmits_per_window: u32,
+}
+
+impl GraySwitch {
+    /// Leave the active rail once its latency exceeded the best standby's by `margin_ns` for
+    /// `window_ns`; don't come back to it for `hold_down_ns` (retransmissions not counted).
+    pub const fn new(margin_ns: u64, window_ns: u64, hold_down_ns: u64) -> GraySwitch {
+        GraySwitch {
+            margin_ns,
+            window_ns,
+            hold_down_ns,
+            retransmits_per_window: 0,
+        }
+    }
+
+    /// Also leave it when its card counted `n` RC retransmissions in one window (see
+    /// [`GraySwitch::retransmits_per_window`]).
+    pub const fn retransmits_per_window(mut self, n: u32) -> GraySwitch {
+        self.retransmits_per_window = n;
+        self
+    }
 }
 
 /// Connection configuration. Build it with [`Config::builder`].
@@ -353,12 +376,7 @@ mod tests {
                 heartbeat_ns: 3_000_000
             })
         ));
-        let gray = GraySwitch {
-            margin_ns: 1_000,
-            window_ns: 0,
-            hold_down_ns: 0,
-            retransmits_per_window: 0,
-        };
+        let gray = GraySwitch::new(1_000, 0, 0);
         assert_eq!(
             Config::builder().gray_switch(gray).build(),
             Err(ConfigError::GraySwitch)

@@ -27,6 +27,7 @@ pub type Nanos = u64;
 
 /// What a rail is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RailState {
     /// Carries this side's outgoing stream.
     Active,
@@ -38,6 +39,7 @@ pub enum RailState {
 
 /// Why a rail was declared failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FailReason {
     /// A work request completed in error (retry exceeded, flushed, remote access...).
     Completion(WcStatus),
@@ -226,6 +228,7 @@ pub enum Io {
 
 /// A send that could not be accepted. Nothing accepted earlier is affected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SendError {
     #[error("message of {len} bytes exceeds the maximum record size {max}")]
     TooLarge { len: usize, max: usize },
@@ -241,6 +244,7 @@ pub enum SendError {
 
 /// Receiving failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RecvError {
     #[error("every rail is down")]
     AllRailsDown,
@@ -252,6 +256,7 @@ pub enum RecvError {
 
 /// Counters a user can read at any time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Stats {
     pub sent: u64,
     pub delivered: u64,
@@ -892,7 +897,14 @@ impl Core {
     /// Delivers every message that has arrived, in order and exactly once, to `deliver` (zero-copy).
     /// Returns how many it delivered.
     #[inline]
-    pub fn poll_recv(&mut self, deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
+    pub fn poll_recv(&mut self, mut deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
+        self.poll_recv_limit(usize::MAX, |_, p| deliver(p))
+    }
+
+    /// [`Core::poll_recv`] with each record's sequence number (the sender's, from 1: what its
+    /// `send` returned).
+    #[inline]
+    pub fn poll_recv_seq(&mut self, deliver: impl FnMut(u64, &[u8])) -> Result<usize, RecvError> {
         self.poll_recv_limit(usize::MAX, deliver)
     }
 
@@ -907,7 +919,7 @@ impl Core {
             });
         }
         let mut len = None;
-        self.poll_recv_limit(1, |p| {
+        self.poll_recv_limit(1, |_, p| {
             buf[..p.len()].copy_from_slice(p);
             len = Some(p.len());
         })?;
@@ -918,7 +930,7 @@ impl Core {
     fn poll_recv_limit(
         &mut self,
         limit: usize,
-        deliver: impl FnMut(&[u8]),
+        deliver: impl FnMut(u64, &[u8]),
     ) -> Result<usize, RecvError> {
         self.recv_touched = false;
         if !self.maybe_arrived && self.ended.is_none() {
@@ -930,7 +942,7 @@ impl Core {
     fn consume_arrived(
         &mut self,
         limit: usize,
-        mut deliver: impl FnMut(&[u8]),
+        mut deliver: impl FnMut(u64, &[u8]),
     ) -> Result<usize, RecvError> {
         match self.end_error() {
             Some(EndReason::AllRailsDown) => return Err(RecvError::AllRailsDown),
@@ -957,7 +969,7 @@ impl Core {
             self.rescan = true;
             match self.rails[r]
                 .rx
-                .consume_limit(&mut self.cursor, limit - total, |_, p| deliver(p))
+                .consume_limit(&mut self.cursor, limit - total, &mut deliver)
             {
                 Ok(n) => total += n,
                 Err(e) => {

@@ -55,6 +55,7 @@ impl Clock for RealClock {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConnectError {
     #[error("fabric: {0}")]
     Fabric(#[from] FabricError),
@@ -72,6 +73,7 @@ pub enum ConnectError {
 
 /// A close that could not hand everything over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CloseError {
     /// The linger ran out before the peer delivered `records` records; `unacked()` lists them.
     #[error(
@@ -628,6 +630,17 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let n = self.core.poll_recv(deliver);
         if self.core.recv_touched() {
             self.flush(); // acknowledgements it made due, a rail it failed
+        }
+        n
+    }
+
+    /// [`Receiver::poll`], with each message's sequence number (what the peer's `send`
+    /// returned for it: 1, 2, 3, ... in delivery order, continued by a resumed connection).
+    pub fn poll_seq(&mut self, deliver: impl FnMut(u64, &[u8])) -> Result<usize, RecvError> {
+        self.progress();
+        let n = self.core.poll_recv_seq(deliver);
+        if self.core.recv_touched() {
+            self.flush();
         }
         n
     }

@@ -222,3 +222,32 @@ fn recv_blocking_times_out_heart_beating_and_loses_nothing() {
     );
     assert_eq!(got, vec![b"late".to_vec()]);
 }
+
+/// The delivery callback can have each record's sequence number: the one the sender's `send`
+/// returned, across a failover too (records resent over the standby keep their numbers, and
+/// duplicates never reach the callback).
+#[test]
+fn poll_seq_gives_the_senders_sequence_numbers_across_a_failover() {
+    let mut p = pair();
+    let mut sent = Vec::new();
+    for i in 0u8..20 {
+        sent.push((p.a.send(&[i; 12]).unwrap(), vec![i; 12]));
+        if i == 9 {
+            let wire = p.wires[0];
+            p.fabric.black_hole(wire); // the next records are lost on rail 0, then resent
+        }
+    }
+    let mut got = Vec::new();
+    let deadline = p.now() + 50_000_000;
+    while got.len() < sent.len() && p.now() < deadline {
+        let t = p.now() + 100_000;
+        p.step(t);
+        p.b.poll_seq(|seq, m| got.push((seq, m.to_vec()))).unwrap();
+        p.a.poll(|_| {}).unwrap();
+    }
+    assert!(
+        p.a.stats().failovers >= 1,
+        "the black hole failed rail 0 over"
+    );
+    assert_eq!(got, sent);
+}

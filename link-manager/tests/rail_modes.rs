@@ -267,12 +267,7 @@ fn a_repaired_rail_rejoins_the_hot_pair() {
     assert_eq!(delivered, sent);
 }
 
-const GRAY: GraySwitch = GraySwitch {
-    margin_ns: 300 * US,
-    window_ns: 2 * MS,
-    hold_down_ns: 50 * MS,
-    retransmits_per_window: 0,
-};
+const GRAY: GraySwitch = GraySwitch::new(300 * US, 2 * MS, 50 * MS);
 
 fn switches(events: &[Event]) -> Vec<(usize, usize, u64)> {
     events
@@ -364,10 +359,7 @@ fn no_degradation_no_switch_and_disabled_means_kept() {
 /// window and leaves the rail; without counting, latency alone keeps it.
 #[test]
 fn the_gray_switch_counts_retransmissions_where_latency_hides_the_loss() {
-    let counting = GraySwitch {
-        retransmits_per_window: 3,
-        ..GRAY
-    };
+    let counting = GRAY.retransmits_per_window(3);
     for mode in [RailMode::ActiveStandby, RailMode::HotHot] {
         let r = run(mode, Some(counting), Fault::LightLoss, 2_000, 9);
         let sw = switches(&r.events);

@@ -458,13 +458,10 @@ fn run_seed(seed: u64) -> Outcome {
         .backing(railover_segq::Backing::Heap)
         .rail_mode(mode);
     if seed % 4 == 2 {
-        cfg = cfg.gray_switch(GraySwitch {
-            margin_ns: 300_000,
-            window_ns: 2 * MS,
-            hold_down_ns: 20 * MS,
-            // Half of those also count retransmissions (partial loss).
-            retransmits_per_window: if seed % 8 == 2 { 3 } else { 0 },
-        });
+        // Half of those also count retransmissions (partial loss).
+        let counted = if seed % 8 == 2 { 3 } else { 0 };
+        cfg = cfg
+            .gray_switch(GraySwitch::new(300_000, 2 * MS, 20 * MS).retransmits_per_window(counted));
     }
     let cfg = cfg.build().unwrap();
     let latency = rng.random_range(1..30) * 1000;
