@@ -1082,10 +1082,68 @@ fn hot_hot_rails_carry_the_stream_through_a_cut_wire() {
     write_result(&format!("                        {}", gap_figures(&s)));
 }
 
+/// What one process of a gray-switch run did: when it switched (ms into its stream).
+struct GrayRun {
+    report: Value,
+    switched_at: Vec<f64>,
+    /// When `tc` was started and when it had returned (ms into the stream, roughly: the
+    /// streams start as the processes say `connected`). `tc` itself takes 1-2 s under TCG.
+    netem_from: f64,
+}
+
+/// Streams for 6 s with `args`, puts `netem OP VALUE` on wire a 2 s in, and returns both
+/// processes' runs (each checked exactly once, in order, intact), after writing what each did
+/// and the timeline lines naming `shown` into `ci/out/rxe-results.txt`.
+fn gray_run(args: &[&str], op: &str, value: &str, title: &str, shown: &[&str]) -> [GrayRun; 2] {
+    let (serve, connect) = start_with(6.0, false, args);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(2_000));
+    let netem_from = ms_since(started);
+    let _netem = Netem::new(op, "a", value);
+    let netem_done = ms_since(started);
+    let (s, c) = finish(serve, connect, title);
+    [s, c].map(|report| {
+        let switched_at: Vec<f64> = report["switched_at_ms"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{report}"))
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        write_result(&format!(
+            "  {}: {op} applied between {netem_from:.0} and {netem_done:.0} ms, switched at {switched_at:?} ms; rail downs {}, failovers {}, records resent {}",
+            report["role"], report["rail_downs"], report["failovers"], report["records_resent"]
+        ));
+        for line in timeline(&report) {
+            if shown.iter().any(|w| line.contains(w)) {
+                write_result(&format!("    {line}"));
+            }
+        }
+        assert!(!switched_at.is_empty(), "no planned switch: {report}");
+        assert!(
+            switched_at[0] >= netem_from - 50.0,
+            "switched before the wire was touched: {report}"
+        );
+        GrayRun {
+            report,
+            switched_at,
+            netem_from,
+        }
+    })
+}
+
+fn timeline(r: &Value) -> Vec<&str> {
+    r["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 /// The gray-failure switch as two processes: 5 ms of netem delay each way on the active wire
 /// (a slow wire, not a dead one: the heartbeat timeout is 100 ms, the RC retry budget ~230 ms)
 /// makes both sides leave it by a planned switch; no rail fails, nothing is lost, duplicated or
-/// reordered. (Under TCG the delay shows as stalls of tens of ms rather than a steady 10 ms.)
+/// reordered. Each process logs its rails' latency every 250 ms, as the switch judged it.
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn the_gray_switch_leaves_a_slow_wire_before_it_fails() {
@@ -1101,39 +1159,11 @@ fn the_gray_switch_leaves_a_slow_wire_before_it_fails() {
         "--gray-hold-ms",
         "60000",
     ];
-    let (serve, connect) = start_with(6.0, false, &args);
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_millis(2_000));
-    let slowing_ms = started.elapsed().as_secs_f64() * 1e3;
-    let _slow = Netem::new("delay", "a", "5");
-    // (`tc` itself can take a second under TCG: the delay is in place once it returned.)
-    let slowed_ms = started.elapsed().as_secs_f64() * 1e3;
-    let (s, c) = finish(serve, connect, "gray switch: wire a delayed 5 ms each way");
-    for r in [&s, &c] {
-        let at: Vec<f64> = r["switched_at_ms"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{r}"))
-            .iter()
-            .filter_map(Value::as_f64)
-            .collect();
-        write_result(&format!(
-            "  {}: delay applied between {slowing_ms:.0} and {slowed_ms:.0} ms, switched at {at:?} ms; rail downs {}, failovers {}, records resent {}",
-            r["role"], r["rail_downs"], r["failovers"], r["records_resent"]
-        ));
-        // How each rail's latency looked to the switch, every 250 ms (and its decisions).
-        for line in r["timeline"].as_array().into_iter().flatten() {
-            let line = line.as_str().unwrap_or_default();
-            if line.contains("latency") || line.contains("Switched") {
-                write_result(&format!("    {line}"));
-            }
-        }
-        assert!(!at.is_empty(), "no planned switch: {r}");
-        assert!(
-            at[0] >= slowing_ms - 50.0,
-            "switched before the wire was slowed: {r}"
-        );
+    let title = "gray switch: wire a delayed 5 ms each way";
+    for run in gray_run(&args, "delay", "5", title, &["latency", "Switched"]) {
+        let r = &run.report;
         assert_eq!(
-            at.len(),
+            run.switched_at.len(),
             1,
             "the hold-down keeps it from switching back: {r}"
         );
@@ -1164,50 +1194,20 @@ fn the_gray_switch_leaves_a_lossy_wire_counting_retransmissions() {
         "--rc-retries",
         "6",
     ];
-    let (serve, connect) = start_with(6.0, false, &args);
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_millis(2_000));
-    let lossy_from_ms = started.elapsed().as_secs_f64() * 1e3;
-    let _lossy = Netem::new("loss", "a", "5");
-    let lossy_ms = started.elapsed().as_secs_f64() * 1e3;
-    let (s, c) = finish(serve, connect, "gray switch: wire a losing 5 % each way");
-    for r in [&s, &c] {
-        let at: Vec<f64> = r["switched_at_ms"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{r}"))
-            .iter()
-            .filter_map(Value::as_f64)
-            .collect();
-        write_result(&format!(
-            "  {}: loss applied between {lossy_from_ms:.0} and {lossy_ms:.0} ms, switched at {at:?} ms; rail downs {}, failovers {}, records resent {}",
-            r["role"], r["rail_downs"], r["failovers"], r["records_resent"]
-        ));
-        for line in r["timeline"].as_array().into_iter().flatten() {
-            let line = line.as_str().unwrap_or_default();
-            if line.contains("Switched") || line.contains("RailDown") {
-                write_result(&format!("    {line}"));
-            }
-        }
-        assert!(!at.is_empty(), "no planned switch: {r}");
-        assert!(
-            at[0] >= lossy_from_ms - 50.0,
-            "switched before the wire lost anything: {r}"
-        );
-        let first_switch = r["timeline"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .position(|l| l.contains("Switched"));
-        let first_down = r["timeline"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .position(|l| l.contains("RailDown"));
+    let title = "gray switch: wire a losing 5 % each way";
+    for run in gray_run(&args, "loss", "5", title, &["Switched", "RailDown"]) {
+        let r = &run.report;
+        let lines = timeline(r);
+        let first_switch = lines.iter().position(|l| l.contains("Switched"));
+        let first_down = lines.iter().position(|l| l.contains("RailDown"));
         assert!(
             first_down.is_none_or(|d| first_switch.is_some_and(|s| s < d)),
-            "the lossy rail was left by a planned switch before anything failed: {r}"
+            "the lossy rail was left by a planned switch before anything failed ({} ms in): {r}",
+            run.netem_from
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("Retransmitting")),
+            "the retransmission count decided: {r}"
         );
     }
 }

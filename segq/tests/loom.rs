@@ -3,7 +3,20 @@
 //! Run: `RUSTFLAGS="--cfg loom" cargo test -p railover-segq --test loom --release`
 #![cfg(loom)]
 
-use railover_segq::{lanes, Backing, Geometry, LaneError, PushError, SendQueue};
+use railover_segq::{
+    lanes, Backing, Geometry, LaneControl, LaneError, LaneWriter, PushError, SendQueue,
+};
+
+/// Two lanes of two 64-byte segments (8-byte records), lane 0 active, and the writer.
+fn two_lanes() -> (LaneControl, LaneWriter) {
+    let geo = Geometry::new(64, 2, 8).unwrap();
+    let queues = (0..2)
+        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+        .collect();
+    let mut control = lanes(queues, 0);
+    let writer = control.writer().expect("first writer");
+    (control, writer)
+}
 
 #[test]
 fn producer_and_poster_never_touch_the_same_bytes_unordered() {
@@ -51,12 +64,7 @@ fn failover_never_loses_a_record_being_committed() {
     let mut model = loom::model::Builder::new();
     model.preemption_bound = Some(4);
     model.check(|| {
-        let geo = Geometry::new(64, 2, 8).unwrap();
-        let queues = (0..2)
-            .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-            .collect();
-        let mut control = lanes(queues, 0);
-        let mut writer = control.writer().expect("first writer");
+        let (mut control, mut writer) = two_lanes();
         let t = loom::thread::spawn(move || {
             let mut seq = 1u8;
             while seq <= 3 {
@@ -90,12 +98,7 @@ fn shadow_copies_race_no_writer_bytes_and_keep_order() {
     let mut model = loom::model::Builder::new();
     model.preemption_bound = Some(3);
     model.check(|| {
-        let geo = Geometry::new(64, 2, 8).unwrap();
-        let queues = (0..2)
-            .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-            .collect();
-        let mut control = lanes(queues, 0);
-        let mut writer = control.writer().expect("first writer");
+        let (mut control, mut writer) = two_lanes();
         let t = loom::thread::spawn(move || {
             for seq in 1..=3u8 {
                 assert_eq!(writer.push(&[seq; 8]), Ok(seq as u64));
