@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 #[cfg(feature = "verbs")]
 use railover::core::Event;
+use railover::settings::Settings;
 #[cfg(feature = "verbs")]
 use railover::verbs::{accept, accept_resuming, connect, connect_resuming, VerbsConnection};
 #[cfg(feature = "verbs")]
@@ -108,6 +109,9 @@ pub struct PeerArgs {
     /// ... or when its card counted at least this many RC retransmissions in a window (0: off).
     #[arg(long, default_value_t = 0)]
     gray_retransmits: u32,
+    /// A JSON settings file (see `railover::settings`), applied over the flags above.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// RC transport retries (each ~33 ms here) before a write fails the rail: more lets a slow
     /// wire be left by the gray switch rather than failed.
     #[arg(long, default_value_t = 1)]
@@ -186,6 +190,16 @@ fn config(a: &PeerArgs) -> Config {
             )
             .retransmits_per_window(a.gray_retransmits),
         );
+    }
+    if let Some(path) = &a.config {
+        let applied = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| Settings::from_json(&text).map_err(|e| e.to_string()))
+            .and_then(|s| s.apply(b).map_err(|e| e.to_string()));
+        b = applied.unwrap_or_else(|e| {
+            eprintln!("{}: {e}", path.display());
+            std::process::exit(2);
+        });
     }
     b.build().unwrap_or_else(|e| {
         eprintln!("invalid configuration: {e}");

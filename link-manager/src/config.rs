@@ -208,6 +208,17 @@ impl ConfigBuilder {
             (segment_size, segment_count, max_record);
         self
     }
+    /// The ring geometry set so far: (segment size, segment count, max record).
+    pub fn geometry_values(&self) -> (usize, usize, usize) {
+        (self.segment_size, self.segment_count, self.max_record)
+    }
+    /// Applies a configuration file's or the environment's settings (see [`crate::settings`]).
+    pub fn settings(
+        self,
+        s: &crate::settings::Settings,
+    ) -> Result<ConfigBuilder, crate::settings::SettingsError> {
+        s.apply(self)
+    }
     /// Number of rails (NIC pairs): the first is primary, the rest warm standbys, in order.
     pub fn rails(mut self, n: usize) -> Self {
         self.rails = n;

@@ -11,6 +11,7 @@
 //! * [`sim::SimPair`]: two connected endpoints on the deterministic simulated fabric, with a
 //!   simulated control channel and paused hosts when asked.
 //! * `verbs` (feature `verbs`): `connect` / `accept` (and their resuming forms) on real cards.
+//! * [`settings`]: configuration from a JSON file or `RAILOVER_*` environment variables.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
@@ -21,6 +22,7 @@ mod memory;
 pub mod rearm;
 pub mod rejoin;
 pub mod runtime;
+pub mod settings;
 pub mod sim;
 #[cfg(feature = "verbs")]
 pub mod verbs;
