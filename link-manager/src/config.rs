@@ -19,7 +19,7 @@ pub enum ConfigError {
     #[error("heartbeat miss threshold must be >= 2 (one late beat is not a failure)")]
     HeartbeatMisses,
     #[error("invalid RC parameters: {0}")]
-    Link(String),
+    Link(&'static str),
     #[error("max write size {0} must be at least one maximal record")]
     MaxWrite(usize),
     #[error("session timeout {session_ns} ns must exceed the heartbeat timeout {heartbeat_ns} ns")]
@@ -303,9 +303,10 @@ impl ConfigBuilder {
         if self.heartbeat_misses < 2 {
             return Err(ConfigError::HeartbeatMisses);
         }
-        self.link
-            .validate()
-            .map_err(|e| ConfigError::Link(e.to_string()))?;
+        self.link.validate().map_err(|e| match e {
+            railover_rdma::FabricError::InvalidParams(why) => ConfigError::Link(why),
+            _ => ConfigError::Link("rejected by the fabric"),
+        })?;
         if self.max_write_bytes < railover_segq::record::record_size(self.max_record) {
             return Err(ConfigError::MaxWrite(self.max_write_bytes));
         }

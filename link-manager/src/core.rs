@@ -281,7 +281,17 @@ pub struct Stats {
     pub abandoned_switches: u64,
     /// Per rail: the moving average of its write-completion latency (0: no sample yet).
     pub rail_latency_ns: [Nanos; MAX_RAILS],
+    /// Per rail: data writes, their bytes, and control writes posted on it.
+    pub rail_data_writes: [u64; MAX_RAILS],
+    pub rail_data_bytes: [u64; MAX_RAILS],
+    pub rail_control_writes: [u64; MAX_RAILS],
+    /// Events dropped, oldest first, because nobody read them (the queue holds 1,024; the
+    /// counters above still count everything).
+    pub events_dropped: u64,
 }
+
+/// Events kept for the user before the oldest is dropped (and counted).
+const MAX_EVENTS: usize = 1024;
 
 const KIND_DATA: u64 = 1;
 const KIND_CTRL: u64 = 2;
@@ -650,7 +660,7 @@ impl Core {
             rearm_channel_down: false,
             rescan: true,
             io: VecDeque::with_capacity(4 * MAX_RAILS),
-            events: VecDeque::with_capacity(64),
+            events: VecDeque::with_capacity(MAX_EVENTS),
             stats: Stats::default(),
             blackout_from: None,
             peer_delivered: 0,
@@ -1156,6 +1166,8 @@ impl Core {
                 }
                 self.stats.data_writes += 1;
                 self.stats.data_bytes += range.len() as u64;
+                self.stats.rail_data_writes[a] += 1;
+                self.stats.rail_data_bytes[a] += range.len() as u64;
                 let id = wr_id(rail.generation, KIND_DATA, a);
                 let signaled =
                     rail.unsignaled + 1 >= SIGNAL_EVERY || rail.outstanding * 2 >= max_wr;
@@ -1208,6 +1220,7 @@ impl Core {
                 .store(&rail.ctrl_out);
                 rail.outstanding += 1;
                 self.stats.control_writes += 1;
+                self.stats.rail_control_writes[r] += 1;
                 rail.signaled_posted(self.now);
                 let covered = std::mem::take(&mut rail.unsignaled);
                 return Some(ctrl_write(r, rail.generation, KIND_CTRL, covered));
@@ -1247,6 +1260,7 @@ impl Core {
             rail.outstanding += 1;
             self.bye_outstanding += 1;
             self.stats.control_writes += 1;
+            self.stats.rail_control_writes[r] += 1;
             rail.signaled_posted(self.now);
             let covered = std::mem::take(&mut rail.unsignaled);
             return Some(ctrl_write(r, rail.generation, KIND_BYE, covered));
@@ -2167,8 +2181,13 @@ impl Core {
     }
 
     fn push_event(&mut self, e: Event) {
-        if self.events.len() >= 1024 {
-            self.events.pop_front(); // a user who never reads events still has the counters
+        if self.events.len() >= MAX_EVENTS {
+            // A user who never reads events still has the counters; the loss is counted.
+            if self.stats.events_dropped == 0 {
+                tracing::warn!("event queue full: dropping the oldest (see Stats::events_dropped)");
+            }
+            self.stats.events_dropped += 1;
+            self.events.pop_front();
         }
         self.events.push_back(e);
     }
@@ -2197,6 +2216,20 @@ mod tests {
     /// A data write's immediate carries the beat number's low 8 bits: a later beat counts
     /// (across the wrap of the low bits), an earlier or equal one does not, and an unproven rail
     /// (no full beat number yet) learns nothing from it.
+    #[test]
+    fn unread_events_are_dropped_oldest_first_and_counted() {
+        let cfg = Config::builder()
+            .backing(railover_segq::Backing::Heap)
+            .build()
+            .unwrap();
+        let mut core = Core::new(cfg, 0).unwrap();
+        for rail in 0..MAX_EVENTS + 10 {
+            core.push_event(Event::RailUp { rail, at: 0 });
+        }
+        assert_eq!(core.stats().events_dropped, 10);
+        assert_eq!(core.poll_event(), Some(Event::RailUp { rail: 10, at: 0 }));
+    }
+
     #[test]
     fn beats_carried_by_data_count_only_forward() {
         let cfg = Config::builder().rails(2).build().unwrap();

@@ -200,6 +200,11 @@ fn hot_hot_costs_twice_the_wire_traffic_and_reports_it() {
     assert!((1.9..=2.1).contains(&ratio), "x{ratio:.2}");
     assert_eq!(cold.stats.standby_writes, 0);
     assert!(hot.stats.standby_writes > 0);
+    // Per rail: hot-hot carries the same bytes on both; active-standby only on rail 0.
+    let [h0, h1, ..] = hot.stats.rail_data_bytes;
+    assert_eq!(h0, h1, "{:?}", hot.stats.rail_data_bytes);
+    assert_eq!(cold.stats.rail_data_bytes[1], 0);
+    assert_eq!(cold.stats.rail_data_bytes[0], cold.stats.data_bytes);
     assert_eq!(hot.records, 500);
     // The receiver dropped each second copy.
     assert!(hot.duplicates >= 450, "{} duplicates", hot.duplicates);
