@@ -208,16 +208,10 @@ impl ConfigBuilder {
             (segment_size, segment_count, max_record);
         self
     }
-    /// The ring geometry set so far: (segment size, segment count, max record).
+    /// The ring geometry set so far: (segment size, segment count, max record). (Settings from a
+    /// file or the environment go on with [`crate::settings::Settings::apply`].)
     pub fn geometry_values(&self) -> (usize, usize, usize) {
         (self.segment_size, self.segment_count, self.max_record)
-    }
-    /// Applies a configuration file's or the environment's settings (see [`crate::settings`]).
-    pub fn settings(
-        self,
-        s: &crate::settings::Settings,
-    ) -> Result<ConfigBuilder, crate::settings::SettingsError> {
-        s.apply(self)
     }
     /// Number of rails (NIC pairs): the first is primary, the rest warm standbys, in order.
     pub fn rails(mut self, n: usize) -> Self {
