@@ -1179,18 +1179,22 @@ fn the_gray_switch_leaves_a_slow_wire_before_it_fails() {
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn the_gray_switch_leaves_a_lossy_wire_counting_retransmissions() {
+    // Under TCG a lost packet stalls its queue pair for rxe's retransmission timeout and the
+    // guest stalls besides: a rail can go silent for 100 ms, so the heartbeat allows 300 ms; one
+    // retransmission in a 50 ms window the standby's card spent without any is the signal
+    // (rxe counts one per timeout, so a few per window at most).
     let args = [
         "--hb-misses",
-        "100",
+        "300",
         // Latency alone would need 1 s of excess: the retransmission count decides.
         "--gray-margin-us",
         "1000000",
         "--gray-window-ms",
-        "100",
+        "50",
         "--gray-hold-ms",
         "60000",
         "--gray-retransmits",
-        "3",
+        "1",
         "--rc-retries",
         "6",
     ];
