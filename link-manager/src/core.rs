@@ -660,7 +660,7 @@ impl Core {
             rearm_channel_down: false,
             rescan: true,
             io: VecDeque::with_capacity(4 * MAX_RAILS),
-            events: VecDeque::with_capacity(MAX_EVENTS),
+            events: VecDeque::with_capacity(64), // grows only if the user leaves events unread
             stats: Stats::default(),
             blackout_from: None,
             peer_delivered: 0,

@@ -391,9 +391,9 @@ impl LaneControl {
             return None;
         }
         let producer = self.shared.producers[to].get_mut();
-        // SAFETY: the writer only touches the active lane's producer and `to` is not active
-        // (switches happen only under exclusion), so this is the only reference to it. The
-        // active lane's records are read through its poster, as for posting.
+        // The active lane's records are read through its poster, as for posting.
+        // SAFETY: `to` is not active and the writer touches only the active producer (switches
+        // happen under exclusion): this is the only reference to it.
         let dst = unsafe { producer.deref() };
         let report = self.posters[from].copy_new_into(&mut self.shadow_from[to], dst);
         #[allow(clippy::drop_non_drop)] // ends loom's tracked access
