@@ -60,7 +60,8 @@ pub struct GraySwitch {
     /// Also switch when the active rail's card counted at least this many RC retransmissions in
     /// one window while a standby's counted fewer (0: latency alone). Where the card exposes
     /// them (`hw_counters`: rxe, ConnectX); read off the data path (the control thread, or the
-    /// simulator's card), per card, so every connection on it shares the count.
+    /// simulator's card), per card, so every connection on it shares the count. Ask for more
+    /// than one: a single retransmission happens on healthy wires when a host stalls.
     pub retransmits_per_window: u32,
 }
 
