@@ -347,6 +347,7 @@ where
         role: Role,
         cfg: Config,
         cards: Vec<ThreadCard<N>>,
+        read_events: bool,
     ) -> std::io::Result<ControlThread<N>> {
         // Non-blocking: the thread waits on it (and the cards' event descriptors) with poll.
         channel.stream().set_nonblocking(true)?;
@@ -366,7 +367,12 @@ where
                     flagged: flag,
                     wake: bell,
                 };
-                control_loop::<N>(channel, role, cfg, cards, command_rx, report, halt)
+                let setup = LoopSetup {
+                    role,
+                    cfg,
+                    read_events,
+                };
+                control_loop::<N>(channel, setup, cards, command_rx, report, halt)
             })?;
         Ok(ControlThread {
             commands,
@@ -501,10 +507,22 @@ fn report_loss<N: Nic>(
     }
 }
 
-fn control_loop<N: Nic>(
-    mut channel: TcpControl,
+/// What the control loop is: its side of the re-arm exchange, the connection's configuration, and
+/// whether it reads the cards' device events (not when an endpoint shares the cards and reads
+/// them once for all its connections).
+struct LoopSetup {
     role: Role,
     cfg: Config,
+    read_events: bool,
+}
+
+fn control_loop<N: Nic>(
+    mut channel: TcpControl,
+    LoopSetup {
+        role,
+        cfg,
+        read_events,
+    }: LoopSetup,
     mut cards: Vec<ThreadCard<N>>,
     commands: mpsc::Receiver<Command<N::Link>>,
     reporter: Reporter<N>,
@@ -539,7 +557,10 @@ fn control_loop<N: Nic>(
             }
             fds[1] = channel.rejoin_port().map(|l| l.as_fd());
             for (slot, nic) in fds[2..].iter_mut().zip(&live) {
-                *slot = nic.as_ref().and_then(|n| n.event_fd());
+                *slot = nic
+                    .as_ref()
+                    .filter(|_| read_events)
+                    .and_then(|n| n.event_fd());
             }
             let mut ready = [channel.stream().as_fd(); MAX_RAILS + 2];
             let mut n = 0;
@@ -561,7 +582,7 @@ fn control_loop<N: Nic>(
                 std::thread::sleep(CONTROL_POLL); // never spin on a broken wait
             }
         }
-        for (rail, nic) in live.iter().enumerate() {
+        for (rail, nic) in live.iter().enumerate().filter(|_| read_events) {
             if let Some(nic) = nic {
                 while let Some(event) = nic.poll_event() {
                     reporter.report(Outcome::Event { rail, event });

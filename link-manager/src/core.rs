@@ -240,6 +240,8 @@ pub enum SendError {
     Ended(EndReason),
     #[error("the connection was split: send through its Sender")]
     WriterElsewhere,
+    #[error("no such connection on this endpoint (removed, or never made here)")]
+    UnknownConnection,
 }
 
 /// Receiving failed.

@@ -8,6 +8,8 @@
 //!   control thread of the connection (real devices) or inline (the simulator).
 //! * [`Connection`]: drives a [`core::Core`] over any fabric ([`railover_rdma::Nic`]);
 //!   [`Connection::split`] gives a lock-free [`Sender`] for another thread and the [`Receiver`].
+//! * [`Endpoint`]: each card once and any number of connections on them, driven by one `poll`
+//!   ([`endpoint::SimEndpoints`]: two of them on the simulator).
 //! * [`sim::SimPair`]: two connected endpoints on the deterministic simulated fabric, with a
 //!   simulated control channel and paused hosts when asked.
 //! * `verbs` (feature `verbs`): `connect` / `accept` (and their resuming forms) on real cards.
@@ -18,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod ctrl;
+pub mod endpoint;
 mod memory;
 pub mod rearm;
 pub mod rejoin;
@@ -32,4 +35,5 @@ pub use crate::core::{
     EndReason, Event, FailReason, Nanos, RailState, RecvError, ResumeState, SendError, Stats,
     SwitchReason,
 };
+pub use crate::endpoint::{ConnectionId, Endpoint};
 pub use crate::runtime::{CloseError, ConnectError, Connection, Receiver, Sender};

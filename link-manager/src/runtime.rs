@@ -40,6 +40,7 @@ pub trait Clock {
 }
 
 /// Wall-clock time since the connection was created (monotonic; a vDSO read, no syscall).
+#[derive(Clone, Copy)]
 pub struct RealClock(std::time::Instant);
 
 impl Default for RealClock {
@@ -208,6 +209,10 @@ pub struct Receiver<N: Nic, C: Clock> {
     /// When the cards' retransmission counters are read next (gray switch, inline control:
     /// about once a heartbeat interval; a control thread reads them itself).
     next_counter_read: Nanos,
+    /// The cards are shared with other connections (an [`crate::Endpoint`]): their device
+    /// events are read once, there, and handed to every connection on them
+    /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them.
+    pub(crate) card_events_elsewhere: bool,
 }
 
 /// Lets a split [`Sender`] wake its [`Receiver`] sleeping in a blocking receive, so a record
@@ -550,11 +555,18 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     doorbell: None,
                     sender_gone: None,
                     next_counter_read: 0,
+                    card_events_elsewhere: false,
                 },
                 sends_since_progress: 0,
             },
             hellos,
         })
+    }
+
+    /// The cards are shared with other connections, which read their device events once and
+    /// hand them over (see [`Receiver::card_event`]): this connection doesn't read them.
+    pub(crate) fn share_card_events(&mut self) {
+        self.conn.rx.card_events_elsewhere = true;
     }
 
     /// What to send the peer, one per rail.
@@ -751,7 +763,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             _ => None,
         };
         for card in self.rails.iter().filter_map(|r| r.card.as_ref()) {
-            let events = card.nic().event_fd().filter(|_| thread.is_none());
+            let events = card
+                .nic()
+                .event_fd()
+                .filter(|_| thread.is_none() && !self.card_events_elsewhere);
             for fd in [card.link.wakeup_fd(), events].into_iter().flatten() {
                 fds[n] = fd;
                 n += 1;
@@ -791,7 +806,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let mut handled = 0;
         let mut fatal = [false; MAX_RAILS];
         // With a control thread, it reads the cards' events (a system call each) and forwards them.
-        let events_here = !matches!(self.control, Some(Control::Thread(_)));
+        let events_here =
+            !self.card_events_elsewhere && !matches!(self.control, Some(Control::Thread(_)));
         for (i, rail) in self.rails.iter_mut().enumerate() {
             let Some(card) = rail.card.as_mut() else {
                 continue;
@@ -937,8 +953,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     pub(crate) fn card_event(&mut self, rail: usize, event: AsyncEvent) {
-        if self.rails[rail].card.is_none() {
+        let Some(card) = self.rails[rail].card.as_ref() else {
             return; // released meanwhile: the event is about a card this side let go of
+        };
+        if let AsyncEvent::QpFatal { qpn } = event {
+            if card.link.endpoint().qpn != qpn {
+                return; // another connection's queue pair on a shared card
+            }
         }
         self.core.handle_event(rail, event);
         if event == AsyncEvent::DeviceFatal {
@@ -1274,8 +1295,13 @@ where
             })
             .collect();
         let cfg = *self.core.config();
+        let read_events = !self.card_events_elsewhere;
         self.control = Some(Control::Thread(ControlThread::spawn(
-            channel, role, cfg, cards,
+            channel,
+            role,
+            cfg,
+            cards,
+            read_events,
         )?));
         Ok(())
     }

@@ -12,9 +12,11 @@ use crate::rearm::Role;
 
 use crate::config::Config;
 use crate::core::Nanos;
+use crate::endpoint::{ConnectionId, Endpoint};
 use crate::runtime::{Clock, ConnectError, Connection, PendingConnection, RailCard};
 
 /// The fabric's virtual clock.
+#[derive(Clone)]
 pub struct SimClock(SimFabric);
 
 impl Clock for SimClock {
@@ -381,6 +383,102 @@ impl SimPair {
                 .as_ref()
                 .and_then(|c| c.next_arrival())
                 .filter(|t| *t > self.now()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(limit)
+        .min(limit)
+        .max(self.now())
+    }
+
+    /// Advances virtual time to the next deadline (at most `limit`) and makes progress.
+    pub fn step(&mut self, limit: Nanos) {
+        let t = self.next_deadline(limit);
+        self.fabric.advance_to(t);
+        self.progress();
+    }
+}
+
+/// Two hosts' [`Endpoint`]s on one simulated fabric (one wire per rail), with any number of
+/// connections between them: what a gateway and its peer look like, in virtual time. Re-arms
+/// are served in-process, both sides of a rail together (see [`crate::runtime::serve_rearms`]).
+pub struct SimEndpoints {
+    pub fabric: SimFabric,
+    pub wires: Vec<WireId>,
+    /// (host 1's card, host 2's card) per rail (the endpoints hold them too, until a
+    /// device-fatal event).
+    pub cards: Vec<(SimNic, SimNic)>,
+    pub a: Endpoint<SimNic, SimClock>,
+    pub b: Endpoint<SimNic, SimClock>,
+    /// (host 1's id, host 2's id) of each connection, in the order they were made.
+    pub pairs: Vec<(ConnectionId, ConnectionId)>,
+}
+
+impl SimEndpoints {
+    pub fn new(cfg: Config, seed: u64, latency_ns: u64) -> Result<SimEndpoints, ConnectError> {
+        let fabric = SimFabric::new(seed);
+        let (mut host1, mut host2, mut wires) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..cfg.rails() {
+            let (x, y, w) = fabric.add_wire(
+                &format!("sim_r{r}_host1"),
+                &format!("sim_r{r}_host2"),
+                latency_ns,
+            );
+            host1.push(x);
+            host2.push(y);
+            wires.push(w);
+        }
+        let clock = SimClock(fabric.clone());
+        Ok(SimEndpoints {
+            cards: host1.iter().cloned().zip(host2.iter().cloned()).collect(),
+            a: Endpoint::new(cfg, host1, clock.clone())?,
+            b: Endpoint::new(cfg, host2, clock)?,
+            fabric,
+            wires,
+            pairs: Vec::new(),
+        })
+    }
+
+    /// A new connection between the two endpoints: (host 1's id, host 2's id).
+    pub fn connect(&mut self) -> Result<(ConnectionId, ConnectionId), ConnectError> {
+        let (pa, pb) = (self.a.prepare()?, self.b.prepare()?);
+        let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
+        let pair = (
+            self.a.insert(pa.connect(&hb)?),
+            self.b.insert(pb.connect(&ha)?),
+        );
+        self.pairs.push(pair);
+        Ok(pair)
+    }
+
+    pub fn now(&self) -> Nanos {
+        self.fabric.now()
+    }
+
+    /// Both endpoints make progress (nothing is delivered: see [`Endpoint::poll`] for that) and
+    /// re-arm requests are served.
+    pub fn progress(&mut self) {
+        self.a.card_events_due();
+        self.b.card_events_due();
+        for &(x, y) in &self.pairs {
+            let (Some(a), Some(b)) = (self.a.get_mut(x), self.b.get_mut(y)) else {
+                continue;
+            };
+            a.progress();
+            b.progress();
+            if a.has_rearm_request() || b.has_rearm_request() {
+                crate::runtime::serve_rearms(a, b);
+            }
+        }
+    }
+
+    /// The next time anything can happen (fabric event or timer), capped at `limit`.
+    pub fn next_deadline(&self, limit: Nanos) -> Nanos {
+        [
+            self.fabric.next_event_time(),
+            self.a.next_timeout(),
+            self.b.next_timeout(),
         ]
         .into_iter()
         .flatten()

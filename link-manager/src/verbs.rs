@@ -23,6 +23,7 @@ use railover_rdma::verbs::VerbsNic;
 
 use crate::config::Config;
 use crate::core::ResumeState;
+use crate::endpoint::{ConnectionId, Endpoint};
 use crate::rearm::Role;
 use crate::rejoin::{offer_rejoin_port, read_rejoin_port, TcpControl};
 use crate::runtime::{ConnectError, Connection, PendingConnection, RailCard, RealClock};
@@ -70,14 +71,14 @@ fn greeting(cfg: &Config, resume: Option<&ResumeState>) -> Greeting {
 
 /// After the greeting: cards, hellos in the order that keeps the listener safe, queue pairs,
 /// barrier, control thread.
+/// Sets up a connection over a greeted stream: `pending` makes its queue pairs (on cards of
+/// its own, or an endpoint's).
 fn handshake(
-    cfg: Config,
-    devices: &[&str],
+    pending: impl FnOnce() -> Result<PendingConnection<VerbsNic, RealClock>, ConnectError>,
     (mut stream, session): (TcpStream, u64),
     deadline: Instant,
     timeout: Duration,
     role: Role,
-    resume: Option<&ResumeState>,
 ) -> Result<VerbsConnection, ConnectError> {
     let left = || {
         deadline
@@ -85,8 +86,7 @@ fn handshake(
             .filter(|d| !d.is_zero())
             .ok_or(ConnectError::Handshake(HandshakeError::Timeout(timeout)))
     };
-    let cards = open_cards(devices)?;
-    let pending = PendingConnection::with_cards(cfg, cards, RealClock::default(), resume)?;
+    let pending = pending()?;
     let ours = pending.hellos().to_vec();
     let mut peer: Vec<Hello> = Vec::with_capacity(ours.len());
     match role {
@@ -166,14 +166,17 @@ fn dial(
     let mut stream = handshake::connect(peer, timeout)?;
     let ours = greeting(&cfg, resume);
     let theirs = handshake::greet_as_client(&mut stream, &ours, timeout)?;
+    let pending = || {
+        let cards = open_cards(devices)?;
+        PendingConnection::with_cards(cfg, cards, RealClock::default(), resume)
+    };
+    let session = Greeting::session_id(&ours, &theirs);
     handshake(
-        cfg,
-        devices,
-        (stream, Greeting::session_id(&ours, &theirs)),
+        pending,
+        (stream, session),
         deadline,
         timeout,
         Role::Initiator,
-        resume,
     )
 }
 
@@ -210,15 +213,11 @@ fn listen(
 ) -> Result<VerbsConnection, ConnectError> {
     let deadline = Instant::now() + timeout;
     let greeted = accept_greeted(&cfg, listener, deadline, timeout, resume)?;
-    handshake(
-        cfg,
-        devices,
-        greeted,
-        deadline,
-        timeout,
-        Role::Acceptor,
-        resume,
-    )
+    let pending = || {
+        let cards = open_cards(devices)?;
+        PendingConnection::with_cards(cfg, cards, RealClock::default(), resume)
+    };
+    handshake(pending, greeted, deadline, timeout, Role::Acceptor)
 }
 
 /// Accepts clients and greets each on its own thread until one greeting checks out: its stream
@@ -278,5 +277,62 @@ fn accept_greeted(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("we hold a sender"),
         }
+    }
+}
+
+/// An endpoint on real cards.
+pub type VerbsEndpoint = Endpoint<VerbsNic, RealClock>;
+
+impl Endpoint<VerbsNic, RealClock> {
+    /// Opens every rail's card once (`devices[i]` is this host's card of rail i, the first
+    /// primary): every connection made here shares its device context and protection domain.
+    pub fn open(cfg: Config, devices: &[&str]) -> Result<VerbsEndpoint, ConnectError> {
+        let cards = devices
+            .iter()
+            .map(|d| VerbsNic::open(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        Endpoint::new(cfg, cards, RealClock::default())
+    }
+
+    /// Dials `peer` (whose side accepts with [`accept`] or [`Endpoint::accept`]) and adds the
+    /// connection. Blocks for the set-up (at most `timeout`); the endpoint's other connections
+    /// are not driven meanwhile.
+    pub fn connect(
+        &mut self,
+        peer: SocketAddr,
+        timeout: Duration,
+    ) -> Result<ConnectionId, ConnectError> {
+        let deadline = Instant::now() + timeout;
+        let mut stream = handshake::connect(peer, timeout)?;
+        let ours = greeting(self.config(), None);
+        let theirs = handshake::greet_as_client(&mut stream, &ours, timeout)?;
+        let session = Greeting::session_id(&ours, &theirs);
+        let conn = handshake(
+            || self.prepare(),
+            (stream, session),
+            deadline,
+            timeout,
+            Role::Initiator,
+        )?;
+        Ok(self.insert(conn))
+    }
+
+    /// Accepts the first client whose greeting checks out within `timeout` (see [`accept`]) and
+    /// adds the connection.
+    pub fn accept(
+        &mut self,
+        listener: &TcpListener,
+        timeout: Duration,
+    ) -> Result<ConnectionId, ConnectError> {
+        let deadline = Instant::now() + timeout;
+        let greeted = accept_greeted(self.config(), listener, deadline, timeout, None)?;
+        let conn = handshake(
+            || self.prepare(),
+            greeted,
+            deadline,
+            timeout,
+            Role::Acceptor,
+        )?;
+        Ok(self.insert(conn))
     }
 }

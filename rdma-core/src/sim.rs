@@ -294,6 +294,13 @@ impl SimFabric {
         }
     }
 
+    /// Queues `event` on the card and nothing else: the wire and the queue pairs carry on (a
+    /// port flap shorter than the retry timeout, say, or a queue pair's fatal error reported
+    /// before any of its completions).
+    pub fn card_event(&self, nic: &SimNic, event: AsyncEvent) {
+        self.world.borrow_mut().nics[nic.id].events.push_back(event);
+    }
+
     /// Card removed: device-fatal on it; its queue pairs flush. The peer sees only timeouts.
     pub fn remove_card(&self, nic: &SimNic) {
         let mut w = self.world.borrow_mut();

@@ -63,7 +63,9 @@ pub fn device_names() -> Result<Vec<String>, FabricError> {
     Ok(list.iter().map(|d| d.name()).collect())
 }
 
-/// One RDMA card.
+/// One RDMA card. A clone shares the device context and protection domain (an endpoint's
+/// connections all use one of each per card).
+#[derive(Clone)]
 pub struct VerbsNic {
     name: String,
     pd: Arc<ProtectionDomain>,

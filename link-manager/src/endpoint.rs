@@ -1,0 +1,360 @@
+//! Many connections over the same cards, driven by one `poll`.
+//!
+//! A trading gateway holds tens to hundreds of sessions on the same two cards. An [`Endpoint`]
+//! holds each card once (on verbs: one device context and protection domain per card, shared by
+//! every connection's queue pairs and registrations) and any number of [`Connection`]s, each
+//! named by a [`ConnectionId`]. One [`Endpoint::poll`] drives them all: completions, device
+//! events, heartbeats, failovers and re-arms of every connection, then delivery, with the
+//! connection's id and the record's sequence number. A card's failure therefore fails over every
+//! connection on it within the same `poll`. [`Endpoint::poll_event`] gives each connection's
+//! events with its id.
+//!
+//! ```
+//! use railover::endpoint::SimEndpoints;
+//! use railover::Config;
+//!
+//! let cfg = Config::builder().rails(2).build().unwrap();
+//! let mut hosts = SimEndpoints::new(cfg, 7, 2_000).unwrap();
+//! let ids: Vec<_> = (0..8).map(|_| hosts.connect().unwrap()).collect();
+//! for &(a, _) in &ids {
+//!     hosts.a.send(a, b"order").unwrap();
+//! }
+//! let mut got = 0;
+//! while got < ids.len() {
+//!     hosts.step(u64::MAX);
+//!     got += hosts.b.poll(|_id, seq, msg| assert_eq!((seq, msg), (1, &b"order"[..])));
+//! }
+//! ```
+
+use std::fmt;
+
+use railover_rdma::{AsyncEvent, Nic};
+
+use crate::config::Config;
+use crate::core::{Event, Nanos, SendError, Stats};
+use crate::runtime::{Clock, ConnectError, Connection, PendingConnection, RailCard};
+
+/// Names one connection of an [`Endpoint`]. An id is never reused for another connection of the
+/// same endpoint (a removed connection's slot gets a new generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId {
+    index: u32,
+    generation: u32,
+}
+
+impl ConnectionId {
+    /// Its position among the endpoint's connections (slots are reused after
+    /// [`Endpoint::remove`], with a new generation).
+    pub fn index(self) -> usize {
+        self.index as usize
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.index, self.generation)
+    }
+}
+
+struct Slot<N: Nic, C: Clock> {
+    generation: u32,
+    conn: Option<Entry<N, C>>,
+}
+
+struct Entry<N: Nic, C: Clock> {
+    conn: Connection<N, C>,
+    /// Every log line of this connection carries its id.
+    span: tracing::Span,
+}
+
+/// Each card once, and any number of connections on them, driven by one [`Endpoint::poll`].
+pub struct Endpoint<N: Nic, C: Clock> {
+    cfg: Config,
+    /// This host's card of each rail, shared by every connection (None: released after a
+    /// device-fatal event, until it opens again).
+    cards: Vec<Option<N>>,
+    /// How to open each card again.
+    reopen: Vec<N::Reopen>,
+    clock: C,
+    /// When the cards' device events are read next (once per heartbeat interval: a system
+    /// call per card on verbs, never one per message).
+    next_card_events: Nanos,
+    slots: Vec<Slot<N, C>>,
+    /// Slots without a connection, reused first.
+    free: Vec<u32>,
+    live: usize,
+    /// Where the next `poll_event` starts looking, so that a chatty connection doesn't starve
+    /// the others' events.
+    event_cursor: usize,
+}
+
+impl<N, C> Endpoint<N, C>
+where
+    N: Nic + Clone,
+    C: Clock + Clone,
+{
+    /// An endpoint on `cards` (this host's card of rail i at `cards[i]`, the first primary);
+    /// every connection it makes uses `cfg` and `clock`.
+    pub fn new(cfg: Config, cards: Vec<N>, clock: C) -> Result<Self, ConnectError> {
+        if cards.len() != cfg.rails() {
+            return Err(ConnectError::RailCount {
+                want: cfg.rails(),
+                got: cards.len(),
+            });
+        }
+        Ok(Endpoint {
+            cfg,
+            reopen: cards.iter().map(|c| c.reopen_token()).collect(),
+            cards: cards.into_iter().map(Some).collect(),
+            clock,
+            next_card_events: 0,
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            event_cursor: 0,
+        })
+    }
+
+    /// A new connection on the endpoint's cards, to be connected with the peer's hellos
+    /// ([`PendingConnection::hellos`], [`PendingConnection::connect`]) and then
+    /// [`Endpoint::insert`]ed. Registers its memory and creates its queue pairs.
+    /// A card released after a device-fatal event is opened again here if it is back (else the
+    /// rail starts failed and joins when it is).
+    pub fn prepare(&mut self) -> Result<PendingConnection<N, C>, ConnectError> {
+        for (card, token) in self.cards.iter_mut().zip(&self.reopen) {
+            if card.is_none() {
+                *card = N::reopen(token).ok();
+            }
+        }
+        let cards = self
+            .cards
+            .iter()
+            .zip(&self.reopen)
+            .map(|(card, token)| match card {
+                Some(nic) => RailCard::Open(nic.clone()),
+                None => RailCard::Absent(token.clone()),
+            })
+            .collect();
+        let mut pending = PendingConnection::with_cards(self.cfg, cards, self.clock.clone(), None)?;
+        pending.share_card_events();
+        Ok(pending)
+    }
+
+    /// The clock every connection of the endpoint reads.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+}
+
+impl<N: Nic, C: Clock> Endpoint<N, C> {
+    /// The configuration every connection made here uses.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// This host's card of rail `rail` (None after a device-fatal event, until reopened).
+    pub fn card(&self, rail: usize) -> Option<&N> {
+        self.cards.get(rail).and_then(Option::as_ref)
+    }
+
+    /// Takes `conn` (connected and started) into the endpoint: from now on [`Endpoint::poll`]
+    /// drives it.
+    pub fn insert(&mut self, conn: Connection<N, C>) -> ConnectionId {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    conn: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        let id = ConnectionId {
+            index,
+            generation: slot.generation,
+        };
+        let span = tracing::info_span!("connection", id = %id);
+        slot.conn = Some(Entry { conn, span });
+        self.live += 1;
+        id
+    }
+
+    /// Takes the connection out (to close it on its own, read what it left unacknowledged, or
+    /// drop it). Its id names nothing from now on.
+    pub fn remove(&mut self, id: ConnectionId) -> Option<Connection<N, C>> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        let entry = slot.conn.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(id.index);
+        self.live -= 1;
+        Some(entry.conn)
+    }
+
+    /// How many connections the endpoint holds (ended ones included until removed).
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// The ids of every connection held, in slot order.
+    pub fn ids(&self) -> impl Iterator<Item = ConnectionId> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, s)| {
+            s.conn.as_ref().map(|_| ConnectionId {
+                index: i as u32,
+                generation: s.generation,
+            })
+        })
+    }
+
+    /// The connection `id` names, if it is still held.
+    pub fn get(&self, id: ConnectionId) -> Option<&Connection<N, C>> {
+        let slot = self.slots.get(id.index as usize)?;
+        (slot.generation == id.generation)
+            .then_some(slot.conn.as_ref())
+            .flatten()
+            .map(|e| &e.conn)
+    }
+
+    /// The connection `id` names, to send, reserve, close or read its state.
+    pub fn get_mut(&mut self, id: ConnectionId) -> Option<&mut Connection<N, C>> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        (slot.generation == id.generation)
+            .then_some(slot.conn.as_mut())
+            .flatten()
+            .map(|e| &mut e.conn)
+    }
+
+    /// Sends `msg` on connection `id` (see [`Connection::send`]): its sequence number.
+    pub fn send(&mut self, id: ConnectionId, msg: &[u8]) -> Result<u64, SendError> {
+        match self.entry_mut(id) {
+            Some(e) => {
+                let _in = e.span.enter();
+                e.conn.send(msg)
+            }
+            None => Err(SendError::UnknownConnection),
+        }
+    }
+
+    /// Drives every connection once (completions, device events, timers, re-arms), then
+    /// delivers what arrived: `deliver(connection, sequence number, message)`, in order and
+    /// exactly once per connection. Returns how many messages were delivered. A connection
+    /// that ended stays until [`Endpoint::remove`]d; its end is an [`Event::Ended`] (or
+    /// [`Event::AllRailsDown`]) from [`Endpoint::poll_event`].
+    pub fn poll(&mut self, mut deliver: impl FnMut(ConnectionId, u64, &[u8])) -> usize {
+        self.card_events_due();
+        let mut delivered = 0;
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(e) = slot.conn.as_mut() else {
+                continue;
+            };
+            let id = ConnectionId {
+                index: index as u32,
+                generation: slot.generation,
+            };
+            let _in = e.span.enter();
+            // An ended connection's error repeats what its events said.
+            if let Ok(n) = e.conn.poll_seq(|seq, msg| deliver(id, seq, msg)) {
+                delivered += n;
+            }
+        }
+        delivered
+    }
+
+    /// The next event of any connection, with its id. Connections take turns, so none starves
+    /// the others.
+    pub fn poll_event(&mut self) -> Option<(ConnectionId, Event)> {
+        let n = self.slots.len();
+        for k in 0..n {
+            let index = (self.event_cursor + k) % n;
+            let slot = &mut self.slots[index];
+            let Some(e) = slot.conn.as_mut() else {
+                continue;
+            };
+            if let Some(ev) = e.conn.poll_event() {
+                self.event_cursor = (index + 1) % n;
+                let id = ConnectionId {
+                    index: index as u32,
+                    generation: slot.generation,
+                };
+                return Some((id, ev));
+            }
+        }
+        None
+    }
+
+    /// The earliest time any connection has a timer due (heartbeat, re-arm, close), for a caller
+    /// that sleeps between polls.
+    pub fn next_timeout(&self) -> Option<Nanos> {
+        self.connections().filter_map(|c| c.next_timeout()).min()
+    }
+
+    /// Connection `id`'s counters.
+    pub fn stats(&self, id: ConnectionId) -> Option<Stats> {
+        self.get(id).map(|c| c.stats())
+    }
+
+    /// Starts closing every connection (see [`crate::Receiver::start_close`]): each ends by
+    /// itself as the endpoint keeps being polled.
+    pub fn start_close_all(&mut self, linger_ns: Nanos) {
+        for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+            let _in = e.span.enter();
+            e.conn.start_close(linger_ns);
+        }
+    }
+
+    /// Every connection held.
+    pub fn connections(&self) -> impl Iterator<Item = &Connection<N, C>> + '_ {
+        self.slots
+            .iter()
+            .filter_map(|s| s.conn.as_ref().map(|e| &e.conn))
+    }
+
+    /// Hands the cards' device events to the connections if they are due (see
+    /// [`Endpoint::poll`]), for a driver that progresses the connections itself.
+    pub(crate) fn card_events_due(&mut self) {
+        let now = self.clock.now();
+        if now >= self.next_card_events {
+            self.next_card_events = now + self.cfg.heartbeat_interval_ns();
+            self.dispatch_card_events();
+        }
+    }
+
+    /// Reads each card's device events once and hands each to every connection on the card: a
+    /// port going down fails that rail of every connection in this pass. (A queue pair's fatal
+    /// error goes only to the connection that owns it: see [`crate::Receiver::card_event`].)
+    fn dispatch_card_events(&mut self) {
+        for rail in 0..self.cards.len() {
+            while let Some(event) = self.cards[rail].as_ref().and_then(|c| c.poll_event()) {
+                tracing::info!(rail, ?event, "card event");
+                for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+                    if e.conn.card_events_elsewhere {
+                        let _in = e.span.enter();
+                        e.conn.card_event(rail, event);
+                    }
+                }
+                if event == AsyncEvent::DeviceFatal {
+                    // Every connection let go of it; so does the endpoint, so that the device
+                    // can recover (it is opened again for the next connection made).
+                    self.cards[rail] = None;
+                }
+            }
+        }
+    }
+
+    fn entry_mut(&mut self, id: ConnectionId) -> Option<&mut Entry<N, C>> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        (slot.generation == id.generation)
+            .then_some(slot.conn.as_mut())
+            .flatten()
+    }
+}
+
+pub use crate::sim::SimEndpoints;
