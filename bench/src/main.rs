@@ -74,6 +74,12 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         count: usize,
     },
+    /// Many connections on one endpoint per host (simulated fabric): set-up time and memory per
+    /// connection (resident memory and registered bytes), measured at 1 and at N connections.
+    EndpointSetup {
+        #[arg(long, default_value_t = 256)]
+        connections: usize,
+    },
     /// One-way message rate with coalescing.
     Throughput {
         #[arg(long, value_enum, default_value = "sim")]
@@ -241,6 +247,7 @@ fn need_verbs() -> ! {
 fn main() {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::EndpointSetup { connections } => sim_runs::endpoint_setup(connections),
         Cmd::IdlePoll { count } => {
             let found = sim_runs::idle_polls(count);
             println!("{count} empty polls found {found} records");

@@ -23,7 +23,11 @@ use hdrhistogram::Histogram;
 use railover::core::Event;
 use railover::settings::Settings;
 #[cfg(feature = "verbs")]
-use railover::verbs::{accept, accept_resuming, connect, connect_resuming, VerbsConnection};
+use railover::verbs::{
+    accept, accept_resuming, connect, connect_resuming, VerbsConnection, VerbsEndpoint,
+};
+#[cfg(feature = "verbs")]
+use railover::ConnectionId;
 #[cfg(feature = "verbs")]
 use railover::SendError;
 use railover::{Config, ConfigBuilder, GraySwitch, RailMode};
@@ -69,6 +73,11 @@ pub struct PeerArgs {
     /// as a gateway's event loop would).
     #[arg(long, default_value_t = 1)]
     connections: usize,
+    /// Make the connections on one `railover::Endpoint`: each card opened once (one device
+    /// context and protection domain per card for all connections), its events read once and
+    /// handed to every connection. (Not with `--resume`, `--pingpong` or `--flood`.)
+    #[arg(long, conflicts_with_all = ["resume", "pingpong", "flood"])]
+    endpoint: bool,
     /// When a session ends other than by a close (every rail down, session timeout), open a new
     /// connection that resumes its stream exactly once (retrying for up to a minute).
     #[arg(long)]
@@ -142,10 +151,10 @@ struct WindowCounts {
 
 #[cfg(feature = "verbs")]
 impl WindowCounts {
-    fn now(streams: &[Stream]) -> WindowCounts {
+    fn now(streams: &[Stream], ep: &Option<VerbsEndpoint>) -> WindowCounts {
         let mut w = WindowCounts::default();
         for st in streams {
-            let stats = st.conn.core().stats();
+            let stats = st.conn.get(ep).core().stats();
             w.sent += st.next_out;
             w.delivered += st.check.delivered;
             w.data_writes += stats.data_writes;
@@ -273,6 +282,23 @@ pub fn serve(args: PeerArgs, port: u16, as_json: bool) {
     println!("listening {port}");
     let _ = std::io::stdout().flush();
     let devs: Vec<&str> = args.devices.iter().map(|s| s.as_str()).collect();
+    let setup = Duration::from_secs(args.setup_secs);
+    if args.endpoint {
+        let mut ep = VerbsEndpoint::open(config(&args), &devs).expect("open the cards");
+        let ids = (0..args.connections.max(1))
+            .map(|_| ep.accept(&listener, setup).expect("accept"))
+            .collect();
+        let reconnect = |_: &ResumeState| -> Result<VerbsConnection, ConnectError> {
+            unreachable!("--resume is refused with --endpoint")
+        };
+        return stream(
+            "serve",
+            Held::Endpoint(Box::new(ep), ids),
+            &args,
+            as_json,
+            &reconnect,
+        );
+    }
     let conns = (0..args.connections.max(1))
         .map(|_| {
             accept(
@@ -284,18 +310,34 @@ pub fn serve(args: PeerArgs, port: u16, as_json: bool) {
             .expect("accept")
         })
         .collect();
-    let setup = Duration::from_secs(args.setup_secs);
     let Some(conns) = perf(false, &args, conns) else {
         return;
     };
     let reconnect =
         |state: &ResumeState| accept_resuming(config(&args), &devs, &listener, setup, state);
-    stream("serve", conns, &args, as_json, &reconnect);
+    stream("serve", Held::Own(conns), &args, as_json, &reconnect);
 }
 
 #[cfg(feature = "verbs")]
 pub fn connect_to(args: PeerArgs, addr: SocketAddr, as_json: bool) {
     let devs: Vec<&str> = args.devices.iter().map(|s| s.as_str()).collect();
+    let setup = Duration::from_secs(args.setup_secs);
+    if args.endpoint {
+        let mut ep = VerbsEndpoint::open(config(&args), &devs).expect("open the cards");
+        let ids = (0..args.connections.max(1))
+            .map(|_| ep.connect(addr, setup).expect("connect"))
+            .collect();
+        let reconnect = |_: &ResumeState| -> Result<VerbsConnection, ConnectError> {
+            unreachable!("--resume is refused with --endpoint")
+        };
+        return stream(
+            "connect",
+            Held::Endpoint(Box::new(ep), ids),
+            &args,
+            as_json,
+            &reconnect,
+        );
+    }
     let conns = (0..args.connections.max(1))
         .map(|_| {
             connect(
@@ -307,13 +349,12 @@ pub fn connect_to(args: PeerArgs, addr: SocketAddr, as_json: bool) {
             .expect("connect")
         })
         .collect();
-    let setup = Duration::from_secs(args.setup_secs);
     let Some(conns) = perf(true, &args, conns) else {
         return;
     };
     let reconnect =
         |state: &ResumeState| connect_resuming(config(&args), &devs, addr, setup, state);
-    stream("connect", conns, &args, as_json, &reconnect);
+    stream("connect", Held::Own(conns), &args, as_json, &reconnect);
 }
 
 /// Runs `--pingpong` or `--flood` on the first connection (None: it ran); the connections
@@ -344,7 +385,7 @@ fn perf(
 /// One connection's stream and what it saw.
 #[cfg(feature = "verbs")]
 struct Stream {
-    conn: VerbsConnection,
+    conn: Slot,
     next_out: u64,
     next_at: Instant,
     sent_end: bool,
@@ -354,6 +395,37 @@ struct Stream {
     done: bool,
     /// When both streams were complete (the closer then waits for every rail to be up).
     complete_at: Option<Instant>,
+}
+
+/// The connections a process streams on: its own, or an endpoint's.
+#[cfg(feature = "verbs")]
+enum Held {
+    Own(Vec<VerbsConnection>),
+    Endpoint(Box<VerbsEndpoint>, Vec<ConnectionId>),
+}
+
+/// One stream's connection: its own, or one of the endpoint's.
+#[cfg(feature = "verbs")]
+enum Slot {
+    Own(Box<VerbsConnection>),
+    Id(ConnectionId),
+}
+
+#[cfg(feature = "verbs")]
+impl Slot {
+    fn get<'a>(&'a self, ep: &'a Option<VerbsEndpoint>) -> &'a VerbsConnection {
+        match self {
+            Slot::Own(c) => c,
+            Slot::Id(id) => ep.as_ref().and_then(|e| e.get(*id)).expect("held"),
+        }
+    }
+
+    fn get_mut<'a>(&'a mut self, ep: &'a mut Option<VerbsEndpoint>) -> &'a mut VerbsConnection {
+        match self {
+            Slot::Own(c) => c,
+            Slot::Id(id) => ep.as_mut().and_then(|e| e.get_mut(*id)).expect("held"),
+        }
+    }
 }
 
 /// With `--resume`: replaces a connection whose session ended (not by a close) with a new one
@@ -390,7 +462,7 @@ fn resume(
 #[cfg(feature = "verbs")]
 fn stream(
     role: &str,
-    conns: Vec<VerbsConnection>,
+    held: Held,
     a: &PeerArgs,
     as_json: bool,
     reconnect: &dyn Fn(&ResumeState) -> Result<VerbsConnection, ConnectError>,
@@ -404,7 +476,14 @@ fn stream(
     let start = Instant::now();
     let stream_for = Duration::from_secs_f64(a.secs);
     let interval = Duration::from_micros(a.interval_us);
-    let mut streams: Vec<Stream> = conns
+    let (mut ep, slots): (Option<VerbsEndpoint>, Vec<Slot>) = match held {
+        Held::Own(conns) => (
+            None,
+            conns.into_iter().map(|c| Slot::Own(Box::new(c))).collect(),
+        ),
+        Held::Endpoint(ep, ids) => (Some(*ep), ids.into_iter().map(Slot::Id).collect()),
+    };
+    let mut streams: Vec<Stream> = slots
         .into_iter()
         .map(|conn| Stream {
             conn,
@@ -437,9 +516,12 @@ fn stream(
     // With the gray switch on: each rail's latency as it judges it, every 250 ms (connection 0).
     let mut next_latency_sample = start;
     while streams.iter().any(|s| !s.done) {
+        if let Some(ep) = &mut ep {
+            ep.poll_cards(); // the streams drive their connections one by one
+        }
         if a.gray_margin_us > 0 && Instant::now() >= next_latency_sample {
             next_latency_sample += Duration::from_millis(250);
-            let core = streams[0].conn.core();
+            let core = streams[0].conn.get(&ep).core();
             let lat: Vec<String> = (0..core.config().rails())
                 .map(|r| format!("{:.2}", core.rail_latency_ns(r) as f64 / 1e6))
                 .collect();
@@ -454,12 +536,12 @@ fn stream(
             let now = Instant::now();
             match window.0 {
                 None if now >= window_begin => {
-                    window.0 = Some(WindowCounts::now(&streams));
+                    window.0 = Some(WindowCounts::now(&streams, &ep));
                     mark("begin");
                 }
                 Some(begin) if now >= window_end => {
                     mark("end");
-                    window.1 = Some(WindowCounts::now(&streams).since(begin));
+                    window.1 = Some(WindowCounts::now(&streams, &ep).since(begin));
                 }
                 _ => {}
             }
@@ -476,7 +558,7 @@ fn stream(
                     record(st.next_out, a.size.max(16))
                 };
                 let t = Instant::now();
-                let r = st.conn.send(&msg);
+                let r = st.conn.get_mut(&mut ep).send(&msg);
                 timed(t);
                 match r {
                     Ok(_) if msg[..8] == END.to_le_bytes() => st.sent_end = true,
@@ -485,7 +567,7 @@ fn stream(
                         st.next_at += interval;
                     }
                     Err(SendError::Backpressure) => {} // retried on the next turn
-                    Err(_) if a.resume && resume(&mut st.conn, reconnect) => {
+                    Err(_) if a.resume && resume(st.conn.get_mut(&mut ep), reconnect) => {
                         resumed += 1;
                         timeline.push(format!(
                             "{:.1} ms #{i} resumed",
@@ -503,7 +585,7 @@ fn stream(
             let t = Instant::now();
             let check = &mut st.check;
             let before = check.delivered;
-            let r = st.conn.poll(|m| check.deliver(m));
+            let r = st.conn.get_mut(&mut ep).poll(|m| check.deliver(m));
             timed(t);
             if st.check.delivered > before {
                 let now = Instant::now();
@@ -522,7 +604,7 @@ fn stream(
                 }
                 last_delivery = Some(now);
             }
-            while let Some(e) = st.conn.poll_event() {
+            while let Some(e) = st.conn.get_mut(&mut ep).poll_event() {
                 if !matches!(e, Event::FailoverComplete { .. }) {
                     timeline.push(format!(
                         "{:.1} ms #{i} {e:?}",
@@ -544,7 +626,7 @@ fn stream(
                     _ => {}
                 }
             }
-            if r.is_err() && a.resume && resume(&mut st.conn, reconnect) {
+            if r.is_err() && a.resume && resume(st.conn.get_mut(&mut ep), reconnect) {
                 resumed += 1;
                 timeline.push(format!(
                     "{:.1} ms #{i} resumed",
@@ -553,7 +635,7 @@ fn stream(
                 continue;
             }
             if let Err(e) = r {
-                if st.conn.end_reason().is_none() {
+                if st.conn.get(&ep).end_reason().is_none() {
                     st.error = Some(format!("poll: {e}"));
                 }
                 st.done = true;
@@ -565,7 +647,7 @@ fn stream(
             }
             // The closer closes once every rail is up and has heard the peer (so a rail re-armed
             // late is in place on both sides), or after 30 s of waiting for that.
-            let core = st.conn.core();
+            let core = st.conn.get(&ep).core();
             let healthy = (0..core.config().rails())
                 .all(|r| core.rail_state(r) != railover::RailState::Failed && core.rail_proven(r));
             let waited_enough = st
@@ -574,7 +656,8 @@ fn stream(
             if complete && a.closer && waited_enough {
                 // (Not a data-path call: it waits for the peer to deliver; timed apart.)
                 let t = Instant::now();
-                st.close_result = Some(st.conn.close(5_000_000_000).map_err(|e| e.to_string()));
+                let conn = st.conn.get_mut(&mut ep);
+                st.close_result = Some(conn.close(5_000_000_000).map_err(|e| e.to_string()));
                 close_max = close_max.max(t.elapsed());
                 st.done = true;
             }
@@ -595,15 +678,16 @@ fn stream(
     let mut closes: Vec<String> = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     for st in &streams {
-        st.conn.unacked(|_, _| unacked += 1);
-        let stats = st.conn.core().stats();
+        let conn = st.conn.get(&ep);
+        conn.unacked(|_, _| unacked += 1);
+        let stats = conn.core().stats();
         data_bytes += stats.data_bytes;
         standby_writes += stats.standby_writes;
         records_resent += stats.records_resent;
-        let r = st.conn.core().config().rails();
+        let r = conn.core().config().rails();
         rails += r;
         rails_up += (0..r)
-            .filter(|&x| st.conn.core().rail_state(x) != railover::RailState::Failed)
+            .filter(|&x| conn.core().rail_state(x) != railover::RailState::Failed)
             .count();
         sent += st.next_out;
         delivered += st.check.delivered;
@@ -615,7 +699,7 @@ fn stream(
         duplicates += st.check.duplicates;
         reordered += st.check.reordered;
         corrupted += st.check.corrupted;
-        let reason = st.conn.end_reason().map(|r| format!("{r:?}"));
+        let reason = conn.end_reason().map(|r| format!("{r:?}"));
         if !end_reasons.contains(&reason.clone().unwrap_or_default()) {
             end_reasons.push(reason.unwrap_or_default());
         }
@@ -638,6 +722,7 @@ fn stream(
     let report = json!({
         "role": role,
         "connections": streams.len(),
+        "endpoint": ep.is_some(),
         "sent": sent,
         "delivered": delivered,
         "peer_sent": peer_sent,

@@ -345,3 +345,71 @@ pub fn throughput(size: usize, count: u64, latency_ns: u64) -> ThroughputReport 
             / a.write_completions.max(1) as f64,
     }
 }
+
+/// Resident memory of this process (kB, from /proc/self/status), or 0 where there is none.
+fn resident_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `railover-bench endpoint-setup`: makes `n` connections between two endpoints (simulated
+/// fabric, the default 2-rail geometry of 16 x 64 KiB segments) and prints the set-up time and
+/// the memory each connection costs: resident memory grown (both hosts' sides, all rails,
+/// divided by `n`; ring pages count once they are touched) and the ring memory it registers.
+pub fn endpoint_setup(n: usize) {
+    use railover::endpoint::SimEndpoints;
+    let cfg = config(64);
+    let g = cfg.geometry();
+    // Per rail and host: the send ring and the peer's mirror of it.
+    let ring_bytes = 2 * g.segment_size() * g.segment_count();
+    let registered_per_side = ring_bytes * cfg.rails();
+    let mut hosts = SimEndpoints::new(cfg, 1, 2_000).expect("endpoints");
+    let rss_before = resident_kb();
+    let started = Instant::now();
+    let mut first = None;
+    for i in 0..n.max(1) {
+        let t = Instant::now();
+        hosts.connect().expect("connect");
+        if i == 0 {
+            first = Some(t.elapsed());
+        }
+    }
+    let setup = started.elapsed();
+    // Every connection writes one record both ways: its rings are in use.
+    for &(x, y) in &hosts.pairs.clone() {
+        hosts.a.send(x, &[1u8; 64]).expect("send");
+        hosts.b.send(y, &[2u8; 64]).expect("send");
+    }
+    let mut delivered = 0;
+    while delivered < 2 * n {
+        hosts.step(u64::MAX);
+        delivered += hosts.a.poll(|_, _, _| {}) + hosts.b.poll(|_, _, _| {});
+    }
+    let rss_after = resident_kb();
+    println!(
+        "connections: {n} (x {} rails, both hosts in this process)",
+        cfg.rails()
+    );
+    println!(
+        "set-up per connection: {:.1} us (first {:.1} us; both hosts' sides)",
+        setup.as_secs_f64() * 1e6 / n as f64,
+        first.unwrap_or_default().as_secs_f64() * 1e6
+    );
+    println!(
+        "registered ring memory per connection and host: {} KiB ({} rails x send ring + mirror of {} x {} KiB)",
+        registered_per_side / 1024,
+        cfg.rails(),
+        g.segment_count(),
+        g.segment_size() / 1024
+    );
+    println!(
+        "resident memory grown per connection (both hosts): {} KiB",
+        rss_after.saturating_sub(rss_before) / n as u64
+    );
+}

@@ -249,7 +249,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// that ended stays until [`Endpoint::remove`]d; its end is an [`Event::Ended`] (or
     /// [`Event::AllRailsDown`]) from [`Endpoint::poll_event`].
     pub fn poll(&mut self, mut deliver: impl FnMut(ConnectionId, u64, &[u8])) -> usize {
-        self.card_events_due();
+        self.poll_cards();
         let mut delivered = 0;
         for (index, slot) in self.slots.iter_mut().enumerate() {
             let Some(e) = slot.conn.as_mut() else {
@@ -317,9 +317,11 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             .filter_map(|s| s.conn.as_ref().map(|e| &e.conn))
     }
 
-    /// Hands the cards' device events to the connections if they are due (see
-    /// [`Endpoint::poll`]), for a driver that progresses the connections itself.
-    pub(crate) fn card_events_due(&mut self) {
+    /// Reads the cards' device events, at most once per heartbeat interval, and hands them to
+    /// every connection. [`Endpoint::poll`] does this; call it yourself only when you drive the
+    /// connections one by one instead (`get_mut(id)` and the connection's own `poll`), once per
+    /// turn of your loop.
+    pub fn poll_cards(&mut self) {
         let now = self.clock.now();
         if now >= self.next_card_events {
             self.next_card_events = now + self.cfg.heartbeat_interval_ns();

@@ -459,8 +459,8 @@ impl SimEndpoints {
     /// Both endpoints make progress (nothing is delivered: see [`Endpoint::poll`] for that) and
     /// re-arm requests are served.
     pub fn progress(&mut self) {
-        self.a.card_events_due();
-        self.b.card_events_due();
+        self.a.poll_cards();
+        self.b.poll_cards();
         for &(x, y) in &self.pairs {
             let (Some(a), Some(b)) = (self.a.get_mut(x), self.b.get_mut(y)) else {
                 continue;
