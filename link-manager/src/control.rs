@@ -1,7 +1,8 @@
 //! The control plane's executors: they carry out the re-arm protocol ([`crate::rearm`]) over a
 //! control channel and hand re-armed rails to the data path.
 //!
-//! * [`ControlThread`] (real devices): a thread owned by the connection makes fresh queue pairs,
+//! * [`ControlThread`] (real devices): a thread of the connection's own (or of its endpoint's,
+//!   shared by all its connections: [`ControlPool`]) makes fresh queue pairs,
 //!   opens released cards again, connects queue pairs, destroys old ones, reads and writes the
 //!   control stream, and reads the cards' asynchronous events (port down, device fatal...) as
 //!   they come, forwarding them at once. The data thread only posts a request (when the core asks
@@ -348,6 +349,7 @@ where
         cfg: Config,
         cards: Vec<ThreadCard<N>>,
         read_events: bool,
+        pool: Option<&ControlPool<N>>,
     ) -> std::io::Result<ControlThread<N>> {
         // Non-blocking: the thread waits on it (and the cards' event descriptors) with poll.
         channel.stream().set_nonblocking(true)?;
@@ -358,29 +360,45 @@ where
         let (outcome_tx, outcomes) = mpsc::channel();
         let flagged = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (flag, halt, bell) = (flagged.clone(), stop.clone(), wake.clone());
-        let thread = std::thread::Builder::new()
-            .name("railover-control".into())
-            .spawn(move || {
-                let report = Reporter {
-                    outcomes: outcome_tx,
-                    flagged: flag,
-                    wake: bell,
-                };
-                let setup = LoopSetup {
-                    role,
-                    cfg,
-                    read_events,
-                };
-                control_loop::<N>(channel, setup, cards, command_rx, report, halt)
-            })?;
+        let task = ControlTask {
+            channel,
+            cfg,
+            read_events,
+            cards,
+            commands: command_rx,
+            reporter: Reporter {
+                outcomes: outcome_tx,
+                flagged: flagged.clone(),
+                wake: wake.clone(),
+            },
+            stop: stop.clone(),
+            proto: RearmProtocol::new(role, cfg.rails())
+                .with_timeout(cfg.rearm_exchange_timeout_ns()),
+            fresh: FreshLinks::new(),
+            lost_reported: false,
+            retransmissions: [None; MAX_RAILS],
+            start: Instant::now(),
+        };
+        let thread = match pool {
+            Some(pool) => {
+                pool.joining
+                    .send(task)
+                    .map_err(|_| std::io::Error::other("the endpoint's control thread is gone"))?;
+                None
+            }
+            None => Some(
+                std::thread::Builder::new()
+                    .name("railover-control".into())
+                    .spawn(move || control_loop(task))?,
+            ),
+        };
         Ok(ControlThread {
             commands,
             outcomes,
             flagged,
             wake,
             stop,
-            thread: Some(thread),
+            thread,
             completed: 0,
         })
     }
@@ -493,183 +511,266 @@ impl<N: Nic> Reporter<N> {
     }
 }
 
-/// Says once that the stream broke, and ends it for the peer too (it then sets up a new one).
-fn report_loss<N: Nic>(
-    proto: &RearmProtocol,
-    channel: &mut TcpControl,
-    lost_reported: &mut bool,
-    reporter: &Reporter<N>,
-) {
-    if proto.is_closed() && !*lost_reported {
-        *lost_reported = true;
-        channel.shutdown();
-        reporter.report(Outcome::ChannelLost);
-    }
-}
-
-/// What the control loop is: its side of the re-arm exchange, the connection's configuration, and
-/// whether it reads the cards' device events (not when an endpoint shares the cards and reads
-/// them once for all its connections).
-struct LoopSetup {
-    role: Role,
+/// One connection's control work, turned by its own thread ([`ControlThread::spawn`]) or by an
+/// endpoint's shared one ([`ControlPool`]).
+pub(crate) struct ControlTask<N: Nic> {
+    channel: TcpControl,
     cfg: Config,
+    /// Whether it reads the cards' device events (not when an endpoint shares the cards and
+    /// reads them once for all its connections).
     read_events: bool,
-}
-
-fn control_loop<N: Nic>(
-    mut channel: TcpControl,
-    LoopSetup {
-        role,
-        cfg,
-        read_events,
-    }: LoopSetup,
-    mut cards: Vec<ThreadCard<N>>,
+    cards: Vec<ThreadCard<N>>,
     commands: mpsc::Receiver<Command<N::Link>>,
     reporter: Reporter<N>,
+    /// Set when the connection is dropped.
     stop: Arc<AtomicBool>,
-) {
-    let start = Instant::now();
-    let now = || start.elapsed().as_nanos() as Nanos;
-    let mut proto =
-        RearmProtocol::new(role, cfg.rails()).with_timeout(cfg.rearm_exchange_timeout_ns());
-    let mut fresh = FreshLinks::new();
-    let mut lost_reported = false;
-    let mut retransmissions: [Option<u64>; MAX_RAILS] = [None; MAX_RAILS];
-    // Relaxed: a stop flag (see ControlThread::drop).
-    while !stop.load(Ordering::Relaxed) {
+    proto: RearmProtocol,
+    fresh: FreshLinks<N::Link>,
+    lost_reported: bool,
+    retransmissions: [Option<u64>; MAX_RAILS],
+    start: Instant,
+}
+
+impl<N: Nic> ControlTask<N> {
+    fn now(&self) -> Nanos {
+        self.start.elapsed().as_nanos() as Nanos
+    }
+
+    /// Whether the connection is gone (dropped, or its handle disconnected).
+    fn stopped(&self) -> bool {
+        // Relaxed: a stop flag (see ControlThread::drop).
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The descriptors to wait on: the stream, the rejoin port (the listener's side watches it
+    /// always) and, when it reads them, the cards' event descriptors.
+    fn wait_fds<'a>(&'a self, live: &'a [Option<Arc<N>>], out: &mut Vec<BorrowedFd<'a>>) {
+        if !self.proto.is_closed() {
+            out.push(self.channel.stream().as_fd());
+        }
+        out.extend(self.channel.rejoin_port().map(|l| l.as_fd()));
+        if self.read_events {
+            out.extend(live.iter().flatten().filter_map(|n| n.event_fd()));
+        }
+    }
+
+    /// The cards the data path still holds (its Weak is dead for a released one).
+    fn live_cards(&self) -> [Option<Arc<N>>; MAX_RAILS] {
+        std::array::from_fn(|i| self.cards.get(i).and_then(|c| c.nic.upgrade()))
+    }
+
+    /// Takes the data thread's commands. False when the connection is gone.
+    fn take_commands(&mut self) -> bool {
         loop {
-            match commands.try_recv() {
-                Ok(Command::Rearm(rail)) => proto.request(rail, now()),
+            match self.commands.try_recv() {
+                Ok(Command::Rearm(rail)) => self.proto.request(rail, self.now()),
                 Ok(Command::Retire(link)) => drop(link),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => return,
+                Err(mpsc::TryRecvError::Empty) => return !self.stopped(),
+                Err(mpsc::TryRecvError::Disconnected) => return false,
             }
         }
-        // Wait for the stream or a card's event (at most CONTROL_POLL: commands are looked at
-        // between waits). Cards the data path released are skipped (their Weak is dead).
-        let live: [Option<Arc<N>>; MAX_RAILS] =
-            std::array::from_fn(|i| cards.get(i).and_then(|c| c.nic.upgrade()));
-        {
-            // The stream, the rejoin port (the listener's side watches it always), the cards.
-            let mut fds: [Option<BorrowedFd<'_>>; MAX_RAILS + 2] = [None; MAX_RAILS + 2];
-            if !proto.is_closed() {
-                fds[0] = Some(channel.stream().as_fd());
-            }
-            fds[1] = channel.rejoin_port().map(|l| l.as_fd());
-            for (slot, nic) in fds[2..].iter_mut().zip(&live) {
-                *slot = nic
-                    .as_ref()
-                    .filter(|_| read_events)
-                    .and_then(|n| n.event_fd());
-            }
-            let mut ready = [channel.stream().as_fd(); MAX_RAILS + 2];
-            let mut n = 0;
-            for fd in fds.iter().flatten() {
-                ready[n] = *fd;
-                n += 1;
-            }
-            if n == 0 {
-                match commands.recv_timeout(CONTROL_POLL) {
-                    Ok(Command::Rearm(rail)) => proto.request(rail, now()),
-                    Ok(Command::Retire(link)) => drop(link),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-            } else if let Err(e) =
-                railover_rdma::wait_readable(&ready[..n], CONTROL_POLL.as_nanos() as u64)
-            {
-                tracing::warn!(error = %e, "control thread: waiting failed");
-                std::thread::sleep(CONTROL_POLL); // never spin on a broken wait
-            }
-        }
-        for (rail, nic) in live.iter().enumerate().filter(|_| read_events) {
+    }
+
+    /// One turn after a wait: card events, retransmission counts, the stream, the re-arm
+    /// protocol's timers and its I/O (queue pairs made, connected, handed over).
+    fn turn(&mut self, live: &[Option<Arc<N>>; MAX_RAILS]) {
+        for (rail, nic) in live.iter().enumerate().filter(|_| self.read_events) {
             if let Some(nic) = nic {
                 while let Some(event) = nic.poll_event() {
-                    reporter.report(Outcome::Event { rail, event });
+                    self.reporter.report(Outcome::Event { rail, event });
                 }
             }
         }
         // The gray switch's retransmission counts: read here, off the data thread (files).
-        if cfg
+        if self
+            .cfg
             .gray_switch()
             .is_some_and(|g| g.retransmits_per_window > 0)
         {
             for (rail, nic) in live.iter().enumerate() {
                 let total = nic.as_ref().and_then(|n| n.retransmissions());
-                if let Some(total) = total.filter(|t| Some(*t) != retransmissions[rail]) {
-                    retransmissions[rail] = Some(total);
-                    reporter.report(Outcome::Retransmissions { rail, total });
+                if let Some(total) = total.filter(|t| Some(*t) != self.retransmissions[rail]) {
+                    self.retransmissions[rail] = Some(total);
+                    self.reporter
+                        .report(Outcome::Retransmissions { rail, total });
                 }
             }
         }
-        drop(live);
-        if !proto.is_closed() {
-            read_into(&mut channel, &mut proto, now());
+        let now = self.now();
+        if !self.proto.is_closed() {
+            read_into(&mut self.channel, &mut self.proto, now);
         }
         // Said before it is replaced (a dialler may get a new stream at once).
-        report_loss(&proto, &mut channel, &mut lost_reported, &reporter);
+        self.report_loss();
         // A broken stream is replaced (the dialler redials, backing off); the listener also
         // takes a new one while its own looks fine (its end may be half-open).
-        if (proto.is_closed() || !channel.dials()) && matches!(channel.reconnect(), Ok(true)) {
-            proto.reopen();
-            if std::mem::take(&mut lost_reported) {
-                reporter.report(Outcome::ChannelRestored);
+        if (self.proto.is_closed() || !self.channel.dials())
+            && matches!(self.channel.reconnect(), Ok(true))
+        {
+            self.proto.reopen();
+            if std::mem::take(&mut self.lost_reported) {
+                self.reporter.report(Outcome::ChannelRestored);
             }
-            read_into(&mut channel, &mut proto, now());
+            read_into(&mut self.channel, &mut self.proto, now);
         }
-        proto.handle_timeout(now());
-        while let Some(io) = proto.poll() {
-            match io {
-                RearmIo::Send(frame) => {
-                    if let Err(e) = channel.send(&frame) {
-                        tracing::warn!(error = %e, "control channel failed");
-                        proto.channel_failed();
-                    }
+        self.proto.handle_timeout(self.now());
+        while let Some(io) = self.proto.poll() {
+            self.carry_out(io);
+        }
+        self.report_loss();
+    }
+
+    fn carry_out(&mut self, io: RearmIo) {
+        let now = self.now();
+        let (proto, reporter) = (&mut self.proto, &self.reporter);
+        match io {
+            RearmIo::Send(frame) => {
+                if let Err(e) = self.channel.send(&frame) {
+                    tracing::warn!(error = %e, "control channel failed");
+                    proto.channel_failed();
                 }
-                RearmIo::Prepare { rail, attempt } => match prepare(&mut cards[rail], &cfg, rail) {
+            }
+            RearmIo::Prepare { rail, attempt } => {
+                match prepare(&mut self.cards[rail], &self.cfg, rail) {
                     Ok((link, ours)) => {
-                        fresh.put(rail, attempt, link);
-                        proto.prepared::<String>(rail, attempt, Ok(ours), now());
+                        self.fresh.put(rail, attempt, link);
+                        proto.prepared::<String>(rail, attempt, Ok(ours), now);
                     }
-                    Err(e) => proto.prepared(rail, attempt, Err(e), now()),
-                },
-                RearmIo::Connect {
-                    rail,
-                    attempt,
-                    peer,
-                } => {
-                    let result = match fresh.get_mut(rail, attempt) {
-                        Some(link) => link.connect(&peer.endpoint).map_err(|e| e.to_string()),
-                        None => Err("no fresh queue pair".to_string()),
-                    };
-                    proto.connected(rail, attempt, result, now());
+                    Err(e) => proto.prepared(rail, attempt, Err(e), now),
                 }
-                RearmIo::Install {
-                    rail,
-                    attempt,
-                    peer,
-                } => match fresh.take(rail, attempt) {
-                    Some(link) => {
-                        let card = cards[rail].reopened.take();
-                        if let Some(regs) = &card {
-                            cards[rail].nic = Arc::downgrade(&regs.nic);
-                        }
-                        reporter.report(Outcome::Install {
-                            rail,
-                            link,
-                            peer,
-                            card,
-                        });
-                    }
-                    None => reporter.report(Outcome::Failed(rail)),
-                },
-                RearmIo::Abandon { rail, attempt } => {
-                    fresh.abandon(rail, attempt);
-                    reporter.report(Outcome::Failed(rail));
-                }
-                RearmIo::Decline { rail } => reporter.report(Outcome::Failed(rail)),
             }
+            RearmIo::Connect {
+                rail,
+                attempt,
+                peer,
+            } => {
+                let result = match self.fresh.get_mut(rail, attempt) {
+                    Some(link) => link.connect(&peer.endpoint).map_err(|e| e.to_string()),
+                    None => Err("no fresh queue pair".to_string()),
+                };
+                proto.connected(rail, attempt, result, now);
+            }
+            RearmIo::Install {
+                rail,
+                attempt,
+                peer,
+            } => match self.fresh.take(rail, attempt) {
+                Some(link) => {
+                    let card = self.cards[rail].reopened.take();
+                    if let Some(regs) = &card {
+                        self.cards[rail].nic = Arc::downgrade(&regs.nic);
+                    }
+                    reporter.report(Outcome::Install {
+                        rail,
+                        link,
+                        peer,
+                        card,
+                    });
+                }
+                None => reporter.report(Outcome::Failed(rail)),
+            },
+            RearmIo::Abandon { rail, attempt } => {
+                self.fresh.abandon(rail, attempt);
+                reporter.report(Outcome::Failed(rail));
+            }
+            RearmIo::Decline { rail } => reporter.report(Outcome::Failed(rail)),
         }
-        report_loss(&proto, &mut channel, &mut lost_reported, &reporter);
+    }
+
+    /// Says once that the stream broke, and ends it for the peer too (it then sets up a new one).
+    fn report_loss(&mut self) {
+        if self.proto.is_closed() && !self.lost_reported {
+            self.lost_reported = true;
+            self.channel.shutdown();
+            self.reporter.report(Outcome::ChannelLost);
+        }
+    }
+}
+
+/// Waits until one of `fds` is readable or [`CONTROL_POLL`] passed (just sleeps for that with
+/// none).
+fn wait(fds: &[BorrowedFd<'_>]) {
+    if fds.is_empty() {
+        std::thread::sleep(CONTROL_POLL);
+    } else if let Err(e) = railover_rdma::wait_readable(fds, CONTROL_POLL.as_nanos() as u64) {
+        tracing::warn!(error = %e, "control thread: waiting failed");
+        std::thread::sleep(CONTROL_POLL); // never spin on a broken wait
+    }
+}
+
+/// A connection's own control thread: waits on its stream and cards, then takes a turn.
+fn control_loop<N: Nic>(mut task: ControlTask<N>) {
+    while task.take_commands() {
+        let live = task.live_cards();
+        let mut fds = Vec::with_capacity(MAX_RAILS + 2);
+        task.wait_fds(&live, &mut fds);
+        wait(&fds);
+        drop(fds);
+        // (Commands that came during the wait are taken before the next.)
+        if !task.take_commands() {
+            return;
+        }
+        task.turn(&live);
+    }
+}
+
+/// One control thread for many connections (an endpoint's): it waits on all their streams at
+/// once and takes a turn for each. Connections join with [`ControlPool::attach`]; a
+/// connection's task leaves when the connection is dropped.
+pub(crate) struct ControlPool<N: Nic> {
+    joining: mpsc::Sender<ControlTask<N>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<N> ControlPool<N>
+where
+    N: Nic + Send + Sync + 'static,
+    N::Link: Send + 'static,
+    N::Mr: Send + 'static,
+    N::Reopen: Send + 'static,
+{
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+    pub(crate) fn spawn() -> std::io::Result<ControlPool<N>> {
+        let (joining, joined) = mpsc::channel::<ControlTask<N>>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("railover-control".into())
+            .spawn(move || {
+                let mut tasks: Vec<ControlTask<N>> = Vec::new();
+                // Relaxed: a stop flag (see ControlPool::drop).
+                while !halt.load(Ordering::Relaxed) {
+                    while let Ok(task) = joined.try_recv() {
+                        tasks.push(task);
+                    }
+                    tasks.retain_mut(|t| t.take_commands());
+                    let live: Vec<_> = tasks.iter().map(|t| t.live_cards()).collect();
+                    let mut fds = Vec::with_capacity(2 * tasks.len());
+                    for (t, live) in tasks.iter().zip(&live) {
+                        t.wait_fds(live, &mut fds);
+                    }
+                    wait(&fds);
+                    drop(fds);
+                    for (t, live) in tasks.iter_mut().zip(&live) {
+                        t.turn(live);
+                    }
+                }
+            })?;
+        Ok(ControlPool {
+            joining,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl<N: Nic> Drop for ControlPool<N> {
+    fn drop(&mut self) {
+        // Relaxed: a stop flag; the thread sees it within one CONTROL_POLL.
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -80,6 +80,10 @@ pub struct Endpoint<N: Nic, C: Clock> {
     /// call per card on verbs, never one per message).
     next_card_events: Nanos,
     slots: Vec<Slot<N, C>>,
+    /// The control thread every connection's re-arms run on (verbs; made with the first
+    /// connection). After `slots`: connections are dropped (and closed) first.
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+    pub(crate) control: Option<crate::control::ControlPool<N>>,
     /// Slots without a connection, reused first.
     free: Vec<u32>,
     live: usize,
@@ -109,6 +113,7 @@ where
             clock,
             next_card_events: 0,
             slots: Vec::new(),
+            control: None,
             free: Vec::new(),
             live: 0,
             event_cursor: 0,

@@ -1277,6 +1277,17 @@ where
         channel: crate::rejoin::TcpControl,
         role: Role,
     ) -> std::io::Result<()> {
+        self.attach_control(channel, role, None)
+    }
+
+    /// [`Receiver::attach_control_thread`], on `pool`'s thread (an endpoint's, shared by its
+    /// connections) when given.
+    pub(crate) fn attach_control(
+        &mut self,
+        channel: crate::rejoin::TcpControl,
+        role: Role,
+        pool: Option<&crate::control::ControlPool<N>>,
+    ) -> std::io::Result<()> {
         let cards = self
             .rails
             .iter()
@@ -1302,6 +1313,7 @@ where
             cfg,
             cards,
             read_events,
+            pool,
         )?));
         Ok(())
     }

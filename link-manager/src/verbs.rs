@@ -22,6 +22,7 @@ use railover_rdma::handshake::{self, Greeting, HandshakeError, Hello, WireGeomet
 use railover_rdma::verbs::VerbsNic;
 
 use crate::config::Config;
+use crate::control::ControlPool;
 use crate::core::ResumeState;
 use crate::endpoint::{ConnectionId, Endpoint};
 use crate::rearm::Role;
@@ -79,6 +80,7 @@ fn handshake(
     deadline: Instant,
     timeout: Duration,
     role: Role,
+    pool: Option<&ControlPool<VerbsNic>>,
 ) -> Result<VerbsConnection, ConnectError> {
     let left = || {
         deadline
@@ -126,7 +128,7 @@ fn handshake(
         }
     }
     .map_err(ConnectError::Channel)?;
-    conn.attach_control_thread(channel, role)
+    conn.attach_control(channel, role, pool)
         .map_err(ConnectError::Channel)?;
     conn.start();
     Ok(conn)
@@ -177,6 +179,7 @@ fn dial(
         deadline,
         timeout,
         Role::Initiator,
+        None,
     )
 }
 
@@ -217,7 +220,7 @@ fn listen(
         let cards = open_cards(devices)?;
         PendingConnection::with_cards(cfg, cards, RealClock::default(), resume)
     };
-    handshake(pending, greeted, deadline, timeout, Role::Acceptor)
+    handshake(pending, greeted, deadline, timeout, Role::Acceptor, None)
 }
 
 /// Accepts clients and greets each on its own thread until one greeting checks out: its stream
@@ -307,12 +310,14 @@ impl Endpoint<VerbsNic, RealClock> {
         let ours = greeting(self.config(), None);
         let theirs = handshake::greet_as_client(&mut stream, &ours, timeout)?;
         let session = Greeting::session_id(&ours, &theirs);
+        let pending = self.prepare()?;
         let conn = handshake(
-            || self.prepare(),
+            || Ok(pending),
             (stream, session),
             deadline,
             timeout,
             Role::Initiator,
+            Some(self.control_pool()?),
         )?;
         Ok(self.insert(conn))
     }
@@ -326,13 +331,24 @@ impl Endpoint<VerbsNic, RealClock> {
     ) -> Result<ConnectionId, ConnectError> {
         let deadline = Instant::now() + timeout;
         let greeted = accept_greeted(self.config(), listener, deadline, timeout, None)?;
+        let pending = self.prepare()?;
         let conn = handshake(
-            || self.prepare(),
+            || Ok(pending),
             greeted,
             deadline,
             timeout,
             Role::Acceptor,
+            Some(self.control_pool()?),
         )?;
         Ok(self.insert(conn))
+    }
+
+    /// The one control thread of the endpoint's connections (re-arms, the control streams),
+    /// started with the first connection.
+    fn control_pool(&mut self) -> Result<&ControlPool<VerbsNic>, ConnectError> {
+        if self.control.is_none() {
+            self.control = Some(ControlPool::spawn().map_err(ConnectError::Channel)?);
+        }
+        Ok(self.control.as_ref().expect("just made"))
     }
 }
