@@ -284,10 +284,32 @@ pub fn serve(args: PeerArgs, port: u16, as_json: bool) {
     let devs: Vec<&str> = args.devices.iter().map(|s| s.as_str()).collect();
     let setup = Duration::from_secs(args.setup_secs);
     if args.endpoint {
+        // The endpoint's background listener sets the clients up; meanwhile the connections
+        // already there are kept running (nothing is delivered before the streams start).
         let mut ep = VerbsEndpoint::open(config(&args), &devs).expect("open the cards");
-        let ids = (0..args.connections.max(1))
-            .map(|_| ep.accept(&listener, setup).expect("accept"))
-            .collect();
+        ep.listen(listener, setup).expect("listen");
+        let mut ids = Vec::new();
+        let mut waiting_since = Instant::now();
+        while ids.len() < args.connections.max(1) {
+            match ep.poll_accept() {
+                Some(r) => {
+                    ids.push(r.expect("accept"));
+                    waiting_since = Instant::now();
+                }
+                None => {
+                    assert!(
+                        waiting_since.elapsed() < setup,
+                        "no client within {setup:?}"
+                    );
+                    ep.poll_cards();
+                    for &id in &ids {
+                        ep.get_mut(id).expect("held").progress();
+                    }
+                    // Pacing this loop only: the set-ups run on threads of their own.
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
         let reconnect = |_: &ResumeState| -> Result<VerbsConnection, ConnectError> {
             unreachable!("--resume is refused with --endpoint")
         };

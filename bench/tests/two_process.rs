@@ -765,11 +765,23 @@ fn a_black_hole_and_corruption_fail_over_and_the_rail_comes_back() {
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn hostile_clients_do_not_stop_the_listener_from_serving_a_good_one() {
+    hostile_clients_then_a_good_one(&[], "");
+}
+
+/// The same against an endpoint's background listener (`Endpoint::listen`, polled with
+/// `poll_accept` by a loop that keeps running meanwhile).
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn hostile_clients_do_not_stop_an_endpoints_background_listener() {
+    hostile_clients_then_a_good_one(&["--endpoint"], ", endpoint's background listener");
+}
+
+fn hostile_clients_then_a_good_one(args: &[&str], title: &str) {
     use std::io::Write;
     use std::net::TcpStream;
     let mut hostile: Vec<TcpStream> = Vec::new();
     let mut answered = Vec::new();
-    let (serve, connect) = start_traced(4.0, false, &[], None, &mut |addr| {
+    let (serve, connect) = start_traced(4.0, false, args, None, &mut |addr| {
         let mut garbage = TcpStream::connect(addr).expect("connect");
         garbage.write_all(&[0x5a; 96]).expect("write");
         let silent = TcpStream::connect(addr).expect("connect");
@@ -789,7 +801,7 @@ fn hostile_clients_do_not_stop_the_listener_from_serving_a_good_one() {
     let (s, c) = finish(
         serve,
         connect,
-        "a good client after three hostile ones (garbage, silent, wrong version)",
+        &format!("a good client after three hostile ones (garbage, silent, wrong version){title}"),
     );
     // What the hostile clients got back: nothing (closed, or still waiting).
     for h in &mut hostile {

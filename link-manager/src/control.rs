@@ -349,7 +349,7 @@ where
         cfg: Config,
         cards: Vec<ThreadCard<N>>,
         read_events: bool,
-        pool: Option<&ControlPool<N>>,
+        pool: Option<&PoolHandle<N>>,
     ) -> std::io::Result<ControlThread<N>> {
         // Non-blocking: the thread waits on it (and the cards' event descriptors) with poll.
         channel.stream().set_nonblocking(true)?;
@@ -381,7 +381,7 @@ where
         };
         let thread = match pool {
             Some(pool) => {
-                pool.joining
+                pool.0
                     .send(task)
                     .map_err(|_| std::io::Error::other("the endpoint's control thread is gone"))?;
                 None
@@ -718,7 +718,8 @@ fn control_loop<N: Nic>(mut task: ControlTask<N>) {
 /// once and takes a turn for each. Connections join with [`ControlPool::attach`]; a
 /// connection's task leaves when the connection is dropped.
 pub(crate) struct ControlPool<N: Nic> {
-    joining: mpsc::Sender<ControlTask<N>>,
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+    joining: PoolHandle<N>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -758,10 +759,26 @@ where
                 }
             })?;
         Ok(ControlPool {
-            joining,
+            joining: PoolHandle(joining),
             stop,
             thread: Some(thread),
         })
+    }
+}
+
+/// Where connections join a [`ControlPool`] (from any thread: a background acceptor's, say).
+pub(crate) struct PoolHandle<N: Nic>(mpsc::Sender<ControlTask<N>>);
+
+impl<N: Nic> Clone for PoolHandle<N> {
+    fn clone(&self) -> Self {
+        PoolHandle(self.0.clone())
+    }
+}
+
+impl<N: Nic> ControlPool<N> {
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+    pub(crate) fn handle(&self) -> &PoolHandle<N> {
+        &self.joining
     }
 }
 

@@ -69,6 +69,9 @@ struct Entry<N: Nic, C: Clock> {
 
 /// Each card once, and any number of connections on them, driven by one [`Endpoint::poll`].
 pub struct Endpoint<N: Nic, C: Clock> {
+    /// Connections set up in the background (verbs: [`Endpoint::listen`]), waiting for
+    /// [`Endpoint::poll_accept`]. First: its thread stops before anything else goes.
+    pub(crate) incoming: Option<Incoming<N, C>>,
     cfg: Config,
     /// This host's card of each rail, shared by every connection (None: released after a
     /// device-fatal event, until it opens again).
@@ -107,6 +110,7 @@ where
             });
         }
         Ok(Endpoint {
+            incoming: None,
             cfg,
             reopen: cards.iter().map(|c| c.reopen_token()).collect(),
             cards: cards.into_iter().map(Some).collect(),
@@ -143,6 +147,23 @@ where
         let mut pending = PendingConnection::with_cards(self.cfg, cards, self.clock.clone(), None)?;
         pending.share_card_events();
         Ok(pending)
+    }
+
+    /// Every card, each opened again first if it was released (an error if one can't be).
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+    pub(crate) fn open_cards(&mut self) -> Result<Vec<N>, ConnectError> {
+        self.cards
+            .iter_mut()
+            .zip(&self.reopen)
+            .map(|(card, token)| match card {
+                Some(nic) => Ok(nic.clone()),
+                None => {
+                    let nic = N::reopen(token)?;
+                    *card = Some(nic.clone());
+                    Ok(nic)
+                }
+            })
+            .collect()
     }
 
     /// The clock every connection of the endpoint reads.
@@ -184,6 +205,14 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         slot.conn = Some(Entry { conn, span });
         self.live += 1;
         id
+    }
+
+    /// A connection a background listener set up (see `Endpoint::listen` on verbs), now
+    /// driven by the endpoint: its id. `None` when none is ready (never blocks); an error for a
+    /// client whose set-up failed after its greeting checked out.
+    pub fn poll_accept(&mut self) -> Option<Result<ConnectionId, ConnectError>> {
+        let ready = self.incoming.as_ref()?.ready.try_recv().ok()?;
+        Some(ready.map(|conn| self.insert(conn)))
     }
 
     /// Takes the connection out (to close it on its own, read what it left unacknowledged, or
@@ -361,6 +390,23 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         (slot.generation == id.generation)
             .then_some(slot.conn.as_mut())
             .flatten()
+    }
+}
+
+/// Connections being set up in the background, and the thread that does it.
+pub(crate) struct Incoming<N: Nic, C: Clock> {
+    pub(crate) ready: std::sync::mpsc::Receiver<Result<Connection<N, C>, ConnectError>>,
+    pub(crate) stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<N: Nic, C: Clock> Drop for Incoming<N, C> {
+    fn drop(&mut self) {
+        // Relaxed: a stop flag, seen within one wait of the listener's loop.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

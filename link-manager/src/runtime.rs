@@ -1286,7 +1286,7 @@ where
         &mut self,
         channel: crate::rejoin::TcpControl,
         role: Role,
-        pool: Option<&crate::control::ControlPool<N>>,
+        pool: Option<&crate::control::PoolHandle<N>>,
     ) -> std::io::Result<()> {
         let cards = self
             .rails

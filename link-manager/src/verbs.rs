@@ -14,7 +14,7 @@
 //! ([`crate::rejoin`]), proven by the session id both greetings made.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -22,9 +22,9 @@ use railover_rdma::handshake::{self, Greeting, HandshakeError, Hello, WireGeomet
 use railover_rdma::verbs::VerbsNic;
 
 use crate::config::Config;
-use crate::control::ControlPool;
+use crate::control::{ControlPool, PoolHandle};
 use crate::core::ResumeState;
-use crate::endpoint::{ConnectionId, Endpoint};
+use crate::endpoint::{ConnectionId, Endpoint, Incoming};
 use crate::rearm::Role;
 use crate::rejoin::{offer_rejoin_port, read_rejoin_port, TcpControl};
 use crate::runtime::{ConnectError, Connection, PendingConnection, RailCard, RealClock};
@@ -80,7 +80,7 @@ fn handshake(
     deadline: Instant,
     timeout: Duration,
     role: Role,
-    pool: Option<&ControlPool<VerbsNic>>,
+    pool: Option<&PoolHandle<VerbsNic>>,
 ) -> Result<VerbsConnection, ConnectError> {
     let left = || {
         deadline
@@ -343,12 +343,133 @@ impl Endpoint<VerbsNic, RealClock> {
         Ok(self.insert(conn))
     }
 
+    /// Accepts clients on `listener` in the background from now on: each one's greeting and
+    /// set-up (hellos, queue pairs, barrier) run on a thread of their own, so neither a slow or
+    /// hostile client nor the set-up itself holds up the caller's loop. Ready connections come
+    /// from [`Endpoint::poll_accept`]; `timeout` bounds each client's set-up. Replaces an
+    /// earlier listener.
+    pub fn listen(&mut self, listener: TcpListener, timeout: Duration) -> Result<(), ConnectError> {
+        listener.set_nonblocking(true)?;
+        let cards = self.open_cards()?;
+        let pool = self.control_pool()?.clone();
+        let (cfg, clock) = (*self.config(), *self.clock());
+        let (ready_tx, ready) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let setup = BackgroundSetup {
+            cfg,
+            cards,
+            clock,
+            pool,
+            timeout,
+            ready: ready_tx,
+        };
+        let thread = std::thread::Builder::new()
+            .name("railover-listen".into())
+            .spawn(move || accept_in_background(&listener, setup, &halt))?;
+        self.incoming = Some(Incoming {
+            ready,
+            stop,
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
     /// The one control thread of the endpoint's connections (re-arms, the control streams),
     /// started with the first connection.
-    fn control_pool(&mut self) -> Result<&ControlPool<VerbsNic>, ConnectError> {
+    fn control_pool(&mut self) -> Result<&PoolHandle<VerbsNic>, ConnectError> {
         if self.control.is_none() {
             self.control = Some(ControlPool::spawn().map_err(ConnectError::Channel)?);
         }
-        Ok(self.control.as_ref().expect("just made"))
+        Ok(self.control.as_ref().expect("just made").handle())
+    }
+}
+
+/// What a background listener needs to set connections up on an endpoint's cards.
+#[derive(Clone)]
+struct BackgroundSetup {
+    cfg: Config,
+    cards: Vec<VerbsNic>,
+    clock: RealClock,
+    pool: PoolHandle<VerbsNic>,
+    timeout: Duration,
+    ready: mpsc::Sender<Result<VerbsConnection, ConnectError>>,
+}
+
+impl BackgroundSetup {
+    /// Greets `stream`'s client and sets its connection up (on this thread): the connection, or
+    /// why not. A greeting that fails is only logged (no connection was promised).
+    fn set_up(self, mut stream: TcpStream, from: SocketAddr) {
+        let deadline = Instant::now() + self.timeout;
+        let ours = greeting(&self.cfg, None);
+        let theirs = match handshake::greet_as_server(&mut stream, &ours, self.timeout) {
+            Ok(theirs) => theirs,
+            Err(e) => {
+                tracing::warn!(%from, error = %e, "client refused");
+                return;
+            }
+        };
+        let session = Greeting::session_id(&theirs, &ours);
+        let pending = || {
+            let cards = self.cards.iter().cloned().map(RailCard::Open).collect();
+            let mut pending = PendingConnection::with_cards(self.cfg, cards, self.clock, None)?;
+            pending.share_card_events();
+            Ok(pending)
+        };
+        let conn = handshake(
+            pending,
+            (stream, session),
+            deadline,
+            self.timeout,
+            Role::Acceptor,
+            Some(&self.pool),
+        );
+        if let Err(e) = &conn {
+            tracing::warn!(%from, error = %e, "set-up failed");
+        }
+        let _ = self.ready.send(conn); // (refused: the endpoint is gone)
+    }
+}
+
+/// The background listener's loop: takes clients as they come and sets each up on a thread of
+/// its own (at most [`MAX_GREETINGS_IN_FLIGHT`] at once; more are turned away).
+fn accept_in_background(listener: &TcpListener, setup: BackgroundSetup, stop: &AtomicBool) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    // Relaxed: a stop flag (see Incoming::drop).
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                // Relaxed: a soft cap on threads, no data published through it.
+                if in_flight.load(Ordering::Relaxed) >= MAX_GREETINGS_IN_FLIGHT {
+                    tracing::warn!(%from, "too many set-ups in progress; client turned away");
+                    continue;
+                }
+                if let Err(e) = stream.set_nonblocking(false) {
+                    tracing::warn!(%from, error = %e, "client dropped");
+                    continue;
+                }
+                let (setup, count) = (setup.clone(), in_flight.clone());
+                count.fetch_add(1, Ordering::Relaxed);
+                let spawned = std::thread::Builder::new()
+                    .name("railover-setup".into())
+                    .spawn(move || {
+                        setup.set_up(stream, from);
+                        count.fetch_sub(1, Ordering::Relaxed);
+                    });
+                if spawned.is_err() {
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let fd = rustix::fd::AsFd::as_fd(listener);
+                let _ = railover_rdma::wait_readable(&[fd], 5_000_000);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                let _ = setup.ready.send(Err(e.into()));
+                std::thread::sleep(Duration::from_millis(5)); // never spin on a broken listener
+            }
+        }
     }
 }
