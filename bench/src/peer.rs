@@ -75,7 +75,9 @@ pub struct PeerArgs {
     connections: usize,
     /// Make the connections on one `railover::Endpoint`: each card opened once (one device
     /// context and protection domain per card for all connections), its events read once and
-    /// handed to every connection. (Not with `--resume`, `--pingpong` or `--flood`.)
+    /// handed to every connection, one control thread; `serve` takes clients with the
+    /// endpoint's background listener, `connect` dials them all at once in the background.
+    /// (Not with `--resume`, `--pingpong` or `--flood`.)
     #[arg(long, conflicts_with_all = ["resume", "pingpong", "flood"])]
     endpoint: bool,
     /// When a session ends other than by a close (every rail down, session timeout), open a new
@@ -284,32 +286,10 @@ pub fn serve(args: PeerArgs, port: u16, as_json: bool) {
     let devs: Vec<&str> = args.devices.iter().map(|s| s.as_str()).collect();
     let setup = Duration::from_secs(args.setup_secs);
     if args.endpoint {
-        // The endpoint's background listener sets the clients up; meanwhile the connections
-        // already there are kept running (nothing is delivered before the streams start).
+        // The endpoint's background listener sets the clients up.
         let mut ep = VerbsEndpoint::open(config(&args), &devs).expect("open the cards");
         ep.listen(listener, setup).expect("listen");
-        let mut ids = Vec::new();
-        let mut waiting_since = Instant::now();
-        while ids.len() < args.connections.max(1) {
-            match ep.poll_accept() {
-                Some(r) => {
-                    ids.push(r.expect("accept"));
-                    waiting_since = Instant::now();
-                }
-                None => {
-                    assert!(
-                        waiting_since.elapsed() < setup,
-                        "no client within {setup:?}"
-                    );
-                    ep.poll_cards();
-                    for &id in &ids {
-                        ep.get_mut(id).expect("held").progress();
-                    }
-                    // Pacing this loop only: the set-ups run on threads of their own.
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
-        }
+        let ids = gather(&mut ep, args.connections.max(1), setup);
         let reconnect = |_: &ResumeState| -> Result<VerbsConnection, ConnectError> {
             unreachable!("--resume is refused with --endpoint")
         };
@@ -345,10 +325,12 @@ pub fn connect_to(args: PeerArgs, addr: SocketAddr, as_json: bool) {
     let devs: Vec<&str> = args.devices.iter().map(|s| s.as_str()).collect();
     let setup = Duration::from_secs(args.setup_secs);
     if args.endpoint {
+        // Every dial on a thread of its own.
         let mut ep = VerbsEndpoint::open(config(&args), &devs).expect("open the cards");
-        let ids = (0..args.connections.max(1))
-            .map(|_| ep.connect(addr, setup).expect("connect"))
-            .collect();
+        for _ in 0..args.connections.max(1) {
+            ep.connect_in_background(addr, setup).expect("dial");
+        }
+        let ids = gather(&mut ep, args.connections.max(1), setup);
         let reconnect = |_: &ResumeState| -> Result<VerbsConnection, ConnectError> {
             unreachable!("--resume is refused with --endpoint")
         };
@@ -377,6 +359,35 @@ pub fn connect_to(args: PeerArgs, addr: SocketAddr, as_json: bool) {
     let reconnect =
         |state: &ResumeState| connect_resuming(config(&args), &devs, addr, setup, state);
     stream("connect", Held::Own(conns), &args, as_json, &reconnect);
+}
+
+/// Waits for `n` connections set up in the background (`--endpoint`), keeping those already
+/// there running meanwhile (nothing is delivered before the streams start).
+#[cfg(feature = "verbs")]
+fn gather(ep: &mut VerbsEndpoint, n: usize, setup: Duration) -> Vec<ConnectionId> {
+    let mut ids = Vec::with_capacity(n);
+    let mut waiting_since = Instant::now();
+    while ids.len() < n {
+        match ep.poll_connected() {
+            Some(r) => {
+                ids.push(r.expect("set-up"));
+                waiting_since = Instant::now();
+            }
+            None => {
+                assert!(
+                    waiting_since.elapsed() < setup,
+                    "no connection within {setup:?}"
+                );
+                ep.poll_cards();
+                for &id in &ids {
+                    ep.get_mut(id).expect("held").progress();
+                }
+                // Pacing this loop only: the set-ups run on threads of their own.
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+    ids
 }
 
 /// Runs `--pingpong` or `--flood` on the first connection (None: it ran); the connections

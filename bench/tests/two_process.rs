@@ -769,7 +769,7 @@ fn hostile_clients_do_not_stop_the_listener_from_serving_a_good_one() {
 }
 
 /// The same against an endpoint's background listener (`Endpoint::listen`, polled with
-/// `poll_accept` by a loop that keeps running meanwhile).
+/// `poll_connected` by a loop that keeps running meanwhile).
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn hostile_clients_do_not_stop_an_endpoints_background_listener() {

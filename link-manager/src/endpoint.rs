@@ -69,8 +69,9 @@ struct Entry<N: Nic, C: Clock> {
 
 /// Each card once, and any number of connections on them, driven by one [`Endpoint::poll`].
 pub struct Endpoint<N: Nic, C: Clock> {
-    /// Connections set up in the background (verbs: [`Endpoint::listen`]), waiting for
-    /// [`Endpoint::poll_accept`]. First: its thread stops before anything else goes.
+    /// Connections set up in the background (verbs: `Endpoint::listen`,
+    /// `Endpoint::connect_in_background`), waiting for [`Endpoint::poll_connected`]. First: its
+    /// listener stops before anything else goes.
     pub(crate) incoming: Option<Incoming<N, C>>,
     cfg: Config,
     /// This host's card of each rail, shared by every connection (None: released after a
@@ -207,10 +208,11 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         id
     }
 
-    /// A connection a background listener set up (see `Endpoint::listen` on verbs), now
-    /// driven by the endpoint: its id. `None` when none is ready (never blocks); an error for a
+    /// The next connection set up in the background (on verbs: a client `Endpoint::listen`
+    /// accepted, or a dial of `Endpoint::connect_in_background`), now driven by the endpoint:
+    /// its id. `None` when none is ready (never blocks); an error for a dial that failed, or a
     /// client whose set-up failed after its greeting checked out.
-    pub fn poll_accept(&mut self) -> Option<Result<ConnectionId, ConnectError>> {
+    pub fn poll_connected(&mut self) -> Option<Result<ConnectionId, ConnectError>> {
         let ready = self.incoming.as_ref()?.ready.try_recv().ok()?;
         Some(ready.map(|conn| self.insert(conn)))
     }
@@ -393,14 +395,35 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     }
 }
 
-/// Connections being set up in the background, and the thread that does it.
+/// A set-up finished in the background: the connection, or why not.
+pub(crate) type SetUp<N, C> = Result<Connection<N, C>, ConnectError>;
+
+/// Connections being set up in the background, and the listener that takes clients.
 pub(crate) struct Incoming<N: Nic, C: Clock> {
-    pub(crate) ready: std::sync::mpsc::Receiver<Result<Connection<N, C>, ConnectError>>,
+    pub(crate) ready: std::sync::mpsc::Receiver<SetUp<N, C>>,
+    /// Where set-ups hand their results (each takes a clone).
+    pub(crate) results: std::sync::mpsc::Sender<SetUp<N, C>>,
+    pub(crate) listener: Option<Listening>,
+}
+
+impl<N: Nic, C: Clock> Incoming<N, C> {
+    pub(crate) fn new() -> Self {
+        let (results, ready) = std::sync::mpsc::channel();
+        Incoming {
+            ready,
+            results,
+            listener: None,
+        }
+    }
+}
+
+/// A background listener's thread; stopped (and joined) when dropped.
+pub(crate) struct Listening {
     pub(crate) stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub(crate) thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl<N: Nic, C: Clock> Drop for Incoming<N, C> {
+impl Drop for Listening {
     fn drop(&mut self) {
         // Relaxed: a stop flag, seen within one wait of the listener's loop.
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -24,7 +24,7 @@ use railover_rdma::verbs::VerbsNic;
 use crate::config::Config;
 use crate::control::{ControlPool, PoolHandle};
 use crate::core::ResumeState;
-use crate::endpoint::{ConnectionId, Endpoint, Incoming};
+use crate::endpoint::{ConnectionId, Endpoint, Incoming, Listening};
 use crate::rearm::Role;
 use crate::rejoin::{offer_rejoin_port, read_rejoin_port, TcpControl};
 use crate::runtime::{ConnectError, Connection, PendingConnection, RailCard, RealClock};
@@ -346,33 +346,58 @@ impl Endpoint<VerbsNic, RealClock> {
     /// Accepts clients on `listener` in the background from now on: each one's greeting and
     /// set-up (hellos, queue pairs, barrier) run on a thread of their own, so neither a slow or
     /// hostile client nor the set-up itself holds up the caller's loop. Ready connections come
-    /// from [`Endpoint::poll_accept`]; `timeout` bounds each client's set-up. Replaces an
+    /// from [`Endpoint::poll_connected`]; `timeout` bounds each client's set-up. Replaces an
     /// earlier listener.
     pub fn listen(&mut self, listener: TcpListener, timeout: Duration) -> Result<(), ConnectError> {
         listener.set_nonblocking(true)?;
+        let setup = self.background_setup(timeout)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("railover-listen".into())
+            .spawn(move || accept_in_background(&listener, setup, &halt))?;
+        self.incoming.get_or_insert_with(Incoming::new).listener = Some(Listening {
+            stop,
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
+    /// Dials `peer` on a thread of its own (greeting, hellos, queue pairs, barrier: at most
+    /// `timeout`) and returns at once; the connection comes from [`Endpoint::poll_connected`]
+    /// (or the error, if the dial failed). The endpoint's other connections keep being driven
+    /// meanwhile.
+    pub fn connect_in_background(
+        &mut self,
+        peer: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(), ConnectError> {
+        let setup = self.background_setup(timeout)?;
+        std::thread::Builder::new()
+            .name("railover-dial".into())
+            .spawn(move || setup.dial(peer))?;
+        Ok(())
+    }
+
+    /// What a set-up thread needs: the endpoint's cards, configuration, clock and control
+    /// thread, and where to hand the result.
+    fn background_setup(&mut self, timeout: Duration) -> Result<BackgroundSetup, ConnectError> {
         let cards = self.open_cards()?;
         let pool = self.control_pool()?.clone();
         let (cfg, clock) = (*self.config(), *self.clock());
-        let (ready_tx, ready) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let halt = stop.clone();
-        let setup = BackgroundSetup {
+        let ready = self
+            .incoming
+            .get_or_insert_with(Incoming::new)
+            .results
+            .clone();
+        Ok(BackgroundSetup {
             cfg,
             cards,
             clock,
             pool,
             timeout,
-            ready: ready_tx,
-        };
-        let thread = std::thread::Builder::new()
-            .name("railover-listen".into())
-            .spawn(move || accept_in_background(&listener, setup, &halt))?;
-        self.incoming = Some(Incoming {
             ready,
-            stop,
-            thread: Some(thread),
-        });
-        Ok(())
+        })
     }
 
     /// The one control thread of the endpoint's connections (re-arms, the control streams),
@@ -397,6 +422,37 @@ struct BackgroundSetup {
 }
 
 impl BackgroundSetup {
+    /// The endpoint's queue pairs for a new connection, its card events read by the endpoint.
+    fn pending(&self) -> Result<PendingConnection<VerbsNic, RealClock>, ConnectError> {
+        let cards = self.cards.iter().cloned().map(RailCard::Open).collect();
+        let mut pending = PendingConnection::with_cards(self.cfg, cards, self.clock, None)?;
+        pending.share_card_events();
+        Ok(pending)
+    }
+
+    /// Dials `peer` and sets the connection up (on this thread); hands over the result.
+    fn dial(self, peer: SocketAddr) {
+        let deadline = Instant::now() + self.timeout;
+        let conn = (|| {
+            let mut stream = handshake::connect(peer, self.timeout)?;
+            let ours = greeting(&self.cfg, None);
+            let theirs = handshake::greet_as_client(&mut stream, &ours, self.timeout)?;
+            let session = Greeting::session_id(&ours, &theirs);
+            handshake(
+                || self.pending(),
+                (stream, session),
+                deadline,
+                self.timeout,
+                Role::Initiator,
+                Some(&self.pool),
+            )
+        })();
+        if let Err(e) = &conn {
+            tracing::warn!(%peer, error = %e, "dial failed");
+        }
+        let _ = self.ready.send(conn); // (refused: the endpoint is gone)
+    }
+
     /// Greets `stream`'s client and sets its connection up (on this thread): the connection, or
     /// why not. A greeting that fails is only logged (no connection was promised).
     fn set_up(self, mut stream: TcpStream, from: SocketAddr) {
@@ -410,14 +466,8 @@ impl BackgroundSetup {
             }
         };
         let session = Greeting::session_id(&theirs, &ours);
-        let pending = || {
-            let cards = self.cards.iter().cloned().map(RailCard::Open).collect();
-            let mut pending = PendingConnection::with_cards(self.cfg, cards, self.clock, None)?;
-            pending.share_card_events();
-            Ok(pending)
-        };
         let conn = handshake(
-            pending,
+            || self.pending(),
             (stream, session),
             deadline,
             self.timeout,
