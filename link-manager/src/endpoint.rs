@@ -402,11 +402,14 @@ pub(crate) type SetUp<N, C> = Result<Connection<N, C>, ConnectError>;
 pub(crate) struct Incoming<N: Nic, C: Clock> {
     pub(crate) ready: std::sync::mpsc::Receiver<SetUp<N, C>>,
     /// Where set-ups hand their results (each takes a clone).
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
     pub(crate) results: std::sync::mpsc::Sender<SetUp<N, C>>,
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
     pub(crate) listener: Option<Listening>,
 }
 
 impl<N: Nic, C: Clock> Incoming<N, C> {
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
     pub(crate) fn new() -> Self {
         let (results, ready) = std::sync::mpsc::channel();
         Incoming {
