@@ -80,6 +80,10 @@ pub struct PeerArgs {
     /// (Not with `--resume`, `--pingpong` or `--flood`.)
     #[arg(long, conflicts_with_all = ["resume", "pingpong", "flood"])]
     endpoint: bool,
+    /// Print `redundant` once every rail of every connection is up and has heard its peer (a
+    /// test injects its fault after that line).
+    #[arg(long)]
+    say_redundant: bool,
     /// When a session ends other than by a close (every rail down, session timeout), open a new
     /// connection that resumes its stream exactly once (retrying for up to a minute).
     #[arg(long)]
@@ -548,9 +552,25 @@ fn stream(
     let mut window: (Option<WindowCounts>, Option<serde_json::Value>) = (None, None);
     // With the gray switch on: each rail's latency as it judges it, every 250 ms (connection 0).
     let mut next_latency_sample = start;
+    // Says `redundant` (once) when every rail of every connection is up and has heard its peer:
+    // a test injects its fault after that. Looked at every 50 ms.
+    let (mut redundant_said, mut next_redundancy_check) = (!a.say_redundant, start);
     while streams.iter().any(|s| !s.done) {
         if let Some(ep) = &mut ep {
             ep.poll_cards(); // the streams drive their connections one by one
+        }
+        if !redundant_said && Instant::now() >= next_redundancy_check {
+            next_redundancy_check += Duration::from_millis(50);
+            redundant_said = streams.iter().all(|st| {
+                let core = st.conn.get(&ep).core();
+                (0..core.config().rails()).all(|r| {
+                    core.rail_state(r) != railover::RailState::Failed && core.rail_proven(r)
+                })
+            });
+            if redundant_said {
+                println!("redundant");
+                let _ = std::io::stdout().flush();
+            }
         }
         if a.gray_margin_us > 0 && Instant::now() >= next_latency_sample {
             next_latency_sample += Duration::from_millis(250);
