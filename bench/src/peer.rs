@@ -293,7 +293,7 @@ pub fn serve(args: PeerArgs, port: u16, as_json: bool) {
         // The endpoint's background listener sets the clients up.
         let mut ep = VerbsEndpoint::open(config(&args), &devs).expect("open the cards");
         ep.listen(listener, setup).expect("listen");
-        let ids = gather(&mut ep, args.connections.max(1), setup);
+        let ids = gather(&mut ep, args.connections.max(1), setup, None);
         let reconnect = |_: &ResumeState| -> Result<VerbsConnection, ConnectError> {
             unreachable!("--resume is refused with --endpoint")
         };
@@ -329,12 +329,9 @@ pub fn connect_to(args: PeerArgs, addr: SocketAddr, as_json: bool) {
     let devs: Vec<&str> = args.devices.iter().map(|s| s.as_str()).collect();
     let setup = Duration::from_secs(args.setup_secs);
     if args.endpoint {
-        // Every dial on a thread of its own.
+        // Dialled in the background, two at a time.
         let mut ep = VerbsEndpoint::open(config(&args), &devs).expect("open the cards");
-        for _ in 0..args.connections.max(1) {
-            ep.connect_in_background(addr, setup).expect("dial");
-        }
-        let ids = gather(&mut ep, args.connections.max(1), setup);
+        let ids = gather(&mut ep, args.connections.max(1), setup, Some((addr, 2)));
         let reconnect = |_: &ResumeState| -> Result<VerbsConnection, ConnectError> {
             unreachable!("--resume is refused with --endpoint")
         };
@@ -366,12 +363,27 @@ pub fn connect_to(args: PeerArgs, addr: SocketAddr, as_json: bool) {
 }
 
 /// Waits for `n` connections set up in the background (`--endpoint`), keeping those already
-/// there running meanwhile (nothing is delivered before the streams start).
+/// there running meanwhile (nothing is delivered before the streams start). With `dial`
+/// (address, at most this many set-ups at once), dials them too. (Under TCG, 64 set-ups at once
+/// left two connections without a rail before their streams began: rxe's emulated packets fell
+/// behind the RC retry budget.)
 #[cfg(feature = "verbs")]
-fn gather(ep: &mut VerbsEndpoint, n: usize, setup: Duration) -> Vec<ConnectionId> {
+fn gather(
+    ep: &mut VerbsEndpoint,
+    n: usize,
+    setup: Duration,
+    dial: Option<(SocketAddr, usize)>,
+) -> Vec<ConnectionId> {
     let mut ids = Vec::with_capacity(n);
     let mut waiting_since = Instant::now();
+    let mut dialled = 0;
     while ids.len() < n {
+        if let Some((addr, at_once)) = dial {
+            while dialled < n && dialled - ids.len() < at_once {
+                ep.connect_in_background(addr, setup).expect("dial");
+                dialled += 1;
+            }
+        }
         match ep.poll_connected() {
             Some(r) => {
                 ids.push(r.expect("set-up"));
@@ -631,6 +643,13 @@ fn stream(
                     Err(e) => {
                         st.error = Some(format!("send: {e}"));
                         st.done = true;
+                        // What led there, for the report.
+                        while let Some(e) = st.conn.get_mut(&mut ep).poll_event() {
+                            timeline.push(format!(
+                                "{:.1} ms #{i} {e:?}",
+                                start.elapsed().as_secs_f64() * 1e3
+                            ));
+                        }
                         continue;
                     }
                 }
