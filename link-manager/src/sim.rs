@@ -371,7 +371,7 @@ impl SimPair {
     /// The next time anything can happen (fabric event or timer), capped at `limit`.
     pub fn next_deadline(&self, limit: Nanos) -> Nanos {
         let resume = |t: Nanos| (t > self.now()).then_some(t);
-        [
+        let times = [
             self.fabric.next_event_time(),
             // A paused host's timers wait for it to resume.
             self.a.next_timeout().filter(|_| !self.is_paused(false)),
@@ -383,13 +383,8 @@ impl SimPair {
                 .as_ref()
                 .and_then(|c| c.next_arrival())
                 .filter(|t| *t > self.now()),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(limit)
-        .min(limit)
-        .max(self.now())
+        ];
+        earliest(times, self.now(), limit)
     }
 
     /// Advances virtual time to the next deadline (at most `limit`) and makes progress.
@@ -475,17 +470,12 @@ impl SimEndpoints {
 
     /// The next time anything can happen (fabric event or timer), capped at `limit`.
     pub fn next_deadline(&self, limit: Nanos) -> Nanos {
-        [
+        let times = [
             self.fabric.next_event_time(),
             self.a.next_timeout(),
             self.b.next_timeout(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(limit)
-        .min(limit)
-        .max(self.now())
+        ];
+        earliest(times, self.now(), limit)
     }
 
     /// Advances virtual time to the next deadline (at most `limit`) and makes progress.
@@ -494,4 +484,15 @@ impl SimEndpoints {
         self.fabric.advance_to(t);
         self.progress();
     }
+}
+
+/// The earliest of `times` (none: `limit`), capped at `limit`, never before `now`.
+fn earliest(times: impl IntoIterator<Item = Option<Nanos>>, now: Nanos, limit: Nanos) -> Nanos {
+    times
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(limit)
+        .min(limit)
+        .max(now)
 }
