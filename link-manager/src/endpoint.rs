@@ -131,18 +131,10 @@ where
     /// A card released after a device-fatal event is opened again here if it is back (else the
     /// rail starts failed and joins when it is).
     pub fn prepare(&mut self) -> Result<PendingConnection<N, C>, ConnectError> {
-        for (card, token) in self.cards.iter_mut().zip(&self.reopen) {
-            if card.is_none() {
-                *card = N::reopen(token).ok();
-            }
-        }
-        let cards = self
-            .cards
-            .iter()
-            .zip(&self.reopen)
-            .map(|(card, token)| match card {
-                Some(nic) => RailCard::Open(nic.clone()),
-                None => RailCard::Absent(token.clone()),
+        let cards = (0..self.cards.len())
+            .map(|rail| match self.reopened(rail) {
+                Ok(nic) => RailCard::Open(nic),
+                Err(_) => RailCard::Absent(self.reopen[rail].clone()),
             })
             .collect();
         let mut pending = PendingConnection::with_cards(self.cfg, cards, self.clock.clone(), None)?;
@@ -153,18 +145,17 @@ where
     /// Every card, each opened again first if it was released (an error if one can't be).
     #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
     pub(crate) fn open_cards(&mut self) -> Result<Vec<N>, ConnectError> {
-        self.cards
-            .iter_mut()
-            .zip(&self.reopen)
-            .map(|(card, token)| match card {
-                Some(nic) => Ok(nic.clone()),
-                None => {
-                    let nic = N::reopen(token)?;
-                    *card = Some(nic.clone());
-                    Ok(nic)
-                }
-            })
+        (0..self.cards.len())
+            .map(|rail| self.reopened(rail))
             .collect()
+    }
+
+    /// Rail `rail`'s card, opened again first if it was released.
+    fn reopened(&mut self, rail: usize) -> Result<N, ConnectError> {
+        if self.cards[rail].is_none() {
+            self.cards[rail] = Some(N::reopen(&self.reopen[rail])?);
+        }
+        Ok(self.cards[rail].clone().expect("open"))
     }
 
     /// The clock every connection of the endpoint reads.
@@ -261,11 +252,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
 
     /// The connection `id` names, to send, reserve, close or read its state.
     pub fn get_mut(&mut self, id: ConnectionId) -> Option<&mut Connection<N, C>> {
-        let slot = self.slots.get_mut(id.index as usize)?;
-        (slot.generation == id.generation)
-            .then_some(slot.conn.as_mut())
-            .flatten()
-            .map(|e| &mut e.conn)
+        self.entry_mut(id).map(|e| &mut e.conn)
     }
 
     /// Sends `msg` on connection `id` (see [`Connection::send`]): its sequence number.
