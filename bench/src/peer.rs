@@ -101,6 +101,10 @@ pub struct PeerArgs {
     /// can, `serve --flood` counts them and reports the rate.
     #[arg(long, num_args = 0..=1, default_missing_value = "0")]
     flood: Option<u64>,
+    /// Iterations, as perftest's `-n`: the timed round trips of `connect --pingpong` or the
+    /// records of `connect --flood` (for either, instead of the count after the flag).
+    #[arg(short = 'n', long = "iters", conflicts_with = "endpoint")]
+    iters: Option<u64>,
     /// Untimed round trips before the timed ones (`--pingpong`).
     #[arg(long, default_value_t = 200)]
     warmup: u64,
@@ -416,12 +420,18 @@ fn perf(
 ) -> Option<Vec<VerbsConnection>> {
     use crate::peer_perf as p;
     if a.pingpong.is_none() && a.flood.is_none() {
+        if a.iters.is_some() {
+            eprintln!("-n counts `--pingpong` or `--flood` runs; the paced stream runs for --secs");
+            std::process::exit(2);
+        }
         return Some(conns);
     }
     println!("connected");
     let _ = std::io::stdout().flush();
     let conn = conns.swap_remove(0);
-    match (a.pingpong, a.flood, dialler) {
+    // `-n N` gives the count the same way `--pingpong N` / `--flood N` do (0: not given).
+    let count = |n: u64| a.iters.unwrap_or(n);
+    match (a.pingpong.map(count), a.flood.map(count), dialler) {
         (Some(n), _, true) => p::pingpong_client(conn, a.size, n, a.warmup),
         (Some(_), _, false) => p::pingpong_server(conn),
         (_, Some(n), true) => p::flood_client(conn, a.size, n, a.batch.max(1)),

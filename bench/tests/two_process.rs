@@ -833,10 +833,14 @@ fn hostile_clients_then_a_good_one(args: &[&str], title: &str) {
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn perftest_style_pingpong_and_flood_deliver_everything_and_the_flood_coalesces() {
-    let (serve, connect) = start_with(1.0, false, &["--pingpong", "300", "--hb-misses", "200"]);
+    let (serve, connect) = start_with(
+        1.0,
+        false,
+        &["--pingpong", "-n", "300", "--hb-misses", "200"],
+    );
     let c = connect.report(Duration::from_secs(120));
     let s = serve.report(Duration::from_secs(60));
-    write_result(&format!("two processes, --pingpong 300: {c}"));
+    write_result(&format!("two processes, --pingpong -n 300: {c}"));
     let (pc, ps) = (&c["pingpong"], &s["pingpong"]);
     assert_eq!(n(pc, "wrong_echoes"), 0, "{c}");
     assert_eq!(n(&pc["rtt"], "count"), 300, "{c}");
