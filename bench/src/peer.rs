@@ -14,8 +14,9 @@
 use std::io::Write;
 #[cfg(feature = "verbs")]
 use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
 #[cfg(feature = "verbs")]
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[cfg(feature = "verbs")]
 use hdrhistogram::Histogram;
@@ -193,7 +194,7 @@ fn config(a: &PeerArgs) -> Config {
     let mut b = verbs_config(a.hb_interval_us, a.hb_misses, a.session_timeout_ms)
         .rails(a.devices.len())
         .geometry(64 * 1024, 16, a.size.max(64))
-        .close_linger_ns(5_000_000_000)
+        .close_linger(Duration::from_secs(5))
         .link_params(LinkParams {
             timeout: 13,
             retry_cnt: a.rc_retries,
@@ -203,9 +204,9 @@ fn config(a: &PeerArgs) -> Config {
     if a.gray_margin_us > 0 {
         b = b.gray_switch(
             GraySwitch::new(
-                a.gray_margin_us * 1_000,
-                a.gray_window_ms * 1_000_000,
-                a.gray_hold_ms * 1_000_000,
+                Duration::from_micros(a.gray_margin_us),
+                Duration::from_millis(a.gray_window_ms),
+                Duration::from_millis(a.gray_hold_ms),
             )
             .retransmits_per_window(a.gray_retransmits),
         );
@@ -230,16 +231,16 @@ fn config(a: &PeerArgs) -> Config {
 /// timeout, one transport retry of ~33 ms, two seconds for the first contact, re-arms after 1 s.
 pub fn verbs_config(hb_interval_us: u64, hb_misses: u32, session_timeout_ms: u64) -> ConfigBuilder {
     Config::builder()
-        .heartbeat_interval_ns(hb_interval_us * 1_000)
+        .heartbeat_interval(Duration::from_micros(hb_interval_us))
         .heartbeat_misses(hb_misses)
-        .session_timeout_ns(session_timeout_ms * 1_000_000)
+        .session_timeout(Duration::from_millis(session_timeout_ms))
         .link_params(LinkParams {
             timeout: 13,
             retry_cnt: 1,
             ..LinkParams::default()
         })
-        .first_contact_grace_ns(2_000_000_000)
-        .rearm_after_ns(1_000_000_000)
+        .first_contact_grace(Duration::from_secs(2))
+        .rearm_after(Duration::from_secs(1))
 }
 
 fn record(seq: u64, size: usize) -> Vec<u8> {

@@ -161,7 +161,7 @@ fn overhead_run(requests: usize, latency_ns: u64, with_backup: bool) -> (Summary
     let cfg = Config::builder()
         .rails(2)
         .geometry(256 * 1024, 16, 2048)
-        .heartbeat_interval_ns(1_000_000)
+        .heartbeat_interval(Duration::from_millis(1))
         .build()
         .expect("valid config");
     let pair = SimPair::new(cfg, 1, latency_ns).expect("sim pair");

@@ -2,6 +2,7 @@
 //! they measure railover's protocol (detection, failover, resend), not this machine's noise;
 //! `cpu_ns_*` figures are wall-clock cost of the software path on this host.
 
+use std::time::Duration;
 use std::time::Instant;
 
 use railover::core::Event;
@@ -30,9 +31,9 @@ pub fn config_in(max_record: usize, mode: RailMode) -> Config {
         .rail_mode(mode)
         .rails(2)
         .geometry(64 * 1024, 16, max_record.max(64))
-        .heartbeat_interval_ns(1_000_000)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(3)
-        .rearm_after_ns(20_000_000)
+        .rearm_after(Duration::from_millis(20))
         .link_params(LinkParams {
             timeout: 10,
             retry_cnt: 1,

@@ -21,7 +21,7 @@ fn config_in(size: usize, mode: RailMode) -> Config {
         .rail_mode(mode)
         .rails(2)
         .geometry(64 * 1024, 16, size.max(64))
-        .heartbeat_interval_ns(1_000_000)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(
             std::env::var("RAILOVER_HB_MISSES")
                 .ok()
@@ -33,7 +33,7 @@ fn config_in(size: usize, mode: RailMode) -> Config {
             retry_cnt: 1,
             ..LinkParams::default()
         })
-        .first_contact_grace_ns(2_000_000_000)
+        .first_contact_grace(Duration::from_secs(2))
         .build()
         .expect("valid config")
 }

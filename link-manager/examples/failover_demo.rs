@@ -4,11 +4,12 @@
 use railover::core::Event;
 use railover::sim::SimPair;
 use railover::{Config, SendError};
+use std::time::Duration;
 
 fn main() {
     let cfg = Config::builder()
         .rails(2)
-        .rearm_after_ns(20_000_000)
+        .rearm_after(Duration::from_millis(20))
         .build()
         .expect("config");
     let mut pair = SimPair::new(cfg, 7, 5_000).expect("connect");

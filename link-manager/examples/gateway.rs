@@ -47,7 +47,7 @@ fn main() {
             ..LinkParams::default()
         })
         .heartbeat_misses(100)
-        .first_contact_grace_ns(2_000_000_000)
+        .first_contact_grace(Duration::from_secs(2))
         .build()
         .expect("config");
     let mut ep = VerbsEndpoint::open(cfg, &devices).expect("open the cards");

@@ -1,5 +1,7 @@
 //! Validated configuration.
 
+use std::time::Duration;
+
 use railover_rdma::LinkParams;
 use railover_segq::{Backing, Geometry, GeometryError};
 
@@ -66,13 +68,13 @@ pub struct GraySwitch {
 }
 
 impl GraySwitch {
-    /// Leave the active rail once its latency exceeded the best standby's by `margin_ns` for
-    /// `window_ns`; don't come back to it for `hold_down_ns` (retransmissions not counted).
-    pub const fn new(margin_ns: u64, window_ns: u64, hold_down_ns: u64) -> GraySwitch {
+    /// Leave the active rail once its latency exceeded the best standby's by `margin` for
+    /// `window`; don't come back to it for `hold_down` (retransmissions not counted).
+    pub const fn new(margin: Duration, window: Duration, hold_down: Duration) -> GraySwitch {
         GraySwitch {
-            margin_ns,
-            window_ns,
-            hold_down_ns,
+            margin_ns: nanos(margin),
+            window_ns: nanos(window),
+            hold_down_ns: nanos(hold_down),
             retransmits_per_window: 0,
         }
     }
@@ -82,6 +84,17 @@ impl GraySwitch {
     pub const fn retransmits_per_window(mut self, n: u32) -> GraySwitch {
         self.retransmits_per_window = n;
         self
+    }
+}
+
+/// A configured time in the nanoseconds the core counts in (saturating: `Duration::MAX` is
+/// "never").
+const fn nanos(t: Duration) -> u64 {
+    let ns = t.as_nanos();
+    if ns > u64::MAX as u128 {
+        u64::MAX
+    } else {
+        ns as u64
     }
 }
 
@@ -220,8 +233,8 @@ impl ConfigBuilder {
         self
     }
     /// Heartbeat period (default 1 ms).
-    pub fn heartbeat_interval_ns(mut self, ns: u64) -> Self {
-        self.heartbeat_interval_ns = ns;
+    pub fn heartbeat_interval(mut self, t: Duration) -> Self {
+        self.heartbeat_interval_ns = nanos(t);
         self
     }
     /// Silent intervals before a rail is declared dead (default 3).
@@ -240,34 +253,34 @@ impl ConfigBuilder {
         self
     }
     /// How long a failed rail without a port-active event waits before a re-arm attempt.
-    pub fn rearm_after_ns(mut self, ns: u64) -> Self {
-        self.rearm_after_ns = ns;
+    pub fn rearm_after(mut self, t: Duration) -> Self {
+        self.rearm_after_ns = nanos(t);
         self
     }
     /// How long a freshly (re)connected rail may stay silent before it is declared failed (the
     /// first packets of a new connection can take far longer than later ones). Default 100 ms.
-    pub fn first_contact_grace_ns(mut self, ns: u64) -> Self {
-        self.first_contact_grace_ns = ns;
+    pub fn first_contact_grace(mut self, t: Duration) -> Self {
+        self.first_contact_grace_ns = nanos(t);
         self
     }
     /// How long the peer may be unresponsive — every rail silent at once, as when its process is
     /// paused, descheduled or stopped — before the session ends with
     /// [`crate::core::EndReason::SessionTimeout`] (default 5 s). Until then nothing is failed over
     /// or dropped: sends queue (back-pressure when the ring is full) and traffic resumes by itself.
-    pub fn session_timeout_ns(mut self, ns: u64) -> Self {
-        self.session_timeout_ns = ns;
+    pub fn session_timeout(mut self, t: Duration) -> Self {
+        self.session_timeout_ns = nanos(t);
         self
     }
     /// How long [`Receiver::close`](crate::runtime::Receiver::close) (and dropping a connection) waits for the peer to
     /// deliver every record accepted before telling it the connection is closed (default 1 s).
-    pub fn close_linger_ns(mut self, ns: u64) -> Self {
-        self.close_linger_ns = ns;
+    pub fn close_linger(mut self, t: Duration) -> Self {
+        self.close_linger_ns = nanos(t);
         self
     }
     /// How long one re-arm exchange with the peer (over the control channel) may take before
     /// it is given up and retried (default 5 s).
-    pub fn rearm_exchange_timeout_ns(mut self, ns: u64) -> Self {
-        self.rearm_exchange_timeout_ns = ns;
+    pub fn rearm_exchange_timeout(mut self, t: Duration) -> Self {
+        self.rearm_exchange_timeout_ns = nanos(t);
         self
     }
     /// Memory backing of the rings.
@@ -353,7 +366,7 @@ mod tests {
             Err(ConfigError::Rails(5))
         );
         assert_eq!(
-            Config::builder().heartbeat_interval_ns(0).build(),
+            Config::builder().heartbeat_interval(Duration::ZERO).build(),
             Err(ConfigError::HeartbeatInterval)
         );
         assert_eq!(
@@ -377,13 +390,15 @@ mod tests {
             Err(ConfigError::MaxWrite(100))
         ));
         assert!(matches!(
-            Config::builder().session_timeout_ns(3_000_000).build(),
+            Config::builder()
+                .session_timeout(Duration::from_millis(3))
+                .build(),
             Err(ConfigError::SessionTimeout {
                 session_ns: 3_000_000,
                 heartbeat_ns: 3_000_000
             })
         ));
-        let gray = GraySwitch::new(1_000, 0, 0);
+        let gray = GraySwitch::new(Duration::from_micros(1), Duration::ZERO, Duration::ZERO);
         assert_eq!(
             Config::builder().gray_switch(gray).build(),
             Err(ConfigError::GraySwitch)

@@ -50,7 +50,7 @@ const READY: u8 = 4;
 /// kind, rail, exchange id (u16 LE), a hello (zeros when the kind carries none).
 pub const FRAME: usize = 4 + HELLO_LEN;
 /// How long one exchange may wait for the peer before this side gives up on it, by default
-/// ([`crate::ConfigBuilder::rearm_exchange_timeout_ns`]).
+/// ([`crate::ConfigBuilder::rearm_exchange_timeout`]).
 pub const EXCHANGE_TIMEOUT_NS: Nanos = 5_000_000_000;
 
 /// Work for the executor.

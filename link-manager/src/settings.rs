@@ -12,6 +12,7 @@
 //! (`RAILOVER_HEARTBEAT_INTERVAL=1ms`, `RAILOVER_RAIL_MODE=hot-hot`).
 
 use serde::Deserialize;
+use std::time::Duration;
 
 use crate::config::{ConfigBuilder, GraySwitch, RailMode};
 
@@ -128,7 +129,7 @@ impl Settings {
             );
         }
         if let Some(t) = ns("heartbeat_interval", &self.heartbeat_interval) {
-            b = b.heartbeat_interval_ns(t?);
+            b = b.heartbeat_interval(Duration::from_nanos(t?));
         }
         if let Some(k) = self.heartbeat_misses {
             b = b.heartbeat_misses(k);
@@ -137,19 +138,19 @@ impl Settings {
             b = b.max_write_bytes(n);
         }
         if let Some(t) = ns("rearm_after", &self.rearm_after) {
-            b = b.rearm_after_ns(t?);
+            b = b.rearm_after(Duration::from_nanos(t?));
         }
         if let Some(t) = ns("first_contact_grace", &self.first_contact_grace) {
-            b = b.first_contact_grace_ns(t?);
+            b = b.first_contact_grace(Duration::from_nanos(t?));
         }
         if let Some(t) = ns("session_timeout", &self.session_timeout) {
-            b = b.session_timeout_ns(t?);
+            b = b.session_timeout(Duration::from_nanos(t?));
         }
         if let Some(t) = ns("close_linger", &self.close_linger) {
-            b = b.close_linger_ns(t?);
+            b = b.close_linger(Duration::from_nanos(t?));
         }
         if let Some(t) = ns("rearm_exchange_timeout", &self.rearm_exchange_timeout) {
-            b = b.rearm_exchange_timeout_ns(t?);
+            b = b.rearm_exchange_timeout(Duration::from_nanos(t?));
         }
         if let Some(m) = &self.rail_mode {
             b = b.rail_mode(match m.as_str() {
@@ -172,8 +173,12 @@ impl Settings {
         match gray {
             (None, None, None) if self.gray_retransmits.is_none() => {}
             (Some(margin), Some(window), Some(hold)) => {
-                let g = GraySwitch::new(margin?, window?, hold?)
-                    .retransmits_per_window(self.gray_retransmits.unwrap_or(0));
+                let g = GraySwitch::new(
+                    Duration::from_nanos(margin?),
+                    Duration::from_nanos(window?),
+                    Duration::from_nanos(hold?),
+                )
+                .retransmits_per_window(self.gray_retransmits.unwrap_or(0));
                 b = b.gray_switch(g);
             }
             _ => return Err(SettingsError::GrayIncomplete),
@@ -239,12 +244,19 @@ mod tests {
             .unwrap();
         let by_hand = Config::builder()
             .rails(3)
-            .heartbeat_interval_ns(500_000)
+            .heartbeat_interval(Duration::from_micros(500))
             .heartbeat_misses(4)
             .geometry(64 * 1024, 32, 8 * 1024)
-            .session_timeout_ns(2_000_000_000)
+            .session_timeout(Duration::from_secs(2))
             .rail_mode(RailMode::HotHot)
-            .gray_switch(GraySwitch::new(300_000, 2_000_000, 50_000_000).retransmits_per_window(3))
+            .gray_switch(
+                GraySwitch::new(
+                    Duration::from_micros(300),
+                    Duration::from_millis(2),
+                    Duration::from_millis(50),
+                )
+                .retransmits_per_window(3),
+            )
             .build()
             .unwrap();
         assert_eq!(from_file, by_hand);

@@ -5,6 +5,7 @@
 use railover::core::Event;
 use railover::sim::SimPair;
 use railover::{CloseError, Config, EndReason, RecvError, SendError};
+use std::time::Duration;
 
 const MS: u64 = 1_000_000;
 
@@ -158,7 +159,7 @@ fn dropping_the_sender_half_closes_the_connection_after_handing_everything_over(
 fn a_peer_paused_past_the_session_timeout_ends_the_session_on_both_sides() {
     let cfg = Config::builder()
         .geometry(4096, 4, 256)
-        .session_timeout_ns(50 * MS)
+        .session_timeout(Duration::from_millis(50))
         .build()
         .unwrap();
     let mut p = SimPair::new(cfg, 4, 2_000).unwrap();

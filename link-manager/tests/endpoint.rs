@@ -7,6 +7,7 @@ use railover::core::{Event, FailReason};
 use railover::endpoint::SimEndpoints;
 use railover::{Config, ConnectionId, SendError};
 use railover_rdma::{AsyncEvent, LinkParams};
+use std::time::Duration;
 
 const US: u64 = 1_000;
 const MS: u64 = 1_000_000;
@@ -15,9 +16,9 @@ fn config() -> Config {
     Config::builder()
         .rails(2)
         .geometry(4096, 8, 256)
-        .heartbeat_interval_ns(MS)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(3)
-        .rearm_after_ns(2 * MS)
+        .rearm_after(Duration::from_millis(2))
         .link_params(LinkParams {
             timeout: 8,
             retry_cnt: 1,

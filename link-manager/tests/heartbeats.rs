@@ -6,6 +6,7 @@
 use railover::core::Event;
 use railover::sim::SimPair;
 use railover::{Config, RailState};
+use std::time::Duration;
 
 const MS: u64 = 1_000_000;
 
@@ -13,7 +14,7 @@ const MS: u64 = 1_000_000;
 fn pair(seed: u64) -> SimPair {
     let cfg = Config::builder()
         .rails(2)
-        .heartbeat_interval_ns(MS)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(3)
         .build()
         .unwrap();

@@ -12,6 +12,7 @@ use railover::core::{Event, SwitchReason};
 use railover::sim::SimPair;
 use railover::{Config, GraySwitch, RailMode, RailState};
 use railover_rdma::LinkParams;
+use std::time::Duration;
 
 const US: u64 = 1_000;
 const MS: u64 = 1_000_000;
@@ -49,9 +50,9 @@ fn config(mode: RailMode, gray: Option<GraySwitch>) -> Config {
     let mut b = Config::builder()
         .rails(2)
         .geometry(4096, 16, 256)
-        .heartbeat_interval_ns(MS)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(3)
-        .rearm_after_ns(10 * MS)
+        .rearm_after(Duration::from_millis(10))
         .link_params(LinkParams {
             timeout: 8,
             retry_cnt: 1,
@@ -272,7 +273,11 @@ fn a_repaired_rail_rejoins_the_hot_pair() {
     assert_eq!(delivered, sent);
 }
 
-const GRAY: GraySwitch = GraySwitch::new(300 * US, 2 * MS, 50 * MS);
+const GRAY: GraySwitch = GraySwitch::new(
+    Duration::from_micros(300),
+    Duration::from_millis(2),
+    Duration::from_millis(50),
+);
 
 fn switches(events: &[Event]) -> Vec<(usize, usize, u64)> {
     events

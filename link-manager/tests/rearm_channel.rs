@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
 
 use railover::rearm::Role;
 use railover::sim::SimPair;
@@ -59,7 +60,7 @@ fn config() -> Config {
     Config::builder()
         .rails(2)
         .geometry(16 * 1024, 8, 256)
-        .rearm_after_ns(2_000_000)
+        .rearm_after(Duration::from_millis(2))
         .build()
         .unwrap()
 }

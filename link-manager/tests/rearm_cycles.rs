@@ -4,14 +4,15 @@
 use railover::sim::SimPair;
 use railover::{Config, RailState};
 use railover_rdma::LinkParams;
+use std::time::Duration;
 
 fn cycle(kind: &str) {
     let cfg = Config::builder()
         .rails(2)
         .geometry(64 * 1024, 16, 2048)
-        .heartbeat_interval_ns(1_000_000)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(5)
-        .rearm_after_ns(500_000_000)
+        .rearm_after(Duration::from_millis(500))
         .link_params(LinkParams {
             timeout: 10,
             retry_cnt: 1,

@@ -8,6 +8,7 @@ use railover::sim::{SimConnection, SimPair};
 use railover::{Config, EndReason, SendError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::time::Duration;
 
 const MS: u64 = 1_000_000;
 
@@ -128,7 +129,7 @@ fn resuming_only_one_side_or_across_a_gap_is_refused_at_set_up() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let mut s = l.accept().unwrap().0;
-        let t = std::time::Duration::from_secs(5);
+        let t = Duration::from_secs(5);
         let server = std::thread::spawn(move || {
             railover_rdma::handshake::greet_as_server(&mut s, &b, t).map(|_| ())
         });

@@ -34,11 +34,11 @@ fn config_with(misses: u32, timeout: u8, retries: u8) -> Config {
     Config::builder()
         .rails(2)
         .geometry(64 * 1024, 16, 2048)
-        .heartbeat_interval_ns(1_000_000)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(misses)
-        .rearm_after_ns(1_000_000_000)
+        .rearm_after(Duration::from_secs(1))
         // First contact on a new rxe connection can take far longer under emulation.
-        .first_contact_grace_ns(2_000_000_000)
+        .first_contact_grace(Duration::from_secs(2))
         // RC budget ~67 ms: the first write on a new rxe connection takes 3-22 ms (shared notes), so
         // timeout 10 (~8-16 ms) fails fresh connections. The heartbeat detects black holes sooner.
         .link_params(LinkParams {

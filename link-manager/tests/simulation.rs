@@ -18,6 +18,7 @@ use railover::{Config, EndReason, GraySwitch, RailMode, RailState, SendError};
 use railover_rdma::LinkParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::time::Duration;
 
 const MS: u64 = 1_000_000;
 
@@ -445,11 +446,11 @@ fn run_seed(seed: u64) -> Outcome {
     let mut cfg = Config::builder()
         .rails(rails)
         .geometry(4096, 8, max_record)
-        .heartbeat_interval_ns(MS)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(3)
-        .rearm_after_ns(10 * MS)
-        .session_timeout_ns(SESSION_TIMEOUT)
-        .rearm_exchange_timeout_ns(EXCHANGE_TIMEOUT)
+        .rearm_after(Duration::from_millis(10))
+        .session_timeout(Duration::from_nanos(SESSION_TIMEOUT))
+        .rearm_exchange_timeout(Duration::from_nanos(EXCHANGE_TIMEOUT))
         .link_params(LinkParams {
             timeout: 8,
             retry_cnt: 1,
@@ -460,8 +461,14 @@ fn run_seed(seed: u64) -> Outcome {
     if seed % 4 == 2 {
         // Half of those also count retransmissions (partial loss).
         let counted = if seed % 8 == 2 { 3 } else { 0 };
-        cfg = cfg
-            .gray_switch(GraySwitch::new(300_000, 2 * MS, 20 * MS).retransmits_per_window(counted));
+        cfg = cfg.gray_switch(
+            GraySwitch::new(
+                Duration::from_micros(300),
+                Duration::from_millis(2),
+                Duration::from_millis(20),
+            )
+            .retransmits_per_window(counted),
+        );
     }
     let cfg = cfg.build().unwrap();
     let latency = rng.random_range(1..30) * 1000;
@@ -744,9 +751,9 @@ fn peer_pauses_alone_fail_nothing_over_and_resume_by_themselves() {
         let cfg = Config::builder()
             .rails(2)
             .geometry(4096, 8, 256)
-            .heartbeat_interval_ns(MS)
+            .heartbeat_interval(Duration::from_millis(1))
             .heartbeat_misses(3)
-            .session_timeout_ns(SESSION_TIMEOUT)
+            .session_timeout(Duration::from_nanos(SESSION_TIMEOUT))
             .backing(railover_segq::Backing::Heap)
             .build()
             .unwrap();

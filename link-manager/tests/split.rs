@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use railover::runtime::serve_rearms;
 use railover::sim::SimPair;
@@ -28,7 +29,7 @@ fn a_sender_thread_keeps_sending_through_failovers() {
         .rails(3)
         .geometry(16 * 1024, 8, 256)
         .heartbeat_misses(3)
-        .rearm_after_ns(2_000_000)
+        .rearm_after(Duration::from_millis(2))
         .build()
         .unwrap();
     let SimPair {

@@ -24,7 +24,7 @@ fn main() {
     let cfg = Config::builder()
         .rails(2)
         .geometry(64 * 1024, 16, 2048)
-        .heartbeat_interval_ns(1_000_000)
+        .heartbeat_interval(Duration::from_millis(1))
         .build()
         .expect("valid config");
     let pair = SimPair::new(cfg, 1, 2_000).expect("simulated fabric");

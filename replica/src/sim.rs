@@ -26,6 +26,7 @@ use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::rc::Rc;
+use std::time::Duration;
 
 use railover::core::Event;
 use railover::sim::SimPair;
@@ -258,10 +259,10 @@ fn link_config() -> Config {
     Config::builder()
         .rails(2)
         .geometry(64 * 1024, 16, 2048)
-        .heartbeat_interval_ns(MS)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(3)
-        .rearm_after_ns(5 * MS)
-        .session_timeout_ns(20 * MS)
+        .rearm_after(Duration::from_millis(5))
+        .session_timeout(Duration::from_millis(20))
         .link_params(LinkParams {
             timeout: 8,
             retry_cnt: 1,

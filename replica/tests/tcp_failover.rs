@@ -17,7 +17,6 @@ use railover_replica::node::{NodeConfig, NodeEvent, Role};
 use railover_replica::wire::RefusedRequest;
 use railover_replica::{ClientEvent, Node};
 
-const MS: u64 = 1_000_000;
 
 fn order(n: u64) -> OrderRequest {
     OrderRequest::New {
@@ -32,9 +31,9 @@ fn a_killed_primary_is_replaced_by_the_backup_and_every_order_is_answered_once()
     let cfg = Config::builder()
         .rails(2)
         .geometry(64 * 1024, 16, 2048)
-        .heartbeat_interval_ns(MS)
+        .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(3)
-        .session_timeout_ns(20 * MS)
+        .session_timeout(Duration::from_millis(20))
         .link_params(LinkParams {
             timeout: 8,
             retry_cnt: 1,
