@@ -291,6 +291,94 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         delivered
     }
 
+    /// Blocking form of [`Endpoint::poll`]: sleeps until a message arrives on any connection or
+    /// `timeout_ns` pass, and returns how many were delivered (0: timed out). It wakes for any
+    /// connection's completions, control-thread news or split sender, for the cards' device
+    /// events, and for the earliest timer of any connection (heartbeats, re-arms, close), which
+    /// it handles before sleeping again. On the simulator the clock's `idle` moves virtual time.
+    pub fn poll_blocking(
+        &mut self,
+        timeout_ns: Nanos,
+        mut deliver: impl FnMut(ConnectionId, u64, &[u8]),
+    ) -> usize {
+        let deadline = self.clock.now().saturating_add(timeout_ns);
+        loop {
+            let n = self.poll(&mut deliver);
+            if n > 0 || self.clock.now() >= deadline {
+                return n;
+            }
+            self.sleep_until(deadline);
+        }
+    }
+
+    /// Sleeps until a descriptor of any connection or card is readable, the earliest timer of
+    /// any connection is due, or `deadline`.
+    fn sleep_until(&mut self, deadline: Nanos) {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let now = self.clock.now();
+        let until = self.next_timeout().map_or(deadline, |t| t.min(deadline));
+        if until <= now {
+            return;
+        }
+        let entries = || self.slots.iter().filter_map(|s| s.conn.as_ref());
+        // A fabric without wake-up descriptors (the simulator) moves virtual time instead.
+        if !entries().all(|e| e.conn.open_cards_wake()) {
+            self.clock.idle(until);
+            return;
+        }
+        let mut armed = 0;
+        for index in 0..self.slots.len() {
+            let Some(e) = self.slots[index].conn.as_mut() else {
+                continue;
+            };
+            if !e.conn.arm_for_sleep() {
+                // Something arrived (or a sender committed): poll again instead of sleeping.
+                for e in self.slots[..index]
+                    .iter_mut()
+                    .filter_map(|s| s.conn.as_mut())
+                {
+                    e.conn.cancel_sleep();
+                }
+                return;
+            }
+            armed += 1;
+        }
+        let mut set = Vec::with_capacity(self.cards.len() + 4 * armed);
+        for card in self.cards.iter().flatten() {
+            if let Some(fd) = card.event_fd() {
+                set.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+            }
+        }
+        let card_fds = set.len();
+        for e in self.slots.iter().filter_map(|s| s.conn.as_ref()) {
+            e.conn
+                .wake_fds(&mut |fd| set.push(PollFd::from_borrowed_fd(fd, PollFlags::IN)));
+        }
+        let card_event = if set.is_empty() {
+            // No card open anywhere and nothing else to wait on: wait out the timer.
+            self.clock.idle(until);
+            false
+        } else {
+            let wait = until - now;
+            let timeout = Timespec {
+                tv_sec: (wait / 1_000_000_000) as _,
+                tv_nsec: (wait % 1_000_000_000) as _,
+            };
+            match poll(&mut set, Some(&timeout)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => tracing::warn!(error = %e, "waiting for completions failed"),
+            }
+            set[..card_fds].iter().any(|p| !p.revents().is_empty())
+        };
+        drop(set);
+        for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+            e.conn.after_sleep();
+        }
+        if card_event {
+            self.next_card_events = 0; // read them at once (see `poll_cards`)
+        }
+    }
+
     /// The next event of any connection, with its id. Connections take turns, so none starves
     /// the others.
     pub fn poll_event(&mut self) -> Option<(ConnectionId, Event)> {

@@ -1,6 +1,7 @@
 //! The thin layer that drives a [`Core`] over a fabric: it posts what the core asks for, feeds it
 //! completions, device events and the time. All decisions are the core's.
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -716,15 +717,57 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         if until <= now {
             return;
         }
-        // A fabric without wake-up descriptors (the simulator) moves virtual time instead; so
-        // does a connection with no card open at all.
-        let mut cards = self.rails.iter().filter_map(|r| r.card.as_ref()).peekable();
-        let descriptors = cards.peek().is_some()
-            && cards.all(|c| c.link.wakeup_fd().is_some() && c.nic().event_fd().is_some());
-        if !descriptors {
+        if !self.has_wake_descriptors() {
             self.clock.idle(until);
             return;
         }
+        if !self.arm_for_sleep() {
+            return;
+        }
+        let Some(any) = self
+            .rails
+            .iter()
+            .find_map(|r| r.card.as_ref().and_then(|c| c.nic().event_fd()))
+        else {
+            return;
+        };
+        // A fixed array: a blocking receive allocates nothing.
+        let mut fds = [any; 2 * MAX_RAILS + 2];
+        let mut n = 0;
+        self.wake_fds(&mut |fd| {
+            fds[n] = fd;
+            n += 1;
+        });
+        if let Err(e) = railover_rdma::wait_readable(&fds[..n], until - now) {
+            tracing::warn!(error = %e, "waiting for completions failed; polling instead");
+        }
+        self.after_sleep();
+    }
+
+    /// Whether every open card gives wake-up descriptors (completion channel, device events), so
+    /// a blocking wait can sleep on them (not on the simulator, nor with no card open).
+    pub(crate) fn has_wake_descriptors(&self) -> bool {
+        self.has_open_card() && self.open_cards_wake()
+    }
+
+    pub(crate) fn has_open_card(&self) -> bool {
+        self.rails.iter().any(|r| r.card.is_some())
+    }
+
+    /// Whether every open card (if any) gives wake-up descriptors.
+    pub(crate) fn open_cards_wake(&self) -> bool {
+        self.rails
+            .iter()
+            .filter_map(|r| r.card.as_ref())
+            .all(|c| c.link.wakeup_fd().is_some() && c.nic().event_fd().is_some())
+    }
+
+    /// Before a blocking wait: arms the rails' completion channels and tells a split sender this
+    /// thread is about to sleep. False when it must not sleep: a completion arrived before the
+    /// arming (it raises no wake-up), or the sender committed a record meanwhile (nothing is
+    /// left to undo then). After true: [`Receiver::after_sleep`] once awake, or
+    /// [`Receiver::cancel_sleep`] if the wait does not happen after all.
+    pub(crate) fn arm_for_sleep(&mut self) -> bool {
         for (i, rail) in self.rails.iter_mut().enumerate() {
             let Some(card) = rail.card.as_mut() else {
                 continue;
@@ -737,7 +780,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
         // A completion that arrived before arming raises no wake-up: look once more.
         if self.progress_counted() > 0 {
-            return;
+            return false;
         }
         if let Some(bell) = &self.doorbell {
             bell.asleep.store(true, Ordering::Relaxed);
@@ -745,18 +788,16 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             fence(Ordering::SeqCst);
             if self.core.has_unposted() {
                 bell.asleep.store(false, Ordering::Relaxed);
-                return; // the sender committed meanwhile: post it, don't sleep
+                return false; // the sender committed meanwhile: post it, don't sleep
             }
         }
-        let Some(any) = self
-            .rails
-            .iter()
-            .find_map(|r| r.card.as_ref().and_then(|c| c.nic().event_fd()))
-        else {
-            return;
-        };
-        let mut fds = [any; 2 * MAX_RAILS + 2];
-        let mut n = 0;
+        true
+    }
+
+    /// The descriptors that wake this connection from a blocking wait: each rail's completion
+    /// channel, its cards' device events (unless a control thread or an endpoint reads them),
+    /// its control thread's news, a split sender's doorbell.
+    pub(crate) fn wake_fds<'a>(&'a self, push: &mut impl FnMut(BorrowedFd<'a>)) {
         // A control thread reads the cards' events and rings its own descriptor instead.
         let thread = match &self.control {
             Some(Control::Thread(t)) => Some(t),
@@ -768,22 +809,29 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 .event_fd()
                 .filter(|_| thread.is_none() && !self.card_events_elsewhere);
             for fd in [card.link.wakeup_fd(), events].into_iter().flatten() {
-                fds[n] = fd;
-                n += 1;
+                push(fd);
             }
         }
         if let Some(t) = thread {
-            fds[n] = t.wake_fd();
-            n += 1;
+            push(t.wake_fd());
         }
         if let Some(bell) = &self.doorbell {
-            fds[n] = rustix::fd::AsFd::as_fd(&bell.fd);
-            n += 1;
+            push(rustix::fd::AsFd::as_fd(&bell.fd));
         }
-        if let Err(e) = railover_rdma::wait_readable(&fds[..n], until - now) {
-            tracing::warn!(error = %e, "waiting for completions failed; polling instead");
+    }
+
+    /// After [`Receiver::arm_for_sleep`] said true, when the wait does not happen after all:
+    /// a split sender stops ringing.
+    pub(crate) fn cancel_sleep(&mut self) {
+        if let Some(bell) = &self.doorbell {
+            bell.asleep.store(false, Ordering::Relaxed);
         }
-        if let Some(t) = thread {
+    }
+
+    /// After a blocking wait: consumes the wake-ups (completion channels, control thread,
+    /// doorbell).
+    pub(crate) fn after_sleep(&mut self) {
+        if let Some(Control::Thread(t)) = &self.control {
             t.clear_wake();
         }
         if let Some(bell) = &self.doorbell {

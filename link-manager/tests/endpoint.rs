@@ -259,6 +259,40 @@ fn a_pulled_card_fails_over_every_connection_and_comes_back() {
 
 /// Ids name one connection for good: a removed connection's id is refused, and a new
 /// connection in its slot gets another id.
+/// A blocking poll over all of an endpoint's connections wakes when a record lands on any one
+/// of them (here the sixth of eight), not at its deadline; with nothing in flight it returns 0
+/// once its time is up.
+#[test]
+fn a_blocking_poll_wakes_for_any_connection_and_times_out_when_nothing_comes() {
+    let mut hosts = SimEndpoints::new(config(), 11, 2_000).unwrap();
+    let ids: Vec<_> = (0..8).map(|_| hosts.connect().unwrap()).collect();
+    let (a5, b5) = ids[5];
+    hosts.a.send(a5, b"order 5").unwrap();
+    hosts.a.poll(|_, _, _| {});
+    let asked = hosts.now();
+    let mut got = Vec::new();
+    let n = hosts
+        .b
+        .poll_blocking(100 * MS, |id, seq, msg| got.push((id, seq, msg.to_vec())));
+    assert_eq!(n, 1);
+    assert_eq!(got, [(b5, 1, b"order 5".to_vec())]);
+    let woke_after = hosts.now() - asked;
+    assert!(
+        woke_after < MS,
+        "woke {woke_after} ns later, not when it landed"
+    );
+
+    let asked = hosts.now();
+    let n = hosts.b.poll_blocking(MS / 2, |id, _, _| {
+        panic!("nothing was sent, {id} delivered")
+    });
+    assert_eq!(n, 0);
+    assert!(
+        hosts.now() >= asked + MS / 2,
+        "returned before its deadline"
+    );
+}
+
 #[test]
 fn a_removed_connections_id_names_nothing() {
     let mut hosts = SimEndpoints::new(config(), 3, 2 * US).unwrap();

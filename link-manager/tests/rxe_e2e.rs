@@ -577,3 +577,91 @@ fn split_sender_wakes_a_blocking_receiver() {
         "split-blocking {delivered} messages in {BURSTS} bursts through a sleeping receiver ({wakeups} doorbell wake-ups), 0 lost/duplicated/reordered, {failovers} failovers"
     ));
 }
+
+/// One endpoint per host, eight connections each, set up in the background (the listener on
+/// host 2, dials on host 1). Host 2 receives on its own thread with the endpoint's blocking
+/// poll only, which must wake for a record on any of the eight; host 1 sends in rounds over
+/// every connection and waits in its own blocking poll between them. Every connection delivers
+/// each of its records once, in order.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn an_endpoint_blocking_poll_serves_every_connection_on_its_own_thread() {
+    use std::collections::HashMap;
+
+    use railover::verbs::VerbsEndpoint;
+    use railover::ConnectionId;
+
+    const CONNS: usize = 8;
+    const ROUNDS: u64 = 100;
+    let cfg = config_with(1_000, 18, 2);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let host2 = std::thread::spawn(move || {
+        let mut b = VerbsEndpoint::open(cfg, &HOST2).expect("host 2 cards");
+        b.listen(listener, Duration::from_secs(60)).expect("listen");
+        // Next sequence number per connection: each must count 1, 2, 3, ... on its own.
+        let mut next: HashMap<ConnectionId, u64> = HashMap::new();
+        let (mut delivered, mut empty_waits) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while delivered < CONNS as u64 * ROUNDS && Instant::now() < deadline {
+            while let Some(ready) = b.poll_connected() {
+                next.insert(ready.expect("host 2 set-up"), 1);
+            }
+            let n = b.poll_blocking(50_000_000, |id, seq, m| {
+                let want = next
+                    .get_mut(&id)
+                    .expect("a record on a connection handed over");
+                assert_eq!(seq, *want, "connection {id}");
+                assert_eq!(m, &msg(seq as usize)[..], "connection {id}, record {seq}");
+                *want += 1;
+            });
+            delivered += n as u64;
+            empty_waits += usize::from(n == 0);
+        }
+        (b, next.len(), delivered, empty_waits)
+    });
+    let mut a = VerbsEndpoint::open(cfg, &HOST1).expect("host 1 cards");
+    for _ in 0..CONNS {
+        a.connect_in_background(addr, Duration::from_secs(60))
+            .expect("dial");
+    }
+    let mut ids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ids.len() < CONNS {
+        assert!(Instant::now() < deadline, "{} of {CONNS} set up", ids.len());
+        a.poll(|_, _, _| {});
+        while let Some(ready) = a.poll_connected() {
+            ids.push(ready.expect("host 1 set-up"));
+        }
+    }
+    for round in 1..=ROUNDS {
+        for &id in &ids {
+            loop {
+                match a.send(id, &msg(round as usize)) {
+                    Ok(seq) => break assert_eq!(seq, round),
+                    Err(SendError::Backpressure) => {
+                        a.poll(|_, _, _| {});
+                    }
+                    Err(e) => panic!("host 1 send on {id}: {e}"),
+                }
+            }
+        }
+        // Host 1 sleeps in its blocking poll too (nothing comes its way).
+        assert_eq!(a.poll_blocking(2_000_000, |_, _, _| {}), 0);
+    }
+    // Keep host 1 running (acknowledgements, heartbeats) until host 2 has everything.
+    while !host2.is_finished() {
+        a.poll_blocking(1_000_000, |_, _, _| {});
+    }
+    let (b, connections, delivered, empty_waits) = host2.join().unwrap();
+    assert_eq!(connections, CONNS);
+    assert_eq!(delivered, CONNS as u64 * ROUNDS, "host 2 got every record");
+    let failovers: u64 = ids
+        .iter()
+        .map(|&id| a.stats(id).unwrap().failovers)
+        .sum::<u64>()
+        + b.connections().map(|c| c.stats().failovers).sum::<u64>();
+    write_result(&format!(
+        "endpoint blocking poll: {CONNS} connections x {ROUNDS} records, 0 lost/duplicated/reordered, {empty_waits} empty waits, {failovers} failovers"
+    ));
+}

@@ -17,7 +17,6 @@ use railover_replica::node::{NodeConfig, NodeEvent, Role};
 use railover_replica::wire::RefusedRequest;
 use railover_replica::{ClientEvent, Node};
 
-
 fn order(n: u64) -> OrderRequest {
     OrderRequest::New {
         side: if n % 2 == 0 { Side::Buy } else { Side::Sell },
