@@ -9,7 +9,8 @@
 //! * [`Connection`]: drives a [`core::Core`] over any fabric ([`railover_rdma::Nic`]);
 //!   [`Connection::split`] gives a lock-free [`Sender`] for another thread and the [`Receiver`].
 //! * [`Endpoint`]: each card once and any number of connections on them, driven by one `poll`
-//!   ([`endpoint::SimEndpoints`]: two of them on the simulator).
+//!   ([`endpoint::SimEndpoints`]: two of them on the simulator); [`Endpoint::spawn`] runs one on
+//!   a driver thread of its own, calling a [`Handler`].
 //! * [`sim::SimPair`]: two connected endpoints on the deterministic simulated fabric, with a
 //!   simulated control channel and paused hosts when asked.
 //! * `verbs` (feature `verbs`): `connect` / `accept` (and their resuming forms) on real cards.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod ctrl;
+pub mod driver;
 pub mod endpoint;
 mod memory;
 pub mod rearm;
@@ -35,5 +37,6 @@ pub use crate::core::{
     EndReason, Event, FailReason, Nanos, RailState, RecvError, ResumeState, SendError, Stats,
     SwitchReason,
 };
+pub use crate::driver::{Driver, Driving, Handler};
 pub use crate::endpoint::{ConnectionId, Endpoint};
 pub use crate::runtime::{CloseError, ConnectError, Connection, Receiver, Sender};

@@ -398,12 +398,20 @@ impl<N: Nic, C: Clock> Connection<N, C> {
     /// and posts what the [`Sender`] commits, so some thread must keep polling it (busy, or
     /// blocking: the sender wakes a sleeping receiver). Sends cost two fences more than on an
     /// unsplit connection and reach the wire on the receiver's next poll.
-    pub fn split(self) -> (Sender, Receiver<N, C>) {
-        let Connection { mut rx, .. } = self;
-        let writer = rx
-            .core
-            .take_writer()
+    pub fn split(mut self) -> (Sender, Receiver<N, C>) {
+        let tx = self
+            .take_sender()
             .expect("a connection hands out its writer once, at split (which consumes it)");
+        let Connection { rx, .. } = self;
+        (tx, rx)
+    }
+
+    /// [`Connection::split`] in place: the [`Sender`] goes to another thread (or a handler) while
+    /// this connection keeps driving itself as its own [`Receiver`] (its `send` and `reserve`
+    /// then fail with [`SendError::WriterElsewhere`]). None if it was taken already.
+    pub fn take_sender(&mut self) -> Option<Sender> {
+        let rx = &mut self.rx;
+        let writer = rx.core.take_writer()?;
         let mut tx = Sender {
             writer,
             doorbell: None,
@@ -423,7 +431,7 @@ impl<N: Nic, C: Clock> Connection<N, C> {
                 tracing::warn!(error = %e, "no eventfd: a sleeping receiver wakes on its timers only")
             }
         }
-        (tx, rx)
+        Some(tx)
     }
 }
 
