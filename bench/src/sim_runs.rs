@@ -413,4 +413,45 @@ pub fn endpoint_setup(n: usize) {
         "resident memory grown per connection (both hosts): {} KiB",
         rss_after.saturating_sub(rss_before) / n as u64
     );
+    // Control writes (heartbeats, acknowledgements, credits) per second of virtual time, summed
+    // over host 1's connections: idle, then with a record every millisecond on each connection
+    // from host 1 (host 2 only acknowledges).
+    for streaming in [false, true] {
+        let control = |h: &SimEndpoints| -> u64 {
+            h.pairs
+                .iter()
+                .filter_map(|&(x, _)| h.a.stats(x))
+                .map(|s| s.control_writes)
+                .sum()
+        };
+        let (start, before) = (hosts.now(), control(&hosts));
+        let window = 100_000_000;
+        let mut next_record = start;
+        while hosts.now() < start + window {
+            if streaming && hosts.now() >= next_record {
+                next_record += 1_000_000;
+                for &(x, _) in &hosts.pairs.clone() {
+                    hosts.a.send(x, &[3u8; 64]).expect("send");
+                }
+            }
+            let limit = if streaming {
+                next_record
+            } else {
+                start + window
+            };
+            hosts.step(limit.min(start + window));
+            hosts.a.poll(|_, _, _| {});
+            hosts.b.poll(|_, _, _| {});
+        }
+        let per_second = (control(&hosts) - before) * 1_000_000_000 / window;
+        println!(
+            "host 1's control writes per second, {}: {per_second} ({:.0} per connection)",
+            if streaming {
+                "a record per ms on every connection"
+            } else {
+                "idle"
+            },
+            per_second as f64 / n as f64
+        );
+    }
 }
