@@ -2,7 +2,7 @@
 //! control channel and hand re-armed rails to the data path.
 //!
 //! * [`ControlThread`] (real devices): a thread of the connection's own (or of its endpoint's,
-//!   shared by all its connections: [`ControlPool`]) makes fresh queue pairs,
+//!   shared by all its connections: `ControlPool`) makes fresh queue pairs,
 //!   opens released cards again, connects queue pairs, destroys old ones, reads and writes the
 //!   control stream, and reads the cards' asynchronous events (port down, device fatal...) as
 //!   they come, forwarding them at once. The data thread only posts a request (when the core asks

@@ -511,4 +511,5 @@ impl Drop for Listening {
     }
 }
 
+#[cfg(feature = "test-util")]
 pub use crate::sim::SimEndpoints;

@@ -9,9 +9,10 @@
 //! * [`Connection`]: drives a [`core::Core`] over any fabric ([`railover_rdma::Nic`]);
 //!   [`Connection::split`] gives a lock-free [`Sender`] for another thread and the [`Receiver`].
 //! * [`Endpoint`]: each card once and any number of connections on them, driven by one `poll`
-//!   ([`endpoint::SimEndpoints`]: two of them on the simulator); [`Endpoint::spawn`] runs one on
+//!   (`endpoint::SimEndpoints`: two of them on the simulator); [`Endpoint::spawn`] runs one on
 //!   a driver thread of its own, calling a [`Handler`].
-//! * [`sim::SimPair`]: two connected endpoints on the deterministic simulated fabric, with a
+//! * `sim::SimPair` (feature `test-util`, as `endpoint::SimEndpoints` and the fabrics'
+//!   contract suite): two connected endpoints on the deterministic simulated fabric, with a
 //!   simulated control channel and paused hosts when asked.
 //! * `verbs` (feature `verbs`): `connect` / `accept` (and their resuming forms) on real cards.
 //! * [`settings`]: configuration from a JSON file or `RAILOVER_*` environment variables.
@@ -28,6 +29,7 @@ pub mod rearm;
 pub mod rejoin;
 pub mod runtime;
 pub mod settings;
+#[cfg(feature = "test-util")]
 pub mod sim;
 #[cfg(feature = "verbs")]
 pub mod verbs;

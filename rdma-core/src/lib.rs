@@ -6,8 +6,9 @@
 //! * `verbs` (cargo feature `verbs`): real RDMA on the `sideway` crate (RC queue pairs, RDMA WRITE WITH IMMEDIATE,
 //!   extended CQs, async events). libibverbs is loaded at run time: on a machine without it, or
 //!   without devices, every call returns a typed [`FabricError`].
-//! * [`sim`]: an in-process, deterministic fabric (seeded RNG, virtual clock) that really copies
-//!   bytes between registered regions and injects every fault kind railover must survive.
+//! * `sim` (cargo feature `test-util`): an in-process, deterministic fabric (seeded RNG, virtual
+//!   clock) that really copies bytes between registered regions and injects every fault kind
+//!   railover must survive; `contract` (same feature) is the suite both fabrics pass.
 //!
 //! The fabrics know nothing of queues or failover. [`handshake`] is the out-of-band (TCP) exchange
 //! of endpoint information.
@@ -16,8 +17,10 @@
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
+#[cfg(feature = "test-util")]
 pub mod contract;
 pub mod handshake;
+#[cfg(feature = "test-util")]
 pub mod sim;
 #[cfg(feature = "verbs")]
 pub mod verbs;

@@ -383,7 +383,7 @@ impl LaneControl {
     }
 
     /// Hot standby: copies the active lane's records that lane `to` lacks into it, in order and
-    /// with their sequence numbers (see [`Poster::copy_new_into`]), without stopping the
+    /// with their sequence numbers (see `Poster::copy_new_into`), without stopping the
     /// writer. Refused (None) for the active lane itself.
     pub fn shadow(&mut self, to: usize) -> Option<ShadowReport> {
         let from = self.active;
@@ -403,7 +403,7 @@ impl LaneControl {
 
     /// Lane `lane` (not the active one) gave its records not yet posted to another lane (a
     /// planned switch): they are retired here, never to be sent from it (see
-    /// [`Poster::retire_unposted`]). Returns how many, or None for the active lane.
+    /// `Poster::retire_unposted`). Returns how many, or None for the active lane.
     pub fn retire_unposted(&mut self, lane: usize) -> Option<usize> {
         if lane == self.active || lane >= self.posters.len() {
             return None;

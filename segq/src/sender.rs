@@ -422,7 +422,7 @@ impl Poster {
     }
 }
 
-/// How far a hot standby's copy of the active queue went (see [`Poster::copy_new_into`]).
+/// How far a hot standby's copy of the active queue went (see `Poster::copy_new_into`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ShadowReport {
     /// Records copied by this call.
