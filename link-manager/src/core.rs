@@ -382,6 +382,11 @@ struct Rail {
     /// Notifications this side processed on this rail, and the count last reported.
     notified: u64,
     reported_notified: u64,
+    /// What the last block posted here said was delivered, and which rails had failed (with
+    /// `reported_consumed` and `reported_notified`: a heartbeat block without news may be
+    /// skipped when liveness is shared, see [`SharedLiveness`]).
+    reported_delivered: u64,
+    reported_fault_gens: u64,
     /// The peer's control block as last processed: an unchanged block is not decoded again
     /// (processing it is idempotent; the crc alone was a quarter of a round trip's work).
     ctrl_seen: [u64; 7],
@@ -464,6 +469,15 @@ impl Rail {
     }
 
     /// Whether a control block is due on this rail and a work request is free for it.
+    /// Whether a block posted now would tell the peer anything beyond the beat itself.
+    fn has_news(&self, delivered: u64, fault_gens: u64) -> bool {
+        self.rx.read_pos() != self.reported_consumed
+            || self.notified != self.reported_notified
+            || delivered != self.reported_delivered
+            || fault_gens != self.reported_fault_gens
+            || self.ack_request
+    }
+
     fn ctrl_postable(&self, max_wr: u32) -> bool {
         self.state != RailState::Failed && self.ctrl_due && self.outstanding < max_wr
     }
@@ -584,7 +598,35 @@ pub struct Core {
     peer_draining: bool,
     /// When the current retransmission-counting window began (gray switch).
     retransmit_window_start: Nanos,
+    /// Liveness shared with the other connections between the same two endpoints (None: this
+    /// connection heart-beats and judges its rails alone).
+    shared: Option<SharedLiveness>,
+    /// Per rail: the last tick at which this connection's beat went out on it (a block, or a
+    /// data write's immediate); 0: never.
+    beat_sent_at: [Nanos; MAX_RAILS],
+    /// Rails this connection failed for missed heartbeats since [`Core::take_missed_rails`].
+    missed_rails: u8,
 }
+
+/// Liveness shared by the connections between the same two endpoints, which use the same card
+/// pairs (see [`crate::endpoint`]). Silence is a property of a card pair's path, so one beat per
+/// rail and interval from any of the connections proves the path for all of them, and any of
+/// them hearing the peer endpoint on a rail counts for every one. The endpoint hands each
+/// connection this view before its turn ([`Core::share_liveness`]); each still posts its own
+/// beat on every rail once every [`OWN_BEAT_EVERY`] intervals, so that a queue pair of its own
+/// that broke (or a peer connection that vanished) shows up as the RC error of a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedLiveness {
+    /// Per rail: another connection of the group sent its beat on it within the last
+    /// interval; this one may skip a heartbeat block that would carry nothing else.
+    pub covered: [bool; MAX_RAILS],
+    /// Per rail: the latest time any connection of the group heard the peer endpoint on it.
+    pub heard_at: [Nanos; MAX_RAILS],
+}
+
+/// With shared liveness, a connection still heart-beats every rail of its own once every this
+/// many intervals (see [`SharedLiveness`]).
+pub const OWN_BEAT_EVERY: u64 = 64;
 
 impl Core {
     /// Allocates the rings and control slots of every rail. All rails start connected: rail 0
@@ -627,6 +669,8 @@ impl Core {
                 peer_notified: 0,
                 notified: 0,
                 reported_notified: 0,
+                reported_delivered: 0,
+                reported_fault_gens: 0,
                 ctrl_seen: [0; 7],
                 signaled_posted: 0,
                 signaled_done: 0,
@@ -672,6 +716,9 @@ impl Core {
             switching: None,
             peer_draining: false,
             retransmit_window_start: now,
+            shared: None,
+            beat_sent_at: [0; MAX_RAILS],
+            missed_rails: 0,
         };
         core.refresh_rail_stats();
         Ok(core)
@@ -749,6 +796,50 @@ impl Core {
 
     pub fn rail_state(&self, rail: usize) -> RailState {
         self.rails[rail].state
+    }
+
+    /// Whether the next [`Core::handle_timeout`] runs the heartbeat tick.
+    #[inline]
+    pub fn heartbeat_due(&self, now: Nanos) -> bool {
+        now >= self.next_heartbeat && self.ended.is_none()
+    }
+
+    /// The group's liveness view, from the endpoint, before this connection's tick (used by
+    /// that tick only: a connection driven without it heart-beats every rail itself).
+    pub fn share_liveness(&mut self, view: SharedLiveness) {
+        self.shared = Some(view);
+    }
+
+    /// When this connection last heard the peer on `rail` itself (None: the rail is down, or
+    /// has not heard the peer since it (re)connected): what it adds to its group's view.
+    pub fn rail_heard_at(&self, rail: usize) -> Option<Nanos> {
+        let r = &self.rails[rail];
+        (r.state != RailState::Failed && r.peer_heartbeat != 0).then_some(r.peer_seen_at)
+    }
+
+    /// The last tick at which this connection's beat went out on `rail` (0: never).
+    pub fn beat_sent_at(&self, rail: usize) -> Nanos {
+        self.beat_sent_at[rail]
+    }
+
+    /// The rails (bit i: rail i) this connection failed for missed heartbeats since the last
+    /// call: with shared liveness, the endpoint fails the same rail of the group's other
+    /// connections ([`Core::fail_silent_rail`]).
+    pub fn take_missed_rails(&mut self) -> u8 {
+        std::mem::take(&mut self.missed_rails)
+    }
+
+    /// Another connection between the same endpoints found `rail`'s path silent: fails it here
+    /// too, unless this connection heard the peer on it within the heartbeat timeout itself (a
+    /// queue pair of its own that is newer than the silence, say).
+    pub fn fail_silent_rail(&mut self, rail: usize) {
+        let r = &self.rails[rail];
+        if r.state != RailState::Failed
+            && r.peer_heartbeat != 0
+            && self.now.saturating_sub(r.peer_seen_at) > self.cfg.heartbeat_timeout_ns()
+        {
+            self.fail_rail(rail, FailReason::HeartbeatMiss);
+        }
     }
 
     /// Whether some rail is down (waiting for a re-arm).
@@ -1210,6 +1301,8 @@ impl Core {
                 }
                 rail.reported_consumed = rail.rx.read_pos();
                 rail.reported_notified = rail.notified;
+                rail.reported_delivered = delivered;
+                rail.reported_fault_gens = fault_gens;
                 let ack_now = if rail.ack_request { STATUS_ACK_NOW } else { 0 };
                 CtrlBlock {
                     heartbeat: self.beat,
@@ -1401,6 +1494,9 @@ impl Core {
             .count();
         let owed_at = self.now + self.cfg.heartbeat_interval_ns / 4;
         self.beat_owed_at = None;
+        let shared = self.shared;
+        let (delivered, fault_gens) = (self.cursor.last_delivered(), self.fault_gens());
+        let own_turn = self.beat % OWN_BEAT_EVERY == 0;
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.state == RailState::Failed {
                 continue;
@@ -1417,8 +1513,18 @@ impl Core {
                 && rail.block_beat != 0
             {
                 self.beat_owed_at = Some(owed_at);
+                self.beat_sent_at[r] = self.now;
+            } else if shared.is_some_and(|s| s.covered[r])
+                && rail.peer_heartbeat != 0
+                && rail.block_beat != 0
+                && !own_turn
+                && !rail.has_news(delivered, fault_gens)
+            {
+                // Another connection between the same endpoints beat this rail this interval:
+                // that proves the path; this block would say nothing more.
             } else {
                 rail.ctrl_due = true;
+                self.beat_sent_at[r] = self.now;
             }
             rail.beat_in_data = false;
             // A rail that has not yet heard the peer since it (re)connected gets a longer grace:
@@ -1436,15 +1542,24 @@ impl Core {
             } else {
                 timeout.max(self.cfg.first_contact_grace_ns)
             };
-            if self.now.saturating_sub(rail.peer_seen_at) > limit {
-                silent_since[r] = Some(rail.peer_seen_at + limit);
+            // With shared liveness, a proven rail is heard whenever any connection between the
+            // same endpoints heard the peer on it.
+            let seen = match shared {
+                Some(s) if proven => rail.peer_seen_at.max(s.heard_at[r]),
+                _ => rail.peer_seen_at,
+            };
+            if self.now.saturating_sub(seen) > limit {
+                silent_since[r] = Some(seen + limit);
             } else {
                 all_silent = false;
             }
             if proven {
-                latest_heard = latest_heard.max(Some(rail.peer_seen_at));
+                latest_heard = latest_heard.max(Some(seen));
                 latest_beat = latest_beat.max(rail.peer_heartbeat);
             }
+        }
+        if let Some(s) = &mut self.shared {
+            s.covered = [false; MAX_RAILS];
         }
         let mut failed_any = false;
         for (r, since) in silent_since.into_iter().enumerate() {
@@ -1457,6 +1572,9 @@ impl Core {
             // Otherwise silent, but the others carried nothing it missed: the peer fell silent.
             if missed && latest_heard.is_some_and(|heard| heard > since) {
                 self.fail_rail(r, FailReason::HeartbeatMiss);
+                if self.shared.is_some() {
+                    self.missed_rails |= 1 << r;
+                }
                 failed_any = true;
             }
         }
@@ -1639,6 +1757,8 @@ impl Core {
         r.peer_notified = 0;
         r.notified = 0;
         r.reported_notified = 0;
+        r.reported_delivered = 0;
+        r.reported_fault_gens = 0;
         r.ctrl_seen = [0; 7];
         r.signaled_posted = 0;
         r.signaled_done = 0;

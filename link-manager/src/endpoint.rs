@@ -94,6 +94,13 @@ pub struct Endpoint<N: Nic, C: Clock> {
     /// Where the next `poll_event` starts looking, so that a chatty connection doesn't starve
     /// the others' events.
     event_cursor: usize,
+    /// Names this endpoint to its peers' endpoints, to share liveness with them (random; 0:
+    /// its connections heart-beat alone, see [`Endpoint::set_shared_liveness`]).
+    id: u64,
+    /// The liveness shared with each peer endpoint (see [`crate::liveness`]), by its id.
+    groups: Vec<(u64, std::sync::Arc<crate::liveness::LivenessGroup>)>,
+    /// Tokens of the members of those groups, never reused.
+    next_member: u32,
 }
 
 impl<N, C> Endpoint<N, C>
@@ -122,6 +129,9 @@ where
             free: Vec::new(),
             live: 0,
             event_cursor: 0,
+            id: random_id(),
+            groups: Vec::new(),
+            next_member: 0,
         })
     }
 
@@ -194,6 +204,19 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             generation: slot.generation,
         };
         let span = tracing::info_span!("connection", id = %id);
+        let mut conn = conn;
+        if let Some(peer) = conn.peer_endpoint.filter(|_| self.id != 0) {
+            let group = match self.groups.iter().find(|(p, _)| *p == peer) {
+                Some((_, g)) => g.clone(),
+                None => {
+                    let g = std::sync::Arc::default();
+                    self.groups.push((peer, std::sync::Arc::clone(&g)));
+                    g
+                }
+            };
+            self.next_member += 1;
+            conn.liveness = Some(crate::liveness::Member::new(group, self.next_member));
+        }
         slot.conn = Some(Entry { conn, span });
         self.live += 1;
         id
@@ -421,6 +444,21 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         }
     }
 
+    /// Whether this endpoint's connections share liveness with the other connections to the
+    /// same peer endpoint (default: yes, when the peer's endpoint does too): one heartbeat per
+    /// rail and interval from any of them proves that card pair's path for all, so control
+    /// writes per second depend on the card pairs, not on the number of connections (see
+    /// [`crate::liveness`]). Set before connections are made; those made already keep theirs.
+    pub fn set_shared_liveness(&mut self, share: bool) {
+        self.id = if share { random_id() } else { 0 };
+    }
+
+    /// What this endpoint's greetings say (0: no sharing).
+    #[cfg_attr(not(any(feature = "verbs", feature = "test-util")), allow(dead_code))]
+    pub(crate) fn liveness_id(&self) -> u64 {
+        self.id
+    }
+
     /// Every connection held.
     pub fn connections(&self) -> impl Iterator<Item = &Connection<N, C>> + '_ {
         self.slots
@@ -468,6 +506,15 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             .then_some(slot.conn.as_mut())
             .flatten()
     }
+}
+
+/// A random, non-zero id (std's hasher keys come from the OS's randomness).
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        | 1
 }
 
 /// A set-up finished in the background: the connection, or why not.

@@ -24,6 +24,7 @@ pub mod core;
 pub mod ctrl;
 pub mod driver;
 pub mod endpoint;
+mod liveness;
 mod memory;
 pub mod rearm;
 pub mod rejoin;

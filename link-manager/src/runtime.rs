@@ -214,6 +214,11 @@ pub struct Receiver<N: Nic, C: Clock> {
     /// events are read once, there, and handed to every connection on them
     /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them.
     pub(crate) card_events_elsewhere: bool,
+    /// The peer's endpoint, when both sides share liveness between their endpoints (set at
+    /// set-up; the endpoint that inserts the connection puts it in that group).
+    pub(crate) peer_endpoint: Option<u64>,
+    /// Its place in the group of connections to the same peer endpoint (see [`crate::liveness`]).
+    pub(crate) liveness: Option<crate::liveness::Member>,
 }
 
 /// Lets a split [`Sender`] wake its [`Receiver`] sleeping in a blocking receive, so a record
@@ -565,6 +570,8 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     sender_gone: None,
                     next_counter_read: 0,
                     card_events_elsewhere: false,
+                    peer_endpoint: None,
+                    liveness: None,
                 },
                 sends_since_progress: 0,
             },
@@ -904,7 +911,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             }
         }
         // Cheap (a few words per rail): reads acknowledgements and fault reports every time.
+        if let Some(member) = &mut self.liveness {
+            member.before_tick(&mut self.core, now);
+        }
         self.core.handle_timeout(now);
+        if let Some(member) = &mut self.liveness {
+            member.after_turn(&mut self.core, now);
+        }
         self.flush();
         if let Some(mut control) = self.control.take() {
             if !self.core.is_dead() {

@@ -439,10 +439,14 @@ impl SimEndpoints {
     pub fn connect(&mut self) -> Result<(ConnectionId, ConnectionId), ConnectError> {
         let (pa, pb) = (self.a.prepare()?, self.b.prepare()?);
         let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
-        let pair = (
-            self.a.insert(pa.connect(&hb)?),
-            self.b.insert(pb.connect(&ha)?),
-        );
+        let (mut ca, mut cb) = (pa.connect(&hb)?, pb.connect(&ha)?);
+        // What the greetings settle on real cards: both share liveness, or neither.
+        let (ia, ib) = (self.a.liveness_id(), self.b.liveness_id());
+        if ia != 0 && ib != 0 {
+            ca.peer_endpoint = Some(ib);
+            cb.peer_endpoint = Some(ia);
+        }
+        let pair = (self.a.insert(ca), self.b.insert(cb));
         self.pairs.push(pair);
         Ok(pair)
     }

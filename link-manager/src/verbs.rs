@@ -55,10 +55,13 @@ fn open_cards(devices: &[&str]) -> Result<Vec<RailCard<VerbsNic>>, ConnectError>
     }
 }
 
-fn greeting(cfg: &Config, resume: Option<&ResumeState>) -> Greeting {
+/// This side's greeting; `endpoint`: the endpoint's liveness id (0: a connection of its own, or
+/// an endpoint that does not share liveness).
+fn greeting(cfg: &Config, resume: Option<&ResumeState>, endpoint: u64) -> Greeting {
     let g = cfg.geometry();
     Greeting {
         resume: resume.map(|r| (r.delivered, r.first_unacked())),
+        endpoint,
         ..Greeting::new(
             cfg.rails() as u16,
             WireGeometry {
@@ -70,13 +73,17 @@ fn greeting(cfg: &Config, resume: Option<&ResumeState>) -> Greeting {
     }
 }
 
+/// A client or server whose greeting checked out: the stream, the session id, and the peer's
+/// endpoint when both sides share liveness between endpoints.
+type Greeted = (TcpStream, u64, Option<u64>);
+
 /// After the greeting: cards, hellos in the order that keeps the listener safe, queue pairs,
 /// barrier, control thread.
 /// Sets up a connection over a greeted stream: `pending` makes its queue pairs (on cards of
 /// its own, or an endpoint's).
 fn handshake(
     pending: impl FnOnce() -> Result<PendingConnection<VerbsNic, RealClock>, ConnectError>,
-    (mut stream, session): (TcpStream, u64),
+    (mut stream, session, peer_endpoint): Greeted,
     deadline: Instant,
     timeout: Duration,
     role: Role,
@@ -112,6 +119,7 @@ fn handshake(
         }
     }
     let mut conn = pending.connect_links(&peer)?;
+    conn.peer_endpoint = peer_endpoint;
     // Barrier: neither side writes before both sides' queue pairs are ready to receive (a write to
     // a queue pair still in INIT is dropped and would end in a retry-exceeded error).
     handshake::barrier(&mut stream, left()?)?;
@@ -166,7 +174,7 @@ fn dial(
 ) -> Result<VerbsConnection, ConnectError> {
     let deadline = Instant::now() + timeout;
     let mut stream = handshake::connect(peer, timeout)?;
-    let ours = greeting(&cfg, resume);
+    let ours = greeting(&cfg, resume, 0);
     let theirs = handshake::greet_as_client(&mut stream, &ours, timeout)?;
     let pending = || {
         let cards = open_cards(devices)?;
@@ -175,7 +183,7 @@ fn dial(
     let session = Greeting::session_id(&ours, &theirs);
     handshake(
         pending,
-        (stream, session),
+        (stream, session, None),
         deadline,
         timeout,
         Role::Initiator,
@@ -215,7 +223,7 @@ fn listen(
     resume: Option<&ResumeState>,
 ) -> Result<VerbsConnection, ConnectError> {
     let deadline = Instant::now() + timeout;
-    let greeted = accept_greeted(&cfg, listener, deadline, timeout, resume)?;
+    let greeted = accept_greeted(&cfg, listener, deadline, timeout, resume, 0)?;
     let pending = || {
         let cards = open_cards(devices)?;
         PendingConnection::with_cards(cfg, cards, RealClock::default(), resume)
@@ -231,10 +239,11 @@ fn accept_greeted(
     deadline: Instant,
     timeout: Duration,
     resume: Option<&ResumeState>,
-) -> Result<(TcpStream, u64), ConnectError> {
+    endpoint: u64,
+) -> Result<Greeted, ConnectError> {
     listener.set_nonblocking(true)?;
-    let ours = greeting(cfg, resume);
-    let (greeted_tx, greeted) = mpsc::channel::<(TcpStream, u64)>();
+    let ours = greeting(cfg, resume, endpoint);
+    let (greeted_tx, greeted) = mpsc::channel::<Greeted>();
     let in_flight = Arc::new(AtomicUsize::new(0));
     loop {
         loop {
@@ -255,7 +264,8 @@ fn accept_greeted(
                             match handshake::greet_as_server(&mut stream, &ours, left) {
                                 Ok(theirs) => {
                                     let session = Greeting::session_id(&theirs, &ours);
-                                    let _ = tx.send((stream, session)); // (refused: another won)
+                                    let peer = Greeting::shared_endpoint(&ours, &theirs);
+                                    let _ = tx.send((stream, session, peer)); // (refused: another won)
                                 }
                                 Err(e) => tracing::warn!(%from, error = %e, "client refused"),
                             }
@@ -307,13 +317,13 @@ impl Endpoint<VerbsNic, RealClock> {
     ) -> Result<ConnectionId, ConnectError> {
         let deadline = Instant::now() + timeout;
         let mut stream = handshake::connect(peer, timeout)?;
-        let ours = greeting(self.config(), None);
+        let ours = greeting(self.config(), None, self.liveness_id());
         let theirs = handshake::greet_as_client(&mut stream, &ours, timeout)?;
         let session = Greeting::session_id(&ours, &theirs);
         let pending = self.prepare()?;
         let conn = handshake(
             || Ok(pending),
-            (stream, session),
+            (stream, session, Greeting::shared_endpoint(&ours, &theirs)),
             deadline,
             timeout,
             Role::Initiator,
@@ -330,7 +340,8 @@ impl Endpoint<VerbsNic, RealClock> {
         timeout: Duration,
     ) -> Result<ConnectionId, ConnectError> {
         let deadline = Instant::now() + timeout;
-        let greeted = accept_greeted(self.config(), listener, deadline, timeout, None)?;
+        let id = self.liveness_id();
+        let greeted = accept_greeted(self.config(), listener, deadline, timeout, None, id)?;
         let pending = self.prepare()?;
         let conn = handshake(
             || Ok(pending),
@@ -397,6 +408,7 @@ impl Endpoint<VerbsNic, RealClock> {
             pool,
             timeout,
             ready,
+            endpoint: self.liveness_id(),
         })
     }
 
@@ -419,6 +431,8 @@ struct BackgroundSetup {
     pool: PoolHandle<VerbsNic>,
     timeout: Duration,
     ready: mpsc::Sender<Result<VerbsConnection, ConnectError>>,
+    /// The endpoint's liveness id, for its greetings.
+    endpoint: u64,
 }
 
 impl BackgroundSetup {
@@ -435,12 +449,12 @@ impl BackgroundSetup {
         let deadline = Instant::now() + self.timeout;
         let conn = (|| {
             let mut stream = handshake::connect(peer, self.timeout)?;
-            let ours = greeting(&self.cfg, None);
+            let ours = greeting(&self.cfg, None, self.endpoint);
             let theirs = handshake::greet_as_client(&mut stream, &ours, self.timeout)?;
             let session = Greeting::session_id(&ours, &theirs);
             handshake(
                 || self.pending(),
-                (stream, session),
+                (stream, session, Greeting::shared_endpoint(&ours, &theirs)),
                 deadline,
                 self.timeout,
                 Role::Initiator,
@@ -457,7 +471,7 @@ impl BackgroundSetup {
     /// why not. A greeting that fails is only logged (no connection was promised).
     fn set_up(self, mut stream: TcpStream, from: SocketAddr) {
         let deadline = Instant::now() + self.timeout;
-        let ours = greeting(&self.cfg, None);
+        let ours = greeting(&self.cfg, None, self.endpoint);
         let theirs = match handshake::greet_as_server(&mut stream, &ours, self.timeout) {
             Ok(theirs) => theirs,
             Err(e) => {
@@ -468,7 +482,7 @@ impl BackgroundSetup {
         let session = Greeting::session_id(&theirs, &ours);
         let conn = handshake(
             || self.pending(),
-            (stream, session),
+            (stream, session, Greeting::shared_endpoint(&ours, &theirs)),
             deadline,
             self.timeout,
             Role::Acceptor,

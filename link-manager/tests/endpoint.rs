@@ -3,7 +3,7 @@
 //! them; restored, every connection gets its rail back. Nothing is lost, duplicated or
 //! reordered on any connection.
 
-use railover::core::{Event, FailReason};
+use railover::core::{Event, FailReason, RailState};
 use railover::endpoint::SimEndpoints;
 use railover::{Config, ConnectionId, SendError};
 use railover_rdma::{AsyncEvent, LinkParams};
@@ -221,6 +221,113 @@ fn a_cut_wire_fails_over_every_connection_of_the_endpoint_in_one_pass() {
         );
     }
     assert_eq!(hosts.a.len(), 256);
+}
+
+/// Liveness per card pair: 64 connections' standby rails share one heartbeat per interval (and
+/// each its own every `OWN_BEAT_EVERY` intervals), so a black hole on the standby wire, which
+/// only heartbeats cross, must be found through the shared view on every connection of both
+/// hosts; each gets the rail back once the wire is, and nothing is lost.
+#[test]
+fn a_black_hole_on_the_standby_wire_is_found_on_every_connection_sharing_liveness() {
+    let (hosts, streams) = run(64, 3, |h, restore| {
+        if restore {
+            h.fabric.clear_black_hole(h.wires[1]);
+        } else {
+            h.fabric.black_hole(h.wires[1]);
+        }
+    });
+    for (i, s) in streams.iter().enumerate() {
+        assert_eq!(
+            s[1].delivered, s[0].sent,
+            "connection {i}: host 2 got every record"
+        );
+        assert_eq!(
+            s[0].delivered, s[1].sent,
+            "connection {i}: host 1 got every record"
+        );
+        for (side, x) in s.iter().enumerate() {
+            // Down at least once (re-arms into the black hole fail again), only the standby,
+            // and back each time.
+            let downs: Vec<usize> = x.downs.iter().map(|d| d.0).collect();
+            let host = side + 1;
+            assert!(
+                !downs.is_empty(),
+                "connection {i} host {host}: the standby went down"
+            );
+            assert!(
+                downs.iter().all(|&r| r == 1),
+                "connection {i} host {host}: {downs:?}"
+            );
+            assert_eq!(
+                x.ups.len(),
+                downs.len(),
+                "connection {i} host {host}: back each time"
+            );
+        }
+    }
+    assert_eq!(hosts.a.len(), 64);
+}
+
+/// Idle connections between two endpoints: with liveness shared (the default) host 1 posts far
+/// fewer control writes than one heartbeat per rail, interval and connection; with it off on
+/// both sides, about that many. The same 100 ms of virtual time either way.
+#[test]
+fn shared_liveness_makes_control_writes_independent_of_the_connection_count() {
+    const CONNS: usize = 64;
+    let writes = |share: bool| {
+        let mut hosts = SimEndpoints::new(config(), 4, 2 * US).unwrap();
+        hosts.a.set_shared_liveness(share);
+        hosts.b.set_shared_liveness(share);
+        for _ in 0..CONNS {
+            hosts.connect().unwrap();
+        }
+        let control = |h: &SimEndpoints| -> u64 {
+            h.pairs
+                .iter()
+                .map(|&(x, _)| h.a.stats(x).unwrap().control_writes)
+                .sum()
+        };
+        // Past the set-up (every rail proven), then 100 ms.
+        let warm = hosts.now() + 20 * MS;
+        while hosts.now() < warm {
+            hosts.step(warm);
+        }
+        let (start, before) = (hosts.now(), control(&hosts));
+        while hosts.now() < start + 100 * MS {
+            hosts.step(start + 100 * MS);
+            hosts
+                .a
+                .poll(|id, _, _| panic!("nothing was sent, {id} delivered"));
+            hosts
+                .b
+                .poll(|id, _, _| panic!("nothing was sent, {id} delivered"));
+        }
+        for &(x, y) in &hosts.pairs {
+            for (ep, id) in [(&hosts.a, x), (&hosts.b, y)] {
+                let s = ep.stats(id).unwrap();
+                assert_eq!(s.failovers, 0, "{id}: no false failover");
+                assert!(
+                    s.rail_states
+                        .iter()
+                        .flatten()
+                        .all(|r| *r != RailState::Failed),
+                    "{id}: no rail failed: {:?}",
+                    s.rail_states
+                );
+            }
+        }
+        control(&hosts) - before
+    };
+    let per_connection = CONNS as u64 * 2 * 100; // 2 rails, 100 intervals
+    let (shared, alone) = (writes(true), writes(false));
+    assert!(
+        alone >= per_connection * 9 / 10,
+        "without sharing {alone} control writes, expected about {per_connection}"
+    );
+    assert!(
+        shared <= per_connection / 10,
+        "sharing: {shared} control writes (without: {alone})"
+    );
 }
 
 /// 64 connections: the card of rail 0 on host 2 is pulled (device fatal) and put back. Every

@@ -10,7 +10,7 @@ use crate::{Endpoint, RemoteRegion};
 
 pub const MAGIC: [u8; 4] = *b"RLVR";
 /// 4: a control block's status may carry the ack-now flag of a planned switch.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Encoded size of a [`Hello`] body.
 pub const HELLO_LEN: usize = 4 + 2 + 2 + 2 + 2 + 4 + 4 + 2 + 2 + 16 + 4 * 3 + (8 + 4 + 8) * 2;
 /// Largest body accepted before reading it.
@@ -326,11 +326,15 @@ pub struct Greeting {
     /// sequence number it delivered, the first it still holds unacknowledged). Both sides resume,
     /// or neither; and each must still hold what the other has not delivered.
     pub resume: Option<(u64, u64)>,
+    /// The endpoint this side's connection belongs to, when it shares liveness with the other
+    /// connections between the same two endpoints (random per endpoint; 0: it does not). Both
+    /// sides share, or neither.
+    pub endpoint: u64,
 }
 
 pub const GREETING_MAGIC: [u8; 4] = *b"RLVG";
 /// Encoded size of a [`Greeting`].
-pub const GREETING_LEN: usize = 4 + 2 + 2 + 2 + 2 + 8 + 8 + 12 + 8 + 8;
+pub const GREETING_LEN: usize = 4 + 2 + 2 + 2 + 2 + 8 + 8 + 12 + 8 + 8 + 8;
 const FLAG_RESUME: u16 = 1;
 
 impl Greeting {
@@ -342,7 +346,14 @@ impl Greeting {
             rails,
             geometry,
             resume: None,
+            endpoint: 0,
         }
+    }
+
+    /// The peer's endpoint, when both sides share liveness between their endpoints (each
+    /// greeting names one); None otherwise.
+    pub fn shared_endpoint(ours: &Greeting, theirs: &Greeting) -> Option<u64> {
+        (ours.endpoint != 0 && theirs.endpoint != 0).then_some(theirs.endpoint)
     }
 
     /// The session both sides now share: both nonces.
@@ -371,6 +382,7 @@ impl Greeting {
         let (delivered, first) = self.resume.unwrap_or((0, 0));
         w.put(&delivered.to_le_bytes());
         w.put(&first.to_le_bytes());
+        w.put(&self.endpoint.to_le_bytes());
         b
     }
 
@@ -401,6 +413,7 @@ impl Greeting {
             max_record: r.u32(),
         };
         let (delivered, first) = (r.u64(), r.u64());
+        let endpoint = r.u64();
         geometry.check()?;
         if nonce == 0 {
             return Err(HandshakeError::Replay);
@@ -425,6 +438,7 @@ impl Greeting {
             rails,
             geometry,
             resume,
+            endpoint,
         })
     }
 
