@@ -754,6 +754,7 @@ fn stream(
     let (live_qps, live_mrs) = railover_rdma::verbs::live_objects();
     let mut unacked = 0u64;
     let (mut data_bytes, mut standby_writes, mut records_resent) = (0u64, 0u64, 0u64);
+    let mut control_writes = 0u64;
     let (mut rails, mut rails_up) = (0, 0);
     let (mut sent, mut delivered, mut peer_sent, mut lost) = (0u64, 0u64, Some(0u64), 0u64);
     let (mut duplicates, mut reordered, mut corrupted) = (0u64, 0u64, 0u64);
@@ -765,6 +766,7 @@ fn stream(
         conn.unacked(|_, _| unacked += 1);
         let stats = conn.core().stats();
         data_bytes += stats.data_bytes;
+        control_writes += stats.control_writes;
         standby_writes += stats.standby_writes;
         records_resent += stats.records_resent;
         let r = conn.core().config().rails();
@@ -835,6 +837,9 @@ fn stream(
         "switched_at_ms": switched_at_ms,
         "records_resent": records_resent,
         "data_bytes": data_bytes,
+        // Every connection's control writes (heartbeats, acknowledgements, credits, reports)
+        // per second, from the start of the stream to this report.
+        "control_writes_per_s": control_writes as f64 / start.elapsed().as_secs_f64(),
         "standby_writes": standby_writes,
         "gap_p50_us": gaps.value_at_quantile(0.5) as f64 / 1e3,
         "gap_p999_us": gaps.value_at_quantile(0.999) as f64 / 1e3,

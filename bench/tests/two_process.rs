@@ -207,11 +207,13 @@ fn finish(serve: Peer, connect: Peer, title: &str) -> (Value, Value) {
 
 fn figures(r: &Value) -> String {
     format!(
-        "{}: delivered {} lost {} dup {} reordered {} failovers {} unresponsive {} (longest {:.0} ms) end {} close {} (took {:.0} us) send/poll call p50 {} us p99.99 {} us max {} us",
+        "{}: delivered {} lost {} dup {} reordered {} failovers {} unresponsive {} (longest {:.0} ms) end {} close {} (took {:.0} us) send/poll call p50 {} us p99.99 {} us max {} us; control writes {:.0}/s ({:.0} per connection)",
         r["role"], r["delivered"], r["lost"], r["duplicates"], r["reordered"], r["failovers"],
         r["unresponsive"], r["longest_silence_ms"].as_f64().unwrap_or(0.0), r["end_reason"],
         r["close"], r["close_max_us"].as_f64().unwrap_or(0.0), r["call_p50_us"],
-        r["call_p9999_us"], r["call_max_us"]
+        r["call_p9999_us"], r["call_max_us"],
+        r["control_writes_per_s"].as_f64().unwrap_or(0.0),
+        r["control_writes_per_s"].as_f64().unwrap_or(0.0) / r["connections"].as_f64().unwrap_or(1.0)
     )
 }
 

@@ -15,6 +15,8 @@
 //!   contract suite): two connected endpoints on the deterministic simulated fabric, with a
 //!   simulated control channel and paused hosts when asked.
 //! * `verbs` (feature `verbs`): `connect` / `accept` (and their resuming forms) on real cards.
+//! * [`liveness`]: how an endpoint's connections to the same peer endpoint share one heartbeat
+//!   per card pair (the liveness contract).
 //! * [`settings`]: configuration from a JSON file or `RAILOVER_*` environment variables.
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -24,7 +26,7 @@ pub mod core;
 pub mod ctrl;
 pub mod driver;
 pub mod endpoint;
-mod liveness;
+pub mod liveness;
 mod memory;
 pub mod rearm;
 pub mod rejoin;

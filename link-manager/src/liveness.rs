@@ -3,14 +3,19 @@
 //! Connections an [`crate::Endpoint`] holds with the same peer endpoint use the same card
 //! pairs, and a silent black hole is a property of a card pair's path, not of one queue pair.
 //! So each rail needs one heartbeat per interval from any of those connections, and any of them
-//! hearing the peer on a rail proves the path for all. A [`LivenessGroup`] is that shared state;
-//! each connection in it is a [`Member`] that reads the group's view before its heartbeat tick
+//! hearing the peer on a rail proves the path for all. A `LivenessGroup` is that shared state;
+//! each connection in it is a `Member` that reads the group's view before its heartbeat tick
 //! and publishes what it sent and heard after its turn. The decisions stay in the sans-IO core
 //! ([`crate::core::SharedLiveness`]). A rail one member finds silent is failed in the others
 //! at their next tick.
 //!
 //! Control writes per second then depend on the number of card pairs, not of connections
 //! (besides each connection's own beat once every [`crate::core::OWN_BEAT_EVERY`] intervals).
+//!
+//! Both endpoints must share, or neither: a connection that skips its beats relies on the peer
+//! counting the other connections' beats. Each endpoint's greeting names it (or says 0, for a
+//! plain connection or an endpoint with [`crate::Endpoint::set_shared_liveness`] off), and a
+//! connection joins a group only when both greetings name an endpoint.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
