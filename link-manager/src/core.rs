@@ -616,6 +616,7 @@ pub struct Core {
 /// beat on every rail once every [`OWN_BEAT_EVERY`] intervals, so that a queue pair of its own
 /// that broke (or a peer connection that vanished) shows up as the RC error of a write.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SharedLiveness {
     /// Per rail: another connection of the group sent its beat on it within the last
     /// interval; this one may skip a heartbeat block that would carry nothing else.
