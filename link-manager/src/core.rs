@@ -267,6 +267,11 @@ pub struct Stats {
     pub records_resent: u64,
     pub bytes_resent: u64,
     pub last_blackout_ns: Option<Nanos>,
+    /// Every blackout (failover to the first record the peer acknowledged over the new rail),
+    /// by size: bucket 0 counts those under 2 us (0 included: a hot-hot failover), bucket k
+    /// those from 2^k to 2^(k+1) us, the last everything from 2^23 us (8.4 s) up. See
+    /// [`Stats::blackout_quantile`].
+    pub blackouts: [u64; BLACKOUT_BUCKETS],
     pub rail_states: [Option<RailState>; MAX_RAILS],
     /// RDMA writes posted carrying records (several small records coalesce into one).
     pub data_writes: u64,
@@ -290,6 +295,48 @@ pub struct Stats {
     /// Events dropped, oldest first, because nobody read them (the queue holds 1,024; the
     /// counters above still count everything).
     pub events_dropped: u64,
+}
+
+/// Buckets of [`Stats::blackouts`].
+pub const BLACKOUT_BUCKETS: usize = 24;
+
+impl Stats {
+    fn record_blackout(&mut self, ns: Nanos) {
+        self.last_blackout_ns = Some(ns);
+        self.blackouts[blackout_bucket(ns)] += 1;
+    }
+
+    /// An upper bound of the `q`-quantile (0.0..=1.0) of the blackouts so far: the top of its
+    /// bucket, within a factor of two (None: no failover completed yet).
+    pub fn blackout_quantile(&self, q: f64) -> Option<Nanos> {
+        let total: u64 = self.blackouts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (k, &n) in self.blackouts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(if k + 1 == BLACKOUT_BUCKETS {
+                    Nanos::MAX
+                } else {
+                    (2_000u64 << k) - 1
+                });
+            }
+        }
+        None
+    }
+}
+
+/// Which bucket of [`Stats::blackouts`] a blackout of `ns` goes in.
+fn blackout_bucket(ns: Nanos) -> usize {
+    let us = ns / 1_000;
+    if us < 2 {
+        0
+    } else {
+        (us.ilog2() as usize).min(BLACKOUT_BUCKETS - 1)
+    }
 }
 
 /// Events kept for the user before the oldest is dropped (and counted).
@@ -1946,7 +1993,7 @@ impl Core {
             if self.peer_delivered >= first_seq {
                 let blackout_ns = self.now.saturating_sub(since);
                 self.blackout_from = None;
-                self.stats.last_blackout_ns = Some(blackout_ns);
+                self.stats.record_blackout(blackout_ns);
                 tracing::info!(rail = self.active, blackout_ns, "failover complete");
                 self.push_event(Event::FailoverComplete {
                     rail: self.active,
@@ -2259,7 +2306,7 @@ impl Core {
                     if caught_up {
                         // Hot-hot: the standby already carried every record; nothing waits.
                         self.blackout_from = None;
-                        self.stats.last_blackout_ns = Some(0);
+                        self.stats.record_blackout(0);
                         self.push_event(Event::FailoverComplete {
                             rail: to,
                             blackout_ns: 0,
@@ -2325,6 +2372,27 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blackouts_fall_in_power_of_two_buckets_and_give_quantiles() {
+        assert_eq!(blackout_bucket(0), 0);
+        assert_eq!(blackout_bucket(1_999), 0);
+        assert_eq!(blackout_bucket(2_000), 1);
+        assert_eq!(blackout_bucket(3_999), 1);
+        assert_eq!(blackout_bucket(4_000), 2);
+        assert_eq!(blackout_bucket(1_000_000), 9); // 1 ms: [512, 1024) us
+        assert_eq!(blackout_bucket(u64::MAX), BLACKOUT_BUCKETS - 1);
+        let mut stats = Stats::default();
+        assert_eq!(stats.blackout_quantile(0.5), None);
+        for ns in [1_000, 3_000, 3_500, 900_000] {
+            stats.record_blackout(ns);
+        }
+        assert_eq!(stats.last_blackout_ns, Some(900_000));
+        assert_eq!(stats.blackouts.iter().sum::<u64>(), 4);
+        assert_eq!(stats.blackout_quantile(0.25), Some(1_999));
+        assert_eq!(stats.blackout_quantile(0.5), Some(3_999));
+        assert_eq!(stats.blackout_quantile(1.0), Some(1_023_999));
+    }
 
     fn block(heartbeat: u64) -> [u64; 7] {
         let r = Region::new(CTRL_LEN, railover_segq::Backing::Heap).unwrap();

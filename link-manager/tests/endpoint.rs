@@ -230,6 +230,19 @@ fn a_cut_wire_fails_over_every_connection_of_the_endpoint_in_one_pass() {
             side + 1
         );
     }
+    // Each completed failover's blackout is in its connection's histogram.
+    for &(x, y) in &hosts.pairs {
+        let (a, b) = (hosts.a.stats(x).unwrap(), hosts.b.stats(y).unwrap());
+        let counted = |s: &railover::Stats| s.blackouts.iter().sum::<u64>();
+        assert!(counted(&a) <= a.failovers && counted(&b) <= b.failovers);
+        assert!(
+            counted(&a) + counted(&b) >= 1,
+            "{x}/{y}: a blackout recorded"
+        );
+        for s in [a, b].iter().filter(|s| counted(s) > 0) {
+            assert!(s.blackout_quantile(1.0) >= s.last_blackout_ns);
+        }
+    }
     assert_eq!(hosts.a.len(), 256);
 }
 
