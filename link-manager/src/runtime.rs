@@ -863,6 +863,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     /// [`Connection::progress`], returning how many completions and device events it handled.
+    #[inline]
     fn progress_counted(&mut self) -> usize {
         let now = self.clock.now();
         self.core.observe_time(now);
@@ -911,12 +912,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             }
         }
         // Cheap (a few words per rail): reads acknowledgements and fault reports every time.
-        if let Some(member) = &mut self.liveness {
-            member.before_tick(&mut self.core, now);
-        }
-        self.core.handle_timeout(now);
-        if let Some(member) = &mut self.liveness {
-            member.after_turn(&mut self.core, now);
+        match &mut self.liveness {
+            None => self.core.handle_timeout(now),
+            Some(member) => {
+                member.before_tick(&mut self.core, now);
+                self.core.handle_timeout(now);
+                member.after_turn(&mut self.core, now);
+            }
         }
         self.flush();
         if let Some(mut control) = self.control.take() {
