@@ -187,7 +187,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
 
     /// Takes `conn` (connected and started) into the endpoint: from now on [`Endpoint::poll`]
     /// drives it.
-    pub fn insert(&mut self, conn: Connection<N, C>) -> ConnectionId {
+    pub fn insert(&mut self, mut conn: Connection<N, C>) -> ConnectionId {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -204,7 +204,6 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             generation: slot.generation,
         };
         let span = tracing::info_span!("connection", id = %id);
-        let mut conn = conn;
         if let Some(peer) = conn.peer_endpoint.filter(|_| self.id != 0) {
             let group = match self.groups.iter().find(|(p, _)| *p == peer) {
                 Some((_, g)) => g.clone(),
