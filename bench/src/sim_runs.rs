@@ -415,7 +415,14 @@ pub fn endpoint_setup(n: usize) {
     );
     // Control writes (heartbeats, acknowledgements, credits) per second of virtual time, summed
     // over host 1's connections: idle, then with a record every millisecond on each connection
-    // from host 1 (host 2 only acknowledges).
+    // from host 1 (host 2 only acknowledges). First 50 ms to settle: the acknowledgements of the
+    // records above (one write per rail and connection) are not the steady state.
+    let settled = hosts.now() + 50_000_000;
+    while hosts.now() < settled {
+        hosts.step(settled);
+        hosts.a.poll(|_, _, _| {});
+        hosts.b.poll(|_, _, _| {});
+    }
     for streaming in [false, true] {
         let control = |h: &SimEndpoints| -> u64 {
             h.pairs

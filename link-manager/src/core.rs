@@ -609,6 +609,8 @@ pub struct Core {
     bye_outstanding: u32,
     now: Nanos,
     next_heartbeat: Nanos,
+    /// Heartbeat ticks fall on multiples of the interval (see [`Core::align_heartbeats`]).
+    aligned_ticks: bool,
     /// Heartbeats sent, numbered alike on every rail: the peer compares rails by the numbers
     /// they carried, not by when they arrived (a rail's queue can deliver old beats late).
     beat: u64,
@@ -670,10 +672,25 @@ pub struct SharedLiveness {
     pub covered: [bool; MAX_RAILS],
     /// Per rail: the latest time any connection of the group heard the peer endpoint on it.
     pub heard_at: [Nanos; MAX_RAILS],
+    /// How many connections the group has: each posts its own beats once every
+    /// `max(OWN_BEAT_EVERY, members)` intervals, so the group's own beats stay at most one per
+    /// rail and interval however many connections it has (0 counts as 1).
+    pub members: u64,
+    /// Where in that period this connection's own beats fall (its place in the group), so the
+    /// members' own beats spread over the period instead of bunching in one interval.
+    pub phase: u64,
 }
 
-/// With shared liveness, a connection still heart-beats every rail of its own once every this
-/// many intervals (see [`SharedLiveness`]).
+impl SharedLiveness {
+    /// Whether a connection's `beat`-th tick is its own-beat turn.
+    fn own_turn(&self, beat: u64) -> bool {
+        (beat + self.phase) % OWN_BEAT_EVERY.max(self.members) == 0
+    }
+}
+
+/// With shared liveness, a connection still heart-beats every rail of its own at least once
+/// every this many intervals (more rarely in a group of more connections, see
+/// [`SharedLiveness::members`]).
 pub const OWN_BEAT_EVERY: u64 = 64;
 
 impl Core {
@@ -747,6 +764,7 @@ impl Core {
             bye_outstanding: 0,
             now,
             next_heartbeat: now + cfg.heartbeat_interval_ns,
+            aligned_ticks: false,
             beat: 1, // (from 1: a rail's first block already proves it; 0 means none heard)
             beat_owed_at: None,
             recv_touched: false,
@@ -850,6 +868,15 @@ impl Core {
     #[inline]
     pub fn heartbeat_due(&self, now: Nanos) -> bool {
         now >= self.next_heartbeat && self.ended.is_none()
+    }
+
+    /// Runs the heartbeat ticks on multiples of the interval (of the clock's time) instead of
+    /// one interval after the previous tick. An endpoint driven by a blocking wait asks for
+    /// this: its connections' ticks then fall together and it wakes once per interval for them
+    /// all, not once per connection. A tick never comes later than unaligned (the first
+    /// aligned one comes earlier).
+    pub fn align_heartbeats(&mut self, on: bool) {
+        self.aligned_ticks = on;
     }
 
     /// The group's liveness view, from the endpoint, before this connection's tick (used by
@@ -1488,7 +1515,12 @@ impl Core {
             return;
         }
         if self.now >= self.next_heartbeat {
-            self.next_heartbeat = self.now + self.cfg.heartbeat_interval_ns;
+            let interval = self.cfg.heartbeat_interval_ns;
+            self.next_heartbeat = if self.aligned_ticks {
+                (self.now / interval + 1) * interval
+            } else {
+                self.now + interval
+            };
             self.rescan = true;
             self.check_liveness();
             self.check_gray();
@@ -1544,7 +1576,7 @@ impl Core {
         self.beat_owed_at = None;
         let shared = self.shared;
         let (delivered, fault_gens) = (self.cursor.last_delivered(), self.fault_gens());
-        let own_turn = self.beat % OWN_BEAT_EVERY == 0;
+        let own_turn = shared.is_none_or(|s| s.own_turn(self.beat));
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.state == RailState::Failed {
                 continue;

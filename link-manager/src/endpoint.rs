@@ -101,6 +101,11 @@ pub struct Endpoint<N: Nic, C: Clock> {
     groups: Vec<(u64, std::sync::Arc<crate::liveness::LivenessGroup>)>,
     /// Tokens of the members of those groups, never reused.
     next_member: u32,
+    /// Every connection's heartbeat ticks fall on the interval grid, so one wake-up serves them
+    /// all (see [`Endpoint::set_aligned_heartbeats`]).
+    aligned_heartbeats: bool,
+    /// How many times a blocking poll waited (see [`Endpoint::blocking_waits`]).
+    waits: u64,
 }
 
 impl<N, C> Endpoint<N, C>
@@ -132,6 +137,8 @@ where
             id: random_id(),
             groups: Vec::new(),
             next_member: 0,
+            aligned_heartbeats: false,
+            waits: 0,
         })
     }
 
@@ -216,6 +223,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             self.next_member += 1;
             conn.liveness = Some(crate::liveness::Member::new(group, self.next_member));
         }
+        conn.align_heartbeats(self.aligned_heartbeats);
         slot.conn = Some(Entry { conn, span });
         self.live += 1;
         id
@@ -318,11 +326,19 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// connection's completions, control-thread news or split sender, for the cards' device
     /// events, and for the earliest timer of any connection (heartbeats, re-arms, close), which
     /// it handles before sleeping again. On the simulator the clock's `idle` moves virtual time.
+    ///
+    /// From its first call on, every connection's heartbeat ticks fall on multiples of the
+    /// heartbeat interval (never later than they would otherwise), so the timers wake this
+    /// thread about once per interval for all connections together, not once per connection.
+    /// A busy-polled endpoint keeps them spread, so that no single `poll` runs them all.
     pub fn poll_blocking(
         &mut self,
         timeout_ns: Nanos,
         mut deliver: impl FnMut(ConnectionId, u64, &[u8]),
     ) -> usize {
+        if !self.aligned_heartbeats {
+            self.set_aligned_heartbeats(true);
+        }
         let deadline = self.clock.now().saturating_add(timeout_ns);
         loop {
             let n = self.poll(&mut deliver);
@@ -345,6 +361,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         let entries = || self.slots.iter().filter_map(|s| s.conn.as_ref());
         // A fabric without wake-up descriptors (the simulator) moves virtual time instead.
         if !entries().all(|e| e.conn.open_cards_wake()) {
+            self.waits += 1;
             self.clock.idle(until);
             return;
         }
@@ -372,6 +389,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             }
         }
         let card_fds = set.len();
+        self.waits += 1;
         for e in self.slots.iter().filter_map(|s| s.conn.as_ref()) {
             e.conn
                 .wake_fds(&mut |fd| set.push(PollFd::from_borrowed_fd(fd, PollFlags::IN)));
@@ -427,6 +445,26 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// that sleeps between polls.
     pub fn next_timeout(&self) -> Option<Nanos> {
         self.connections().filter_map(|c| c.next_timeout()).min()
+    }
+
+    /// Runs every connection's heartbeat ticks on multiples of the heartbeat interval (never
+    /// later than they would run otherwise), so that their timers fall due together:
+    /// [`Endpoint::next_timeout`] then moves about once per interval for all connections, not
+    /// once per connection. [`Endpoint::poll_blocking`] turns this on; turn it on yourself when
+    /// you sleep on the endpoint in a loop of your own. Off (the default for busy polling), the
+    /// ticks stay spread, so that no single `poll` runs them all. Applies to every connection,
+    /// those inserted later included.
+    pub fn set_aligned_heartbeats(&mut self, on: bool) {
+        self.aligned_heartbeats = on;
+        for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+            e.conn.align_heartbeats(on);
+        }
+    }
+
+    /// How many times [`Endpoint::poll_blocking`] went to sleep (until a descriptor was
+    /// readable, a timer was due or its deadline): how often an idle endpoint wakes its thread.
+    pub fn blocking_waits(&self) -> u64 {
+        self.waits
     }
 
     /// Connection `id`'s counters.

@@ -9,8 +9,11 @@
 //! ([`crate::core::SharedLiveness`]). A rail one member finds silent is failed in the others
 //! at their next tick.
 //!
-//! Control writes per second then depend on the number of card pairs, not of connections
-//! (besides each connection's own beat once every [`crate::core::OWN_BEAT_EVERY`] intervals).
+//! Control writes per second then depend on the number of card pairs, not of connections.
+//! Each connection still beats its own queue pairs, once every
+//! `max(`[`crate::core::OWN_BEAT_EVERY`]`, members)` intervals, at its own place in that
+//! period: at most one such beat per rail and interval for the whole group, however many
+//! connections it has.
 //!
 //! Both endpoints must share, or neither: a connection that skips its beats relies on the peer
 //! counting the other connections' beats. Each endpoint's greeting names it (or says 0, for a
@@ -37,6 +40,8 @@ pub(crate) struct LivenessGroup {
     heard_at: [AtomicU64; MAX_RAILS],
     /// Per rail: when a member last failed it for missed heartbeats.
     missed_at: [AtomicU64; MAX_RAILS],
+    /// Members alive (each connection's own beats spread over this many intervals).
+    members: AtomicU32,
 }
 
 /// One connection's place in a [`LivenessGroup`].
@@ -55,6 +60,7 @@ impl Member {
     pub(crate) fn new(group: Arc<LivenessGroup>, token: u32) -> Member {
         // Misses before it joined are not about its queue pairs.
         let missed_seen = std::array::from_fn(|r| group.missed_at[r].load(Ordering::Relaxed));
+        group.members.fetch_add(1, Ordering::Relaxed);
         Member {
             group,
             token: token.max(1),
@@ -74,7 +80,11 @@ impl Member {
         let interval = core.config().heartbeat_interval_ns();
         let g = &self.group;
         let rails = core.config().rails();
-        let mut view = SharedLiveness::default();
+        let mut view = SharedLiveness {
+            members: u64::from(g.members.load(Ordering::Relaxed)),
+            phase: u64::from(self.token),
+            ..SharedLiveness::default()
+        };
         for r in 0..rails {
             let at = g.beat_at[r].load(Ordering::Relaxed);
             let by = g.beat_by[r].load(Ordering::Relaxed);
@@ -118,5 +128,11 @@ impl Member {
                 self.missed_seen[r] = self.missed_seen[r].max(at);
             }
         }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.group.members.fetch_sub(1, Ordering::Relaxed);
     }
 }

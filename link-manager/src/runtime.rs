@@ -759,6 +759,12 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         self.after_sleep();
     }
 
+    /// Runs this connection's heartbeat ticks on the interval grid (see
+    /// [`crate::core::Core::align_heartbeats`]): an endpoint's blocking wait asks for it.
+    pub(crate) fn align_heartbeats(&mut self, on: bool) {
+        self.core.align_heartbeats(on);
+    }
+
     /// Whether every open card gives wake-up descriptors (completion channel, device events), so
     /// a blocking wait can sleep on them (not on the simulator, nor with no card open).
     pub(crate) fn has_wake_descriptors(&self) -> bool {

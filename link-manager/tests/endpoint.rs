@@ -52,21 +52,32 @@ fn run(
     seed: u64,
     fault: impl Fn(&SimEndpoints, bool),
 ) -> (SimEndpoints, Vec<[Stream; 2]>) {
-    run_with(n, seed, (10 * MS, 25 * MS), fault)
+    run_with(n, seed, (10 * MS, 25 * MS), [false; 2], fault)
 }
 
 /// [`run`] with the fault at `at.0` and its repair at `at.1`. Every delivery is checked as it
 /// comes (in order, exactly once, intact); returns once everything sent was delivered both ways
 /// on every connection and every rail that went down came back (or 175 ms after the repair).
+/// `aligned[h]`: host h+1 runs its heartbeat ticks on the interval grid, as a blocking endpoint
+/// does (connections then made a few microseconds apart, so the alignment has work to do).
 fn run_with(
     n: usize,
     seed: u64,
     at: (u64, u64),
+    aligned: [bool; 2],
     fault: impl Fn(&SimEndpoints, bool),
 ) -> (SimEndpoints, Vec<[Stream; 2]>) {
     let mut hosts = SimEndpoints::new(config(), seed, 2 * US).unwrap();
+    hosts.a.set_aligned_heartbeats(aligned[0]);
+    hosts.b.set_aligned_heartbeats(aligned[1]);
     for _ in 0..n {
         hosts.connect().unwrap();
+        if aligned.contains(&true) {
+            let next = hosts.now() + 7 * US;
+            while hosts.now() < next {
+                hosts.step(next);
+            }
+        }
     }
     assert_eq!((hosts.a.len(), hosts.b.len()), (n, n));
     let index_of = |hosts: &SimEndpoints, host2: bool, id: ConnectionId| {
@@ -284,17 +295,17 @@ fn a_black_hole_on_the_standby_wire_is_found_on_every_connection_sharing_livenes
     assert_eq!(hosts.a.len(), 64);
 }
 
-/// Idle connections between two endpoints: with liveness shared (the default) host 1 posts far
-/// fewer control writes than one heartbeat per rail, interval and connection; with it off on
-/// both sides, about that many. The same 100 ms of virtual time either way.
+/// Idle connections between two endpoints: with liveness shared (the default) host 1 posts
+/// about two control writes per rail and interval (the group's beat, and one connection's own
+/// beat) whether it holds 64 connections or 256; with sharing off on both sides, one per rail,
+/// interval and connection. The same 100 ms of virtual time each way.
 #[test]
 fn shared_liveness_makes_control_writes_independent_of_the_connection_count() {
-    const CONNS: usize = 64;
-    let writes = |share: bool| {
+    let writes = |conns: usize, share: bool| {
         let mut hosts = SimEndpoints::new(config(), 4, 2 * US).unwrap();
         hosts.a.set_shared_liveness(share);
         hosts.b.set_shared_liveness(share);
-        for _ in 0..CONNS {
+        for _ in 0..conns {
             hosts.connect().unwrap();
         }
         let control = |h: &SimEndpoints| -> u64 {
@@ -334,15 +345,76 @@ fn shared_liveness_makes_control_writes_independent_of_the_connection_count() {
         }
         control(&hosts) - before
     };
-    let per_connection = CONNS as u64 * 2 * 100; // 2 rails, 100 intervals
-    let (shared, alone) = (writes(true), writes(false));
+    let per_connection = 64 * 2 * 100; // 64 connections, 2 rails, 100 intervals
+    let alone = writes(64, false);
     assert!(
         alone >= per_connection * 9 / 10,
         "without sharing {alone} control writes, expected about {per_connection}"
     );
+    let per_rail_and_interval = 2 * 100;
+    for conns in [64, 256] {
+        let shared = writes(conns, true);
+        println!("{conns} connections sharing liveness: {shared} control writes in 100 ms");
+        assert!(
+            shared <= per_rail_and_interval * 5 / 2,
+            "{conns} connections sharing: {shared} control writes, expected about \
+             {} (without sharing, 64 posted {alone})",
+            per_rail_and_interval * 2
+        );
+    }
+}
+
+/// An endpoint driven by a blocking poll runs its connections' heartbeat ticks together, so an
+/// idle one wakes for its timers about once per interval, not once per connection. Its other
+/// wake-ups are the peer's and its own few control writes landing (the simulated clock wakes
+/// for every packet), about the same with 64 connections as with one.
+#[test]
+fn a_blocking_endpoint_wakes_once_per_interval_for_all_its_connections() {
+    const CONNS: usize = 64;
+    let mut hosts = SimEndpoints::new(config(), 5, 2 * US).unwrap();
+    // Made one after the other, as a gateway's sessions are: their ticks start spread out.
+    for _ in 0..CONNS {
+        hosts.connect().unwrap();
+        let next = hosts.now() + 37 * US;
+        while hosts.now() < next {
+            hosts.step(next);
+        }
+    }
+    let warm = hosts.now() + 20 * MS;
+    while hosts.now() < warm {
+        hosts.step(warm);
+    }
+    // Host 2 now only waits in `poll_blocking`; host 1 is polled between its waits.
+    let (start, before) = (hosts.now(), hosts.b.blocking_waits());
+    while hosts.now() < start + 100 * MS {
+        hosts.a.poll_cards();
+        hosts
+            .a
+            .poll(|id, _, _| panic!("nothing was sent, {id} delivered"));
+        hosts.b.poll_blocking(100 * US, |id, _, _| {
+            panic!("nothing was sent, {id} delivered")
+        });
+    }
+    let waits = hosts.b.blocking_waits() - before;
+    println!("{CONNS} idle connections, blocking: {waits} waits in 100 intervals");
+    for &(x, y) in &hosts.pairs {
+        for (ep, id) in [(&hosts.a, x), (&hosts.b, y)] {
+            let s = ep.stats(id).unwrap();
+            assert_eq!(s.failovers, 0, "{id}: no false failover");
+            assert!(
+                s.rail_states
+                    .iter()
+                    .flatten()
+                    .all(|r| *r != RailState::Failed),
+                "{id}: no rail failed: {:?}",
+                s.rail_states
+            );
+        }
+    }
+    // Ticks one by one would wake it 64 times per interval for them alone.
     assert!(
-        shared <= per_connection / 10,
-        "sharing: {shared} control writes (without: {alone})"
+        waits <= 100 * CONNS as u64 / 2,
+        "{waits} waits in 100 intervals with {CONNS} connections"
     );
 }
 
@@ -525,6 +597,13 @@ fn seeded_faults_on_many_connections_lose_nothing() {
         let kind = rng.random_range(0..7u32);
         let from = rng.random_range(3 * MS..15 * MS);
         let until = from + rng.random_range(2 * MS..20 * MS);
+        // Half the seeds: one host or both as a blocking endpoint (ticks on the grid).
+        let aligned = match rng.random_range(0..4u32) {
+            0 => [true, false],
+            1 => [false, true],
+            2 => [true, true],
+            _ => [false, false],
+        };
         let fault = |h: &SimEndpoints, repair: bool| {
             let (w, f) = (h.wires[wire], &h.fabric);
             let card = if host2 {
@@ -546,8 +625,8 @@ fn seeded_faults_on_many_connections_lose_nothing() {
                 _ => {}
             }
         };
-        let (hosts, streams) = run_with(n, seed, (from, until), fault);
-        let replay = format!("seed {seed} (RAILOVER_ENDPOINT_SEED={seed}): {n} connections, fault {kind} on wire {wire}");
+        let (hosts, streams) = run_with(n, seed, (from, until), aligned, fault);
+        let replay = format!("seed {seed} (RAILOVER_ENDPOINT_SEED={seed}): {n} connections, fault {kind} on wire {wire}, aligned ticks {aligned:?}");
         assert_all_delivered(&streams, &replay);
         for (i, s) in streams.iter().enumerate() {
             for side in s {
