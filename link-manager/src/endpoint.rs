@@ -102,8 +102,9 @@ pub struct Endpoint<N: Nic, C: Clock> {
     /// Tokens of the members of those groups, never reused.
     next_member: u32,
     /// Every connection's heartbeat ticks fall on the interval grid, so one wake-up serves them
-    /// all (see [`Endpoint::set_aligned_heartbeats`]).
-    aligned_heartbeats: bool,
+    /// all (see [`Endpoint::set_aligned_heartbeats`]; None: not chosen, off until a blocking
+    /// poll turns it on).
+    aligned_heartbeats: Option<bool>,
     /// How many times a blocking poll waited (see [`Endpoint::blocking_waits`]).
     waits: u64,
 }
@@ -137,7 +138,7 @@ where
             id: random_id(),
             groups: Vec::new(),
             next_member: 0,
-            aligned_heartbeats: false,
+            aligned_heartbeats: None,
             waits: 0,
         })
     }
@@ -223,7 +224,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             self.next_member += 1;
             conn.liveness = Some(crate::liveness::Member::new(group, self.next_member));
         }
-        conn.align_heartbeats(self.aligned_heartbeats);
+        conn.align_heartbeats(self.aligned_heartbeats == Some(true));
         slot.conn = Some(Entry { conn, span });
         self.live += 1;
         id
@@ -329,14 +330,15 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     ///
     /// From its first call on, every connection's heartbeat ticks fall on multiples of the
     /// heartbeat interval (never later than they would otherwise), so the timers wake this
-    /// thread about once per interval for all connections together, not once per connection.
-    /// A busy-polled endpoint keeps them spread, so that no single `poll` runs them all.
+    /// thread about once per interval for all connections together, not once per connection
+    /// (unless [`Endpoint::set_aligned_heartbeats`] chose otherwise). A busy-polled endpoint
+    /// keeps them spread, so that no single `poll` runs them all.
     pub fn poll_blocking(
         &mut self,
         timeout_ns: Nanos,
         mut deliver: impl FnMut(ConnectionId, u64, &[u8]),
     ) -> usize {
-        if !self.aligned_heartbeats {
+        if self.aligned_heartbeats.is_none() {
             self.set_aligned_heartbeats(true);
         }
         let deadline = self.clock.now().saturating_add(timeout_ns);
@@ -450,12 +452,13 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// Runs every connection's heartbeat ticks on multiples of the heartbeat interval (never
     /// later than they would run otherwise), so that their timers fall due together:
     /// [`Endpoint::next_timeout`] then moves about once per interval for all connections, not
-    /// once per connection. [`Endpoint::poll_blocking`] turns this on; turn it on yourself when
-    /// you sleep on the endpoint in a loop of your own. Off (the default for busy polling), the
-    /// ticks stay spread, so that no single `poll` runs them all. Applies to every connection,
-    /// those inserted later included.
+    /// once per connection. [`Endpoint::poll_blocking`] turns this on unless it was chosen
+    /// here; turn it on yourself when you sleep on the endpoint in a loop of your own. Off (the
+    /// default for busy polling), the ticks stay spread, so that no single `poll` runs them
+    /// all. Applies to every connection, those inserted later included; ticks already aligned
+    /// stay together until their connections' schedules drift apart.
     pub fn set_aligned_heartbeats(&mut self, on: bool) {
-        self.aligned_heartbeats = on;
+        self.aligned_heartbeats = Some(on);
         for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
             e.conn.align_heartbeats(on);
         }

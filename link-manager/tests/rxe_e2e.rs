@@ -598,6 +598,8 @@ fn an_endpoint_blocking_poll_serves_every_connection_on_its_own_thread() {
     let addr = listener.local_addr().unwrap();
     let host2 = std::thread::spawn(move || {
         let mut b = VerbsEndpoint::open(cfg, &HOST2).expect("host 2 cards");
+        // Ticks spread (as a busy-polled endpoint has them) until the idle phases below.
+        b.set_aligned_heartbeats(false);
         b.listen(listener, Duration::from_secs(60)).expect("listen");
         // Next sequence number per connection: each must count 1, 2, 3, ... on its own.
         let mut next: HashMap<ConnectionId, u64> = HashMap::new();
@@ -618,7 +620,22 @@ fn an_endpoint_blocking_poll_serves_every_connection_on_its_own_thread() {
             delivered += n as u64;
             empty_waits += usize::from(n == 0);
         }
-        (b, next.len(), delivered, empty_waits)
+        // Idle, 300 ms each: how often the blocking poll wakes with the connections' heartbeat
+        // ticks spread, then on the interval grid (a measurement: TCG paces the loop).
+        let mut idle_waits = [0; 2];
+        for (phase, aligned) in [false, true].into_iter().enumerate() {
+            b.set_aligned_heartbeats(aligned);
+            let (until, before) = (
+                Instant::now() + Duration::from_millis(300),
+                b.blocking_waits(),
+            );
+            while Instant::now() < until {
+                let n = b.poll_blocking(10_000_000, |id, _, _| panic!("idle, {id} delivered"));
+                assert_eq!(n, 0);
+            }
+            idle_waits[phase] = b.blocking_waits() - before;
+        }
+        (b, next.len(), delivered, empty_waits, idle_waits)
     });
     let mut a = VerbsEndpoint::open(cfg, &HOST1).expect("host 1 cards");
     for _ in 0..CONNS {
@@ -653,7 +670,7 @@ fn an_endpoint_blocking_poll_serves_every_connection_on_its_own_thread() {
     while !host2.is_finished() {
         a.poll_blocking(1_000_000, |_, _, _| {});
     }
-    let (b, connections, delivered, empty_waits) = host2.join().unwrap();
+    let (b, connections, delivered, empty_waits, idle_waits) = host2.join().unwrap();
     assert_eq!(connections, CONNS);
     assert_eq!(delivered, CONNS as u64 * ROUNDS, "host 2 got every record");
     let failovers: u64 = ids
@@ -662,7 +679,8 @@ fn an_endpoint_blocking_poll_serves_every_connection_on_its_own_thread() {
         .sum::<u64>()
         + b.connections().map(|c| c.stats().failovers).sum::<u64>();
     write_result(&format!(
-        "endpoint blocking poll: {CONNS} connections x {ROUNDS} records, 0 lost/duplicated/reordered, {empty_waits} empty waits, {failovers} failovers"
+        "endpoint blocking poll: {CONNS} connections x {ROUNDS} records, 0 lost/duplicated/reordered, {empty_waits} empty waits, {failovers} failovers; idle 300 ms: {} waits with the heartbeat ticks spread, {} aligned",
+        idle_waits[0], idle_waits[1]
     ));
 }
 
