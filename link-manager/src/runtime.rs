@@ -229,7 +229,10 @@ struct Doorbell {
     /// stores, fences SeqCst, then reads the other's (committed records / this flag).
     asleep: AtomicBool,
     fd: rustix::fd::OwnedFd,
+    /// Rings so far (incremented after each eventfd write) and, receiver-only, the count its
+    /// last clear saw: a receiver woken by something else reads the eventfd only when it rang.
     rings: AtomicU64,
+    cleared: AtomicU64,
 }
 
 impl Doorbell {
@@ -239,6 +242,7 @@ impl Doorbell {
             asleep: AtomicBool::new(false),
             fd: eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?,
             rings: AtomicU64::new(0),
+            cleared: AtomicU64::new(0),
         })
     }
 
@@ -248,15 +252,23 @@ impl Doorbell {
         fence(Ordering::SeqCst);
         if self.asleep.load(Ordering::Relaxed) {
             let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
-            self.rings.fetch_add(1, Ordering::Relaxed);
+            // Pairs with the Acquire in `clear`: the write is done before the count moves.
+            self.rings.fetch_add(1, Ordering::Release);
         }
     }
 
-    /// Receiver, after waking.
+    /// Receiver, after waking: consumes the rings since the last clear, if any (no system call
+    /// otherwise). A ring whose count is not visible yet leaves the eventfd readable: the next
+    /// wait returns at once and clears it then.
     fn clear(&self) {
         self.asleep.store(false, Ordering::Relaxed);
-        let mut b = [0u8; 8];
-        let _ = rustix::io::read(&self.fd, &mut b);
+        let rings = self.rings.load(Ordering::Acquire);
+        // Relaxed: only the receiver's thread touches `cleared`.
+        if rings != self.cleared.load(Ordering::Relaxed) {
+            self.cleared.store(rings, Ordering::Relaxed);
+            let mut b = [0u8; 8];
+            let _ = rustix::io::read(&self.fd, &mut b);
+        }
     }
 }
 
@@ -797,6 +809,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 if let Err(e) = card.link.arm_wakeup() {
                     tracing::warn!(rail = i, error = %e, "arming the completion channel failed");
                 }
+            } else {
+                // Not armed, but its descriptor is waited on: consume what fired before it
+                // failed, or the wait would return at once until the rail is re-armed.
+                card.link.clear_wakeups();
             }
         }
         // A completion that arrived before arming raises no wake-up: look once more.
@@ -849,17 +865,16 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
     }
 
-    /// After a blocking wait: consumes the wake-ups (completion channels, control thread,
-    /// doorbell).
+    /// After a blocking wait: consumes the wake-ups of the control thread and the doorbell,
+    /// each only if it rang. The completion channels' are consumed by the next arming
+    /// ([`railover_rdma::Link::arm_wakeup`]), after their completions were polled: waking
+    /// makes no system call per queue pair.
     pub(crate) fn after_sleep(&mut self) {
-        if let Some(Control::Thread(t)) = &self.control {
+        if let Some(Control::Thread(t)) = &mut self.control {
             t.clear_wake();
         }
         if let Some(bell) = &self.doorbell {
             bell.clear();
-        }
-        for card in self.rails.iter_mut().filter_map(|r| r.card.as_mut()) {
-            card.link.clear_wakeups();
         }
     }
 

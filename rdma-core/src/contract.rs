@@ -397,6 +397,63 @@ pub fn armed_completion_wakes_the_waiter<E: ContractEnv>(env: &mut E) {
     }
 }
 
+/// The cheap re-arm a blocking driver relies on: after a wake-up it only polls the
+/// completions, and arming again consumes the wake-up they raised (the descriptor is quiet
+/// again) yet still wakes at the next completion; arming twice with nothing polled in between
+/// (the second costs nothing) also still wakes. No `clear_wakeups` anywhere.
+pub fn rearming_consumes_the_last_wakeup_and_still_wakes<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let src = HeapBuffer::new(4096);
+    let mr_src = a.register(src.clone(), Access::Local).unwrap();
+    let mr_dst = b
+        .register(HeapBuffer::new(4096), Access::RemoteWrite)
+        .unwrap();
+    let (mut la, mut lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
+    if lb.wakeup_fd().is_none() {
+        // Virtual time: nothing to wait on, and arming is always fine.
+        lb.arm_wakeup().unwrap();
+        lb.arm_wakeup().unwrap();
+        assert!(la.wakeup_fd().is_none());
+        return;
+    }
+    lb.post_recvs(8).unwrap();
+    for round in 0..3u32 {
+        lb.arm_wakeup().unwrap();
+        if round == 2 {
+            lb.arm_wakeup().unwrap();
+        }
+        let fd = lb.wakeup_fd().unwrap();
+        assert_eq!(
+            crate::wait_readable(&[fd], 0).unwrap(),
+            0,
+            "round {round}: arming left the last wake-up readable"
+        );
+        la.post_write(
+            round as u64,
+            &mr_src,
+            0,
+            8,
+            &mr_dst.remote(),
+            0,
+            Some(round),
+            true,
+        )
+        .unwrap();
+        let fd = lb.wakeup_fd().unwrap();
+        assert_eq!(
+            crate::wait_readable(&[fd], 20_000_000_000).unwrap(),
+            1,
+            "round {round}: no wake-up within 20 s"
+        );
+        let rx = env.wait(&mut lb, 1);
+        assert!(
+            matches!(rx[..], [Completion { kind: CompletionKind::RecvImm { imm, .. }, .. }] if imm == round),
+            "{rx:?}"
+        );
+        assert_eq!(env.wait(&mut la, 1).len(), 1);
+    }
+}
+
 /// Runs every contract check against `make()`'s environments.
 pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
     write_with_imm_lands_bytes_and_imm(&mut make());
@@ -407,4 +464,5 @@ pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
     local_misuse_is_a_typed_error(&mut make());
     shut_down_flushes(&mut make());
     armed_completion_wakes_the_waiter(&mut make());
+    rearming_consumes_the_last_wakeup_and_still_wakes(&mut make());
 }

@@ -307,8 +307,11 @@ pub trait Link {
     fn shut_down(&mut self);
 
     /// Asks for a wake-up (see [`Link::wakeup_fd`]) at the next completion. One-shot: arm again
-    /// after each wake-up. Completions that arrived before arming raise nothing, so poll once more
-    /// after arming and before sleeping.
+    /// before each sleep. Completions that arrived before arming raise nothing, so poll once more
+    /// after arming and before sleeping. It also consumes the wake-up that completions polled
+    /// since the last arming may have raised (so a caller need not [`Link::clear_wakeups`] after
+    /// each wake-up: that costs a system call per queue pair even when nothing fired), and it
+    /// costs nothing while no completion was polled since the last arming (still armed).
     fn arm_wakeup(&mut self) -> Result<(), FabricError> {
         Ok(())
     }
@@ -319,7 +322,8 @@ pub trait Link {
         None
     }
 
-    /// Consumes the wake-ups that fired (never blocks); returns how many.
+    /// Consumes the wake-ups that fired (never blocks); returns how many. [`Link::arm_wakeup`]
+    /// does this itself when completions were polled since it last armed.
     fn clear_wakeups(&mut self) -> u32 {
         0
     }

@@ -38,6 +38,21 @@ use crate::{
 static LIVE_LINKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static LIVE_MRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Completion-channel system calls this process made to sleep: CQ armings
+/// (`ibv_req_notify_cq`) and event reads (`ibv_get_cq_event`, one per read attempt).
+static NOTIFY_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static EVENT_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// (CQ armings, completion-event reads) this process made so far: what blocking waits cost in
+/// system calls on rxe (both are commands to the kernel there).
+pub fn wakeup_calls() -> (u64, u64) {
+    // Relaxed: counters for reports, nothing is published through them.
+    (
+        NOTIFY_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
+        EVENT_READS.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
 /// (queue pairs, memory registrations) alive in this process.
 pub fn live_objects() -> (usize, usize) {
     // Relaxed: counters for reports, nothing is published through them.
@@ -161,6 +176,11 @@ pub struct VerbsLink {
     psn: u32,
     gid: Gid,
     gid_index: u8,
+    /// The CQ was armed and no completion was polled since: it is still armed (it disarms by
+    /// raising its one event, and only a new completion raises it), so arming again would be a
+    /// wasted system call on rxe, and there is no event to consume.
+    armed: bool,
+    polled_since_arm: bool,
 }
 
 impl Nic for VerbsNic {
@@ -280,6 +300,8 @@ impl Nic for VerbsNic {
             psn,
             gid,
             gid_index,
+            armed: false,
+            polled_since_arm: false,
         })
     }
 
@@ -500,6 +522,7 @@ impl Link for VerbsLink {
             };
             n += 1;
         }
+        self.polled_since_arm |= n > 0;
         n
     }
 
@@ -511,17 +534,27 @@ impl Link for VerbsLink {
         }
     }
 
+    /// Costs nothing while the CQ is still armed from the last call (no completion polled
+    /// since); otherwise consumes the event those completions may have raised, then arms.
     fn arm_wakeup(&mut self) -> Result<(), FabricError> {
+        if self.armed && !self.polled_since_arm {
+            return Ok(());
+        }
+        self.clear_wakeups();
+        self.armed = false;
+        self.polled_since_arm = false;
         // SAFETY: the CQ lives as long as `self`; an extended CQ begins with an ibv_cq.
         let cq = unsafe { sys::ibv_cq_ex_to_cq(self.cq.cq().as_ptr().cast()) };
         // SAFETY: `cq` is a live CQ of an open context; arming has no other precondition.
         let rc = unsafe { sys::ibv_req_notify_cq(cq, 0) };
+        NOTIFY_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if rc != 0 {
             return Err(FabricError::Verbs {
                 op: "ibv_req_notify_cq",
                 source: std::io::Error::from_raw_os_error(rc),
             });
         }
+        self.armed = true;
         Ok(())
     }
 
@@ -541,6 +574,7 @@ impl Link for VerbsLink {
             let rc = unsafe {
                 sys::ibv_get_cq_event(self.channel.comp_channel().as_ptr(), &mut cq, &mut ctx)
             };
+            EVENT_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if rc != 0 {
                 break;
             }

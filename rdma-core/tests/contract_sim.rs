@@ -61,3 +61,7 @@ fn shut_down_flushes() {
 fn armed_completion_wakes_the_waiter() {
     contract::armed_completion_wakes_the_waiter(&mut Sim(SimFabric::new(7)));
 }
+#[test]
+fn rearming_consumes_the_last_wakeup_and_still_wakes() {
+    contract::rearming_consumes_the_last_wakeup_and_still_wakes(&mut Sim(SimFabric::new(8)));
+}

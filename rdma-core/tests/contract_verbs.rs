@@ -79,6 +79,7 @@ verbs_contract!(
     plain_write_is_silent_at_the_receiver,
     completions_in_order_exactly_once,
     armed_completion_wakes_the_waiter,
+    rearming_consumes_the_last_wakeup_and_still_wakes,
     bad_rkey_is_a_remote_access_error,
     unsignaled_writes_complete_only_in_error,
     local_misuse_is_a_typed_error,
