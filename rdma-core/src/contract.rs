@@ -86,53 +86,64 @@ pub fn write_with_imm_lands_bytes_and_imm<E: ContractEnv>(env: &mut E) {
     let dst = HeapBuffer::new(8192);
     let mr_src = a.register(src.clone(), Access::Local).unwrap();
     let mr_dst = b.register(dst.clone(), Access::RemoteWrite).unwrap();
-    let (mut la, mut lb) = connected_pair::<E>(&a, &b, &LinkParams::default());
-    lb.post_recvs(4).unwrap();
-    let payload: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
-    src.write(100, &payload);
-    la.post_write(
-        42,
-        &mr_src,
-        100,
-        payload.len(),
-        &mr_dst.remote(),
-        4000,
-        Some(0xdead_beef),
-        true,
-    )
-    .unwrap();
-    let rx = env.wait(&mut lb, 1);
-    assert_eq!(
-        rx,
-        vec![Completion {
-            wr_id: rx[0].wr_id,
-            kind: CompletionKind::RecvImm {
-                imm: 0xdead_beef,
-                byte_len: 300
-            },
-            status: WcStatus::Success
-        }]
-    );
-    let tx = env.wait(&mut la, 1);
-    assert_eq!(
-        tx,
-        vec![Completion {
-            wr_id: 42,
-            kind: CompletionKind::Write,
-            status: WcStatus::Success
-        }]
-    );
-    assert_eq!(dst.read(4000, 300), payload);
-    assert_eq!(
-        dst.read(3999, 1),
-        vec![0],
-        "nothing written before the offset"
-    );
-    assert_eq!(
-        dst.read(4300, 1),
-        vec![0],
-        "nothing written after the range"
-    );
+    let params = LinkParams::default();
+    let (mut la, mut lb) = connected_pair::<E>(&a, &b, &params);
+    lb.post_recvs(8).unwrap();
+    // Sizes on both sides of the inline limit (verbs: at most `max_inline` bytes go inline).
+    let inline = params.max_inline as usize;
+    for (round, len) in [300, inline + 1, inline, 64, 1].into_iter().enumerate() {
+        let payload: Vec<u8> = (0..len as u32)
+            .map(|i| (i * 7 + round as u32) as u8)
+            .collect();
+        dst.write(3990, &[0u8; 600]);
+        src.write(100, &payload);
+        let imm = 0xdead_beef - round as u32;
+        la.post_write(
+            42 + round as u64,
+            &mr_src,
+            100,
+            payload.len(),
+            &mr_dst.remote(),
+            4000,
+            Some(imm),
+            true,
+        )
+        .unwrap();
+        let rx = env.wait(&mut lb, 1);
+        assert_eq!(
+            rx,
+            vec![Completion {
+                wr_id: rx[0].wr_id,
+                kind: CompletionKind::RecvImm {
+                    imm,
+                    byte_len: len as u32
+                },
+                status: WcStatus::Success
+            }],
+            "{len} bytes"
+        );
+        let tx = env.wait(&mut la, 1);
+        assert_eq!(
+            tx,
+            vec![Completion {
+                wr_id: 42 + round as u64,
+                kind: CompletionKind::Write,
+                status: WcStatus::Success
+            }],
+            "{len} bytes"
+        );
+        assert_eq!(dst.read(4000, len), payload, "{len} bytes");
+        assert_eq!(
+            dst.read(3999, 1),
+            vec![0],
+            "{len} bytes: nothing written before the offset"
+        );
+        assert_eq!(
+            dst.read(4000 + len, 1),
+            vec![0],
+            "{len} bytes: nothing written after the range"
+        );
+    }
 }
 
 /// A plain WRITE (heartbeat / ack slot) lands without consuming a receive or completing on the peer.

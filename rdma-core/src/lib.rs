@@ -77,6 +77,10 @@ pub struct LinkParams {
     pub rnr_retry: u8,
     pub max_send_wr: u32,
     pub max_recv_wr: u32,
+    /// Writes of at most this many bytes go inline (`IBV_SEND_INLINE`): the NIC takes the bytes
+    /// from the work request instead of reading them from memory, one DMA read less per small
+    /// record on a hardware NIC. 0: never. A device that refuses the size gets none.
+    pub max_inline: u32,
     /// GID index to use; None picks the RoCEv2 IPv4-mapped one automatically.
     pub gid_index: Option<u8>,
     pub port: u8,
@@ -90,6 +94,7 @@ impl Default for LinkParams {
             rnr_retry: 3,
             max_send_wr: 512,
             max_recv_wr: 512,
+            max_inline: 128,
             gid_index: None,
             port: 1,
         }

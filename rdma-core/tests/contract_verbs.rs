@@ -85,3 +85,16 @@ verbs_contract!(
     local_misuse_is_a_typed_error,
     shut_down_flushes
 );
+
+/// rxe accepts the default inline size, so the contract's small writes above really went
+/// inline (a device that refused it would have fallen back without one).
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn rxe_takes_the_default_inline_size() {
+    use railover_rdma::{LinkParams, Nic};
+    let card = VerbsNic::open("rxe_a1").expect("open rxe_a1");
+    let params = LinkParams::default();
+    let link = card.create_link(&params).expect("a queue pair");
+    assert!(params.max_inline >= 64, "a 64 B record fits inline");
+    assert_eq!(link.max_inline(), params.max_inline);
+}
