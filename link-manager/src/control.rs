@@ -13,7 +13,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -298,10 +298,6 @@ pub struct ControlThread<N: Nic> {
     /// Written by the thread after each outcome: wakes a data thread asleep in a blocking
     /// receive (it waits on this instead of the cards' event descriptors).
     wake: Arc<OwnedFd>,
-    /// Writes to `wake` so far (moved after each write), and the count the last clear saw:
-    /// the data thread reads `wake` only when it was written.
-    wake_writes: Arc<AtomicU64>,
-    wakes_cleared: u64,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     completed: u64,
@@ -363,7 +359,6 @@ where
         let (commands, command_rx) = mpsc::channel();
         let (outcome_tx, outcomes) = mpsc::channel();
         let flagged = Arc::new(AtomicBool::new(false));
-        let wake_writes = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let task = ControlTask {
             channel,
@@ -375,7 +370,6 @@ where
                 outcomes: outcome_tx,
                 flagged: flagged.clone(),
                 wake: wake.clone(),
-                wake_writes: wake_writes.clone(),
             },
             stop: stop.clone(),
             proto: RearmProtocol::new(role, cfg.rails())
@@ -403,8 +397,6 @@ where
             outcomes,
             flagged,
             wake,
-            wake_writes,
-            wakes_cleared: 0,
             stop,
             thread,
             completed: 0,
@@ -422,16 +414,8 @@ impl<N: Nic> ControlThread<N> {
         self.wake.as_fd()
     }
 
-    /// After a blocking wait: consumes the wake-ups, if the thread wrote any since the last
-    /// clear (no system call otherwise; a write whose count is not visible yet leaves the
-    /// descriptor readable, and the next wait returns at once and clears it then).
-    pub fn clear_wake(&mut self) {
-        // Pairs with the Release in `Reporter::report`: the write is done before the count moves.
-        let writes = self.wake_writes.load(Ordering::Acquire);
-        if writes == self.wakes_cleared {
-            return;
-        }
-        self.wakes_cleared = writes;
+    /// After a blocking wait: consumes the wake-ups.
+    pub fn clear_wake(&self) {
         let mut b = [0u8; 8];
         let _ = rustix::io::read(&*self.wake, &mut b);
     }
@@ -514,7 +498,6 @@ struct Reporter<N: Nic> {
     outcomes: mpsc::Sender<Outcome<N>>,
     flagged: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
-    wake_writes: Arc<AtomicU64>,
 }
 
 impl<N: Nic> Reporter<N> {
@@ -524,8 +507,6 @@ impl<N: Nic> Reporter<N> {
             self.flagged.store(true, Ordering::Release);
             // Outcomes are rare (faults, re-arms): waking a blocking receiver each time is fine.
             let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
-            // Pairs with the Acquire in `ControlThread::clear_wake`.
-            self.wake_writes.fetch_add(1, Ordering::Release);
         }
     }
 }

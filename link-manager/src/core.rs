@@ -662,8 +662,9 @@ pub struct Core {
 /// rail and interval from any of the connections proves the path for all of them, and any of
 /// them hearing the peer endpoint on a rail counts for every one. The endpoint hands each
 /// connection this view before its turn ([`Core::share_liveness`]); each still posts its own
-/// beat on every rail once every [`OWN_BEAT_EVERY`] intervals, so that a queue pair of its own
-/// that broke (or a peer connection that vanished) shows up as the RC error of a write.
+/// beat on every rail once every `max(`[`OWN_BEAT_EVERY`]`, members)` intervals, so that a queue
+/// pair of its own that broke (or a peer connection that vanished) shows up as the RC error of a
+/// write.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SharedLiveness {
@@ -682,9 +683,12 @@ pub struct SharedLiveness {
 }
 
 impl SharedLiveness {
-    /// Whether a connection's `beat`-th tick is its own-beat turn.
-    fn own_turn(&self, beat: u64) -> bool {
-        (beat + self.phase) % OWN_BEAT_EVERY.max(self.members) == 0
+    /// Whether a tick in interval number `interval` (the clock's time divided by the interval:
+    /// the same numbering for every connection of an endpoint, which share a clock) is this
+    /// connection's own-beat turn. A tick that comes late enough to skip a number may miss a
+    /// turn: the own beat then comes one period later.
+    fn own_turn(&self, interval: u64) -> bool {
+        (interval + self.phase) % OWN_BEAT_EVERY.max(self.members) == 0
     }
 }
 
@@ -1576,7 +1580,7 @@ impl Core {
         self.beat_owed_at = None;
         let shared = self.shared;
         let (delivered, fault_gens) = (self.cursor.last_delivered(), self.fault_gens());
-        let own_turn = shared.is_none_or(|s| s.own_turn(self.beat));
+        let own_turn = shared.is_none_or(|s| s.own_turn(self.now / self.cfg.heartbeat_interval_ns));
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.state == RailState::Failed {
                 continue;

@@ -27,6 +27,7 @@
 //! ```
 
 use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use railover_rdma::{AsyncEvent, Nic};
 
@@ -412,9 +413,17 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             }
             set[..card_fds].iter().any(|p| !p.revents().is_empty())
         };
+        // What the wait saw readable (usually a few): each is consumed, and only those.
+        let mut readable: Vec<i32> = set
+            .iter()
+            .filter(|p| !p.revents().is_empty())
+            .map(|p| p.as_fd().as_raw_fd())
+            .collect();
+        readable.sort_unstable();
         drop(set);
+        let readable = |fd: BorrowedFd<'_>| readable.binary_search(&fd.as_raw_fd()).is_ok();
         for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
-            e.conn.after_sleep();
+            e.conn.after_sleep(&readable);
         }
         if card_event {
             self.next_card_events = 0; // read them at once (see `poll_cards`)

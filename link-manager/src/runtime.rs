@@ -1,7 +1,7 @@
 //! The thin layer that drives a [`Core`] over a fabric: it posts what the core asks for, feeds it
 //! completions, device events and the time. All decisions are the core's.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -229,10 +229,8 @@ struct Doorbell {
     /// stores, fences SeqCst, then reads the other's (committed records / this flag).
     asleep: AtomicBool,
     fd: rustix::fd::OwnedFd,
-    /// Rings so far (incremented after each eventfd write) and, receiver-only, the count its
-    /// last clear saw: a receiver woken by something else reads the eventfd only when it rang.
+    /// Rings so far (a statistic).
     rings: AtomicU64,
-    cleared: AtomicU64,
 }
 
 impl Doorbell {
@@ -242,7 +240,6 @@ impl Doorbell {
             asleep: AtomicBool::new(false),
             fd: eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?,
             rings: AtomicU64::new(0),
-            cleared: AtomicU64::new(0),
         })
     }
 
@@ -252,20 +249,15 @@ impl Doorbell {
         fence(Ordering::SeqCst);
         if self.asleep.load(Ordering::Relaxed) {
             let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
-            // Pairs with the Acquire in `clear`: the write is done before the count moves.
-            self.rings.fetch_add(1, Ordering::Release);
+            self.rings.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Receiver, after waking: consumes the rings since the last clear, if any (no system call
-    /// otherwise). A ring whose count is not visible yet leaves the eventfd readable: the next
-    /// wait returns at once and clears it then.
-    fn clear(&self) {
+    /// Receiver, after waking: no longer asleep, and consumes the rings if the wait saw the
+    /// eventfd readable (no system call otherwise).
+    fn clear(&self, rang: bool) {
         self.asleep.store(false, Ordering::Relaxed);
-        let rings = self.rings.load(Ordering::Acquire);
-        // Relaxed: only the receiver's thread touches `cleared`.
-        if rings != self.cleared.load(Ordering::Relaxed) {
-            self.cleared.store(rings, Ordering::Relaxed);
+        if rang {
             let mut b = [0u8; 8];
             let _ = rustix::io::read(&self.fd, &mut b);
         }
@@ -765,10 +757,21 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             fds[n] = fd;
             n += 1;
         });
-        if let Err(e) = railover_rdma::wait_readable(&fds[..n], until - now) {
-            tracing::warn!(error = %e, "waiting for completions failed; polling instead");
+        let ready = match railover_rdma::wait_readable_mask(&fds[..n], until - now) {
+            Ok(mask) => mask,
+            Err(e) => {
+                tracing::warn!(error = %e, "waiting for completions failed; polling instead");
+                0
+            }
+        };
+        // The readable ones as numbers (-1: not readable), so the borrow of `self` ends here.
+        let mut ready_fds = [-1; 2 * MAX_RAILS + 2];
+        for (i, fd) in fds[..n].iter().enumerate() {
+            if ready & (1 << i) != 0 {
+                ready_fds[i] = fd.as_raw_fd();
+            }
         }
-        self.after_sleep();
+        self.after_sleep(&|fd| ready_fds[..n].contains(&fd.as_raw_fd()));
     }
 
     /// Runs this connection's heartbeat ticks on the interval grid (see
@@ -865,16 +868,22 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
     }
 
-    /// After a blocking wait: consumes the wake-ups of the control thread and the doorbell,
-    /// each only if it rang. The completion channels' are consumed by the next arming
-    /// ([`railover_rdma::Link::arm_wakeup`]), after their completions were polled: waking
-    /// makes no system call per queue pair.
-    pub(crate) fn after_sleep(&mut self) {
-        if let Some(Control::Thread(t)) = &mut self.control {
-            t.clear_wake();
+    /// After a blocking wait: consumes the wake-ups of the descriptors the wait saw readable
+    /// (`readable`), and only those: waking makes no system call per queue pair. (A completion
+    /// channel whose completions were polled is also consumed by its next arming.)
+    pub(crate) fn after_sleep(&mut self, readable: &dyn Fn(BorrowedFd<'_>) -> bool) {
+        if let Some(Control::Thread(t)) = &self.control {
+            if readable(t.wake_fd()) {
+                t.clear_wake();
+            }
         }
         if let Some(bell) = &self.doorbell {
-            bell.clear();
+            bell.clear(readable(rustix::fd::AsFd::as_fd(&bell.fd)));
+        }
+        for card in self.rails.iter_mut().filter_map(|r| r.card.as_mut()) {
+            if card.link.wakeup_fd().is_some_and(readable) {
+                card.link.clear_wakeups();
+            }
         }
     }
 

@@ -313,10 +313,12 @@ pub trait Link {
 
     /// Asks for a wake-up (see [`Link::wakeup_fd`]) at the next completion. One-shot: arm again
     /// before each sleep. Completions that arrived before arming raise nothing, so poll once more
-    /// after arming and before sleeping. It also consumes the wake-up that completions polled
-    /// since the last arming may have raised (so a caller need not [`Link::clear_wakeups`] after
-    /// each wake-up: that costs a system call per queue pair even when nothing fired), and it
-    /// costs nothing while no completion was polled since the last arming (still armed).
+    /// after arming and before sleeping. It costs nothing while no completion was polled since
+    /// the last arming and no wake-up was consumed (the queue is still armed), and it consumes
+    /// a wake-up that the completions polled since may have raised. A wake-up can still come
+    /// late (after its completion was polled): call [`Link::clear_wakeups`] when a wait reports
+    /// the descriptor readable (only then: it costs a system call), or the next wait returns
+    /// at once.
     fn arm_wakeup(&mut self) -> Result<(), FabricError> {
         Ok(())
     }
@@ -327,8 +329,8 @@ pub trait Link {
         None
     }
 
-    /// Consumes the wake-ups that fired (never blocks); returns how many. [`Link::arm_wakeup`]
-    /// does this itself when completions were polled since it last armed.
+    /// Consumes the wake-ups that fired (never blocks); returns how many. A queue whose wake-up
+    /// fired is no longer armed.
     fn clear_wakeups(&mut self) -> u32 {
         0
     }
@@ -337,6 +339,11 @@ pub trait Link {
 /// Sleeps until one of `fds` is readable or `timeout_ns` pass; returns how many are readable.
 /// An interrupted sleep (a signal) returns 0, as a time-out would: callers re-check and loop.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout_ns: u64) -> std::io::Result<usize> {
+    wait_readable_mask(fds, timeout_ns).map(|m| m.count_ones() as usize)
+}
+
+/// [`wait_readable`], returning which descriptors are readable: bit i for `fds[i]`.
+pub fn wait_readable_mask(fds: &[BorrowedFd<'_>], timeout_ns: u64) -> std::io::Result<u16> {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     const MAX_FDS: usize = 16;
     let n = fds.len();
@@ -354,7 +361,11 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout_ns: u64) -> std::io::Result
         tv_nsec: (timeout_ns % 1_000_000_000) as _,
     };
     match poll(&mut set[..n], Some(&timeout)) {
-        Ok(ready) => Ok(ready),
+        Ok(_) => Ok(set[..n]
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.revents().is_empty())
+            .fold(0, |mask, (i, _)| mask | 1 << i)),
         Err(rustix::io::Errno::INTR) => Ok(0),
         Err(e) => Err(e.into()),
     }

@@ -176,9 +176,10 @@ pub struct VerbsLink {
     psn: u32,
     gid: Gid,
     gid_index: u8,
-    /// The CQ was armed and no completion was polled since: it is still armed (it disarms by
-    /// raising its one event, and only a new completion raises it), so arming again would be a
-    /// wasted system call on rxe, and there is no event to consume.
+    /// The CQ was armed, and neither was a completion polled nor an event consumed since: it is
+    /// still armed (it disarms by raising its one event, and only a new completion raises it),
+    /// so arming again would be a wasted system call on rxe. (Its event may still come late,
+    /// after its completion was polled: the waiter clears a descriptor it saw readable.)
     armed: bool,
     polled_since_arm: bool,
     /// Writes up to this many bytes go inline (0: none; what the device accepted).
@@ -670,8 +671,9 @@ impl Link for VerbsLink {
             fired += 1;
         }
         if fired > 0 {
-            // SAFETY: `cq` is our CQ (the only one on this channel); every event obtained is
-            // acknowledged exactly once, here, before the CQ can be destroyed.
+            self.armed = false; // the event disarmed the CQ
+                                // SAFETY: `cq` is our CQ (the only one on this channel); every event obtained is
+                                // acknowledged exactly once, here, before the CQ can be destroyed.
             unsafe { sys::ibv_ack_cq_events(cq, fired) };
         }
         fired
