@@ -812,10 +812,6 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 if let Err(e) = card.link.arm_wakeup() {
                     tracing::warn!(rail = i, error = %e, "arming the completion channel failed");
                 }
-            } else {
-                // Not armed, but its descriptor is waited on: consume what fired before it
-                // failed, or the wait would return at once until the rail is re-armed.
-                card.link.clear_wakeups();
             }
         }
         // A completion that arrived before arming raises no wake-up: look once more.

@@ -424,9 +424,8 @@ impl VerbsLink {
             rkey: remote.rkey,
         };
         let mut bad = std::ptr::null_mut();
-        // SAFETY: one well-formed work request on a live QP; its bytes lie in a registered
-        // region (the caller checked the range) and are copied into the queue before the call
-        // returns; `wr` and `sge` outlive the call.
+        // SAFETY: one well-formed request on a live QP; its bytes are in a checked registered
+        // range and copied before the call returns; `wr` and `sge` outlive the call.
         let rc = unsafe { sys::ibv_post_send(self.raw_qp().as_ptr(), &mut wr, &mut bad) };
         match rc {
             0 => Ok(()),
@@ -671,9 +670,10 @@ impl Link for VerbsLink {
             fired += 1;
         }
         if fired > 0 {
-            self.armed = false; // the event disarmed the CQ
-                                // SAFETY: `cq` is our CQ (the only one on this channel); every event obtained is
-                                // acknowledged exactly once, here, before the CQ can be destroyed.
+            // The event disarmed the CQ.
+            self.armed = false;
+            // SAFETY: `cq` is our CQ (the only one on this channel); every event obtained is
+            // acknowledged exactly once, here, before the CQ can be destroyed.
             unsafe { sys::ibv_ack_cq_events(cq, fired) };
         }
         fired
