@@ -18,8 +18,8 @@ use railover_segq::{
 
 use crate::config::{Config, RailMode, MAX_RAILS};
 use crate::ctrl::{
-    CtrlBlock, CTRL_CRC_OFFSET, CTRL_LEN, STATUS_ACK_NOW, STATUS_CLOSED, STATUS_ENDED, STATUS_LIVE,
-    STATUS_MASK,
+    CtrlBlock, CTRL_CRC_OFFSET, CTRL_LEN, STATUS_ACK_NOW, STATUS_AVOIDING_SHIFT, STATUS_CLOSED,
+    STATUS_ENDED, STATUS_LIVE, STATUS_MASK,
 };
 
 /// Virtual or real time in nanoseconds, from the driver's clock.
@@ -190,6 +190,9 @@ pub enum SwitchReason {
     /// The active rail's card retransmitted at least the configured number of times in one
     /// window (a lossy link), the standby's fewer.
     Retransmitting { active: u64, standby: u64 },
+    /// The peer left this rail by a planned switch of its own (its side of the wire was slow or
+    /// lossy, and the wire carries both directions): this side follows it.
+    PeerLeft { rail: usize },
 }
 
 /// Which registered buffer of a rail an [`Io::Write`] reads or targets.
@@ -434,6 +437,11 @@ struct Rail {
     /// skipped when liveness is shared, see [`SharedLiveness`]).
     reported_delivered: u64,
     reported_fault_gens: u64,
+    /// The rails the last block said this side avoids (see [`Core::avoiding`]).
+    reported_avoiding: u8,
+    /// The rails the peer's last block on this rail said it avoids, and that block's beat.
+    peer_avoiding: u8,
+    peer_avoiding_beat: u64,
     /// The peer's control block as last processed: an unchanged block is not decoded again
     /// (processing it is idempotent; the crc alone was a quarter of a round trip's work).
     ctrl_seen: [u64; 7],
@@ -517,11 +525,12 @@ impl Rail {
 
     /// Whether a control block is due on this rail and a work request is free for it.
     /// Whether a block posted now would tell the peer anything beyond the beat itself.
-    fn has_news(&self, delivered: u64, fault_gens: u64) -> bool {
+    fn has_news(&self, delivered: u64, fault_gens: u64, avoiding: u8) -> bool {
         self.rx.read_pos() != self.reported_consumed
             || self.notified != self.reported_notified
             || delivered != self.reported_delivered
             || fault_gens != self.reported_fault_gens
+            || avoiding != self.reported_avoiding
             || self.ack_request
     }
 
@@ -740,6 +749,9 @@ impl Core {
                 reported_notified: 0,
                 reported_delivered: 0,
                 reported_fault_gens: 0,
+                reported_avoiding: 0,
+                peer_avoiding: 0,
+                peer_avoiding_beat: 0,
                 ctrl_seen: [0; 7],
                 signaled_posted: 0,
                 signaled_done: 0,
@@ -1370,6 +1382,7 @@ impl Core {
     fn poll_ctrl(&mut self) -> Option<Io> {
         let max_wr = self.cfg.link.max_send_wr;
         let fault_gens = self.fault_gens();
+        let avoiding = self.avoiding();
         let delivered = self.cursor.last_delivered();
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.ctrl_postable(max_wr) {
@@ -1382,6 +1395,7 @@ impl Core {
                 rail.reported_notified = rail.notified;
                 rail.reported_delivered = delivered;
                 rail.reported_fault_gens = fault_gens;
+                rail.reported_avoiding = avoiding;
                 let ack_now = if rail.ack_request { STATUS_ACK_NOW } else { 0 };
                 CtrlBlock {
                     heartbeat: self.beat,
@@ -1389,7 +1403,7 @@ impl Core {
                     consumed_pos: rail.reported_consumed,
                     fault_gens,
                     notified: rail.notified,
-                    status: STATUS_LIVE | ack_now,
+                    status: STATUS_LIVE | ack_now | u64::from(avoiding) << STATUS_AVOIDING_SHIFT,
                 }
                 .store(&rail.ctrl_out);
                 rail.outstanding += 1;
@@ -1528,6 +1542,7 @@ impl Core {
             self.rescan = true;
             self.check_liveness();
             self.check_gray();
+            self.follow_peer_switch();
             self.check_switch();
         } else if self.beat_owed_at.is_some_and(|t| self.now >= t) {
             // No data write carried the skipped beat in time: its block goes now.
@@ -1580,6 +1595,7 @@ impl Core {
         self.beat_owed_at = None;
         let shared = self.shared;
         let (delivered, fault_gens) = (self.cursor.last_delivered(), self.fault_gens());
+        let avoiding = self.avoiding();
         let own_turn = shared.is_none_or(|s| s.own_turn(self.now / self.cfg.heartbeat_interval_ns));
         for (r, rail) in self.rails.iter_mut().enumerate() {
             if rail.state == RailState::Failed {
@@ -1602,7 +1618,7 @@ impl Core {
                 && rail.peer_heartbeat != 0
                 && rail.block_beat != 0
                 && !own_turn
-                && !rail.has_news(delivered, fault_gens)
+                && !rail.has_news(delivered, fault_gens, avoiding)
             {
                 // Another connection between the same endpoints beat this rail this interval:
                 // that proves the path; this block would say nothing more.
@@ -1843,6 +1859,9 @@ impl Core {
         r.reported_notified = 0;
         r.reported_delivered = 0;
         r.reported_fault_gens = 0;
+        r.reported_avoiding = 0;
+        r.peer_avoiding = 0;
+        r.peer_avoiding_beat = 0;
         r.ctrl_seen = [0; 7];
         r.signaled_posted = 0;
         r.signaled_done = 0;
@@ -1916,6 +1935,24 @@ impl Core {
             .map(|r| r.peer_heartbeat)
             .max()
             .unwrap_or(0)
+    }
+
+    /// The rails the peer avoids, as its newest block says (a lossy rail's blocks arrive late:
+    /// an older one must not undo what a newer one on another rail said).
+    fn peer_avoiding(&self) -> u8 {
+        let live = || self.rails.iter().filter(|r| r.state != RailState::Failed);
+        let newest = live().map(|r| r.peer_avoiding_beat).max().unwrap_or(0);
+        live()
+            .filter(|r| r.peer_avoiding_beat == newest)
+            .fold(0, |bits, r| bits | r.peer_avoiding)
+    }
+
+    /// The standbys a planned switch left within its hold-down (bit per rail): the peer follows.
+    fn avoiding(&self) -> u8 {
+        let now = self.now;
+        (self.rails.iter().enumerate())
+            .filter(|(_, r)| r.avoid_until > now && r.state == RailState::Standby)
+            .fold(0, |bits, (i, _)| bits | 1 << i)
     }
 
     fn fault_gens(&self) -> u64 {
@@ -2001,6 +2038,8 @@ impl Core {
             }
             self.rails[r].peer_wants_ack = wants_ack;
             self.peer_draining = self.rails.iter().any(|x| x.peer_wants_ack);
+            self.rails[r].peer_avoiding = (c.status >> STATUS_AVOIDING_SHIFT) as u8;
+            self.rails[r].peer_avoiding_beat = c.heartbeat;
             match c.status & STATUS_MASK {
                 STATUS_LIVE => {}
                 STATUS_CLOSED => {
@@ -2115,6 +2154,38 @@ impl Core {
         }
     }
 
+    /// The peer left this side's active rail by a planned switch (it found it slow or lossy;
+    /// the wire carries both directions): at a heartbeat tick, leave it too, for a rail neither
+    /// side avoids. Whether or not this side runs a gray switch of its own.
+    fn follow_peer_switch(&mut self) {
+        let a = self.active;
+        let peer_avoiding = self.peer_avoiding();
+        if peer_avoiding & (1 << a) == 0
+            || self.switching.is_some()
+            || self.ended.is_some()
+            || self.unresponsive_since.is_some()
+        {
+            return;
+        }
+        let now = self.now;
+        let to = (0..self.rails.len())
+            .filter(|&i| {
+                let r = &self.rails[i];
+                i != a
+                    && r.state == RailState::Standby
+                    && r.peer_heartbeat != 0
+                    && r.avoid_until <= now
+                    && peer_avoiding & (1 << i) == 0
+            })
+            .min_by_key(|&i| self.rails[i].current_latency(now));
+        if let Some(to) = to {
+            let reason = SwitchReason::PeerLeft { rail: a };
+            tracing::warn!(from = a, to, "the peer left the active rail: following");
+            self.degraded_since = None;
+            self.begin_switch(to, reason);
+        }
+    }
+
     /// Starts a planned switch to `to`. Hot-hot: at once (the standby already holds the
     /// stream). Otherwise the active rail stops posting and asks the peer to acknowledge at
     /// once; [`Core::check_switch`] finishes when the peer delivered what it posted.
@@ -2213,6 +2284,12 @@ impl Core {
                 self.active = to;
                 let hold = self.cfg.gray.map_or(0, |g| g.hold_down_ns);
                 self.rails[from].avoid_until = self.now.saturating_add(hold);
+                if hold > 0 {
+                    // Tell the peer at once that this side avoids `from` (it follows).
+                    for rail in self.rails.iter_mut() {
+                        rail.ctrl_due |= rail.state != RailState::Failed;
+                    }
+                }
                 if self.cfg.mode != RailMode::HotHot {
                     // They went to `to`: padding replaces them here, posted to keep the peer's
                     // mirror in step. (Hot-hot: `from` is a standby holding the stream.)

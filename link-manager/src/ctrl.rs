@@ -12,7 +12,9 @@
 //! 40 status           u64  0 while the writer's session runs; STATUS_CLOSED once it closed
 //!                          gracefully, STATUS_ENDED once it ended otherwise (timed out, all rails
 //!                          down): the peer ends its side without treating the silence as a fault;
-//!                          bit 8 (STATUS_ACK_NOW): acknowledge this rail at once (a drain)
+//!                          bit 8 (STATUS_ACK_NOW): acknowledge this rail at once (a drain);
+//!                          bits 16.. (one per rail, STATUS_AVOIDING_SHIFT): the writer left that
+//!                          rail by a planned switch and avoids it (its hold-down)
 //! 48 crc              u64  crc32c of bytes 0..48 (low 32 bits)
 //! ```
 //!
@@ -40,6 +42,9 @@ pub const STATUS_ENDED: u64 = 2;
 pub const STATUS_ACK_NOW: u64 = 1 << 8;
 /// The status proper, without flags.
 pub const STATUS_MASK: u64 = 0xff;
+/// Where the per-rail "avoiding" bits start: the writer's planned switch left that rail (slow or
+/// lossy; the wire carries both directions, so the reader follows).
+pub const STATUS_AVOIDING_SHIFT: u32 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CtrlBlock {

@@ -201,7 +201,19 @@ impl SimPair {
         latency_ns: u64,
         before_connect: impl FnOnce(&SimFabric, &[WireId]),
     ) -> Result<SimPair, ConnectError> {
-        SimPair::build(cfg, seed, latency_ns, None, None, before_connect)
+        SimPair::build([cfg; 2], seed, latency_ns, None, None, before_connect)
+    }
+
+    /// Like [`SimPair::new`] with each host's own configuration (host 1's, host 2's): one side
+    /// with a gray switch and the other without, say. The geometry must agree, as between two
+    /// processes.
+    pub fn with_configs(
+        host1: Config,
+        host2: Config,
+        seed: u64,
+        latency_ns: u64,
+    ) -> Result<SimPair, ConnectError> {
+        SimPair::build([host1, host2], seed, latency_ns, None, None, |_, _| {})
     }
 
     /// Like [`SimPair::new`] with one card missing when the connection is set up (host 2's if
@@ -214,7 +226,14 @@ impl SimPair {
         host2: bool,
         rail: usize,
     ) -> Result<SimPair, ConnectError> {
-        SimPair::build(cfg, seed, latency_ns, None, Some((host2, rail)), |_, _| {})
+        SimPair::build(
+            [cfg; 2],
+            seed,
+            latency_ns,
+            None,
+            Some((host2, rail)),
+            |_, _| {},
+        )
     }
 
     /// Two new endpoints continuing the streams of a pair whose session ended: host 1 resumes
@@ -226,11 +245,11 @@ impl SimPair {
         a: &ResumeState,
         b: &ResumeState,
     ) -> Result<SimPair, ConnectError> {
-        SimPair::build(cfg, seed, latency_ns, Some((a, b)), None, |_, _| {})
+        SimPair::build([cfg; 2], seed, latency_ns, Some((a, b)), None, |_, _| {})
     }
 
     fn build(
-        cfg: Config,
+        cfgs: [Config; 2],
         seed: u64,
         latency_ns: u64,
         resume: Option<(&ResumeState, &ResumeState)>,
@@ -240,7 +259,7 @@ impl SimPair {
         let fabric = SimFabric::new(seed);
         let mut wires = Vec::new();
         let mut cards = Vec::new();
-        for r in 0..cfg.rails() {
+        for r in 0..cfgs[0].rails() {
             let (x, y, w) = fabric.add_wire(
                 &format!("sim_r{r}_host1"),
                 &format!("sim_r{r}_host2"),
@@ -265,7 +284,7 @@ impl SimPair {
                 .collect();
             let clock = SimClock(fabric.clone());
             let resume = resume.map(|(a, b)| if host2 { b } else { a });
-            PendingConnection::with_cards(cfg, cards, clock, resume)
+            PendingConnection::with_cards(cfgs[host2 as usize], cards, clock, resume)
         };
         let (pa, pb) = (side(false)?, side(true)?);
         before_connect(&fabric, &wires);

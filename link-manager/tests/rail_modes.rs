@@ -71,6 +71,8 @@ struct Run {
     worst_ns: u64,
     records: usize,
     events: Vec<Event>,
+    /// Host 2's events.
+    peer_events: Vec<Event>,
     /// Host 1's stats at the end.
     stats: railover::Stats,
     /// Host 2 discarded as duplicates.
@@ -84,7 +86,14 @@ const FAULT_AT: u64 = 15 * MS;
 /// Streams `records` records from host 1 to host 2 and injects `fault` on wire 0 (the active
 /// one) at [`FAULT_AT`]; checks every record arrives exactly once and in order.
 fn run(mode: RailMode, gray: Option<GraySwitch>, fault: Fault, records: usize, seed: u64) -> Run {
-    let mut pair = SimPair::new(config(mode, gray), seed, WIRE_NS).unwrap();
+    let cfg = config(mode, gray);
+    run_with([cfg, cfg], fault, records, seed)
+}
+
+/// [`run`] with each host's own configuration.
+fn run_with(cfgs: [Config; 2], fault: Fault, records: usize, seed: u64) -> Run {
+    let mode = cfgs[0].rail_mode();
+    let mut pair = SimPair::with_configs(cfgs[0], cfgs[1], seed, WIRE_NS).unwrap();
     let wire = pair.wires[0];
     let mut sent_at: Vec<u64> = Vec::new();
     let mut delivered = 0usize;
@@ -92,6 +101,7 @@ fn run(mode: RailMode, gray: Option<GraySwitch>, fault: Fault, records: usize, s
     let mut next_send = MS; // after the connection settles
     let mut injected = false;
     let mut events = Vec::new();
+    let mut peer_events = Vec::new();
     while delivered < records {
         let now = pair.now();
         if !injected && now >= FAULT_AT {
@@ -135,6 +145,9 @@ fn run(mode: RailMode, gray: Option<GraySwitch>, fault: Fault, records: usize, s
         while let Some(e) = pair.a.poll_event() {
             events.push(e);
         }
+        while let Some(e) = pair.b.poll_event() {
+            peer_events.push(e);
+        }
         assert!(
             now < 200 * MS,
             "{mode:?} {fault:?}: stuck at {delivered}/{records}\n{}",
@@ -146,6 +159,7 @@ fn run(mode: RailMode, gray: Option<GraySwitch>, fault: Fault, records: usize, s
         worst_ns,
         records,
         events,
+        peer_events,
         stats: pair.a.core().stats(),
         duplicates: pair.b.core().stats().duplicates_discarded,
     }
@@ -407,4 +421,59 @@ fn the_gray_switch_counts_retransmissions_where_latency_hides_the_loss() {
         "latency alone does not see it: {:?}",
         r.events
     );
+}
+
+/// A wire is one path for both directions: when one side's gray switch leaves it, the other
+/// follows (reason `PeerLeft`) at its next heartbeat tick, even without a gray switch of its
+/// own, instead of staying on the lossy wire until it fails there. Nothing is lost, duplicated
+/// or reordered, no rail fails, and neither side comes back within the hold-down. With heavy
+/// loss the lossy rail's older blocks arrive after the newer one that carries the news on the
+/// other rail: they must not undo it.
+#[test]
+fn the_peer_follows_a_gray_switch_off_the_wire() {
+    for (fault, gray) in [
+        (Fault::LightLoss, GRAY.retransmits_per_window(3)),
+        (Fault::Lossy, GRAY),
+    ] {
+        for mode in [RailMode::ActiveStandby, RailMode::HotHot] {
+            let own_gray = config(mode, Some(gray));
+            let without = config(mode, None);
+            let r = run_with([own_gray, without], fault, 2_000, 9);
+            let (own, followed) = (switches(&r.events), switches(&r.peer_events));
+            println!("{mode:?} {fault:?}: host 1 switched {own:?}, host 2 {followed:?}");
+            assert_eq!(own.len(), 1, "{mode:?}: {:?}", r.events);
+            assert_eq!(followed.len(), 1, "{mode:?}: {:?}", r.peer_events);
+            assert_eq!(followed[0].0, 0, "{mode:?}: host 2 left the lossy rail");
+            assert_eq!(followed[0].1, 1);
+            // At host 2's next heartbeat tick after the news arrived (active-standby: then the
+            // drain, at most another interval).
+            let within = match mode {
+                RailMode::HotHot => MS + 2 * WIRE_NS,
+                _ => 2 * MS,
+            };
+            assert!(
+                followed[0].2 >= own[0].2 && followed[0].2 - own[0].2 <= within,
+                "{mode:?}: host 2 followed {} ns after host 1's switch",
+                followed[0].2 as i64 - own[0].2 as i64
+            );
+            assert!(r.peer_events.iter().any(|e| matches!(
+                e,
+                Event::Switched {
+                    reason: SwitchReason::PeerLeft { rail: 0 },
+                    ..
+                }
+            )));
+            for events in [&r.events, &r.peer_events] {
+                assert!(
+                    !events.iter().any(|e| matches!(
+                        e,
+                        Event::RailDown { .. }
+                            | Event::Failover { .. }
+                            | Event::SwitchAbandoned { .. }
+                    )),
+                    "{mode:?}: {events:?}"
+                );
+            }
+        }
+    }
 }
