@@ -391,19 +391,25 @@ fn sixteen_connections_fail_over_and_come_back_together_without_leaking() {
     // dead wire; a rail failed that way just before the cut makes the cut a double fault, which
     // rightly ends that connection. So the heartbeat gets 500 ms here (the cut itself is
     // detected by port events and retry errors, not heartbeats) and the pace is halved.
-    let (serve, connect) = start_with(
+    let (mut serve, mut connect) = start_with(
         20.0,
         false,
         &[
             "--connections",
             "16",
+            "--say-redundant",
             "--interval-us",
             "8000",
             "--hb-misses",
             "500",
         ],
     );
-    std::thread::sleep(Duration::from_millis(2_000));
+    // The cut comes once every connection has both rails up and proven on both sides (a rail
+    // lost to a stall during the set-ups would make the cut a double fault).
+    for p in [&mut serve, &mut connect] {
+        let said = p.line();
+        assert_eq!(said, "redundant", "{}", p.name);
+    }
     let title = "two processes x 16 connections x 2 rails";
     through_a_cut(16, title, (serve, connect), baseline);
 }
@@ -623,7 +629,9 @@ fn steady_state_makes_no_system_call_but_the_doorbell() {
     let (serve, connect) = start_traced(
         6.0,
         false,
-        &["--mark-window", "--interval-us", "500"],
+        // Steady state is the subject: under ptrace a call can take ~30 ms, which the default
+        // heartbeat timeout would take for a dead rail (its repair is not steady state).
+        &["--mark-window", "--interval-us", "500", "--hb-misses", "1000"],
         Some((&serve_trace, &connect_trace)),
         &mut |_| {},
     );
@@ -1164,17 +1172,22 @@ struct GrayRun {
     netem_from: f64,
 }
 
-/// Streams for 6 s with `args`, puts `netem OP VALUE` on wire a 2 s in, and returns both
+/// Streams for 10 s with `args`, puts `netem OP VALUE` on wire a 2 s in and takes it off 6.5 s
+/// in (after the switches: a rail the loss fails later comes back on a clean wire before the
+/// close, and the hold-down is tested against a healthy rail), and returns both
 /// processes' runs (each checked exactly once, in order, intact, and each switched after the
 /// wire was touched), after writing what both did and the timeline lines naming `shown` into
 /// `ci/out/rxe-results.txt`.
 fn gray_run(args: &[&str], op: &str, value: &str, title: &str, shown: &[&str]) -> [GrayRun; 2] {
-    let (serve, connect) = start_with(6.0, false, args);
+    let (serve, connect) = start_with(10.0, false, args);
     let started = Instant::now();
     std::thread::sleep(Duration::from_millis(2_000));
     let netem_from = ms_since(started);
-    let _netem = Netem::new(op, "a", value);
+    let netem = Netem::new(op, "a", value);
     let netem_done = ms_since(started);
+    std::thread::sleep(Duration::from_millis(6_500).saturating_sub(started.elapsed()));
+    drop(netem);
+    let cleared = ms_since(started);
     let (s, c) = finish(serve, connect, title);
     let runs = [s, c].map(|report| {
         let switched_at: Vec<f64> = report["switched_at_ms"]
@@ -1184,7 +1197,7 @@ fn gray_run(args: &[&str], op: &str, value: &str, title: &str, shown: &[&str]) -
             .filter_map(Value::as_f64)
             .collect();
         write_result(&format!(
-            "  {}: {op} applied between {netem_from:.0} and {netem_done:.0} ms, switched at {switched_at:?} ms; rail downs {}, failovers {}, records resent {}",
+            "  {}: {op} applied between {netem_from:.0} and {netem_done:.0} ms (cleared by {cleared:.0} ms), switched at {switched_at:?} ms; rail downs {}, failovers {}, records resent {}",
             report["role"], report["rail_downs"], report["failovers"], report["records_resent"]
         ));
         for line in timeline(&report) {

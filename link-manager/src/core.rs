@@ -2448,8 +2448,12 @@ impl Core {
         self.rescan = true;
         self.unresponsive_since = None;
         self.lanes.close_with(reason_code(reason));
+        // The goodbye goes on every live rail, unless the peer's own goodbye ended it (the peer
+        // knows; a goodbye left due would keep `bye_pending` true, and a dropped connection
+        // would wait out its whole linger for it).
+        let tell = !matches!(reason, EndReason::PeerClosed | EndReason::PeerEnded);
         for (r, rail) in self.rails.iter().enumerate() {
-            self.bye_due[r] = rail.state != RailState::Failed;
+            self.bye_due[r] = tell && rail.state != RailState::Failed;
         }
         if reason == EndReason::AllRailsDown {
             tracing::error!("all rails down");

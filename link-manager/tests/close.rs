@@ -107,6 +107,26 @@ fn close_waits_for_the_peer_and_reports_what_a_short_linger_left_undelivered() {
     assert_eq!(p.b.end_reason(), Some(EndReason::PeerClosed));
 }
 
+/// A connection the peer closed owes it no goodbye: dropping it returns at once instead of
+/// waiting out its linger (a process holding many such connections hung on exit, a linger each).
+#[test]
+fn dropping_a_connection_the_peer_closed_does_not_wait_out_the_linger() {
+    let mut p = pair();
+    p.a.send(b"last words").unwrap();
+    p.a.start_close(100 * MS);
+    run_until(&mut p, |p| {
+        let _ = p.b.poll(|_| {});
+        p.a.core().is_dead() && p.b.core().is_dead()
+    });
+    assert_eq!(p.b.end_reason(), Some(EndReason::PeerClosed));
+    assert!(!p.b.core().bye_pending(), "no goodbye owed to a peer that closed");
+    let SimPair { fabric, a, b, .. } = p;
+    let before = fabric.now();
+    drop(b);
+    assert_eq!(fabric.now(), before, "dropped without waiting (virtual time)");
+    drop(a);
+}
+
 #[test]
 fn dropping_a_connection_closes_it_gracefully() {
     let mut p = pair();
