@@ -631,7 +631,13 @@ fn steady_state_makes_no_system_call_but_the_doorbell() {
         false,
         // Steady state is the subject: under ptrace a call can take ~30 ms, which the default
         // heartbeat timeout would take for a dead rail (its repair is not steady state).
-        &["--mark-window", "--interval-us", "500", "--hb-misses", "1000"],
+        &[
+            "--mark-window",
+            "--interval-us",
+            "500",
+            "--hb-misses",
+            "1000",
+        ],
         Some((&serve_trace, &connect_trace)),
         &mut |_| {},
     );

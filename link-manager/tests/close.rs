@@ -119,11 +119,18 @@ fn dropping_a_connection_the_peer_closed_does_not_wait_out_the_linger() {
         p.a.core().is_dead() && p.b.core().is_dead()
     });
     assert_eq!(p.b.end_reason(), Some(EndReason::PeerClosed));
-    assert!(!p.b.core().bye_pending(), "no goodbye owed to a peer that closed");
+    assert!(
+        !p.b.core().bye_pending(),
+        "no goodbye owed to a peer that closed"
+    );
     let SimPair { fabric, a, b, .. } = p;
     let before = fabric.now();
     drop(b);
-    assert_eq!(fabric.now(), before, "dropped without waiting (virtual time)");
+    assert_eq!(
+        fabric.now(),
+        before,
+        "dropped without waiting (virtual time)"
+    );
     drop(a);
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::{
     Access, Completion, CompletionKind, FabricError, Link, LinkParams, MemoryRegistration, Nic,
-    RegisterableMemory, WcStatus,
+    RegisterableMemory, SharedCompletion, SharedCq, WcStatus,
 };
 
 /// Zeroed, page-aligned heap memory for tests.
@@ -64,6 +64,12 @@ pub trait ContractEnv {
     /// Polls until `n` completions arrived (the simulator advances its clock; real devices are
     /// busy-polled up to a deadline). Returns what arrived.
     fn wait(&mut self, link: &mut <Self::Nic as Nic>::Link, n: usize) -> Vec<Completion>;
+    /// As [`ContractEnv::wait`], on a shared completion queue.
+    fn wait_shared(
+        &mut self,
+        cq: &mut <Self::Nic as Nic>::SharedCq,
+        n: usize,
+    ) -> Vec<SharedCompletion>;
 }
 
 type L<E> = <<E as ContractEnv>::Nic as Nic>::Link;
@@ -444,6 +450,144 @@ pub fn rearming_consumes_the_last_wakeup_and_still_wakes<E: ContractEnv>(env: &m
     }
 }
 
+/// Links made on a card's shared completion queue ([`Nic::create_link_on`]) report there, each
+/// completion naming its link by queue pair number, in order per link, while their own `poll`
+/// finds nothing; one armed descriptor wakes for all of them. Another card's queue is refused.
+/// A link shut down and dropped may leave flushed completions behind: they name it, never
+/// another link, and the other links carry on.
+pub fn shared_completion_queue_names_each_link<E: ContractEnv>(env: &mut E) {
+    let (a, b) = env.cards();
+    let params = LinkParams::default();
+    let entries = 2 * (params.max_send_wr + params.max_recv_wr);
+    assert!(matches!(
+        a.create_shared_cq(0),
+        Err(FabricError::InvalidParams(_))
+    ));
+    let mut cq_a = a.create_shared_cq(entries).unwrap();
+    let mut cq_b = b.create_shared_cq(entries).unwrap();
+    assert!(matches!(
+        a.create_link_on(&params, &cq_b),
+        Err(FabricError::InvalidParams(_))
+    ));
+    let mr_src = a.register(HeapBuffer::new(4096), Access::Local).unwrap();
+    let mr_dst = b
+        .register(HeapBuffer::new(4096), Access::RemoteWrite)
+        .unwrap();
+    let mut links: Vec<(L<E>, L<E>)> = (0..2)
+        .map(|_| {
+            let mut la = a.create_link_on(&params, &cq_a).unwrap();
+            let mut lb = b.create_link_on(&params, &cq_b).unwrap();
+            let (ea, eb) = (la.endpoint(), lb.endpoint());
+            la.connect(&eb).unwrap();
+            lb.connect(&ea).unwrap();
+            lb.post_recvs(8).unwrap();
+            (la, lb)
+        })
+        .collect();
+    let qpn = |l: &L<E>| l.endpoint().qpn;
+    let woken = cq_b.wakeup_fd().is_some();
+    if woken {
+        cq_b.arm_wakeup().unwrap();
+        let fd = cq_b.wakeup_fd().unwrap();
+        assert_eq!(crate::wait_readable(&[fd], 0).unwrap(), 0, "quiet before");
+    }
+    // Three writes on each link, interleaved; the tag (link x 100 + k) is wr_id and immediate.
+    for k in 0..3u32 {
+        for (i, (la, _)) in links.iter_mut().enumerate() {
+            let tag = i as u32 * 100 + k;
+            la.post_write(
+                tag as u64,
+                &mr_src,
+                0,
+                8,
+                &mr_dst.remote(),
+                0,
+                Some(tag),
+                true,
+            )
+            .unwrap();
+        }
+    }
+    if woken {
+        let fd = cq_b.wakeup_fd().unwrap();
+        assert_eq!(
+            crate::wait_readable(&[fd], 20_000_000_000).unwrap(),
+            1,
+            "one descriptor wakes for every link on the queue"
+        );
+        cq_b.clear_wakeups();
+    }
+    let sent = env.wait_shared(&mut cq_a, 6);
+    let got = env.wait_shared(&mut cq_b, 6);
+    assert_eq!((sent.len(), got.len()), (6, 6), "{sent:?}\n{got:?}");
+    let mut buf = [Completion::EMPTY; 4];
+    for (i, (la, lb)) in links.iter_mut().enumerate() {
+        let tags: Vec<u32> = (0..3).map(|k| i as u32 * 100 + k).collect();
+        let wr_ids: Vec<u32> = sent
+            .iter()
+            .filter(|c| c.qpn == qpn(la))
+            .map(|c| {
+                assert_eq!(c.completion.status, WcStatus::Success, "{c:?}");
+                assert_eq!(c.completion.kind, CompletionKind::Write, "{c:?}");
+                c.completion.wr_id as u32
+            })
+            .collect();
+        assert_eq!(
+            wr_ids, tags,
+            "link {i}'s writes, in order, named by its number"
+        );
+        let imms: Vec<u32> = got
+            .iter()
+            .filter(|c| c.qpn == qpn(lb))
+            .map(|c| match c.completion.kind {
+                CompletionKind::RecvImm { imm, byte_len: 8 } => imm,
+                _ => panic!("{c:?}"),
+            })
+            .collect();
+        assert_eq!(
+            imms, tags,
+            "link {i}'s receives, in order, named by its number"
+        );
+        assert_eq!(
+            la.poll(&mut buf),
+            0,
+            "a link on a shared queue polls nothing"
+        );
+        assert_eq!(lb.poll(&mut buf), 0);
+    }
+    // Link 1 goes (its 5 receives still posted flush); what it leaves names it.
+    let (la1, mut lb1) = links.pop().unwrap();
+    let gone = qpn(&lb1);
+    lb1.shut_down();
+    drop(lb1);
+    drop(la1);
+    let left = env.wait_shared(&mut cq_b, 0);
+    println!(
+        "a dropped link left {} flushed completions on the shared queue",
+        left.len()
+    );
+    assert!(
+        left.iter().all(|c| c.qpn == gone
+            && c.completion.status == WcStatus::Flushed
+            && c.completion.kind == CompletionKind::Recv),
+        "{left:?}"
+    );
+    let (la0, lb0) = &mut links[0];
+    la0.post_write(7, &mr_src, 0, 8, &mr_dst.remote(), 0, Some(7), true)
+        .unwrap();
+    let rx = env.wait_shared(&mut cq_b, 1);
+    assert!(
+        matches!(rx[..], [SharedCompletion { qpn: n, completion: Completion { kind: CompletionKind::RecvImm { imm: 7, .. }, .. } }] if n == qpn(lb0)),
+        "{rx:?}"
+    );
+    let tx = env.wait_shared(&mut cq_a, 1);
+    assert!(
+        tx.iter()
+            .any(|c| c.qpn == qpn(la0) && c.completion.wr_id == 7),
+        "{tx:?}"
+    );
+}
+
 /// Runs every contract check against `make()`'s environments.
 pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
     write_with_imm_lands_bytes_and_imm(&mut make());
@@ -455,4 +599,5 @@ pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
     shut_down_flushes(&mut make());
     armed_completion_wakes_the_waiter(&mut make());
     rearming_consumes_the_last_wakeup_and_still_wakes(&mut make());
+    shared_completion_queue_names_each_link(&mut make());
 }

@@ -174,6 +174,47 @@ impl Completion {
     };
 }
 
+/// A completion taken from a [`SharedCq`]: whose it is (the queue pair number its link's
+/// [`Link::endpoint`] gave) and what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedCompletion {
+    pub qpn: u32,
+    pub completion: Completion,
+}
+
+impl SharedCompletion {
+    pub const EMPTY: SharedCompletion = SharedCompletion {
+        qpn: 0,
+        completion: Completion::EMPTY,
+    };
+}
+
+/// One completion queue for many links of one card ([`Nic::create_link_on`]): a driver polls it
+/// once for all of them and hands each completion to its link's owner by queue pair number,
+/// instead of polling every link (whose own [`Link::poll`] then finds nothing). Per link,
+/// completions keep their order. Those of a link already destroyed may still come (a provider
+/// need not clean them out; rxe does not): the owner drops numbers it no longer knows, and
+/// must not reuse a number's owner before its old completions are gone.
+pub trait SharedCq {
+    /// Fills `out` with completions of any of its links; returns how many (never blocks).
+    fn poll(&mut self, out: &mut [SharedCompletion]) -> usize;
+
+    /// As [`Link::arm_wakeup`], for every link on this queue.
+    fn arm_wakeup(&mut self) -> Result<(), FabricError> {
+        Ok(())
+    }
+
+    /// As [`Link::wakeup_fd`]: one descriptor for all the links on this queue.
+    fn wakeup_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// As [`Link::clear_wakeups`].
+    fn clear_wakeups(&mut self) -> u32 {
+        0
+    }
+}
+
 /// Asynchronous events of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AsyncEvent {
@@ -234,6 +275,7 @@ pub trait MemoryRegistration {
 pub trait Nic {
     type Mr: MemoryRegistration;
     type Link: Link<Mr = Self::Mr>;
+    type SharedCq: SharedCq;
 
     fn name(&self) -> &str;
 
@@ -246,6 +288,19 @@ pub trait Nic {
 
     /// Creates a queue pair (not yet connected) and returns it with its endpoint information.
     fn create_link(&self, params: &LinkParams) -> Result<Self::Link, FabricError>;
+
+    /// A completion queue for `entries` completions, for links made with
+    /// [`Nic::create_link_on`] (it must hold every completion its links can have outstanding:
+    /// the sum of their send and receive queue depths).
+    fn create_shared_cq(&self, entries: u32) -> Result<Self::SharedCq, FabricError>;
+
+    /// Like [`Nic::create_link`], its completions (and wake-ups) going to `cq`, a queue of this
+    /// card ([`FabricError::InvalidParams`] for another card's).
+    fn create_link_on(
+        &self,
+        params: &LinkParams,
+        cq: &Self::SharedCq,
+    ) -> Result<Self::Link, FabricError>;
 
     /// Next asynchronous event of this device, if any (never blocks).
     fn poll_event(&self) -> Option<AsyncEvent>;

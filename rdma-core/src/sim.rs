@@ -28,7 +28,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::{
     Access, AsyncEvent, Completion, CompletionKind, Endpoint, FabricError, Link, LinkParams,
-    MemoryRegistration, Nic, RegisterableMemory, RemoteRegion, WcStatus,
+    MemoryRegistration, Nic, RegisterableMemory, RemoteRegion, SharedCompletion, SharedCq,
+    WcStatus,
 };
 
 /// Receiver-not-ready back-off between attempts.
@@ -80,6 +81,24 @@ struct Qp {
     rnr_attempts: u32,
     recv_credits: u32,
     cq: VecDeque<Completion>,
+    qpn: u32,
+    /// The card's shared completion queue this queue pair's completions go to (None: `cq`).
+    shared: Option<SharedQueue>,
+}
+
+type SharedQueue = Rc<RefCell<VecDeque<SharedCompletion>>>;
+
+impl Qp {
+    /// Queues a completion: on this queue pair's own queue, or on the shared one it was made on.
+    fn complete(&mut self, completion: Completion) {
+        match &self.shared {
+            Some(q) => q.borrow_mut().push_back(SharedCompletion {
+                qpn: self.qpn,
+                completion,
+            }),
+            None => self.cq.push_back(completion),
+        }
+    }
 }
 
 struct NicState {
@@ -386,14 +405,14 @@ impl World {
         for wr_id in ids {
             let st = if first { status } else { WcStatus::Flushed };
             first = false;
-            q.cq.push_back(Completion {
+            q.complete(Completion {
                 wr_id,
                 kind: CompletionKind::Write,
                 status: st,
             });
         }
         for _ in 0..q.recv_credits {
-            q.cq.push_back(Completion {
+            q.complete(Completion {
                 wr_id: 0,
                 kind: CompletionKind::Recv,
                 status: WcStatus::Flushed,
@@ -419,7 +438,7 @@ impl World {
                 let q = &mut self.qps[qp];
                 if q.state == QpState::Rts && q.ack_generation == generation {
                     if let Some((wr_id, true)) = q.awaiting_ack.pop_front() {
-                        q.cq.push_back(Completion {
+                        q.complete(Completion {
                             wr_id,
                             kind: CompletionKind::Write,
                             status: WcStatus::Success,
@@ -512,7 +531,7 @@ impl World {
         if let Some(imm) = imm {
             let p = &mut self.qps[peer];
             p.recv_credits -= 1;
-            p.cq.push_back(Completion {
+            p.complete(Completion {
                 wr_id: 0,
                 kind: CompletionKind::RecvImm {
                     imm,
@@ -595,9 +614,67 @@ impl Drop for SimLink {
     }
 }
 
+/// A simulated completion queue shared by links of one card (it does not model overrun: size
+/// it as a real one).
+pub struct SimSharedCq {
+    nic: usize,
+    queue: SharedQueue,
+}
+
+impl SharedCq for SimSharedCq {
+    fn poll(&mut self, out: &mut [SharedCompletion]) -> usize {
+        let mut q = self.queue.borrow_mut();
+        let n = out.len().min(q.len());
+        for (slot, c) in out.iter_mut().zip(q.drain(..n)) {
+            *slot = c;
+        }
+        n
+    }
+}
+
+impl SimNic {
+    fn make_link(
+        &self,
+        params: &LinkParams,
+        shared: Option<SharedQueue>,
+    ) -> Result<SimLink, FabricError> {
+        params.validate()?;
+        let mut w = self.fabric.world.borrow_mut();
+        if w.nics[self.id].removed {
+            return Err(FabricError::NoSuchDevice(self.name.clone()));
+        }
+        let psn = w.rng.random::<u32>() & 0x00ff_ffff;
+        let qp = w.qps.len();
+        w.qps.push(Qp {
+            nic: self.id,
+            params: *params,
+            state: QpState::Reset,
+            psn,
+            peer: None,
+            fifo: VecDeque::new(),
+            head_scheduled: false,
+            last_arrival: 0,
+            awaiting_ack: VecDeque::new(),
+            last_ack_time: 0,
+            ack_generation: 0,
+            stalled_since: None,
+            rnr_attempts: 0,
+            recv_credits: 0,
+            cq: VecDeque::new(),
+            qpn: qpn_of(qp),
+            shared,
+        });
+        Ok(SimLink {
+            fabric: self.fabric.clone(),
+            qp,
+        })
+    }
+}
+
 impl Nic for SimNic {
     type Mr = SimMr;
     type Link = SimLink;
+    type SharedCq = SimSharedCq;
     type Reopen = SimNic;
 
     fn reopen_token(&self) -> SimNic {
@@ -648,34 +725,35 @@ impl Nic for SimNic {
     }
 
     fn create_link(&self, params: &LinkParams) -> Result<SimLink, FabricError> {
-        params.validate()?;
-        let mut w = self.fabric.world.borrow_mut();
-        if w.nics[self.id].removed {
+        self.make_link(params, None)
+    }
+
+    fn create_shared_cq(&self, entries: u32) -> Result<SimSharedCq, FabricError> {
+        if entries == 0 {
+            return Err(FabricError::InvalidParams(
+                "a completion queue needs entries",
+            ));
+        }
+        if self.fabric.world.borrow().nics[self.id].removed {
             return Err(FabricError::NoSuchDevice(self.name.clone()));
         }
-        let psn = w.rng.random::<u32>() & 0x00ff_ffff;
-        let qp = w.qps.len();
-        w.qps.push(Qp {
+        Ok(SimSharedCq {
             nic: self.id,
-            params: *params,
-            state: QpState::Reset,
-            psn,
-            peer: None,
-            fifo: VecDeque::new(),
-            head_scheduled: false,
-            last_arrival: 0,
-            awaiting_ack: VecDeque::new(),
-            last_ack_time: 0,
-            ack_generation: 0,
-            stalled_since: None,
-            rnr_attempts: 0,
-            recv_credits: 0,
-            cq: VecDeque::new(),
-        });
-        Ok(SimLink {
-            fabric: self.fabric.clone(),
-            qp,
+            queue: Rc::default(),
         })
+    }
+
+    fn create_link_on(
+        &self,
+        params: &LinkParams,
+        cq: &SimSharedCq,
+    ) -> Result<SimLink, FabricError> {
+        if cq.nic != self.id {
+            return Err(FabricError::InvalidParams(
+                "the shared completion queue belongs to another card",
+            ));
+        }
+        self.make_link(params, Some(cq.queue.clone()))
     }
 
     fn poll_event(&self) -> Option<AsyncEvent> {
@@ -767,7 +845,7 @@ impl Link for SimLink {
             QpState::Reset | QpState::Destroyed => return Err(FabricError::NotConnected),
             QpState::Error => {
                 // As on hardware: posting to a QP in error "succeeds" and flushes at once.
-                w.qps[self.qp].cq.push_back(Completion {
+                w.qps[self.qp].complete(Completion {
                     wr_id,
                     kind: CompletionKind::Write,
                     status: WcStatus::Flushed,
@@ -815,7 +893,7 @@ impl Link for SimLink {
             QpState::Destroyed => Err(FabricError::NotConnected),
             QpState::Error => {
                 for _ in 0..count {
-                    q.cq.push_back(Completion {
+                    q.complete(Completion {
                         wr_id: 0,
                         kind: CompletionKind::Recv,
                         status: WcStatus::Flushed,

@@ -1,7 +1,7 @@
 //! Real RDMA verbs on the `sideway` crate.
 //!
 //! One [`VerbsNic`] per card (device context + protection domain); one [`VerbsLink`] per RC queue
-//! pair, each with its own extended CQ. Writes use the extended post-send API
+//! pair, each with its own extended CQ or on a card's shared one ([`VerbsSharedCq`]). Writes use the extended post-send API
 //! (`ibv_wr_rdma_write[_imm]`). libibverbs is loaded at run time, so on a machine without it or
 //! without devices, [`VerbsNic::open`] returns [`FabricError::Unavailable`] and nothing crashes.
 //!
@@ -30,7 +30,8 @@ use sideway::ibverbs::AccessFlags;
 
 use crate::{
     Access, AsyncEvent, Completion, CompletionKind, Endpoint, FabricError, Link, LinkParams,
-    MemoryRegistration, Nic, RegisterableMemory, RemoteRegion, WcStatus,
+    MemoryRegistration, Nic, RegisterableMemory, RemoteRegion, SharedCompletion, SharedCq,
+    WcStatus,
 };
 
 /// Queue pairs and memory registrations this process holds right now (a leak check: a
@@ -184,11 +185,231 @@ pub struct VerbsLink {
     polled_since_arm: bool,
     /// Writes up to this many bytes go inline (0: none; what the device accepted).
     max_inline: u32,
+    /// The CQ is a card's shared one ([`VerbsSharedCq`]): whoever holds that polls and arms it.
+    shared: bool,
+}
+
+/// A completion queue shared by links of one card (see [`SharedCq`]).
+pub struct VerbsSharedCq {
+    cq: Arc<ExtendedCompletionQueue>,
+    channel: Arc<CompletionChannel>,
+    /// The card it belongs to (links of other cards are refused).
+    ctx: Arc<DeviceContext>,
+    /// As [`VerbsLink`]'s.
+    armed: bool,
+    polled_since_arm: bool,
+}
+
+impl SharedCq for VerbsSharedCq {
+    fn poll(&mut self, out: &mut [SharedCompletion]) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            let Some((qpn, completion)) = poll_one(&self.cq) else {
+                break;
+            };
+            out[n] = SharedCompletion { qpn, completion };
+            n += 1;
+        }
+        self.polled_since_arm |= n > 0;
+        n
+    }
+
+    fn arm_wakeup(&mut self) -> Result<(), FabricError> {
+        if self.armed && !self.polled_since_arm {
+            return Ok(());
+        }
+        self.clear_wakeups();
+        self.armed = false;
+        self.polled_since_arm = false;
+        arm_cq(&self.cq)?;
+        self.armed = true;
+        Ok(())
+    }
+
+    fn wakeup_fd(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the channel's descriptor is open while the channel lives, which `self` keeps
+        // alive; the borrow cannot outlive `self`.
+        Some(unsafe { BorrowedFd::borrow_raw(self.channel.as_raw_fd()) })
+    }
+
+    fn clear_wakeups(&mut self) -> u32 {
+        let fired = clear_channel(&self.channel);
+        if fired > 0 {
+            self.armed = false; // the event disarmed the CQ
+        }
+        fired
+    }
+}
+
+impl Drop for VerbsSharedCq {
+    fn drop(&mut self) {
+        // ibv_destroy_cq waits until every event fetched was acknowledged (clear_channel does).
+        clear_channel(&self.channel);
+    }
+}
+
+/// A completion channel and an extended CQ on it, for `entries` completions.
+fn new_cq(
+    ctx: &Arc<DeviceContext>,
+    entries: u32,
+) -> Result<(Arc<ExtendedCompletionQueue>, Arc<CompletionChannel>), FabricError> {
+    let channel =
+        CompletionChannel::new(ctx).map_err(|e| verbs_err("ibv_create_comp_channel", e))?;
+    channel
+        .set_nonblocking(true)
+        .map_err(|e| verbs_err("fcntl(comp_channel)", e))?;
+    let cq = ctx
+        .create_cq_builder()
+        .setup_cqe(entries)
+        .setup_comp_channel(&channel, 0)
+        .build_ex()
+        .map_err(|e| verbs_err("ibv_create_cq_ex", e))?;
+    Ok((cq, channel))
+}
+
+/// One completion from `cq`, with its queue pair's number. One per `ibv_start_poll`/
+/// `ibv_end_poll` pair: see the module doc (rxe CQ bug).
+fn poll_one(cq: &ExtendedCompletionQueue) -> Option<(u32, Completion)> {
+    let mut poller = cq.start_poll().ok()?;
+    let wc = poller.next()?;
+    let status = map_status(wc.status());
+    let wr_id = wc.wr_id();
+    let kind = if wr_id != RECV_WR_ID {
+        CompletionKind::Write
+    } else if status == WcStatus::Success {
+        CompletionKind::RecvImm {
+            imm: u32::from_be(wc.imm_data()),
+            byte_len: wc.byte_len(),
+        }
+    } else {
+        CompletionKind::Recv
+    };
+    // SAFETY: between start_poll and end_poll (the poller lives) on a CQ created with the
+    // standard fields, which include the queue pair number.
+    let qpn = unsafe { sys::ibv_wc_read_qp_num(cq.cq().as_ptr().cast()) };
+    Some((
+        qpn,
+        Completion {
+            wr_id,
+            kind,
+            status,
+        },
+    ))
+}
+
+/// Arms `cq` to raise one event on its channel at its next completion.
+fn arm_cq(cq: &ExtendedCompletionQueue) -> Result<(), FabricError> {
+    // SAFETY: the CQ is live while borrowed; an extended CQ begins with an ibv_cq.
+    let raw = unsafe { sys::ibv_cq_ex_to_cq(cq.cq().as_ptr().cast()) };
+    // SAFETY: `raw` is a live CQ of an open context; arming has no other precondition.
+    let rc = unsafe { sys::ibv_req_notify_cq(raw, 0) };
+    NOTIFY_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if rc != 0 {
+        return Err(FabricError::Verbs {
+            op: "ibv_req_notify_cq",
+            source: std::io::Error::from_raw_os_error(rc),
+        });
+    }
+    Ok(())
+}
+
+/// Takes and acknowledges every event queued on `channel` (non-blocking); returns how many.
+fn clear_channel(channel: &CompletionChannel) -> u32 {
+    let mut fired = 0u32;
+    let mut cq = std::ptr::null_mut();
+    let mut ctx = std::ptr::null_mut();
+    loop {
+        // SAFETY: the channel is live and non-blocking (set in new_cq): -1 at once when empty.
+        let rc =
+            unsafe { sys::ibv_get_cq_event(channel.comp_channel().as_ptr(), &mut cq, &mut ctx) };
+        EVENT_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if rc != 0 {
+            break;
+        }
+        fired += 1;
+    }
+    if fired > 0 {
+        // SAFETY: `cq` is the one CQ on this channel; every event obtained is acknowledged
+        // exactly once, here, before the CQ can be destroyed.
+        unsafe { sys::ibv_ack_cq_events(cq, fired) };
+    }
+    fired
+}
+
+impl VerbsNic {
+    fn make_link(
+        &self,
+        params: &LinkParams,
+        shared: Option<&VerbsSharedCq>,
+    ) -> Result<VerbsLink, FabricError> {
+        params.validate()?;
+        let (gid_index, gid) = self.pick_gid(params)?;
+        let (cq, channel) = match shared {
+            Some(s) => (s.cq.clone(), s.channel.clone()),
+            None => new_cq(&self.ctx, params.max_send_wr + params.max_recv_wr)?,
+        };
+        let build = |max_inline: u32| {
+            self.pd
+                .create_qp_builder()
+                .setup_max_send_wr(params.max_send_wr)
+                .setup_max_recv_wr(params.max_recv_wr)
+                .setup_max_send_sge(1)
+                .setup_max_recv_sge(1)
+                .setup_max_inline_data(max_inline)
+                .setup_send_cq(GenericCompletionQueue::from(cq.clone()))
+                .setup_recv_cq(GenericCompletionQueue::from(cq.clone()))
+                .setup_send_ops_flags(
+                    SendOperationFlags::Write | SendOperationFlags::WriteWithImmediate,
+                )
+                .build_ex()
+        };
+        // A device that can't take the inline size still gets a queue pair, without inline.
+        let (mut qp, max_inline) = match build(params.max_inline) {
+            Ok(qp) => (qp, params.max_inline),
+            Err(_) if params.max_inline > 0 => {
+                (build(0).map_err(|e| verbs_err("ibv_create_qp_ex", e))?, 0)
+            }
+            Err(e) => return Err(verbs_err("ibv_create_qp_ex", e)),
+        };
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Init)
+            .setup_pkey_index(0)
+            .setup_port(params.port)
+            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
+        qp.modify(&attr)
+            .map_err(|e| verbs_err("ibv_modify_qp(INIT)", e))?;
+        let mut psn_bytes = [0u8; 4];
+        // SAFETY: getrandom into a 4-byte stack buffer we own.
+        let got = unsafe { libc::getrandom(psn_bytes.as_mut_ptr().cast(), 4, 0) };
+        let psn = if got == 4 {
+            u32::from_le_bytes(psn_bytes) & 0x00ff_ffff
+        } else {
+            0x1234
+        };
+        LIVE_LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(VerbsLink {
+            qp,
+            cq,
+            channel,
+            pd: self.pd.clone(),
+            ctx: self.ctx.clone(),
+            params: *params,
+            psn,
+            gid,
+            gid_index,
+            armed: false,
+            polled_since_arm: false,
+            max_inline,
+            shared: shared.is_some(),
+        })
+    }
 }
 
 impl Nic for VerbsNic {
     type Mr = VerbsMr;
     type Link = VerbsLink;
+    type SharedCq = VerbsSharedCq;
+
     /// The device's name.
     type Reopen = String;
 
@@ -249,73 +470,36 @@ impl Nic for VerbsNic {
     }
 
     fn create_link(&self, params: &LinkParams) -> Result<VerbsLink, FabricError> {
-        params.validate()?;
-        let (gid_index, gid) = self.pick_gid(params)?;
-        let channel = CompletionChannel::new(&self.ctx)
-            .map_err(|e| verbs_err("ibv_create_comp_channel", e))?;
-        channel
-            .set_nonblocking(true)
-            .map_err(|e| verbs_err("fcntl(comp_channel)", e))?;
-        let cq = self
-            .ctx
-            .create_cq_builder()
-            .setup_cqe(params.max_send_wr + params.max_recv_wr)
-            .setup_comp_channel(&channel, 0)
-            .build_ex()
-            .map_err(|e| verbs_err("ibv_create_cq_ex", e))?;
-        let build = |max_inline: u32| {
-            self.pd
-                .create_qp_builder()
-                .setup_max_send_wr(params.max_send_wr)
-                .setup_max_recv_wr(params.max_recv_wr)
-                .setup_max_send_sge(1)
-                .setup_max_recv_sge(1)
-                .setup_max_inline_data(max_inline)
-                .setup_send_cq(GenericCompletionQueue::from(cq.clone()))
-                .setup_recv_cq(GenericCompletionQueue::from(cq.clone()))
-                .setup_send_ops_flags(
-                    SendOperationFlags::Write | SendOperationFlags::WriteWithImmediate,
-                )
-                .build_ex()
-        };
-        // A device that can't take the inline size still gets a queue pair, without inline.
-        let (mut qp, max_inline) = match build(params.max_inline) {
-            Ok(qp) => (qp, params.max_inline),
-            Err(_) if params.max_inline > 0 => {
-                (build(0).map_err(|e| verbs_err("ibv_create_qp_ex", e))?, 0)
-            }
-            Err(e) => return Err(verbs_err("ibv_create_qp_ex", e)),
-        };
-        let mut attr = QueuePairAttribute::new();
-        attr.setup_state(QueuePairState::Init)
-            .setup_pkey_index(0)
-            .setup_port(params.port)
-            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
-        qp.modify(&attr)
-            .map_err(|e| verbs_err("ibv_modify_qp(INIT)", e))?;
-        let mut psn_bytes = [0u8; 4];
-        // SAFETY: getrandom into a 4-byte stack buffer we own.
-        let got = unsafe { libc::getrandom(psn_bytes.as_mut_ptr().cast(), 4, 0) };
-        let psn = if got == 4 {
-            u32::from_le_bytes(psn_bytes) & 0x00ff_ffff
-        } else {
-            0x1234
-        };
-        LIVE_LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(VerbsLink {
-            qp,
+        self.make_link(params, None)
+    }
+
+    fn create_shared_cq(&self, entries: u32) -> Result<VerbsSharedCq, FabricError> {
+        if entries == 0 {
+            return Err(FabricError::InvalidParams(
+                "a completion queue needs entries",
+            ));
+        }
+        let (cq, channel) = new_cq(&self.ctx, entries)?;
+        Ok(VerbsSharedCq {
             cq,
             channel,
-            pd: self.pd.clone(),
             ctx: self.ctx.clone(),
-            params: *params,
-            psn,
-            gid,
-            gid_index,
             armed: false,
             polled_since_arm: false,
-            max_inline,
         })
+    }
+
+    fn create_link_on(
+        &self,
+        params: &LinkParams,
+        cq: &VerbsSharedCq,
+    ) -> Result<VerbsLink, FabricError> {
+        if !Arc::ptr_eq(&cq.ctx, &self.ctx) {
+            return Err(FabricError::InvalidParams(
+                "the shared completion queue belongs to another card",
+            ));
+        }
+        self.make_link(params, Some(cq))
     }
 
     fn poll_event(&self) -> Option<AsyncEvent> {
@@ -585,30 +769,15 @@ impl Link for VerbsLink {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
+        if self.shared {
+            return 0; // the shared queue's holder polls
+        }
         let mut n = 0;
         while n < out.len() {
-            // One completion per start_poll/end_poll pair: see the module doc (rxe CQ bug).
-            let Ok(mut poller) = self.cq.start_poll() else {
+            let Some((_, c)) = poll_one(&self.cq) else {
                 break;
             };
-            let Some(wc) = poller.next() else { break };
-            let status = map_status(wc.status());
-            let wr_id = wc.wr_id();
-            let kind = if wr_id != RECV_WR_ID {
-                CompletionKind::Write
-            } else if status == WcStatus::Success {
-                CompletionKind::RecvImm {
-                    imm: u32::from_be(wc.imm_data()),
-                    byte_len: wc.byte_len(),
-                }
-            } else {
-                CompletionKind::Recv
-            };
-            out[n] = Completion {
-                wr_id,
-                kind,
-                status,
-            };
+            out[n] = c;
             n += 1;
         }
         self.polled_since_arm |= n > 0;
@@ -626,55 +795,33 @@ impl Link for VerbsLink {
     /// Costs nothing while the CQ is still armed from the last call (no completion polled
     /// since); otherwise consumes the event those completions may have raised, then arms.
     fn arm_wakeup(&mut self) -> Result<(), FabricError> {
-        if self.armed && !self.polled_since_arm {
+        if self.shared || (self.armed && !self.polled_since_arm) {
             return Ok(());
         }
         self.clear_wakeups();
         self.armed = false;
         self.polled_since_arm = false;
-        // SAFETY: the CQ lives as long as `self`; an extended CQ begins with an ibv_cq.
-        let cq = unsafe { sys::ibv_cq_ex_to_cq(self.cq.cq().as_ptr().cast()) };
-        // SAFETY: `cq` is a live CQ of an open context; arming has no other precondition.
-        let rc = unsafe { sys::ibv_req_notify_cq(cq, 0) };
-        NOTIFY_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if rc != 0 {
-            return Err(FabricError::Verbs {
-                op: "ibv_req_notify_cq",
-                source: std::io::Error::from_raw_os_error(rc),
-            });
-        }
+        arm_cq(&self.cq)?;
         self.armed = true;
         Ok(())
     }
 
     fn wakeup_fd(&self) -> Option<BorrowedFd<'_>> {
+        if self.shared {
+            return None;
+        }
         // SAFETY: the channel's descriptor is open while the channel lives, which `self` keeps
         // alive; the borrow cannot outlive `self`.
         Some(unsafe { BorrowedFd::borrow_raw(self.channel.as_raw_fd()) })
     }
 
     fn clear_wakeups(&mut self) -> u32 {
-        let mut fired = 0u32;
-        let mut cq = std::ptr::null_mut();
-        let mut ctx = std::ptr::null_mut();
-        loop {
-            // SAFETY: the channel is live and non-blocking (set in create_link): this returns -1
-            // at once when no event is queued.
-            let rc = unsafe {
-                sys::ibv_get_cq_event(self.channel.comp_channel().as_ptr(), &mut cq, &mut ctx)
-            };
-            EVENT_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if rc != 0 {
-                break;
-            }
-            fired += 1;
+        if self.shared {
+            return 0;
         }
+        let fired = clear_channel(&self.channel);
         if fired > 0 {
-            // The event disarmed the CQ.
-            self.armed = false;
-            // SAFETY: `cq` is our CQ (the only one on this channel); every event obtained is
-            // acknowledged exactly once, here, before the CQ can be destroyed.
-            unsafe { sys::ibv_ack_cq_events(cq, fired) };
+            self.armed = false; // the event disarmed the CQ
         }
         fired
     }

@@ -1,8 +1,8 @@
 //! The fabric contract on the simulated fabric (runs everywhere).
 
 use railover_rdma::contract::{self, ContractEnv};
-use railover_rdma::sim::{SimFabric, SimLink, SimNic};
-use railover_rdma::{Completion, Link};
+use railover_rdma::sim::{SimFabric, SimLink, SimNic, SimSharedCq};
+use railover_rdma::{Completion, Link, SharedCompletion, SharedCq};
 
 struct Sim(SimFabric);
 
@@ -24,6 +24,27 @@ impl ContractEnv for Sim {
             match self.0.next_event_time() {
                 Some(t) => self.0.advance_to(t),
                 None => return out, // nothing more can ever happen
+            }
+        }
+    }
+    fn wait_shared(&mut self, cq: &mut SimSharedCq, n: usize) -> Vec<SharedCompletion> {
+        let mut out = Vec::new();
+        let mut buf = [SharedCompletion::EMPTY; 64];
+        loop {
+            // (n = 0: everything that shows up)
+            let want = if n == 0 {
+                64
+            } else {
+                n.saturating_sub(out.len()).clamp(1, 64)
+            };
+            let k = cq.poll(&mut buf[..want]);
+            out.extend_from_slice(&buf[..k]);
+            if n > 0 && out.len() >= n {
+                return out;
+            }
+            match self.0.next_event_time() {
+                Some(t) => self.0.advance_to(t),
+                None => return out,
             }
         }
     }
@@ -64,4 +85,8 @@ fn armed_completion_wakes_the_waiter() {
 #[test]
 fn rearming_consumes_the_last_wakeup_and_still_wakes() {
     contract::rearming_consumes_the_last_wakeup_and_still_wakes(&mut Sim(SimFabric::new(8)));
+}
+#[test]
+fn shared_completion_queue_names_each_link() {
+    contract::shared_completion_queue_names_each_link(&mut Sim(SimFabric::new(10)));
 }

@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use railover_rdma::contract::{self, ContractEnv};
-use railover_rdma::verbs::{VerbsLink, VerbsNic};
-use railover_rdma::{Completion, FabricError, Link};
+use railover_rdma::verbs::{VerbsLink, VerbsNic, VerbsSharedCq};
+use railover_rdma::{Completion, FabricError, Link, SharedCompletion, SharedCq};
 
 struct Verbs;
 
@@ -39,6 +39,30 @@ impl ContractEnv for Verbs {
                 let settle = Instant::now() + Duration::from_millis(5);
                 while Instant::now() < settle {
                     let k = link.poll(&mut buf);
+                    out.extend_from_slice(&buf[..k]);
+                }
+                break;
+            }
+        }
+        out
+    }
+    fn wait_shared(&mut self, cq: &mut VerbsSharedCq, n: usize) -> Vec<SharedCompletion> {
+        // As `wait`.
+        let deadline = Instant::now()
+            + if n == 0 {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(20)
+            };
+        let mut out = Vec::new();
+        let mut buf = [SharedCompletion::EMPTY; 16];
+        while Instant::now() < deadline {
+            let k = cq.poll(&mut buf);
+            out.extend_from_slice(&buf[..k]);
+            if n > 0 && out.len() >= n {
+                let settle = Instant::now() + Duration::from_millis(5);
+                while Instant::now() < settle {
+                    let k = cq.poll(&mut buf);
                     out.extend_from_slice(&buf[..k]);
                 }
                 break;
@@ -83,7 +107,8 @@ verbs_contract!(
     bad_rkey_is_a_remote_access_error,
     unsignaled_writes_complete_only_in_error,
     local_misuse_is_a_typed_error,
-    shut_down_flushes
+    shut_down_flushes,
+    shared_completion_queue_names_each_link
 );
 
 /// rxe accepts the default inline size, so the contract's small writes above really went

@@ -38,6 +38,13 @@ fn rig(params: LinkParams) -> Rig {
         fn wait(&mut self, _: &mut SimLink, _: usize) -> Vec<Completion> {
             unreachable!()
         }
+        fn wait_shared(
+            &mut self,
+            _: &mut railover_rdma::sim::SimSharedCq,
+            _: usize,
+        ) -> Vec<railover_rdma::SharedCompletion> {
+            unreachable!()
+        }
     }
     let (la, mut lb) = connected_pair::<E>(&a, &b, &params);
     lb.post_recvs(16).unwrap();
