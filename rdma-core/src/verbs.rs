@@ -177,12 +177,8 @@ pub struct VerbsLink {
     psn: u32,
     gid: Gid,
     gid_index: u8,
-    /// The CQ was armed, and neither was a completion polled nor an event consumed since: it is
-    /// still armed (it disarms by raising its one event, and only a new completion raises it),
-    /// so arming again would be a wasted system call on rxe. (Its event may still come late,
-    /// after its completion was polled: the waiter clears a descriptor it saw readable.)
-    armed: bool,
-    polled_since_arm: bool,
+    /// Whether arming the CQ again would be a wasted system call.
+    wake: ArmState,
     /// Writes up to this many bytes go inline (0: none; what the device accepted).
     max_inline: u32,
     /// The CQ is a card's shared one ([`VerbsSharedCq`]): whoever holds that polls and arms it.
@@ -195,9 +191,47 @@ pub struct VerbsSharedCq {
     channel: Arc<CompletionChannel>,
     /// The card it belongs to (links of other cards are refused).
     ctx: Arc<DeviceContext>,
-    /// As [`VerbsLink`]'s.
+    wake: ArmState,
+}
+
+/// Where a CQ's wake-up stands. It was armed, and neither was a completion polled nor an event
+/// consumed since: it is still armed (it disarms by raising its one event, and only a new
+/// completion raises it), so arming again would be a wasted system call on rxe. (Its event may
+/// still come late, after its completion was polled: the waiter clears a descriptor it saw
+/// readable.)
+#[derive(Default)]
+struct ArmState {
     armed: bool,
     polled_since_arm: bool,
+}
+
+impl ArmState {
+    /// Costs nothing while the CQ is still armed from the last call; otherwise consumes the
+    /// event the completions polled since may have raised, then arms.
+    fn arm(
+        &mut self,
+        cq: &ExtendedCompletionQueue,
+        channel: &CompletionChannel,
+    ) -> Result<(), FabricError> {
+        if self.armed && !self.polled_since_arm {
+            return Ok(());
+        }
+        self.clear(channel);
+        self.armed = false;
+        self.polled_since_arm = false;
+        arm_cq(cq)?;
+        self.armed = true;
+        Ok(())
+    }
+
+    /// Takes the channel's events (see [`clear_channel`]); one disarmed the CQ.
+    fn clear(&mut self, channel: &CompletionChannel) -> u32 {
+        let fired = clear_channel(channel);
+        if fired > 0 {
+            self.armed = false;
+        }
+        fired
+    }
 }
 
 impl SharedCq for VerbsSharedCq {
@@ -210,20 +244,12 @@ impl SharedCq for VerbsSharedCq {
             out[n] = SharedCompletion { qpn, completion };
             n += 1;
         }
-        self.polled_since_arm |= n > 0;
+        self.wake.polled_since_arm |= n > 0;
         n
     }
 
     fn arm_wakeup(&mut self) -> Result<(), FabricError> {
-        if self.armed && !self.polled_since_arm {
-            return Ok(());
-        }
-        self.clear_wakeups();
-        self.armed = false;
-        self.polled_since_arm = false;
-        arm_cq(&self.cq)?;
-        self.armed = true;
-        Ok(())
+        self.wake.arm(&self.cq, &self.channel)
     }
 
     fn wakeup_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -233,11 +259,7 @@ impl SharedCq for VerbsSharedCq {
     }
 
     fn clear_wakeups(&mut self) -> u32 {
-        let fired = clear_channel(&self.channel);
-        if fired > 0 {
-            self.armed = false; // the event disarmed the CQ
-        }
-        fired
+        self.wake.clear(&self.channel)
     }
 }
 
@@ -397,8 +419,7 @@ impl VerbsNic {
             psn,
             gid,
             gid_index,
-            armed: false,
-            polled_since_arm: false,
+            wake: ArmState::default(),
             max_inline,
             shared: shared.is_some(),
         })
@@ -484,8 +505,7 @@ impl Nic for VerbsNic {
             cq,
             channel,
             ctx: self.ctx.clone(),
-            armed: false,
-            polled_since_arm: false,
+            wake: ArmState::default(),
         })
     }
 
@@ -780,7 +800,7 @@ impl Link for VerbsLink {
             out[n] = c;
             n += 1;
         }
-        self.polled_since_arm |= n > 0;
+        self.wake.polled_since_arm |= n > 0;
         n
     }
 
@@ -795,15 +815,10 @@ impl Link for VerbsLink {
     /// Costs nothing while the CQ is still armed from the last call (no completion polled
     /// since); otherwise consumes the event those completions may have raised, then arms.
     fn arm_wakeup(&mut self) -> Result<(), FabricError> {
-        if self.shared || (self.armed && !self.polled_since_arm) {
+        if self.shared {
             return Ok(());
         }
-        self.clear_wakeups();
-        self.armed = false;
-        self.polled_since_arm = false;
-        arm_cq(&self.cq)?;
-        self.armed = true;
-        Ok(())
+        self.wake.arm(&self.cq, &self.channel)
     }
 
     fn wakeup_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -819,11 +834,7 @@ impl Link for VerbsLink {
         if self.shared {
             return 0;
         }
-        let fired = clear_channel(&self.channel);
-        if fired > 0 {
-            self.armed = false; // the event disarmed the CQ
-        }
-        fired
+        self.wake.clear(&self.channel)
     }
 }
 

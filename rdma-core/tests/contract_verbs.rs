@@ -21,55 +21,38 @@ impl ContractEnv for Verbs {
         )
     }
     fn wait(&mut self, link: &mut VerbsLink, n: usize) -> Vec<Completion> {
-        // Busy-poll up to a deadline: completions are the synchronisation, the deadline only
-        // bounds a failing run. Waiting for 0 still gives stale completions a chance to show.
-        let deadline = Instant::now()
-            + if n == 0 {
-                Duration::from_millis(200)
-            } else {
-                Duration::from_secs(20)
-            };
-        let mut out = Vec::new();
-        let mut buf = [Completion::EMPTY; 16];
-        while Instant::now() < deadline {
-            let k = link.poll(&mut buf);
-            out.extend_from_slice(&buf[..k]);
-            if n > 0 && out.len() >= n {
-                // Give a duplicate a moment to appear rather than stopping at the first n.
-                let settle = Instant::now() + Duration::from_millis(5);
-                while Instant::now() < settle {
-                    let k = link.poll(&mut buf);
-                    out.extend_from_slice(&buf[..k]);
-                }
-                break;
-            }
-        }
-        out
+        busy_poll(n, Completion::EMPTY, |buf| link.poll(buf))
     }
     fn wait_shared(&mut self, cq: &mut VerbsSharedCq, n: usize) -> Vec<SharedCompletion> {
-        // As `wait`.
-        let deadline = Instant::now()
-            + if n == 0 {
-                Duration::from_millis(200)
-            } else {
-                Duration::from_secs(20)
-            };
-        let mut out = Vec::new();
-        let mut buf = [SharedCompletion::EMPTY; 16];
-        while Instant::now() < deadline {
-            let k = cq.poll(&mut buf);
-            out.extend_from_slice(&buf[..k]);
-            if n > 0 && out.len() >= n {
-                let settle = Instant::now() + Duration::from_millis(5);
-                while Instant::now() < settle {
-                    let k = cq.poll(&mut buf);
-                    out.extend_from_slice(&buf[..k]);
-                }
-                break;
-            }
-        }
-        out
+        busy_poll(n, SharedCompletion::EMPTY, |buf| cq.poll(buf))
     }
+}
+
+/// Busy-polls up to a deadline until `n` arrived: completions are the synchronisation, the
+/// deadline only bounds a failing run. Waiting for 0 still gives stale completions a chance to
+/// show, and after the n-th a duplicate gets a moment to appear.
+fn busy_poll<T: Copy>(n: usize, empty: T, mut poll: impl FnMut(&mut [T]) -> usize) -> Vec<T> {
+    let deadline = Instant::now()
+        + if n == 0 {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(20)
+        };
+    let mut out = Vec::new();
+    let mut buf = [empty; 16];
+    while Instant::now() < deadline {
+        let k = poll(&mut buf);
+        out.extend_from_slice(&buf[..k]);
+        if n > 0 && out.len() >= n {
+            let settle = Instant::now() + Duration::from_millis(5);
+            while Instant::now() < settle {
+                let k = poll(&mut buf);
+                out.extend_from_slice(&buf[..k]);
+            }
+            break;
+        }
+    }
+    out
 }
 
 /// Opening a card: inside the harness (RAILOVER_SOFTROCE set) it must work; on a machine
