@@ -2099,8 +2099,15 @@ impl Core {
             return;
         }
         let a = self.active;
+        // Neither side's planned switches left it within their hold-downs (else this side
+        // would sit on a rail the peer avoids, or go there only to follow the peer off again).
+        let peer_avoiding = self.peer_avoiding();
         let eligible = |i: usize, r: &Rail| {
-            i != a && r.state == RailState::Standby && r.peer_heartbeat != 0 && r.avoid_until <= now
+            i != a
+                && r.state == RailState::Standby
+                && r.peer_heartbeat != 0
+                && r.avoid_until <= now
+                && peer_avoiding & (1 << i) == 0
         };
         let limit = u64::from(gray.retransmits_per_window);
         if window_done && self.rails[a].retransmissions_in_window >= limit {
@@ -2369,10 +2376,11 @@ impl Core {
         loop {
             // Prefer a standby that has proven its path (heard the peer), and of those the one
             // holding most of the stream (hot-hot); any standby beats none.
-            // Active-standby: one a planned switch left recently (slow) comes last.
+            // Active-standby: one a planned switch of either side left recently (slow) comes last.
             let standby = |i: &usize| self.rails[*i].state == RailState::Standby;
             let hot = self.cfg.mode == RailMode::HotHot;
             let now = self.now;
+            let peer_avoiding = self.peer_avoiding();
             let proven = (0..self.rails.len())
                 .filter(standby)
                 .filter(|&i| self.rails[i].peer_heartbeat != 0)
@@ -2384,7 +2392,7 @@ impl Core {
                     };
                     (
                         holds,
-                        self.rails[i].avoid_until <= now,
+                        self.rails[i].avoid_until <= now && peer_avoiding & (1 << i) == 0,
                         std::cmp::Reverse(i),
                     )
                 });

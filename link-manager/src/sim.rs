@@ -213,6 +213,12 @@ impl SimPair {
         seed: u64,
         latency_ns: u64,
     ) -> Result<SimPair, ConnectError> {
+        if host1.rails() != host2.rails() {
+            return Err(ConnectError::RailCount {
+                want: host1.rails(),
+                got: host2.rails(),
+            });
+        }
         SimPair::build([host1, host2], seed, latency_ns, None, None, |_, _| {})
     }
 

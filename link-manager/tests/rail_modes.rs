@@ -47,8 +47,12 @@ const FAULTS: [Fault; 7] = [
 ];
 
 fn config(mode: RailMode, gray: Option<GraySwitch>) -> Config {
+    config_rails(mode, gray, 2)
+}
+
+fn config_rails(mode: RailMode, gray: Option<GraySwitch>, rails: usize) -> Config {
     let mut b = Config::builder()
-        .rails(2)
+        .rails(rails)
         .geometry(4096, 16, 256)
         .heartbeat_interval(Duration::from_millis(1))
         .heartbeat_misses(3)
@@ -474,6 +478,82 @@ fn the_peer_follows_a_gray_switch_off_the_wire() {
                     "{mode:?}: {events:?}"
                 );
             }
+        }
+    }
+}
+
+/// Three rails: host 1's gray switch leaves lossy rail 0 for rail 1 and host 2 (no gray switch
+/// of its own) follows; then rail 1's wire is cut. Both fail over to rail 2, the one neither
+/// side left: host 2 would otherwise take rail 0 (lowest index, nothing of its own against it),
+/// resend into the lossy wire and leave it again a tick later.
+#[test]
+fn a_failover_after_a_followed_switch_takes_the_rail_neither_side_left() {
+    const CUT_AT: u64 = 35 * MS;
+    for mode in [RailMode::ActiveStandby, RailMode::HotHot] {
+        let own_gray = config_rails(mode, Some(GRAY.retransmits_per_window(3)), 3);
+        let without = config_rails(mode, None, 3);
+        let mut pair = SimPair::with_configs(own_gray, without, 11, WIRE_NS).unwrap();
+        let fab = pair.fabric.clone();
+        let (lossy, cut) = (pair.wires[0], pair.wires[1]);
+        let (mut sent, mut delivered) = (0u64, 0u64);
+        let (mut events, mut peer_events) = (Vec::new(), Vec::new());
+        let mut next_send = MS;
+        let (mut loss_on, mut cut_done) = (false, false);
+        while pair.now() < 60 * MS {
+            let now = pair.now();
+            if !loss_on && now >= FAULT_AT {
+                loss_on = true;
+                fab.lossy(lossy, 100, 50 * US, 40 * MS);
+            }
+            if !cut_done && now >= CUT_AT {
+                cut_done = true;
+                fab.carrier_loss(cut);
+            }
+            if now >= next_send {
+                sent += 1;
+                assert_eq!(pair.a.send(&sent.to_le_bytes()), Ok(sent), "{mode:?}");
+                next_send += EVERY_NS;
+            }
+            pair.b
+                .poll(|m| {
+                    delivered += 1;
+                    let seq = u64::from_le_bytes(m.try_into().expect("8-byte record"));
+                    assert_eq!(seq, delivered, "{mode:?}: lost, duplicated or reordered");
+                })
+                .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+            events.extend(std::iter::from_fn(|| pair.a.poll_event()));
+            peer_events.extend(std::iter::from_fn(|| pair.b.poll_event()));
+            pair.step(next_send.max(now + 1));
+        }
+        let failovers = |ev: &[Event]| -> Vec<(usize, usize)> {
+            ev.iter()
+                .filter_map(|e| match e {
+                    Event::Failover { from, to, .. } => Some((*from, *to)),
+                    _ => None,
+                })
+                .collect()
+        };
+        println!(
+            "{mode:?}: host 1 switched {:?}, failed over {:?}; host 2 switched {:?}, failed over {:?}",
+            switches(&events),
+            failovers(&events),
+            switches(&peer_events),
+            failovers(&peer_events)
+        );
+        assert!(
+            delivered + 50 >= sent,
+            "{mode:?}: the stream goes on ({delivered}/{sent})"
+        );
+        for (host, ev) in [("host 1", &events), ("host 2", &peer_events)] {
+            let sw = switches(ev);
+            assert_eq!(sw.len(), 1, "{mode:?} {host}: one planned switch: {ev:?}");
+            assert_eq!((sw[0].0, sw[0].1), (0, 1), "{mode:?} {host}");
+            assert!(sw[0].2 < CUT_AT, "{mode:?} {host}: switched before the cut");
+            assert_eq!(
+                failovers(ev),
+                vec![(1, 2)],
+                "{mode:?} {host}: rail 2, the one neither side left: {ev:?}"
+            );
         }
     }
 }

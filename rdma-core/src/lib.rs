@@ -192,9 +192,11 @@ impl SharedCompletion {
 /// One completion queue for many links of one card ([`Nic::create_link_on`]): a driver polls it
 /// once for all of them and hands each completion to its link's owner by queue pair number,
 /// instead of polling every link (whose own [`Link::poll`] then finds nothing). Per link,
-/// completions keep their order. Those of a link already destroyed may still come (a provider
-/// need not clean them out; rxe does not): the owner drops numbers it no longer knows, and
-/// must not reuse a number's owner before its old completions are gone.
+/// completions keep their order. Those a link flushed when it was shut down stay queued after
+/// it is destroyed (a provider need not clean them out; rxe does not), counting against the
+/// queue's size until polled: the owner drops numbers it no longer knows, and polls a destroyed
+/// link's leftovers before it makes a replacement (the provider may give the new queue pair the
+/// same number, and an overrun queue fails every link on it).
 pub trait SharedCq {
     /// Fills `out` with completions of any of its links; returns how many (never blocks).
     fn poll(&mut self, out: &mut [SharedCompletion]) -> usize;

@@ -617,6 +617,7 @@ impl Drop for SimLink {
 /// A simulated completion queue shared by links of one card (it does not model overrun: size
 /// it as a real one).
 pub struct SimSharedCq {
+    fabric: SimFabric,
     nic: usize,
     queue: SharedQueue,
 }
@@ -738,6 +739,7 @@ impl Nic for SimNic {
             return Err(FabricError::NoSuchDevice(self.name.clone()));
         }
         Ok(SimSharedCq {
+            fabric: self.fabric.clone(),
             nic: self.id,
             queue: Rc::default(),
         })
@@ -748,7 +750,7 @@ impl Nic for SimNic {
         params: &LinkParams,
         cq: &SimSharedCq,
     ) -> Result<SimLink, FabricError> {
-        if cq.nic != self.id {
+        if cq.nic != self.id || !Rc::ptr_eq(&cq.fabric.world, &self.fabric.world) {
             return Err(FabricError::InvalidParams(
                 "the shared completion queue belongs to another card",
             ));

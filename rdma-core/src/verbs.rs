@@ -1,8 +1,8 @@
 //! Real RDMA verbs on the `sideway` crate.
 //!
 //! One [`VerbsNic`] per card (device context + protection domain); one [`VerbsLink`] per RC queue
-//! pair, each with its own extended CQ or on a card's shared one ([`VerbsSharedCq`]). Writes use the extended post-send API
-//! (`ibv_wr_rdma_write[_imm]`). libibverbs is loaded at run time, so on a machine without it or
+//! pair, each with its own extended CQ or on a card's shared one ([`VerbsSharedCq`]). Writes use
+//! the extended post-send API (`ibv_wr_rdma_write[_imm]`; small ones `ibv_post_send` inline). libibverbs is loaded at run time, so on a machine without it or
 //! without devices, [`VerbsNic::open`] returns [`FabricError::Unavailable`] and nothing crashes.
 //!
 //! Known device quirk handled here: rdma-core 44's rxe provider advances the CQ consumer index
@@ -166,7 +166,8 @@ impl MemoryRegistration for VerbsMr {
 
 /// One RC queue pair with its own completion queue.
 pub struct VerbsLink {
-    // Field order is teardown order: QP (moved to error and drained in Drop), CQ, then the card.
+    // Field order is teardown order: QP (moved to error, and drained in Drop unless its CQ is a
+    // shared one, whose holder polls what it flushed), CQ, then the card.
     qp: ExtendedQueuePair,
     cq: Arc<ExtendedCompletionQueue>,
     /// The CQ's completion channel: its descriptor wakes a blocking receiver.
@@ -265,7 +266,8 @@ impl SharedCq for VerbsSharedCq {
 
 impl Drop for VerbsSharedCq {
     fn drop(&mut self) {
-        // ibv_destroy_cq waits until every event fetched was acknowledged (clear_channel does).
+        // A safety net: the CQ goes with its last holder (links keep it too), and ibv_destroy_cq
+        // waits until every event fetched was acknowledged, which clear_channel does.
         clear_channel(&self.channel);
     }
 }
