@@ -609,6 +609,9 @@ pub struct SimLink {
 impl Drop for SimLink {
     fn drop(&mut self) {
         let mut w = self.fabric.world.borrow_mut();
+        // As verbs (which moves a queue pair to error before destroying it): what was
+        // outstanding flushes. On a shared completion queue those stay behind, as on rxe.
+        w.fail_qp(self.qp, WcStatus::Flushed);
         w.qps[self.qp].state = QpState::Destroyed;
         w.qps[self.qp].fifo.clear();
     }
