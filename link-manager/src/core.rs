@@ -2099,22 +2099,14 @@ impl Core {
             return;
         }
         let a = self.active;
-        // Neither side's planned switches left it within their hold-downs (else this side
-        // would sit on a rail the peer avoids, or go there only to follow the peer off again).
         let peer_avoiding = self.peer_avoiding();
-        let eligible = |i: usize, r: &Rail| {
-            i != a
-                && r.state == RailState::Standby
-                && r.peer_heartbeat != 0
-                && r.avoid_until <= now
-                && peer_avoiding & (1 << i) == 0
-        };
+        let eligible = |i: usize| self.switch_target(i, peer_avoiding);
         let limit = u64::from(gray.retransmits_per_window);
         if window_done && self.rails[a].retransmissions_in_window >= limit {
             let calm = (0..self.rails.len())
                 .filter(|&i| {
                     let r = &self.rails[i];
-                    eligible(i, r)
+                    eligible(i)
                         && r.retransmissions_base.is_some()
                         && r.retransmissions_in_window < limit
                 })
@@ -2137,7 +2129,7 @@ impl Core {
         }
         let active_latency_ns = self.rails[a].current_latency(now);
         let best = (0..self.rails.len())
-            .filter(|&i| eligible(i, &self.rails[i]) && self.rails[i].latency_ns != 0)
+            .filter(|&i| eligible(i) && self.rails[i].latency_ns != 0)
             .min_by_key(|&i| self.rails[i].current_latency(now));
         match best {
             Some(to)
@@ -2161,6 +2153,18 @@ impl Core {
         }
     }
 
+    /// Whether a planned switch may go to rail `i`: a standby that heard the peer, and neither
+    /// side's planned switches left it within their hold-downs (else this side would sit on a
+    /// rail the peer avoids, or go there only to follow the peer off again).
+    fn switch_target(&self, i: usize, peer_avoiding: u8) -> bool {
+        let r = &self.rails[i];
+        i != self.active
+            && r.state == RailState::Standby
+            && r.peer_heartbeat != 0
+            && r.avoid_until <= self.now
+            && peer_avoiding & (1 << i) == 0
+    }
+
     /// The peer left this side's active rail by a planned switch (it found it slow or lossy;
     /// the wire carries both directions): at a heartbeat tick, leave it too, for a rail neither
     /// side avoids. Whether or not this side runs a gray switch of its own.
@@ -2176,14 +2180,7 @@ impl Core {
         }
         let now = self.now;
         let to = (0..self.rails.len())
-            .filter(|&i| {
-                let r = &self.rails[i];
-                i != a
-                    && r.state == RailState::Standby
-                    && r.peer_heartbeat != 0
-                    && r.avoid_until <= now
-                    && peer_avoiding & (1 << i) == 0
-            })
+            .filter(|&i| self.switch_target(i, peer_avoiding))
             .min_by_key(|&i| self.rails[i].current_latency(now));
         if let Some(to) = to {
             let reason = SwitchReason::PeerLeft { rail: a };
