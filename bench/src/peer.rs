@@ -739,8 +739,12 @@ fn stream(
             if complete && a.closer && waited_enough {
                 // (Not a data-path call: it waits for the peer to deliver; timed apart.)
                 let t = Instant::now();
-                let conn = st.conn.get_mut(&mut ep);
-                st.close_result = Some(conn.close(5_000_000_000).map_err(|e| e.to_string()));
+                let closed = match &st.conn {
+                    Slot::Own(_) => st.conn.get_mut(&mut ep).close(5_000_000_000),
+                    // Its completions come through the endpoint's shared queues.
+                    Slot::Id(id) => ep.as_mut().expect("held").close(*id, 5_000_000_000),
+                };
+                st.close_result = Some(closed.map_err(|e| e.to_string()));
                 close_max = close_max.max(t.elapsed());
                 st.done = true;
             }

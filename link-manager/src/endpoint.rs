@@ -9,6 +9,13 @@
 //! connection on it within the same `poll`. [`Endpoint::poll_event`] gives each connection's
 //! events with its id.
 //!
+//! The connections' queue pairs share a few completion queues per card (see
+//! [`crate::shared_queues`]): an empty `poll` polls those, not one queue per link, and a blocking
+//! wait watches one descriptor per queue. A connection of an endpoint therefore closes through it
+//! ([`Endpoint::close`], [`Endpoint::remove`], or dropping the endpoint, which closes them all
+//! together), and is driven by the endpoint's `poll` (or [`Endpoint::poll_cards`] followed by the
+//! connections' own `poll`).
+//!
 //! ```
 //! use railover::endpoint::SimEndpoints;
 //! use railover::Config;
@@ -26,14 +33,17 @@
 //! }
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::{mpsc, Arc};
 
-use railover_rdma::{AsyncEvent, Nic};
+use railover_rdma::{AsyncEvent, Completion, Nic, SharedCompletion, SharedCq};
 
 use crate::config::Config;
 use crate::core::{Event, Nanos, SendError, Stats};
-use crate::runtime::{Clock, ConnectError, Connection, PendingConnection, RailCard};
+use crate::runtime::{Clock, CloseError, ConnectError, Connection, PendingConnection, RailCard};
+use crate::shared_queues::{QueueNews, QueuePool};
 
 /// Names one connection of an [`Endpoint`]. An id is never reused for another connection of the
 /// same endpoint (a removed connection's slot gets a new generation).
@@ -66,6 +76,41 @@ struct Entry<N: Nic, C: Clock> {
     conn: Connection<N, C>,
     /// Every log line of this connection carries its id.
     span: tracing::Span,
+}
+
+/// Each card's shared completion queues (see [`crate::shared_queues`]), and whose links report
+/// there.
+struct SharedQueues<N: Nic> {
+    /// Where set-ups make their links (on any thread).
+    pool: Arc<QueuePool<N>>,
+    /// What the set-ups did, in order.
+    news: mpsc::Receiver<QueueNews<N>>,
+    /// Per rail.
+    cards: Vec<CardQueues<N>>,
+}
+
+struct CardQueues<N: Nic> {
+    queues: Vec<N::SharedCq>,
+    /// Every link on them, by queue pair number.
+    routes: HashMap<u32, Route>,
+}
+
+impl<N: Nic> Default for CardQueues<N> {
+    fn default() -> Self {
+        CardQueues {
+            queues: Vec::new(),
+            routes: HashMap::new(),
+        }
+    }
+}
+
+/// Whose a link on a shared queue is.
+enum Route {
+    /// Its connection isn't inserted yet (set up in the background, or prepared and not yet
+    /// inserted): its completions wait here, in order, and are handed over at the insert.
+    Waiting(Vec<Completion>),
+    /// This connection's.
+    Held(ConnectionId),
 }
 
 /// Each card once, and any number of connections on them, driven by one [`Endpoint::poll`].
@@ -108,6 +153,8 @@ pub struct Endpoint<N: Nic, C: Clock> {
     aligned_heartbeats: Option<bool>,
     /// How many times a blocking poll waited (see [`Endpoint::blocking_waits`]).
     waits: u64,
+    /// The cards' completion queues, shared by the connections' links.
+    queues: SharedQueues<N>,
 }
 
 impl<N, C> Endpoint<N, C>
@@ -124,7 +171,13 @@ where
                 got: cards.len(),
             });
         }
+        let (pool, news) = QueuePool::new(cards.len());
         Ok(Endpoint {
+            queues: SharedQueues {
+                pool,
+                news,
+                cards: (0..cards.len()).map(|_| CardQueues::default()).collect(),
+            },
             incoming: None,
             cfg,
             reopen: cards.iter().map(|c| c.reopen_token()).collect(),
@@ -146,7 +199,8 @@ where
 
     /// A new connection on the endpoint's cards, to be connected with the peer's hellos
     /// ([`PendingConnection::hellos`], [`PendingConnection::connect`]) and then
-    /// [`Endpoint::insert`]ed. Registers its memory and creates its queue pairs.
+    /// [`Endpoint::insert`]ed. Registers its memory and creates its queue pairs, on the cards'
+    /// shared completion queues (what they complete before the insert waits for it).
     /// A card released after a device-fatal event is opened again here if it is back (else the
     /// rail starts failed and joins when it is).
     pub fn prepare(&mut self) -> Result<PendingConnection<N, C>, ConnectError> {
@@ -156,9 +210,13 @@ where
                 Err(_) => RailCard::Absent(self.reopen[rail].clone()),
             })
             .collect();
-        let mut pending = PendingConnection::with_cards(self.cfg, cards, self.clock.clone(), None)?;
-        pending.share_card_events();
-        Ok(pending)
+        PendingConnection::on_shared_queues(self.cfg, cards, self.clock.clone(), &self.queues.pool)
+    }
+
+    /// Where set-ups on other threads make their queue pairs.
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+    pub(crate) fn queue_pool(&self) -> Arc<QueuePool<N>> {
+        Arc::clone(&self.queues.pool)
     }
 
     /// Every card, each opened again first if it was released (an error if one can't be).
@@ -226,6 +284,18 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             conn.liveness = Some(crate::liveness::Member::new(group, self.next_member));
         }
         conn.align_heartbeats(self.aligned_heartbeats == Some(true));
+        // Its links on the shared queues are its own from now on; what they completed meanwhile
+        // is handed over first, in order.
+        hear_news(&mut self.queues);
+        let links: Vec<(usize, u32)> = conn.shared_links().collect();
+        for (rail, qpn) in links {
+            let routes = &mut self.queues.cards[rail].routes;
+            if let Some(Route::Waiting(early)) = routes.insert(qpn, Route::Held(id)) {
+                for c in early {
+                    conn.shared_completion(rail, qpn, c);
+                }
+            }
+        }
         slot.conn = Some(Entry { conn, span });
         self.live += 1;
         id
@@ -240,9 +310,17 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         Some(ready.map(|conn| self.insert(conn)))
     }
 
-    /// Takes the connection out (to close it on its own, read what it left unacknowledged, or
-    /// drop it). Its id names nothing from now on.
+    /// Takes the connection out (to read what it left unacknowledged, or drop it). Its id names
+    /// nothing from now on. A connection still running is closed first, as by
+    /// [`Endpoint::close`] with the configured linger: away from the endpoint, its links on the
+    /// shared completion queues would see nothing more.
     pub fn remove(&mut self, id: ConnectionId) -> Option<Connection<N, C>> {
+        let running = self.get(id).is_some_and(|c| {
+            c.on_shared_queues() && (!c.core().is_dead() || c.core().bye_pending())
+        });
+        if running {
+            let _ = self.close(id, self.cfg.close_linger_ns());
+        }
         let slot = self.slots.get_mut(id.index as usize)?;
         if slot.generation != id.generation {
             return None;
@@ -368,6 +446,18 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             self.clock.idle(until);
             return;
         }
+        // The shared queues first: one arming (a system call at most) per queue, then one more
+        // look, as a completion that came before the arming raises no wake-up.
+        for (rail, card) in self.queues.cards.iter_mut().enumerate() {
+            for q in &mut card.queues {
+                if let Err(e) = q.arm_wakeup() {
+                    tracing::warn!(rail, error = %e, "arming a shared completion queue failed");
+                }
+            }
+        }
+        if self.poll_queues() > 0 {
+            return;
+        }
         let mut armed = 0;
         for index in 0..self.slots.len() {
             let Some(e) = self.slots[index].conn.as_mut() else {
@@ -392,6 +482,11 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             }
         }
         let card_fds = set.len();
+        for q in self.queues.cards.iter().flat_map(|c| &c.queues) {
+            if let Some(fd) = q.wakeup_fd() {
+                set.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+            }
+        }
         self.waits += 1;
         for e in self.slots.iter().filter_map(|s| s.conn.as_ref()) {
             e.conn
@@ -424,6 +519,11 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         let readable = |fd: BorrowedFd<'_>| readable.binary_search(&fd.as_raw_fd()).is_ok();
         for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
             e.conn.after_sleep(&readable);
+        }
+        for q in self.queues.cards.iter_mut().flat_map(|c| &mut c.queues) {
+            if q.wakeup_fd().is_some_and(readable) {
+                q.clear_wakeups();
+            }
         }
         if card_event {
             self.next_card_events = 0; // read them at once (see `poll_cards`)
@@ -515,15 +615,117 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             .filter_map(|s| s.conn.as_ref().map(|e| &e.conn))
     }
 
-    /// Reads the cards' device events, at most once per heartbeat interval, and hands them to
+    /// Polls the cards' shared completion queues, handing each completion to its connection, and
+    /// reads the cards' device events (at most once per heartbeat interval), handing them to
     /// every connection. [`Endpoint::poll`] does this; call it yourself only when you drive the
     /// connections one by one instead (`get_mut(id)` and the connection's own `poll`), once per
-    /// turn of your loop.
+    /// turn of your loop: a connection's own `poll` sees no completion of its links on the
+    /// shared queues.
     pub fn poll_cards(&mut self) {
         let now = self.clock.now();
         if now >= self.next_card_events {
             self.next_card_events = now + self.cfg.heartbeat_interval_ns();
             self.dispatch_card_events();
+        }
+        self.poll_queues();
+    }
+
+    /// Polls every shared completion queue and hands each completion to its link's connection:
+    /// how many there were.
+    fn poll_queues(&mut self) -> usize {
+        hear_news(&mut self.queues);
+        let mut handled = 0;
+        for rail in 0..self.queues.cards.len() {
+            let mut at = 0;
+            while at < self.queues.cards[rail].queues.len() {
+                let mut got = [SharedCompletion::EMPTY; 32];
+                let n = self.queues.cards[rail].queues[at].poll(&mut got);
+                for c in &got[..n] {
+                    self.route(rail, *c);
+                }
+                handled += n;
+                if n < got.len() {
+                    at += 1;
+                }
+            }
+        }
+        handled
+    }
+
+    /// Hands `c`, from one of rail `rail`'s shared queues, to its link's connection.
+    fn route(&mut self, rail: usize, c: SharedCompletion) {
+        if !self.queues.cards[rail].routes.contains_key(&c.qpn) {
+            hear_news(&mut self.queues); // a link made since the last look
+        }
+        match self.queues.cards[rail].routes.get_mut(&c.qpn) {
+            Some(Route::Held(id)) => {
+                let id = *id;
+                let Some(e) = self.entry_mut(id) else {
+                    return; // removed: its link's leftovers
+                };
+                if !e.conn.shared_completion(rail, c.qpn, c.completion) {
+                    tracing::trace!(
+                        rail,
+                        qpn = c.qpn,
+                        "leftover of a replaced queue pair dropped"
+                    );
+                }
+            }
+            Some(Route::Waiting(early)) => early.push(c.completion),
+            None => tracing::trace!(
+                rail,
+                qpn = c.qpn,
+                "leftover of a destroyed queue pair dropped"
+            ),
+        }
+    }
+
+    /// How many shared completion queues the endpoint polls, over all its cards.
+    pub fn completion_queues(&self) -> usize {
+        self.queues.cards.iter().map(|c| c.queues.len()).sum()
+    }
+
+    /// Closes connection `id` gracefully and waits (see [`crate::Receiver::close`]): no new
+    /// record is accepted, and it runs until the peer delivered every record sent, at most
+    /// `linger_ns`, then the peer is told. The endpoint's other connections keep making progress
+    /// meanwhile (what arrives for them is delivered at the next [`Endpoint::poll`]). A
+    /// connection stays held, ended, until [`Endpoint::remove`]d.
+    pub fn close(&mut self, id: ConnectionId, linger_ns: Nanos) -> Result<(), CloseError> {
+        let start = self.clock.now();
+        let Some(e) = self.entry_mut(id) else {
+            return Err(CloseError::UnknownConnection);
+        };
+        if !e.conn.on_shared_queues() {
+            let _in = e.span.enter();
+            return e.conn.close(linger_ns); // every completion of it on its own queues
+        }
+        e.conn.start_close(linger_ns);
+        let deadline = start
+            .saturating_add(linger_ns)
+            .saturating_add(self.cfg.heartbeat_timeout_ns());
+        self.drive_until(deadline, |ep| {
+            ep.get(id)
+                .is_none_or(|c| c.core().is_dead() && !c.core().bye_pending())
+        });
+        match self.get(id) {
+            Some(c) => c.close_outcome(),
+            None => Err(CloseError::UnknownConnection),
+        }
+    }
+
+    /// Makes every connection progress (delivering nothing) until `done` or `deadline`,
+    /// sleeping in between.
+    fn drive_until(&mut self, deadline: Nanos, done: impl Fn(&Self) -> bool) {
+        loop {
+            self.poll_cards();
+            for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+                let _in = e.span.enter();
+                e.conn.progress();
+            }
+            if done(self) || self.clock.now() >= deadline {
+                return;
+            }
+            self.sleep_until(deadline);
         }
     }
 
@@ -541,9 +743,13 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                     }
                 }
                 if event == AsyncEvent::DeviceFatal {
-                    // Every connection let go of it; so does the endpoint, so that the device
-                    // can recover (it is opened again for the next connection made).
+                    // Every connection let go of it; so does the endpoint, with its completion
+                    // queues, so that the device can recover (it is opened again for the next
+                    // connection made).
                     self.cards[rail] = None;
+                    self.queues.pool.forget_rail(rail);
+                    hear_news(&mut self.queues);
+                    self.queues.cards[rail] = CardQueues::default();
                 }
             }
         }
@@ -554,6 +760,49 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         (slot.generation == id.generation)
             .then_some(slot.conn.as_mut())
             .flatten()
+    }
+}
+
+/// Takes in what the set-ups did since the last look: new queues, links made and gone.
+fn hear_news<N: Nic>(queues: &mut SharedQueues<N>) {
+    while let Ok(news) = queues.news.try_recv() {
+        match news {
+            QueueNews::Queue { rail, cq } => queues.cards[rail].queues.push(cq),
+            QueueNews::Link { rail, qpn } => {
+                queues.cards[rail]
+                    .routes
+                    .insert(qpn, Route::Waiting(Vec::new()));
+            }
+            QueueNews::Gone { rail, qpn } => {
+                queues.cards[rail].routes.remove(&qpn);
+            }
+        }
+    }
+}
+
+impl<N: Nic, C: Clock> Drop for Endpoint<N, C> {
+    /// Closes every connection still running on the shared queues together (each would see
+    /// nothing by itself once the endpoint is gone), within one configured linger.
+    fn drop(&mut self) {
+        let running = |c: &Connection<N, C>| {
+            c.on_shared_queues() && (!c.core().is_dead() || c.core().bye_pending())
+        };
+        if !self.connections().any(running) {
+            return;
+        }
+        let linger = self.cfg.close_linger_ns();
+        for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+            if running(&e.conn) && !e.conn.core().is_closing() {
+                let _in = e.span.enter();
+                e.conn.start_close(linger);
+            }
+        }
+        let deadline = self
+            .clock
+            .now()
+            .saturating_add(linger)
+            .saturating_add(self.cfg.heartbeat_timeout_ns());
+        self.drive_until(deadline, |ep| !ep.connections().any(running));
     }
 }
 

@@ -15,6 +15,7 @@
 //!   contract suite): two connected endpoints on the deterministic simulated fabric, with a
 //!   simulated control channel and paused hosts when asked.
 //! * `verbs` (feature `verbs`): `connect` / `accept` (and their resuming forms) on real cards.
+//! * [`shared_queues`]: how an endpoint's connections share a few completion queues per card.
 //! * [`liveness`]: how an endpoint's connections to the same peer endpoint share one heartbeat
 //!   per card pair (the liveness contract).
 //! * [`settings`]: configuration from a JSON file or `RAILOVER_*` environment variables.
@@ -32,6 +33,7 @@ pub mod rearm;
 pub mod rejoin;
 pub mod runtime;
 pub mod settings;
+pub mod shared_queues;
 #[cfg(feature = "test-util")]
 pub mod sim;
 #[cfg(feature = "verbs")]

@@ -20,6 +20,7 @@ use crate::core::{
 };
 use crate::memory::{QueueMem, RegionMem};
 use crate::rearm::Role;
+use crate::shared_queues::{QueuePool, RouteGuard};
 
 /// How this connection re-arms rails with a peer in another process.
 enum Control<N: Nic> {
@@ -85,6 +86,14 @@ pub enum CloseError {
     /// The session had ended otherwise first; `unacked()` lists what the peer did not deliver.
     #[error("session ended before the close: {0}")]
     Ended(EndReason),
+    /// The connection belongs to an [`crate::Endpoint`] whose shared completion queues carry its
+    /// completions: the close was started, and ends as the endpoint is polled. Close it with
+    /// [`crate::Endpoint::close`] to wait for it.
+    #[error("the connection is driven by its endpoint: close it with Endpoint::close")]
+    DrivenByEndpoint,
+    /// [`crate::Endpoint::close`] of an id that names no connection (any more).
+    #[error("no such connection")]
+    UnknownConnection,
 }
 
 /// One rail's fabric objects.
@@ -98,9 +107,13 @@ struct RailIo<N: Nic> {
     peer_ctrl: RemoteRegion,
 }
 
-/// Everything of a rail that lives on its card. Field order is drop order: the queue pair, then
-/// the registrations and the card itself.
+/// Everything of a rail that lives on its card. Field order is drop order: the queue pair (the
+/// endpoint first told it goes, when it is on a shared queue), then the registrations and the
+/// card itself.
 pub(crate) struct CardIo<N: Nic> {
+    /// Set when the queue pair is on one of its endpoint's shared completion queues (see
+    /// [`crate::shared_queues`]): the endpoint polls that and hands this rail its completions.
+    route: Option<RouteGuard<N>>,
     pub(crate) link: N::Link,
     regs: CardRegs<N>,
 }
@@ -161,11 +174,21 @@ impl<N: Nic> CardRegs<N> {
 }
 
 impl<N: Nic> CardIo<N> {
-    /// Registers rail `rail`'s memory on `nic` and creates a queue pair there.
-    fn open(nic: N, cfg: &Config, core: &Core, rail: usize) -> Result<CardIo<N>, ConnectError> {
+    /// Registers rail `rail`'s memory on `nic` and creates a queue pair there (on one of the
+    /// endpoint's shared completion queues when `shared` is given).
+    fn open(
+        nic: N,
+        cfg: &Config,
+        core: &Core,
+        rail: usize,
+        shared: Option<&Arc<QueuePool<N>>>,
+    ) -> Result<CardIo<N>, ConnectError> {
         let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(core, rail))?;
-        let link = regs.nic.create_link(&cfg.link())?;
-        Ok(CardIo { link, regs })
+        let (link, route) = match shared {
+            Some(pool) => pool.make_link(rail, &regs.nic, &cfg.link())?,
+            None => (regs.nic.create_link(&cfg.link())?, None),
+        };
+        Ok(CardIo { route, link, regs })
     }
 
     pub(crate) fn nic(&self) -> &Arc<N> {
@@ -501,7 +524,22 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             Some(state) => Core::new_resuming(cfg, clock.now(), state)?,
             None => Core::new(cfg, clock.now())?,
         };
-        Self::with_core(cfg, cards, clock, core)
+        Self::with_core(cfg, cards, clock, core, None)
+    }
+
+    /// Like [`PendingConnection::with_cards`] for an endpoint's connection: its queue pairs go on
+    /// the endpoint's shared completion queues (see [`crate::shared_queues`]), and the endpoint
+    /// reads the cards' device events.
+    pub(crate) fn on_shared_queues(
+        cfg: Config,
+        cards: Vec<RailCard<N>>,
+        clock: C,
+        pool: &Arc<QueuePool<N>>,
+    ) -> Result<Self, ConnectError> {
+        let core = Core::new(cfg, clock.now())?;
+        let mut pending = Self::with_core(cfg, cards, clock, core, Some(pool))?;
+        pending.conn.rx.card_events_elsewhere = true;
+        Ok(pending)
     }
 
     /// Like [`PendingConnection::new`], continuing the stream of a connection that ended
@@ -523,6 +561,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         cards: Vec<RailCard<N>>,
         clock: C,
         core: Core,
+        shared: Option<&Arc<QueuePool<N>>>,
     ) -> Result<Self, ConnectError> {
         if cards.len() != cfg.rails() {
             return Err(ConnectError::RailCount {
@@ -536,7 +575,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             let (card, reopen) = match card {
                 RailCard::Open(nic) => {
                     let reopen = nic.reopen_token();
-                    let card = CardIo::open(nic, &cfg, &core, i)?;
+                    let card = CardIo::open(nic, &cfg, &core, i, shared)?;
                     hellos.push(rail_hello(
                         &cfg,
                         i,
@@ -581,12 +620,6 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             },
             hellos,
         })
-    }
-
-    /// The cards are shared with other connections, which read their device events once and
-    /// hand them over (see [`Receiver::card_event`]): this connection doesn't read them.
-    pub(crate) fn share_card_events(&mut self) {
-        self.conn.rx.card_events_elsewhere = true;
     }
 
     /// What to send the peer, one per rail.
@@ -792,10 +825,37 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
 
     /// Whether every open card (if any) gives wake-up descriptors.
     pub(crate) fn open_cards_wake(&self) -> bool {
-        self.rails
-            .iter()
-            .filter_map(|r| r.card.as_ref())
-            .all(|c| c.link.wakeup_fd().is_some() && c.nic().event_fd().is_some())
+        self.rails.iter().filter_map(|r| r.card.as_ref()).all(|c| {
+            // A link on a shared queue wakes through the endpoint's descriptor of that queue.
+            (c.route.is_some() || c.link.wakeup_fd().is_some()) && c.nic().event_fd().is_some()
+        })
+    }
+
+    /// Hands rail `rail` a completion its endpoint took from a shared queue, naming queue pair
+    /// `qpn`. False (and nothing done) when the rail's queue pair is no longer that one: a
+    /// leftover of one replaced since.
+    pub(crate) fn shared_completion(&mut self, rail: usize, qpn: u32, c: Completion) -> bool {
+        let current = self.rails.get(rail).and_then(|r| r.card.as_ref());
+        let route = current.and_then(|card| card.route.as_ref());
+        if route.map(RouteGuard::qpn) != Some(qpn) {
+            return false;
+        }
+        self.core.handle_completion(rail, c);
+        true
+    }
+
+    /// The numbers of this connection's queue pairs on shared completion queues, with their rails.
+    pub(crate) fn shared_links(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        self.rails.iter().enumerate().filter_map(|(i, r)| {
+            let guard = r.card.as_ref()?.route.as_ref()?;
+            Some((i, guard.qpn()))
+        })
+    }
+
+    /// Whether a rail's queue pair is on an endpoint's shared completion queue: only the endpoint
+    /// sees its completions, so a blocking close must be driven there.
+    pub fn on_shared_queues(&self) -> bool {
+        self.shared_links().next().is_some()
     }
 
     /// Before a blocking wait: arms the rails' completion channels and tells a split sender this
@@ -977,6 +1037,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     pub fn close(&mut self, linger_ns: Nanos) -> Result<(), CloseError> {
         let start = self.clock.now();
         self.start_close(linger_ns);
+        if self.on_shared_queues() {
+            // Its completions (the goodbye's among them) reach it only through the endpoint.
+            return Err(CloseError::DrivenByEndpoint);
+        }
         // The goodbye's own completion is waited for too, within one heartbeat timeout more: a
         // queue pair destroyed with it in flight may never send it.
         let deadline = start
@@ -993,6 +1057,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             // Wakes for the core's timers (the linger's end among them) and for completions.
             self.sleep_until(deadline);
         }
+        self.close_outcome()
+    }
+
+    /// What a close that ran its course comes to (see [`Receiver::close`]).
+    pub(crate) fn close_outcome(&self) -> Result<(), CloseError> {
         match self.core.end_reason() {
             Some(EndReason::Closed) | None => {
                 let undelivered = self
@@ -1201,7 +1270,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         if self.rails[rail].card.is_none() {
             let nic = N::reopen(&self.rails[rail].reopen)?;
             tracing::info!(rail, card = nic.name(), "card opened again");
-            self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail)?);
+            self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail, None)?);
         }
         let card = self.rails[rail].card.as_ref().expect("opened above");
         let link = card.nic().create_link(&cfg.link())?;
@@ -1262,6 +1331,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             self.rearm_failed(rail);
             return Some(link);
         };
+        // A re-armed queue pair has a completion queue of its own (see `crate::shared_queues`).
+        card.route = None;
         let old = std::mem::replace(&mut card.link, link);
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
@@ -1289,7 +1360,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             return Some(link);
         }
         let r = &mut self.rails[rail];
-        r.card = Some(CardIo { link, regs });
+        r.card = Some(CardIo {
+            route: None,
+            link,
+            regs,
+        });
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
         let now = self.clock.now();
@@ -1303,7 +1378,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     pub fn replace_card(&mut self, rail: usize, nic: N) -> Result<(), ConnectError> {
         let cfg = *self.core.config();
         let reopen = nic.reopen_token();
-        let card = CardIo::open(nic, &cfg, &self.core, rail)?;
+        let card = CardIo::open(nic, &cfg, &self.core, rail, None)?;
         let r = &mut self.rails[rail];
         r.card = Some(card); // the old one drops here: queue pair, registrations, card
         r.reopen = reopen;
@@ -1422,7 +1497,9 @@ impl<N: Nic, C: Clock> Drop for Receiver<N, C> {
     /// every completion-channel event acknowledged first (libibverbs blocks destroying a completion
     /// queue with unacknowledged events).
     fn drop(&mut self) {
-        if !self.core.is_dead() || self.core.bye_pending() {
+        // On shared queues its endpoint closed it already, as far as it could (see
+        // `Endpoint::remove` and the endpoint's drop): nothing more would be seen here.
+        if (!self.core.is_dead() || self.core.bye_pending()) && !self.on_shared_queues() {
             let linger = self.core.config().close_linger_ns();
             let _ = self.close(linger);
         }

@@ -28,6 +28,7 @@ use crate::endpoint::{ConnectionId, Endpoint, Incoming, Listening};
 use crate::rearm::Role;
 use crate::rejoin::{offer_rejoin_port, read_rejoin_port, TcpControl};
 use crate::runtime::{ConnectError, Connection, PendingConnection, RailCard, RealClock};
+use crate::shared_queues::QueuePool;
 
 pub type VerbsConnection = Connection<VerbsNic, RealClock>;
 
@@ -406,6 +407,7 @@ impl Endpoint<VerbsNic, RealClock> {
             cards,
             clock,
             pool,
+            queues: self.queue_pool(),
             timeout,
             ready,
             endpoint: self.liveness_id(),
@@ -429,6 +431,8 @@ struct BackgroundSetup {
     cards: Vec<VerbsNic>,
     clock: RealClock,
     pool: PoolHandle<VerbsNic>,
+    /// The endpoint's shared completion queues, where the queue pairs go.
+    queues: Arc<QueuePool<VerbsNic>>,
     timeout: Duration,
     ready: mpsc::Sender<Result<VerbsConnection, ConnectError>>,
     /// The endpoint's liveness id, for its greetings.
@@ -439,9 +443,7 @@ impl BackgroundSetup {
     /// The endpoint's queue pairs for a new connection, its card events read by the endpoint.
     fn pending(&self) -> Result<PendingConnection<VerbsNic, RealClock>, ConnectError> {
         let cards = self.cards.iter().cloned().map(RailCard::Open).collect();
-        let mut pending = PendingConnection::with_cards(self.cfg, cards, self.clock, None)?;
-        pending.share_card_events();
-        Ok(pending)
+        PendingConnection::on_shared_queues(self.cfg, cards, self.clock, &self.queues)
     }
 
     /// Dials `peer` and sets the connection up (on this thread); hands over the result.

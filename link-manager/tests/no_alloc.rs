@@ -74,3 +74,36 @@ fn split_sender_and_receiver_allocate_nothing() {
     );
     assert!(delivered > 15_000, "traffic really flowed: {delivered}");
 }
+
+/// The same through an endpoint whose connections share each card's completion queues: routing
+/// a completion to its connection allocates nothing either.
+#[test]
+fn an_endpoints_poll_on_shared_queues_allocates_nothing() {
+    let cfg = Config::builder().geometry(4096, 16, 512).build().unwrap();
+    let mut hosts = railover::endpoint::SimEndpoints::new(cfg, 11, 2_000).unwrap();
+    let ids: Vec<_> = (0..4).map(|_| hosts.connect().unwrap()).collect();
+    assert!(hosts.a.completion_queues() > 0, "on shared queues");
+    let msg = [0x42u8; 100];
+    let mut delivered = 0usize;
+    let round = |hosts: &mut railover::endpoint::SimEndpoints, delivered: &mut usize| {
+        for &(a, b) in &ids {
+            hosts.a.send(a, &msg).unwrap();
+            hosts.b.send(b, &msg[..60]).unwrap();
+        }
+        let t = hosts.now() + 50_000;
+        hosts.step(t);
+        hosts.step(t);
+        *delivered += hosts.b.poll(|_, _, m| assert_eq!(m.len(), 100));
+        *delivered += hosts.a.poll(|_, _, m| assert_eq!(m.len(), 60));
+    };
+    for _ in 0..2_000 {
+        round(&mut hosts, &mut delivered);
+    }
+    let allocations = count_allocations(|| {
+        for _ in 0..2_500 {
+            round(&mut hosts, &mut delivered);
+        }
+    });
+    assert_eq!(allocations, 0, "steady state allocated {allocations} times");
+    assert!(delivered > 30_000, "traffic really flowed: {delivered}");
+}

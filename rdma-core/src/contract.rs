@@ -466,7 +466,7 @@ pub fn shared_completion_queue_names_each_link<E: ContractEnv>(env: &mut E) {
     let mut cq_a = a.create_shared_cq(entries).unwrap();
     let mut cq_b = b.create_shared_cq(entries).unwrap();
     assert!(matches!(
-        a.create_link_on(&params, &cq_b),
+        a.create_link_on(&params, &cq_b.attach()),
         Err(FabricError::InvalidParams(_))
     ));
     let mr_src = a.register(HeapBuffer::new(4096), Access::Local).unwrap();
@@ -475,8 +475,8 @@ pub fn shared_completion_queue_names_each_link<E: ContractEnv>(env: &mut E) {
         .unwrap();
     let mut links: Vec<(L<E>, L<E>)> = (0..2)
         .map(|_| {
-            let mut la = a.create_link_on(&params, &cq_a).unwrap();
-            let mut lb = b.create_link_on(&params, &cq_b).unwrap();
+            let mut la = a.create_link_on(&params, &cq_a.attach()).unwrap();
+            let mut lb = b.create_link_on(&params, &cq_b.attach()).unwrap();
             let (ea, eb) = (la.endpoint(), lb.endpoint());
             la.connect(&eb).unwrap();
             lb.connect(&ea).unwrap();

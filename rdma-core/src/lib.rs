@@ -198,6 +198,14 @@ impl SharedCompletion {
 /// link's leftovers before it makes a replacement (the provider may give the new queue pair the
 /// same number, and an overrun queue fails every link on it).
 pub trait SharedCq {
+    /// What links are made on ([`Nic::create_link_on`]): a handle that names this queue and may
+    /// travel to threads that set links up while the holder of the queue polls it (on verbs it
+    /// is `Send`). It keeps the queue alive for the links made on it, but polls and arms nothing.
+    type Attach: Clone;
+
+    /// A handle to make links on this queue with.
+    fn attach(&self) -> Self::Attach;
+
     /// Fills `out` with completions of any of its links; returns how many (never blocks).
     fn poll(&mut self, out: &mut [SharedCompletion]) -> usize;
 
@@ -296,12 +304,13 @@ pub trait Nic {
     /// the sum of their send and receive queue depths).
     fn create_shared_cq(&self, entries: u32) -> Result<Self::SharedCq, FabricError>;
 
-    /// Like [`Nic::create_link`], its completions (and wake-ups) going to `cq`, a queue of this
-    /// card ([`FabricError::InvalidParams`] for another card's).
+    /// Like [`Nic::create_link`], its completions (and wake-ups) going to the queue `cq` names
+    /// ([`SharedCq::attach`]), a queue of this card ([`FabricError::InvalidParams`] for another
+    /// card's).
     fn create_link_on(
         &self,
         params: &LinkParams,
-        cq: &Self::SharedCq,
+        cq: &<Self::SharedCq as SharedCq>::Attach,
     ) -> Result<Self::Link, FabricError>;
 
     /// Next asynchronous event of this device, if any (never blocks).

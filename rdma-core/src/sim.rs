@@ -625,7 +625,25 @@ pub struct SimSharedCq {
     queue: SharedQueue,
 }
 
+/// Names a [`SimSharedCq`] to make links on (see [`SharedCq::Attach`]).
+#[derive(Clone)]
+pub struct SimCqAttach {
+    fabric: SimFabric,
+    nic: usize,
+    queue: SharedQueue,
+}
+
 impl SharedCq for SimSharedCq {
+    type Attach = SimCqAttach;
+
+    fn attach(&self) -> SimCqAttach {
+        SimCqAttach {
+            fabric: self.fabric.clone(),
+            nic: self.nic,
+            queue: self.queue.clone(),
+        }
+    }
+
     fn poll(&mut self, out: &mut [SharedCompletion]) -> usize {
         let mut q = self.queue.borrow_mut();
         let n = out.len().min(q.len());
@@ -751,7 +769,7 @@ impl Nic for SimNic {
     fn create_link_on(
         &self,
         params: &LinkParams,
-        cq: &SimSharedCq,
+        cq: &SimCqAttach,
     ) -> Result<SimLink, FabricError> {
         if cq.nic != self.id || !Rc::ptr_eq(&cq.fabric.world, &self.fabric.world) {
             return Err(FabricError::InvalidParams(

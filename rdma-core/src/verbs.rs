@@ -235,7 +235,25 @@ impl ArmState {
     }
 }
 
+/// Names a [`VerbsSharedCq`] to make links on, from any thread (see [`SharedCq::Attach`]).
+#[derive(Clone)]
+pub struct VerbsCqAttach {
+    cq: Arc<ExtendedCompletionQueue>,
+    channel: Arc<CompletionChannel>,
+    ctx: Arc<DeviceContext>,
+}
+
 impl SharedCq for VerbsSharedCq {
+    type Attach = VerbsCqAttach;
+
+    fn attach(&self) -> VerbsCqAttach {
+        VerbsCqAttach {
+            cq: self.cq.clone(),
+            channel: self.channel.clone(),
+            ctx: self.ctx.clone(),
+        }
+    }
+
     fn poll(&mut self, out: &mut [SharedCompletion]) -> usize {
         let mut n = 0;
         while n < out.len() {
@@ -364,7 +382,7 @@ impl VerbsNic {
     fn make_link(
         &self,
         params: &LinkParams,
-        shared: Option<&VerbsSharedCq>,
+        shared: Option<&VerbsCqAttach>,
     ) -> Result<VerbsLink, FabricError> {
         params.validate()?;
         let (gid_index, gid) = self.pick_gid(params)?;
@@ -514,7 +532,7 @@ impl Nic for VerbsNic {
     fn create_link_on(
         &self,
         params: &LinkParams,
-        cq: &VerbsSharedCq,
+        cq: &VerbsCqAttach,
     ) -> Result<VerbsLink, FabricError> {
         if !Arc::ptr_eq(&cq.ctx, &self.ctx) {
             return Err(FabricError::InvalidParams(
