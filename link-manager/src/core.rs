@@ -257,6 +257,10 @@ pub enum RecvError {
     Ended(EndReason),
     #[error("receive buffer of {len} bytes is smaller than the maximum record size {max}")]
     BufferTooSmall { len: usize, max: usize },
+    /// A blocking receive on a connection of an [`crate::Endpoint`]: its completions come through
+    /// the endpoint's shared completion queues, so wait with [`crate::Endpoint::poll_blocking`].
+    #[error("the connection is driven by its endpoint: wait with Endpoint::poll_blocking")]
+    DrivenByEndpoint,
 }
 
 /// Counters a user can read at any time.

@@ -90,14 +90,18 @@ struct SharedQueues<N: Nic> {
 }
 
 struct CardQueues<N: Nic> {
+    /// Which opening of the card these are of (see [`QueuePool::forget_rail`]): news of another
+    /// is about a card let go of.
+    epoch: u64,
     queues: Vec<N::SharedCq>,
     /// Every link on them, by queue pair number.
     routes: HashMap<u32, Route>,
 }
 
-impl<N: Nic> Default for CardQueues<N> {
-    fn default() -> Self {
+impl<N: Nic> CardQueues<N> {
+    fn new(epoch: u64) -> Self {
         CardQueues {
+            epoch,
             queues: Vec::new(),
             routes: HashMap::new(),
         }
@@ -176,7 +180,7 @@ where
             queues: SharedQueues {
                 pool,
                 news,
-                cards: (0..cards.len()).map(|_| CardQueues::default()).collect(),
+                cards: (0..cards.len()).map(|_| CardQueues::new(0)).collect(),
             },
             incoming: None,
             cfg,
@@ -287,10 +291,13 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         // Its links on the shared queues are its own from now on; what they completed meanwhile
         // is handed over first, in order.
         hear_news(&mut self.queues);
-        let links: Vec<(usize, u32)> = conn.shared_links().collect();
-        for (rail, qpn) in links {
-            let routes = &mut self.queues.cards[rail].routes;
-            if let Some(Route::Waiting(early)) = routes.insert(qpn, Route::Held(id)) {
+        let links: Vec<(usize, u32, u64)> = conn.shared_links().collect();
+        for (rail, qpn, epoch) in links {
+            let card = &mut self.queues.cards[rail];
+            if card.epoch != epoch {
+                continue; // on a card let go of since: that rail fails and is re-armed
+            }
+            if let Some(Route::Waiting(early)) = card.routes.insert(qpn, Route::Held(id)) {
                 for c in early {
                     conn.shared_completion(rail, qpn, c);
                 }
@@ -315,9 +322,9 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// [`Endpoint::close`] with the configured linger: away from the endpoint, its links on the
     /// shared completion queues would see nothing more.
     pub fn remove(&mut self, id: ConnectionId) -> Option<Connection<N, C>> {
-        let running = self.get(id).is_some_and(|c| {
-            c.on_shared_queues() && (!c.core().is_dead() || c.core().bye_pending())
-        });
+        let running = self
+            .get(id)
+            .is_some_and(|c| !c.core().is_dead() || c.core().bye_pending());
         if running {
             let _ = self.close(id, self.cfg.close_linger_ns());
         }
@@ -448,6 +455,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         }
         // The shared queues first: one arming (a system call at most) per queue, then one more
         // look, as a completion that came before the arming raises no wake-up.
+        hear_news(&mut self.queues);
         for (rail, card) in self.queues.cards.iter_mut().enumerate() {
             for q in &mut card.queues {
                 if let Err(e) = q.arm_wakeup() {
@@ -654,10 +662,12 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
 
     /// Hands `c`, from one of rail `rail`'s shared queues, to its link's connection.
     fn route(&mut self, rail: usize, c: SharedCompletion) {
-        if !self.queues.cards[rail].routes.contains_key(&c.qpn) {
+        let mut route = self.queues.cards[rail].routes.get_mut(&c.qpn);
+        if route.is_none() {
             hear_news(&mut self.queues); // a link made since the last look
+            route = self.queues.cards[rail].routes.get_mut(&c.qpn);
         }
-        match self.queues.cards[rail].routes.get_mut(&c.qpn) {
+        match route {
             Some(Route::Held(id)) => {
                 let id = *id;
                 let Some(e) = self.entry_mut(id) else {
@@ -695,11 +705,9 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         let Some(e) = self.entry_mut(id) else {
             return Err(CloseError::UnknownConnection);
         };
-        if !e.conn.on_shared_queues() {
-            let _in = e.span.enter();
-            return e.conn.close(linger_ns); // every completion of it on its own queues
-        }
+        let _in = e.span.enter();
         e.conn.start_close(linger_ns);
+        drop(_in);
         let deadline = start
             .saturating_add(linger_ns)
             .saturating_add(self.cfg.heartbeat_timeout_ns());
@@ -747,9 +755,8 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                     // queues, so that the device can recover (it is opened again for the next
                     // connection made).
                     self.cards[rail] = None;
-                    self.queues.pool.forget_rail(rail);
-                    hear_news(&mut self.queues);
-                    self.queues.cards[rail] = CardQueues::default();
+                    let epoch = self.queues.pool.forget_rail(rail);
+                    self.queues.cards[rail] = CardQueues::new(epoch);
                 }
             }
         }
@@ -767,26 +774,29 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
 fn hear_news<N: Nic>(queues: &mut SharedQueues<N>) {
     while let Ok(news) = queues.news.try_recv() {
         match news {
-            QueueNews::Queue { rail, cq } => queues.cards[rail].queues.push(cq),
-            QueueNews::Link { rail, qpn } => {
+            QueueNews::Queue { rail, epoch, cq } if queues.cards[rail].epoch == epoch => {
+                queues.cards[rail].queues.push(cq);
+            }
+            QueueNews::Link { rail, epoch, qpn } if queues.cards[rail].epoch == epoch => {
                 queues.cards[rail]
                     .routes
                     .insert(qpn, Route::Waiting(Vec::new()));
             }
-            QueueNews::Gone { rail, qpn } => {
+            QueueNews::Gone { rail, epoch, qpn } if queues.cards[rail].epoch == epoch => {
                 queues.cards[rail].routes.remove(&qpn);
             }
+            _ => {} // about a card let go of (device fatal) since
         }
     }
 }
 
 impl<N: Nic, C: Clock> Drop for Endpoint<N, C> {
-    /// Closes every connection still running on the shared queues together (each would see
-    /// nothing by itself once the endpoint is gone), within one configured linger.
+    /// Closes every connection still running together (those on the shared queues would see
+    /// nothing by themselves once the endpoint is gone), within one configured linger; those set
+    /// up in the background and not yet taken are taken first, so that they close too.
     fn drop(&mut self) {
-        let running = |c: &Connection<N, C>| {
-            c.on_shared_queues() && (!c.core().is_dead() || c.core().bye_pending())
-        };
+        while self.poll_connected().is_some() {}
+        let running = |c: &Connection<N, C>| !c.core().is_dead() || c.core().bye_pending();
         if !self.connections().any(running) {
             return;
         }

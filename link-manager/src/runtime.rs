@@ -86,9 +86,9 @@ pub enum CloseError {
     /// The session had ended otherwise first; `unacked()` lists what the peer did not deliver.
     #[error("session ended before the close: {0}")]
     Ended(EndReason),
-    /// The connection belongs to an [`crate::Endpoint`] whose shared completion queues carry its
-    /// completions: the close was started, and ends as the endpoint is polled. Close it with
-    /// [`crate::Endpoint::close`] to wait for it.
+    /// The connection's completions come through its [`crate::Endpoint`]'s shared completion
+    /// queues: the close was started, and ends as the endpoint is polled. Wait for it with
+    /// [`crate::Endpoint::close`].
     #[error("the connection is driven by its endpoint: close it with Endpoint::close")]
     DrivenByEndpoint,
     /// [`crate::Endpoint::close`] of an id that names no connection (any more).
@@ -729,6 +729,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         timeout_ns: Nanos,
         mut deliver: impl FnMut(&[u8]),
     ) -> Result<usize, RecvError> {
+        if self.on_shared_queues() {
+            return Err(RecvError::DrivenByEndpoint); // it would never see a completion
+        }
         let deadline = self.clock.now().saturating_add(timeout_ns);
         loop {
             let n = self.poll(&mut deliver)?;
@@ -745,6 +748,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         buf: &mut [u8],
         timeout_ns: Nanos,
     ) -> Result<Option<usize>, RecvError> {
+        if self.on_shared_queues() {
+            return Err(RecvError::DrivenByEndpoint); // it would never see a completion
+        }
         let deadline = self.clock.now().saturating_add(timeout_ns);
         loop {
             if let Some(n) = self.recv(buf)? {
@@ -844,11 +850,12 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         true
     }
 
-    /// The numbers of this connection's queue pairs on shared completion queues, with their rails.
-    pub(crate) fn shared_links(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+    /// This connection's queue pairs on shared completion queues: (rail, number, the card's
+    /// epoch).
+    pub(crate) fn shared_links(&self) -> impl Iterator<Item = (usize, u32, u64)> + '_ {
         self.rails.iter().enumerate().filter_map(|(i, r)| {
             let guard = r.card.as_ref()?.route.as_ref()?;
-            Some((i, guard.qpn()))
+            Some((i, guard.qpn(), guard.epoch()))
         })
     }
 
@@ -1033,7 +1040,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// sent — at most `linger_ns` — then the peer is told (it sees [`EndReason::PeerClosed`],
     /// never a fault). Records the peer did not deliver stay listed by `unacked()`.
     /// Dropping a connection (or its [`Receiver`]) does this with the configured
-    /// [`crate::Config::close_linger_ns`].
+    /// [`crate::Config::close_linger_ns`]. A connection of an [`crate::Endpoint`] closes through
+    /// it ([`crate::Endpoint::close`], [`crate::Endpoint::remove`], or dropping the endpoint):
+    /// here it gets [`CloseError::DrivenByEndpoint`].
     pub fn close(&mut self, linger_ns: Nanos) -> Result<(), CloseError> {
         let start = self.clock.now();
         self.start_close(linger_ns);

@@ -6,19 +6,24 @@
 //! polls and hands each completion to its link's connection by queue pair number.
 //!
 //! Links are made at set-up, on the endpoint's thread or on a background set-up thread, so the
-//! queues with room are kept in a `QueuePool` behind a lock taken only when a link is made or
-//! dropped. What the endpoint must know travels to it as `QueueNews`, in order: a new queue, a
-//! link made on one (its completions may arrive before its connection is inserted: they wait for
-//! it), and a link gone (a completion that names it afterwards is a leftover, dropped).
+//! queues with room are kept in a `QueuePool` behind a lock taken only when a link is made (never
+//! when one is dropped: that may happen on the data path). What the endpoint must know travels to
+//! it as `QueueNews`, in order: a new queue, a link made on one (its completions may arrive before
+//! its connection is inserted: they wait for it), and a link gone (a completion that names it
+//! afterwards is a leftover, dropped). Queue pair numbers are unique per card only while it stays
+//! open, so every piece of news carries the card's epoch: after a device-fatal release the
+//! endpoint ignores news of links on the card it let go of.
 //!
 //! A queue pair number is reused by the provider only after its queue pair was destroyed, and the
 //! news that the older link is gone is sent before it is destroyed, so before the news of a newer
 //! link with its number: a number is never routed to two links at once. A destroyed link's
-//! leftovers still queued when its number is reused would reach the new link; mlx5 cleans a
+//! leftovers still queued when its number is reused would reach the new link: mlx5 cleans a
 //! destroyed queue pair's entries out of its completion queue, and rxe hands out numbers
-//! cyclically, so that does not happen on either. Re-armed rails get a queue pair with a completion queue of its own (the control thread
+//! cyclically (`xa_alloc_cyclic`), so that does not happen on either. (A provider that did both
+//! the opposite way would hand such a link a flushed completion, which fails that rail over.) Re-armed rails get a queue pair with a completion queue of its own (the control thread
 //! makes them): [`crate::Receiver::progress`] polls those as before.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use railover_rdma::{FabricError, Link, LinkParams, Nic, SharedCq};
@@ -27,14 +32,19 @@ use railover_rdma::{FabricError, Link, LinkParams, Nic, SharedCq};
 /// is 32K).
 const QUEUE_ENTRIES_BUDGET: u32 = 16_384;
 
-/// What the endpoint learns from the set-ups, in the order it happened.
+/// What the endpoint learns from the set-ups, in the order it happened. `epoch` names the opening
+/// of rail `rail`'s card the news is about (see [`QueuePool::forget_rail`]).
 pub(crate) enum QueueNews<N: Nic> {
-    /// A new queue on rail `rail`'s card, to poll from now on.
-    Queue { rail: usize, cq: N::SharedCq },
-    /// A link was made on one of rail `rail`'s queues.
-    Link { rail: usize, qpn: u32 },
+    /// A new queue on the card, to poll from now on.
+    Queue {
+        rail: usize,
+        epoch: u64,
+        cq: N::SharedCq,
+    },
+    /// A link was made on one of the card's queues.
+    Link { rail: usize, epoch: u64, qpn: u32 },
     /// That link is gone (or about to be destroyed): its number names nothing any more.
-    Gone { rail: usize, qpn: u32 },
+    Gone { rail: usize, epoch: u64, qpn: u32 },
 }
 
 /// The shared queues with room for more links, per rail, for whoever sets a connection up.
@@ -43,15 +53,20 @@ pub(crate) struct QueuePool<N: Nic> {
 }
 
 struct PoolInner<N: Nic> {
-    rails: Vec<Vec<PoolQueue<N>>>,
+    rails: Vec<RailQueues<N>>,
     news: mpsc::Sender<QueueNews<N>>,
-    next_id: u64,
+}
+
+struct RailQueues<N: Nic> {
+    /// Bumped when the card is let go of (device fatal): its queues are forgotten.
+    epoch: u64,
+    queues: Vec<PoolQueue<N>>,
 }
 
 struct PoolQueue<N: Nic> {
-    id: u64,
     attach: <N::SharedCq as SharedCq>::Attach,
-    links: u32,
+    /// Links on it now (their guards give their place back when dropped).
+    links: Arc<AtomicU32>,
 }
 
 impl<N: Nic> QueuePool<N> {
@@ -60,9 +75,13 @@ impl<N: Nic> QueuePool<N> {
         let (news, heard) = mpsc::channel();
         let pool = QueuePool {
             inner: Mutex::new(PoolInner {
-                rails: (0..rails).map(|_| Vec::new()).collect(),
+                rails: (0..rails)
+                    .map(|_| RailQueues {
+                        epoch: 0,
+                        queues: Vec::new(),
+                    })
+                    .collect(),
                 news,
-                next_id: 0,
             }),
         };
         (Arc::new(pool), heard)
@@ -81,7 +100,7 @@ impl<N: Nic> QueuePool<N> {
     /// refuses one, or the pool's queues are on a card opened again since `nic` was) gives a
     /// link with a queue of its own instead, polled by its connection: nothing fails for it.
     pub(crate) fn make_link(
-        self: &Arc<Self>,
+        &self,
         rail: usize,
         nic: &N,
         params: &LinkParams,
@@ -89,10 +108,13 @@ impl<N: Nic> QueuePool<N> {
         let per_queue = Self::links_per_queue(params);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
-        let Some(queues) = inner.rails.get_mut(rail) else {
+        let Some(card) = inner.rails.get_mut(rail) else {
             return Ok((nic.create_link(params)?, None));
         };
-        let at = match queues.iter().position(|q| q.links < per_queue) {
+        let epoch = card.epoch;
+        // Acquire: pairs with the Release in `RouteGuard::drop`, whose link went before it.
+        let room = |q: &PoolQueue<N>| q.links.load(Ordering::Acquire) < per_queue;
+        let at = match card.queues.iter().position(room) {
             Some(at) => at,
             None => {
                 let entries = per_queue * params.max_send_wr.saturating_add(params.max_recv_wr) * 2;
@@ -103,17 +125,15 @@ impl<N: Nic> QueuePool<N> {
                         return Ok((nic.create_link(params)?, None));
                     }
                 };
-                inner.next_id += 1;
-                queues.push(PoolQueue {
-                    id: inner.next_id,
+                card.queues.push(PoolQueue {
                     attach: cq.attach(),
-                    links: 0,
+                    links: Arc::default(),
                 });
-                let _ = inner.news.send(QueueNews::Queue { rail, cq });
-                queues.len() - 1
+                let _ = inner.news.send(QueueNews::Queue { rail, epoch, cq });
+                card.queues.len() - 1
             }
         };
-        let queue = &mut queues[at];
+        let queue = &card.queues[at];
         let link = match nic.create_link_on(params, &queue.attach) {
             Ok(link) => link,
             Err(FabricError::InvalidParams(why)) => {
@@ -126,42 +146,39 @@ impl<N: Nic> QueuePool<N> {
             }
             Err(e) => return Err(e),
         };
-        queue.links += 1;
+        // Relaxed: counted under the pool's lock; only the guard's decrement races with it.
+        queue.links.fetch_add(1, Ordering::Relaxed);
         let qpn = link.endpoint().qpn;
-        let _ = inner.news.send(QueueNews::Link { rail, qpn });
+        let _ = inner.news.send(QueueNews::Link { rail, epoch, qpn });
         let guard = RouteGuard {
-            pool: Arc::clone(self),
+            news: inner.news.clone(),
+            links: Arc::clone(&queue.links),
             rail,
-            queue: queue.id,
+            epoch,
             qpn,
         };
         Ok((link, Some(guard)))
     }
 
     /// Forgets rail `rail`'s queues (its card was released after a device-fatal event): links
-    /// made from now on go on queues of the card opened again.
-    pub(crate) fn forget_rail(&self, rail: usize) {
+    /// made from now on go on queues of the card opened again, and news of the old ones is
+    /// recognised as such by its epoch. Returns the new epoch.
+    pub(crate) fn forget_rail(&self, rail: usize) -> u64 {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(queues) = inner.rails.get_mut(rail) {
-            queues.clear();
-        }
-    }
-
-    fn link_gone(&self, rail: usize, queue: u64, qpn: u32) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(q) = inner.rails[rail].iter_mut().find(|q| q.id == queue) {
-            q.links -= 1;
-        }
-        let _ = inner.news.send(QueueNews::Gone { rail, qpn });
+        let card = &mut inner.rails[rail];
+        card.queues.clear();
+        card.epoch += 1;
+        card.epoch
     }
 }
 
 /// Held with a link on a shared queue, dropped just before it: the endpoint then stops routing
-/// its number, and the queue has room for another link.
+/// its number, and the queue has room for another link. Dropping it takes no lock.
 pub(crate) struct RouteGuard<N: Nic> {
-    pool: Arc<QueuePool<N>>,
+    news: mpsc::Sender<QueueNews<N>>,
+    links: Arc<AtomicU32>,
     rail: usize,
-    queue: u64,
+    epoch: u64,
     qpn: u32,
 }
 
@@ -170,10 +187,18 @@ impl<N: Nic> RouteGuard<N> {
     pub(crate) fn qpn(&self) -> u32 {
         self.qpn
     }
+
+    /// The opening of the card the link is on.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 impl<N: Nic> Drop for RouteGuard<N> {
     fn drop(&mut self) {
-        self.pool.link_gone(self.rail, self.queue, self.qpn);
+        let (rail, epoch, qpn) = (self.rail, self.epoch, self.qpn);
+        let _ = self.news.send(QueueNews::Gone { rail, epoch, qpn });
+        // Release: pairs with the Acquire in `QueuePool::make_link`.
+        self.links.fetch_sub(1, Ordering::Release);
     }
 }

@@ -5,7 +5,7 @@
 
 use railover::core::{EndReason, Event};
 use railover::endpoint::SimEndpoints;
-use railover::{CloseError, Config};
+use railover::{CloseError, Config, RecvError};
 use railover_rdma::LinkParams;
 use std::time::Duration;
 
@@ -131,6 +131,12 @@ fn closing_a_connection_of_the_endpoint_waits_only_for_the_peer() {
     // Alone, its completions never reach it: the close is started, and the endpoint finishes it.
     let alone = hosts.a.get_mut(a).unwrap().close(200 * MS);
     assert_eq!(alone, Err(CloseError::DrivenByEndpoint));
+    let wait = hosts.a.get_mut(a2).unwrap().poll_blocking(MS, |_| {});
+    assert_eq!(
+        wait,
+        Err(RecvError::DrivenByEndpoint),
+        "a blocking receive alone"
+    );
     let start = hosts.now();
     assert_eq!(hosts.a.close(a, 200 * MS), Ok(()));
     let took = hosts.now() - start;
