@@ -759,7 +759,7 @@ fn stream(
     let mut unacked = 0u64;
     let (mut data_bytes, mut standby_writes, mut records_resent) = (0u64, 0u64, 0u64);
     let mut control_writes = 0u64;
-    let (mut rails, mut rails_up) = (0, 0);
+    let (mut rails, mut rails_up, mut shared_rails) = (0, 0, 0);
     let (mut sent, mut delivered, mut peer_sent, mut lost) = (0u64, 0u64, Some(0u64), 0u64);
     let (mut duplicates, mut reordered, mut corrupted) = (0u64, 0u64, 0u64);
     let mut end_reasons: Vec<String> = Vec::new();
@@ -775,6 +775,7 @@ fn stream(
         records_resent += stats.records_resent;
         let r = conn.core().config().rails();
         rails += r;
+        shared_rails += conn.rails_on_shared_queues();
         rails_up += (0..r)
             .filter(|&x| conn.core().rail_state(x) != railover::RailState::Failed)
             .count();
@@ -853,6 +854,11 @@ fn stream(
         "error": if errors.is_empty() { serde_json::Value::Null } else { json!(errors.join("; ")) },
         "timeline": timeline,
     });
+    // An endpoint's connections: how many rails' queue pairs are on its shared completion
+    // queues, and how many of those it polls (beside the report: json! nests only so deep).
+    let mut report = report;
+    report["shared_rails"] = json!(shared_rails);
+    report["completion_queues"] = json!(ep.as_ref().map_or(0, |e| e.completion_queues()));
     if as_json {
         println!("{report}");
     } else {

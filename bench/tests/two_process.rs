@@ -380,7 +380,8 @@ fn a_connection_starts_with_one_wire_down_and_gains_its_redundancy_when_it_comes
 }
 
 /// `rdma resource` totals (qp, mr) over every device, as the kernel counts them.
-fn rdma_resources() -> (u64, u64) {
+/// The kernel's count of (queue pairs, registrations, completion queues) on every rxe device.
+fn rdma_resources() -> (u64, u64, u64) {
     let out = Command::new("rdma")
         .args(["resource", "show"])
         .output()
@@ -394,7 +395,7 @@ fn rdma_resources() -> (u64, u64) {
             .filter_map(|w| w[1].parse::<u64>().ok())
             .sum()
     };
-    (count("qp"), count("mr"))
+    (count("qp"), count("mr"), count("cq"))
 }
 
 #[test]
@@ -437,16 +438,18 @@ fn through_a_cut(
     n_conns: u64,
     title: &str,
     (serve, connect): (Peer, Peer),
-    baseline: (u64, u64),
+    baseline: (u64, u64, u64),
 ) -> [Value; 2] {
     cut_for("a", Duration::from_millis(3_000));
     let s = serve.report(Duration::from_secs(400));
     let c = connect.report(Duration::from_secs(400));
     let after = rdma_resources();
     write_result(&format!(
-        "{title}, wire a cut 3 s and restored: {}; queue pairs / registrations held at the end: {}/{} and {}/{}; rdma resource (qp, mr) before {baseline:?}, after {after:?}",
+        "{title}, wire a cut 3 s and restored: {}; queue pairs / registrations held at the end: {}/{} and {}/{}; rails on shared completion queues {}/{} and {}/{}, in {} and {} queues; rdma resource (qp, mr, cq) before {baseline:?}, after {after:?}",
         figures(&c),
-        c["live_qps"], c["live_mrs"], s["live_qps"], s["live_mrs"]
+        c["live_qps"], c["live_mrs"], s["live_qps"], s["live_mrs"],
+        c["shared_rails"], c["rails"], s["shared_rails"], s["rails"],
+        c["completion_queues"], s["completion_queues"]
     ));
     write_result(&format!("  {}", figures(&s)));
     check_stream(&s);
@@ -501,6 +504,11 @@ fn sixty_four_connections_on_one_endpoint_fail_over_and_come_back_together() {
     let title = "two processes x 64 connections on one endpoint x 2 rails";
     for r in through_a_cut(64, title, (serve, connect), baseline) {
         assert_eq!(r["endpoint"], true, "{r}");
+        // Every queue pair, re-armed ones included, on the cards' shared completion queues:
+        // 8 links a queue with the default depths, and at most twice the queues the links need
+        // at once (while a rail is re-armed, its old and fresh queue pairs coexist).
+        assert_eq!(n(&r, "shared_rails"), 128, "{r}");
+        assert!(n(&r, "completion_queues") <= 2 * 2 * 64 / 8, "{r}");
     }
 }
 

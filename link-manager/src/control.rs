@@ -27,7 +27,8 @@ use crate::config::{Config, MAX_RAILS};
 use crate::core::Nanos;
 use crate::rearm::{RearmIo, RearmProtocol, Role, FRAME};
 use crate::rejoin::TcpControl;
-use crate::runtime::{rail_hello, CardRegs, Clock, Receiver};
+use crate::runtime::{make_link, rail_hello, CardRegs, Clock, Receiver};
+use crate::shared_queues::{RoutedLink, SharedLinks};
 
 /// A byte stream to the peer's control plane. `recv` never blocks: `Ok(0)` means the peer closed
 /// it, `WouldBlock` that nothing is there now.
@@ -272,7 +273,7 @@ pub(crate) enum Outcome<N: Nic> {
     /// registrations.
     Install {
         rail: usize,
-        link: N::Link,
+        link: RoutedLink<N>,
         peer: Hello,
         card: Option<CardRegs<N>>,
     },
@@ -312,6 +313,8 @@ pub(crate) struct ThreadCard<N: Nic> {
     remotes: (RemoteRegion, RemoteRegion),
     /// A card opened again here, not yet handed over.
     reopened: Option<CardRegs<N>>,
+    /// An endpoint's connection: fresh queue pairs go on its shared completion queues.
+    shared: Option<SharedLinks<N>>,
 }
 
 impl<N: Nic> ThreadCard<N> {
@@ -321,6 +324,7 @@ impl<N: Nic> ThreadCard<N> {
         reopen: N::Reopen,
         mem: crate::runtime::RailMemory,
         remotes: (RemoteRegion, RemoteRegion),
+        shared: Option<SharedLinks<N>>,
     ) -> Self {
         ThreadCard {
             nic,
@@ -328,6 +332,7 @@ impl<N: Nic> ThreadCard<N> {
             mem,
             remotes,
             reopened: None,
+            shared,
         }
     }
 }
@@ -341,6 +346,8 @@ where
     N::Link: Send + 'static,
     N::Mr: Send + 'static,
     N::Reopen: Send + 'static,
+    N::SharedCq: Send + 'static,
+    <N::SharedCq as railover_rdma::SharedCq>::Attach: Send + 'static,
 {
     /// Starts the control thread of a connection whose rails' cards are `cards`.
     pub(crate) fn spawn(
@@ -440,9 +447,10 @@ impl<N: Nic> ControlThread<N> {
                     peer,
                     card,
                 } => {
+                    let RoutedLink { route, link } = link;
                     let old = match card {
-                        Some(regs) => rx.install_reopened(rail, link, regs, &peer),
-                        None => rx.install_rearmed_keep_old(rail, link, &peer),
+                        Some(regs) => rx.install_reopened(rail, link, route, regs, &peer),
+                        None => rx.install_rearmed_keep_old(rail, link, route, &peer),
                     };
                     if let Some(old) = old {
                         let _ = self.commands.send(Command::Retire(old));
@@ -475,7 +483,7 @@ fn prepare<N: Nic>(
     card: &mut ThreadCard<N>,
     cfg: &Config,
     rail: usize,
-) -> Result<(N::Link, Hello), String> {
+) -> Result<(RoutedLink<N>, Hello), String> {
     let nic = match (&card.reopened, card.nic.upgrade()) {
         (Some(regs), _) => regs.nic.clone(),
         (None, Some(nic)) => nic,
@@ -488,8 +496,8 @@ fn prepare<N: Nic>(
             nic
         }
     };
-    let link = nic.create_link(&cfg.link()).map_err(|e| e.to_string())?;
-    let hello = rail_hello(cfg, rail, link.endpoint(), card.remotes);
+    let link = make_link(card.shared.as_ref(), rail, &*nic, cfg).map_err(|e| e.to_string())?;
+    let hello = rail_hello(cfg, rail, link.link.endpoint(), card.remotes);
     Ok((link, hello))
 }
 
@@ -525,7 +533,7 @@ pub(crate) struct ControlTask<N: Nic> {
     /// Set when the connection is dropped.
     stop: Arc<AtomicBool>,
     proto: RearmProtocol,
-    fresh: FreshLinks<N::Link>,
+    fresh: FreshLinks<RoutedLink<N>>,
     lost_reported: bool,
     retransmissions: [Option<u64>; MAX_RAILS],
     start: Instant,
@@ -645,7 +653,10 @@ impl<N: Nic> ControlTask<N> {
                 peer,
             } => {
                 let result = match self.fresh.get_mut(rail, attempt) {
-                    Some(link) => link.connect(&peer.endpoint).map_err(|e| e.to_string()),
+                    Some(fresh) => fresh
+                        .link
+                        .connect(&peer.endpoint)
+                        .map_err(|e| e.to_string()),
                     None => Err("no fresh queue pair".to_string()),
                 };
                 proto.connected(rail, attempt, result, now);
@@ -730,6 +741,8 @@ where
     N::Link: Send + 'static,
     N::Mr: Send + 'static,
     N::Reopen: Send + 'static,
+    N::SharedCq: Send + 'static,
+    <N::SharedCq as railover_rdma::SharedCq>::Attach: Send + 'static,
 {
     #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
     pub(crate) fn spawn() -> std::io::Result<ControlPool<N>> {

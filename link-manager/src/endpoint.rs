@@ -87,6 +87,8 @@ struct SharedQueues<N: Nic> {
     news: mpsc::Receiver<QueueNews<N>>,
     /// Per rail.
     cards: Vec<CardQueues<N>>,
+    /// The connections held, by the token their links' news names them with.
+    owners: HashMap<u64, ConnectionId>,
 }
 
 struct CardQueues<N: Nic> {
@@ -181,6 +183,7 @@ where
                 pool,
                 news,
                 cards: (0..cards.len()).map(|_| CardQueues::new(0)).collect(),
+                owners: HashMap::new(),
             },
             incoming: None,
             cfg,
@@ -291,6 +294,10 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         // Its links on the shared queues are its own from now on; what they completed meanwhile
         // is handed over first, in order.
         hear_news(&mut self.queues);
+        if let Some(owner) = conn.route_owner() {
+            // Links made for it from now on (re-arms) route to it at once.
+            self.queues.owners.insert(owner, id);
+        }
         let links: Vec<(usize, u32, u64)> = conn.shared_links().collect();
         for (rail, qpn, epoch) in links {
             let card = &mut self.queues.cards[rail];
@@ -333,6 +340,9 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             return None;
         }
         let entry = slot.conn.take()?;
+        if let Some(owner) = entry.conn.route_owner() {
+            self.queues.owners.remove(&owner);
+        }
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(id.index);
         self.live -= 1;
@@ -777,10 +787,17 @@ fn hear_news<N: Nic>(queues: &mut SharedQueues<N>) {
             QueueNews::Queue { rail, epoch, cq } if queues.cards[rail].epoch == epoch => {
                 queues.cards[rail].queues.push(cq);
             }
-            QueueNews::Link { rail, epoch, qpn } if queues.cards[rail].epoch == epoch => {
-                queues.cards[rail]
-                    .routes
-                    .insert(qpn, Route::Waiting(Vec::new()));
+            QueueNews::Link {
+                rail,
+                epoch,
+                qpn,
+                owner,
+            } if queues.cards[rail].epoch == epoch => {
+                let route = match queues.owners.get(&owner) {
+                    Some(&id) => Route::Held(id),
+                    None => Route::Waiting(Vec::new()),
+                };
+                queues.cards[rail].routes.insert(qpn, route);
             }
             QueueNews::Gone { rail, epoch, qpn } if queues.cards[rail].epoch == epoch => {
                 queues.cards[rail].routes.remove(&qpn);

@@ -20,7 +20,7 @@ use crate::core::{
 };
 use crate::memory::{QueueMem, RegionMem};
 use crate::rearm::Role;
-use crate::shared_queues::{QueuePool, RouteGuard};
+use crate::shared_queues::{QueuePool, RouteGuard, RoutedLink, SharedLinks};
 
 /// How this connection re-arms rails with a peer in another process.
 enum Control<N: Nic> {
@@ -181,13 +181,10 @@ impl<N: Nic> CardIo<N> {
         cfg: &Config,
         core: &Core,
         rail: usize,
-        shared: Option<&Arc<QueuePool<N>>>,
+        shared: Option<&SharedLinks<N>>,
     ) -> Result<CardIo<N>, ConnectError> {
         let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(core, rail))?;
-        let (link, route) = match shared {
-            Some(pool) => pool.make_link(rail, &regs.nic, &cfg.link())?,
-            None => (regs.nic.create_link(&cfg.link())?, None),
-        };
+        let RoutedLink { route, link } = make_link(shared, rail, &regs.nic, cfg)?;
         Ok(CardIo { route, link, regs })
     }
 
@@ -195,6 +192,27 @@ impl<N: Nic> CardIo<N> {
         &self.regs.nic
     }
 }
+
+/// A fresh queue pair for rail `rail` on `nic`: on the endpoint's shared completion queues when
+/// the connection has them (see [`crate::shared_queues`]), else with a queue of its own.
+pub(crate) fn make_link<N: Nic>(
+    shared: Option<&SharedLinks<N>>,
+    rail: usize,
+    nic: &N,
+    cfg: &Config,
+) -> Result<RoutedLink<N>, FabricError> {
+    match shared {
+        Some(s) => s.make_link(rail, nic, &cfg.link()),
+        None => Ok(RoutedLink {
+            route: None,
+            link: nic.create_link(&cfg.link())?,
+        }),
+    }
+}
+
+/// At most this many completions wait for a queue pair's install (a fresh one's receives and
+/// the peer's first writes: far fewer).
+const MAX_EARLY: usize = 4_096;
 
 /// A connection whose links exist but are not yet connected to the peer's.
 pub struct PendingConnection<N: Nic, C: Clock> {
@@ -242,6 +260,14 @@ pub struct Receiver<N: Nic, C: Clock> {
     pub(crate) peer_endpoint: Option<u64>,
     /// Its place in the group of connections to the same peer endpoint (see [`crate::liveness`]).
     pub(crate) liveness: Option<crate::liveness::Member>,
+    /// An endpoint's connection: its queue pairs go on the endpoint's shared completion queues,
+    /// whose completions the endpoint hands over ([`Receiver::shared_completion`]).
+    shared: Option<SharedLinks<N>>,
+    /// Completions handed over for a queue pair not (yet) installed: a re-armed rail's fresh one
+    /// hears from the peer before the install. Handled right after it, in order; the rest dropped.
+    early: Vec<(usize, u32, Completion)>,
+    /// The routes of fresh queue pairs made by [`Receiver::rearm_prepare`], until installed.
+    fresh_routes: Vec<RouteGuard<N>>,
 }
 
 /// Lets a split [`Sender`] wake its [`Receiver`] sleeping in a blocking receive, so a record
@@ -537,7 +563,8 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         pool: &Arc<QueuePool<N>>,
     ) -> Result<Self, ConnectError> {
         let core = Core::new(cfg, clock.now())?;
-        let mut pending = Self::with_core(cfg, cards, clock, core, Some(pool))?;
+        let shared = SharedLinks::new(pool);
+        let mut pending = Self::with_core(cfg, cards, clock, core, Some(shared))?;
         pending.conn.rx.card_events_elsewhere = true;
         Ok(pending)
     }
@@ -561,7 +588,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         cards: Vec<RailCard<N>>,
         clock: C,
         core: Core,
-        shared: Option<&Arc<QueuePool<N>>>,
+        shared: Option<SharedLinks<N>>,
     ) -> Result<Self, ConnectError> {
         if cards.len() != cfg.rails() {
             return Err(ConnectError::RailCount {
@@ -575,7 +602,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             let (card, reopen) = match card {
                 RailCard::Open(nic) => {
                     let reopen = nic.reopen_token();
-                    let card = CardIo::open(nic, &cfg, &core, i, shared)?;
+                    let card = CardIo::open(nic, &cfg, &core, i, shared.as_ref())?;
                     hellos.push(rail_hello(
                         &cfg,
                         i,
@@ -613,6 +640,9 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     sender_gone: None,
                     next_counter_read: 0,
                     card_events_elsewhere: false,
+                    shared,
+                    early: Vec::new(),
+                    fresh_routes: Vec::new(),
                     peer_endpoint: None,
                     liveness: None,
                 },
@@ -844,6 +874,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let current = self.rails.get(rail).and_then(|r| r.card.as_ref());
         let route = current.and_then(|card| card.route.as_ref());
         if route.map(RouteGuard::qpn) != Some(qpn) {
+            // Not installed yet, or a leftover of one replaced (dropped at the next install).
+            if self.early.len() < MAX_EARLY {
+                self.early.push((rail, qpn, c));
+            }
             return false;
         }
         self.core.handle_completion(rail, c);
@@ -862,7 +896,39 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Whether a rail's queue pair is on an endpoint's shared completion queue: only the endpoint
     /// sees its completions, so a blocking close must be driven there.
     pub fn on_shared_queues(&self) -> bool {
-        self.shared_links().next().is_some()
+        self.shared.is_some()
+    }
+
+    /// How many of its rails' queue pairs are on its endpoint's shared completion queues (the
+    /// others have queues of their own, which its `progress` polls).
+    pub fn rails_on_shared_queues(&self) -> usize {
+        self.shared_links().count()
+    }
+
+    /// The token the endpoint's queue news names this connection by.
+    pub(crate) fn route_owner(&self) -> Option<u64> {
+        self.shared.as_ref().map(SharedLinks::owner)
+    }
+
+    /// After a queue pair was installed on `rail`: handles what was handed over for it before,
+    /// in order, and drops what was for any other one of the rail.
+    fn take_early(&mut self, rail: usize) {
+        if self.early.is_empty() {
+            return;
+        }
+        let current = self.rails[rail]
+            .card
+            .as_ref()
+            .and_then(|c| c.route.as_ref())
+            .map(RouteGuard::qpn);
+        let core = &mut self.core;
+        self.early.retain(|&(r, qpn, c)| {
+            if r == rail && Some(qpn) == current {
+                core.handle_completion(rail, c);
+            }
+            r != rail
+        });
+        self.flush();
     }
 
     /// Before a blocking wait: arms the rails' completion channels and tells a split sender this
@@ -1279,11 +1345,15 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         if self.rails[rail].card.is_none() {
             let nic = N::reopen(&self.rails[rail].reopen)?;
             tracing::info!(rail, card = nic.name(), "card opened again");
-            self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail, None)?);
+            let shared = self.shared.as_ref();
+            self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail, shared)?);
         }
         let card = self.rails[rail].card.as_ref().expect("opened above");
-        let link = card.nic().create_link(&cfg.link())?;
+        let RoutedLink { route, link } = make_link(self.shared.as_ref(), rail, card.nic(), &cfg)?;
         let hello = rail_hello(&cfg, rail, link.endpoint(), card.regs.remotes());
+        // An earlier attempt's queue pair on this rail is gone (or never used).
+        self.fresh_routes.retain(|g| g.rail() != rail);
+        self.fresh_routes.extend(route);
         Ok((link, hello))
     }
 
@@ -1323,7 +1393,25 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Installs an already connected fresh queue pair on `rail` (the peer's hello validated);
     /// the old queue pair is destroyed here.
     pub fn install_rearmed(&mut self, rail: usize, link: N::Link, peer: &Hello) {
-        drop(self.install_rearmed_keep_old(rail, link, peer));
+        drop(self.install_rearmed_keep_old(rail, link, None, peer));
+    }
+
+    /// The route of `link` (made for `rail`): `route` if given (the control thread's), else the
+    /// one [`Receiver::rearm_prepare`] kept.
+    fn route_of(
+        &mut self,
+        rail: usize,
+        link: &N::Link,
+        route: Option<RouteGuard<N>>,
+    ) -> Option<RouteGuard<N>> {
+        route.or_else(|| {
+            let qpn = link.endpoint().qpn;
+            let at = self
+                .fresh_routes
+                .iter()
+                .position(|g| g.rail() == rail && g.qpn() == qpn)?;
+            Some(self.fresh_routes.swap_remove(at))
+        })
     }
 
     /// Like [`Receiver::install_rearmed`], handing back the old queue pair for the caller to
@@ -1332,22 +1420,25 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         &mut self,
         rail: usize,
         link: N::Link,
+        route: Option<RouteGuard<N>>,
         peer: &Hello,
     ) -> Option<N::Link> {
+        let route = self.route_of(rail, &link, route);
         let r = &mut self.rails[rail];
         let Some(card) = r.card.as_mut() else {
             // Released (device fatal) since the queue pair was made: try again later.
             self.rearm_failed(rail);
             return Some(link);
         };
-        // A re-armed queue pair has a completion queue of its own (see `crate::shared_queues`).
-        card.route = None;
+        // The old queue pair's route goes first (its news before it is destroyed).
+        card.route = route;
         let old = std::mem::replace(&mut card.link, link);
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
         let now = self.clock.now();
         self.core.rail_rearmed(rail, now);
         self.flush();
+        self.take_early(rail);
         Some(old)
     }
 
@@ -1358,6 +1449,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         &mut self,
         rail: usize,
         link: N::Link,
+        route: Option<RouteGuard<N>>,
         regs: CardRegs<N>,
         peer: &Hello,
     ) -> Option<N::Link> {
@@ -1369,16 +1461,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             return Some(link);
         }
         let r = &mut self.rails[rail];
-        r.card = Some(CardIo {
-            route: None,
-            link,
-            regs,
-        });
+        r.card = Some(CardIo { route, link, regs });
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
         let now = self.clock.now();
         self.core.rail_rearmed(rail, now);
         self.flush();
+        self.take_early(rail);
         None
     }
 
@@ -1446,6 +1535,8 @@ where
     N::Link: Send + 'static,
     N::Mr: Send + 'static,
     N::Reopen: Send + 'static,
+    N::SharedCq: Send + 'static,
+    <N::SharedCq as railover_rdma::SharedCq>::Attach: Send + 'static,
     C: Clock,
 {
     /// Re-arms failed rails with a peer in another process over `channel` (the TCP stream the
@@ -1483,6 +1574,7 @@ where
                     r.reopen.clone(),
                     RailMemory::of(&self.core, i),
                     remotes,
+                    self.shared.clone(),
                 )
             })
             .collect();

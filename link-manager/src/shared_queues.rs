@@ -20,10 +20,14 @@
 //! leftovers still queued when its number is reused would reach the new link: mlx5 cleans a
 //! destroyed queue pair's entries out of its completion queue, and rxe hands out numbers
 //! cyclically (`xa_alloc_cyclic`), so that does not happen on either. (A provider that did both
-//! the opposite way would hand such a link a flushed completion, which fails that rail over.) Re-armed rails get a queue pair with a completion queue of its own (the control thread
-//! makes them): [`crate::Receiver::progress`] polls those as before.
+//! the opposite way would hand such a link a flushed completion, which fails that rail over.)
+//!
+//! A re-armed rail's fresh queue pair goes on the shared queues too, made on the control thread
+//! (or inline): its news names the connection that will own it (`SharedLinks::owner`), so the
+//! endpoint routes its completions there at once. Those that come before the connection installs
+//! it wait in the connection, in order, and are handled right after the install.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use railover_rdma::{FabricError, Link, LinkParams, Nic, SharedCq};
@@ -41,8 +45,13 @@ pub(crate) enum QueueNews<N: Nic> {
         epoch: u64,
         cq: N::SharedCq,
     },
-    /// A link was made on one of the card's queues.
-    Link { rail: usize, epoch: u64, qpn: u32 },
+    /// A link was made on one of the card's queues, for the connection `owner` names.
+    Link {
+        rail: usize,
+        epoch: u64,
+        qpn: u32,
+        owner: u64,
+    },
     /// That link is gone (or about to be destroyed): its number names nothing any more.
     Gone { rail: usize, epoch: u64, qpn: u32 },
 }
@@ -50,6 +59,57 @@ pub(crate) enum QueueNews<N: Nic> {
 /// The shared queues with room for more links, per rail, for whoever sets a connection up.
 pub(crate) struct QueuePool<N: Nic> {
     inner: Mutex<PoolInner<N>>,
+    /// The last owner token handed out (see [`SharedLinks`]).
+    owners: AtomicU64,
+}
+
+/// What a connection makes its links with: the endpoint's pool, and the token that names the
+/// connection in the pool's news (the endpoint learns which connection it is at the insert).
+pub(crate) struct SharedLinks<N: Nic> {
+    pool: Arc<QueuePool<N>>,
+    owner: u64,
+}
+
+impl<N: Nic> Clone for SharedLinks<N> {
+    fn clone(&self) -> Self {
+        SharedLinks {
+            pool: Arc::clone(&self.pool),
+            owner: self.owner,
+        }
+    }
+}
+
+impl<N: Nic> SharedLinks<N> {
+    /// For a new connection.
+    pub(crate) fn new(pool: &Arc<QueuePool<N>>) -> Self {
+        // Relaxed: a unique number, nothing published with it.
+        let owner = pool.owners.fetch_add(1, Ordering::Relaxed) + 1;
+        SharedLinks {
+            pool: Arc::clone(pool),
+            owner,
+        }
+    }
+
+    pub(crate) fn owner(&self) -> u64 {
+        self.owner
+    }
+
+    /// A link for this connection's rail `rail` (see [`QueuePool::make_link`]).
+    pub(crate) fn make_link(
+        &self,
+        rail: usize,
+        nic: &N,
+        params: &LinkParams,
+    ) -> Result<RoutedLink<N>, FabricError> {
+        self.pool.make_link(rail, nic, params, self.owner)
+    }
+}
+
+/// A queue pair and, when it is on a shared queue, its guard. Field order is drop order: the
+/// endpoint hears the link is gone before it is destroyed.
+pub(crate) struct RoutedLink<N: Nic> {
+    pub(crate) route: Option<RouteGuard<N>>,
+    pub(crate) link: N::Link,
 }
 
 struct PoolInner<N: Nic> {
@@ -83,6 +143,7 @@ impl<N: Nic> QueuePool<N> {
                     .collect(),
                 news,
             }),
+            owners: AtomicU64::new(0),
         };
         (Arc::new(pool), heard)
     }
@@ -99,17 +160,24 @@ impl<N: Nic> QueuePool<N> {
     /// with the guard that tells the endpoint when it goes. A queue that can't be had (the device
     /// refuses one, or the pool's queues are on a card opened again since `nic` was) gives a
     /// link with a queue of its own instead, polled by its connection: nothing fails for it.
-    pub(crate) fn make_link(
+    fn make_link(
         &self,
         rail: usize,
         nic: &N,
         params: &LinkParams,
-    ) -> Result<(N::Link, Option<RouteGuard<N>>), FabricError> {
+        owner: u64,
+    ) -> Result<RoutedLink<N>, FabricError> {
+        let own = |nic: &N| -> Result<RoutedLink<N>, FabricError> {
+            Ok(RoutedLink {
+                route: None,
+                link: nic.create_link(params)?,
+            })
+        };
         let per_queue = Self::links_per_queue(params);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
         let Some(card) = inner.rails.get_mut(rail) else {
-            return Ok((nic.create_link(params)?, None));
+            return own(nic);
         };
         let epoch = card.epoch;
         // Acquire: pairs with the Release in `RouteGuard::drop`, whose link went before it.
@@ -122,7 +190,7 @@ impl<N: Nic> QueuePool<N> {
                     Ok(cq) => cq,
                     Err(e) => {
                         tracing::warn!(rail, error = %e, "no shared completion queue: the link gets its own");
-                        return Ok((nic.create_link(params)?, None));
+                        return own(nic);
                     }
                 };
                 card.queues.push(PoolQueue {
@@ -142,14 +210,19 @@ impl<N: Nic> QueuePool<N> {
                     why,
                     "the shared queue is another card's: the link gets its own"
                 );
-                return Ok((nic.create_link(params)?, None));
+                return own(nic);
             }
             Err(e) => return Err(e),
         };
         // Relaxed: counted under the pool's lock; only the guard's decrement races with it.
         queue.links.fetch_add(1, Ordering::Relaxed);
         let qpn = link.endpoint().qpn;
-        let _ = inner.news.send(QueueNews::Link { rail, epoch, qpn });
+        let _ = inner.news.send(QueueNews::Link {
+            rail,
+            epoch,
+            qpn,
+            owner,
+        });
         let guard = RouteGuard {
             news: inner.news.clone(),
             links: Arc::clone(&queue.links),
@@ -157,7 +230,10 @@ impl<N: Nic> QueuePool<N> {
             epoch,
             qpn,
         };
-        Ok((link, Some(guard)))
+        Ok(RoutedLink {
+            route: Some(guard),
+            link,
+        })
     }
 
     /// Forgets rail `rail`'s queues (its card was released after a device-fatal event): links
@@ -186,6 +262,10 @@ impl<N: Nic> RouteGuard<N> {
     /// The number the link's completions carry.
     pub(crate) fn qpn(&self) -> u32 {
         self.qpn
+    }
+
+    pub(crate) fn rail(&self) -> usize {
+        self.rail
     }
 
     /// The opening of the card the link is on.

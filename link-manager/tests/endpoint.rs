@@ -274,6 +274,22 @@ fn a_cut_wire_fails_over_every_connection_of_the_endpoint_in_one_pass() {
         }
     }
     assert_eq!(hosts.a.len(), 256);
+    // The re-armed rails' queue pairs are on the cards' shared completion queues too: the
+    // endpoint still polls a few queues per card, not one per re-armed link.
+    for &(x, y) in &hosts.pairs {
+        assert_eq!(hosts.a.get(x).unwrap().rails_on_shared_queues(), 2, "{x}");
+        assert_eq!(hosts.b.get(y).unwrap().rails_on_shared_queues(), 2, "{y}");
+    }
+    // 512 + 512 completions per link, 16,384 per queue, twice over: 8 links a queue. While
+    // rail 0 is re-armed, each connection has its old and its fresh queue pair at once.
+    let per_queue = 8;
+    for (host, ep) in [(1, &hosts.a), (2, &hosts.b)] {
+        let queues = ep.completion_queues();
+        assert!(
+            queues <= 2 * 2 * 256 / per_queue,
+            "host {host} polls {queues} queues for 512 queue pairs"
+        );
+    }
 }
 
 /// Liveness per card pair: 64 connections' standby rails share one heartbeat per interval (and
