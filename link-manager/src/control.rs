@@ -119,19 +119,19 @@ enum Handover<L> {
 }
 
 /// The re-arm protocol carried out inside `progress`, on the data thread.
-pub struct InlineControl<L> {
+pub struct InlineControl<N: Nic> {
     proto: RearmProtocol,
     channel: Box<dyn ControlChannel + Send>,
-    fresh: FreshLinks<L>,
+    fresh: FreshLinks<RoutedLink<N>>,
     lost_reported: bool,
     /// How long results wait before the data path takes them, in order (0: at once). The
     /// simulator sets it to model a control thread: its results reach the data thread on that
     /// thread's next `progress`, while frames, faults and the peer carry on meanwhile.
     handover_lag_ns: Nanos,
-    handovers: std::collections::VecDeque<(Nanos, Handover<L>)>,
+    handovers: std::collections::VecDeque<(Nanos, Handover<RoutedLink<N>>)>,
 }
 
-impl<L: Link> InlineControl<L> {
+impl<N: Nic> InlineControl<N> {
     pub fn new(channel: Box<dyn ControlChannel + Send>, role: Role, cfg: &Config) -> Self {
         InlineControl {
             proto: RearmProtocol::new(role, cfg.rails())
@@ -153,7 +153,7 @@ impl<L: Link> InlineControl<L> {
         self.proto.completed()
     }
 
-    fn hand_over<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>, h: Handover<L>) {
+    fn hand_over<C: Clock>(&mut self, rx: &mut Receiver<N, C>, h: Handover<RoutedLink<N>>) {
         if self.handover_lag_ns == 0 && self.handovers.is_empty() {
             Self::apply(rx, h);
         } else {
@@ -162,9 +162,9 @@ impl<L: Link> InlineControl<L> {
         }
     }
 
-    fn apply<N: Nic<Link = L>, C: Clock>(rx: &mut Receiver<N, C>, h: Handover<L>) {
+    fn apply<C: Clock>(rx: &mut Receiver<N, C>, h: Handover<RoutedLink<N>>) {
         match h {
-            Handover::Install { rail, link, peer } => rx.install_rearmed(rail, link, &peer),
+            Handover::Install { rail, link, peer } => rx.install_routed(rail, link, &peer),
             Handover::Failed(rail) => rx.rearm_failed(rail),
             Handover::Lost => rx.rearm_channel_lost(),
             Handover::Restored => rx.rearm_channel_restored(),
@@ -172,7 +172,7 @@ impl<L: Link> InlineControl<L> {
     }
 
     /// Hands over the results that are due, in order.
-    fn deliver_due<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
+    fn deliver_due<C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
         if self.handovers.is_empty() {
             return; // (the steady state: no clock read)
         }
@@ -185,7 +185,7 @@ impl<L: Link> InlineControl<L> {
 
     /// Advances the protocol: the core's requests, the peer's frames, time-outs. The channel is
     /// read only while a rail is failed or an exchange is under way (no system call otherwise).
-    pub fn serve<N: Nic<Link = L>, C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
+    pub fn serve<C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
         self.deliver_due(rx);
         if !(self.proto.busy()
             || rx.has_rearm_request()
@@ -209,7 +209,7 @@ impl<L: Link> InlineControl<L> {
                         self.proto.channel_failed();
                     }
                 }
-                RearmIo::Prepare { rail, attempt } => match rx.rearm_prepare(rail) {
+                RearmIo::Prepare { rail, attempt } => match rx.prepare_fresh(rail) {
                     Ok((link, ours)) => {
                         self.fresh.put(rail, attempt, link);
                         self.proto.prepared::<String>(rail, attempt, Ok(ours), now);
@@ -222,7 +222,10 @@ impl<L: Link> InlineControl<L> {
                     peer,
                 } => {
                     let result = match self.fresh.get_mut(rail, attempt) {
-                        Some(link) => link.connect(&peer.endpoint).map_err(|e| e.to_string()),
+                        Some(fresh) => fresh
+                            .link
+                            .connect(&peer.endpoint)
+                            .map_err(|e| e.to_string()),
                         None => Err("no fresh queue pair".into()),
                     };
                     self.proto.connected(rail, attempt, result, now);
@@ -313,7 +316,8 @@ pub(crate) struct ThreadCard<N: Nic> {
     remotes: (RemoteRegion, RemoteRegion),
     /// A card opened again here, not yet handed over.
     reopened: Option<CardRegs<N>>,
-    /// An endpoint's connection: fresh queue pairs go on its shared completion queues.
+    /// An endpoint's connection: fresh queue pairs go on its shared completion queues, as long as
+    /// the card is the endpoint's (not one this connection opened again by itself).
     shared: Option<SharedLinks<N>>,
 }
 
@@ -493,6 +497,8 @@ fn prepare<N: Nic>(
             let regs = CardRegs::register(nic.clone(), &card.mem).map_err(|e| e.to_string())?;
             card.remotes = regs.remotes();
             card.reopened = Some(regs);
+            // Its own handle on the device: the endpoint's shared queues are not on it.
+            card.shared = None;
             nic
         }
     };

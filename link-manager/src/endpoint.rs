@@ -112,9 +112,10 @@ impl<N: Nic> CardQueues<N> {
 
 /// Whose a link on a shared queue is.
 enum Route {
-    /// Its connection isn't inserted yet (set up in the background, or prepared and not yet
-    /// inserted): its completions wait here, in order, and are handed over at the insert.
-    Waiting(Vec<Completion>),
+    /// Its connection (`owner`, see [`crate::shared_queues`]) isn't inserted yet (set up in the
+    /// background, or prepared and not yet inserted): its completions wait here, in order, and
+    /// are handed over at the insert.
+    Waiting { owner: u64, early: Vec<Completion> },
     /// This connection's.
     Held(ConnectionId),
 }
@@ -295,18 +296,20 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         // is handed over first, in order.
         hear_news(&mut self.queues);
         if let Some(owner) = conn.route_owner() {
-            // Links made for it from now on (re-arms) route to it at once.
+            // Links made for it from now on (re-arms) route to it at once; those made already
+            // (at set-up, or a re-arm that ran before the insert) route to it from here on.
             self.queues.owners.insert(owner, id);
-        }
-        let links: Vec<(usize, u32, u64)> = conn.shared_links().collect();
-        for (rail, qpn, epoch) in links {
-            let card = &mut self.queues.cards[rail];
-            if card.epoch != epoch {
-                continue; // on a card let go of since: that rail fails and is re-armed
-            }
-            if let Some(Route::Waiting(early)) = card.routes.insert(qpn, Route::Held(id)) {
-                for c in early {
-                    conn.shared_completion(rail, qpn, c);
+            for (rail, card) in self.queues.cards.iter_mut().enumerate() {
+                for (&qpn, route) in card.routes.iter_mut() {
+                    if matches!(route, Route::Waiting { owner: o, .. } if *o == owner) {
+                        if let Route::Waiting { early, .. } =
+                            std::mem::replace(route, Route::Held(id))
+                        {
+                            for c in early {
+                                conn.shared_completion(rail, qpn, c);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -672,32 +675,31 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
 
     /// Hands `c`, from one of rail `rail`'s shared queues, to its link's connection.
     fn route(&mut self, rail: usize, c: SharedCompletion) {
-        let mut route = self.queues.cards[rail].routes.get_mut(&c.qpn);
-        if route.is_none() {
-            hear_news(&mut self.queues); // a link made since the last look
-            route = self.queues.cards[rail].routes.get_mut(&c.qpn);
-        }
-        match route {
-            Some(Route::Held(id)) => {
-                let id = *id;
-                let Some(e) = self.entry_mut(id) else {
-                    return; // removed: its link's leftovers
-                };
-                if !e.conn.shared_completion(rail, c.qpn, c.completion) {
-                    tracing::trace!(
-                        rail,
-                        qpn = c.qpn,
-                        "leftover of a replaced queue pair dropped"
-                    );
-                }
+        // Twice at most: the second time after taking in the news (a link made, or one gone and
+        // its number given to another, since the last look).
+        for heard in [false, true] {
+            if heard {
+                hear_news(&mut self.queues);
             }
-            Some(Route::Waiting(early)) => early.push(c.completion),
-            None => tracing::trace!(
-                rail,
-                qpn = c.qpn,
-                "leftover of a destroyed queue pair dropped"
-            ),
+            match self.queues.cards[rail].routes.get_mut(&c.qpn) {
+                Some(Route::Held(id)) => {
+                    let id = *id;
+                    let taken = self
+                        .entry_mut(id)
+                        .is_some_and(|e| e.conn.shared_completion(rail, c.qpn, c.completion));
+                    if taken {
+                        return;
+                    }
+                }
+                Some(Route::Waiting { early, .. }) => return early.push(c.completion),
+                None => {}
+            }
         }
+        tracing::trace!(
+            rail,
+            qpn = c.qpn,
+            "leftover of a replaced queue pair dropped"
+        );
     }
 
     /// How many shared completion queues the endpoint polls, over all its cards.
@@ -795,7 +797,10 @@ fn hear_news<N: Nic>(queues: &mut SharedQueues<N>) {
             } if queues.cards[rail].epoch == epoch => {
                 let route = match queues.owners.get(&owner) {
                     Some(&id) => Route::Held(id),
-                    None => Route::Waiting(Vec::new()),
+                    None => Route::Waiting {
+                        owner,
+                        early: Vec::new(),
+                    },
                 };
                 queues.cards[rail].routes.insert(qpn, route);
             }

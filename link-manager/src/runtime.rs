@@ -25,7 +25,7 @@ use crate::shared_queues::{QueuePool, RouteGuard, RoutedLink, SharedLinks};
 /// How this connection re-arms rails with a peer in another process.
 enum Control<N: Nic> {
     /// On the data thread, inside `progress` (the simulator, single-threaded set-ups).
-    Inline(Box<InlineControl<N::Link>>),
+    Inline(Box<InlineControl<N>>),
     /// On a control thread of the connection's own (real devices).
     Thread(ControlThread<N>),
 }
@@ -116,6 +116,9 @@ pub(crate) struct CardIo<N: Nic> {
     route: Option<RouteGuard<N>>,
     pub(crate) link: N::Link,
     regs: CardRegs<N>,
+    /// The card is the endpoint's (opened at set-up), so fresh queue pairs may go on its shared
+    /// queues; not one this connection opened again by itself after a device-fatal release.
+    on_endpoint_card: bool,
 }
 
 /// A card and its registrations of one rail's memory (a card opened again by the control thread
@@ -185,7 +188,12 @@ impl<N: Nic> CardIo<N> {
     ) -> Result<CardIo<N>, ConnectError> {
         let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(core, rail))?;
         let RoutedLink { route, link } = make_link(shared, rail, &regs.nic, cfg)?;
-        Ok(CardIo { route, link, regs })
+        Ok(CardIo {
+            route,
+            link,
+            regs,
+            on_endpoint_card: shared.is_some(),
+        })
     }
 
     pub(crate) fn nic(&self) -> &Arc<N> {
@@ -209,10 +217,6 @@ pub(crate) fn make_link<N: Nic>(
         }),
     }
 }
-
-/// At most this many completions wait for a queue pair's install (a fresh one's receives and
-/// the peer's first writes: far fewer).
-const MAX_EARLY: usize = 4_096;
 
 /// A connection whose links exist but are not yet connected to the peer's.
 pub struct PendingConnection<N: Nic, C: Clock> {
@@ -263,11 +267,6 @@ pub struct Receiver<N: Nic, C: Clock> {
     /// An endpoint's connection: its queue pairs go on the endpoint's shared completion queues,
     /// whose completions the endpoint hands over ([`Receiver::shared_completion`]).
     shared: Option<SharedLinks<N>>,
-    /// Completions handed over for a queue pair not (yet) installed: a re-armed rail's fresh one
-    /// hears from the peer before the install. Handled right after it, in order; the rest dropped.
-    early: Vec<(usize, u32, Completion)>,
-    /// The routes of fresh queue pairs made by [`Receiver::rearm_prepare`], until installed.
-    fresh_routes: Vec<RouteGuard<N>>,
 }
 
 /// Lets a split [`Sender`] wake its [`Receiver`] sleeping in a blocking receive, so a record
@@ -641,8 +640,6 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     next_counter_read: 0,
                     card_events_elsewhere: false,
                     shared,
-                    early: Vec::new(),
-                    fresh_routes: Vec::new(),
                     peer_endpoint: None,
                     liveness: None,
                 },
@@ -874,10 +871,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let current = self.rails.get(rail).and_then(|r| r.card.as_ref());
         let route = current.and_then(|card| card.route.as_ref());
         if route.map(RouteGuard::qpn) != Some(qpn) {
-            // Not installed yet, or a leftover of one replaced (dropped at the next install).
-            if self.early.len() < MAX_EARLY {
-                self.early.push((rail, qpn, c));
-            }
+            // A leftover of a queue pair replaced since. (A fresh one completes nothing before
+            // its install: its receives are posted only then.)
             return false;
         }
         self.core.handle_completion(rail, c);
@@ -908,27 +903,6 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// The token the endpoint's queue news names this connection by.
     pub(crate) fn route_owner(&self) -> Option<u64> {
         self.shared.as_ref().map(SharedLinks::owner)
-    }
-
-    /// After a queue pair was installed on `rail`: handles what was handed over for it before,
-    /// in order, and drops what was for any other one of the rail.
-    fn take_early(&mut self, rail: usize) {
-        if self.early.is_empty() {
-            return;
-        }
-        let current = self.rails[rail]
-            .card
-            .as_ref()
-            .and_then(|c| c.route.as_ref())
-            .map(RouteGuard::qpn);
-        let core = &mut self.core;
-        self.early.retain(|&(r, qpn, c)| {
-            if r == rail && Some(qpn) == current {
-                core.handle_completion(rail, c);
-            }
-            r != rail
-        });
-        self.flush();
     }
 
     /// Before a blocking wait: arms the rails' completion channels and tells a split sender this
@@ -1345,16 +1319,36 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         if self.rails[rail].card.is_none() {
             let nic = N::reopen(&self.rails[rail].reopen)?;
             tracing::info!(rail, card = nic.name(), "card opened again");
-            let shared = self.shared.as_ref();
-            self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail, shared)?);
+            // Its own handle on the device: the endpoint's shared queues are not on it.
+            self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail, None)?);
         }
         let card = self.rails[rail].card.as_ref().expect("opened above");
-        let RoutedLink { route, link } = make_link(self.shared.as_ref(), rail, card.nic(), &cfg)?;
+        let link = card.nic().create_link(&cfg.link())?;
         let hello = rail_hello(&cfg, rail, link.endpoint(), card.regs.remotes());
-        // An earlier attempt's queue pair on this rail is gone (or never used).
-        self.fresh_routes.retain(|g| g.rail() != rail);
-        self.fresh_routes.extend(route);
         Ok((link, hello))
+    }
+
+    /// Like [`Receiver::rearm_prepare`], the fresh queue pair on the endpoint's shared
+    /// completion queues when the connection is an endpoint's and the card is the endpoint's
+    /// (see [`crate::shared_queues`]); install it with [`Receiver::install_routed`]. (The public
+    /// path gives a queue pair with a queue of its own: its caller holds it without a route.)
+    pub(crate) fn prepare_fresh(
+        &mut self,
+        rail: usize,
+    ) -> Result<(RoutedLink<N>, Hello), ConnectError> {
+        if let Some(reason) = self.core.end_reason() {
+            return Err(ConnectError::Ended(reason));
+        }
+        if self.rails[rail].card.is_none() {
+            let (link, hello) = self.rearm_prepare(rail)?; // opens the card again, by itself
+            return Ok((RoutedLink { route: None, link }, hello));
+        }
+        let cfg = *self.core.config();
+        let card = self.rails[rail].card.as_ref().expect("checked above");
+        let shared = self.shared.as_ref().filter(|_| card.on_endpoint_card);
+        let fresh = make_link(shared, rail, card.nic(), &cfg)?;
+        let hello = rail_hello(&cfg, rail, fresh.link.endpoint(), card.regs.remotes());
+        Ok((fresh, hello))
     }
 
     /// Lets go of `rail`'s card after a device-fatal event: its queue pair, registrations and
@@ -1396,22 +1390,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         drop(self.install_rearmed_keep_old(rail, link, None, peer));
     }
 
-    /// The route of `link` (made for `rail`): `route` if given (the control thread's), else the
-    /// one [`Receiver::rearm_prepare`] kept.
-    fn route_of(
-        &mut self,
-        rail: usize,
-        link: &N::Link,
-        route: Option<RouteGuard<N>>,
-    ) -> Option<RouteGuard<N>> {
-        route.or_else(|| {
-            let qpn = link.endpoint().qpn;
-            let at = self
-                .fresh_routes
-                .iter()
-                .position(|g| g.rail() == rail && g.qpn() == qpn)?;
-            Some(self.fresh_routes.swap_remove(at))
-        })
+    /// [`Receiver::install_rearmed`] of a queue pair from [`Receiver::prepare_fresh`].
+    pub(crate) fn install_routed(&mut self, rail: usize, fresh: RoutedLink<N>, peer: &Hello) {
+        let RoutedLink { route, link } = fresh;
+        drop(self.install_rearmed_keep_old(rail, link, route, peer));
     }
 
     /// Like [`Receiver::install_rearmed`], handing back the old queue pair for the caller to
@@ -1423,7 +1405,6 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         route: Option<RouteGuard<N>>,
         peer: &Hello,
     ) -> Option<N::Link> {
-        let route = self.route_of(rail, &link, route);
         let r = &mut self.rails[rail];
         let Some(card) = r.card.as_mut() else {
             // Released (device fatal) since the queue pair was made: try again later.
@@ -1438,7 +1419,6 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let now = self.clock.now();
         self.core.rail_rearmed(rail, now);
         self.flush();
-        self.take_early(rail);
         Some(old)
     }
 
@@ -1461,13 +1441,17 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             return Some(link);
         }
         let r = &mut self.rails[rail];
-        r.card = Some(CardIo { route, link, regs });
+        r.card = Some(CardIo {
+            route,
+            link,
+            regs,
+            on_endpoint_card: false,
+        });
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
         let now = self.clock.now();
         self.core.rail_rearmed(rail, now);
         self.flush();
-        self.take_early(rail);
         None
     }
 
@@ -1619,18 +1603,18 @@ pub fn rearm_both<N: Nic, C: Clock>(
     rail: usize,
 ) -> Result<(), ConnectError> {
     let attempt = (|| {
-        let (mut la, ha) = a.rearm_prepare(rail)?;
-        let (mut lb, hb) = b.rearm_prepare(rail)?;
+        let (mut la, ha) = a.prepare_fresh(rail)?;
+        let (mut lb, hb) = b.prepare_fresh(rail)?;
         ha.check_peer(&hb)?;
         // Both links must connect before either side resets its rings.
-        la.connect(&hb.endpoint)?;
-        lb.connect(&ha.endpoint)?;
+        la.link.connect(&hb.endpoint)?;
+        lb.link.connect(&ha.endpoint)?;
         Ok::<_, ConnectError>((la, ha, lb, hb))
     })();
     match attempt {
         Ok((la, ha, lb, hb)) => {
-            a.install_rearmed(rail, la, &hb);
-            b.install_rearmed(rail, lb, &ha);
+            a.install_routed(rail, la, &hb);
+            b.install_routed(rail, lb, &ha);
             Ok(())
         }
         Err(e) => {

@@ -264,10 +264,6 @@ impl<N: Nic> RouteGuard<N> {
         self.qpn
     }
 
-    pub(crate) fn rail(&self) -> usize {
-        self.rail
-    }
-
     /// The opening of the card the link is on.
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch
