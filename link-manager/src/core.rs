@@ -245,6 +245,11 @@ pub enum SendError {
     WriterElsewhere,
     #[error("no such connection on this endpoint (removed, or never made here)")]
     UnknownConnection,
+    /// `send_timeout` on a connection of an [`crate::Endpoint`] whose ring is full: only the
+    /// endpoint's `poll` frees space (its completions come through the endpoint), so it can't
+    /// wait here. Nothing was queued.
+    #[error("the ring is full and only the endpoint's poll frees space: send and poll there")]
+    DrivenByEndpoint,
 }
 
 /// Receiving failed.

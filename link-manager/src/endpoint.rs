@@ -151,8 +151,8 @@ enum Route {
 /// Each card once, and any number of connections on them, driven by one [`Endpoint::poll`].
 pub struct Endpoint<N: Nic, C: Clock> {
     /// Connections set up in the background (verbs: `Endpoint::listen`,
-    /// `Endpoint::connect_in_background`), waiting for [`Endpoint::poll_connected`]. First: its
-    /// listener stops before anything else goes.
+    /// `Endpoint::connect_in_background`), waiting for [`Endpoint::poll_connected`]. Its
+    /// listener is stopped first thing in the endpoint's drop.
     pub(crate) incoming: Option<Incoming<N, C>>,
     cfg: Config,
     /// This host's card of each rail, shared by every connection (None: released after a
@@ -408,7 +408,8 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             .map(|e| &e.conn)
     }
 
-    /// The connection `id` names, to send, reserve, close or read its state.
+    /// The connection `id` names, to send, reserve or read its state (close it with
+    /// [`Endpoint::close`]: its own blocking calls say `DrivenByEndpoint`).
     pub fn get_mut(&mut self, id: ConnectionId) -> Option<&mut Connection<N, C>> {
         self.entry_mut(id).map(|e| &mut e.conn)
     }
@@ -841,28 +842,40 @@ fn hear_news<N: Nic>(queues: &mut SharedQueues<N>) {
 }
 
 impl<N: Nic, C: Clock> Drop for Endpoint<N, C> {
-    /// Closes every connection still running together (those on the shared queues would see
-    /// nothing by themselves once the endpoint is gone), within one configured linger; those set
-    /// up in the background and not yet taken are taken first, so that they close too.
+    /// Stops the listener, then closes every connection still running together (those on the
+    /// shared queues would see nothing by themselves once the endpoint is gone), within one
+    /// configured linger, taking in and closing the background set-ups that finish meanwhile. A
+    /// set-up still under way after that ends without a goodbye: its peer sees the connection
+    /// fail.
     fn drop(&mut self) {
-        while self.poll_connected().is_some() {}
-        let running = |c: &Connection<N, C>| !c.core().is_dead() || c.core().bye_pending();
-        if !self.connections().any(running) {
-            return;
+        if let Some(incoming) = self.incoming.as_mut() {
+            drop(incoming.listener.take()); // stopped and joined: no new clients
         }
         let linger = self.cfg.close_linger_ns();
-        for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
-            if running(&e.conn) && !e.conn.core().is_closing() {
-                let _in = e.span.enter();
-                e.conn.start_close(linger);
-            }
-        }
         let deadline = self
             .clock
             .now()
             .saturating_add(linger)
             .saturating_add(self.cfg.heartbeat_timeout_ns());
-        self.drive_until(deadline, |ep| !ep.connections().any(running));
+        let running = |c: &Connection<N, C>| !c.core().is_dead() || c.core().bye_pending();
+        loop {
+            while self.poll_connected().is_some() {}
+            for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+                if running(&e.conn) && !e.conn.core().is_closing() {
+                    let _in = e.span.enter();
+                    e.conn.start_close(linger);
+                }
+            }
+            self.poll_cards();
+            for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+                let _in = e.span.enter();
+                e.conn.progress();
+            }
+            if !self.connections().any(running) || self.clock.now() >= deadline {
+                return;
+            }
+            self.sleep_until(deadline);
+        }
     }
 }
 

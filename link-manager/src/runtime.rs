@@ -430,10 +430,15 @@ impl<N: Nic, C: Clock> Connection<N, C> {
     /// Like [`Connection::send`], but when the ring is full it keeps the connection running
     /// (completions, acknowledgements, heartbeats, failover) for up to `timeout_ns` waiting for
     /// space. Still full at the deadline: [`SendError::Backpressure`]; nothing is queued then.
+    /// A connection of an [`crate::Endpoint`] can't wait here (its completions come through the
+    /// endpoint): full, it says [`SendError::DrivenByEndpoint`] at once.
     pub fn send_timeout(&mut self, msg: &[u8], timeout_ns: Nanos) -> Result<u64, SendError> {
         let deadline = self.rx.clock.now().saturating_add(timeout_ns);
         loop {
             match self.send(msg) {
+                Err(SendError::Backpressure) if self.rx.on_shared_queues() => {
+                    return Err(SendError::DrivenByEndpoint);
+                }
                 Err(SendError::Backpressure) => {}
                 done => return done,
             }
@@ -888,8 +893,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         })
     }
 
-    /// Whether a rail's queue pair is on an endpoint's shared completion queue: only the endpoint
-    /// sees its completions, so a blocking close must be driven there.
+    /// Whether the connection is an endpoint's, its queue pairs made on the endpoint's shared
+    /// completion queues (those that could not be have queues of their own): the endpoint hands
+    /// it its completions, so its blocking calls (close, receive, `send_timeout`) are the
+    /// endpoint's to make.
     pub fn on_shared_queues(&self) -> bool {
         self.shared.is_some()
     }

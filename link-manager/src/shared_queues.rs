@@ -59,9 +59,12 @@ pub(crate) enum QueueNews<N: Nic> {
 /// The shared queues with room for more links, per rail, for whoever sets a connection up.
 pub(crate) struct QueuePool<N: Nic> {
     inner: Mutex<PoolInner<N>>,
-    /// The last owner token handed out (see [`SharedLinks`]).
-    owners: AtomicU64,
 }
+
+/// The last owner token handed out (see [`SharedLinks`]): unique in the process, so that a
+/// connection of one endpoint inserted into another (which its links never report to) can't take
+/// another connection's routes there.
+static OWNERS: AtomicU64 = AtomicU64::new(0);
 
 /// What a connection makes its links with: the endpoint's pool, and the token that names the
 /// connection in the pool's news (the endpoint learns which connection it is at the insert).
@@ -83,7 +86,7 @@ impl<N: Nic> SharedLinks<N> {
     /// For a new connection.
     pub(crate) fn new(pool: &Arc<QueuePool<N>>) -> Self {
         // Relaxed: a unique number, nothing published with it.
-        let owner = pool.owners.fetch_add(1, Ordering::Relaxed) + 1;
+        let owner = OWNERS.fetch_add(1, Ordering::Relaxed) + 1;
         SharedLinks {
             pool: Arc::clone(pool),
             owner,
@@ -143,7 +146,6 @@ impl<N: Nic> QueuePool<N> {
                     .collect(),
                 news,
             }),
-            owners: AtomicU64::new(0),
         };
         (Arc::new(pool), heard)
     }
@@ -182,8 +184,21 @@ impl<N: Nic> QueuePool<N> {
         let epoch = card.epoch;
         // Acquire: pairs with the Release in `RouteGuard::drop`, whose link went before it.
         let room = |q: &PoolQueue<N>| q.links.load(Ordering::Acquire) < per_queue;
-        let at = match card.queues.iter().position(room) {
-            Some(at) => at,
+        // A queue with room on this card (one on another card, say a card a set-up thread still
+        // held when it was released and opened again, refuses at once, without a system call).
+        let mut made = None;
+        for (at, queue) in card.queues.iter().enumerate().filter(|(_, q)| room(q)) {
+            match nic.create_link_on(params, &queue.attach) {
+                Ok(link) => {
+                    made = Some((at, link));
+                    break;
+                }
+                Err(FabricError::InvalidParams(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let (at, link) = match made {
+            Some(made) => made,
             None => {
                 let entries = per_queue * params.max_send_wr.saturating_add(params.max_recv_wr) * 2;
                 let cq = match nic.create_shared_cq(entries) {
@@ -193,27 +208,16 @@ impl<N: Nic> QueuePool<N> {
                         return own(nic);
                     }
                 };
+                let link = nic.create_link_on(params, &cq.attach())?;
                 card.queues.push(PoolQueue {
                     attach: cq.attach(),
                     links: Arc::default(),
                 });
                 let _ = inner.news.send(QueueNews::Queue { rail, epoch, cq });
-                card.queues.len() - 1
+                (card.queues.len() - 1, link)
             }
         };
         let queue = &card.queues[at];
-        let link = match nic.create_link_on(params, &queue.attach) {
-            Ok(link) => link,
-            Err(FabricError::InvalidParams(why)) => {
-                tracing::info!(
-                    rail,
-                    why,
-                    "the shared queue is another card's: the link gets its own"
-                );
-                return own(nic);
-            }
-            Err(e) => return Err(e),
-        };
         // Relaxed: counted under the pool's lock; only the guard's decrement races with it.
         queue.links.fetch_add(1, Ordering::Relaxed);
         let qpn = link.endpoint().qpn;

@@ -5,7 +5,7 @@
 
 use railover::core::{EndReason, Event};
 use railover::endpoint::SimEndpoints;
-use railover::{CloseError, Config, RecvError};
+use railover::{CloseError, Config, RecvError, SendError};
 use railover_rdma::LinkParams;
 use std::time::Duration;
 
@@ -201,4 +201,33 @@ fn dropping_the_endpoint_closes_its_connections_together() {
         }
     }
     assert_eq!(closed, n, "every peer saw the goodbye");
+}
+
+#[test]
+fn a_full_ring_on_an_endpoint_connection_does_not_wait_in_send_timeout() {
+    let mut hosts = SimEndpoints::new(config(), 15, 2_000).unwrap();
+    let (a, _) = hosts.connect().unwrap();
+    let msg = [7u8; 200];
+    let mut accepted = 0;
+    loop {
+        match hosts.a.send(a, &msg) {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                assert_eq!(e, SendError::Backpressure);
+                break;
+            }
+        }
+        assert!(accepted < 10_000, "the ring never filled");
+    }
+    // Its own wait would never see the acknowledgements (they come through the endpoint).
+    let start = hosts.now();
+    let full = hosts.a.get_mut(a).unwrap().send_timeout(&msg, 100 * MS);
+    assert_eq!(full, Err(SendError::DrivenByEndpoint));
+    assert_eq!(hosts.now(), start, "it returned at once");
+    // The endpoint's poll frees the space.
+    let mut got = Vec::new();
+    drive(&mut hosts, 50 * MS, &mut got, |h, _| {
+        h.a.get(a).unwrap().core().peer_delivered() == accepted
+    });
+    assert!(hosts.a.send(a, &msg).is_ok());
 }
