@@ -329,13 +329,14 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             self.queues.owners.insert(owner, id);
             for (rail, card) in self.queues.cards.iter_mut().enumerate() {
                 for (&qpn, route) in card.routes.iter_mut() {
-                    if matches!(route, Route::Waiting { owner: o, .. } if *o == owner) {
-                        if let Route::Waiting { early, .. } =
-                            std::mem::replace(route, Route::Held(id))
-                        {
-                            for c in early {
-                                conn.shared_completion(rail, qpn, c);
-                            }
+                    let Route::Waiting { owner: o, early } = route else {
+                        continue;
+                    };
+                    if *o == owner {
+                        let early = std::mem::take(early);
+                        *route = Route::Held(id);
+                        for c in early {
+                            conn.shared_completion(rail, qpn, c);
                         }
                     }
                 }
@@ -360,10 +361,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// [`Endpoint::close`] with the configured linger: away from the endpoint, its links on the
     /// shared completion queues would see nothing more.
     pub fn remove(&mut self, id: ConnectionId) -> Option<Connection<N, C>> {
-        let running = self
-            .get(id)
-            .is_some_and(|c| !c.core().is_dead() || c.core().bye_pending());
-        if running {
+        if self.get(id).is_some_and(|c| !c.close_finished()) {
             let _ = self.close(id, self.cfg.close_linger_ns());
         }
         let slot = self.slots.get_mut(id.index as usize)?;
@@ -752,10 +750,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         let deadline = start
             .saturating_add(linger_ns)
             .saturating_add(self.cfg.heartbeat_timeout_ns());
-        self.drive_until(deadline, |ep| {
-            ep.get(id)
-                .is_none_or(|c| c.core().is_dead() && !c.core().bye_pending())
-        });
+        self.drive_until(deadline, |ep| ep.get(id).is_none_or(|c| c.close_finished()));
         match self.get(id) {
             Some(c) => c.close_outcome(),
             None => Err(CloseError::UnknownConnection),
@@ -766,15 +761,20 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// sleeping in between.
     fn drive_until(&mut self, deadline: Nanos, done: impl Fn(&Self) -> bool) {
         loop {
-            self.poll_cards();
-            for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
-                let _in = e.span.enter();
-                e.conn.progress();
-            }
+            self.drive_once();
             if done(self) || self.clock.now() >= deadline {
                 return;
             }
             self.sleep_until(deadline);
+        }
+    }
+
+    /// One turn of every connection (completions, events, timers), delivering nothing.
+    fn drive_once(&mut self) {
+        self.poll_cards();
+        for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+            let _in = e.span.enter();
+            e.conn.progress();
         }
     }
 
@@ -857,21 +857,16 @@ impl<N: Nic, C: Clock> Drop for Endpoint<N, C> {
             .now()
             .saturating_add(linger)
             .saturating_add(self.cfg.heartbeat_timeout_ns());
-        let running = |c: &Connection<N, C>| !c.core().is_dead() || c.core().bye_pending();
         loop {
             while self.poll_connected().is_some() {}
             for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
-                if running(&e.conn) && !e.conn.core().is_closing() {
+                if !e.conn.close_finished() && !e.conn.core().is_closing() {
                     let _in = e.span.enter();
                     e.conn.start_close(linger);
                 }
             }
-            self.poll_cards();
-            for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
-                let _in = e.span.enter();
-                e.conn.progress();
-            }
-            if !self.connections().any(running) || self.clock.now() >= deadline {
+            self.drive_once();
+            if self.connections().all(|c| c.close_finished()) || self.clock.now() >= deadline {
                 return;
             }
             self.sleep_until(deadline);

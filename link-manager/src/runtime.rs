@@ -1104,7 +1104,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             .saturating_add(self.core.config().heartbeat_timeout_ns());
         loop {
             self.progress();
-            if self.core.is_dead() && !self.core.bye_pending() {
+            if self.close_finished() {
                 break;
             }
             if self.clock.now() >= deadline {
@@ -1114,6 +1114,12 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             self.sleep_until(deadline);
         }
         self.close_outcome()
+    }
+
+    /// Whether nothing is left to do for a close: the session ended and its goodbye, if any,
+    /// completed.
+    pub(crate) fn close_finished(&self) -> bool {
+        self.core.is_dead() && !self.core.bye_pending()
     }
 
     /// What a close that ran its course comes to (see [`Receiver::close`]).
@@ -1319,6 +1325,26 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Creates a fresh queue pair on `rail` (opening its card again first if a device-fatal
     /// event released it); send the returned hello to the peer.
     pub fn rearm_prepare(&mut self, rail: usize) -> Result<(N::Link, Hello), ConnectError> {
+        // A queue of its own: its caller holds it without a route (see `prepare_fresh`).
+        let (fresh, hello) = self.prepare_on(rail, false)?;
+        Ok((fresh.link, hello))
+    }
+
+    /// Like [`Receiver::rearm_prepare`], the fresh queue pair on the endpoint's shared
+    /// completion queues when the connection is an endpoint's and the card is the endpoint's
+    /// (see [`crate::shared_queues`]); install it with [`Receiver::install_routed`].
+    pub(crate) fn prepare_fresh(
+        &mut self,
+        rail: usize,
+    ) -> Result<(RoutedLink<N>, Hello), ConnectError> {
+        self.prepare_on(rail, true)
+    }
+
+    fn prepare_on(
+        &mut self,
+        rail: usize,
+        may_share: bool,
+    ) -> Result<(RoutedLink<N>, Hello), ConnectError> {
         if let Some(reason) = self.core.end_reason() {
             return Err(ConnectError::Ended(reason)); // nothing to re-arm for
         }
@@ -1330,29 +1356,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail, None)?);
         }
         let card = self.rails[rail].card.as_ref().expect("opened above");
-        let link = card.nic().create_link(&cfg.link())?;
-        let hello = rail_hello(&cfg, rail, link.endpoint(), card.regs.remotes());
-        Ok((link, hello))
-    }
-
-    /// Like [`Receiver::rearm_prepare`], the fresh queue pair on the endpoint's shared
-    /// completion queues when the connection is an endpoint's and the card is the endpoint's
-    /// (see [`crate::shared_queues`]); install it with [`Receiver::install_routed`]. (The public
-    /// path gives a queue pair with a queue of its own: its caller holds it without a route.)
-    pub(crate) fn prepare_fresh(
-        &mut self,
-        rail: usize,
-    ) -> Result<(RoutedLink<N>, Hello), ConnectError> {
-        if let Some(reason) = self.core.end_reason() {
-            return Err(ConnectError::Ended(reason));
-        }
-        if self.rails[rail].card.is_none() {
-            let (link, hello) = self.rearm_prepare(rail)?; // opens the card again, by itself
-            return Ok((RoutedLink { route: None, link }, hello));
-        }
-        let cfg = *self.core.config();
-        let card = self.rails[rail].card.as_ref().expect("checked above");
-        let shared = self.shared.as_ref().filter(|_| card.on_endpoint_card);
+        let shared = self
+            .shared
+            .as_ref()
+            .filter(|_| may_share && card.on_endpoint_card);
         let fresh = make_link(shared, rail, card.nic(), &cfg)?;
         let hello = rail_hello(&cfg, rail, fresh.link.endpoint(), card.regs.remotes());
         Ok((fresh, hello))
@@ -1591,7 +1598,7 @@ impl<N: Nic, C: Clock> Drop for Receiver<N, C> {
     fn drop(&mut self) {
         // On shared queues its endpoint closed it already, as far as it could (see
         // `Endpoint::remove` and the endpoint's drop): nothing more would be seen here.
-        if (!self.core.is_dead() || self.core.bye_pending()) && !self.on_shared_queues() {
+        if !self.close_finished() && !self.on_shared_queues() {
             let linger = self.core.config().close_linger_ns();
             let _ = self.close(linger);
         }

@@ -154,14 +154,13 @@ impl<N: Nic> QueuePool<N> {
     /// outstanding, twice over (a dropped link's flushed leftovers stay until the endpoint polls
     /// them, while a new link may already take its place).
     pub(crate) fn links_per_queue(params: &LinkParams) -> u32 {
-        let per_link = params.max_send_wr.saturating_add(params.max_recv_wr);
-        (QUEUE_ENTRIES_BUDGET / per_link.saturating_mul(2)).max(1)
+        (QUEUE_ENTRIES_BUDGET / entries_per_link(params).saturating_mul(2)).max(1)
     }
 
-    /// A link on one of rail `rail`'s shared queues of `nic` (a new queue when all are full),
-    /// with the guard that tells the endpoint when it goes. A queue that can't be had (the device
-    /// refuses one, or the pool's queues are on a card opened again since `nic` was) gives a
-    /// link with a queue of its own instead, polled by its connection: nothing fails for it.
+    /// A link on one of rail `rail`'s shared queues of `nic` (a new queue when none on this card
+    /// has room), with the guard that tells the endpoint when it goes. A queue the device
+    /// refuses gives a link with a queue of its own instead, polled by its connection: nothing
+    /// fails for it.
     fn make_link(
         &self,
         rail: usize,
@@ -200,7 +199,7 @@ impl<N: Nic> QueuePool<N> {
         let (at, link) = match made {
             Some(made) => made,
             None => {
-                let entries = per_queue * params.max_send_wr.saturating_add(params.max_recv_wr) * 2;
+                let entries = per_queue * entries_per_link(params) * 2;
                 let cq = match nic.create_shared_cq(entries) {
                     Ok(cq) => cq,
                     Err(e) => {
@@ -250,6 +249,11 @@ impl<N: Nic> QueuePool<N> {
         card.epoch += 1;
         card.epoch
     }
+}
+
+/// The completions one link can have outstanding: its send and receive queue depths.
+fn entries_per_link(params: &LinkParams) -> u32 {
+    params.max_send_wr.saturating_add(params.max_recv_wr)
 }
 
 /// Held with a link on a shared queue, dropped just before it: the endpoint then stops routing
