@@ -888,6 +888,17 @@ fn perftest_style_pingpong_and_flood_deliver_everything_and_the_flood_coalesces(
     assert_eq!(n(ps, "echoed"), 300 + n(pc, "warmup"), "{s}");
     assert_eq!(pc["close"], "ok", "{c}");
     assert_eq!(ps["end"], "Some(PeerClosed)", "{s}");
+    // The time comes from the CPU's counter between OS reads (about one per millisecond): far
+    // fewer OS clock reads than round trips (each poll asked the OS before; on this guest's
+    // hpet each is a system call).
+    let round_trips = 300 + n(pc, "warmup");
+    for (role, p) in [("connect", pc), ("serve", ps)] {
+        let os_reads = n(p, "clock_os_reads");
+        assert!(
+            os_reads < round_trips,
+            "{role}: {os_reads} OS clock reads in {round_trips} round trips"
+        );
+    }
 
     let (serve, connect) = start_with(1.0, false, &["--flood", "20000", "--hb-misses", "200"]);
     let c = connect.report(Duration::from_secs(120));

@@ -21,6 +21,7 @@
 //! * [`settings`]: configuration from a JSON file or `RAILOVER_*` environment variables.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;

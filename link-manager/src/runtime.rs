@@ -30,32 +30,7 @@ enum Control<N: Nic> {
     Thread(ControlThread<N>),
 }
 
-/// A source of time for the driver.
-pub trait Clock {
-    fn now(&self) -> Nanos;
-    /// Called while a bounded wait spins, with the wait's deadline: a real clock just hints the
-    /// CPU; a virtual clock moves time forward (at most to `deadline`) so the wait can end.
-    fn idle(&self, deadline: Nanos) {
-        let _ = deadline;
-        std::hint::spin_loop();
-    }
-}
-
-/// Wall-clock time since the connection was created (monotonic; a vDSO read, no syscall).
-#[derive(Clone, Copy)]
-pub struct RealClock(std::time::Instant);
-
-impl Default for RealClock {
-    fn default() -> Self {
-        RealClock(std::time::Instant::now())
-    }
-}
-
-impl Clock for RealClock {
-    fn now(&self) -> Nanos {
-        self.0.elapsed().as_nanos() as Nanos
-    }
-}
+pub use crate::clock::{Clock, RealClock};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -1225,6 +1200,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// The connection's clock.
     pub fn now(&self) -> Nanos {
         self.clock.now()
+    }
+
+    /// The clock the connection reads (a [`RealClock`] tells how often it asked the OS).
+    pub fn clock(&self) -> &C {
+        &self.clock
     }
 
     /// Carries out every I/O the core wants now.

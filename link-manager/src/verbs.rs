@@ -396,7 +396,7 @@ impl Endpoint<VerbsNic, RealClock> {
     fn background_setup(&mut self, timeout: Duration) -> Result<BackgroundSetup, ConnectError> {
         let cards = self.open_cards()?;
         let pool = self.control_pool()?.clone();
-        let (cfg, clock) = (*self.config(), *self.clock());
+        let (cfg, clock) = (*self.config(), self.clock().clone());
         let ready = self
             .incoming
             .get_or_insert_with(Incoming::new)
@@ -443,7 +443,7 @@ impl BackgroundSetup {
     /// The endpoint's queue pairs for a new connection, its card events read by the endpoint.
     fn pending(&self) -> Result<PendingConnection<VerbsNic, RealClock>, ConnectError> {
         let cards = self.cards.iter().cloned().map(RailCard::Open).collect();
-        PendingConnection::on_shared_queues(self.cfg, cards, self.clock, &self.queues)
+        PendingConnection::on_shared_queues(self.cfg, cards, self.clock.clone(), &self.queues)
     }
 
     /// Dials `peer` and sets the connection up (on this thread); hands over the result.

@@ -1,0 +1,306 @@
+//! Where a connection's time comes from.
+//!
+//! The data path reads the time once per `progress`. Asking the OS each time costs a vDSO read
+//! on a host whose clocksource is the TSC, but a system call where it is not (virtual machines
+//! on hpet or acpi_pm: the rxe guest of `ci/softroce`). [`RealClock`] asks the OS about once a
+//! millisecond and in between extends that reading with the CPU's time-stamp counter, rated
+//! against the OS clock over the last interval: one `rdtsc` and a multiplication per read.
+//! Whatever the counter does (jump, stall, run backwards after a migration between cores),
+//! the time returned never goes back and is never more than one interval away from the OS
+//! clock's; a counter that looks wrong only makes the next read ask the OS.
+
+use std::cell::Cell;
+use std::time::Instant;
+
+use crate::core::Nanos;
+
+/// A source of time for the driver.
+pub trait Clock {
+    fn now(&self) -> Nanos;
+    /// Called while a bounded wait spins, with the wait's deadline: a real clock just hints the
+    /// CPU; a virtual clock moves time forward (at most to `deadline`) so the wait can end.
+    fn idle(&self, deadline: Nanos) {
+        let _ = deadline;
+        std::hint::spin_loop();
+    }
+}
+
+/// Wall-clock time since the clock was made (monotonic). Its clones count from the same
+/// instant, so an endpoint's connections agree on the time; each keeps its own counter state
+/// (a clock is read by one thread).
+#[derive(Clone)]
+pub struct RealClock {
+    epoch: Instant,
+    counter: Cell<CounterClock>,
+}
+
+impl Default for RealClock {
+    fn default() -> Self {
+        RealClock {
+            epoch: Instant::now(),
+            counter: Cell::new(CounterClock::default()),
+        }
+    }
+}
+
+impl Clock for RealClock {
+    #[inline]
+    fn now(&self) -> Nanos {
+        let mut counter = self.counter.get();
+        let t = counter.read(read_counter(), || self.os_now());
+        self.counter.set(counter);
+        t
+    }
+}
+
+impl RealClock {
+    /// How many times this clock (this copy) asked the OS for the time: about once per
+    /// millisecond of reads once the counter is rated, every read where there is no counter.
+    pub fn os_reads(&self) -> u64 {
+        self.counter.get().os_reads
+    }
+
+    fn os_now(&self) -> (Nanos, u64) {
+        let t = self.epoch.elapsed().as_nanos() as Nanos;
+        // The counter after the OS read: how long the read took (a preemption in between
+        // spoils the sample for rating the counter).
+        (t, read_counter())
+    }
+}
+
+/// The CPU's time-stamp counter (0 where there is none: every read then asks the OS).
+#[inline]
+fn read_counter() -> u64 {
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    {
+        safe_arch::read_timestamp_counter()
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "x86")))]
+    {
+        0
+    }
+}
+
+/// How long the counter alone may carry the time before the OS is asked again.
+const INTERVAL_NS: Nanos = 1_000_000;
+/// Reads the counter alone may serve in a row (a stalled counter is caught by this).
+const MAX_READS: u32 = 4_096;
+/// The shortest interval the counter is rated over (shorter ones are too coarse).
+const MIN_SAMPLE_NS: Nanos = 200_000;
+/// An OS read longer than this (preempted, or a slow hypervisor clock) rates nothing.
+const MAX_OS_READ_NS: Nanos = 20_000;
+
+/// The counter's state between OS reads (plain data: the logic is tested with made-up counters
+/// and OS clocks).
+#[derive(Clone, Copy, Debug, Default)]
+struct CounterClock {
+    /// Counter value and OS time at the last OS read.
+    sync_counter: u64,
+    sync_ns: Nanos,
+    /// Whether `sync_*` holds a reading.
+    synced: bool,
+    /// Nanoseconds per counter tick, 32.32 fixed point (0: not rated yet, ask the OS).
+    ns_per_tick: u64,
+    /// Counter ticks in [`INTERVAL_NS`] at that rate.
+    interval_ticks: u64,
+    /// Samples in a row whose rate was far from the current one (a counter jump, or a real
+    /// change of rate once they keep coming).
+    off_samples: u32,
+    /// Reads served by the counter since the last OS read.
+    reads: u32,
+    /// The last time returned: never go back.
+    last: Nanos,
+    /// OS reads so far.
+    os_reads: u64,
+}
+
+impl CounterClock {
+    /// The time at counter value `counter`; `os` reads the OS clock (and the counter right
+    /// after it) when the counter alone can't be trusted.
+    #[inline]
+    fn read(&mut self, counter: u64, os: impl FnOnce() -> (Nanos, u64)) -> Nanos {
+        let ticks = counter.wrapping_sub(self.sync_counter);
+        if ticks < self.interval_ticks && self.reads < MAX_READS {
+            self.reads += 1;
+            // Below one interval's ticks: under INTERVAL_NS past the OS reading.
+            let t =
+                self.sync_ns + ((u128::from(ticks) * u128::from(self.ns_per_tick)) >> 32) as u64;
+            self.last = self.last.max(t);
+            return self.last;
+        }
+        self.sync(counter, os)
+    }
+
+    #[cold]
+    fn sync(&mut self, before: u64, os: impl FnOnce() -> (Nanos, u64)) -> Nanos {
+        let (t, after) = os();
+        self.os_reads += 1;
+        self.last = self.last.max(t);
+        if self.synced && self.ns_per_tick == 0 && t.saturating_sub(self.sync_ns) < MIN_SAMPLE_NS {
+            // Not rated yet and too soon to rate: the first reading stays the base.
+            return self.last;
+        }
+        if self.synced {
+            self.rate(before, after, t);
+        }
+        self.sync_counter = before;
+        self.sync_ns = t;
+        self.synced = true;
+        self.reads = 0;
+        self.last
+    }
+
+    /// Rates the counter over the interval since the last OS reading, if that sample is sound.
+    fn rate(&mut self, before: u64, after: u64, t: Nanos) {
+        let elapsed = t.saturating_sub(self.sync_ns);
+        let ticks = before.wrapping_sub(self.sync_counter);
+        // Too short to rate, or the counter stood still or went back (another core's).
+        if elapsed < MIN_SAMPLE_NS || ticks == 0 || ticks > u64::MAX / 2 {
+            return;
+        }
+        let per_tick = (u128::from(elapsed) << 32) / u128::from(ticks);
+        if per_tick == 0 || per_tick > u128::from(u64::MAX) {
+            return;
+        }
+        let per_tick = per_tick as u64;
+        if self.ns_per_tick != 0 {
+            // Preempted around the OS read: the two readings don't belong together.
+            let read_ns =
+                (u128::from(after.wrapping_sub(before)) * u128::from(self.ns_per_tick)) >> 32;
+            if read_ns > u128::from(MAX_OS_READ_NS) {
+                return;
+            }
+            // A rate far from the current one is a jump of the counter, unless it persists.
+            if per_tick.abs_diff(self.ns_per_tick) > self.ns_per_tick / 8 {
+                self.off_samples += 1;
+                if self.off_samples < 3 {
+                    return;
+                }
+            }
+        }
+        self.off_samples = 0;
+        self.ns_per_tick = per_tick;
+        self.interval_ticks = ((u128::from(INTERVAL_NS) << 32) / u128::from(per_tick))
+            .clamp(1, u128::from(u64::MAX)) as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A counter at `ghz` ticks per ns and an OS clock, both made up.
+    struct Fake {
+        clock: CounterClock,
+        os_reads: usize,
+    }
+
+    impl Fake {
+        fn new() -> Fake {
+            Fake {
+                clock: CounterClock::default(),
+                os_reads: 0,
+            }
+        }
+        /// Reads at true time `t` with the counter showing `counter`.
+        fn read(&mut self, t: Nanos, counter: u64) -> Nanos {
+            let reads = &mut self.os_reads;
+            self.clock.read(counter, || {
+                *reads += 1;
+                (t, counter)
+            })
+        }
+    }
+
+    #[test]
+    fn a_steady_counter_carries_the_time_between_os_reads() {
+        let mut f = Fake::new();
+        // 3 ticks per ns; a read every 100 ns for 10 ms.
+        for i in 0..100_000u64 {
+            let t = 1_000 + i * 100;
+            let got = f.read(t, 7 + 3 * t);
+            assert!(got.abs_diff(t) <= 1, "at {t}: {got}");
+        }
+        // Every read asks the OS while the counter is rated (MIN_SAMPLE_NS), then one per
+        // interval or per MAX_READS reads, whichever comes first.
+        let rating = (MIN_SAMPLE_NS / 100) as usize;
+        let per_sync = INTERVAL_NS.min(u64::from(MAX_READS) * 100);
+        let syncs = (10_000_000 / per_sync) as usize;
+        assert!(f.os_reads <= rating + 2 + syncs, "{}", f.os_reads);
+        assert!(f.os_reads >= rating + syncs - 2, "{}", f.os_reads);
+    }
+
+    #[test]
+    fn a_counter_that_jumps_back_or_ahead_asks_the_os_and_time_never_goes_back() {
+        let mut f = Fake::new();
+        let mut t = 0;
+        let mut last = 0;
+        let mut counter = 10_000_000_000u64;
+        for i in 0..50_000u64 {
+            t += 100;
+            counter = match i % 5_000 {
+                // A migration to a core whose counter is far behind, then far ahead.
+                1_000 => counter - 400_000_000,
+                3_000 => counter + 900_000_000,
+                _ => counter + 200, // 2 ticks per ns
+            };
+            let got = f.read(t, counter);
+            assert!(got >= last, "went back at {i}: {got} < {last}");
+            assert!(got.abs_diff(t) <= INTERVAL_NS, "at {i}: {got} vs {t}");
+            last = got;
+        }
+    }
+
+    #[test]
+    fn a_stalled_counter_is_caught_within_max_reads() {
+        let mut f = Fake::new();
+        for i in 0..20_000u64 {
+            f.read(i * 100, i * 100);
+        }
+        let before = f.os_reads;
+        // The counter stops; time goes on: the OS is asked at least every MAX_READS reads.
+        for i in 0..(3 * MAX_READS as u64) {
+            let t = 2_000_000 + i * 100;
+            let got = f.read(t, 20_000 * 100);
+            assert!(t.abs_diff(got) <= u64::from(MAX_READS) * 100, "{t} {got}");
+        }
+        assert!(f.os_reads - before >= 3);
+    }
+
+    #[test]
+    fn no_counter_means_every_read_asks_the_os() {
+        let mut f = Fake::new();
+        for i in 0..1_000u64 {
+            assert_eq!(f.read(i * 1_000, 0), i * 1_000);
+        }
+        assert_eq!(f.os_reads, 1_000);
+    }
+
+    #[test]
+    fn the_real_clock_stays_within_an_interval_of_the_os_clock() {
+        let clock = RealClock::default();
+        let (mut last, mut reads) = (0, 0);
+        let start = Instant::now();
+        // Until 20 ms passed: long enough to rate the counter and move on from the rating.
+        while start.elapsed().as_millis() < 20 {
+            let before = clock.epoch.elapsed().as_nanos() as Nanos;
+            let t = clock.now();
+            let after = clock.epoch.elapsed().as_nanos() as Nanos;
+            assert!(t >= last);
+            assert!(
+                t + INTERVAL_NS >= before && t <= after + INTERVAL_NS,
+                "{before} {t} {after}"
+            );
+            last = t;
+            reads += 1;
+        }
+        // Where the CPU has a counter, most reads don't ask the OS (the test's own reads do).
+        if cfg!(any(target_arch = "x86_64", target_arch = "x86")) {
+            assert!(
+                clock.os_reads() * 2 < reads,
+                "{} OS reads of {reads}",
+                clock.os_reads()
+            );
+        }
+    }
+}
