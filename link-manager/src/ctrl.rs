@@ -62,7 +62,7 @@ impl CtrlBlock {
         for (i, w) in words.iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
-        crc32c::crc32c(&b) as u64
+        railover_segq::crc32c(&b) as u64
     }
 
     /// Writes the block (8-byte stores) at offset 0 of `region`.

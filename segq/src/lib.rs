@@ -42,7 +42,7 @@ pub fn notify_imm_of(end: u64) -> u32 {
 }
 pub use lanes::{lanes, LaneControl, LaneError, LaneReservation, LaneWriter};
 pub use mirror::{ConsumeError, MirrorQueue, StreamCursor};
-pub use record::{ParseError, HEADER_LEN};
+pub use record::{crc32c, ParseError, HEADER_LEN};
 pub use region::{Backing, Region, PAGE_SIZE};
 pub use sender::{
     AckError, CopyReport, PendingRange, Poster, Producer, PushError, Reservation, SendQueue,

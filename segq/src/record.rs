@@ -23,7 +23,36 @@ pub const CRC_COVERS_FROM: usize = 4;
 /// (the length, the sequence number, the payload): one pass.
 #[inline]
 pub fn record_crc(covered: &[u8]) -> u32 {
-    crc32c::crc32c(covered)
+    crc32c(covered)
+}
+
+/// crc32c (Castagnoli) of `bytes`, the same value as the `crc32c` crate's.
+///
+/// Built for a CPU with SSE4.2 (`-C target-cpu=x86-64-v2` or later: this workspace's
+/// `.cargo/config.toml`), it is the CPU's crc32 instruction over 8 bytes at a time, inline:
+/// ~60 instructions for a 64 B record's 76 bytes, against ~170 through the crate, whose
+/// dispatch and alignment handling are made for long buffers. Otherwise the crate (which
+/// detects the instruction at run time).
+#[inline]
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
+    {
+        let mut crc = u64::from(u32::MAX);
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let word = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            crc = safe_arch::crc32_u64(crc, word);
+        }
+        let mut crc = crc as u32;
+        for &b in words.remainder() {
+            crc = safe_arch::crc32_u8(crc, b);
+        }
+        !crc
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse4.2")))]
+    {
+        crc32c::crc32c(bytes)
+    }
 }
 
 /// A decoded record header (not yet validated against anything).
@@ -168,6 +197,21 @@ pub fn encode_record(dst: &mut [u8], seq: u64, payload: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The inline crc32 (SSE4.2 builds) and the crate agree on every length and alignment.
+        #[test]
+        fn crc32c_is_the_crates(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300), skip in 0usize..8) {
+            let bytes = &bytes[skip.min(bytes.len())..];
+            proptest::prop_assert_eq!(crc32c(bytes), ::crc32c::crc32c(bytes));
+        }
+    }
+
+    #[test]
+    fn crc32c_of_the_standard_check_string() {
+        // RFC 3720's check value for "123456789".
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
 
     fn framed(seq: u64, payload: &[u8], seg_len: usize) -> Vec<u8> {
         let mut v = vec![0u8; seg_len];
