@@ -82,6 +82,16 @@ impl Header {
         }
     }
 
+    /// The header from its two little-endian words as loaded (`crc | len`, then `seq`).
+    #[inline]
+    pub fn from_words(first: u64, seq: u64) -> Header {
+        Header {
+            crc: first as u32,
+            len: (first >> 32) as u32,
+            seq,
+        }
+    }
+
     pub fn pad() -> Header {
         Header {
             seq: 0,
@@ -90,6 +100,7 @@ impl Header {
         }
     }
 
+    #[inline]
     pub fn is_pad(&self) -> bool {
         self.len == PAD_MARKER
     }

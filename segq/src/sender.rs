@@ -75,12 +75,13 @@ enum Entry {
 }
 
 /// Reads the entry at `pos` of memory this process wrote and the producer has published.
+#[inline]
 fn entry_at(shared: &Shared, pos: u64) -> Entry {
     let rem = shared.geo.segment_remaining(pos);
     if rem < HEADER_LEN {
         return Entry::Skip(rem);
     }
-    let h = Header::decode(&shared.read_header(shared.geo.offset(pos)));
+    let h = shared.read_header(shared.geo.offset(pos));
     if h.is_pad() {
         Entry::Skip(rem)
     } else {
@@ -240,8 +241,8 @@ impl Poster {
         if self.posted_pos == committed {
             return None;
         }
-        let cap = self.shared.geo.capacity() as u64;
-        let wrap = (self.posted_pos / cap + 1) * cap;
+        // Where the ring wraps after `posted_pos` (the capacity is a power of two).
+        let wrap = (self.posted_pos | (self.shared.geo.capacity() as u64 - 1)) + 1;
         let limit = committed.min(wrap);
         let mut pos = self.posted_pos;
         let mut seqs: Option<(u64, u64)> = None;

@@ -71,13 +71,14 @@ impl Shared {
         unsafe { self.region.write(offset, bytes) };
     }
 
-    pub(crate) fn read_header(&self, offset: usize) -> [u8; crate::record::HEADER_LEN] {
-        let mut b = [0u8; crate::record::HEADER_LEN];
-        self.track_read(offset, b.len());
-        // SAFETY: the poster reads only committed bytes (the Acquire load of `committed` made
-        // them visible), which the producer does not write again until they are released.
-        unsafe { self.region.read(offset, &mut b) };
-        b
+    /// The header at `offset` (8-aligned), as two aligned loads. The poster reads only
+    /// committed bytes (the Acquire load of `committed` made them visible), which the producer
+    /// does not write again until they are released.
+    #[inline]
+    pub(crate) fn read_header(&self, offset: usize) -> crate::record::Header {
+        self.track_read(offset, crate::record::HEADER_LEN);
+        let [first, seq] = self.region.read_words::<2>(offset);
+        crate::record::Header::from_words(first, seq)
     }
 
     #[inline]
