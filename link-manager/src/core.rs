@@ -1169,7 +1169,6 @@ impl Core {
                 continue; // nothing announced (the common empty poll): no parsing, no ack due
             }
             self.recv_touched = true;
-            self.rescan = true;
             match self.rails[r]
                 .rx
                 .consume_limit(&mut self.cursor, limit - total, &mut deliver)
@@ -1192,6 +1191,7 @@ impl Core {
                     || pos - rail.reported_consumed >= self.cfg.ack_every_bytes)
             {
                 rail.ctrl_due = true;
+                self.rescan = true; // (consuming changes nothing else a scan looks at)
             }
             more |= rail.state != RailState::Failed && rail.rx.has_arrived();
         }
@@ -1201,6 +1201,7 @@ impl Core {
             // what was delivered (the fastest one ends its wait).
             for rail in self.rails.iter_mut().filter(|r| r.peer_wants_ack) {
                 rail.ctrl_due = true;
+                self.rescan = true;
             }
         }
         Ok(total)
@@ -1756,7 +1757,10 @@ impl Core {
         let Some(r) = self.rails.get_mut(rail) else {
             return;
         };
-        self.rescan = true;
+        // A full `poll_io` scan follows only what can make a receive post or a control block
+        // due (the common completion, a data write's or a record's, changes neither: new
+        // records are looked for on every poll anyway).
+        let recvs_low = self.cfg.link.max_recv_wr / 2;
         match c.kind {
             CompletionKind::Write => {
                 if wr_generation(c.wr_id) != r.generation {
@@ -1769,16 +1773,21 @@ impl Core {
                     self.bye_outstanding = self.bye_outstanding.saturating_sub(1);
                 }
                 if self.ended.is_some() {
+                    self.rescan = true;
                     return; // the session is over: nothing more to fail
                 }
                 if c.status != WcStatus::Success {
+                    self.rescan = true;
                     self.fail_rail(rail, FailReason::Completion(c.status));
                 } else {
                     r.completion_latency(self.now);
+                    // A block waiting for a free work request may go now.
+                    self.rescan |= r.ctrl_due;
                 }
             }
             CompletionKind::RecvImm { imm, .. } => {
                 r.recv_credits = r.recv_credits.saturating_sub(1);
+                self.rescan |= r.recv_credits <= recvs_low;
                 if r.state == RailState::Failed {
                     return; // a late write on a dead rail: ignored
                 }
@@ -1787,22 +1796,28 @@ impl Core {
                 if r.notified - r.reported_notified >= (self.cfg.link.max_recv_wr / 8).max(1) as u64
                 {
                     r.ctrl_due = true;
+                    self.rescan = true;
                 }
                 match r.rx.notify(imm) {
                     Ok(()) => {
                         self.maybe_arrived = true;
                         r.data_since_block = true;
                         if r.heard_beat_low_bits(imm >> NOTIFY_BITS, beat_base, self.now) {
+                            self.rescan = true;
                             self.peer_heard();
                         }
                     }
                     Err(e) => {
                         tracing::warn!(rail, error = %e, "impossible notification");
+                        self.rescan = true;
                         self.fail_rail(rail, FailReason::Protocol);
                     }
                 }
             }
-            CompletionKind::Recv => r.recv_credits = r.recv_credits.saturating_sub(1),
+            CompletionKind::Recv => {
+                r.recv_credits = r.recv_credits.saturating_sub(1);
+                self.rescan |= r.recv_credits <= recvs_low;
+            }
         }
     }
 
