@@ -3,8 +3,9 @@
 # (instruction counts repeat exactly for the same binary: no timing noise; no hardware counters
 # needed). Each figure is the difference of two runs of different lengths divided by the
 # difference in work, so set-up and teardown cancel. The simulator's own functions (its event
-# queue, its "NIC": self cost, inlined code included) are subtracted: what is left is railover's
-# work, both hosts together for a round trip.
+# queue, its "NIC": self cost, inlined code included) are subtracted, and the ping-pong runs
+# `--untimed` (no clock reads or histogram records of its own): what is left is railover's work
+# and the loop calling it, both hosts together for a round trip.
 #   bash bench/instructions.sh
 # prints `instructions per round trip: N` and `instructions per empty poll: N`.
 set -euo pipefail
@@ -38,8 +39,8 @@ per() { # name short-args long-args units-short units-long
   echo "$(( (t2 - t1) / units )) $(( ((t2 - s2) - (t1 - s1)) / units ))"
 }
 
-read -r rt_all rt < <(per pingpong "pingpong --fabric sim --size 64 --iterations 1000 --warmup 200" \
-  "pingpong --fabric sim --size 64 --iterations 3000 --warmup 200" 1200 3200)
+read -r rt_all rt < <(per pingpong "pingpong --fabric sim --untimed --size 64 --iterations 1000 --warmup 200" \
+  "pingpong --fabric sim --untimed --size 64 --iterations 3000 --warmup 200" 1200 3200)
 read -r poll_all poll < <(per idle "idle-poll --count 20000" "idle-poll --count 120000" 20000 120000)
 echo "64 B ping-pong, both hosts, simulated fabric: $rt_all instructions per round trip with the simulator"
 echo "instructions per round trip: $rt"

@@ -65,6 +65,10 @@ enum Cmd {
         /// Simulated one-way wire latency (ns).
         #[arg(long, default_value_t = 2_000)]
         latency_ns: u64,
+        /// Simulated fabric: don't time the round trips (for an instruction counter, which
+        /// should count railover's work, not the benchmark's clock reads and histograms).
+        #[arg(long)]
+        untimed: bool,
         #[command(flatten)]
         cards: Cards,
     },
@@ -258,10 +262,11 @@ fn main() {
             iterations,
             warmup,
             latency_ns,
+            untimed,
             cards: Cards { host1, host2 },
         } => match fabric {
             Fabric::Sim => {
-                let r = sim_runs::pingpong(size, iterations, warmup, latency_ns);
+                let r = sim_runs::pingpong(size, iterations, warmup, latency_ns, !untimed);
                 if cli.json {
                     println!("{}", json!({"fabric": "sim", "pingpong": r}));
                 } else {

@@ -276,12 +276,21 @@ pub fn idle_polls(count: usize) -> usize {
     (0..count).map(|_| pair.a.poll(|_| {}).expect("poll")).sum()
 }
 
-pub fn pingpong(size: usize, iterations: usize, warmup: usize, latency_ns: u64) -> PingPongReport {
+/// `timed: false` leaves out the benchmark's own timing of each round trip (two clock reads and
+/// two histogram records, ~300 instructions): for an instruction counter, which should count
+/// railover's work only (`bench/instructions.sh`).
+pub fn pingpong(
+    size: usize,
+    iterations: usize,
+    warmup: usize,
+    latency_ns: u64,
+    timed: bool,
+) -> PingPongReport {
     let mut pair = SimPair::new(config(size), 1, latency_ns).expect("sim pair");
     let msg = vec![7u8; size];
     let (mut vh, mut ch) = (histogram(), histogram());
     for i in 0..warmup + iterations {
-        let (t0, w0) = (pair.now(), Instant::now());
+        let (t0, w0) = (pair.now(), timed.then(Instant::now));
         pair.a.send(&msg).expect("send");
         let mut got = 0;
         while got == 0 {
@@ -294,7 +303,7 @@ pub fn pingpong(size: usize, iterations: usize, warmup: usize, latency_ns: u64) 
             pair.step(pair.now() + 1_000_000);
             got = pair.a.poll(|_| {}).expect("poll");
         }
-        if i >= warmup {
+        if let Some(w0) = w0.filter(|_| i >= warmup) {
             vh.record((pair.now() - t0).max(1)).ok();
             ch.record((w0.elapsed().as_nanos() as u64).max(1)).ok();
         }
