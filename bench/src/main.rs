@@ -287,6 +287,10 @@ fn main() {
                 }
             }
             Fabric::Verbs => {
+                if untimed {
+                    eprintln!("--untimed is for the simulated fabric (an instruction counter)");
+                    std::process::exit(2);
+                }
                 #[cfg(feature = "verbs")]
                 verbs_runs::pingpong(
                     size,

@@ -23,6 +23,10 @@ pub trait Clock {
         let _ = deadline;
         std::hint::spin_loop();
     }
+    /// Called after the driver slept in the kernel (a blocking wait): a clock that extends its
+    /// last OS reading asks the OS again at its next read (a CPU's counter may stop while the
+    /// core sleeps, where it is not invariant).
+    fn woke(&self) {}
 }
 
 /// Wall-clock time since the clock was made (monotonic). Its clones count from the same
@@ -50,6 +54,12 @@ impl Clock for RealClock {
         let t = counter.read(read_counter(), || self.os_now());
         self.counter.set(counter);
         t
+    }
+
+    fn woke(&self) {
+        let mut counter = self.counter.get();
+        counter.ask_os_next();
+        self.counter.set(counter);
     }
 }
 
@@ -153,7 +163,7 @@ impl CounterClock {
                 (u128::from(read_ticks) * u128::from(self.ns_per_tick)) >> 32
                     <= u128::from(MAX_OS_READ_NS)
             };
-            (before + read_ticks / 2, clean)
+            (before.wrapping_add(read_ticks / 2), clean)
         } else {
             (before, false) // moved to another core's counter meanwhile
         };
@@ -165,7 +175,17 @@ impl CounterClock {
         self.sync_counter = counter;
         self.sync_ns = t;
         self.reads = 0;
+        if !clean {
+            // When, between the counter values around it, the OS read its clock is too vague
+            // to extend from: the next read asks again.
+            self.ask_os_next();
+        }
         self.last
+    }
+
+    /// Makes the next read ask the OS.
+    fn ask_os_next(&mut self) {
+        self.reads = MAX_READS;
     }
 
     /// Rates the counter over the time since the anchor reading, if that sample is sound.
@@ -295,30 +315,46 @@ mod tests {
 
     #[test]
     fn a_slow_os_read_rates_nothing() {
-        // 2 ticks per ns; every 10th OS read takes 1 ms (a page fault, a preemption) and
-        // reports the time at its end: pairing it with the counter would skew the rate by 50%.
+        // 2 ticks per ns; every 10th OS read takes 1 ms (a page fault, a preemption) and reads
+        // the OS clock at its end: pairing that with the counter half-way through would skew
+        // the rate and the time extended from it.
         let mut clock = CounterClock::default();
-        let mut os_reads = 0;
-        for i in 0..200_000u64 {
-            let t = 1_000 + i * 100;
+        let (mut now, mut os_reads) = (1_000u64, 0);
+        for _ in 0..200_000 {
+            now += 100;
+            let before = now;
             let slow = os_reads % 10 == 0;
-            let got = clock.read(2 * t, || {
+            let got = clock.read(2 * before, || {
                 os_reads += 1;
                 if slow {
-                    (t + 1_000_000, 2 * (t + 1_000_000))
-                } else {
-                    (t, 2 * t)
+                    now += 1_000_000;
                 }
+                (now, 2 * now)
             });
-            if !slow {
-                assert!(got.abs_diff(t) <= 1_000_000, "at {t}: {got}");
-            }
+            // Never extended from a slow reading: within a nanosecond of the truth (or, for
+            // the slow read itself, the time it reports).
+            assert!(got.abs_diff(now) <= 1, "at {before}: {got} vs {now}");
             if clock.ns_per_tick != 0 {
                 // Rated from quick reads only: exact.
-                assert_eq!(clock.ns_per_tick, 1 << 31, "at {t}");
+                assert_eq!(clock.ns_per_tick, 1 << 31, "at {before}");
             }
         }
         assert!(clock.ns_per_tick != 0, "rated in the end");
+    }
+
+    #[test]
+    fn after_a_sleep_the_os_is_asked() {
+        let mut f = Fake::new();
+        for i in 0..30_000u64 {
+            f.read(i * 100, i * 100);
+        }
+        let before = f.os_reads;
+        f.read(3_000_000, 3_000_000);
+        assert_eq!(f.os_reads, before, "served by the counter");
+        f.clock.ask_os_next(); // what `woke` does
+                               // The counter stood still while the core slept: the OS has the time.
+        assert_eq!(f.read(9_000_000, 3_000_100), 9_000_000);
+        assert_eq!(f.os_reads, before + 1);
     }
 
     #[test]

@@ -554,6 +554,11 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => tracing::warn!(error = %e, "waiting for completions failed"),
             }
+            // Every clock here (the connections' are copies) asks the OS at its next read.
+            self.clock.woke();
+            for e in self.slots.iter().filter_map(|s| s.conn.as_ref()) {
+                e.conn.clock().woke();
+            }
             set[..card_fds].iter().any(|p| !p.revents().is_empty())
         };
         // What the wait saw readable (usually a few): each is consumed, and only those.

@@ -810,6 +810,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 0
             }
         };
+        self.clock.woke();
         // The readable ones as numbers (-1: not readable), so the borrow of `self` ends here.
         let mut ready_fds = [-1; 2 * MAX_RAILS + 2];
         for (i, fd) in fds[..n].iter().enumerate() {
