@@ -19,6 +19,8 @@
 //! * [`liveness`]: how an endpoint's connections to the same peer endpoint share one heartbeat
 //!   per card pair (the liveness contract).
 //! * [`settings`]: configuration from a JSON file or `RAILOVER_*` environment variables.
+//! * [`clock`]: where a connection's time comes from; [`clock::RealClock`] reads the CPU's
+//!   counter and asks the OS about once a millisecond.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod clock;
