@@ -3,11 +3,14 @@
 //! The data path reads the time once per `progress`. Asking the OS each time costs a vDSO read
 //! on a host whose clocksource is the TSC, but a system call where it is not (virtual machines
 //! on hpet or acpi_pm: the rxe guest of `ci/softroce`). [`RealClock`] asks the OS about once a
-//! millisecond and in between extends that reading with the CPU's time-stamp counter, rated
-//! against the OS clock over the last interval: one `rdtsc` and a multiplication per read.
-//! Whatever the counter does (jump, stall, run backwards after a migration between cores),
-//! the time returned never goes back and is never more than one interval away from the OS
-//! clock's; a counter that looks wrong only makes the next read ask the OS.
+//! millisecond and in between extends that reading with the CPU's time-stamp counter: one
+//! `rdtsc` and a multiplication per read. The counter is rated against the OS clock between
+//! quick OS reads, once two windows of at least a millisecond agree, and every later window
+//! must agree with the rate (a window with a jump in it is set aside). Whatever the counter
+//! does (jump, stall, run backwards after a migration between cores), the time returned never
+//! goes back and stays within about one interval of the OS clock's; a counter that looks
+//! wrong only makes the next read ask the OS. A property test drives it through random
+//! schedules of all of these.
 
 use std::cell::Cell;
 use std::time::Instant;
@@ -111,19 +114,20 @@ struct CounterClock {
     /// Counter value and OS time at the last OS read: the time is extended from there.
     sync_counter: u64,
     sync_ns: Nanos,
-    /// Counter value and OS time of the reading the counter is rated from: the longer ago,
-    /// the less an OS read's jitter weighs on the rate.
-    anchor_counter: u64,
-    anchor_ns: Nanos,
-    /// Whether `anchor_*` holds a reading (one whose OS read was quick).
-    anchored: bool,
+    /// The reading the counter is rated from (the longer ago, the less an OS read's jitter
+    /// weighs on the rate), and the start of the window being judged: every window of at
+    /// least [`MIN_SAMPLE_NS`] between quick OS reads must agree with the rate, else the
+    /// counter jumped inside it (or, if it keeps happening, changed rate).
+    anchor: Option<(u64, Nanos)>,
+    checkpoint: Option<(u64, Nanos)>,
     /// Nanoseconds per counter tick, 32.32 fixed point (0: not rated yet, ask the OS).
     ns_per_tick: u64,
     /// Counter ticks in [`INTERVAL_NS`] at that rate.
     interval_ticks: u64,
-    /// Samples in a row whose rate was far from the current one (a counter jump, or a real
-    /// change of rate once they keep coming).
-    off_samples: u32,
+    /// The last window's rate: before the counter is rated, the next window must confirm it.
+    window_rate: u64,
+    /// Windows in a row that disagreed with the rate.
+    off_windows: u32,
     /// Reads served by the counter since the last OS read.
     reads: u32,
     /// The last time returned: never go back.
@@ -167,9 +171,7 @@ impl CounterClock {
         } else {
             (before, false) // moved to another core's counter meanwhile
         };
-        if clean && !self.anchored {
-            self.anchor(counter, t);
-        } else if clean {
+        if clean {
             self.rate(counter, t);
         }
         self.sync_counter = counter;
@@ -188,47 +190,87 @@ impl CounterClock {
         self.reads = MAX_READS;
     }
 
-    /// Rates the counter over the time since the anchor reading, if that sample is sound.
+    /// Judges the window that ends at this quick OS reading and rates the counter from the
+    /// anchor once two windows in a row agree.
     fn rate(&mut self, counter: u64, t: Nanos) {
-        let elapsed = t.saturating_sub(self.anchor_ns);
-        let ticks = counter.wrapping_sub(self.anchor_counter);
-        if ticks == 0 || ticks > u64::MAX / 2 {
-            // The counter stood still or went back (another core's, or reset): start over.
-            self.anchor(counter, t);
+        let now = (counter, t);
+        let (Some(anchor), Some(checkpoint)) = (self.anchor, self.checkpoint) else {
+            self.restart_at(now);
             return;
+        };
+        let local = match rate_between(checkpoint, now) {
+            Sample::Short => return,
+            // The counter stood still or went back (another core's, or reset): start over
+            // from here, keeping the rate.
+            Sample::Invalid => {
+                self.restart_at(now);
+                return;
+            }
+            Sample::Rate(r) => r,
+        };
+        self.checkpoint = Some(now);
+        let reference = if self.ns_per_tick != 0 {
+            self.ns_per_tick
+        } else {
+            self.window_rate
+        };
+        self.window_rate = local;
+        if reference == 0 {
+            return; // the first window: the next one confirms it or not
         }
-        if elapsed < MIN_SAMPLE_NS {
-            return; // too short to rate
-        }
-        let per_tick = (u128::from(elapsed) << 32) / u128::from(ticks);
-        if per_tick == 0 || per_tick > u128::from(u64::MAX) {
-            self.anchor(counter, t);
-            return;
-        }
-        let per_tick = per_tick as u64;
-        // Far from the current rate: a jump of the counter, or a real change of rate if it
-        // persists (then rate afresh from here).
-        if self.ns_per_tick != 0 && per_tick.abs_diff(self.ns_per_tick) > self.ns_per_tick / 8 {
-            self.off_samples += 1;
-            if self.off_samples >= 3 {
-                self.anchor(counter, t);
+        if local.abs_diff(reference) > reference / 8 {
+            // A jump inside this window (the next baseline starts after it), or a new rate if
+            // it persists.
+            self.anchor = Some(now);
+            self.off_windows += 1;
+            if self.off_windows >= 3 {
+                self.off_windows = 0;
                 self.ns_per_tick = 0;
                 self.interval_ticks = 0;
             }
             return;
         }
-        self.off_samples = 0;
-        self.ns_per_tick = per_tick;
-        self.interval_ticks = ((u128::from(INTERVAL_NS) << 32) / u128::from(per_tick))
+        self.off_windows = 0;
+        let rate = match rate_between(anchor, now) {
+            Sample::Rate(r) if r.abs_diff(local) <= local / 8 => r,
+            _ => local,
+        };
+        self.ns_per_tick = rate;
+        self.interval_ticks = ((u128::from(INTERVAL_NS) << 32) / u128::from(rate))
             .clamp(1, u128::from(u64::MAX)) as u64;
     }
 
-    fn anchor(&mut self, counter: u64, t: Nanos) {
-        self.anchor_counter = counter;
-        self.anchor_ns = t;
-        self.anchored = true;
-        self.off_samples = 0;
+    /// The next windows and the baseline start at this reading.
+    fn restart_at(&mut self, at: (u64, Nanos)) {
+        self.anchor = Some(at);
+        self.checkpoint = Some(at);
     }
+}
+
+/// A rate measured between two readings (counter, OS time).
+enum Sample {
+    /// Less than [`MIN_SAMPLE_NS`] apart.
+    Short,
+    /// The counter stood still or went back.
+    Invalid,
+    /// Nanoseconds per tick, 32.32 fixed point.
+    Rate(u64),
+}
+
+fn rate_between(from: (u64, Nanos), to: (u64, Nanos)) -> Sample {
+    let elapsed = to.1.saturating_sub(from.1);
+    if elapsed < MIN_SAMPLE_NS {
+        return Sample::Short;
+    }
+    let ticks = to.0.wrapping_sub(from.0);
+    if ticks == 0 || ticks > u64::MAX / 2 {
+        return Sample::Invalid;
+    }
+    let per_tick = (u128::from(elapsed) << 32) / u128::from(ticks);
+    if per_tick == 0 || per_tick > u128::from(u64::MAX) {
+        return Sample::Invalid;
+    }
+    Sample::Rate(per_tick as u64)
 }
 
 #[cfg(test)]
@@ -267,11 +309,12 @@ mod tests {
             let got = f.read(t, 7 + 3 * t);
             assert!(got.abs_diff(t) <= 1, "at {t}: {got}");
         }
-        // Every read asks the OS while the counter is rated (MIN_SAMPLE_NS), then one per
-        // interval or per MAX_READS reads, whichever comes first.
-        let rating = (MIN_SAMPLE_NS / 100) as usize;
+        // Every read asks the OS while the counter is rated (two windows of MIN_SAMPLE_NS that
+        // agree), then one per interval or per MAX_READS reads, whichever comes first.
+        let rating_ns = 2 * MIN_SAMPLE_NS;
+        let rating = (rating_ns / 100) as usize;
         let per_sync = INTERVAL_NS.min(u64::from(MAX_READS) * 100);
-        let syncs = (10_000_000 / per_sync) as usize;
+        let syncs = ((10_000_000 - rating_ns) / per_sync) as usize;
         assert!(f.os_reads <= rating + 2 + syncs, "{}", f.os_reads);
         assert!(f.os_reads >= rating + syncs - 2, "{}", f.os_reads);
     }
@@ -396,6 +439,102 @@ mod tests {
                 "{} OS reads of {reads}",
                 clock.os_reads()
             );
+        }
+    }
+
+    /// What the counter and the OS do between two reads, in the model below.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// `reads` reads `gap` ns apart, the counter running steadily.
+        Run { reads: u32, gap: u64 },
+        /// The thread moves to a core whose counter is `offset` ticks away.
+        Migrate { offset: i64 },
+        /// `reads` reads `gap` ns apart while the counter stands still.
+        Stall { reads: u32, gap: u64 },
+        /// One read whose OS read takes `took` ns (preempted), the time read at its end.
+        SlowRead { took: u64 },
+        /// A blocking wait of `slept` ns (the counter runs on), then `woke`.
+        Sleep { slept: u64 },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (1u32..4_000, 20u64..200).prop_map(|(reads, gap)| Step::Run { reads, gap }),
+            1 => (-2_000_000_000i64..2_000_000_000).prop_map(|offset| Step::Migrate { offset }),
+            1 => (1u32..3_000, 20u64..200).prop_map(|(reads, gap)| Step::Stall { reads, gap }),
+            1 => (10_000u64..3_000_000).prop_map(|took| Step::SlowRead { took }),
+            1 => (1_000u64..50_000_000).prop_map(|slept| Step::Sleep { slept }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever the counter does (jumps between cores, stalls, slow OS reads, sleeps), the
+        /// time never goes back and stays within an interval (and a stall's reads) of the OS.
+        #[test]
+        fn the_time_stays_near_the_os_clock_whatever_the_counter_does(
+            ticks_per_ns in 1u64..5,
+            steps in proptest::collection::vec(step(), 1..40),
+        ) {
+            let mut clock = CounterClock::default();
+            let (mut now, mut offset, mut stalled_at) = (1_000_000u64, 1u64 << 40, None::<u64>);
+            let mut last = 0;
+            // The longest a stall may hold the time back: MAX_READS reads 200 ns apart.
+            let bound = INTERVAL_NS + u64::from(MAX_READS) * 200;
+            // One read at true time `now`: an OS read, if the clock makes one, takes `took` ns
+            // and reads the time at its end. Returns the time read and the true time after.
+            let read = |clock: &mut CounterClock, now: u64, counter: u64, took: u64, ticks: u64| {
+                let mut asked = false;
+                let got = clock.read(counter, || {
+                    asked = true;
+                    (now + took, counter.wrapping_add(took * ticks))
+                });
+                (got, if asked { now + took } else { now })
+            };
+            for step in steps {
+                match step {
+                    Step::Run { reads, gap } | Step::Stall { reads, gap } => {
+                        let stall = matches!(step, Step::Stall { .. });
+                        for _ in 0..reads {
+                            now += gap;
+                            let counter = match (stall, stalled_at) {
+                                (true, Some(c)) => c,
+                                (true, None) => {
+                                    let c = offset.wrapping_add(now * ticks_per_ns);
+                                    stalled_at = Some(c);
+                                    c
+                                }
+                                (false, _) => offset.wrapping_add(now * ticks_per_ns),
+                            };
+                            let (got, truth) = read(&mut clock, now, counter, 0, ticks_per_ns);
+                            proptest::prop_assert!(got >= last);
+                            proptest::prop_assert!(got.abs_diff(truth) <= bound, "{got} vs {truth}");
+                            last = got;
+                        }
+                        if stall {
+                            // The counter resumes where it stood: from here on it is behind.
+                            let c = stalled_at.take().expect("stalled");
+                            offset = c.wrapping_sub(now * ticks_per_ns);
+                        }
+                    }
+                    Step::Migrate { offset: by } => offset = offset.wrapping_add_signed(by),
+                    Step::SlowRead { took } => {
+                        // Forces an OS read: the next read is one interval on.
+                        now += INTERVAL_NS + 1;
+                        let counter = offset.wrapping_add(now * ticks_per_ns);
+                        let (got, truth) = read(&mut clock, now, counter, took, ticks_per_ns);
+                        now = truth;
+                        proptest::prop_assert!(got >= last);
+                        proptest::prop_assert!(got.abs_diff(truth) <= bound);
+                        last = got;
+                    }
+                    Step::Sleep { slept } => {
+                        now += slept;
+                        clock.ask_os_next();
+                    }
+                }
+            }
         }
     }
 }
