@@ -441,14 +441,10 @@ mod tests {
             "{reads} reads, {} from the OS, at most {worst} ns outside the OS readings around each",
             clock.os_reads()
         );
-        // Where the CPU has a counter, most reads don't ask the OS (the test's own reads do).
-        if cfg!(any(target_arch = "x86_64", target_arch = "x86")) {
-            assert!(
-                clock.os_reads() * 2 < reads,
-                "{} OS reads of {reads}",
-                clock.os_reads()
-            );
-        }
+        // How many reads the counter served depends on how quick this machine's OS reads are
+        // (a slow or loaded one leaves it unrated: every read asks the OS, correct but no
+        // gain); that it spares the OS is asserted on made-up clocks above and in the property
+        // test below, and on rxe by the two-process ping-pong.
     }
 
     /// What the counter and the OS do between two reads, in the model below.
