@@ -2,8 +2,8 @@
 # Deterministic instruction counts of the hot path, on the simulated fabric, with callgrind
 # (instruction counts repeat exactly for the same binary: no timing noise; no hardware counters
 # needed). Each figure is the difference of two runs of different lengths divided by the
-# difference in work, so set-up and teardown cancel. The simulator's own functions (its event
-# queue, its "NIC": self cost, inlined code included) are subtracted, and the ping-pong runs
+# difference in work, so set-up and teardown cancel. The simulator's work (its "NIC", its event
+# queue, the harness stepping the two hosts: see `count`) is subtracted, and the ping-pong runs
 # `--untimed` (no clock reads or histogram records of its own): what is left is railover's work
 # and the loop calling it, both hosts together for a round trip.
 #   bash bench/instructions.sh
@@ -16,20 +16,35 @@ bin=target/release/railover-bench
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-# Runs the bench under callgrind; prints "<all instructions> <the simulator's>".
+# Runs the bench under callgrind; prints "<all instructions> <the simulator's>". The simulator's
+# are every call from outside the simulated fabric (`railover_rdma::sim`) into it, with all it
+# calls (the fabric never calls back into railover's logic: only into the registered memory's
+# address), and the self cost of the in-process harness (`railover::sim`: SimPair, SimClock),
+# inlined code included. Calls, not names: the fabric's event heap and searches are generic
+# code of the standard library, named after it, not after the simulator.
 count() {
   local f="$out/$1.cg"
   shift
   valgrind --tool=callgrind --callgrind-out-file="$f" "$bin" "$@" >/dev/null 2>&1
-  callgrind_annotate --threshold=100 --auto=no "$f" 2>/dev/null | awk '
-    /PROGRAM TOTALS/ { gsub(",", "", $1); total = $1 }
-    /^ *[0-9,]+ \(/ {
-      line = $0
-      sub(/^ *[0-9,]+ \( *[0-9.]+%\) +/, "", line)   # the cost
-      sub(/^[^:]*:/, "", line)                       # the file
-      if (line ~ /^<?railover(_rdma)?::sim::/) { c = $1; gsub(",", "", c); sim += c }
+  awk '
+    function named(spec,   id, rest) { # "(id) name" names id; "(id)" refers back to it
+      if (match(spec, /^\([0-9]+\)/)) {
+        id = substr(spec, 2, RLENGTH - 2); rest = substr(spec, RLENGTH + 2)
+        if (rest != "") names[id] = rest
+        return names[id]
+      }
+      return spec
     }
-    END { printf "%d %d\n", total, sim }'
+    function fabric(f) { return f ~ /^<?railover_rdma::sim::/ }
+    /^summary:/ { total = $2; next }
+    /^fn=/ { fn = named(substr($0, 4)); next }
+    /^cfn=/ { callee = named(substr($0, 5)); next }
+    /^calls=/ { call = 1; next }
+    /^[0-9+*-]/ {
+      if (call) { call = 0; if (fabric(callee) && !fabric(fn)) sim += $NF; next }
+      if (fn ~ /^<?railover::sim::/) sim += $NF
+    }
+    END { printf "%d %d\n", total, sim }' "$f"
 }
 
 per() { # name short-args long-args units-short units-long
