@@ -183,6 +183,15 @@ impl<N: Nic> InlineControl<N> {
         }
     }
 
+    /// Whether [`InlineControl::serve`] would find nothing to do.
+    pub fn idle<C: Clock>(&self, rx: &Receiver<N, C>) -> bool {
+        self.handovers.is_empty()
+            && !(self.proto.busy()
+                || rx.has_rearm_request()
+                || rx.core().any_rail_failed()
+                || self.proto.is_closed())
+    }
+
     /// Advances the protocol: the core's requests, the peer's frames, time-outs. The channel is
     /// read only while a rail is failed or an exchange is under way (no system call otherwise).
     pub fn serve<C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
@@ -433,6 +442,12 @@ impl<N: Nic> ControlThread<N> {
 
     /// On the data thread, inside `progress`: hands the core's re-arm requests to the thread and
     /// installs what it finished. Never blocks.
+    /// Whether the thread has no news (outcomes) waiting: one relaxed load. The caller checks
+    /// for re-arm requests to hand it.
+    pub fn idle(&self) -> bool {
+        !self.flagged.load(Ordering::Relaxed)
+    }
+
     pub fn serve<C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
         while let Some(rail) = rx.take_rearm_request() {
             if self.commands.send(Command::Rearm(rail)).is_err() {

@@ -642,6 +642,10 @@ pub struct Core {
     /// Whether a write-with-immediate notification may have announced records not yet consumed
     /// (else a receive has nothing to look at: the common empty poll returns at once).
     maybe_arrived: bool,
+    /// The rail the peer's records last arrived on (its active rail, as far as this side knows).
+    inbound: usize,
+    /// `active` and `inbound` as a bit mask (see [`Core::busy_rails`]).
+    busy_rails: u8,
     /// Whether anything but the application's new records may have made I/O due since
     /// [`Core::poll_io`] last found none (a completion, an event, a timer, a receive, a failure).
     /// Until then an empty poll checks the active lane alone, not every rail.
@@ -794,6 +798,8 @@ impl Core {
             beat_owed_at: None,
             recv_touched: false,
             maybe_arrived: false,
+            inbound: 0,
+            busy_rails: 0, // (set below)
             rearm_channel_down: false,
             rescan: true,
             io: VecDeque::with_capacity(4 * MAX_RAILS),
@@ -811,6 +817,7 @@ impl Core {
             beat_sent_at: [0; MAX_RAILS],
             missed_rails: 0,
         };
+        core.note_busy_rails();
         core.refresh_rail_stats();
         Ok(core)
     }
@@ -960,6 +967,25 @@ impl Core {
     /// The rail carrying this side's outgoing stream.
     pub fn active_rail(&self) -> usize {
         self.active
+    }
+
+    /// The rails whose completions can't wait, as a bit mask: the one carrying this side's
+    /// stream and the one the peer's records last arrived on. The others carry heartbeats alone
+    /// until a failover, so a driver may poll them less often (see [`crate::Receiver::progress`]).
+    /// Sets `busy_rails` from `active` and `inbound`: every rail when both sides send on all
+    /// (hot-hot).
+    fn note_busy_rails(&mut self) {
+        self.busy_rails = if self.cfg.mode == RailMode::HotHot {
+            ((1u16 << self.rails.len()) - 1) as u8
+        } else {
+            (1 << self.active) | (1 << self.inbound)
+        };
+    }
+
+    #[inline]
+    pub fn busy_rails(&self) -> u8 {
+        const _: () = assert!(MAX_RAILS <= 8, "a rail mask is a u8");
+        self.busy_rails
     }
 
     /// Whether the session is over (see [`Core::end_reason`]).
@@ -1237,17 +1263,22 @@ impl Core {
     /// Next I/O to carry out, if any. Call until it returns None.
     #[inline]
     pub fn poll_io(&mut self) -> Option<Io> {
-        // The steady-state empty poll ends here: nothing queued, nothing happened since the last
-        // full scan found nothing to do, and no new record from the application (one load).
-        if !self.rescan
+        if self.nothing_to_post() {
+            return None;
+        }
+        self.poll_io_scan()
+    }
+
+    /// Whether [`Core::poll_io`] would find nothing, known cheaply: nothing queued, nothing
+    /// happened since the last full scan found nothing to do, and no new record from the
+    /// application (one load). The steady-state empty poll ends here.
+    #[inline]
+    pub fn nothing_to_post(&self) -> bool {
+        !self.rescan
             && self.io.is_empty()
             && self.ended.is_none()
             && !self.standby_due
             && !self.lanes.poster_ref(self.active).has_pending()
-        {
-            return None;
-        }
-        self.poll_io_scan()
     }
 
     fn poll_io_scan(&mut self) -> Option<Io> {
@@ -1492,31 +1523,56 @@ impl Core {
     /// Advances the clock: heartbeats, heartbeat-miss detection, acknowledgements, re-arm requests.
     #[inline]
     pub fn handle_timeout(&mut self, now: Nanos) {
-        // The steady-state poll: no timer due, no failed rail, not closing, and no peer control
-        // block changed since it was last processed (a few loads per rail).
+        self.handle_timeout_watching(now, u8::MAX);
+    }
+
+    /// [`Core::handle_timeout`] that, while no timer is due, looks for failed rails and changed
+    /// peer control blocks among `rails` (a bit mask) alone: for a driver that polls the other
+    /// rails less often (see [`Core::busy_rails`]) and watches them when it does. Every timer
+    /// tick looks at all.
+    #[inline]
+    pub fn handle_timeout_watching(&mut self, now: Nanos, rails: u8) {
+        if !self.quiet_tick(now, rails) {
+            self.handle_timeout_full(now);
+        }
+    }
+
+    /// The steady-state timer tick: when no timer is due, no rail in `rails` failed, the session
+    /// is not closing and no peer control block on `rails` changed since it was last processed
+    /// (a load per rail), notes the time and says true. Otherwise does nothing and says false:
+    /// [`Core::handle_timeout_watching`] has work to do.
+    #[inline]
+    pub fn quiet_tick(&mut self, now: Nanos, rails: u8) -> bool {
         if now < self.next_heartbeat
             && self.beat_owed_at.is_none()
             && now >= self.now
             && self.closing_until.is_none()
             && self.ended.is_none()
-            && self.rails_quiet()
+            && self.rails_quiet(rails)
         {
             self.now = now;
             self.last_tick = now;
-            return;
+            return true;
         }
-        self.handle_timeout_full(now);
+        false
     }
 
-    /// Whether every rail is up (none waits for a re-arm) and no peer control block changed
-    /// since it was last processed, judged by its crc word alone: one load per rail. A block
+    /// Whether every rail is up (none waits for a re-arm) and no peer control block on a rail in
+    /// `watched` changed since it was last processed, judged by its crc word alone: one load per
+    /// watched rail. A block
     /// whose crc collides with the last one's (one change in 2^32) waits for the next timer
     /// tick, which compares every word.
     #[inline]
-    fn rails_quiet(&self) -> bool {
+    fn rails_quiet(&self, watched: u8) -> bool {
+        // Every rail's state: a failed one's re-arm timer is not among those checked before.
+        let mut watched = watched;
         self.rails.iter().all(|rail| {
+            let watch = watched & 1 != 0;
+            watched >>= 1;
             rail.state != RailState::Failed
-                && rail.ctrl_in.read_u64(CTRL_CRC_OFFSET) == rail.ctrl_seen[CTRL_CRC_OFFSET / 8]
+                && (!watch
+                    || rail.ctrl_in.read_u64(CTRL_CRC_OFFSET)
+                        == rail.ctrl_seen[CTRL_CRC_OFFSET / 8])
         })
     }
 
@@ -1801,6 +1857,10 @@ impl Core {
                 match r.rx.notify(imm) {
                     Ok(()) => {
                         self.maybe_arrived = true;
+                        self.inbound = rail;
+                        if self.cfg.mode != RailMode::HotHot {
+                            self.busy_rails = (1 << self.active) | (1 << rail); // (all if hot-hot)
+                        }
                         r.data_since_block = true;
                         if r.heard_beat_low_bits(imm >> NOTIFY_BITS, beat_base, self.now) {
                             self.rescan = true;
@@ -2310,6 +2370,7 @@ impl Core {
                 self.rails[to].state = RailState::Active;
                 self.rails[from].state = RailState::Standby;
                 self.active = to;
+                self.note_busy_rails();
                 let hold = self.cfg.gray.map_or(0, |g| g.hold_down_ns);
                 self.rails[from].avoid_until = self.now.saturating_add(hold);
                 if hold > 0 {
@@ -2425,6 +2486,7 @@ impl Core {
                 Ok((rep, next_seq)) => {
                     self.rails[to].state = RailState::Active;
                     self.active = to;
+                    self.note_busy_rails();
                     self.stats.failovers += 1;
                     self.stats.records_resent += rep.records as u64;
                     self.stats.bytes_resent += rep.bytes as u64;
@@ -2624,5 +2686,46 @@ mod tests {
         }
         core.handle_timeout(3);
         assert_eq!(core.rails[1].peer_heartbeat, 8);
+    }
+
+    /// The rails a driver must poll every time: the one this side sends on and the one the
+    /// peer's records arrive on; all of them when both sides send on all (hot-hot).
+    #[test]
+    fn the_busy_rails_are_those_carrying_records() {
+        let cfg = |rails, mode| {
+            Config::builder()
+                .rails(rails)
+                .rail_mode(mode)
+                .build()
+                .unwrap()
+        };
+        let core = Core::new(cfg(2, RailMode::ActiveStandby), 0).unwrap();
+        assert_eq!(core.busy_rails(), 0b01);
+        let core = Core::new(cfg(2, RailMode::HotHot), 0).unwrap();
+        assert_eq!(core.busy_rails(), 0b11);
+        let core = Core::new(cfg(3, RailMode::HotHot), 0).unwrap();
+        assert_eq!(core.busy_rails(), 0b111);
+    }
+
+    /// A quiet tick watching some rails does not see a block land on another (its driver looks
+    /// at that rail later), but a failed rail anywhere makes it give way to the full tick: a
+    /// failed rail's re-arm timer is due on no other clock.
+    #[test]
+    fn a_quiet_tick_watches_the_rails_it_is_given_and_every_rails_state() {
+        let cfg = Config::builder().rails(2).build().unwrap();
+        let mut core = Core::new(cfg, 0).unwrap();
+        core.start(0);
+        let ctrl_in = core.rail_memory(1).3;
+        for (i, w) in block(7).iter().enumerate() {
+            ctrl_in.write_u64(i * 8, *w);
+        }
+        assert!(core.quiet_tick(1, 0b01), "rail 1 is not watched");
+        assert!(!core.rail_proven(1));
+        assert!(!core.quiet_tick(2, 0b10), "rail 1's block changed");
+        core.handle_timeout_watching(2, 0b10);
+        assert!(core.rail_proven(1), "the block was processed");
+        assert!(core.quiet_tick(3, 0b11));
+        core.rails[1].state = RailState::Failed;
+        assert!(!core.quiet_tick(4, 0b01), "a failed rail, watched or not");
     }
 }

@@ -164,6 +164,10 @@ pub struct Endpoint<N: Nic, C: Clock> {
     /// When the cards' device events are read next (once per heartbeat interval: a system
     /// call per card on verbs, never one per message).
     next_card_events: Nanos,
+    /// When every connection next looks at all its rails (see
+    /// [`crate::runtime::QUIET_RAIL_POLL_NS`]): together, so that a simulated endpoint's time
+    /// stops there once per period, not once per connection.
+    quiet_rails_due: Nanos,
     slots: Vec<Slot<N, C>>,
     /// The control thread every connection's re-arms run on (verbs; made with the first
     /// connection). After `slots`: connections are dropped (and closed) first.
@@ -220,6 +224,7 @@ where
             cards: cards.into_iter().map(Some).collect(),
             clock,
             next_card_events: 0,
+            quiet_rails_due: 0,
             slots: Vec::new(),
             control: None,
             free: Vec::new(),
@@ -482,13 +487,26 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     fn sleep_until(&mut self, deadline: Nanos) {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let now = self.clock.now();
-        let until = self.next_timeout().map_or(deadline, |t| t.min(deadline));
+        // Only timers bound the wait: every connection looks at all its rails, quiet ones
+        // included, before it (in `arm_for_sleep` below, or here on the simulator).
+        let until = self
+            .connections()
+            .filter_map(|c| c.next_timer())
+            .min()
+            .map_or(deadline, |t| t.min(deadline));
         if until <= now {
             return;
         }
         let entries = || self.slots.iter().filter_map(|s| s.conn.as_ref());
         // A fabric without wake-up descriptors (the simulator) moves virtual time instead.
         if !entries().all(|e| e.conn.open_cards_wake()) {
+            let mut handled = 0;
+            for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+                handled += e.conn.look_at_every_rail();
+            }
+            if handled > 0 {
+                return;
+            }
             self.waits += 1;
             self.clock.idle(until);
             return;
@@ -608,7 +626,17 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// The earliest time any connection has a timer due (heartbeat, re-arm, close), for a caller
     /// that sleeps between polls.
     pub fn next_timeout(&self) -> Option<Nanos> {
-        self.connections().filter_map(|c| c.next_timeout()).min()
+        let timer = self.connections().filter_map(|c| c.next_timer()).min();
+        // Connections that left quiet rails unpolled look at them together, at the endpoint's
+        // time for it.
+        let quiet = self
+            .connections()
+            .any(|c| c.quiet_rails_owed())
+            .then_some(self.quiet_rails_due);
+        match (timer, quiet) {
+            (Some(t), Some(q)) => Some(t.min(q)),
+            (t, q) => t.or(q),
+        }
     }
 
     /// Runs every connection's heartbeat ticks on multiples of the heartbeat interval (never
@@ -679,6 +707,12 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         if now >= self.next_card_events {
             self.next_card_events = now + self.cfg.heartbeat_interval_ns();
             self.dispatch_card_events();
+        }
+        if now >= self.quiet_rails_due {
+            self.quiet_rails_due = now.saturating_add(crate::runtime::QUIET_RAIL_POLL_NS);
+            for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
+                e.conn.look_at_every_rail_next();
+            }
         }
         self.poll_queues();
     }

@@ -32,6 +32,13 @@ enum Control<N: Nic> {
 
 pub use crate::clock::{Clock, RealClock};
 
+/// How long a rail that carries neither side's records (a standby, with heartbeats alone) and
+/// the cards' device events may go unpolled while the connection is being driven. Against
+/// heartbeat timeouts of milliseconds it delays nothing a failover waits for; the first record
+/// the peer sends on a rail after a failover waits at most this long (the rail is polled every
+/// time from then on).
+pub const QUIET_RAIL_POLL_NS: Nanos = 10_000;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
@@ -230,6 +237,12 @@ pub struct Receiver<N: Nic, C: Clock> {
     /// When the cards' retransmission counters are read next (gray switch, inline control:
     /// about once a heartbeat interval; a control thread reads them itself).
     next_counter_read: Nanos,
+    /// When every rail's completions and device events are looked at next (see
+    /// [`QUIET_RAIL_POLL_NS`]); 0 makes the next `progress` look at all.
+    quiet_rails_due: Nanos,
+    /// A `progress` left rails or device events unlooked-at since they were last looked at: the
+    /// connection wants `progress` again by `quiet_rails_due` ([`Receiver::next_timeout`]).
+    quiet_rails_owed: bool,
     /// The cards are shared with other connections (an [`crate::Endpoint`]): their device
     /// events are read once, there, and handed to every connection on them
     /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them.
@@ -618,6 +631,8 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     doorbell: None,
                     sender_gone: None,
                     next_counter_read: 0,
+                    quiet_rails_due: 0,
+                    quiet_rails_owed: false,
                     card_events_elsewhere: false,
                     shared,
                     peer_endpoint: None,
@@ -697,6 +712,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     /// Makes progress, then delivers every message that arrived (zero-copy, in order, exactly once).
+    #[inline]
     pub fn poll(&mut self, deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
         self.progress();
         let n = self.core.poll_recv(deliver);
@@ -783,6 +799,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             return;
         }
         if !self.has_wake_descriptors() {
+            // Nothing wakes it but the clock: look at every rail first, as arming does.
+            if self.look_at_every_rail() > 0 {
+                return;
+            }
             self.clock.idle(until);
             return;
         }
@@ -904,8 +924,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 }
             }
         }
-        // A completion that arrived before arming raises no wake-up: look once more.
-        if self.progress_counted() > 0 {
+        // A completion that arrived before arming raises no wake-up: look once more, at every
+        // rail (the wait wakes for any of them).
+        if self.look_at_every_rail() > 0 {
             return false;
         }
         if let Some(bell) = &self.doorbell {
@@ -958,6 +979,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// (`readable`), and only those: waking makes no system call per queue pair. (A completion
     /// channel whose completions were polled is also consumed by its next arming.)
     pub(crate) fn after_sleep(&mut self, readable: &dyn Fn(BorrowedFd<'_>) -> bool) {
+        self.quiet_rails_due = 0; // whichever rail woke it is looked at next
         if let Some(Control::Thread(t)) = &self.control {
             if readable(t.wake_fd()) {
                 t.clear_wake();
@@ -973,7 +995,30 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
     }
 
+    /// A `progress` that looks at every rail and device event, quiet ones included (before a
+    /// blocking wait): returns how many it handled.
+    pub(crate) fn look_at_every_rail(&mut self) -> usize {
+        self.quiet_rails_due = 0;
+        self.progress_counted()
+    }
+
+    /// Makes the next `progress` look at every rail and device event.
+    pub(crate) fn look_at_every_rail_next(&mut self) {
+        self.quiet_rails_due = 0;
+    }
+
+    /// Whether a `progress` left rails or device events unlooked-at since they were last looked
+    /// at (see [`QUIET_RAIL_POLL_NS`]).
+    pub(crate) fn quiet_rails_owed(&self) -> bool {
+        self.quiet_rails_owed
+    }
+
     /// Processes completions, device events and timers, and posts what the core asks for.
+    ///
+    /// The rails carrying either side's records ([`Core::busy_rails`]) are polled every time;
+    /// the others, which carry heartbeats alone until a failover, and the cards' device events,
+    /// at most [`QUIET_RAIL_POLL_NS`] apart (and always before a blocking wait): a busy loop
+    /// polls one completion queue, not one per card.
     pub fn progress(&mut self) {
         self.progress_counted();
     }
@@ -982,23 +1027,59 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     #[inline]
     fn progress_counted(&mut self) -> usize {
         let now = self.clock.now();
-        self.core.observe_time(now);
-        let mut handled = 0;
-        let mut fatal = [false; MAX_RAILS];
+        if now < self.quiet_rails_due {
+            // The busy loop's poll: the rails carrying records alone, and when they bring
+            // nothing and nothing is due, no more than a few loads.
+            self.quiet_rails_owed = true;
+            let busy = self.core.busy_rails();
+            let (handled, _) = self.poll_rails(now, busy, false);
+            if handled == 0 && self.nothing_due(now, busy) {
+                return 0;
+            }
+            self.progress_rest(now, busy, 0, false);
+            return handled;
+        }
+        self.quiet_rails_due = now.saturating_add(QUIET_RAIL_POLL_NS);
+        self.quiet_rails_owed = false;
         // With a control thread, it reads the cards' events (a system call each) and forwards them.
         let events_here =
             !self.card_events_elsewhere && !matches!(self.control, Some(Control::Thread(_)));
-        for (i, rail) in self.rails.iter_mut().enumerate() {
+        let (handled, fatal) = self.poll_rails(now, u8::MAX, events_here);
+        self.progress_rest(now, u8::MAX, fatal, events_here);
+        handled
+    }
+
+    /// Polls the rails in `polled` (a bit mask): their completions, and their cards' device
+    /// events when `events` is set. Returns how many it handled, and the rails whose card
+    /// reported a device-fatal event. The core learns the time `now` before it hears of any.
+    #[inline]
+    fn poll_rails(&mut self, now: Nanos, polled: u8, events: bool) -> (usize, u8) {
+        let mut handled = 0;
+        let mut fatal = 0u8;
+        let mut left = polled;
+        while left != 0 {
+            let i = left.trailing_zeros() as usize;
+            left &= left - 1;
+            // (Bits past the last rail end the walk: the lowest comes first.)
+            let Some(rail) = self.rails.get_mut(i) else {
+                break;
+            };
             let Some(card) = rail.card.as_mut() else {
                 continue;
             };
-            while let Some(ev) = events_here.then(|| card.nic().poll_event()).flatten() {
-                fatal[i] |= ev == AsyncEvent::DeviceFatal;
+            while let Some(ev) = events.then(|| card.nic().poll_event()).flatten() {
+                self.core.observe_time(now);
+                if ev == AsyncEvent::DeviceFatal {
+                    fatal |= 1 << i;
+                }
                 self.core.handle_event(i, ev);
                 handled += 1;
             }
             loop {
                 let n = card.link.poll(&mut self.completions);
+                if n > 0 {
+                    self.core.observe_time(now);
+                }
                 for c in &self.completions[..n] {
                     self.core.handle_completion(i, *c);
                 }
@@ -1008,8 +1089,37 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 }
             }
         }
-        for (rail, _) in fatal.iter().enumerate().filter(|(_, f)| **f) {
-            self.release_card(rail);
+        (handled, fatal)
+    }
+
+    /// Whether an empty poll of the rails in `watched` leaves nothing to do: no timer due, no
+    /// peer control block changed on them, no I/O due, no control-plane news, no dropped
+    /// sender, no liveness group to serve. (It runs the core's quiet timer tick.)
+    #[inline]
+    fn nothing_due(&mut self, now: Nanos, watched: u8) -> bool {
+        self.liveness.is_none()
+            && self
+                .sender_gone
+                .as_ref()
+                .is_none_or(|g| !g.load(Ordering::Relaxed))
+            && match &self.control {
+                None => true,
+                Some(Control::Thread(t)) => self.rearm_requests.is_empty() && t.idle(),
+                Some(Control::Inline(c)) => c.idle(self),
+            }
+            && self.core.quiet_tick(now, watched)
+            && self.core.nothing_to_post()
+    }
+
+    /// The rest of a `progress` after polling the rails in `polled`: released cards, counters,
+    /// timers, posting, the control plane.
+    #[inline(never)]
+    fn progress_rest(&mut self, now: Nanos, polled: u8, fatal: u8, events_here: bool) {
+        self.core.observe_time(now);
+        if fatal != 0 {
+            for rail in (0..self.rails.len()).filter(|r| fatal & (1 << r) != 0) {
+                self.release_card(rail);
+            }
         }
         if events_here && now >= self.next_counter_read && self.core.wants_retransmissions() {
             self.next_counter_read = now + self.core.config().heartbeat_interval_ns();
@@ -1029,10 +1139,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
         // Cheap (a few words per rail): reads acknowledgements and fault reports every time.
         match &mut self.liveness {
-            None => self.core.handle_timeout(now),
+            None => self.core.handle_timeout_watching(now, polled),
             Some(member) => {
                 member.before_tick(&mut self.core, now);
-                self.core.handle_timeout(now);
+                self.core.handle_timeout_watching(now, polled);
                 member.after_turn(&mut self.core, now);
             }
         }
@@ -1046,7 +1156,6 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             }
             self.control = Some(control);
         }
-        handled
     }
 
     /// Starts a graceful close without waiting: the connection ends by itself (see
@@ -1497,9 +1606,21 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         &self.core
     }
 
-    /// When the connection next needs [`Receiver::progress`] even if nothing arrives.
-    pub fn next_timeout(&self) -> Option<Nanos> {
+    /// When the connection's core next has a timer due (heartbeat, re-arm, close): a blocking
+    /// wait, which wakes for every rail's completions, sleeps until then.
+    pub(crate) fn next_timer(&self) -> Option<Nanos> {
         self.core.poll_timeout()
+    }
+
+    /// When the connection next needs [`Receiver::progress`] even if nothing arrives: its next
+    /// timer, or sooner when the last `progress` left quiet rails unpolled (see
+    /// [`QUIET_RAIL_POLL_NS`]).
+    pub fn next_timeout(&self) -> Option<Nanos> {
+        let quiet = self.quiet_rails_owed.then_some(self.quiet_rails_due);
+        match (self.core.poll_timeout(), quiet) {
+            (Some(t), Some(q)) => Some(t.min(q)),
+            (t, q) => t.or(q),
+        }
     }
 
     /// The card of `rail` (None while released after a device-fatal event).

@@ -607,11 +607,15 @@ impl World {
                 }
             }
         }
-        // A side whose session ended learns that its peer is gone; once no live side is left
-        // on the link, it is dropped.
+        // Once one side's session ended and no two live sides are left, the link is dropped: a
+        // live side whose session had not ended yet would see it end too (a partition's port
+        // events reach the two hosts' connections a poll apart, not always in one step). Every
+        // running side whose session ended, or is taken to end so, learns its peer is gone.
+        let live_sides = (0..2).filter(|s| !ended[*s] && !paused[*s]).count();
+        let drop_link = live_sides < 2 && (ended[0] || ended[1]);
         for side in 0..2 {
             let slot = if side == 0 { primary } else { 1 - primary };
-            if !ended[side] || paused[side] {
+            if !(ended[side] || drop_link) || paused[side] {
                 continue;
             }
             let Some(node) = self.node(slot) else {
@@ -640,19 +644,8 @@ impl World {
                 Role::Joining => {}
             }
         }
-        let live_sides = (0..2).filter(|s| !ended[*s] && !paused[*s]).count();
-        if live_sides < 2 && (ended[0] || ended[1]) {
+        if drop_link {
             self.link = None;
-            // A live side whose session had not ended yet would see it end too: a primary goes
-            // on without its backup.
-            for side in 0..2 {
-                let slot = if side == 0 { primary } else { 1 - primary };
-                if !ended[side] && !paused[side] {
-                    if let Some(n) = self.node(slot).filter(|n| n.role() == Role::Primary) {
-                        n.backup_lost();
-                    }
-                }
-            }
         }
     }
 
