@@ -164,6 +164,10 @@ struct Link {
     /// Messages waiting for ring space: primary to backup, backup to primary.
     outbox: [VecDeque<Vec<u8>>; 2],
     ended: [bool; 2],
+    /// Whether each side's end was handed to its replica.
+    told: [bool; 2],
+    /// When the first side's session ended (global time).
+    first_end_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -423,6 +427,8 @@ impl World {
             base: self.now,
             outbox: [VecDeque::new(), VecDeque::new()],
             ended: [false; 2],
+            told: [false; 2],
+            first_end_at: None,
         });
     }
 
@@ -565,6 +571,9 @@ impl World {
 
     /// Moves the replication link to now: railover progresses, messages and events come out.
     fn step_link(&mut self) {
+        /// How soon a running side must see its session end after its peer's did: well past a
+        /// heartbeat timeout (3 ms here).
+        const END_SEEN_NS: u64 = 50 * MS;
         let Some(link) = &mut self.link else { return };
         let target = self.now - link.base;
         if target > link.pair.now() {
@@ -598,6 +607,7 @@ impl World {
             }
         }
         let ended = link.ended;
+        let told = link.told;
         let paused = [link.pair.is_paused(false), link.pair.is_paused(true)];
         for (side, msgs) in arrived.into_iter().enumerate() {
             let slot = if side == 0 { primary } else { 1 - primary };
@@ -607,15 +617,13 @@ impl World {
                 }
             }
         }
-        // Once one side's session ended and no two live sides are left, the link is dropped: a
-        // live side whose session had not ended yet would see it end too (a partition's port
-        // events reach the two hosts' connections a poll apart, not always in one step). Every
-        // running side whose session ended, or is taken to end so, learns its peer is gone.
-        let live_sides = (0..2).filter(|s| !ended[*s] && !paused[*s]).count();
-        let drop_link = live_sides < 2 && (ended[0] || ended[1]);
+        // A running side whose session ended learns, once, that its peer is gone. The link goes
+        // once no side runs on it with its session up; until then the other side is driven on
+        // and must see its own session end (its peer's end reaches it a poll later, or a
+        // heartbeat timeout later: a partition's port events, an ended peer's silence).
         for side in 0..2 {
             let slot = if side == 0 { primary } else { 1 - primary };
-            if !(ended[side] || drop_link) || paused[side] {
+            if !ended[side] || paused[side] || told[side] {
                 continue;
             }
             let Some(node) = self.node(slot) else {
@@ -644,8 +652,27 @@ impl World {
                 Role::Joining => {}
             }
         }
-        if drop_link {
+        let live_sides = (0..2).filter(|s| !ended[*s] && !paused[*s]).count();
+        if !(ended[0] || ended[1]) {
+            return;
+        }
+        if live_sides == 0 {
             self.link = None;
+            return;
+        }
+        let now = self.now;
+        let Some(link) = &mut self.link else { return };
+        for side in 0..2 {
+            link.told[side] |= ended[side] && !paused[side];
+        }
+        let first = *link.first_end_at.get_or_insert(now);
+        if now - first > END_SEEN_NS {
+            self.errors.push(format!(
+                "{} us: one side's replication session ended at {} us, the other side runs on \
+                 with its session up",
+                now / US,
+                first / US
+            ));
         }
     }
 
