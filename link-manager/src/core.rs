@@ -644,7 +644,7 @@ pub struct Core {
     maybe_arrived: bool,
     /// The rail the peer's records last arrived on (its active rail, as far as this side knows).
     inbound: usize,
-    /// `active` and `inbound` as a bit mask (see [`Core::busy_rails`]).
+    /// The rails a driver polls every time (see [`Core::busy_rails`]).
     busy_rails: u8,
     /// Whether anything but the application's new records may have made I/O due since
     /// [`Core::poll_io`] last found none (a completion, an event, a timer, a receive, a failure).
@@ -970,22 +970,28 @@ impl Core {
     }
 
     /// The rails whose completions can't wait, as a bit mask: the one carrying this side's
-    /// stream and the one the peer's records last arrived on. The others carry heartbeats alone
-    /// until a failover, so a driver may poll them less often (see [`crate::Receiver::progress`]).
-    /// Sets `busy_rails` from `active` and `inbound`: every rail when both sides send on all
-    /// (hot-hot).
-    fn note_busy_rails(&mut self) {
-        self.busy_rails = if self.cfg.mode == RailMode::HotHot {
-            ((1u16 << self.rails.len()) - 1) as u8
-        } else {
-            (1 << self.active) | (1 << self.inbound)
-        };
-    }
-
+    /// stream, the one the peer's records last arrived on, a planned switch's target; every
+    /// rail in hot-hot mode. The others carry heartbeats alone until a failover, so a driver
+    /// may poll them less often (see [`crate::Receiver::progress`]).
     #[inline]
     pub fn busy_rails(&self) -> u8 {
         const _: () = assert!(MAX_RAILS <= 8, "a rail mask is a u8");
         self.busy_rails
+    }
+
+    /// Every rail, as a bit mask.
+    pub fn all_rails(&self) -> u8 {
+        ((1u16 << self.rails.len()) - 1) as u8
+    }
+
+    /// Sets `busy_rails` (see [`Core::busy_rails`]).
+    fn note_busy_rails(&mut self) {
+        self.busy_rails = if self.cfg.mode == RailMode::HotHot {
+            self.all_rails()
+        } else {
+            let target = self.switching.as_ref().map_or(0, |s| 1 << s.to);
+            (1 << self.active) | (1 << self.inbound) | target
+        };
     }
 
     /// Whether the session is over (see [`Core::end_reason`]).
@@ -1857,12 +1863,13 @@ impl Core {
                 match r.rx.notify(imm) {
                     Ok(()) => {
                         self.maybe_arrived = true;
-                        self.inbound = rail;
-                        if self.cfg.mode != RailMode::HotHot {
-                            self.busy_rails = (1 << self.active) | (1 << rail); // (all if hot-hot)
-                        }
                         r.data_since_block = true;
-                        if r.heard_beat_low_bits(imm >> NOTIFY_BITS, beat_base, self.now) {
+                        let heard = r.heard_beat_low_bits(imm >> NOTIFY_BITS, beat_base, self.now);
+                        if self.inbound != rail {
+                            self.inbound = rail;
+                            self.note_busy_rails();
+                        }
+                        if heard {
                             self.rescan = true;
                             self.peer_heard();
                         }
@@ -2287,7 +2294,8 @@ impl Core {
             reason,
             deadline: self.now + self.cfg.heartbeat_interval_ns,
         });
-        // Asked on every live rail: the answer comes back on the fastest.
+        self.note_busy_rails(); // the target's block carries the answer the drain waits for
+                                // Asked on every live rail: the answer comes back on the fastest.
         for rail in self
             .rails
             .iter_mut()
@@ -2335,6 +2343,7 @@ impl Core {
     fn abandon_switch(&mut self, sw: Switch) {
         let a = self.active;
         self.switching = None;
+        self.note_busy_rails();
         self.end_ack_requests();
         self.rescan = true;
         if self.ended.is_none() {
@@ -2353,6 +2362,7 @@ impl Core {
     fn finish_switch(&mut self, to: usize, reason: SwitchReason) {
         let from = self.active;
         self.switching = None;
+        self.note_busy_rails();
         self.end_ack_requests();
         self.rescan = true;
         let posted_before = self.lanes.poster_ref(from).last_posted_seq();
@@ -2705,6 +2715,31 @@ mod tests {
         assert_eq!(core.busy_rails(), 0b11);
         let core = Core::new(cfg(3, RailMode::HotHot), 0).unwrap();
         assert_eq!(core.busy_rails(), 0b111);
+    }
+
+    /// The rail the peer's records arrive on is busy (polled every time) from its first
+    /// notification, and quiet again once the peer writes elsewhere.
+    #[test]
+    fn the_rail_the_peer_writes_on_is_busy() {
+        let cfg = Config::builder().rails(3).build().unwrap();
+        let mut core = Core::new(cfg, 0).unwrap();
+        core.start(0);
+        assert_eq!(core.busy_rails(), 0b001);
+        // Writes with immediate announcing nothing new (position bits 0), first on rail 2.
+        let write = Completion {
+            wr_id: 0,
+            kind: CompletionKind::RecvImm {
+                imm: 0,
+                byte_len: 0,
+            },
+            status: WcStatus::Success,
+        };
+        core.handle_completion(2, write);
+        assert_eq!(core.busy_rails(), 0b101);
+        core.handle_completion(1, write);
+        assert_eq!(core.busy_rails(), 0b011, "rail 2 is quiet again");
+        core.handle_completion(0, write);
+        assert_eq!(core.busy_rails(), 0b001);
     }
 
     /// A quiet tick watching some rails does not see a block land on another (its driver looks

@@ -1008,9 +1008,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     /// Whether a `progress` left rails or device events unlooked-at since they were last looked
-    /// at (see [`QUIET_RAIL_POLL_NS`]).
+    /// at (see [`QUIET_RAIL_POLL_NS`]): not when every rail is busy (hot-hot) and the cards'
+    /// events are read elsewhere (a control thread, an endpoint).
     pub(crate) fn quiet_rails_owed(&self) -> bool {
         self.quiet_rails_owed
+            && (self.core.busy_rails() != self.core.all_rails()
+                || (!self.card_events_elsewhere
+                    && !matches!(self.control, Some(Control::Thread(_)))))
     }
 
     /// Processes completions, device events and timers, and posts what the core asks for.
@@ -1616,7 +1620,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// timer, or sooner when the last `progress` left quiet rails unpolled (see
     /// [`QUIET_RAIL_POLL_NS`]).
     pub fn next_timeout(&self) -> Option<Nanos> {
-        let quiet = self.quiet_rails_owed.then_some(self.quiet_rails_due);
+        let quiet = self.quiet_rails_owed().then_some(self.quiet_rails_due);
         match (self.core.poll_timeout(), quiet) {
             (Some(t), Some(q)) => Some(t.min(q)),
             (t, q) => t.or(q),
