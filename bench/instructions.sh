@@ -17,32 +17,49 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
 # Runs the bench under callgrind; prints "<all instructions> <the simulator's>". The simulator's
-# are every call from outside the simulated fabric (`railover_rdma::sim`) into it, with all it
-# calls (the fabric never calls back into railover's logic: only into the registered memory's
-# address), and the self cost of the in-process harness (`railover::sim`: SimPair, SimClock),
-# inlined code included. Calls, not names: the fabric's event heap and searches are generic
-# code of the standard library, named after it, not after the simulator.
+# are, from callgrind's call graph (calls, not names: the fabric's event heap and searches are
+# generic code of the standard library, named after it):
+# - every call from outside the simulated fabric (`railover_rdma::sim`) into it, with all it
+#   calls (the fabric calls nothing of railover's logic back, only the registered memory's
+#   address);
+# - the harness's scheduler (`SimPair::next_deadline`: when to move virtual time, from the
+#   fabric's next event and each host's next timeout, which a busy-polling host never asks),
+#   with all it calls;
+# - the rest of the harness's own code (`railover::sim`: stepping the hosts, the virtual clock),
+#   but not railover's code inlined into it (its source file says which).
 count() {
   local f="$out/$1.cg"
   shift
   valgrind --tool=callgrind --callgrind-out-file="$f" "$bin" "$@" >/dev/null 2>&1
   awk '
-    function named(spec,   id, rest) { # "(id) name" names id; "(id)" refers back to it
+    # "(id) name" names id, "(id)" refers back to it; files and functions count apart.
+    function named(spec, table,   id, rest) {
       if (match(spec, /^\([0-9]+\)/)) {
-        id = substr(spec, 2, RLENGTH - 2); rest = substr(spec, RLENGTH + 2)
+        id = table ":" substr(spec, 2, RLENGTH - 2); rest = substr(spec, RLENGTH + 2)
         if (rest != "") names[id] = rest
         return names[id]
       }
       return spec
     }
     function fabric(f) { return f ~ /^<?railover_rdma::sim::/ }
+    function scheduler(f) { return f ~ /^railover::sim::Sim[A-Za-z]+::next_deadline/ }
+    function harness(f) { return f ~ /^<?railover::sim::/ }
+    function railover_source(f) { return f ~ /(link-manager|segq|rdma-core)\/src\// && f !~ /\/sim\.rs$/ }
     /^summary:/ { total = $2; next }
-    /^fn=/ { fn = named(substr($0, 4)); next }
-    /^cfn=/ { callee = named(substr($0, 5)); next }
+    /^fl=/ { file = named(substr($0, 4), "f"); fn_file = file; next }
+    /^f[ie]=/ { file = named(substr($0, 4), "f"); next }
+    /^cf[il]=/ { named(substr($0, 5), "f"); next }
+    /^fn=/ { fn = named(substr($0, 4), "n"); file = fn_file; next }
+    /^cfn=/ { callee = named(substr($0, 5), "n"); next }
     /^calls=/ { call = 1; next }
     /^[0-9+*-]/ {
-      if (call) { call = 0; if (fabric(callee) && !fabric(fn)) sim += $NF; next }
-      if (fn ~ /^<?railover::sim::/) sim += $NF
+      inside = fabric(fn) || scheduler(fn)
+      if (call) {
+        call = 0
+        if (!inside && (fabric(callee) || scheduler(callee))) sim += $NF
+        next
+      }
+      if (harness(fn) && !scheduler(fn) && !railover_source(file)) sim += $NF
     }
     END { printf "%d %d\n", total, sim }' "$f"
 }
@@ -57,7 +74,10 @@ per() { # name short-args long-args units-short units-long
 read -r rt_all rt < <(per pingpong "pingpong --fabric sim --untimed --size 64 --iterations 1000 --warmup 200" \
   "pingpong --fabric sim --untimed --size 64 --iterations 3000 --warmup 200" 1200 3200)
 read -r poll_all poll < <(per idle "idle-poll --count 20000" "idle-poll --count 120000" 20000 120000)
+read -r clock_all _ < <(per clock "clock-reads --count 100000" "clock-reads --count 600000" 100000 600000)
 echo "64 B ping-pong, both hosts, simulated fabric: $rt_all instructions per round trip with the simulator"
 echo "instructions per round trip: $rt"
 echo "idle connection: $poll_all instructions per empty poll with the simulator"
 echo "instructions per empty poll: $poll"
+# On verbs a poll also reads the real clock once (the simulated connections read a virtual one).
+echo "instructions per real clock read (verbs adds one per poll): $clock_all"

@@ -78,6 +78,13 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         count: usize,
     },
+    /// Reads a connection's real clock (`RealClock`) `count` times: what the one read per poll
+    /// costs on verbs (the simulated fabric's connections read a virtual clock instead), for
+    /// an instruction counter (`bench/instructions.sh`).
+    ClockReads {
+        #[arg(long, default_value_t = 100_000)]
+        count: usize,
+    },
     /// Many connections on one endpoint per host (simulated fabric): set-up time and memory per
     /// connection (resident memory and registered bytes), measured at 1 and at N connections.
     EndpointSetup {
@@ -255,6 +262,10 @@ fn main() {
         Cmd::IdlePoll { count } => {
             let found = sim_runs::idle_polls(count);
             println!("{count} empty polls found {found} records");
+        }
+        Cmd::ClockReads { count } => {
+            let (last, os_reads) = sim_runs::clock_reads(count);
+            println!("{count} clock reads: the last {last} ns, {os_reads} of them asked the OS");
         }
         Cmd::Pingpong {
             fabric,

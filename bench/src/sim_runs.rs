@@ -276,6 +276,15 @@ pub fn idle_polls(count: usize) -> usize {
     (0..count).map(|_| pair.a.poll(|_| {}).expect("poll")).sum()
 }
 
+/// Reads a [`railover::runtime::RealClock`] `count` times (as `progress` does once per poll on verbs): returns the
+/// last time read and how many reads asked the OS.
+pub fn clock_reads(count: usize) -> (u64, u64) {
+    use railover::runtime::{Clock, RealClock};
+    let clock = RealClock::default();
+    let last = (0..count).fold(0, |_, _| std::hint::black_box(&clock).now());
+    (last, clock.os_reads())
+}
+
 /// `timed: false` leaves out the benchmark's own timing of each round trip (two clock reads and
 /// two histogram records, ~300 instructions): for an instruction counter, which should count
 /// railover's work only (`bench/instructions.sh`).

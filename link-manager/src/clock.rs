@@ -19,6 +19,8 @@ use crate::core::Nanos;
 
 /// A source of time for the driver.
 pub trait Clock {
+    /// Nanoseconds since some fixed instant; never less than an earlier reading (timers and
+    /// the quiet rails' polling wait for the time to pass their deadlines).
     fn now(&self) -> Nanos;
     /// Called while a bounded wait spins, with the wait's deadline: a real clock just hints the
     /// CPU; a virtual clock moves time forward (at most to `deadline`) so the wait can end.
@@ -44,14 +46,17 @@ pub trait Clock {
 #[derive(Clone)]
 pub struct RealClock {
     epoch: Instant,
-    counter: Cell<CounterClock>,
+    /// A read between OS reads copies this alone (48 bytes), not the rating's state.
+    ext: Cell<Extension>,
+    rating: Cell<Rating>,
 }
 
 impl Default for RealClock {
     fn default() -> Self {
         RealClock {
             epoch: Instant::now(),
-            counter: Cell::new(CounterClock::default()),
+            ext: Cell::new(Extension::default()),
+            rating: Cell::new(Rating::default()),
         }
     }
 }
@@ -59,16 +64,21 @@ impl Default for RealClock {
 impl Clock for RealClock {
     #[inline]
     fn now(&self) -> Nanos {
-        let mut counter = self.counter.get();
-        let t = counter.read(read_counter(), || self.os_now());
-        self.counter.set(counter);
-        t
+        let counter = read_counter();
+        let mut ext = self.ext.get();
+        match ext.extend(counter) {
+            Some(t) => {
+                self.ext.set(ext);
+                t
+            }
+            None => self.sync(counter),
+        }
     }
 
     fn woke(&self) {
-        let mut counter = self.counter.get();
-        counter.ask_os_next();
-        self.counter.set(counter);
+        let mut clock = self.state();
+        clock.ask_os_next();
+        self.set_state(clock);
     }
 }
 
@@ -76,7 +86,29 @@ impl RealClock {
     /// How many times this clock (this copy) asked the OS for the time: about once per
     /// millisecond of reads once the counter is rated, every read where there is no counter.
     pub fn os_reads(&self) -> u64 {
-        self.counter.get().os_reads
+        self.rating.get().os_reads
+    }
+
+    /// A read that asks the OS (out of line: about once per millisecond of reads).
+    #[cold]
+    #[inline(never)]
+    fn sync(&self, counter: u64) -> Nanos {
+        let mut clock = self.state();
+        let t = clock.sync(counter, || self.os_now());
+        self.set_state(clock);
+        t
+    }
+
+    fn state(&self) -> CounterClock {
+        CounterClock {
+            ext: self.ext.get(),
+            rating: self.rating.get(),
+        }
+    }
+
+    fn set_state(&self, clock: CounterClock) {
+        self.ext.set(clock.ext);
+        self.rating.set(clock.rating);
     }
 
     fn os_now(&self) -> (Nanos, u64) {
@@ -117,39 +149,52 @@ const MAX_OS_READ_NS: Nanos = 25_000;
 const MAX_OS_READ_TICKS: u64 = 25_000;
 
 /// The counter's state between OS reads (plain data: the logic is tested with made-up counters
-/// and OS clocks).
+/// and OS clocks): what every read needs, and what only an OS read touches.
 #[derive(Clone, Copy, Debug, Default)]
 struct CounterClock {
+    ext: Extension,
+    rating: Rating,
+}
+
+/// What a read needs to extend the last OS reading by the counter (kept apart from
+/// [`Rating`] so that a read copies only this).
+#[derive(Clone, Copy, Debug, Default)]
+struct Extension {
     /// Counter value and OS time at the last OS read: the time is extended from there.
     sync_counter: u64,
     sync_ns: Nanos,
+    /// Nanoseconds per counter tick, 32.32 fixed point (0: not rated yet, ask the OS).
+    ns_per_tick: u64,
+    /// Counter ticks in [`INTERVAL_NS`] at that rate.
+    interval_ticks: u64,
+    /// Reads served by the counter since the last OS read.
+    reads: u32,
+    /// The last time returned: never go back.
+    last: Nanos,
+}
+
+/// How the counter is rated against the OS clock (touched at OS reads only).
+#[derive(Clone, Copy, Debug, Default)]
+struct Rating {
     /// The reading the counter is rated from (the longer ago, the less an OS read's jitter
     /// weighs on the rate), and the start of the window being judged: every window of at
     /// least [`MIN_SAMPLE_NS`] between quick OS reads must agree with the rate, else the
     /// counter jumped inside it (or, if it keeps happening, changed rate).
     anchor: Option<(u64, Nanos)>,
     checkpoint: Option<(u64, Nanos)>,
-    /// Nanoseconds per counter tick, 32.32 fixed point (0: not rated yet, ask the OS).
-    ns_per_tick: u64,
-    /// Counter ticks in [`INTERVAL_NS`] at that rate.
-    interval_ticks: u64,
     /// The last window's rate: before the counter is rated, the next window must confirm it.
     window_rate: u64,
     /// Windows in a row that disagreed with the rate.
     off_windows: u32,
-    /// Reads served by the counter since the last OS read.
-    reads: u32,
-    /// The last time returned: never go back.
-    last: Nanos,
     /// OS reads so far.
     os_reads: u64,
 }
 
-impl CounterClock {
-    /// The time at counter value `counter`; `os` reads the OS clock (and the counter right
-    /// after it) when the counter alone can't be trusted.
+impl Extension {
+    /// The time at counter value `counter`, if the counter alone may carry it (under one
+    /// interval's ticks and [`MAX_READS`] reads past the last OS reading); else None: ask the OS.
     #[inline]
-    fn read(&mut self, counter: u64, os: impl FnOnce() -> (Nanos, u64)) -> Nanos {
+    fn extend(&mut self, counter: u64) -> Option<Nanos> {
         let ticks = counter.wrapping_sub(self.sync_counter);
         if ticks < self.interval_ticks && self.reads < MAX_READS {
             self.reads += 1;
@@ -157,23 +202,36 @@ impl CounterClock {
             let t =
                 self.sync_ns + ((u128::from(ticks) * u128::from(self.ns_per_tick)) >> 32) as u64;
             self.last = self.last.max(t);
-            return self.last;
+            return Some(self.last);
         }
-        self.sync(counter, os)
+        None
+    }
+}
+
+impl CounterClock {
+    /// The time at counter value `counter`; `os` reads the OS clock (and the counter right
+    /// after it) when the counter alone can't be trusted. (What [`RealClock`]'s `now` does with
+    /// its two cells; the tests drive it with made-up counters and OS clocks.)
+    #[cfg(test)]
+    fn read(&mut self, counter: u64, os: impl FnOnce() -> (Nanos, u64)) -> Nanos {
+        match self.ext.extend(counter) {
+            Some(t) => t,
+            None => self.sync(counter, os),
+        }
     }
 
     #[cold]
     fn sync(&mut self, before: u64, os: impl FnOnce() -> (Nanos, u64)) -> Nanos {
         let (t, after) = os();
-        self.os_reads += 1;
-        self.last = self.last.max(t);
+        self.rating.os_reads += 1;
+        self.ext.last = self.ext.last.max(t);
         let read_ticks = after.wrapping_sub(before);
         // The OS read happened between the two counter values: pair it with the middle one.
         let (counter, clean) = if read_ticks < u64::MAX / 2 {
-            let clean = if self.ns_per_tick == 0 {
+            let clean = if self.ext.ns_per_tick == 0 {
                 read_ticks <= MAX_OS_READ_TICKS
             } else {
-                (u128::from(read_ticks) * u128::from(self.ns_per_tick)) >> 32
+                (u128::from(read_ticks) * u128::from(self.ext.ns_per_tick)) >> 32
                     <= u128::from(MAX_OS_READ_NS)
             };
             (before.wrapping_add(read_ticks / 2), clean)
@@ -183,27 +241,27 @@ impl CounterClock {
         if clean {
             self.rate(counter, t);
         }
-        self.sync_counter = counter;
-        self.sync_ns = t;
-        self.reads = 0;
+        self.ext.sync_counter = counter;
+        self.ext.sync_ns = t;
+        self.ext.reads = 0;
         if !clean {
             // When, between the counter values around it, the OS read its clock is too vague
             // to extend from: the next read asks again.
             self.ask_os_next();
         }
-        self.last
+        self.ext.last
     }
 
     /// Makes the next read ask the OS.
     fn ask_os_next(&mut self) {
-        self.reads = MAX_READS;
+        self.ext.reads = MAX_READS;
     }
 
     /// Judges the window that ends at this quick OS reading and rates the counter from the
     /// anchor once two windows in a row agree.
     fn rate(&mut self, counter: u64, t: Nanos) {
         let now = (counter, t);
-        let (Some(anchor), Some(checkpoint)) = (self.anchor, self.checkpoint) else {
+        let (Some(anchor), Some(checkpoint)) = (self.rating.anchor, self.rating.checkpoint) else {
             self.restart_at(now);
             return;
         };
@@ -217,42 +275,42 @@ impl CounterClock {
             }
             Sample::Rate(r) => r,
         };
-        self.checkpoint = Some(now);
-        let reference = if self.ns_per_tick != 0 {
-            self.ns_per_tick
+        self.rating.checkpoint = Some(now);
+        let reference = if self.ext.ns_per_tick != 0 {
+            self.ext.ns_per_tick
         } else {
-            self.window_rate
+            self.rating.window_rate
         };
-        self.window_rate = local;
+        self.rating.window_rate = local;
         if reference == 0 {
             return; // the first window: the next one confirms it or not
         }
         if local.abs_diff(reference) > reference / 8 {
             // A jump inside this window (the next baseline starts after it), or a new rate if
             // it persists.
-            self.anchor = Some(now);
-            self.off_windows += 1;
-            if self.off_windows >= 3 {
-                self.off_windows = 0;
-                self.ns_per_tick = 0;
-                self.interval_ticks = 0;
+            self.rating.anchor = Some(now);
+            self.rating.off_windows += 1;
+            if self.rating.off_windows >= 3 {
+                self.rating.off_windows = 0;
+                self.ext.ns_per_tick = 0;
+                self.ext.interval_ticks = 0;
             }
             return;
         }
-        self.off_windows = 0;
+        self.rating.off_windows = 0;
         let rate = match rate_between(anchor, now) {
             Sample::Rate(r) if r.abs_diff(local) <= local / 8 => r,
             _ => local,
         };
-        self.ns_per_tick = rate;
-        self.interval_ticks = ((u128::from(INTERVAL_NS) << 32) / u128::from(rate))
+        self.ext.ns_per_tick = rate;
+        self.ext.interval_ticks = ((u128::from(INTERVAL_NS) << 32) / u128::from(rate))
             .clamp(1, u128::from(u64::MAX)) as u64;
     }
 
     /// The next windows and the baseline start at this reading.
     fn restart_at(&mut self, at: (u64, Nanos)) {
-        self.anchor = Some(at);
-        self.checkpoint = Some(at);
+        self.rating.anchor = Some(at);
+        self.rating.checkpoint = Some(at);
     }
 }
 
@@ -386,12 +444,12 @@ mod tests {
             // Never extended from a slow reading: within a nanosecond of the truth (or, for
             // the slow read itself, the time it reports).
             assert!(got.abs_diff(now) <= 1, "at {before}: {got} vs {now}");
-            if clock.ns_per_tick != 0 {
+            if clock.ext.ns_per_tick != 0 {
                 // Rated from quick reads only: exact.
-                assert_eq!(clock.ns_per_tick, 1 << 31, "at {before}");
+                assert_eq!(clock.ext.ns_per_tick, 1 << 31, "at {before}");
             }
         }
-        assert!(clock.ns_per_tick != 0, "rated in the end");
+        assert!(clock.ext.ns_per_tick != 0, "rated in the end");
     }
 
     #[test]
@@ -583,7 +641,7 @@ mod tests {
                 m.now += 400;
                 m.read(1_000)?;
             }
-            proptest::prop_assert!(m.clock.ns_per_tick != 0, "not rated again");
+            proptest::prop_assert!(m.clock.ext.ns_per_tick != 0, "not rated again");
             let windows = 3 * MIN_SAMPLE_NS / 400;
             proptest::prop_assert!(m.os_reads - before <= windows + 20, "{} OS reads", m.os_reads - before);
         }
