@@ -2294,8 +2294,9 @@ impl Core {
             reason,
             deadline: self.now + self.cfg.heartbeat_interval_ns,
         });
-        self.note_busy_rails(); // the target's block carries the answer the drain waits for
-                                // Asked on every live rail: the answer comes back on the fastest.
+        // The target's block carries the answer the drain waits for.
+        self.note_busy_rails();
+        // Asked on every live rail: the answer comes back on the fastest.
         for rail in self
             .rails
             .iter_mut()
@@ -2739,6 +2740,30 @@ mod tests {
         core.handle_completion(1, write);
         assert_eq!(core.busy_rails(), 0b011, "rail 2 is quiet again");
         core.handle_completion(0, write);
+        assert_eq!(core.busy_rails(), 0b001);
+    }
+
+    /// A planned switch's target is busy while the drain waits for the answer its block
+    /// carries, and quiet again once the switch is given up.
+    #[test]
+    fn a_planned_switchs_target_is_busy_while_it_drains() {
+        let cfg = Config::builder().rails(3).build().unwrap();
+        let mut core = Core::new(cfg, 0).unwrap();
+        core.start(0);
+        let reason = SwitchReason::Retransmitting {
+            active: 9,
+            standby: 0,
+        };
+        // A record in flight on rail 0: the switch drains it first.
+        core.push(&[1; 64]).unwrap();
+        while let Some(io) = core.poll_io() {
+            let _ = io; // posted (never completes here)
+        }
+        core.begin_switch(2, reason);
+        let sw = core.switching.expect("a switch under way");
+        assert_eq!(core.active_rail(), 0);
+        assert_eq!(core.busy_rails(), 0b101);
+        core.abandon_switch(sw);
         assert_eq!(core.busy_rails(), 0b001);
     }
 

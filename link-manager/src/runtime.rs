@@ -240,9 +240,10 @@ pub struct Receiver<N: Nic, C: Clock> {
     /// When every rail's completions and device events are looked at next (see
     /// [`QUIET_RAIL_POLL_NS`]); 0 makes the next `progress` look at all.
     quiet_rails_due: Nanos,
-    /// A `progress` left rails or device events unlooked-at since they were last looked at: the
-    /// connection wants `progress` again by `quiet_rails_due` ([`Receiver::next_timeout`]).
-    quiet_rails_owed: bool,
+    /// The rails the last `progress` polled when it left the others and the device events for
+    /// later (0 after it looked at all): the connection then wants `progress` again by
+    /// `quiet_rails_due` ([`Receiver::next_timeout`]).
+    partly_polled: u8,
     /// The cards are shared with other connections (an [`crate::Endpoint`]): their device
     /// events are read once, there, and handed to every connection on them
     /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them.
@@ -632,7 +633,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     sender_gone: None,
                     next_counter_read: 0,
                     quiet_rails_due: 0,
-                    quiet_rails_owed: false,
+                    partly_polled: 0,
                     card_events_elsewhere: false,
                     shared,
                     peer_endpoint: None,
@@ -1011,8 +1012,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// at (see [`QUIET_RAIL_POLL_NS`]): not when every rail is busy (hot-hot) and the cards'
     /// events are read elsewhere (a control thread, an endpoint).
     pub(crate) fn quiet_rails_owed(&self) -> bool {
-        self.quiet_rails_owed
-            && (self.core.busy_rails() != self.core.all_rails()
+        self.partly_polled != 0
+            && (self.partly_polled != self.core.all_rails()
                 || (!self.card_events_elsewhere
                     && !matches!(self.control, Some(Control::Thread(_)))))
     }
@@ -1034,8 +1035,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         if now < self.quiet_rails_due {
             // The busy loop's poll: the rails carrying records alone, and when they bring
             // nothing and nothing is due, no more than a few loads.
-            self.quiet_rails_owed = true;
             let busy = self.core.busy_rails();
+            self.partly_polled = busy;
             let (handled, _) = self.poll_rails(now, busy, false);
             if handled == 0 && self.nothing_due(now, busy) {
                 return 0;
@@ -1044,7 +1045,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             return handled;
         }
         self.quiet_rails_due = now.saturating_add(QUIET_RAIL_POLL_NS);
-        self.quiet_rails_owed = false;
+        self.partly_polled = 0;
         // With a control thread, it reads the cards' events (a system call each) and forwards them.
         let events_here =
             !self.card_events_elsewhere && !matches!(self.control, Some(Control::Thread(_)));

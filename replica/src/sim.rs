@@ -571,8 +571,8 @@ impl World {
 
     /// Moves the replication link to now: railover progresses, messages and events come out.
     fn step_link(&mut self) {
-        /// How soon a running side must see its session end after its peer's did: well past a
-        /// heartbeat timeout (3 ms here).
+        /// How soon a running side must see its session end after its peer's did: past the
+        /// session timeout (20 ms here) and a heartbeat timeout (3 ms).
         const END_SEEN_NS: u64 = 50 * MS;
         let Some(link) = &mut self.link else { return };
         let target = self.now - link.base;
