@@ -185,22 +185,22 @@ impl<N: Nic> InlineControl<N> {
 
     /// Whether [`InlineControl::serve`] would find nothing to do.
     pub fn idle<C: Clock>(&self, rx: &Receiver<N, C>) -> bool {
-        self.handovers.is_empty()
-            && !(self.proto.busy()
-                || rx.has_rearm_request()
-                || rx.core().any_rail_failed()
-                || self.proto.is_closed())
+        self.handovers.is_empty() && self.at_rest(rx)
+    }
+
+    /// No exchange under way or asked for, no rail failed, the channel open: nothing to read.
+    fn at_rest<C: Clock>(&self, rx: &Receiver<N, C>) -> bool {
+        !(self.proto.busy()
+            || rx.has_rearm_request()
+            || rx.core().any_rail_failed()
+            || self.proto.is_closed())
     }
 
     /// Advances the protocol: the core's requests, the peer's frames, time-outs. The channel is
     /// read only while a rail is failed or an exchange is under way (no system call otherwise).
     pub fn serve<C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
         self.deliver_due(rx);
-        if !(self.proto.busy()
-            || rx.has_rearm_request()
-            || rx.core().any_rail_failed()
-            || self.proto.is_closed())
-        {
+        if self.at_rest(rx) {
             return;
         }
         let now = rx.now();
@@ -440,14 +440,14 @@ impl<N: Nic> ControlThread<N> {
         let _ = rustix::io::read(&*self.wake, &mut b);
     }
 
-    /// On the data thread, inside `progress`: hands the core's re-arm requests to the thread and
-    /// installs what it finished. Never blocks.
-    /// Whether the thread has no news (outcomes) waiting: one relaxed load. The caller checks
-    /// for re-arm requests to hand it.
+    /// Whether the thread has no news (outcomes) waiting: one relaxed load (`serve` swaps the
+    /// flag with Acquire before reading any). The caller checks for re-arm requests to hand it.
     pub fn idle(&self) -> bool {
         !self.flagged.load(Ordering::Relaxed)
     }
 
+    /// On the data thread, inside `progress`: hands the core's re-arm requests to the thread and
+    /// installs what it finished. Never blocks.
     pub fn serve<C: Clock>(&mut self, rx: &mut Receiver<N, C>) {
         while let Some(rail) = rx.take_rearm_request() {
             if self.commands.send(Command::Rearm(rail)).is_err() {

@@ -1532,10 +1532,10 @@ impl Core {
         self.handle_timeout_watching(now, u8::MAX);
     }
 
-    /// [`Core::handle_timeout`] that, while no timer is due, looks for failed rails and changed
-    /// peer control blocks among `rails` (a bit mask) alone: for a driver that polls the other
-    /// rails less often (see [`Core::busy_rails`]) and watches them when it does. Every timer
-    /// tick looks at all.
+    /// [`Core::handle_timeout`] that, while no timer is due, looks for changed peer control
+    /// blocks among `rails` (a bit mask) alone: for a driver that polls the other rails less
+    /// often (see [`Core::busy_rails`]) and watches them when it does. A failed rail anywhere,
+    /// and every timer tick, makes it look at all.
     #[inline]
     pub fn handle_timeout_watching(&mut self, now: Nanos, rails: u8) {
         if !self.quiet_tick(now, rails) {
@@ -1543,9 +1543,9 @@ impl Core {
         }
     }
 
-    /// The steady-state timer tick: when no timer is due, no rail in `rails` failed, the session
-    /// is not closing and no peer control block on `rails` changed since it was last processed
-    /// (a load per rail), notes the time and says true. Otherwise does nothing and says false:
+    /// The steady-state timer tick: when no timer is due, no rail failed, the session is not
+    /// closing and no peer control block on `rails` changed since it was last processed (a load
+    /// per watched rail), notes the time and says true. Otherwise does nothing and says false:
     /// [`Core::handle_timeout_watching`] has work to do.
     #[inline]
     pub fn quiet_tick(&mut self, now: Nanos, rails: u8) -> bool {

@@ -489,11 +489,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         let now = self.clock.now();
         // Only timers bound the wait: every connection looks at all its rails, quiet ones
         // included, before it (in `arm_for_sleep` below, or here on the simulator).
-        let until = self
-            .connections()
-            .filter_map(|c| c.next_timer())
-            .min()
-            .map_or(deadline, |t| t.min(deadline));
+        let until = self.next_timer().map_or(deadline, |t| t.min(deadline));
         if until <= now {
             return;
         }
@@ -626,17 +622,18 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// The earliest time any connection has a timer due (heartbeat, re-arm, close), for a caller
     /// that sleeps between polls.
     pub fn next_timeout(&self) -> Option<Nanos> {
-        let timer = self.connections().filter_map(|c| c.next_timer()).min();
         // Connections that left quiet rails unpolled look at them together, at the endpoint's
         // time for it.
         let quiet = self
             .connections()
             .any(|c| c.quiet_rails_owed())
             .then_some(self.quiet_rails_due);
-        match (timer, quiet) {
-            (Some(t), Some(q)) => Some(t.min(q)),
-            (t, q) => t.or(q),
-        }
+        [self.next_timer(), quiet].into_iter().flatten().min()
+    }
+
+    /// The earliest timer of any connection's core (heartbeat, re-arm, close).
+    fn next_timer(&self) -> Option<Nanos> {
+        self.connections().filter_map(|c| c.next_timer()).min()
     }
 
     /// Runs every connection's heartbeat ticks on multiples of the heartbeat interval (never

@@ -1013,9 +1013,14 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// events are read elsewhere (a control thread, an endpoint).
     pub(crate) fn quiet_rails_owed(&self) -> bool {
         self.partly_polled != 0
-            && (self.partly_polled != self.core.all_rails()
-                || (!self.card_events_elsewhere
-                    && !matches!(self.control, Some(Control::Thread(_)))))
+            && (self.partly_polled != self.core.all_rails() || self.reads_card_events())
+    }
+
+    /// Whether `progress` reads the cards' device events itself: not when a control thread
+    /// does (a system call each, off the data thread) or an endpoint (once for all its
+    /// connections).
+    fn reads_card_events(&self) -> bool {
+        !self.card_events_elsewhere && !matches!(self.control, Some(Control::Thread(_)))
     }
 
     /// Processes completions, device events and timers, and posts what the core asks for.
@@ -1046,9 +1051,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
         self.quiet_rails_due = now.saturating_add(QUIET_RAIL_POLL_NS);
         self.partly_polled = 0;
-        // With a control thread, it reads the cards' events (a system call each) and forwards them.
-        let events_here =
-            !self.card_events_elsewhere && !matches!(self.control, Some(Control::Thread(_)));
+        let events_here = self.reads_card_events();
         let (handled, fatal) = self.poll_rails(now, u8::MAX, events_here);
         self.progress_rest(now, u8::MAX, fatal, events_here);
         handled
@@ -1622,10 +1625,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// [`QUIET_RAIL_POLL_NS`]).
     pub fn next_timeout(&self) -> Option<Nanos> {
         let quiet = self.quiet_rails_owed().then_some(self.quiet_rails_due);
-        match (self.core.poll_timeout(), quiet) {
-            (Some(t), Some(q)) => Some(t.min(q)),
-            (t, q) => t.or(q),
-        }
+        [self.core.poll_timeout(), quiet]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The card of `rail` (None while released after a device-fatal event).
