@@ -66,6 +66,8 @@ pub fn pingpong_client(mut c: VerbsConnection, size: usize, iterations: u64, war
     let timer = RealClock::default();
     // How often the connection's clock asks the OS during the round trips (not the set-up).
     let os_reads_before = c.clock().os_reads();
+    // Receive calls (each reads the connection's clock once): what the OS reads are judged by.
+    let mut polls = 0u64;
     for i in 0..warmup + iterations {
         msg[..8].copy_from_slice(&i.to_le_bytes());
         // A counter-based clock of its own (not the connection's), as perftest reads the
@@ -74,6 +76,7 @@ pub fn pingpong_client(mut c: VerbsConnection, size: usize, iterations: u64, war
         let t0 = timer.now();
         send_retry(&mut c, &msg);
         let len = loop {
+            polls += 1;
             if let Some(len) = c.recv(&mut buf).expect("recv") {
                 break len;
             }
@@ -90,7 +93,7 @@ pub fn pingpong_client(mut c: VerbsConnection, size: usize, iterations: u64, war
         "{}",
         json!({"role": "connect", "pingpong": {"size": msg.len(), "iterations": iterations,
             "warmup": warmup, "rtt": summarize_us(&rtt), "wrong_echoes": wrong, "writes": w,
-            "clock_os_reads": os_reads, "close": close}})
+            "clock_os_reads": os_reads, "clock_polls": polls, "close": close}})
     );
 }
 
@@ -99,7 +102,9 @@ pub fn pingpong_server(mut c: VerbsConnection) {
     let mut buf = vec![0u8; c.core().config().geometry().max_record()];
     let mut echoed = 0u64;
     let os_reads_before = c.clock().os_reads();
+    let mut polls = 0u64;
     loop {
+        polls += 1;
         let Some(len) = c.recv(&mut buf).expect("recv") else {
             continue;
         };
@@ -115,7 +120,7 @@ pub fn pingpong_server(mut c: VerbsConnection) {
     println!(
         "{}",
         json!({"role": "serve", "pingpong": {"echoed": echoed, "writes": w,
-            "clock_os_reads": os_reads, "end": end}})
+            "clock_os_reads": os_reads, "clock_polls": polls, "end": end}})
     );
 }
 

@@ -888,15 +888,16 @@ fn perftest_style_pingpong_and_flood_deliver_everything_and_the_flood_coalesces(
     assert_eq!(n(ps, "echoed"), 300 + n(pc, "warmup"), "{s}");
     assert_eq!(pc["close"], "ok", "{c}");
     assert_eq!(ps["end"], "Some(PeerClosed)", "{s}");
-    // The time comes from the CPU's counter between OS reads (about one per millisecond): far
-    // fewer OS clock reads than round trips (each poll asked the OS before; on this guest's
-    // hpet each is a system call).
-    let round_trips = 300 + n(pc, "warmup");
+    // The time comes from the CPU's counter between OS reads (about one per millisecond, more
+    // when an OS read is slow): far fewer OS clock reads than polls, each of which reads the
+    // clock (each asked the OS before; on this guest's hpet each is a system call). Judged by
+    // the polls, not the round trips: how many OS reads a round trip spans depends on how slow
+    // the guest is (CI's slower guest once made 536 in 500 round trips of p50 150 us).
     for (role, p) in [("connect", pc), ("serve", ps)] {
-        let os_reads = n(p, "clock_os_reads");
+        let (os_reads, polls) = (n(p, "clock_os_reads"), n(p, "clock_polls"));
         assert!(
-            os_reads < round_trips,
-            "{role}: {os_reads} OS clock reads in {round_trips} round trips"
+            os_reads.saturating_mul(10) < polls,
+            "{role}: {os_reads} OS clock reads in {polls} polls"
         );
     }
 
