@@ -66,6 +66,7 @@ pub fn pingpong_client(mut c: VerbsConnection, size: usize, iterations: u64, war
     let timer = RealClock::default();
     // How often the connection's clock asks the OS during the round trips (not the set-up).
     let os_reads_before = c.clock().os_reads();
+    let slow_before = c.clock().slow_os_reads();
     // Receive calls (each reads the connection's clock once): what the OS reads are judged by.
     let mut polls = 0u64;
     for i in 0..warmup + iterations {
@@ -87,13 +88,15 @@ pub fn pingpong_client(mut c: VerbsConnection, size: usize, iterations: u64, war
         wrong += u64::from(len != msg.len() || seq_of(&buf) != i);
     }
     let os_reads = c.clock().os_reads() - os_reads_before;
+    let slow_os_reads = c.clock().slow_os_reads() - slow_before;
     let w = writes(&c);
     let close = finish(&mut c, msg.len(), warmup + iterations);
     println!(
         "{}",
         json!({"role": "connect", "pingpong": {"size": msg.len(), "iterations": iterations,
             "warmup": warmup, "rtt": summarize_us(&rtt), "wrong_echoes": wrong, "writes": w,
-            "clock_os_reads": os_reads, "clock_polls": polls, "close": close}})
+            "clock_os_reads": os_reads, "clock_slow_os_reads": slow_os_reads,
+            "clock_polls": polls, "close": close}})
     );
 }
 
@@ -102,6 +105,7 @@ pub fn pingpong_server(mut c: VerbsConnection) {
     let mut buf = vec![0u8; c.core().config().geometry().max_record()];
     let mut echoed = 0u64;
     let os_reads_before = c.clock().os_reads();
+    let slow_before = c.clock().slow_os_reads();
     let mut polls = 0u64;
     loop {
         polls += 1;
@@ -115,12 +119,14 @@ pub fn pingpong_server(mut c: VerbsConnection) {
         echoed += 1;
     }
     let os_reads = c.clock().os_reads() - os_reads_before;
+    let slow_os_reads = c.clock().slow_os_reads() - slow_before;
     let w = writes(&c);
     let end = await_close(&mut c);
     println!(
         "{}",
         json!({"role": "serve", "pingpong": {"echoed": echoed, "writes": w,
-            "clock_os_reads": os_reads, "clock_polls": polls, "end": end}})
+            "clock_os_reads": os_reads, "clock_slow_os_reads": slow_os_reads,
+            "clock_polls": polls, "end": end}})
     );
 }
 

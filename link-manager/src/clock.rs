@@ -89,6 +89,12 @@ impl RealClock {
         self.rating.get().os_reads
     }
 
+    /// How many of those OS reads were too slow to extend from (each made the next read ask the
+    /// OS again): on a host whose OS clock is slow to read, most of them.
+    pub fn slow_os_reads(&self) -> u64 {
+        self.rating.get().slow_os_reads
+    }
+
     /// A read that asks the OS (out of line: about once per millisecond of reads).
     #[cold]
     #[inline(never)]
@@ -188,6 +194,8 @@ struct Rating {
     off_windows: u32,
     /// OS reads so far.
     os_reads: u64,
+    /// OS reads too slow (or spanning a move between cores) to extend from.
+    slow_os_reads: u64,
 }
 
 impl Extension {
@@ -247,6 +255,7 @@ impl CounterClock {
         if !clean {
             // When, between the counter values around it, the OS read its clock is too vague
             // to extend from: the next read asks again.
+            self.rating.slow_os_reads += 1;
             self.ask_os_next();
         }
         self.ext.last
@@ -429,7 +438,7 @@ mod tests {
         // the OS clock at its end: pairing that with the counter half-way through would skew
         // the rate and the time extended from it.
         let mut clock = CounterClock::default();
-        let (mut now, mut os_reads) = (1_000u64, 0);
+        let (mut now, mut os_reads, mut slow_reads) = (1_000u64, 0, 0);
         for _ in 0..200_000 {
             now += 100;
             let before = now;
@@ -437,6 +446,7 @@ mod tests {
             let got = clock.read(2 * before, || {
                 os_reads += 1;
                 if slow {
+                    slow_reads += 1;
                     now += 1_000_000;
                 }
                 (now, 2 * now)
@@ -450,6 +460,10 @@ mod tests {
             }
         }
         assert!(clock.ext.ns_per_tick != 0, "rated in the end");
+        // Each counted as too slow to extend from (what the ping-pong on rxe tells apart from
+        // the reads the interval asks for); the quick ones not.
+        assert_eq!(clock.rating.os_reads, os_reads);
+        assert_eq!(clock.rating.slow_os_reads, slow_reads);
     }
 
     #[test]
