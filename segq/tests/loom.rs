@@ -42,7 +42,11 @@ fn producer_and_poster_never_touch_the_same_bytes_unordered() {
             if let Some(r) = poster.pending(usize::MAX) {
                 poster.mark_posted(&r);
                 poster.for_each_unacked(|seq, p| assert!(p.iter().all(|&b| b as u64 == seq)));
-                if let Some((_, last)) = r.seqs {
+                // The range's numbers and count are one commit's (published under the lock,
+                // or walked while the producer publishes): the records after the last seen.
+                if let Some((first, last)) = r.seqs {
+                    assert_eq!(first, seen + 1, "{r:?}");
+                    assert_eq!(last - first + 1, r.records as u64, "{r:?}");
                     seen = last;
                     poster.ack(r.end, last).unwrap();
                 }
