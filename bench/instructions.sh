@@ -74,10 +74,13 @@ per() { # name short-args long-args units-short units-long
 read -r rt_all rt < <(per pingpong "pingpong --fabric sim --untimed --size 64 --iterations 1000 --warmup 200" \
   "pingpong --fabric sim --untimed --size 64 --iterations 3000 --warmup 200" 1200 3200)
 read -r poll_all poll < <(per idle "idle-poll --count 20000" "idle-poll --count 120000" 20000 120000)
+read -r ep_all ep < <(per endpoint "idle-poll --endpoint 16 --count 2000" \
+  "idle-poll --endpoint 16 --count 12000" 2000 12000)
 read -r clock_all _ < <(per clock "clock-reads --count 100000" "clock-reads --count 600000" 100000 600000)
 echo "64 B ping-pong, both hosts, simulated fabric: $rt_all instructions per round trip with the simulator"
 echo "instructions per round trip: $rt"
 echo "idle connection: $poll_all instructions per empty poll with the simulator"
 echo "instructions per empty poll: $poll"
+echo "an Endpoint with 16 idle connections: $ep instructions per empty Endpoint::poll ($ep_all with the simulator)"
 # On verbs a poll also reads the real clock once (the simulated connections read a virtual one).
 echo "instructions per real clock read (verbs adds one per poll): $clock_all"

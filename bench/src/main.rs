@@ -77,6 +77,9 @@ enum Cmd {
     IdlePoll {
         #[arg(long, default_value_t = 100_000)]
         count: usize,
+        /// Poll an `Endpoint` holding this many idle connections instead of one connection.
+        #[arg(long)]
+        endpoint: Option<usize>,
     },
     /// Reads a connection's real clock (`RealClock`) `count` times: what the one read per poll
     /// costs on verbs (the simulated fabric's connections read a virtual clock instead), for
@@ -259,8 +262,11 @@ fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::EndpointSetup { connections } => sim_runs::endpoint_setup(connections),
-        Cmd::IdlePoll { count } => {
-            let found = sim_runs::idle_polls(count);
+        Cmd::IdlePoll { count, endpoint } => {
+            let found = match endpoint {
+                Some(n) => sim_runs::endpoint_idle_polls(count, n),
+                None => sim_runs::idle_polls(count),
+            };
             println!("{count} empty polls found {found} records");
         }
         Cmd::ClockReads { count } => {

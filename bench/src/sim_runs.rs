@@ -276,6 +276,21 @@ pub fn idle_polls(count: usize) -> usize {
     (0..count).map(|_| pair.a.poll(|_| {}).expect("poll")).sum()
 }
 
+/// The same for host 1's [`railover::Endpoint`] with `connections` idle connections (each
+/// `Endpoint::poll` polls the cards' shared completion queues and every connection).
+pub fn endpoint_idle_polls(count: usize, connections: usize) -> usize {
+    let mut eps = railover::sim::SimEndpoints::new(config(64), 1, 2_000).expect("sim endpoints");
+    for _ in 0..connections {
+        eps.connect().expect("connect");
+    }
+    // Both sides past their greetings, so that what is left is the steady state.
+    let until = eps.now() + 50_000_000;
+    while eps.now() < until {
+        eps.step(until);
+    }
+    (0..count).map(|_| eps.a.poll(|_, _, _| {})).sum()
+}
+
 /// Reads a [`railover::runtime::RealClock`] `count` times (as `progress` does once per poll on verbs): returns the
 /// last time read and how many reads asked the OS.
 pub fn clock_reads(count: usize) -> (u64, u64) {
