@@ -1102,21 +1102,29 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
 
     /// Whether an empty poll of the rails in `watched` leaves nothing to do: no timer due, no
     /// peer control block changed on them, no I/O due, no control-plane news, no dropped
-    /// sender, no liveness group to serve. (It runs the core's quiet timer tick.)
+    /// sender. (It runs the core's quiet timer tick, and a liveness group's publication.)
     #[inline]
     fn nothing_due(&mut self, now: Nanos, watched: u8) -> bool {
-        self.liveness.is_none()
-            && self
-                .sender_gone
-                .as_ref()
-                .is_none_or(|g| !g.load(Ordering::Relaxed))
+        let quiet = self
+            .sender_gone
+            .as_ref()
+            .is_none_or(|g| !g.load(Ordering::Relaxed))
             && match &self.control {
                 None => true,
                 Some(Control::Thread(t)) => self.rearm_requests.is_empty() && t.idle(),
                 Some(Control::Inline(c)) => c.idle(self),
             }
             && self.core.quiet_tick(now, watched)
-            && self.core.nothing_to_post()
+            && self.core.nothing_to_post();
+        if quiet {
+            if let Some(member) = &mut self.liveness {
+                // No heartbeat tick is due (the quiet tick says so), so the group has nothing
+                // to hand the core; what the core sent and heard since its last turn (a beat
+                // the last flush posted) is published as the full turn would.
+                member.after_turn(&mut self.core, now);
+            }
+        }
+        quiet
     }
 
     /// The rest of a `progress` after polling the rails in `polled`: released cards, counters,
