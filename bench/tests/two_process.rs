@@ -900,18 +900,24 @@ fn perftest_style_pingpong_and_flood_deliver_everything_and_the_flood_coalesces(
     // on this guest's hpet each is a system call). Judged by the polls, not the round trips:
     // how many milliseconds a round trip spans depends on how slow the guest is (CI's slower
     // guest once made 536 OS reads in 500 round trips of p50 150 us). An OS read too slow to
-    // extend from (over 25 us: a slow guest's hpet) makes the next read ask again by design;
-    // those retries are the guest's, so only the reads the counter's interval asked for count.
+    // extend from (over 25 us, or 25,000 counter ticks before the counter is rated: a slow
+    // guest's hpet) makes the next read ask again by design; those retries are the guest's, so
+    // the bound of 10x fewer holds for the others. The counter must still carry the time for
+    // most polls, slow guest or not: fewer than half ask the OS.
     for (role, p) in [("connect", pc), ("serve", ps)] {
         let (os_reads, slow, polls) = (
             n(p, "clock_os_reads"),
             n(p, "clock_slow_os_reads"),
             n(p, "clock_polls"),
         );
-        assert!(
-            os_reads.saturating_sub(slow).saturating_mul(10) < polls,
+        let seen = format!(
             "{role}: {os_reads} OS clock reads ({slow} too slow to extend from) in {polls} polls"
         );
+        assert!(
+            os_reads.saturating_sub(slow).saturating_mul(10) < polls,
+            "{seen}"
+        );
+        assert!(os_reads.saturating_mul(2) < polls, "{seen}");
     }
 
     let (serve, connect) = start_with(1.0, false, &["--flood", "20000", "--hb-misses", "200"]);

@@ -139,11 +139,12 @@ impl<N: Nic> Clone for NewsSender<N> {
 
 impl<N: Nic> NewsSender<N> {
     fn send(&self, news: QueueNews<N>) {
-        if self.tx.send(news).is_ok() {
-            // Release: pairs with the Acquire in `NewsReceiver::any`: the news is in the
-            // channel before the count says so.
-            self.sent.fetch_add(1, Ordering::Release);
-        }
+        // Counted before it is sent, so that the endpoint never takes more than the count says
+        // (counted after, a piece sent but not yet counted could be taken with another, and
+        // the count would then hide the next one until the slow sender counted). The endpoint
+        // may see the count before the piece is in the channel: it looks again next time.
+        self.sent.fetch_add(1, Ordering::Release);
+        let _ = self.tx.send(news);
     }
 }
 
@@ -156,11 +157,12 @@ pub(crate) struct NewsReceiver<N: Nic> {
 }
 
 impl<N: Nic> NewsReceiver<N> {
-    /// Whether news may wait (one load when there is none).
+    /// Whether news may wait (one load when there is none). Every piece in the channel was
+    /// counted before it was sent, so the count is never behind what was taken, and is ahead
+    /// while anything waits.
     #[inline]
     pub(crate) fn any(&self) -> bool {
-        // Pairs with the Release in `NewsSender::send`. (A piece sent but not yet counted is
-        // taken anyway when another is; one counted is always found.)
+        // Pairs with the Release in `NewsSender::send`.
         self.sent.load(Ordering::Acquire) != self.taken
     }
 
