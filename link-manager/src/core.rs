@@ -307,6 +307,11 @@ pub struct Stats {
     /// Events dropped, oldest first, because nobody read them (the queue holds 1,024; the
     /// counters above still count everything).
     pub events_dropped: u64,
+    /// Polls (`progress`) that ran the whole turn: timers, posting, the control plane, every
+    /// rail. A busy loop's idle steady state runs one per quiet-rail period
+    /// ([`crate::runtime::QUIET_RAIL_POLL_NS`]); the others stop at the nothing-due check.
+    /// (Counted by the connection's driver; the core alone leaves it 0.)
+    pub full_turns: u64,
 }
 
 /// Buckets of [`Stats::blackouts`].

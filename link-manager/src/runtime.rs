@@ -244,6 +244,8 @@ pub struct Receiver<N: Nic, C: Clock> {
     /// later (0 after it looked at all): the connection then wants `progress` again by
     /// `quiet_rails_due` ([`Receiver::next_timeout`]).
     partly_polled: u8,
+    /// `progress` calls that ran `progress_rest` ([`Stats::full_turns`]).
+    full_turns: u64,
     /// The cards are shared with other connections (an [`crate::Endpoint`]): their device
     /// events are read once, there, and handed to every connection on them
     /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them.
@@ -634,6 +636,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     next_counter_read: 0,
                     quiet_rails_due: 0,
                     partly_polled: 0,
+                    full_turns: 0,
                     card_events_elsewhere: false,
                     shared,
                     peer_endpoint: None,
@@ -1131,6 +1134,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// timers, posting, the control plane.
     #[inline(never)]
     fn progress_rest(&mut self, now: Nanos, polled: u8, fatal: u8, events_here: bool) {
+        self.full_turns += 1;
         self.core.observe_time(now);
         if fatal != 0 {
             for rail in (0..self.rails.len()).filter(|r| fatal & (1 << r) != 0) {
@@ -1594,7 +1598,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     pub fn stats(&self) -> Stats {
-        self.core.stats()
+        Stats {
+            full_turns: self.full_turns,
+            ..self.core.stats()
+        }
     }
 
     /// Why the session ended, once it has.

@@ -330,6 +330,43 @@ fn a_black_hole_on_the_standby_wire_is_found_on_every_connection_sharing_livenes
     assert_eq!(hosts.a.len(), 64);
 }
 
+/// An endpoint's connections share liveness (one heartbeat per card pair), and an idle one takes
+/// the same quiet fast path as a single connection: 10,000 polls at one virtual instant (no
+/// timer can fall due) run at most one whole turn per connection (its first look at every rail
+/// in the period), not one per poll, as every group member did before session 15.
+#[test]
+fn idle_connections_sharing_liveness_stop_at_the_nothing_due_check() {
+    let mut hosts = SimEndpoints::new(config(), 6, 2 * US).unwrap();
+    for _ in 0..16 {
+        hosts.connect().unwrap();
+    }
+    let warm = hosts.now() + 20 * MS;
+    while hosts.now() < warm {
+        hosts.step(warm);
+    }
+    assert_no_rail_failed(&hosts);
+    let turns = |h: &SimEndpoints| -> Vec<u64> {
+        h.pairs
+            .iter()
+            .map(|&(x, _)| h.a.stats(x).unwrap().full_turns)
+            .collect()
+    };
+    let (at, before) = (hosts.now(), turns(&hosts));
+    for _ in 0..10_000 {
+        hosts
+            .a
+            .poll(|id, _, _| panic!("nothing was sent, {id} delivered"));
+    }
+    assert_eq!(hosts.now(), at, "the virtual clock stood still");
+    for (i, (b, a)) in before.iter().zip(turns(&hosts)).enumerate() {
+        assert!(
+            a - b <= 2,
+            "connection {i}: {} whole turns in 10,000 idle polls",
+            a - b
+        );
+    }
+}
+
 /// Idle connections between two endpoints: with liveness shared (the default) host 1 posts
 /// about two control writes per rail and interval (the group's beat, and one connection's own
 /// beat) whether it holds 64 connections or 256, and no interval gets more than a few (the
