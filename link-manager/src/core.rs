@@ -195,7 +195,7 @@ pub enum SwitchReason {
     PeerLeft { rail: usize },
 }
 
-/// Which registered buffer of a rail an [`Io::Write`] reads or targets.
+/// Which registered buffer of a rail an [`Io::Write`] reads, and the peer's it targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Buf {
     /// The ring (local: this side's send ring; remote: the peer's mirror of it).
@@ -211,11 +211,12 @@ pub enum Io {
     Write {
         rail: usize,
         wr_id: u64,
-        local: Buf,
-        local_offset: usize,
+        /// The buffer read here and written at the peer: the ring into its mirror, or the
+        /// control block into its slot.
+        buf: Buf,
+        /// The same offset on both sides (a mirror has its ring's geometry).
+        offset: usize,
         len: usize,
-        remote: Buf,
-        remote_offset: u64,
         imm: Option<u32>,
         /// Whether it completes on success (see [`SIGNAL_EVERY`]); it always does in error.
         signaled: bool,
@@ -398,11 +399,9 @@ fn ctrl_write(rail: usize, generation: u16, kind: u64, unsignaled: u32) -> Io {
     Io::Write {
         rail,
         wr_id: covering(wr_id(generation, kind, rail), unsignaled),
-        local: Buf::Ctrl,
-        local_offset: 0,
+        buf: Buf::Ctrl,
+        offset: 0,
         len: CTRL_LEN,
-        remote: Buf::Ctrl,
-        remote_offset: 0,
         imm: None,
         signaled: true,
     }
@@ -1292,6 +1291,7 @@ impl Core {
             && !self.lanes.poster_ref(self.active).has_pending()
     }
 
+    #[inline]
     fn poll_io_scan(&mut self) -> Option<Io> {
         if let Some(io) = self.io.pop_front() {
             return Some(io);
@@ -1417,11 +1417,9 @@ impl Core {
                 return Some(Io::Write {
                     rail: a,
                     wr_id,
-                    local: Buf::Ring,
-                    local_offset: range.offset,
+                    buf: Buf::Ring,
+                    offset: range.offset,
                     len: range.len(),
-                    remote: Buf::Ring,
-                    remote_offset: range.offset as u64,
                     imm: Some(range.notify_imm() | beat_bits(self.beat)),
                     signaled,
                 });

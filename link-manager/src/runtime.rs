@@ -1046,8 +1046,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             let busy = self.core.busy_rails();
             self.partly_polled = busy;
             let (handled, _) = self.poll_rails(now, busy, false);
-            if handled == 0 && self.nothing_due(now, busy) {
-                return 0;
+            // Completions alone (the common one: a record arrived) leave nothing for the full
+            // turn: whatever they make due (a failed rail, receives or a control block to post,
+            // a beat heard) sets the core's rescan, and `nothing_due` sees it.
+            if self.nothing_due(now, busy) {
+                return handled;
             }
             self.progress_rest(now, busy, 0, false);
             return handled;
@@ -1348,37 +1351,32 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
 
     /// [`Receiver::flush`] once something is due: this I/O and every one after it.
     fn carry_out(&mut self, first: Io) {
-        let mut next = Some(first);
-        while let Some(io) = next.take().or_else(|| self.core.poll_io()) {
+        let mut io = first;
+        loop {
             match io {
                 Io::Write {
                     rail,
                     wr_id,
-                    local,
-                    local_offset,
+                    buf,
+                    offset,
                     len,
-                    remote,
-                    remote_offset,
                     imm,
                     signaled,
                 } => {
                     let r = &mut self.rails[rail];
                     let posted = match r.card.as_mut() {
                         Some(card) => {
-                            let (mr, peer) = match (local, remote) {
-                                (Buf::Ring, Buf::Ring) => (&card.regs.ring_tx, r.peer_ring),
-                                (Buf::Ctrl, Buf::Ctrl) => (&card.regs.ctrl_out, r.peer_ctrl),
-                                _ => {
-                                    unreachable!("the core pairs ring with ring and ctrl with ctrl")
-                                }
+                            let (mr, peer) = match buf {
+                                Buf::Ring => (&card.regs.ring_tx, &r.peer_ring),
+                                Buf::Ctrl => (&card.regs.ctrl_out, &r.peer_ctrl),
                             };
                             card.link.post_write(
                                 wr_id,
                                 mr,
-                                local_offset,
+                                offset,
                                 len,
-                                &peer,
-                                remote_offset,
+                                peer,
+                                offset as u64,
                                 imm,
                                 signaled,
                             )
@@ -1413,6 +1411,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                     }
                 }
                 Io::Rearm { rail } => self.rearm_requests.push(rail),
+            }
+            match self.core.poll_io() {
+                Some(next) => io = next,
+                None => return,
             }
         }
     }
