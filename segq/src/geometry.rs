@@ -36,6 +36,8 @@ pub struct Geometry {
     segment_size: usize,
     segment_count: usize,
     max_record: usize,
+    /// `segment_size * segment_count`, kept: every position's offset masks with it.
+    capacity: usize,
 }
 
 impl Geometry {
@@ -70,6 +72,7 @@ impl Geometry {
             segment_size,
             segment_count,
             max_record,
+            capacity: segment_size * segment_count,
         })
     }
 
@@ -84,8 +87,9 @@ impl Geometry {
         self.max_record
     }
     /// Ring size in bytes (a power of two).
+    #[inline]
     pub fn capacity(&self) -> usize {
-        self.segment_size * self.segment_count
+        self.capacity
     }
     /// Physical offset in the ring of a monotonic byte position.
     #[inline]
