@@ -230,6 +230,71 @@ pub struct Poster {
     /// Records posted and records acknowledged so far (for the O(1) full-acknowledgement path).
     posted_records: u64,
     acked_records: u64,
+    /// Where the latest posted writes ended, oldest first: a receiver consumes whole writes, so
+    /// an acknowledgement usually names one of these record boundaries and frees without a
+    /// walk over the records behind it (see [`Poster::ack`]).
+    ends: PostedEnds,
+}
+
+/// How many posted writes' ends a [`Poster`] remembers (beyond them, an acknowledgement walks).
+const POSTED_ENDS: usize = 64;
+
+/// A record boundary a posted write ended at.
+#[derive(Debug, Clone, Copy, Default)]
+struct PostedEnd {
+    pos: u64,
+    /// The last record's sequence number at or before `pos` (0: none).
+    last_seq: u64,
+    /// Records posted up to `pos`.
+    records: u64,
+}
+
+/// A fixed ring of [`PostedEnd`]s (no allocation): the oldest is dropped when it is full.
+#[derive(Debug, Clone, Copy)]
+struct PostedEnds {
+    ends: [PostedEnd; POSTED_ENDS],
+    oldest: usize,
+    len: usize,
+}
+
+impl PostedEnds {
+    const fn new() -> PostedEnds {
+        PostedEnds {
+            ends: [PostedEnd {
+                pos: 0,
+                last_seq: 0,
+                records: 0,
+            }; POSTED_ENDS],
+            oldest: 0,
+            len: 0,
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, end: PostedEnd) {
+        if self.len == POSTED_ENDS {
+            self.oldest = (self.oldest + 1) % POSTED_ENDS;
+            self.len -= 1;
+        }
+        self.ends[(self.oldest + self.len) % POSTED_ENDS] = end;
+        self.len += 1;
+    }
+
+    /// Forgets every end at or below `pos`; returns the last of them.
+    #[inline]
+    fn take_through(&mut self, pos: u64) -> Option<PostedEnd> {
+        let mut last = None;
+        while self.len > 0 && self.ends[self.oldest].pos <= pos {
+            last = Some(self.ends[self.oldest]);
+            self.oldest = (self.oldest + 1) % POSTED_ENDS;
+            self.len -= 1;
+        }
+        last
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
 }
 
 impl Poster {
@@ -278,6 +343,11 @@ impl Poster {
         if let Some((_, last)) = range.seqs {
             self.last_posted_seq = last;
         }
+        self.ends.push(PostedEnd {
+            pos: range.end,
+            last_seq: self.last_posted_seq,
+            records: self.posted_records,
+        });
     }
 
     /// Applies an acknowledgement from the receiver of this rail: it has consumed its mirror up to
@@ -298,8 +368,21 @@ impl Poster {
             self.acked_records = self.posted_records;
             self.acked_pos = consumed_pos;
             self.acked_seq = self.acked_seq.max(self.last_posted_seq);
+            self.ends.clear();
             self.release();
             return Ok(n);
+        }
+        // Where a posted write ended (the usual acknowledgement while more is in flight): a
+        // record boundary known without reading the records.
+        if let Some(end) = self.ends.take_through(consumed_pos) {
+            if end.pos == consumed_pos && end.pos >= self.acked_pos {
+                let n = (end.records - self.acked_records) as usize;
+                self.acked_records = end.records;
+                self.acked_pos = consumed_pos;
+                self.acked_seq = self.acked_seq.max(end.last_seq);
+                self.release();
+                return Ok(n);
+            }
         }
         let mut n = 0;
         while self.acked_pos < consumed_pos {
@@ -539,6 +622,7 @@ impl SendQueue {
                 last_posted_seq: 0,
                 posted_records: 0,
                 acked_records: 0,
+                ends: PostedEnds::new(),
             },
         })
     }
@@ -624,4 +708,100 @@ pub(crate) fn reset_halves(producer: &mut Producer, poster: &mut Poster, next_se
     poster.last_posted_seq = 0;
     poster.posted_records = 0;
     poster.acked_records = 0;
+    poster.ends.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One step of the differential test below.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Push(usize),
+        /// Post what is pending, at most this many bytes a write.
+        Post(usize),
+        /// Acknowledge: at a posted write's end, at any record boundary posted, inside a
+        /// record, or behind what was acknowledged (picked by the first number).
+        Ack(u8, usize),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0usize..200).prop_map(Step::Push),
+            2 => (1usize..600).prop_map(Step::Post),
+            2 => (0u8..4, any::<usize>()).prop_map(|(k, i)| Step::Ack(k, i)),
+        ]
+    }
+
+    fn boundaries(q: &SendQueue) -> Vec<u64> {
+        // Every record boundary below what was posted, walked as the queue's own walker would.
+        let p = &q.poster;
+        let mut out = vec![p.acked_pos];
+        let mut pos = p.acked_pos;
+        while pos < p.posted_pos {
+            pos += match entry_at(&p.shared, pos) {
+                Entry::Skip(n) => n as u64,
+                Entry::Record { size, .. } => size as u64,
+            };
+            out.push(pos);
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// An acknowledgement at a remembered write end (no walk) leaves the poster exactly as
+        /// the walk over the records would, whatever the pattern of posts and acknowledgements
+        /// (more writes in flight than it remembers, boundaries inside writes, positions inside
+        /// records, stale ones).
+        #[test]
+        fn acks_at_write_ends_match_the_walk(steps in proptest::collection::vec(step(), 1..400)) {
+            let geo = Geometry::new(256, 8, 200).unwrap();
+            let mut fast = SendQueue::new(geo, Backing::Heap, 1).unwrap();
+            let mut walk = SendQueue::new(geo, Backing::Heap, 1).unwrap();
+            let mut write_ends: Vec<u64> = Vec::new();
+            for s in steps {
+                match s {
+                    Step::Push(len) => {
+                        let payload = vec![len as u8; len];
+                        proptest::prop_assert_eq!(fast.push(&payload).ok(), walk.push(&payload).ok());
+                    }
+                    Step::Post(max) => {
+                        while let Some(r) = fast.poster.pending(max) {
+                            proptest::prop_assert_eq!(Some(r), walk.poster.pending(max));
+                            fast.poster.mark_posted(&r);
+                            walk.poster.mark_posted(&r);
+                            write_ends.push(r.end);
+                        }
+                    }
+                    Step::Ack(kind, i) => {
+                        let posted = fast.poster.posted_pos;
+                        let acked = fast.poster.acked_pos;
+                        let pos = match kind {
+                            0 => {
+                                let ends: Vec<u64> =
+                                    write_ends.iter().copied().filter(|&e| e >= acked).collect();
+                                if ends.is_empty() { posted } else { ends[i % ends.len()] }
+                            }
+                            1 => {
+                                let b = boundaries(&fast);
+                                b[i % b.len()]
+                            }
+                            2 => acked + (i as u64 % (posted - acked + 1)),
+                            _ => i as u64 % (acked + 1),
+                        };
+                        walk.poster.ends.clear(); // the reference always walks
+                        let (a, b) = (fast.poster.ack(pos, 0), walk.poster.ack(pos, 0));
+                        proptest::prop_assert_eq!(a, b);
+                        let (f, w) = (&fast.poster, &walk.poster);
+                        proptest::prop_assert_eq!(
+                            (f.acked_pos, f.acked_seq, f.acked_records),
+                            (w.acked_pos, w.acked_seq, w.acked_records)
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
