@@ -161,6 +161,7 @@ pub fn parse_record(
 /// [`parse_record`] given only the bytes known to have arrived (`arrived`, from the current
 /// position) and how many bytes are left in the segment (`seg_rest_len`): the receiver never
 /// forms a slice over bytes a NIC may still be writing. Never reads outside `arrived`.
+#[inline]
 pub fn parse_arrived(
     arrived: &[u8],
     seg_rest_len: usize,

@@ -209,6 +209,11 @@ impl Producer {
         shared.committed.store(self.write_pos, Ordering::Release);
     }
 
+    /// Byte position of the next record.
+    pub(crate) fn write_pos(&self) -> u64 {
+        self.write_pos
+    }
+
     /// Appends a record keeping a sequence number assigned elsewhere (failover copies).
     fn push_with_seq(&mut self, seq: u64, payload: &[u8]) -> Result<(), PushError> {
         let start = self.place(payload.len())?;
@@ -234,6 +239,17 @@ pub struct Poster {
     /// an acknowledgement usually names one of these record boundaries and frees without a
     /// walk over the records behind it (see [`Poster::ack`]).
     ends: PostedEnds,
+    /// The last record pushed on this thread ([`Poster::note_local_push`]).
+    local_push: Option<LocalPush>,
+}
+
+/// A record committed by the poster's own thread: it spans `[before, end)` (with the padding
+/// that closed the segment before it, if any) and is numbered `seq`.
+#[derive(Debug, Clone, Copy)]
+struct LocalPush {
+    before: u64,
+    end: u64,
+    seq: u64,
 }
 
 /// How many posted writes' ends a [`Poster`] remembers (beyond them, an acknowledgement walks).
@@ -301,6 +317,7 @@ impl Poster {
     /// The next range of committed, unposted records: contiguous in memory (split where the ring
     /// wraps), at most `max_bytes` long unless a single record is larger, ending on a record
     /// boundary. Several small records coalesce into one range (one RDMA write).
+    #[inline]
     pub fn pending(&self, max_bytes: usize) -> Option<PendingRange> {
         let committed = self.shared.load_committed();
         if self.posted_pos == committed {
@@ -308,6 +325,19 @@ impl Poster {
         }
         // Where the ring wraps after `posted_pos` (the capacity is a power of two).
         let wrap = (self.posted_pos | (self.shared.geo.capacity() as u64 - 1)) + 1;
+        if let Some(p) = self.local_push {
+            // The one record pending is the one this thread just pushed (a latency-bound
+            // sender's usual case): its range is known without reading it back.
+            if p.before == self.posted_pos && p.end == committed && p.end <= wrap {
+                return Some(PendingRange {
+                    start: p.before,
+                    end: p.end,
+                    offset: self.shared.geo.offset(p.before),
+                    seqs: Some((p.seq, p.seq)),
+                    records: 1,
+                });
+            }
+        }
         let limit = committed.min(wrap);
         let mut pos = self.posted_pos;
         let mut seqs: Option<(u64, u64)> = None;
@@ -333,6 +363,15 @@ impl Poster {
             seqs,
             records,
         })
+    }
+
+    /// The producer of this queue, on this poster's thread, just committed record `seq`
+    /// spanning `[before, end)`: [`Poster::pending`] may then give it without reading it back.
+    /// (Every other way bytes below the committed position change clears this: a reset, the
+    /// retirement of unposted records; a later commit moves the committed position past it.)
+    #[inline]
+    pub(crate) fn note_local_push(&mut self, before: u64, end: u64, seq: u64) {
+        self.local_push = Some(LocalPush { before, end, seq });
     }
 
     /// Records that `range` (from [`Poster::pending`]) has been handed to the NIC.
@@ -562,6 +601,8 @@ impl Poster {
     /// acknowledgements free the space; none of the records is ever sent from here. Returns how
     /// many records were retired.
     pub(crate) fn retire_unposted(&mut self, own: &mut Producer) -> usize {
+        // The padding below rewrites what a local push left (the committed position may stay).
+        self.local_push = None;
         let committed = self.shared.load_committed();
         let geo = self.shared.geo;
         let mut retired = 0;
@@ -623,6 +664,7 @@ impl SendQueue {
                 posted_records: 0,
                 acked_records: 0,
                 ends: PostedEnds::new(),
+                local_push: None,
             },
         })
     }
@@ -709,6 +751,7 @@ pub(crate) fn reset_halves(producer: &mut Producer, poster: &mut Poster, next_se
     poster.posted_records = 0;
     poster.acked_records = 0;
     poster.ends.clear();
+    poster.local_push = None;
 }
 
 #[cfg(test)]
@@ -719,6 +762,8 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Step {
         Push(usize),
+        /// Retire what is committed and not posted (a failover moved it elsewhere).
+        Retire,
         /// Post what is pending, at most this many bytes a write.
         Post(usize),
         /// Acknowledge: at a posted write's end, at any record boundary posted, inside a
@@ -730,6 +775,7 @@ mod tests {
         use proptest::prelude::*;
         prop_oneof![
             4 => (0usize..200).prop_map(Step::Push),
+            1 => Just(Step::Retire),
             2 => (1usize..600).prop_map(Step::Post),
             2 => (0u8..4, any::<usize>()).prop_map(|(k, i)| Step::Ack(k, i)),
         ]
@@ -751,12 +797,13 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// An acknowledgement at a remembered write end (no walk) leaves the poster exactly as
-        /// the walk over the records would, whatever the pattern of posts and acknowledgements
-        /// (more writes in flight than it remembers, boundaries inside writes, positions inside
-        /// records, stale ones).
+        /// The shortcuts that don't read records back (the range of a record pushed on the
+        /// poster's thread, an acknowledgement at a remembered write end) leave the poster
+        /// exactly as the walk over the records would, whatever the pattern of pushes, posts,
+        /// retirements and acknowledgements (more writes in flight than it remembers,
+        /// boundaries inside writes, positions inside records, stale ones).
         #[test]
-        fn acks_at_write_ends_match_the_walk(steps in proptest::collection::vec(step(), 1..400)) {
+        fn shortcuts_match_the_walk(steps in proptest::collection::vec(step(), 1..400)) {
             let geo = Geometry::new(256, 8, 200).unwrap();
             let mut fast = SendQueue::new(geo, Backing::Heap, 1).unwrap();
             let mut walk = SendQueue::new(geo, Backing::Heap, 1).unwrap();
@@ -765,7 +812,18 @@ mod tests {
                 match s {
                     Step::Push(len) => {
                         let payload = vec![len as u8; len];
-                        proptest::prop_assert_eq!(fast.push(&payload).ok(), walk.push(&payload).ok());
+                        let before = fast.producer.write_pos();
+                        let seq = fast.push(&payload).ok();
+                        proptest::prop_assert_eq!(seq, walk.push(&payload).ok());
+                        if let Some(seq) = seq {
+                            // As `LaneControl::push_local` does: `fast` posts without reading back.
+                            let end = fast.producer.write_pos();
+                            fast.poster.note_local_push(before, end, seq);
+                        }
+                    }
+                    Step::Retire => {
+                        let retired = fast.poster.retire_unposted(&mut fast.producer);
+                        proptest::prop_assert_eq!(retired, walk.poster.retire_unposted(&mut walk.producer));
                     }
                     Step::Post(max) => {
                         while let Some(r) = fast.poster.pending(max) {
