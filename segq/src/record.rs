@@ -33,38 +33,57 @@ pub fn record_crc(covered: &[u8]) -> u32 {
 /// ~60 instructions for a 64 B record's 76 bytes, against ~170 through the crate, whose
 /// dispatch and alignment handling are made for long buffers. Otherwise the crate (which
 /// detects the instruction at run time).
+///
+/// One chain of crc32 instructions waits on the last (3 cycles a step), so from
+/// [`CRC_INTERLEAVED_FROM`] bytes on the crate's three interleaved chains are faster: 2x at
+/// 4-8 KiB (`cargo bench -p railover-segq --bench crc`, `segq/BENCH.md`).
 #[inline]
 pub fn crc32c(bytes: &[u8]) -> u32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
     {
-        let mut crc = u64::from(u32::MAX);
-        let mut words = bytes.chunks_exact(8);
-        for w in &mut words {
-            let word = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-            crc = safe_arch::crc32_u64(crc, word);
+        if bytes.len() >= CRC_INTERLEAVED_FROM {
+            return crc32c::crc32c(bytes);
         }
-        // The tail (under 8 bytes) as at most one 4-, one 2- and one 1-byte step: a 64 B
-        // record's 76 covered bytes end in 4.
-        let mut crc = crc as u32;
-        let mut tail = words.remainder();
-        if let Some((four, rest)) = tail.split_first_chunk::<4>() {
-            crc = safe_arch::crc32_u32(crc, u32::from_le_bytes(*four));
-            tail = rest;
-        }
-        if let Some((two, rest)) = tail.split_first_chunk::<2>() {
-            crc = safe_arch::crc32_u16(crc, u16::from_le_bytes(*two));
-            tail = rest;
-        }
-        if let Some(&b) = tail.first() {
-            crc = safe_arch::crc32_u8(crc, b);
-        }
-        !crc
+        crc32c_one_chain(bytes)
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "sse4.2")))]
     {
         crc32c::crc32c(bytes)
     }
 }
+
+/// crc32c of `bytes` as one inline chain of the CPU's crc32 instruction, 8 bytes a step (what
+/// [`crc32c`] runs below [`CRC_INTERLEAVED_FROM`] bytes; public for the benchmark).
+#[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
+#[inline]
+pub fn crc32c_one_chain(bytes: &[u8]) -> u32 {
+    let mut crc = u64::from(u32::MAX);
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let word = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        crc = safe_arch::crc32_u64(crc, word);
+    }
+    // The tail (under 8 bytes) as at most one 4-, one 2- and one 1-byte step: a 64 B
+    // record's 76 covered bytes end in 4.
+    let mut crc = crc as u32;
+    let mut tail = words.remainder();
+    if let Some((four, rest)) = tail.split_first_chunk::<4>() {
+        crc = safe_arch::crc32_u32(crc, u32::from_le_bytes(*four));
+        tail = rest;
+    }
+    if let Some((two, rest)) = tail.split_first_chunk::<2>() {
+        crc = safe_arch::crc32_u16(crc, u16::from_le_bytes(*two));
+        tail = rest;
+    }
+    if let Some(&b) = tail.first() {
+        crc = safe_arch::crc32_u8(crc, b);
+    }
+    !crc
+}
+
+/// From this many bytes on, [`crc32c`] runs the crate's interleaved chains instead of one
+/// inline chain (where they broke even on this project's machines).
+pub const CRC_INTERLEAVED_FROM: usize = 1024;
 
 /// A decoded record header (not yet validated against anything).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,9 +243,11 @@ mod tests {
     proptest::proptest! {
         /// The inline crc32 (SSE4.2 builds) and the crate agree on every length and alignment.
         #[test]
-        fn crc32c_is_the_crates(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300), skip in 0usize..8) {
+        fn crc32c_is_the_crates(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2100), skip in 0usize..8) {
             let bytes = &bytes[skip.min(bytes.len())..];
             proptest::prop_assert_eq!(crc32c(bytes), ::crc32c::crc32c(bytes));
+            #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
+            proptest::prop_assert_eq!(crc32c_one_chain(bytes), ::crc32c::crc32c(bytes));
         }
     }
 
