@@ -42,7 +42,7 @@ pub fn crc32c(bytes: &[u8]) -> u32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
     {
         if bytes.len() >= CRC_INTERLEAVED_FROM {
-            return crc32c::crc32c(bytes);
+            return crc32c_interleaved(bytes);
         }
         crc32c_one_chain(bytes)
     }
@@ -50,6 +50,15 @@ pub fn crc32c(bytes: &[u8]) -> u32 {
     {
         crc32c::crc32c(bytes)
     }
+}
+
+/// The crate's interleaved chains, out of line: a short record's crc (inline) doesn't pay for
+/// the call's register saves.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
+#[cold]
+#[inline(never)]
+fn crc32c_interleaved(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
 }
 
 /// crc32c of `bytes` as one inline chain of the CPU's crc32 instruction, 8 bytes a step (what
