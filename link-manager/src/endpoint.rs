@@ -344,8 +344,9 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                     if *o == owner {
                         let early = std::mem::take(early);
                         *route = Route::Held(id);
+                        let now = self.clock.now();
                         for c in early {
-                            conn.shared_completion(rail, qpn, c);
+                            conn.shared_completion(rail, qpn, c, now);
                         }
                     }
                 }
@@ -438,7 +439,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// that ended stays until [`Endpoint::remove`]d; its end is an [`Event::Ended`] (or
     /// [`Event::AllRailsDown`]) from [`Endpoint::poll_event`].
     pub fn poll(&mut self, mut deliver: impl FnMut(ConnectionId, u64, &[u8])) -> usize {
-        self.poll_cards();
+        let now = self.poll_cards_at();
         let mut delivered = 0;
         for (index, slot) in self.slots.iter_mut().enumerate() {
             let Some(e) = slot.conn.as_mut() else {
@@ -450,7 +451,8 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             };
             let _in = e.span.enter();
             // An ended connection's error repeats what its events said.
-            if let Ok(n) = e.conn.poll_seq(|seq, msg| deliver(id, seq, msg)) {
+            // One clock read for all: the connections' clocks are copies of the endpoint's.
+            if let Ok(n) = e.conn.poll_seq_at(now, |seq, msg| deliver(id, seq, msg)) {
                 delivered += n;
             }
         }
@@ -521,7 +523,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                 }
             }
         }
-        if self.poll_queues() > 0 {
+        if self.poll_queues(self.clock.now()) > 0 {
             return;
         }
         let mut armed = 0;
@@ -704,6 +706,11 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// turn of your loop: a connection's own `poll` sees no completion of its links on the
     /// shared queues.
     pub fn poll_cards(&mut self) {
+        self.poll_cards_at();
+    }
+
+    /// [`Endpoint::poll_cards`], returning the time it read.
+    fn poll_cards_at(&mut self) -> Nanos {
         let now = self.clock.now();
         if now >= self.next_card_events {
             self.next_card_events = now + self.cfg.heartbeat_interval_ns();
@@ -715,12 +722,13 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                 e.conn.look_at_every_rail_next();
             }
         }
-        self.poll_queues();
+        self.poll_queues(now);
+        now
     }
 
     /// Polls every shared completion queue and hands each completion to its link's connection:
     /// how many there were.
-    fn poll_queues(&mut self) -> usize {
+    fn poll_queues(&mut self, now: Nanos) -> usize {
         hear_news(&mut self.queues);
         let mut handled = 0;
         for rail in 0..self.queues.cards.len() {
@@ -728,7 +736,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             while at < self.queues.cards[rail].queues.len() {
                 let n = self.queues.cards[rail].queues[at].poll(&mut self.got);
                 for i in 0..n {
-                    self.route(rail, self.got[i]);
+                    self.route(rail, self.got[i], now);
                 }
                 handled += n;
                 if n < self.got.len() {
@@ -740,7 +748,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     }
 
     /// Hands `c`, from one of rail `rail`'s shared queues, to its link's connection.
-    fn route(&mut self, rail: usize, c: SharedCompletion) {
+    fn route(&mut self, rail: usize, c: SharedCompletion, now: Nanos) {
         // Twice at most: the second time after taking in the news (a link made, or one gone and
         // its number given to another, since the last look).
         for heard in [false, true] {
@@ -752,7 +760,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                     let id = *id;
                     let taken = self
                         .entry_mut(id)
-                        .is_some_and(|e| e.conn.shared_completion(rail, c.qpn, c.completion));
+                        .is_some_and(|e| e.conn.shared_completion(rail, c.qpn, c.completion, now));
                     if taken {
                         return;
                     }

@@ -246,6 +246,9 @@ pub struct Receiver<N: Nic, C: Clock> {
     partly_polled: u8,
     /// `progress` calls that ran `progress_rest` ([`Stats::full_turns`]).
     full_turns: u64,
+    /// The core may have sent or heard a beat (or missed a rail) since its liveness group last
+    /// heard from it: set by every completion and every post, cleared when it publishes.
+    liveness_unpublished: bool,
     /// The cards are shared with other connections (an [`crate::Endpoint`]): their device
     /// events are read once, there, and handed to every connection on them
     /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them.
@@ -637,6 +640,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     quiet_rails_due: 0,
                     partly_polled: 0,
                     full_turns: 0,
+                    liveness_unpublished: false,
                     card_events_elsewhere: false,
                     shared,
                     peer_endpoint: None,
@@ -730,6 +734,22 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// returned for it: 1, 2, 3, ... in delivery order, continued by a resumed connection).
     pub fn poll_seq(&mut self, deliver: impl FnMut(u64, &[u8])) -> Result<usize, RecvError> {
         self.progress();
+        let n = self.core.poll_recv_seq(deliver);
+        if self.core.recv_touched() {
+            self.flush();
+        }
+        n
+    }
+
+    /// [`Receiver::poll_seq`] at `now`, read by the caller: an endpoint reads its clock once
+    /// for all its connections.
+    #[inline]
+    pub(crate) fn poll_seq_at(
+        &mut self,
+        now: Nanos,
+        deliver: impl FnMut(u64, &[u8]),
+    ) -> Result<usize, RecvError> {
+        self.progress_counted_at(now);
         let n = self.core.poll_recv_seq(deliver);
         if self.core.recv_touched() {
             self.flush();
@@ -872,7 +892,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Hands rail `rail` a completion its endpoint took from a shared queue, naming queue pair
     /// `qpn`. False (and nothing done) when the rail's queue pair is no longer that one: a
     /// leftover of one replaced since.
-    pub(crate) fn shared_completion(&mut self, rail: usize, qpn: u32, c: Completion) -> bool {
+    pub(crate) fn shared_completion(
+        &mut self,
+        rail: usize,
+        qpn: u32,
+        c: Completion,
+        now: Nanos,
+    ) -> bool {
         let current = self.rails.get(rail).and_then(|r| r.card.as_ref());
         let route = current.and_then(|card| card.route.as_ref());
         if route.map(RouteGuard::qpn) != Some(qpn) {
@@ -880,6 +906,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             // its install: its receives are posted only then.)
             return false;
         }
+        // The core learns the time before the completion, as from its own queues (a beat the
+        // completion carries is heard now, not at the last poll).
+        self.core.observe_time(now);
+        self.liveness_unpublished = true;
         self.core.handle_completion(rail, c);
         true
     }
@@ -1040,6 +1070,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     #[inline]
     fn progress_counted(&mut self) -> usize {
         let now = self.clock.now();
+        self.progress_counted_at(now)
+    }
+
+    /// [`Receiver::progress_counted`] at `now`, read by the caller (an endpoint reads its clock
+    /// once for all its connections).
+    #[inline]
+    fn progress_counted_at(&mut self, now: Nanos) -> usize {
         if now < self.quiet_rails_due {
             // The busy loop's poll: the rails carrying records alone, and when they bring
             // nothing and nothing is due, no more than a few loads.
@@ -1083,16 +1120,21 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             };
             while let Some(ev) = events.then(|| card.nic().poll_event()).flatten() {
                 self.core.observe_time(now);
+                self.liveness_unpublished = true;
                 if ev == AsyncEvent::DeviceFatal {
                     fatal |= 1 << i;
                 }
                 self.core.handle_event(i, ev);
                 handled += 1;
             }
+            if card.route.is_some() {
+                continue; // on a shared queue: the endpoint polls it and hands completions over
+            }
             loop {
                 let n = card.link.poll(&mut self.completions);
                 if n > 0 {
                     self.core.observe_time(now);
+                    self.liveness_unpublished = true;
                 }
                 for c in &self.completions[..n] {
                     self.core.handle_completion(i, *c);
@@ -1122,13 +1164,16 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             }
             && self.core.quiet_tick(now, watched)
             && self.core.nothing_to_post();
-        if quiet {
+        if quiet && self.liveness_unpublished {
             if let Some(member) = &mut self.liveness {
                 // No heartbeat tick is due (the quiet tick says so), so the group has nothing
-                // to hand the core; what the core sent and heard since its last turn (a beat
-                // the last flush posted) is published as the full turn would.
+                // to hand the core; what the core sent and heard since it last published (a
+                // beat the last flush posted, one a completion carried) is published as the
+                // full turn would. (Beats go out only in posts and are heard only in
+                // completions or the full turn, which publishes itself.)
                 member.after_turn(&mut self.core, now);
             }
+            self.liveness_unpublished = false;
         }
         quiet
     }
@@ -1351,6 +1396,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
 
     /// [`Receiver::flush`] once something is due: this I/O and every one after it.
     fn carry_out(&mut self, first: Io) {
+        self.liveness_unpublished = true; // a post may carry a beat
         let mut io = first;
         loop {
             match io {
