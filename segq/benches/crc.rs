@@ -45,8 +45,13 @@ fn criterion_groups(c: &mut Criterion) {
 
 /// ns per call, median of 5 interleaved rounds.
 fn side_by_side() {
-    println!("\nside-by-side (5 interleaved rounds, medians): crc32c of 12 + payload bytes, ns per call");
-    println!("{:>8} {:>10} {:>10} {:>10} {:>16} {:>18}", "payload", "crate", "one chain", "railover", "chain/crate", "railover/best");
+    println!(
+        "\nside-by-side (5 interleaved rounds, medians): crc32c of 12 + payload bytes, ns per call"
+    );
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>16} {:>18}",
+        "payload", "crate", "one chain", "railover", "chain/crate", "railover/best"
+    );
     for payload in PAYLOADS {
         let buf = vec![7u8; 12 + payload];
         let calls = (4_000_000 / (payload / 64 + 1)) as u32;

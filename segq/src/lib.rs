@@ -42,9 +42,9 @@ pub fn notify_imm_of(end: u64) -> u32 {
 }
 pub use lanes::{lanes, LaneControl, LaneError, LaneReservation, LaneWriter};
 pub use mirror::{ConsumeError, MirrorQueue, StreamCursor};
-pub use record::{crc32c, ParseError, CRC_INTERLEAVED_FROM, HEADER_LEN};
 #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
 pub use record::crc32c_one_chain;
+pub use record::{crc32c, ParseError, CRC_INTERLEAVED_FROM, HEADER_LEN};
 pub use region::{Backing, Region, PAGE_SIZE};
 pub use sender::{
     AckError, CopyReport, PendingRange, Poster, Producer, PushError, Reservation, SendQueue,

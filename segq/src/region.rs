@@ -204,6 +204,7 @@ impl Region {
     ///
     /// # Safety
     /// No one (this process or a NIC) may write those bytes while the slice lives.
+    #[inline]
     pub unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
         assert!(
             offset <= self.len && len <= self.len - offset,
