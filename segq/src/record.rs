@@ -62,7 +62,7 @@ fn crc32c_interleaved(bytes: &[u8]) -> u32 {
 }
 
 /// crc32c of `bytes` as one inline chain of the CPU's crc32 instruction, 8 bytes a step (what
-/// [`crc32c`] runs below [`CRC_INTERLEAVED_FROM`] bytes; public for the benchmark).
+/// [`crc32c()`] runs below [`CRC_INTERLEAVED_FROM`] bytes; public for the benchmark).
 #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
 #[inline]
 pub fn crc32c_one_chain(bytes: &[u8]) -> u32 {
@@ -90,7 +90,7 @@ pub fn crc32c_one_chain(bytes: &[u8]) -> u32 {
     !crc
 }
 
-/// From this many bytes on, [`crc32c`] runs the crate's interleaved chains instead of one
+/// From this many bytes on, [`crc32c()`] runs the crate's interleaved chains instead of one
 /// inline chain (where they broke even on this project's machines).
 pub const CRC_INTERLEAVED_FROM: usize = 1024;
 
