@@ -367,6 +367,54 @@ fn idle_connections_sharing_liveness_stop_at_the_nothing_due_check() {
     }
 }
 
+/// A beat carried by a data write, taken from a shared completion queue, counts as heard at the
+/// `Endpoint::poll` that took it. (Until session 16 the core handled such a completion without
+/// learning the time first, so the beat counted as heard at the connection's previous poll.)
+/// Host 1 stops polling for 1.5 heartbeat intervals while host 2 streams a record every 100 us:
+/// its ticks move its beat on, each write carries it, and its active rail skips its own blocks
+/// (data follows within a quarter interval), so only the writes tell host 1 of the new beat.
+#[test]
+fn a_beat_from_a_shared_queue_is_heard_at_the_poll_that_took_it() {
+    let mut hosts = SimEndpoints::new(config(), 8, 2 * US).unwrap();
+    let (x, y) = hosts.connect().unwrap();
+    let warm = hosts.now() + 20 * MS;
+    while hosts.now() < warm {
+        hosts.step(warm);
+    }
+    assert_no_rail_failed(&hosts);
+    let rail = hosts.b.get(y).unwrap().core().active_rail();
+    let last_poll = hosts.now();
+    let until = last_poll + 1_500 * US;
+    let mut next_send = last_poll;
+    while hosts.now() < until {
+        if hosts.now() >= next_send {
+            hosts.b.send(y, b"beat").unwrap();
+            next_send += 100 * US;
+        }
+        let next = [hosts.fabric.next_event_time(), hosts.b.next_timeout()]
+            .into_iter()
+            .flatten()
+            .fold(next_send.min(until), u64::min);
+        hosts.fabric.advance_to(next.max(hosts.now() + 1));
+        hosts.b.poll(|_, _, _| {});
+    }
+    let polled_at = hosts.now();
+    let heard_before = hosts.a.get(x).unwrap().core().rail_heard_at(rail);
+    assert!(
+        heard_before.is_some_and(|t| t <= last_poll),
+        "host 1 heard nothing while it was not polled: {heard_before:?}"
+    );
+    let delivered = hosts.a.poll(|_, _, _| {});
+    assert!(delivered > 0, "the stream arrived");
+    let heard = hosts.a.get(x).unwrap().core().rail_heard_at(rail);
+    assert_eq!(
+        heard,
+        Some(polled_at),
+        "the carried beat counts at the poll that took it (host 1 last polled at {last_poll})"
+    );
+    assert_no_rail_failed(&hosts);
+}
+
 /// Idle connections between two endpoints: with liveness shared (the default) host 1 posts
 /// about two control writes per rail and interval (the group's beat, and one connection's own
 /// beat) whether it holds 64 connections or 256, and no interval gets more than a few (the
