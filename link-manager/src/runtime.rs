@@ -247,7 +247,8 @@ pub struct Receiver<N: Nic, C: Clock> {
     /// `progress` calls that ran `progress_rest` ([`Stats::full_turns`]).
     full_turns: u64,
     /// The core may have sent or heard a beat (or missed a rail) since its liveness group last
-    /// heard from it: set by every completion and every post, cleared when it publishes.
+    /// heard from it: set by every completion, device event and post, cleared when a quiet poll
+    /// publishes (the full turn publishes whatever it is).
     liveness_unpublished: bool,
     /// The cards are shared with other connections (an [`crate::Endpoint`]): their device
     /// events are read once, there, and handed to every connection on them

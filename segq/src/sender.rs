@@ -256,7 +256,7 @@ struct LocalPush {
 const POSTED_ENDS: usize = 64;
 
 /// A record boundary a posted write ended at.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct PostedEnd {
     pos: u64,
     /// The last record's sequence number at or before `pos` (0: none).
