@@ -26,6 +26,41 @@ pub fn record_crc(covered: &[u8]) -> u32 {
     crc32c(covered)
 }
 
+/// The same crc as [`record_crc`], from the record's length, sequence number and payload
+/// where they don't lie in a row: the producer's `push` computes it from the caller's payload,
+/// not from the ring, so it never reads back what it just stored. (Reading back the line it just wrote
+/// waits for that line to arrive: when the poster on another core has read the slot's last
+/// header, that is a cross-core transfer on every record; stores alone wait in the store
+/// buffer.)
+#[inline]
+pub fn record_crc_parts(len: u32, seq: u64, payload: &[u8]) -> u32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
+    {
+        let head = record_crc_head(len, seq);
+        if HEADER_LEN - CRC_COVERS_FROM + payload.len() >= CRC_INTERLEAVED_FROM {
+            // The crate continues from a finished crc (the running value inverted).
+            return crc32c_append_interleaved(!head, payload);
+        }
+        !crc32c_chain(head, payload)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse4.2")))]
+    {
+        let mut head = [0u8; HEADER_LEN - CRC_COVERS_FROM];
+        head[..4].copy_from_slice(&len.to_le_bytes());
+        head[4..].copy_from_slice(&seq.to_le_bytes());
+        crc32c::crc32c_append(crc32c::crc32c(&head), payload)
+    }
+}
+
+/// The crc chain's running value (not inverted) after a record's length and sequence number:
+/// what its payload's steps continue from.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
+#[inline]
+pub(crate) fn record_crc_head(len: u32, seq: u64) -> u32 {
+    let head = safe_arch::crc32_u32(u32::MAX, len);
+    safe_arch::crc32_u64(u64::from(head), seq) as u32
+}
+
 /// crc32c (Castagnoli) of `bytes`, the same value as the `crc32c` crate's.
 ///
 /// Built for a CPU with SSE4.2 (`-C target-cpu=x86-64-v2` or later: this workspace's
@@ -61,12 +96,28 @@ fn crc32c_interleaved(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
 }
 
+/// As [`crc32c_interleaved`], continuing from the finished crc of the bytes before `bytes`.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
+#[cold]
+#[inline(never)]
+fn crc32c_append_interleaved(crc: u32, bytes: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, bytes)
+}
+
 /// crc32c of `bytes` as one inline chain of the CPU's crc32 instruction, 8 bytes a step (what
 /// [`crc32c()`] runs below [`CRC_INTERLEAVED_FROM`] bytes; public for the benchmark).
 #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
 #[inline]
 pub fn crc32c_one_chain(bytes: &[u8]) -> u32 {
-    let mut crc = u64::from(u32::MAX);
+    !crc32c_chain(u32::MAX, bytes)
+}
+
+/// The crc32 instruction's chain over `bytes` from the running value `crc` (not inverted at
+/// either end).
+#[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
+#[inline]
+fn crc32c_chain(crc: u32, bytes: &[u8]) -> u32 {
+    let mut crc = u64::from(crc);
     let mut words = bytes.chunks_exact(8);
     for w in &mut words {
         let word = u64::from_le_bytes(w.try_into().expect("8 bytes"));
@@ -87,7 +138,7 @@ pub fn crc32c_one_chain(bytes: &[u8]) -> u32 {
     if let Some(&b) = tail.first() {
         crc = safe_arch::crc32_u8(crc, b);
     }
-    !crc
+    crc
 }
 
 /// From this many bytes on, [`crc32c()`] runs the crate's interleaved chains instead of one
@@ -257,6 +308,18 @@ mod tests {
             proptest::prop_assert_eq!(crc32c(bytes), ::crc32c::crc32c(bytes));
             #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
             proptest::prop_assert_eq!(crc32c_one_chain(bytes), ::crc32c::crc32c(bytes));
+        }
+
+        /// The crc from a record's parts (the producer's `push`) is the one over its bytes in a
+        /// row (what the receiver checks), on both sides of the interleaved threshold.
+        #[test]
+        fn record_crc_from_parts_is_the_one_in_a_row(payload in proptest::collection::vec(proptest::num::u8::ANY, 0..1200), len in proptest::num::u32::ANY, seq in proptest::num::u64::ANY) {
+            let mut row = Vec::with_capacity(HEADER_LEN - CRC_COVERS_FROM + payload.len());
+            row.extend_from_slice(&len.to_le_bytes());
+            row.extend_from_slice(&seq.to_le_bytes());
+            row.extend_from_slice(&payload);
+            proptest::prop_assert_eq!(record_crc_parts(len, seq, &payload), record_crc(&row));
+            proptest::prop_assert_eq!(record_crc(&row), ::crc32c::crc32c(&row));
         }
     }
 

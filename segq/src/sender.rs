@@ -150,9 +150,10 @@ impl Producer {
 
     /// Copies `payload` in as one record. Returns its sequence number.
     pub fn push(&mut self, payload: &[u8]) -> Result<u64, PushError> {
-        let mut r = self.reserve(payload.len())?;
-        r.payload_mut().copy_from_slice(payload);
-        Ok(r.commit())
+        let start = self.place(payload.len())?;
+        let seq = self.next_seq;
+        self.seal_copy(start, payload, seq);
+        Ok(seq)
     }
 
     /// Where a record of `len` bytes starts, padding the current segment if it doesn't fit there.
@@ -180,14 +181,36 @@ impl Producer {
         Ok(start)
     }
 
-    /// Writes the padding (if any), the header, and publishes.
-    fn seal(&mut self, start: u64, len: usize, seq: u64) {
+    /// Closes the current segment with a pad marker when the record at `start` doesn't begin
+    /// at the write position.
+    #[inline]
+    fn pad_before(&self, start: u64) {
         let shared = &*self.shared;
         let geo = &shared.geo;
         if start != self.write_pos && geo.segment_remaining(self.write_pos) >= HEADER_LEN {
             shared.write(geo.offset(self.write_pos), &Header::pad().encode());
         }
-        let off = geo.offset(start);
+    }
+
+    /// Frames `payload` as record `seq` at `start` and publishes it. The crc comes from the
+    /// caller's bytes and the ring is only stored to (see [`crate::record::record_crc_parts`] for
+    /// why nothing is read back).
+    #[inline]
+    fn seal_copy(&mut self, start: u64, payload: &[u8], seq: u64) {
+        self.pad_before(start);
+        let shared = &*self.shared;
+        let off = shared.geo.offset(start);
+        let len = payload.len() as u32;
+        let crc = shared.write_payload(off + HEADER_LEN, len, seq, payload);
+        shared.write(off, &Header { seq, len, crc }.encode());
+        self.publish(start + record_size(payload.len()) as u64, seq);
+    }
+
+    /// Writes the padding (if any), the header of the payload written in place, and publishes.
+    fn seal(&mut self, start: u64, len: usize, seq: u64) {
+        self.pad_before(start);
+        let shared = &*self.shared;
+        let off = shared.geo.offset(start);
         // The length and sequence number first, then one crc pass over them and the payload.
         let mut header = Header {
             seq,
@@ -201,7 +224,14 @@ impl Producer {
         // published yet.
         header.crc = record_crc(unsafe { shared.region.slice(off + CRC_COVERS_FROM, covered) });
         shared.write(off, &header.crc.to_le_bytes());
-        self.write_pos = start + record_size(len) as u64;
+        self.publish(start + record_size(len) as u64, seq);
+    }
+
+    /// Makes every byte below `end` (record `seq` the last) the poster's.
+    #[inline]
+    fn publish(&mut self, end: u64, seq: u64) {
+        let shared = &*self.shared;
+        self.write_pos = end;
         self.next_seq = seq + 1;
         // Ordered before the Release below: a reader that saw the record sees its number here.
         shared.committed_seq.store(seq, Ordering::Relaxed);
@@ -217,10 +247,7 @@ impl Producer {
     /// Appends a record keeping a sequence number assigned elsewhere (failover copies).
     fn push_with_seq(&mut self, seq: u64, payload: &[u8]) -> Result<(), PushError> {
         let start = self.place(payload.len())?;
-        let shared = &*self.shared;
-        let off = shared.geo.offset(start) + HEADER_LEN;
-        shared.write(off, payload);
-        self.seal(start, payload.len(), seq);
+        self.seal_copy(start, payload, seq);
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 use crossbeam_utils::CachePadded;
 
 use crate::geometry::Geometry;
+use crate::record::record_crc_parts;
 use crate::region::{Backing, Region};
 use crate::sync::{AtomicU64, Ordering};
 
@@ -69,6 +70,14 @@ impl Shared {
         // Unposted records were never handed to a NIC, and only their poster reads them.
         // SAFETY: nobody else reads or writes this space now (see above).
         unsafe { self.region.write(offset, bytes) };
+    }
+
+    /// The producer's copy of record `seq`'s payload (`len` bytes) to `offset` (in space as
+    /// [`Shared::write`]'s); returns the record's crc, computed from `payload`.
+    #[inline]
+    pub(crate) fn write_payload(&self, offset: usize, len: u32, seq: u64, payload: &[u8]) -> u32 {
+        self.write(offset, payload);
+        record_crc_parts(len, seq, payload)
     }
 
     /// The header at `offset` (8-aligned), as two aligned loads. The poster reads only
