@@ -4,7 +4,10 @@
 //! `cargo bench -p railover-segq --bench spsc` runs criterion's throughput groups and then prints the
 //! side-by-side comparison with ratios (`-- --compare-only` skips criterion).
 //! segq's "consumer" is the link's poster thread: it finds committed records, reads them in place
-//! (as a NIC would) and frees them, which is the real hand-off in railover.
+//! (as a NIC would) and frees them, which is the real hand-off in railover. Every consumer reads
+//! each message's first word (the send time); `segq/place` is segq written in place through
+//! `reserve`, `rtrb/unread` is rtrb with a consumer that never reads the bytes (how this
+//! benchmark measured rtrb before 2026-12-01). The ratio lines compare `segq` with `rtrb`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -16,22 +19,26 @@ use railover_segq::{Backing, Geometry, PushError, SendQueue};
 
 const RING_BYTES: usize = 1 << 20;
 
-fn segq_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+/// segq: the producer copies each message in with `push` (as `Connection::send` does), or
+/// writes it in place through `reserve` (`in_place`). The consumer is the poster: it finds
+/// the committed records, reads each one's first word in place and frees them.
+fn segq_run_with(size: usize, n: u64, latency: bool, in_place: bool) -> (Duration, Vec<u64>) {
     let geo = Geometry::new(64 * 1024, RING_BYTES / (64 * 1024), 2048).unwrap();
     let (mut prod, mut post) = SendQueue::new(geo, Backing::Anonymous, 1).unwrap().split();
     let epoch = Instant::now();
     let t = std::thread::spawn(move || {
         let mut lat = Vec::with_capacity(if latency { n as usize } else { 0 });
         let mut got = 0u64;
+        let mut sum = 0u64;
         while got < n {
             if let Some(r) = post.pending(usize::MAX) {
                 post.mark_posted(&r);
                 post.for_each_unacked(|_, p| {
+                    let sent = u64::from_le_bytes(p[..8].try_into().unwrap());
                     if latency {
-                        let sent = u64::from_le_bytes(p[..8].try_into().unwrap());
                         lat.push(epoch.elapsed().as_nanos() as u64 - sent);
                     }
-                    black_box(p);
+                    sum = sum.wrapping_add(sent);
                 });
                 got += r.records as u64;
                 post.ack(r.end, r.seqs.map_or(0, |s| s.1)).unwrap();
@@ -39,18 +46,25 @@ fn segq_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
                 std::hint::spin_loop();
             }
         }
+        black_box(sum);
         lat
     });
     let t0 = Instant::now();
+    let mut msg = vec![0u8; size];
     for _ in 0..n {
         loop {
-            match prod.reserve(size) {
-                Ok(mut slot) => {
-                    let ts = epoch.elapsed().as_nanos() as u64;
+            let ts = epoch.elapsed().as_nanos() as u64;
+            let pushed = if in_place {
+                prod.reserve(size).map(|mut slot| {
                     slot.payload_mut()[..8].copy_from_slice(&ts.to_le_bytes());
-                    slot.commit();
-                    break;
-                }
+                    slot.commit()
+                })
+            } else {
+                msg[..8].copy_from_slice(&ts.to_le_bytes());
+                prod.push(&msg)
+            };
+            match pushed {
+                Ok(_) => break,
                 Err(PushError::Full) => std::hint::spin_loop(),
                 Err(e) => panic!("{e}"),
             }
@@ -60,22 +74,37 @@ fn segq_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
     (t0.elapsed(), lat)
 }
 
-fn rtrb_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
-    // Fixed-size messages as byte chunks: the closest rtrb analogue of a framed record.
+fn segq_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+    segq_run_with(size, n, latency, false)
+}
+
+fn segq_in_place_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+    segq_run_with(size, n, latency, true)
+}
+
+/// rtrb, fixed-size messages as byte chunks (the closest analogue of a framed record). The
+/// consumer reads each message's first word, as any real consumer reads what it takes, or
+/// (`unread`, how this benchmark ran before 2026-12-01) takes the chunk without touching it.
+fn rtrb_run_with(size: usize, n: u64, latency: bool, unread: bool) -> (Duration, Vec<u64>) {
     let (mut p, mut c) = rtrb::RingBuffer::<u8>::new(RING_BYTES);
     let epoch = Instant::now();
     let t = std::thread::spawn(move || {
         let mut lat = Vec::with_capacity(if latency { n as usize } else { 0 });
         let mut got = 0u64;
+        let mut sum = 0u64;
         while got < n {
             if let Ok(chunk) = c.read_chunk(size) {
                 let (a, b) = chunk.as_slices();
-                if latency {
+                if latency || !unread {
                     let mut h = [0u8; 8];
                     let k = a.len().min(8);
                     h[..k].copy_from_slice(&a[..k]);
                     h[k..].copy_from_slice(&b[..8 - k]);
-                    lat.push(epoch.elapsed().as_nanos() as u64 - u64::from_le_bytes(h));
+                    let sent = u64::from_le_bytes(h);
+                    if latency {
+                        lat.push(epoch.elapsed().as_nanos() as u64 - sent);
+                    }
+                    sum = sum.wrapping_add(sent);
                 }
                 black_box((a, b));
                 chunk.commit_all();
@@ -84,6 +113,7 @@ fn rtrb_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
                 std::hint::spin_loop();
             }
         }
+        black_box(sum);
         lat
     });
     let t0 = Instant::now();
@@ -101,6 +131,14 @@ fn rtrb_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
     }
     let lat = t.join().unwrap();
     (t0.elapsed(), lat)
+}
+
+fn rtrb_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+    rtrb_run_with(size, n, latency, false)
+}
+
+fn rtrb_unread_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+    rtrb_run_with(size, n, latency, true)
 }
 
 fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
@@ -150,9 +188,11 @@ fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
 }
 
 type Runner = fn(usize, u64, bool) -> (Duration, Vec<u64>);
-const QUEUES: [(&str, Runner); 3] = [
+const QUEUES: [(&str, Runner); 5] = [
     ("segq", segq_run),
+    ("segq/place", segq_in_place_run),
     ("rtrb", rtrb_run),
+    ("rtrb/unread", rtrb_unread_run),
     ("ArrayQueue", arrayqueue_run),
 ];
 
@@ -226,6 +266,12 @@ fn compare() {
                     "segq/rtrb {size}B rate ratio: {:.2}\nsegq/rtrb {size}B p50 handoff ratio: {:.2}",
                     segq_rate / r,
                     segq_p50 / p50 as f64
+                ));
+            }
+            if *name == "rtrb/unread" {
+                ratio_lines.push(format!(
+                    "(segq/rtrb {size}B rate ratio, rtrb's consumer not reading: {:.2})",
+                    segq_rate / r
                 ));
             }
         }
