@@ -168,6 +168,12 @@ pub struct Endpoint<N: Nic, C: Clock> {
     /// [`crate::runtime::QUIET_RAIL_POLL_NS`]): together, so that a simulated endpoint's time
     /// stops there once per period, not once per connection.
     quiet_rails_due: Nanos,
+    /// The cards whose shared queues every poll looks at (a bit per rail): those of the rails
+    /// any connection was busy on (its active rail, the one its peer sends on) at the last look
+    /// at every card.
+    /// The others' queues (standbys: heartbeats alone) are looked at once per
+    /// [`crate::runtime::QUIET_RAIL_POLL_NS`], as a single connection does with its own.
+    busy_cards: u8,
     slots: Vec<Slot<N, C>>,
     /// The control thread every connection's re-arms run on (verbs; made with the first
     /// connection). After `slots`: connections are dropped (and closed) first.
@@ -229,6 +235,7 @@ where
             clock,
             next_card_events: 0,
             quiet_rails_due: 0,
+            busy_cards: u8::MAX,
             slots: Vec::new(),
             control: None,
             free: Vec::new(),
@@ -354,6 +361,8 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         }
         slot.conn = Some(Entry { conn, span });
         self.live += 1;
+        // Its rails' cards may be quiet ones so far: the next poll looks at every card.
+        self.quiet_rails_due = 0;
         id
     }
 
@@ -439,7 +448,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// that ended stays until [`Endpoint::remove`]d; its end is an [`Event::Ended`] (or
     /// [`Event::AllRailsDown`]) from [`Endpoint::poll_event`].
     pub fn poll(&mut self, mut deliver: impl FnMut(ConnectionId, u64, &[u8])) -> usize {
-        let now = self.poll_cards_at();
+        let (now, every_card) = self.poll_cards_at();
         let mut delivered = 0;
         for (index, slot) in self.slots.iter_mut().enumerate() {
             let Some(e) = slot.conn.as_mut() else {
@@ -455,6 +464,15 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             if let Ok(n) = e.conn.poll_seq_at(now, |seq, msg| deliver(id, seq, msg)) {
                 delivered += n;
             }
+        }
+        if every_card {
+            // Until the next look at every card: those the connections are busy on now. (A
+            // connection's busy rails change when its peer's records move to another rail,
+            // which only a look at that card finds, or when it moves its own: then its send
+            // completions wait for the next such look, a period at most.)
+            self.busy_cards = self
+                .connections()
+                .fold(0, |cards, c| cards | c.core().busy_rails());
         }
         delivered
     }
@@ -502,7 +520,8 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         let entries = || self.slots.iter().filter_map(|s| s.conn.as_ref());
         // A fabric without wake-up descriptors (the simulator) moves virtual time instead.
         if !entries().all(|e| e.conn.open_cards_wake()) {
-            let mut handled = 0;
+            // The quiet cards' queues too: the last poll may have skipped them.
+            let mut handled = self.poll_queues(now, u8::MAX);
             for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
                 handled += e.conn.look_at_every_rail();
             }
@@ -523,7 +542,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                 }
             }
         }
-        if self.poll_queues(self.clock.now()) > 0 {
+        if self.poll_queues(self.clock.now(), u8::MAX) > 0 {
             return;
         }
         let mut armed = 0;
@@ -601,6 +620,8 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         if card_event {
             self.next_card_events = 0; // read them at once (see `poll_cards`)
         }
+        // Whatever woke it may be on a quiet card: the next poll looks at every one.
+        self.quiet_rails_due = 0;
     }
 
     /// The next event of any connection, with its id. Connections take turns, so none starves
@@ -706,32 +727,41 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// turn of your loop: a connection's own `poll` sees no completion of its links on the
     /// shared queues.
     pub fn poll_cards(&mut self) {
+        // Every card: the busy ones are known only to `Endpoint::poll`, which polls the
+        // connections itself.
+        self.busy_cards = u8::MAX;
         self.poll_cards_at();
     }
 
-    /// [`Endpoint::poll_cards`], returning the time it read.
-    fn poll_cards_at(&mut self) -> Nanos {
+    /// [`Endpoint::poll_cards`], returning the time it read and whether it looked at every
+    /// card (once a period), not just the busy ones.
+    fn poll_cards_at(&mut self) -> (Nanos, bool) {
         let now = self.clock.now();
         if now >= self.next_card_events {
             self.next_card_events = now + self.cfg.heartbeat_interval_ns();
             self.dispatch_card_events();
         }
+        let mut cards = self.busy_cards;
         if now >= self.quiet_rails_due {
             self.quiet_rails_due = now.saturating_add(crate::runtime::QUIET_RAIL_POLL_NS);
             for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
                 e.conn.look_at_every_rail_next();
             }
+            cards = u8::MAX;
         }
-        self.poll_queues(now);
-        now
+        self.poll_queues(now, cards);
+        (now, cards == u8::MAX)
     }
 
-    /// Polls every shared completion queue and hands each completion to its link's connection:
-    /// how many there were.
-    fn poll_queues(&mut self, now: Nanos) -> usize {
+    /// Polls the shared completion queues of the cards in `cards` (a bit per rail) and hands
+    /// each completion to its link's connection: how many there were.
+    fn poll_queues(&mut self, now: Nanos, cards: u8) -> usize {
         hear_news(&mut self.queues);
         let mut handled = 0;
         for rail in 0..self.queues.cards.len() {
+            if cards & (1 << rail) == 0 {
+                continue;
+            }
             let mut at = 0;
             while at < self.queues.cards[rail].queues.len() {
                 let n = self.queues.cards[rail].queues[at].poll(&mut self.got);

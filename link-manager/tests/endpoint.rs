@@ -5,6 +5,7 @@
 
 use railover::core::{Event, FailReason, RailState};
 use railover::endpoint::SimEndpoints;
+use railover::runtime::QUIET_RAIL_POLL_NS;
 use railover::{Config, ConnectionId, SendError};
 use railover_rdma::{AsyncEvent, LinkParams};
 use std::time::Duration;
@@ -767,4 +768,151 @@ fn seeded_faults_on_many_connections_lose_nothing() {
     println!(
         "{connections} connections, {downs} rail downs (each came back), 0 lost/dup/reordered"
     );
+}
+
+/// Host 1's polls of its cards' shared completion queues: (rail 0's card, rail 1's card).
+fn shared_polls(hosts: &SimEndpoints) -> (u64, u64) {
+    (
+        hosts.fabric.shared_cq_polls(hosts.wires[0])[0],
+        hosts.fabric.shared_cq_polls(hosts.wires[1])[0],
+    )
+}
+
+/// Four connections, warmed up for 20 ms, every one active on rail 0.
+fn four_on_rail_0(seed: u64) -> SimEndpoints {
+    let mut hosts = SimEndpoints::new(config(), seed, 2 * US).unwrap();
+    for _ in 0..4 {
+        hosts.connect().unwrap();
+    }
+    let warm = hosts.now() + 20 * MS;
+    while hosts.now() < warm {
+        hosts.step(warm);
+    }
+    assert_no_rail_failed(&hosts);
+    for &(x, y) in &hosts.pairs {
+        assert_eq!(hosts.a.get(x).unwrap().core().active_rail(), 0);
+        assert_eq!(hosts.b.get(y).unwrap().core().active_rail(), 0);
+    }
+    hosts
+}
+
+/// An endpoint polls the shared queues of the cards its connections are busy on at every poll,
+/// and a standby card's (heartbeats alone) once per `QUIET_RAIL_POLL_NS`, as a single connection
+/// does with queues of its own. (Until session 17 it polled every card's queues every time.)
+#[test]
+fn an_endpoint_polls_a_standby_cards_queues_once_a_period() {
+    let mut hosts = four_on_rail_0(10);
+    // 10,000 polls at one instant of virtual time: nothing arrives, so each look at a card is
+    // one poll of each of its queues.
+    let before = shared_polls(&hosts);
+    for _ in 0..10_000 {
+        hosts
+            .a
+            .poll(|id, _, _| panic!("nothing was sent, {id} delivered"));
+    }
+    let after = shared_polls(&hosts);
+    let (busy, standby) = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        busy >= 10_000 && busy % 10_000 == 0,
+        "the active card, every poll: {busy}"
+    );
+    let per_look = busy / 10_000;
+    assert!(
+        standby <= per_look,
+        "the standby card: {standby} polls in 10,000 (a look is {per_look})"
+    );
+    // A period later the next poll looks at the standby card too, and then not again at once.
+    hosts.fabric.advance_to(hosts.now() + QUIET_RAIL_POLL_NS);
+    hosts.a.poll(|_, _, _| {});
+    hosts.a.poll(|_, _, _| {});
+    let last = shared_polls(&hosts);
+    assert_eq!(
+        last.1 - after.1,
+        per_look,
+        "the standby card, once the period passed"
+    );
+    assert_eq!(last.0 - after.0, 2 * per_look);
+    // The endpoint asks to be driven again by then, so a caller sleeping until its next
+    // timeout misses nothing.
+    let next = hosts.a.next_timeout().expect("a timer");
+    assert!(
+        next <= hosts.now() + QUIET_RAIL_POLL_NS,
+        "next timeout {next}"
+    );
+}
+
+/// The bound of the above: host 2 alone loses rail 0 and moves every connection to rail 1,
+/// whose card host 1 (still sending on rail 0) polls once a period. The first record on it is
+/// delivered within a period of landing, and the ones after it at once.
+#[test]
+fn records_moved_to_a_standby_card_are_found_within_the_period_then_at_once() {
+    let mut hosts = four_on_rail_0(11);
+    let (a_ids, b_ids): (Vec<_>, Vec<_>) = hosts.pairs.iter().copied().unzip();
+    // Drives both endpoints through their own polls, virtual time moving to the next event or
+    // timer; returns what host 1 delivered.
+    let turn = |hosts: &mut SimEndpoints, limit: u64| -> Vec<(ConnectionId, Vec<u8>)> {
+        let next = [
+            hosts.fabric.next_event_time(),
+            hosts.a.next_timeout(),
+            hosts.b.next_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(limit, u64::min);
+        hosts.fabric.advance_to(next.max(hosts.now()));
+        let mut got = Vec::new();
+        hosts.a.poll(|id, _, m| got.push((id, m.to_vec())));
+        hosts
+            .b
+            .poll(|id, _, m| panic!("host 1 sent nothing, {id} delivered {m:?}"));
+        got
+    };
+    hosts
+        .fabric
+        .card_event(&hosts.cards[0].1, AsyncEvent::PortDown);
+    let until = hosts.now() + 5 * MS;
+    while b_ids
+        .iter()
+        .any(|&y| hosts.b.get(y).unwrap().core().active_rail() != 1)
+    {
+        assert!(hosts.now() < until, "host 2 did not fail over");
+        assert!(turn(&mut hosts, until).is_empty());
+    }
+    for &x in &a_ids {
+        assert_eq!(
+            hosts.a.get(x).unwrap().core().active_rail(),
+            0,
+            "host 1 stays"
+        );
+    }
+    let mut delays = Vec::new();
+    for i in 0..6u8 {
+        let y = b_ids[i as usize % b_ids.len()];
+        let x = a_ids[i as usize % a_ids.len()];
+        let sent_at = hosts.now();
+        hosts.b.send(y, &[i; 64]).unwrap();
+        loop {
+            assert!(
+                hosts.now() < sent_at + MS,
+                "record {i} not delivered in 1 ms"
+            );
+            let got = turn(&mut hosts, sent_at + MS);
+            if !got.is_empty() {
+                assert_eq!(got, vec![(x, vec![i; 64])]);
+                break;
+            }
+        }
+        delays.push(hosts.now() - sent_at);
+    }
+    println!("delivery after the peer moved to the standby card (ns): {delays:?}");
+    assert!(
+        delays[0] <= 2 * US + QUIET_RAIL_POLL_NS,
+        "the first record on the standby card: {} ns",
+        delays[0]
+    );
+    // By then the connection that took it is busy on rail 1 (the rail its peer sends on), so
+    // the card is polled every time: each later record as soon as it lands, on any connection.
+    for (i, d) in delays.iter().enumerate().skip(1) {
+        assert!(*d <= 2 * 2 * US, "record {i}: {d} ns");
+    }
 }

@@ -109,6 +109,8 @@ struct NicState {
     retransmissions: u64,
     /// Polls of its queue pairs' own completion queues (see [`SimFabric::cq_polls`]).
     cq_polls: u64,
+    /// Polls of its shared completion queues (see [`SimFabric::shared_cq_polls`]).
+    shared_cq_polls: u64,
 }
 
 struct Wire {
@@ -194,6 +196,7 @@ impl SimFabric {
                 events: VecDeque::new(),
                 retransmissions: 0,
                 cq_polls: 0,
+                shared_cq_polls: 0,
             });
         }
         w.wires.push(Wire {
@@ -257,6 +260,13 @@ impl SimFabric {
     pub fn cq_polls(&self, wire: WireId) -> [u64; 2] {
         let w = self.world.borrow();
         w.wires[wire.0].nics.map(|nic| w.nics[nic].cq_polls)
+    }
+
+    /// How many times the shared completion queues of each card of `wire` were polled (all of a
+    /// card's together), as [`SimFabric::cq_polls`] counts a queue pair's own.
+    pub fn shared_cq_polls(&self, wire: WireId) -> [u64; 2] {
+        let w = self.world.borrow();
+        w.wires[wire.0].nics.map(|nic| w.nics[nic].shared_cq_polls)
     }
 
     /// Cable pulled: port-down on both ends, outstanding requests flush.
@@ -656,6 +666,7 @@ impl SharedCq for SimSharedCq {
     }
 
     fn poll(&mut self, out: &mut [SharedCompletion]) -> usize {
+        self.fabric.world.borrow_mut().nics[self.nic].shared_cq_polls += 1;
         let mut q = self.queue.borrow_mut();
         let n = out.len().min(q.len());
         for (slot, c) in out.iter_mut().zip(q.drain(..n)) {
