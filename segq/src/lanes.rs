@@ -275,16 +275,10 @@ impl LaneControl {
         let producer = self.shared.producers[self.active].get_mut();
         // SAFETY: no LaneWriter was handed out (checked), so the producers are touched only
         // through this control, and `&mut self` makes this the only use while it lasts.
-        let p = unsafe { producer.deref() };
-        let before = p.write_pos();
-        let r = p.push(payload);
-        let end = p.write_pos();
+        let r = unsafe { producer.deref() }.push(payload);
         #[allow(clippy::drop_non_drop)] // ends loom's tracked access
         drop(producer);
-        let seq = r?;
-        // The poster finds this record without reading it back, if nothing else is pending.
-        self.posters[self.active].note_local_push(before, end, seq);
-        Ok(seq)
+        Ok(r?)
     }
 
     /// Reserves a slot of `len` payload bytes in the active lane, on the control's thread.

@@ -8,7 +8,7 @@
 use crate::geometry::Geometry;
 use crate::record::{record_crc, record_size, Header, CRC_COVERS_FROM, HEADER_LEN};
 use crate::region::Backing;
-use crate::shared::Shared;
+use crate::shared::{Commit, Shared};
 use crate::sync::{Arc, Ordering};
 
 /// Why a record could not be queued. Nothing already accepted is affected.
@@ -98,6 +98,9 @@ pub struct Producer {
     shared: Arc<Shared>,
     write_pos: u64,
     next_seq: u64,
+    /// The number of the last record committed (the first's, minus one, before any): a record
+    /// numbered otherwise than one after it is a discontinuity.
+    last_committed_seq: u64,
     released_cache: u64,
 }
 
@@ -230,18 +233,12 @@ impl Producer {
     /// Makes every byte below `end` (record `seq` the last) the poster's.
     #[inline]
     fn publish(&mut self, end: u64, seq: u64) {
-        let shared = &*self.shared;
         self.write_pos = end;
         self.next_seq = seq + 1;
-        // Ordered before the Release below: a reader that saw the record sees its number here.
-        shared.committed_seq.store(seq, Ordering::Relaxed);
-        // Pairs with the Acquire in `Shared::load_committed`: record bytes before the index.
-        shared.committed.store(self.write_pos, Ordering::Release);
-    }
-
-    /// Byte position of the next record.
-    pub(crate) fn write_pos(&self) -> u64 {
-        self.write_pos
+        let breaks = seq != self.last_committed_seq.wrapping_add(1);
+        self.last_committed_seq = seq;
+        self.shared
+            .store_commit(Commit::pack(end, seq), breaks.then_some(end));
     }
 
     /// Appends a record keeping a sequence number assigned elsewhere (failover copies).
@@ -259,6 +256,8 @@ pub struct Poster {
     acked_pos: u64,
     acked_seq: u64,
     last_posted_seq: u64,
+    /// The number the next record posted has, when the numbering runs on.
+    next_post_seq: u64,
     /// Records posted and records acknowledged so far (for the O(1) full-acknowledgement path).
     posted_records: u64,
     acked_records: u64,
@@ -266,17 +265,6 @@ pub struct Poster {
     /// an acknowledgement usually names one of these record boundaries and frees without a
     /// walk over the records behind it (see [`Poster::ack`]).
     ends: PostedEnds,
-    /// The last record pushed on this thread ([`Poster::note_local_push`]).
-    local_push: Option<LocalPush>,
-}
-
-/// A record committed by the poster's own thread: it spans `[before, end)` (with the padding
-/// that closed the segment before it, if any) and is numbered `seq`.
-#[derive(Debug, Clone, Copy)]
-struct LocalPush {
-    before: u64,
-    end: u64,
-    seq: u64,
 }
 
 /// How many posted writes' ends a [`Poster`] remembers (beyond them, an acknowledgement walks).
@@ -346,25 +334,51 @@ impl Poster {
     /// boundary. Several small records coalesce into one range (one RDMA write).
     #[inline]
     pub fn pending(&self, max_bytes: usize) -> Option<PendingRange> {
-        let committed = self.shared.load_committed();
-        if self.posted_pos == committed {
+        let commit = self.shared.load_commit();
+        if commit.is_at(self.posted_pos) {
             return None;
         }
+        let committed = commit.pos(self.posted_pos);
         // Where the ring wraps after `posted_pos` (the capacity is a power of two).
         let wrap = (self.posted_pos | (self.shared.geo.capacity() as u64 - 1)) + 1;
-        if let Some(p) = self.local_push {
-            // The one record pending is the one this thread just pushed (a latency-bound
-            // sender's usual case): its range is known without reading it back.
-            if p.before == self.posted_pos && p.end == committed && p.end <= wrap {
+        // Everything committed fits one range, and its records are numbered one after the
+        // other from the next expected: the commit's number says how many there are, without
+        // reading a header (which another thread's producer has just written: a cache miss
+        // each, one after the other).
+        if committed <= wrap
+            && committed - self.posted_pos <= max_bytes as u64
+            && self.shared.load_discontinuity() <= self.posted_pos
+        {
+            let before = self.next_post_seq - 1;
+            let last = commit.seq(before);
+            if last > before {
                 return Some(PendingRange {
-                    start: p.before,
-                    end: p.end,
-                    offset: self.shared.geo.offset(p.before),
-                    seqs: Some((p.seq, p.seq)),
-                    records: 1,
+                    start: self.posted_pos,
+                    end: committed,
+                    offset: self.shared.geo.offset(self.posted_pos),
+                    seqs: Some((self.next_post_seq, last)),
+                    records: (last - before) as usize,
                 });
             }
         }
+        self.pending_walk_to(committed, wrap, max_bytes)
+    }
+
+    /// [`Poster::pending`] by walking the records' headers (what it does when the commit
+    /// can't say; the reference its shortcuts are tested against).
+    #[cfg(test)]
+    pub(crate) fn pending_walk(&self, max_bytes: usize) -> Option<PendingRange> {
+        let committed = self.shared.load_commit().pos(self.posted_pos);
+        if committed == self.posted_pos {
+            return None;
+        }
+        let wrap = (self.posted_pos | (self.shared.geo.capacity() as u64 - 1)) + 1;
+        self.pending_walk_to(committed, wrap, max_bytes)
+    }
+
+    /// The walk of [`Poster::pending`] over `[posted_pos, committed)`, stopping at `wrap`.
+    #[inline]
+    fn pending_walk_to(&self, committed: u64, wrap: u64, max_bytes: usize) -> Option<PendingRange> {
         let limit = committed.min(wrap);
         let mut pos = self.posted_pos;
         let mut seqs: Option<(u64, u64)> = None;
@@ -392,15 +406,6 @@ impl Poster {
         })
     }
 
-    /// The producer of this queue, on this poster's thread, just committed record `seq`
-    /// spanning `[before, end)`: [`Poster::pending`] may then give it without reading it back.
-    /// (Every other way bytes below the committed position change clears this: a reset, the
-    /// retirement of unposted records; a later commit moves the committed position past it.)
-    #[inline]
-    pub(crate) fn note_local_push(&mut self, before: u64, end: u64, seq: u64) {
-        self.local_push = Some(LocalPush { before, end, seq });
-    }
-
     /// Records that `range` (from [`Poster::pending`]) has been handed to the NIC.
     pub fn mark_posted(&mut self, range: &PendingRange) {
         debug_assert_eq!(range.start, self.posted_pos, "ranges are posted in order");
@@ -408,6 +413,7 @@ impl Poster {
         self.posted_records += range.records as u64;
         if let Some((_, last)) = range.seqs {
             self.last_posted_seq = last;
+            self.next_post_seq = last + 1;
         }
         self.ends.push(PostedEnd {
             pos: range.end,
@@ -487,7 +493,12 @@ impl Poster {
     /// this poster has seen (pending, posted, acknowledged).
     #[inline]
     pub fn committed_seq(&self) -> u64 {
-        self.shared.committed_seq.load(Ordering::Relaxed)
+        let commit = self.shared.load_commit();
+        if commit.pos(self.acked_pos) == 0 {
+            return 0; // nothing committed since the queue was made or reset
+        }
+        // Never below the last posted (nor, after a retirement, the first retired).
+        commit.seq(self.next_post_seq - 1)
     }
 
     /// The ring's memory, for registration with a NIC.
@@ -505,7 +516,7 @@ impl Poster {
     /// Whether committed records wait to be posted.
     #[inline]
     pub fn has_pending(&self) -> bool {
-        self.shared.load_committed() != self.posted_pos
+        !self.shared.load_commit().is_at(self.posted_pos)
     }
 
     /// Highest sequence number posted (0: none).
@@ -515,12 +526,12 @@ impl Poster {
 
     /// Whether every committed record has been consumed by the peer.
     pub fn all_acked(&self) -> bool {
-        self.acked_pos == self.shared.load_committed()
+        self.shared.load_commit().is_at(self.acked_pos)
     }
 
     /// Visits every committed record not yet known delivered, in order: `(seq, payload)`.
     pub fn for_each_unacked(&self, mut f: impl FnMut(u64, &[u8])) {
-        let committed = self.shared.load_committed();
+        let committed = self.shared.load_commit().pos(self.acked_pos);
         let mut pos = self.acked_pos;
         while pos < committed {
             match entry_at(&self.shared, pos) {
@@ -594,7 +605,7 @@ impl Poster {
     /// gap). On a full `dst` the copy stops at that record.
     pub(crate) fn copy_new_into(&self, from: &mut u64, dst: &mut Producer) -> ShadowReport {
         let mut report = ShadowReport::default();
-        let committed = self.shared.load_committed();
+        let committed = self.shared.load_commit().pos(self.acked_pos);
         let mut pos = (*from).max(self.acked_pos);
         while pos < committed {
             match entry_at(&self.shared, pos) {
@@ -628,9 +639,8 @@ impl Poster {
     /// acknowledgements free the space; none of the records is ever sent from here. Returns how
     /// many records were retired.
     pub(crate) fn retire_unposted(&mut self, own: &mut Producer) -> usize {
-        // The padding below rewrites what a local push left (the committed position may stay).
-        self.local_push = None;
-        let committed = self.shared.load_committed();
+        let commit = self.shared.load_commit();
+        let committed = commit.pos(self.posted_pos);
         let geo = self.shared.geo;
         let mut retired = 0;
         // Count first: the padding hides the records from the walker.
@@ -655,10 +665,16 @@ impl Poster {
             }
             pos = geo.segment_floor(pos) + geo.segment_size() as u64;
         }
-        if pos > committed {
-            own.write_pos = pos;
-            // Pairs with the Acquire in `Shared::load_committed`: the padding before the index.
-            self.shared.committed.store(pos, Ordering::Release);
+        if self.posted_pos < committed {
+            // The padding hides records the commit's number counts: the poster walks up to
+            // its end (and the producer's next record breaks the numbering too: it numbers
+            // from the first retired again).
+            let end = pos.max(committed);
+            own.write_pos = end;
+            // The numbering runs on from the last record left in the queue: the last posted.
+            own.last_committed_seq = self.next_post_seq - 1;
+            let last = commit.seq(self.next_post_seq - 1);
+            self.shared.store_commit(Commit::pack(end, last), Some(end));
         }
         retired
     }
@@ -674,12 +690,14 @@ pub struct SendQueue {
 impl SendQueue {
     /// A fresh queue; its first record gets sequence number `first_seq` (>= 1).
     pub fn new(geo: Geometry, backing: Backing, first_seq: u64) -> std::io::Result<SendQueue> {
-        let shared = Arc::new(Shared::new(geo, backing)?);
+        assert!(first_seq >= 1, "sequence numbers start at 1");
+        let shared = Arc::new(Shared::new(geo, backing, first_seq)?);
         Ok(SendQueue {
             producer: Producer {
                 shared: shared.clone(),
                 write_pos: 0,
                 next_seq: first_seq,
+                last_committed_seq: first_seq - 1,
                 released_cache: 0,
             },
             poster: Poster {
@@ -688,10 +706,10 @@ impl SendQueue {
                 acked_pos: 0,
                 acked_seq: first_seq - 1,
                 last_posted_seq: 0,
+                next_post_seq: first_seq,
                 posted_records: 0,
                 acked_records: 0,
                 ends: PostedEnds::new(),
-                local_push: None,
             },
         })
     }
@@ -761,24 +779,20 @@ impl SendQueue {
 /// Empties a queue given both of its halves (exclusive access: nobody else uses either).
 pub(crate) fn reset_halves(producer: &mut Producer, poster: &mut Poster, next_seq: u64) {
     debug_assert!(Arc::ptr_eq(&producer.shared, &poster.shared));
-    let shared = &producer.shared;
-    // Exclusive access (we hold both halves): plain stores suffice, Release for form.
-    shared.committed.store(0, Ordering::Release);
-    shared.committed_seq.store(0, Ordering::Relaxed);
-    shared
-        .released
-        .store(shared.geo.capacity() as u64, Ordering::Release);
+    debug_assert!(next_seq >= 1, "sequence numbers start at 1");
+    producer.shared.reset_indices(next_seq);
     producer.write_pos = 0;
     producer.released_cache = 0;
     producer.next_seq = next_seq;
+    producer.last_committed_seq = next_seq - 1;
     poster.posted_pos = 0;
     poster.acked_pos = 0;
     poster.acked_seq = next_seq - 1;
     poster.last_posted_seq = 0;
+    poster.next_post_seq = next_seq;
     poster.posted_records = 0;
     poster.acked_records = 0;
     poster.ends.clear();
-    poster.local_push = None;
 }
 
 #[cfg(test)]
@@ -789,6 +803,8 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Step {
         Push(usize),
+        /// A failover copy's record: numbered this far past the next number (0: the next).
+        PushNumbered(usize, u64),
         /// Retire what is committed and not posted (a failover moved it elsewhere).
         Retire,
         /// Post what is pending, at most this many bytes a write.
@@ -802,6 +818,7 @@ mod tests {
         use proptest::prelude::*;
         prop_oneof![
             4 => (0usize..200).prop_map(Step::Push),
+            1 => (0usize..200, 0u64..3).prop_map(|(len, skip)| Step::PushNumbered(len, skip)),
             1 => Just(Step::Retire),
             2 => (1usize..600).prop_map(Step::Post),
             2 => (0u8..4, any::<usize>()).prop_map(|(k, i)| Step::Ack(k, i)),
@@ -824,29 +841,30 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The shortcuts that don't read records back (the range of a record pushed on the
-        /// poster's thread, an acknowledgement at a remembered write end) leave the poster
-        /// exactly as the walk over the records would, whatever the pattern of pushes, posts,
-        /// retirements and acknowledgements (more writes in flight than it remembers,
-        /// boundaries inside writes, positions inside records, stale ones).
+        /// The shortcuts that don't read records back (a range counted by the commit's number,
+        /// the range of a record pushed on the poster's thread, an acknowledgement at a
+        /// remembered write end) leave the poster exactly as the walk over the records would,
+        /// whatever the pattern of pushes, failover copies' numbers, posts, retirements and
+        /// acknowledgements (more writes in flight than it remembers, boundaries inside
+        /// writes, positions inside records, stale ones), from any first number.
         #[test]
-        fn shortcuts_match_the_walk(steps in proptest::collection::vec(step(), 1..400)) {
+        fn shortcuts_match_the_walk(first_seq in 1u64..(1 << 34), steps in proptest::collection::vec(step(), 1..400)) {
             let geo = Geometry::new(256, 8, 200).unwrap();
-            let mut fast = SendQueue::new(geo, Backing::Heap, 1).unwrap();
-            let mut walk = SendQueue::new(geo, Backing::Heap, 1).unwrap();
+            let mut fast = SendQueue::new(geo, Backing::Heap, first_seq).unwrap();
+            let mut walk = SendQueue::new(geo, Backing::Heap, first_seq).unwrap();
             let mut write_ends: Vec<u64> = Vec::new();
             for s in steps {
                 match s {
                     Step::Push(len) => {
                         let payload = vec![len as u8; len];
-                        let before = fast.producer.write_pos();
                         let seq = fast.push(&payload).ok();
                         proptest::prop_assert_eq!(seq, walk.push(&payload).ok());
-                        if let Some(seq) = seq {
-                            // As `LaneControl::push_local` does: `fast` posts without reading back.
-                            let end = fast.producer.write_pos();
-                            fast.poster.note_local_push(before, end, seq);
-                        }
+                    }
+                    Step::PushNumbered(len, skip) => {
+                        let payload = vec![len as u8; len];
+                        let seq = fast.producer.next_seq() + skip;
+                        let pushed = fast.producer.push_with_seq(seq, &payload).ok();
+                        proptest::prop_assert_eq!(pushed, walk.producer.push_with_seq(seq, &payload).ok());
                     }
                     Step::Retire => {
                         let retired = fast.poster.retire_unposted(&mut fast.producer);
@@ -854,7 +872,7 @@ mod tests {
                     }
                     Step::Post(max) => {
                         while let Some(r) = fast.poster.pending(max) {
-                            proptest::prop_assert_eq!(Some(r), walk.poster.pending(max));
+                            proptest::prop_assert_eq!(Some(r), walk.poster.pending_walk(max));
                             fast.poster.mark_posted(&r);
                             walk.poster.mark_posted(&r);
                             write_ends.push(r.end);

@@ -8,16 +8,63 @@ use crate::record::record_crc_parts;
 use crate::region::{Backing, Region};
 use crate::sync::{AtomicU64, Ordering};
 
+/// The producer's side of the hand-off: what it committed, read by the poster in one load.
+pub(crate) struct CommitWords {
+    /// Producer -> poster: a [`Commit`]. Every byte below its position is a complete record
+    /// (or padding). Stored with Release after the record bytes; loaded with Acquire before
+    /// reading them.
+    pub(crate) word: AtomicU64,
+    /// Producer -> poster: the end of the last record whose number does not follow the one
+    /// committed before it (a failover copy's, the first after a retirement), or of a
+    /// retirement's padding (0: none). Below it the records can't be counted by their
+    /// numbers, so a poster that has not posted past it reads their headers. Stored (Relaxed)
+    /// before the commit's Release store.
+    pub(crate) discontinuity: AtomicU64,
+}
+
+/// Where the committed records end and the last one's sequence number, packed in one word so
+/// that the poster reads both at once, without a lock: the position in 8-byte units and the
+/// number, each modulo 2^32. A reader unpacks them against a position and a number it knows
+/// are not above them and not far behind (a ring holds at most
+/// [`MAX_CAPACITY`](crate::geometry::MAX_CAPACITY) bytes, far below 2^35, and fewer records
+/// than 2^32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Commit(pub(crate) u64);
+
+impl Commit {
+    /// `pos` (8-aligned) and `seq` packed.
+    #[inline]
+    pub(crate) fn pack(pos: u64, seq: u64) -> Commit {
+        debug_assert_eq!(pos % 8, 0, "positions are 8-aligned");
+        Commit(((pos >> 3) << 32) | (seq & u64::from(u32::MAX)))
+    }
+
+    /// The position, given one at or below it (8-aligned) by less than 2^35 bytes.
+    #[inline]
+    pub(crate) fn pos(self, floor: u64) -> u64 {
+        let units = ((self.0 >> 32) as u32).wrapping_sub((floor >> 3) as u32);
+        floor + (u64::from(units) << 3)
+    }
+
+    /// Whether the position is `pos` (given one below it by less than 2^35 bytes, or equal).
+    #[inline]
+    pub(crate) fn is_at(self, pos: u64) -> bool {
+        (self.0 >> 32) as u32 == (pos >> 3) as u32
+    }
+
+    /// The sequence number, given one at or below it by less than 2^32.
+    #[inline]
+    pub(crate) fn seq(self, floor: u64) -> u64 {
+        floor + u64::from((self.0 as u32).wrapping_sub(floor as u32))
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) region: Region,
     pub(crate) geo: Geometry,
-    /// Producer -> poster. Every byte below this position is a complete record (or padding).
-    /// Stored with Release after the record bytes; loaded with Acquire before reading them.
-    pub(crate) committed: CachePadded<AtomicU64>,
-    /// Producer -> anyone: the sequence number of the last committed record (0: none). Stored
-    /// (Relaxed) before `committed`'s Release store, so whoever has seen a record posted sees at
-    /// least its sequence number here.
-    pub(crate) committed_seq: CachePadded<AtomicU64>,
+    /// Producer -> poster: the commit and its discontinuity, on one cache line (one miss for
+    /// the poster that reads both).
+    pub(crate) commit: CachePadded<CommitWords>,
     /// Poster -> producer. The producer may write positions below this one: everything that would
     /// alias is acknowledged. Stored with Release after the poster's last read of the freed
     /// segments; loaded with Acquire before the producer overwrites them.
@@ -29,13 +76,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(geo: Geometry, backing: Backing) -> std::io::Result<Shared> {
+    /// A fresh queue's shared state; its first record will be numbered `first_seq` (>= 1).
+    pub(crate) fn new(geo: Geometry, backing: Backing, first_seq: u64) -> std::io::Result<Shared> {
         let region = Region::new(geo.capacity(), backing)?;
         Ok(Shared {
             region,
             geo,
-            committed: CachePadded::new(AtomicU64::new(0)),
-            committed_seq: CachePadded::new(AtomicU64::new(0)),
+            commit: CachePadded::new(CommitWords {
+                word: AtomicU64::new(Commit::pack(0, first_seq - 1).0),
+                discontinuity: AtomicU64::new(0),
+            }),
             released: CachePadded::new(AtomicU64::new(geo.capacity() as u64)),
             #[cfg(loom)]
             words: (0..geo.capacity() / 8)
@@ -91,9 +141,39 @@ impl Shared {
     }
 
     #[inline]
-    pub(crate) fn load_committed(&self) -> u64 {
-        // Pairs with the Release store in `Producer::publish`: the record bytes are visible.
-        self.committed.load(Ordering::Acquire)
+    pub(crate) fn load_commit(&self) -> Commit {
+        // Pairs with the Release stores in `Producer::publish` and `Poster::retire_unposted`:
+        // the record bytes (and the discontinuity) are visible.
+        Commit(self.commit.word.load(Ordering::Acquire))
+    }
+
+    /// The commit's discontinuity (see [`CommitWords::discontinuity`]), read after
+    /// [`Shared::load_commit`]: at least that of the last break below the commit read.
+    #[inline]
+    pub(crate) fn load_discontinuity(&self) -> u64 {
+        // Relaxed: stored before the commit's Release store, read after its Acquire load.
+        self.commit.discontinuity.load(Ordering::Relaxed)
+    }
+
+    /// Publishes the commit `commit` (record bytes before it), with `discontinuity` if the
+    /// records it adds break the numbering.
+    #[inline]
+    pub(crate) fn store_commit(&self, commit: Commit, discontinuity: Option<u64>) {
+        if let Some(at) = discontinuity {
+            // Ordered before the Release below: a poster that sees the commit sees this.
+            self.commit.discontinuity.store(at, Ordering::Relaxed);
+        }
+        // Pairs with the Acquire in `Shared::load_commit`: record bytes before the index.
+        self.commit.word.store(commit.0, Ordering::Release);
+    }
+
+    /// Empties the indices (both halves held: nobody else uses them); the next record will be
+    /// numbered `next_seq`.
+    pub(crate) fn reset_indices(&self, next_seq: u64) {
+        self.store_commit(Commit::pack(0, next_seq - 1), Some(0));
+        // Exclusive access: plain stores suffice, Release for form.
+        self.released
+            .store(self.geo.capacity() as u64, Ordering::Release);
     }
 
     pub(crate) fn load_released(&self) -> u64 {
