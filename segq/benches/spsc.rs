@@ -1,5 +1,6 @@
 //! Cross-thread SPSC handoff: railover-segq vs rtrb vs crossbeam's ArrayQueue, in one process run,
-//! 64 B and 1 KiB messages: throughput (msgs/s) and one-way handoff latency (p50/p99).
+//! 64 B and 1 KiB messages: throughput (msgs/s, the producer as fast as it can) and one-way
+//! handoff latency (p50/p99, paced: the next message goes once the last was taken).
 //!
 //! `cargo bench -p railover-segq --bench spsc` runs criterion's throughput groups and then prints the
 //! side-by-side comparison with ratios (`-- --compare-only` skips criterion).
@@ -10,6 +11,7 @@
 //! benchmark measured rtrb before 2026-12-01). The ratio lines compare `segq` with `rtrb`.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,26 @@ use railover_segq::{Backing, Geometry, PushError, SendQueue};
 
 const RING_BYTES: usize = 1 << 20;
 
+/// How many messages the consumer has taken, for a paced latency run: the producer sends the
+/// next message only once the last one was taken, so each message's latency is one handoff,
+/// not the wait behind a backlog (a saturated queue's latency measures how far ahead the
+/// producer runs: the faster the producer, the worse it looks).
+#[derive(Clone, Default)]
+struct Taken(Arc<AtomicU64>);
+
+impl Taken {
+    fn set(&self, n: u64) {
+        // Pairs with the Acquire in `wait_for`.
+        self.0.store(n, Ordering::Release);
+    }
+
+    fn wait_for(&self, n: u64) {
+        while self.0.load(Ordering::Acquire) < n {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 /// segq: the producer copies each message in with `push` (as `Connection::send` does), or
 /// writes it in place through `reserve` (`in_place`). The consumer is the poster: it finds
 /// the committed records, reads each one's first word in place and frees them.
@@ -26,6 +48,8 @@ fn segq_run_with(size: usize, n: u64, latency: bool, in_place: bool) -> (Duratio
     let geo = Geometry::new(64 * 1024, RING_BYTES / (64 * 1024), 2048).unwrap();
     let (mut prod, mut post) = SendQueue::new(geo, Backing::Anonymous, 1).unwrap().split();
     let epoch = Instant::now();
+    let taken = Taken::default();
+    let consumer_taken = taken.clone();
     let t = std::thread::spawn(move || {
         let mut lat = Vec::with_capacity(if latency { n as usize } else { 0 });
         let mut got = 0u64;
@@ -42,6 +66,9 @@ fn segq_run_with(size: usize, n: u64, latency: bool, in_place: bool) -> (Duratio
                 });
                 got += r.records as u64;
                 post.ack(r.end, r.seqs.map_or(0, |s| s.1)).unwrap();
+                if latency {
+                    consumer_taken.set(got);
+                }
             } else {
                 std::hint::spin_loop();
             }
@@ -51,7 +78,10 @@ fn segq_run_with(size: usize, n: u64, latency: bool, in_place: bool) -> (Duratio
     });
     let t0 = Instant::now();
     let mut msg = vec![0u8; size];
-    for _ in 0..n {
+    for i in 0..n {
+        if latency {
+            taken.wait_for(i);
+        }
         loop {
             let ts = epoch.elapsed().as_nanos() as u64;
             let pushed = if in_place {
@@ -88,6 +118,8 @@ fn segq_in_place_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>)
 fn rtrb_run_with(size: usize, n: u64, latency: bool, unread: bool) -> (Duration, Vec<u64>) {
     let (mut p, mut c) = rtrb::RingBuffer::<u8>::new(RING_BYTES);
     let epoch = Instant::now();
+    let taken = Taken::default();
+    let consumer_taken = taken.clone();
     let t = std::thread::spawn(move || {
         let mut lat = Vec::with_capacity(if latency { n as usize } else { 0 });
         let mut got = 0u64;
@@ -109,6 +141,9 @@ fn rtrb_run_with(size: usize, n: u64, latency: bool, unread: bool) -> (Duration,
                 black_box((a, b));
                 chunk.commit_all();
                 got += 1;
+                if latency {
+                    consumer_taken.set(got);
+                }
             } else {
                 std::hint::spin_loop();
             }
@@ -118,7 +153,10 @@ fn rtrb_run_with(size: usize, n: u64, latency: bool, unread: bool) -> (Duration,
     });
     let t0 = Instant::now();
     let mut msg = vec![0u8; size];
-    for _ in 0..n {
+    for i in 0..n {
+        if latency {
+            taken.wait_for(i);
+        }
         loop {
             if let Ok(chunk) = p.write_chunk_uninit(size) {
                 let ts = epoch.elapsed().as_nanos() as u64;
@@ -148,6 +186,8 @@ fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
             let q = Arc::new(ArrayQueue::<[u8; $N]>::new(RING_BYTES / $N));
             let qc = q.clone();
             let epoch = Instant::now();
+            let taken = Taken::default();
+            let consumer_taken = taken.clone();
             let t = std::thread::spawn(move || {
                 let mut lat = Vec::with_capacity(if latency { n as usize } else { 0 });
                 let mut got = 0u64;
@@ -161,6 +201,9 @@ fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
                         }
                         black_box(&m);
                         got += 1;
+                        if latency {
+                            consumer_taken.set(got);
+                        }
                     } else {
                         std::hint::spin_loop();
                     }
@@ -168,7 +211,10 @@ fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
                 lat
             });
             let t0 = Instant::now();
-            for _ in 0..n {
+            for i in 0..n {
+                if latency {
+                    taken.wait_for(i);
+                }
                 let mut m = [0u8; $N];
                 m[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
                 while let Err(back) = q.push(m) {
