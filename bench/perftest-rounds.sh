@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The rounds of bench/perftest-compare, inside a SoftRoCE guest: ROUNDS alternating rounds of
+# perftest's ib_write_lat, railover-bench's two-process ping-pong, ib_write_bw and railover-bench's
+# two-process flood, 64 B, each tool as two processes pinned to vCPU 0 and 1. Sourced with `out`
+# (where the outputs go), `bench` (railover-bench), ITER and RAILOVER_ROUNDS set: by
+# bench/perftest-compare in ci/softroce's guest, and by bench/rxe-vm-compare in the minimal one.
+uname -r >"$out/kernel.txt"
+pt() { # output tag, tool, size, extra args: server on rxe_a1 (vCPU 0), client on rxe_a2 (vCPU 1)
+  local tag=$1 tool=$2 size=$3; shift 3
+  timeout 300 taskset -c 0 "$tool" -d rxe_a1 -x 1 -s "$size" "$@" >"$out/$tag-srv.txt" 2>&1 &
+  local srv=$!
+  sleep 1 # perftest's server has no readiness signal; the client retries below regardless
+  local i
+  for i in 1 2 3 4 5; do
+    timeout 300 taskset -c 1 "$tool" -d rxe_a2 -x 1 -s "$size" "$@" 10.99.0.1 >"$out/$tag.txt" 2>&1 && break
+    sleep 1
+  done
+  wait "$srv" || true
+}
+rl() { # output tag, mode (pingpong|flood), count: railover-bench serve (host 2's cards, vCPU 0)
+  # and connect (host 1's cards, vCPU 1), one process each, as perftest runs
+  local tag=$1 mode=$2 n=$3
+  # Under TCG the busy-polling processes starve rxe's kernel work on the 2 emulated CPUs and
+  # heartbeats arrive tens of ms late: 200 missed 1 ms beats (real NICs: 3).
+  timeout 300 taskset -c 0 "$bench" --json serve -d rxe_a2,rxe_b2 --hb-misses 200 --"$mode" \
+    >"$out/$tag-serve.json" 2>"$out/$tag-serve.err" &
+  local srv=$! port="" i
+  for i in $(seq 1 300); do # the serve side prints its port once it listens
+    port=$(sed -n 's/^listening //p' "$out/$tag-serve.json")
+    [ -n "$port" ] && break
+    sleep 0.1
+  done
+  timeout 300 taskset -c 1 "$bench" --json connect -d rxe_a1,rxe_b1 --hb-misses 200 \
+    --"$mode" "$n" --addr "127.0.0.1:$port" >"$out/$tag-connect.json" 2>"$out/$tag-connect.err" || true
+  wait "$srv" || true
+}
+ROUNDS=${RAILOVER_ROUNDS:-5}
+echo "$ROUNDS" >"$out/rounds.txt"
+for r in $(seq 1 "$ROUNDS"); do
+  echo "== round $r/$ROUNDS: ib_write_lat, railover ping-pong, ib_write_bw, railover flood (64 B)"
+  pt "r$r-ib_write_lat" ib_write_lat 64 -n "$ITER"
+  rl "r$r-railover-pingpong" pingpong "$ITER"
+  pt "r$r-ib_write_bw" ib_write_bw 64 -n 20000
+  rl "r$r-railover-flood" flood 200000
+done
