@@ -238,7 +238,7 @@ impl Producer {
         let breaks = seq != self.last_committed_seq.wrapping_add(1);
         self.last_committed_seq = seq;
         self.shared
-            .store_commit(Commit::pack(end, seq), breaks.then_some(end));
+            .store_commit(Commit::pack(end, seq), seq, breaks.then_some(end));
     }
 
     /// Appends a record keeping a sequence number assigned elsewhere (failover copies).
@@ -493,12 +493,7 @@ impl Poster {
     /// this poster has seen (pending, posted, acknowledged).
     #[inline]
     pub fn committed_seq(&self) -> u64 {
-        let commit = self.shared.load_commit();
-        if commit.pos(self.acked_pos) == 0 {
-            return 0; // nothing committed since the queue was made or reset
-        }
-        // Never below the last posted (nor, after a retirement, the first retired).
-        commit.seq(self.next_post_seq - 1)
+        self.shared.load_last_seq()
     }
 
     /// The ring's memory, for registration with a NIC.
@@ -673,8 +668,10 @@ impl Poster {
             own.write_pos = end;
             // The numbering runs on from the last record left in the queue: the last posted.
             own.last_committed_seq = self.next_post_seq - 1;
-            let last = commit.seq(self.next_post_seq - 1);
-            self.shared.store_commit(Commit::pack(end, last), Some(end));
+            // The commit's number stays the last retired record's (what `committed_seq` says).
+            let last = self.shared.load_last_seq();
+            self.shared
+                .store_commit(Commit::pack(end, last), last, Some(end));
         }
         retired
     }
@@ -838,6 +835,33 @@ mod tests {
             out.push(pos);
         }
         out
+    }
+
+    /// A lane reset to 1 that takes a failover copy of a long stream (numbers past 2^32, more
+    /// than the commit word's 32 bits can carry from that floor) says the copy's last number in
+    /// full before posting anything, and its ranges count right.
+    #[test]
+    fn numbers_past_2_pow_32_after_a_reset_to_1() {
+        let geo = Geometry::new(256, 8, 200).unwrap();
+        let mut q = SendQueue::new(geo, Backing::Heap, 1).unwrap();
+        q.push(b"first").unwrap();
+        q.reset(1);
+        assert_eq!(
+            q.poster.committed_seq(),
+            0,
+            "nothing committed since the reset"
+        );
+        let far = (5u64 << 32) + 7;
+        q.producer.push_with_seq(far, b"copied").unwrap();
+        q.producer.push_with_seq(far + 1, b"copied").unwrap();
+        assert_eq!(q.poster.committed_seq(), far + 1);
+        let r = q.poster.pending(usize::MAX).unwrap();
+        assert_eq!((r.seqs, r.records), (Some((far, far + 1)), 2));
+        q.poster.mark_posted(&r);
+        assert_eq!(q.push(b"next").unwrap(), far + 2);
+        let r = q.poster.pending(usize::MAX).unwrap();
+        assert_eq!((r.seqs, r.records), (Some((far + 2, far + 2)), 1));
+        assert_eq!(q.poster.committed_seq(), far + 2);
     }
 
     proptest::proptest! {

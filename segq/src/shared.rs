@@ -20,6 +20,12 @@ pub(crate) struct CommitWords {
     /// numbers, so a poster that has not posted past it reads their headers. Stored (Relaxed)
     /// before the commit's Release store.
     pub(crate) discontinuity: AtomicU64,
+    /// Producer -> anyone: the number of the last committed record, all 64 bits (0: none).
+    /// Stored (Relaxed) before the commit's Release store, so whoever has seen a record
+    /// committed sees at least its number here. (The commit's own 32 bits can be unpacked only
+    /// against a number less than 2^32 below: a lane reset to 1 that takes a failover copy of
+    /// a long stream has none.)
+    pub(crate) last_seq: AtomicU64,
 }
 
 /// Where the committed records end and the last one's sequence number, packed in one word so
@@ -85,6 +91,7 @@ impl Shared {
             commit: CachePadded::new(CommitWords {
                 word: AtomicU64::new(Commit::pack(0, first_seq - 1).0),
                 discontinuity: AtomicU64::new(0),
+                last_seq: AtomicU64::new(0),
             }),
             released: CachePadded::new(AtomicU64::new(geo.capacity() as u64)),
             #[cfg(loom)]
@@ -155,10 +162,19 @@ impl Shared {
         self.commit.discontinuity.load(Ordering::Relaxed)
     }
 
-    /// Publishes the commit `commit` (record bytes before it), with `discontinuity` if the
-    /// records it adds break the numbering.
+    /// The number of the last committed record (0: none; see [`CommitWords::last_seq`]).
     #[inline]
-    pub(crate) fn store_commit(&self, commit: Commit, discontinuity: Option<u64>) {
+    pub(crate) fn load_last_seq(&self) -> u64 {
+        // Relaxed: a number, not a hand-off of bytes (stored before the commit's Release).
+        self.commit.last_seq.load(Ordering::Relaxed)
+    }
+
+    /// Publishes the commit `commit` (record bytes before it; `last_seq` the last record's
+    /// number), with `discontinuity` if the records it adds break the numbering.
+    #[inline]
+    pub(crate) fn store_commit(&self, commit: Commit, last_seq: u64, discontinuity: Option<u64>) {
+        // Ordered before the Release below: a reader that saw the record sees its number here.
+        self.commit.last_seq.store(last_seq, Ordering::Relaxed);
         if let Some(at) = discontinuity {
             // Ordered before the Release below: a poster that sees the commit sees this.
             self.commit.discontinuity.store(at, Ordering::Relaxed);
@@ -170,7 +186,7 @@ impl Shared {
     /// Empties the indices (both halves held: nobody else uses them); the next record will be
     /// numbered `next_seq`.
     pub(crate) fn reset_indices(&self, next_seq: u64) {
-        self.store_commit(Commit::pack(0, next_seq - 1), Some(0));
+        self.store_commit(Commit::pack(0, next_seq - 1), 0, Some(0));
         // Exclusive access: plain stores suffice, Release for form.
         self.released
             .store(self.geo.capacity() as u64, Ordering::Release);
