@@ -170,10 +170,13 @@ pub struct Endpoint<N: Nic, C: Clock> {
     quiet_rails_due: Nanos,
     /// The cards whose shared queues every poll looks at (a bit per rail): those of the rails
     /// any connection was busy on (its active rail, the one its peer sends on) at the last look
-    /// at every card.
+    /// at every card, and the bits of rails beyond the last card.
     /// The others' queues (standbys: heartbeats alone) are looked at once per
     /// [`crate::runtime::QUIET_RAIL_POLL_NS`], as a single connection does with its own.
     busy_cards: u8,
+    /// Whether a poll since the last look at every card left some card's queues unpolled:
+    /// [`Endpoint::next_timeout`] then asks to be driven again at `quiet_rails_due`.
+    cards_owed: bool,
     slots: Vec<Slot<N, C>>,
     /// The control thread every connection's re-arms run on (verbs; made with the first
     /// connection). After `slots`: connections are dropped (and closed) first.
@@ -236,6 +239,7 @@ where
             next_card_events: 0,
             quiet_rails_due: 0,
             busy_cards: u8::MAX,
+            cards_owed: false,
             slots: Vec::new(),
             control: None,
             free: Vec::new(),
@@ -470,9 +474,11 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             // connection's busy rails change when its peer's records move to another rail,
             // which only a look at that card finds, or when it moves its own: then its send
             // completions wait for the next such look, a period at most.)
+            // (With the bits of rails beyond the last card set: every card busy is all bits.)
+            let beyond = !(((1u16 << self.queues.cards.len()) - 1) as u8);
             self.busy_cards = self
                 .connections()
-                .fold(0, |cards, c| cards | c.core().busy_rails());
+                .fold(beyond, |cards, c| cards | c.core().busy_rails());
         }
         delivered
     }
@@ -649,11 +655,9 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// The earliest time any connection has a timer due (heartbeat, re-arm, close), for a caller
     /// that sleeps between polls.
     pub fn next_timeout(&self) -> Option<Nanos> {
-        // Connections that left quiet rails unpolled look at them together, at the endpoint's
-        // time for it.
-        let quiet = self
-            .connections()
-            .any(|c| c.quiet_rails_owed())
+        // Connections that left quiet rails unpolled, and the endpoint if it left a card's
+        // queues unpolled, look at them together, at the endpoint's time for it.
+        let quiet = (self.cards_owed || self.connections().any(|c| c.quiet_rails_owed()))
             .then_some(self.quiet_rails_due);
         [self.next_timer(), quiet].into_iter().flatten().min()
     }
@@ -749,6 +753,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             }
             cards = u8::MAX;
         }
+        self.cards_owed = cards != u8::MAX;
         self.poll_queues(now, cards);
         (now, cards == u8::MAX)
     }

@@ -916,3 +916,37 @@ fn records_moved_to_a_standby_card_are_found_within_the_period_then_at_once() {
         assert!(*d <= 2 * 2 * US, "record {i}: {d} ns");
     }
 }
+
+/// A connection whose busy rails grow between two looks at every card (here its own failover:
+/// it sends on rail 1 and still hears its peer on rail 0) owes no quiet rail of its own, but
+/// the endpoint skips rail 1's card until its next look: the endpoint asks to be driven again
+/// by then, so a caller sleeping until `next_timeout` doesn't leave that card unpolled for a
+/// heartbeat interval.
+#[test]
+fn an_endpoint_that_skips_a_card_asks_to_be_driven_within_the_period() {
+    let mut hosts = four_on_rail_0(12);
+    // The endpoint's own polls from here (the warm-up's drove the cards one by one, which
+    // looks at every card): the first looks at every card and finds only card 0 busy.
+    hosts.a.poll(|_, _, _| {});
+    hosts
+        .fabric
+        .card_event(&hosts.cards[0].0, AsyncEvent::PortDown);
+    let until = hosts.now() + 5 * MS;
+    let (x, _) = hosts.pairs[0];
+    // Host 1 alone, polled every 3 us until its connections left rail 0: with this seed at a
+    // poll between two looks at every card, so the endpoint still skips card 1 after it.
+    while hosts.a.get(x).unwrap().core().active_rail() != 1 {
+        assert!(hosts.now() < until, "host 1 did not fail over");
+        hosts.fabric.advance_to(hosts.now() + 3 * US);
+        hosts.a.poll(|_, _, _| {});
+    }
+    let conn = hosts.a.get(x).unwrap();
+    // Sends on 1, hears on 0: every rail busy, none owed a look of its own.
+    assert_eq!(conn.core().busy_rails(), 0b11);
+    let next = hosts.a.next_timeout().expect("a timer");
+    assert!(
+        next <= hosts.now() + QUIET_RAIL_POLL_NS,
+        "next timeout {} ns away",
+        next - hosts.now()
+    );
+}
