@@ -6,7 +6,9 @@
 //! has exactly one writer.
 
 use crate::geometry::Geometry;
-use crate::record::{record_crc, record_size, Header, CRC_COVERS_FROM, HEADER_LEN};
+use crate::record::{
+    record_crc, record_crc_parts, record_size, Header, CRC_COVERS_FROM, HEADER_LEN,
+};
 use crate::region::Backing;
 use crate::shared::{Commit, Shared};
 use crate::sync::{Arc, Ordering};
@@ -196,15 +198,16 @@ impl Producer {
     }
 
     /// Frames `payload` as record `seq` at `start` and publishes it. The crc comes from the
-    /// caller's bytes and the ring is only stored to (see [`crate::record::record_crc_parts`] for
-    /// why nothing is read back).
+    /// caller's bytes and the ring is only stored to (see [`record_crc_parts`] for why nothing is
+    /// read back).
     #[inline]
     fn seal_copy(&mut self, start: u64, payload: &[u8], seq: u64) {
         self.pad_before(start);
         let shared = &*self.shared;
         let off = shared.geo.offset(start);
         let len = payload.len() as u32;
-        let crc = shared.write_payload(off + HEADER_LEN, len, seq, payload);
+        shared.write(off + HEADER_LEN, payload);
+        let crc = record_crc_parts(len, seq, payload);
         shared.write(off, &Header { seq, len, crc }.encode());
         self.publish(start + record_size(payload.len()) as u64, seq);
     }
@@ -866,8 +869,8 @@ mod tests {
 
     proptest::proptest! {
         /// The shortcuts that don't read records back (a range counted by the commit's number,
-        /// the range of a record pushed on the poster's thread, an acknowledgement at a
-        /// remembered write end) leave the poster exactly as the walk over the records would,
+        /// an acknowledgement at a remembered write end) leave the poster exactly as the walk
+        /// over the records would,
         /// whatever the pattern of pushes, failover copies' numbers, posts, retirements and
         /// acknowledgements (more writes in flight than it remembers, boundaries inside
         /// writes, positions inside records, stale ones), from any first number.

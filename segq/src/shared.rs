@@ -4,7 +4,6 @@
 use crossbeam_utils::CachePadded;
 
 use crate::geometry::Geometry;
-use crate::record::record_crc_parts;
 use crate::region::{Backing, Region};
 use crate::sync::{AtomicU64, Ordering};
 
@@ -68,8 +67,8 @@ impl Commit {
 pub(crate) struct Shared {
     pub(crate) region: Region,
     pub(crate) geo: Geometry,
-    /// Producer -> poster: the commit and its discontinuity, on one cache line (one miss for
-    /// the poster that reads both).
+    /// Producer -> poster: the commit, its discontinuity and the last number in full, on one
+    /// cache line (one miss for the poster that reads them).
     pub(crate) commit: CachePadded<CommitWords>,
     /// Poster -> producer. The producer may write positions below this one: everything that would
     /// alias is acknowledged. Stored with Release after the poster's last read of the freed
@@ -127,14 +126,6 @@ impl Shared {
         // Unposted records were never handed to a NIC, and only their poster reads them.
         // SAFETY: nobody else reads or writes this space now (see above).
         unsafe { self.region.write(offset, bytes) };
-    }
-
-    /// The producer's copy of record `seq`'s payload (`len` bytes) to `offset` (in space as
-    /// [`Shared::write`]'s); returns the record's crc, computed from `payload`.
-    #[inline]
-    pub(crate) fn write_payload(&self, offset: usize, len: u32, seq: u64, payload: &[u8]) -> u32 {
-        self.write(offset, payload);
-        record_crc_parts(len, seq, payload)
     }
 
     /// The header at `offset` (8-aligned), as two aligned loads. The poster reads only
