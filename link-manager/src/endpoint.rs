@@ -170,8 +170,7 @@ pub struct Endpoint<N: Nic, C: Clock> {
     quiet_rails_due: Nanos,
     /// The cards whose shared queues every poll looks at (a bit per rail): those of the rails
     /// any connection was busy on (its active rail, the one its peer sends on) at the last look
-    /// at every card, and the bits of rails beyond the last card.
-    /// The others' queues (standbys: heartbeats alone) are looked at once per
+    /// at every card, and the bits of rails beyond the last card. The others' queues (standbys: heartbeats alone) are looked at once per
     /// [`crate::runtime::QUIET_RAIL_POLL_NS`], as a single connection does with its own.
     busy_cards: u8,
     /// Whether a poll since the last look at every card left some card's queues unpolled:
@@ -470,11 +469,11 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             }
         }
         if every_card {
-            // Until the next look at every card: those the connections are busy on now. (A
-            // connection's busy rails change when its peer's records move to another rail,
-            // which only a look at that card finds, or when it moves its own: then its send
-            // completions wait for the next such look, a period at most.)
-            // (With the bits of rails beyond the last card set: every card busy is all bits.)
+            // Until the next look at every card: those the connections are busy on now, and
+            // the bits beyond the last card (every card busy is all bits). A connection's busy
+            // rails change when its peer's records move to another rail, which only a look at
+            // that card finds, or when it moves its own: then its send completions wait for
+            // the next such look, a period at most (`next_timeout` asks for it).
             let beyond = !(((1u16 << self.queues.cards.len()) - 1) as u8);
             self.busy_cards = self
                 .connections()

@@ -205,6 +205,14 @@ fn assert_all_delivered(streams: &[[Stream; 2]], context: &str) {
 }
 
 /// Idle connections: no rail of any connection failed and nothing failed over, on either host.
+/// Runs both endpoints for 20 ms of virtual time: every rail up and proven by heartbeats.
+fn warm_up(hosts: &mut SimEndpoints) {
+    let until = hosts.now() + 20 * MS;
+    while hosts.now() < until {
+        hosts.step(until);
+    }
+}
+
 fn assert_no_rail_failed(hosts: &SimEndpoints) {
     for &(x, y) in &hosts.pairs {
         for (ep, id) in [(&hosts.a, x), (&hosts.b, y)] {
@@ -341,10 +349,7 @@ fn idle_connections_sharing_liveness_stop_at_the_nothing_due_check() {
     for _ in 0..16 {
         hosts.connect().unwrap();
     }
-    let warm = hosts.now() + 20 * MS;
-    while hosts.now() < warm {
-        hosts.step(warm);
-    }
+    warm_up(&mut hosts);
     assert_no_rail_failed(&hosts);
     let turns = |h: &SimEndpoints| -> Vec<u64> {
         h.pairs
@@ -378,10 +383,7 @@ fn idle_connections_sharing_liveness_stop_at_the_nothing_due_check() {
 fn a_beat_from_a_shared_queue_is_heard_at_the_poll_that_took_it() {
     let mut hosts = SimEndpoints::new(config(), 8, 2 * US).unwrap();
     let (x, y) = hosts.connect().unwrap();
-    let warm = hosts.now() + 20 * MS;
-    while hosts.now() < warm {
-        hosts.step(warm);
-    }
+    warm_up(&mut hosts);
     assert_no_rail_failed(&hosts);
     let rail = hosts.b.get(y).unwrap().core().active_rail();
     let last_poll = hosts.now();
@@ -445,10 +447,7 @@ fn shared_liveness_makes_control_writes_independent_of_the_connection_count() {
                 .sum()
         };
         // Past the set-up (every rail proven), then 100 ms.
-        let warm = hosts.now() + 20 * MS;
-        while hosts.now() < warm {
-            hosts.step(warm);
-        }
+        warm_up(&mut hosts);
         let (start, before) = (hosts.now(), control(&hosts));
         let mut most = 0;
         for interval in 1..=100 {
@@ -511,10 +510,7 @@ fn a_blocking_endpoint_wakes_once_per_interval_for_all_its_connections() {
                 hosts.step(next);
             }
         }
-        let warm = hosts.now() + 20 * MS;
-        while hosts.now() < warm {
-            hosts.step(warm);
-        }
+        warm_up(&mut hosts);
         // Host 2 now only waits in `poll_blocking`; host 1 is polled between its waits.
         let (start, before) = (hosts.now(), hosts.b.blocking_waits());
         while hosts.now() < start + 100 * MS {
@@ -784,10 +780,7 @@ fn four_on_rail_0(seed: u64) -> SimEndpoints {
     for _ in 0..4 {
         hosts.connect().unwrap();
     }
-    let warm = hosts.now() + 20 * MS;
-    while hosts.now() < warm {
-        hosts.step(warm);
-    }
+    warm_up(&mut hosts);
     assert_no_rail_failed(&hosts);
     for &(x, y) in &hosts.pairs {
         assert_eq!(hosts.a.get(x).unwrap().core().active_rail(), 0);
