@@ -291,6 +291,10 @@ fn main() {
                         &format!("ping-pong, simulated fabric, {size} B, {iterations} iterations, one-way wire latency {latency_ns} ns"),
                         &[("virtual RTT".into(), r.virtual_rtt.clone()), ("host CPU per round trip".into(), r.cpu_rtt.clone())],
                     );
+                    println!(
+                        "polls per round trip, both hosts: {:.2}",
+                        r.polls_per_round_trip
+                    );
                 }
                 if let Some(dir) = &cli.plot_dir {
                     let path = format!("{dir}/pingpong-sim.svg");

@@ -267,6 +267,9 @@ pub struct PingPongReport {
     pub virtual_rtt: Summary,
     /// Host CPU time per round trip (both endpoints' software path plus the simulator).
     pub cpu_rtt: Summary,
+    /// `poll` calls per round trip, both hosts (2 when each host's first poll after an arrival
+    /// finds the record).
+    pub polls_per_round_trip: f64,
 }
 
 /// Polls host 1 of an idle pair `count` times (nothing sent, the virtual clock stands still, so
@@ -313,20 +316,13 @@ pub fn pingpong(
     let mut pair = SimPair::new(config(size), 1, latency_ns).expect("sim pair");
     let msg = vec![7u8; size];
     let (mut vh, mut ch) = (histogram(), histogram());
+    let mut polls = 0u64;
     for i in 0..warmup + iterations {
         let (t0, w0) = (pair.now(), timed.then(Instant::now));
         pair.a.send(&msg).expect("send");
-        let mut got = 0;
-        while got == 0 {
-            pair.step(pair.now() + 1_000_000);
-            got = pair.b.poll(|_| {}).expect("poll");
-        }
+        polls += half_round_trip(&mut pair, true);
         pair.b.send(&msg).expect("echo");
-        got = 0;
-        while got == 0 {
-            pair.step(pair.now() + 1_000_000);
-            got = pair.a.poll(|_| {}).expect("poll");
-        }
+        polls += half_round_trip(&mut pair, false);
         if let Some(w0) = w0.filter(|_| i >= warmup) {
             vh.record((pair.now() - t0).max(1)).ok();
             ch.record((w0.elapsed().as_nanos() as u64).max(1)).ok();
@@ -337,6 +333,30 @@ pub fn pingpong(
         iterations,
         virtual_rtt: summarize_us(&vh),
         cpu_rtt: summarize_us(&ch),
+        polls_per_round_trip: polls as f64 / (warmup + iterations).max(1) as f64,
+    }
+}
+
+/// Moves virtual time until the host that waits (host 2 if `to_host2`) delivers the record sent
+/// to it; returns how many `poll` calls both hosts made. Each host makes progress only in its own
+/// `poll`, as two processes do: the waiting one polls after each event, and the sender only when
+/// that poll found nothing (its own completions or timers were the event; in a real run it spins
+/// on `poll` meanwhile, and those empty polls are counted apart: `idle-poll`).
+fn half_round_trip(pair: &mut SimPair, to_host2: bool) -> u64 {
+    let mut polls = 0;
+    loop {
+        pair.advance(pair.now() + 1_000_000);
+        let (waiting, sender) = if to_host2 {
+            (&mut pair.b, &mut pair.a)
+        } else {
+            (&mut pair.a, &mut pair.b)
+        };
+        polls += 1;
+        if waiting.poll(|_| {}).expect("poll") > 0 {
+            return polls;
+        }
+        polls += 1;
+        sender.poll(|_| {}).expect("poll");
     }
 }
 
