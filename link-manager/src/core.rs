@@ -1159,7 +1159,7 @@ impl Core {
         }
         let mut len = None;
         self.poll_recv_limit(1, |_, p| {
-            buf[..p.len()].copy_from_slice(p);
+            railover_segq::copy_message(buf, p);
             len = Some(p.len());
         })?;
         Ok(len)

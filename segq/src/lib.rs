@@ -45,7 +45,7 @@ pub use mirror::{ConsumeError, MirrorQueue, StreamCursor};
 #[cfg(all(target_arch = "x86_64", target_feature = "sse4.2"))]
 pub use record::crc32c_one_chain;
 pub use record::{crc32c, ParseError, CRC_INTERLEAVED_FROM, HEADER_LEN};
-pub use region::{Backing, Region, PAGE_SIZE};
+pub use region::{copy_message, Backing, Region, PAGE_SIZE};
 pub use sender::{
     AckError, CopyReport, PendingRange, Poster, Producer, PushError, Reservation, SendQueue,
     ShadowReport,

@@ -126,9 +126,7 @@ impl Region {
         );
         // SAFETY: bounds checked above; src cannot overlap our private mapping; no concurrent
         // access is the caller's contract.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
-        }
+        unsafe { copy_bytes(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) }
     }
 
     /// Copies bytes at `offset` into `dst`. Panics when out of bounds (caller bug).
@@ -239,9 +237,98 @@ impl Drop for Region {
     }
 }
 
+/// Copies `src` into the start of `dst` (which must be at least as long: a caller bug panics),
+/// short messages inline as [`Region::write`] does (no `memcpy` call for up to 64 bytes).
+#[inline]
+pub fn copy_message(dst: &mut [u8], src: &[u8]) {
+    assert!(
+        src.len() <= dst.len(),
+        "copy_message: destination too short"
+    );
+    // SAFETY: both lengths checked above; `&mut` and `&` slices never overlap.
+    unsafe { copy_bytes(src.as_ptr(), dst.as_mut_ptr(), src.len()) }
+}
+
+/// Copies `n` bytes from `src` to `dst`: up to 64 inline, as two overlapping unaligned blocks
+/// (a framed message is usually that short, and `memcpy`'s call and size dispatch cost more
+/// than such a copy: segq/BENCH.md, run 8), longer through `copy_nonoverlapping`.
+///
+/// # Safety
+/// `src` is valid for `n` bytes of reads, `dst` for `n` bytes of writes, and they don't overlap.
+#[inline(always)]
+unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
+    /// The `N` bytes at the start and the `N` at the end (overlapping when `n < 2N`).
+    ///
+    /// # Safety
+    /// As `copy_bytes`'s, and `N <= n`.
+    #[inline(always)]
+    unsafe fn ends<const N: usize>(src: *const u8, dst: *mut u8, n: usize) {
+        // SAFETY: `N <= n`, so both blocks lie inside the `n` bytes the caller vouches for.
+        unsafe {
+            let head = src.cast::<[u8; N]>().read_unaligned();
+            let tail = src.add(n - N).cast::<[u8; N]>().read_unaligned();
+            dst.cast::<[u8; N]>().write_unaligned(head);
+            dst.add(n - N).cast::<[u8; N]>().write_unaligned(tail);
+        }
+    }
+    // SAFETY: each arm's block is at most `n` bytes; the rest is the caller's promise.
+    unsafe {
+        // Longest first: a message's payload is more often 32-64 bytes than less.
+        if n >= 32 {
+            if n <= 64 {
+                ends::<32>(src, dst, n)
+            } else {
+                std::ptr::copy_nonoverlapping(src, dst, n)
+            }
+        } else if n >= 16 {
+            ends::<16>(src, dst, n)
+        } else if n >= 8 {
+            ends::<8>(src, dst, n)
+        } else if n >= 4 {
+            ends::<4>(src, dst, n)
+        } else if n >= 2 {
+            ends::<2>(src, dst, n)
+        } else if n == 1 {
+            *dst = *src
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_copies_write_exactly_the_bytes_given_at_every_length_and_offset() {
+        let src: Vec<u8> = (1..=140).collect();
+        for n in 0..=130 {
+            for at in [0, 1, 7, 8, 13] {
+                let mut dst = [0u8; 160];
+                copy_message(&mut dst[at..], &src[3..3 + n]);
+                assert_eq!(&dst[at..at + n], &src[3..3 + n], "length {n} at {at}");
+                assert!(
+                    dst[..at].iter().all(|&b| b == 0),
+                    "before, length {n} at {at}"
+                );
+                assert!(
+                    dst[at + n..].iter().all(|&b| b == 0),
+                    "after, length {n} at {at}"
+                );
+            }
+        }
+        let r = Region::new(64, Backing::Heap).unwrap();
+        for n in [0, 1, 5, 16, 33, 64, 65] {
+            let at = r.len() - n; // flush with the region's end
+                                  // SAFETY: this thread is the region's only user.
+            unsafe { r.write(at, &src[..n]) };
+            let mut back = vec![0u8; n];
+            // SAFETY: as above.
+            unsafe { r.read(at, &mut back) };
+            assert_eq!(back, &src[..n]);
+        }
+        let too_short = std::panic::catch_unwind(|| copy_message(&mut [0u8; 3], &[1, 2, 3, 4]));
+        assert!(too_short.is_err(), "a destination shorter than the source");
+    }
 
     #[test]
     fn read_words_reads_what_read_u64_reads_and_stays_in_bounds() {
