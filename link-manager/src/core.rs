@@ -230,6 +230,33 @@ pub enum Io {
     Rearm { rail: usize },
 }
 
+/// A data write: the ring's bytes at `offset` into the peer's mirror on `rail`, with the
+/// immediate that announces them ([`Core::poll_new_data`] hands it over without an [`Io`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataWrite {
+    pub rail: usize,
+    pub wr_id: u64,
+    pub offset: usize,
+    pub len: usize,
+    pub imm: u32,
+    pub signaled: bool,
+}
+
+impl From<DataWrite> for Io {
+    #[inline]
+    fn from(w: DataWrite) -> Io {
+        Io::Write {
+            rail: w.rail,
+            wr_id: w.wr_id,
+            buf: Buf::Ring,
+            offset: w.offset,
+            len: w.len,
+            imm: Some(w.imm),
+            signaled: w.signaled,
+        }
+    }
+}
+
 /// A send that could not be accepted. Nothing accepted earlier is affected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -1279,6 +1306,23 @@ impl Core {
         self.poll_io_scan()
     }
 
+    /// The data write of records the application just committed, when that is all there is to
+    /// do (the common `send`): nothing else queued or due since the last full scan, the active
+    /// rail in plain active-standby use. Otherwise `None`, and [`Core::poll_io`] does the rest.
+    #[inline]
+    pub fn poll_new_data(&mut self) -> Option<DataWrite> {
+        if self.rescan
+            || !self.io.is_empty()
+            || self.ended.is_some()
+            || self.standby_due
+            || self.switching.is_some()
+            || self.cfg.mode == RailMode::HotHot
+        {
+            return None;
+        }
+        self.post_lane(self.active)
+    }
+
     /// Whether [`Core::poll_io`] would find nothing, known cheaply: nothing queued, nothing
     /// happened since the last full scan found nothing to do, and no new record from the
     /// application (one load). The steady-state empty poll ends here.
@@ -1329,11 +1373,11 @@ impl Core {
     #[inline]
     fn poll_data(&mut self) -> Option<Io> {
         if self.switching.is_none() {
-            if let Some(io) = self.post_lane(self.active) {
+            if let Some(w) = self.post_lane(self.active) {
                 if self.cfg.mode == RailMode::HotHot {
                     self.standby_due = true; // its copies go next
                 }
-                return Some(io);
+                return Some(w.into());
             }
         }
         // Hot-hot: the copies go even when the active rail can't post (a rail slow to complete
@@ -1368,9 +1412,9 @@ impl Core {
                 // arrives (a control block: that rescans, and hot-hot looks here every scan).
                 let _ = self.lanes.shadow(r);
             }
-            if let Some(io) = self.post_lane(r) {
+            if let Some(w) = self.post_lane(r) {
                 self.standby_due = true;
-                return Some(io);
+                return Some(w.into());
             }
             left |= self.lanes.poster_ref(r).has_pending();
         }
@@ -1382,7 +1426,7 @@ impl Core {
     /// requests stay free for control writes, and at most half the peer's receive queue is in
     /// flight beyond what it reported processed.
     #[inline(always)]
-    fn post_lane(&mut self, a: usize) -> Option<Io> {
+    fn post_lane(&mut self, a: usize) -> Option<DataWrite> {
         let max_wr = self.cfg.link.max_send_wr;
         let max_recv = self.cfg.link.max_recv_wr;
         let rail = &mut self.rails[a];
@@ -1414,13 +1458,12 @@ impl Core {
                     rail.unsignaled += 1;
                     id
                 };
-                return Some(Io::Write {
+                return Some(DataWrite {
                     rail: a,
                     wr_id,
-                    buf: Buf::Ring,
                     offset: range.offset,
                     len: range.len(),
-                    imm: Some(range.notify_imm() | beat_bits(self.beat)),
+                    imm: range.notify_imm() | beat_bits(self.beat),
                     signaled,
                 });
             }

@@ -16,7 +16,8 @@ use crate::config::Config;
 use crate::config::MAX_RAILS;
 use crate::control::{ControlChannel, ControlThread, InlineControl, ThreadCard};
 use crate::core::{
-    send_error_of, Buf, Core, EndReason, Event, Io, Nanos, RailState, RecvError, SendError, Stats,
+    send_error_of, Buf, Core, DataWrite, EndReason, Event, Io, Nanos, RailState, RecvError,
+    SendError, Stats,
 };
 use crate::memory::{QueueMem, RegionMem};
 use crate::rearm::Role;
@@ -31,6 +32,17 @@ enum Control<N: Nic> {
 }
 
 pub use crate::clock::{Clock, RealClock};
+
+/// An RDMA write for a rail's link to post ([`Io::Write`]'s fields).
+struct WriteWr {
+    rail: usize,
+    wr_id: u64,
+    buf: Buf,
+    offset: usize,
+    len: usize,
+    imm: Option<u32>,
+    signaled: bool,
+}
 
 /// How long a rail that carries neither side's records (a standby, with heartbeats alone) and
 /// the cards' device events may go unpolled while the connection is being driven. Against
@@ -418,7 +430,7 @@ impl<N: Nic, C: Clock> Connection<N, C> {
             self.rx.progress(); // acknowledgements may be waiting
             r = self.rx.core.push(msg);
         }
-        self.rx.flush();
+        self.rx.flush_after_send();
         r
     }
 
@@ -1395,6 +1407,67 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
     }
 
+    /// [`Receiver::flush`] after a send: the new records' write goes straight to the rail
+    /// (no [`Io`] to build and take apart) when it is all there is to do.
+    #[inline]
+    fn flush_after_send(&mut self) {
+        if let Some(w) = self.core.poll_new_data() {
+            self.post_data(w);
+        }
+        self.flush();
+    }
+
+    /// Posts a data write on its rail.
+    fn post_data(&mut self, w: DataWrite) {
+        self.liveness_unpublished = true; // the write carries a beat
+        self.post_write(WriteWr {
+            rail: w.rail,
+            wr_id: w.wr_id,
+            buf: Buf::Ring,
+            offset: w.offset,
+            len: w.len,
+            imm: Some(w.imm),
+            signaled: w.signaled,
+        });
+    }
+
+    /// Posts an RDMA write ([`Io::Write`]'s fields); a failed post is the rail's error completion.
+    #[inline(always)]
+    fn post_write(&mut self, wr: WriteWr) {
+        let WriteWr {
+            rail,
+            wr_id,
+            buf,
+            offset,
+            len,
+            imm,
+            signaled,
+        } = wr;
+        let r = &mut self.rails[rail];
+        let posted = match r.card.as_mut() {
+            Some(card) => {
+                let (mr, peer) = match buf {
+                    Buf::Ring => (&card.regs.ring_tx, &r.peer_ring),
+                    Buf::Ctrl => (&card.regs.ctrl_out, &r.peer_ctrl),
+                };
+                card.link
+                    .post_write(wr_id, mr, offset, len, peer, offset as u64, imm, signaled)
+            }
+            None => Err(FabricError::Unavailable("card released".into())),
+        };
+        if let Err(e) = posted {
+            tracing::warn!(rail, error = %e, "post failed");
+            self.core.handle_completion(
+                rail,
+                Completion {
+                    wr_id,
+                    kind: CompletionKind::Write,
+                    status: WcStatus::Other(u32::MAX),
+                },
+            );
+        }
+    }
+
     /// [`Receiver::flush`] once something is due: this I/O and every one after it.
     fn carry_out(&mut self, first: Io) {
         self.liveness_unpublished = true; // a post may carry a beat
@@ -1409,39 +1482,15 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                     len,
                     imm,
                     signaled,
-                } => {
-                    let r = &mut self.rails[rail];
-                    let posted = match r.card.as_mut() {
-                        Some(card) => {
-                            let (mr, peer) = match buf {
-                                Buf::Ring => (&card.regs.ring_tx, &r.peer_ring),
-                                Buf::Ctrl => (&card.regs.ctrl_out, &r.peer_ctrl),
-                            };
-                            card.link.post_write(
-                                wr_id,
-                                mr,
-                                offset,
-                                len,
-                                peer,
-                                offset as u64,
-                                imm,
-                                signaled,
-                            )
-                        }
-                        None => Err(FabricError::Unavailable("card released".into())),
-                    };
-                    if let Err(e) = posted {
-                        tracing::warn!(rail, error = %e, "post failed");
-                        self.core.handle_completion(
-                            rail,
-                            Completion {
-                                wr_id,
-                                kind: CompletionKind::Write,
-                                status: WcStatus::Other(u32::MAX),
-                            },
-                        );
-                    }
-                }
+                } => self.post_write(WriteWr {
+                    rail,
+                    wr_id,
+                    buf,
+                    offset,
+                    len,
+                    imm,
+                    signaled,
+                }),
                 Io::PostRecvs { rail, count } => {
                     let posted = match self.rails[rail].card.as_mut() {
                         Some(card) => card.link.post_recvs(count),
