@@ -335,7 +335,7 @@ impl Poster {
     /// The next range of committed, unposted records: contiguous in memory (split where the ring
     /// wraps), at most `max_bytes` long unless a single record is larger, ending on a record
     /// boundary. Several small records coalesce into one range (one RDMA write).
-    #[inline]
+    #[inline(always)]
     pub fn pending(&self, max_bytes: usize) -> Option<PendingRange> {
         let commit = self.shared.load_commit();
         if commit.is_at(self.posted_pos) {
@@ -410,6 +410,7 @@ impl Poster {
     }
 
     /// Records that `range` (from [`Poster::pending`]) has been handed to the NIC.
+    #[inline(always)] // on every post, with `pending` (a call each cost a round trip 30)
     pub fn mark_posted(&mut self, range: &PendingRange) {
         debug_assert_eq!(range.start, self.posted_pos, "ranges are posted in order");
         self.posted_pos = range.end;
