@@ -1145,6 +1145,7 @@ impl Core {
 
     /// Queues `msg` as the next record (on the driver's thread; posting is [`Core::poll_io`]'s).
     /// Returns its sequence number.
+    #[inline]
     pub fn push(&mut self, msg: &[u8]) -> Result<u64, SendError> {
         self.lanes.push_local(msg).map_err(send_error_of)
     }
