@@ -5,7 +5,9 @@
 # difference in work, so set-up and teardown cancel. The simulator's work (its "NIC", its event
 # queue, the harness stepping the two hosts: see `count`) is subtracted, and the ping-pong runs
 # `--untimed` (no clock reads or histogram records of its own): what is left is railover's work
-# and the loop calling it, both hosts together for a round trip.
+# and the loop calling it, both hosts together for a round trip. In the ping-pong each host makes
+# progress only in its own `poll`, as two processes do: after each event the waiting host polls,
+# and the sender too when that poll found nothing (a timer or a completion of its own was due).
 #   bash bench/instructions.sh
 # prints `instructions per round trip: N` and `instructions per empty poll: N`.
 set -euo pipefail
@@ -73,12 +75,18 @@ per() { # name short-args long-args units-short units-long
 
 read -r rt_all rt < <(per pingpong "pingpong --fabric sim --untimed --size 64 --iterations 1000 --warmup 200" \
   "pingpong --fabric sim --untimed --size 64 --iterations 3000 --warmup 200" 1200 3200)
+# The same with the harness's loop before session 18: after each event both hosts made progress,
+# then the waiting one polled (six `progress` calls a round trip, where two processes that each
+# poll their own connection make two to three: `polls per round trip` in the bench's output).
+read -r rt_both_all rt_both < <(per pingpong-both "pingpong --fabric sim --untimed --step-both-hosts --size 64 --iterations 1000 --warmup 200" \
+  "pingpong --fabric sim --untimed --step-both-hosts --size 64 --iterations 3000 --warmup 200" 1200 3200)
 read -r poll_all poll < <(per idle "idle-poll --count 20000" "idle-poll --count 120000" 20000 120000)
 read -r ep_all ep < <(per endpoint "idle-poll --endpoint 16 --count 2000" \
   "idle-poll --endpoint 16 --count 12000" 2000 12000)
 read -r clock_all _ < <(per clock "clock-reads --count 100000" "clock-reads --count 600000" 100000 600000)
 echo "64 B ping-pong, both hosts, simulated fabric: $rt_all instructions per round trip with the simulator"
 echo "instructions per round trip: $rt"
+echo "(per round trip with the harness stepping both hosts after each event, as before session 18: $rt_both; $rt_both_all with the simulator)"
 echo "idle connection: $poll_all instructions per empty poll with the simulator"
 echo "instructions per empty poll: $poll"
 echo "an Endpoint with 16 idle connections: $ep instructions per empty Endpoint::poll ($ep_all with the simulator)"

@@ -69,6 +69,11 @@ enum Cmd {
         /// should count railover's work, not the benchmark's clock reads and histograms).
         #[arg(long)]
         untimed: bool,
+        /// Simulated fabric: after each event, make progress on both hosts, then poll the one
+        /// waiting (how the instruction counter ran before session 18: six `progress` calls a
+        /// round trip where two processes make two to three).
+        #[arg(long)]
+        step_both_hosts: bool,
         #[command(flatten)]
         cards: Cards,
     },
@@ -280,10 +285,18 @@ fn main() {
             warmup,
             latency_ns,
             untimed,
+            step_both_hosts,
             cards: Cards { host1, host2 },
         } => match fabric {
             Fabric::Sim => {
-                let r = sim_runs::pingpong(size, iterations, warmup, latency_ns, !untimed);
+                let r = sim_runs::pingpong(
+                    size,
+                    iterations,
+                    warmup,
+                    latency_ns,
+                    !untimed,
+                    step_both_hosts,
+                );
                 if cli.json {
                     println!("{}", json!({"fabric": "sim", "pingpong": r}));
                 } else {

@@ -268,7 +268,7 @@ pub struct PingPongReport {
     /// Host CPU time per round trip (both endpoints' software path plus the simulator).
     pub cpu_rtt: Summary,
     /// `poll` calls per round trip, both hosts (2 when each host's first poll after an arrival
-    /// finds the record).
+    /// finds the record; with `step_both_hosts`, the harness's `progress` calls too).
     pub polls_per_round_trip: f64,
 }
 
@@ -312,6 +312,7 @@ pub fn pingpong(
     warmup: usize,
     latency_ns: u64,
     timed: bool,
+    step_both_hosts: bool,
 ) -> PingPongReport {
     let mut pair = SimPair::new(config(size), 1, latency_ns).expect("sim pair");
     let msg = vec![7u8; size];
@@ -320,9 +321,9 @@ pub fn pingpong(
     for i in 0..warmup + iterations {
         let (t0, w0) = (pair.now(), timed.then(Instant::now));
         pair.a.send(&msg).expect("send");
-        polls += half_round_trip(&mut pair, true);
+        polls += half_round_trip(&mut pair, true, step_both_hosts);
         pair.b.send(&msg).expect("echo");
-        polls += half_round_trip(&mut pair, false);
+        polls += half_round_trip(&mut pair, false, step_both_hosts);
         if let Some(w0) = w0.filter(|_| i >= warmup) {
             vh.record((pair.now() - t0).max(1)).ok();
             ch.record((w0.elapsed().as_nanos() as u64).max(1)).ok();
@@ -342,8 +343,20 @@ pub fn pingpong(
 /// `poll`, as two processes do: the waiting one polls after each event, and the sender only when
 /// that poll found nothing (its own completions or timers were the event; in a real run it spins
 /// on `poll` meanwhile, and those empty polls are counted apart: `idle-poll`).
-fn half_round_trip(pair: &mut SimPair, to_host2: bool) -> u64 {
+/// `step_both_hosts`: the loop before session 18, which made progress on both hosts after each
+/// event and then polled the waiting one (counted as polls too).
+fn half_round_trip(pair: &mut SimPair, to_host2: bool, step_both_hosts: bool) -> u64 {
     let mut polls = 0;
+    if step_both_hosts {
+        loop {
+            pair.step(pair.now() + 1_000_000);
+            let waiting = if to_host2 { &mut pair.b } else { &mut pair.a };
+            polls += 3;
+            if waiting.poll(|_| {}).expect("poll") > 0 {
+                return polls;
+            }
+        }
+    }
     loop {
         pair.advance(pair.now() + 1_000_000);
         let (waiting, sender) = if to_host2 {
