@@ -6,8 +6,9 @@
 # queue, the harness stepping the two hosts: see `count`) is subtracted, and the ping-pong runs
 # `--untimed` (no clock reads or histogram records of its own): what is left is railover's work
 # and the loop calling it, both hosts together for a round trip. In the ping-pong each host makes
-# progress only in its own `poll`, as two processes do: after each event the waiting host polls,
-# and the sender too when that poll found nothing (a timer or a completion of its own was due).
+# progress only in its own `poll`, as two busy-polling processes do: after each fabric event the
+# waiting host polls, and the sender too when that poll found nothing; a host's timers fire in its
+# first poll after them (the spinning's empty polls are the empty-poll figure).
 #   bash bench/instructions.sh
 # prints `instructions per round trip: N` and `instructions per empty poll: N`.
 set -euo pipefail
@@ -75,9 +76,9 @@ per() { # name short-args long-args units-short units-long
 
 read -r rt_all rt < <(per pingpong "pingpong --fabric sim --untimed --size 64 --iterations 1000 --warmup 200" \
   "pingpong --fabric sim --untimed --size 64 --iterations 3000 --warmup 200" 1200 3200)
-# The same with the harness's loop before session 18: after each event both hosts made progress,
-# then the waiting one polled (six `progress` calls a round trip, where two processes that each
-# poll their own connection make two to three: `polls per round trip` in the bench's output).
+# The same with the harness's loop before session 18: time moved to the next fabric event or host
+# timer, both hosts made progress, then the waiting one polled (six `progress` calls a round trip
+# where two busy-polling processes make two: `polls per round trip` in the bench's output).
 read -r rt_both_all rt_both < <(per pingpong-both "pingpong --fabric sim --untimed --step-both-hosts --size 64 --iterations 1000 --warmup 200" \
   "pingpong --fabric sim --untimed --step-both-hosts --size 64 --iterations 3000 --warmup 200" 1200 3200)
 read -r poll_all poll < <(per idle "idle-poll --count 20000" "idle-poll --count 120000" 20000 120000)

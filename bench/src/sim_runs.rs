@@ -340,11 +340,13 @@ pub fn pingpong(
 
 /// Moves virtual time until the host that waits (host 2 if `to_host2`) delivers the record sent
 /// to it; returns how many `poll` calls both hosts made. Each host makes progress only in its own
-/// `poll`, as two processes do: the waiting one polls after each event, and the sender only when
-/// that poll found nothing (its own completions or timers were the event; in a real run it spins
-/// on `poll` meanwhile, and those empty polls are counted apart: `idle-poll`).
-/// `step_both_hosts`: the loop before session 18, which made progress on both hosts after each
-/// event and then polled the waiting one (counted as polls too).
+/// `poll`, as two busy-polling processes do: time moves to the fabric's next event, then the
+/// waiting host polls, and the sender too when that poll found nothing (the event was the
+/// sender's). A host's timers (heartbeats, the look at its quiet rails) fire in its first poll
+/// after them, as in a process that spins on `poll`; the spinning's empty polls are counted
+/// apart (`idle-poll`).
+/// `step_both_hosts`: the loop before session 18, which moved time to the next fabric event or
+/// host timer, made progress on both hosts and then polled the waiting one (all counted).
 fn half_round_trip(pair: &mut SimPair, to_host2: bool, step_both_hosts: bool) -> u64 {
     let mut polls = 0;
     if step_both_hosts {
@@ -358,7 +360,7 @@ fn half_round_trip(pair: &mut SimPair, to_host2: bool, step_both_hosts: bool) ->
         }
     }
     loop {
-        pair.advance(pair.now() + 1_000_000);
+        pair.advance_to_fabric_event(pair.now() + 1_000_000);
         let (waiting, sender) = if to_host2 {
             (&mut pair.b, &mut pair.a)
         } else {

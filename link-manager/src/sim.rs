@@ -416,16 +416,17 @@ impl SimPair {
 
     /// Advances virtual time to the next deadline (at most `limit`) and makes progress.
     pub fn step(&mut self, limit: Nanos) {
-        self.advance(limit);
+        let t = self.next_deadline(limit);
+        self.fabric.advance_to(t);
         self.progress();
     }
 
-    /// Advances virtual time to the next deadline (at most `limit`) and makes no progress: for a
-    /// caller that drives each host itself, as each process polls its own connection (the
-    /// ping-pong benchmark: a host's `poll` makes its progress, so a `step` before it would
-    /// make it twice). In-process re-arms wait for a [`SimPair::progress`].
-    pub fn advance(&mut self, limit: Nanos) {
-        let t = self.next_deadline(limit);
+    /// Advances virtual time to the fabric's next event (at most `limit`), not to the hosts'
+    /// timers, and makes no progress: for a caller that drives each host itself, as busy-polling
+    /// processes do (the ping-pong benchmark: a host's `poll` makes its progress, and its timers
+    /// fire in its first poll after them). In-process re-arms wait for a [`SimPair::progress`].
+    pub fn advance_to_fabric_event(&mut self, limit: Nanos) {
+        let t = earliest([self.fabric.next_event_time()], self.now(), limit);
         self.fabric.advance_to(t);
     }
 }
