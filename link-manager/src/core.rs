@@ -670,9 +670,10 @@ pub struct Core {
     recv_touched: bool,
     /// Between a lost re-arm channel and its restoration.
     rearm_channel_down: bool,
-    /// Whether a write-with-immediate notification may have announced records not yet consumed
-    /// (else a receive has nothing to look at: the common empty poll returns at once).
-    maybe_arrived: bool,
+    /// The rails (a bit each) whose write-with-immediate notifications may have announced records
+    /// not yet consumed: a receive looks at these alone, and with none returns at once (the
+    /// common empty poll).
+    arrived: u8,
     /// The rail the peer's records last arrived on (its active rail, as far as this side knows).
     inbound: usize,
     /// The rails a driver polls every time (see [`Core::busy_rails`]).
@@ -828,7 +829,7 @@ impl Core {
             beat: 1, // (from 1: a rail's first block already proves it; 0 means none heard)
             beat_owed_at: None,
             recv_touched: false,
-            maybe_arrived: false,
+            arrived: 0,
             inbound: 0,
             busy_rails: 0, // (set below)
             rearm_channel_down: false,
@@ -1200,7 +1201,7 @@ impl Core {
         deliver: impl FnMut(u64, &[u8]),
     ) -> Result<usize, RecvError> {
         self.recv_touched = false;
-        if !self.maybe_arrived && self.ended.is_none() {
+        if self.arrived == 0 && self.ended.is_none() {
             return Ok(0); // no notification since everything announced was consumed
         }
         self.consume_arrived(limit, deliver)
@@ -1216,21 +1217,23 @@ impl Core {
             Some(reason) => return Err(RecvError::Ended(reason)),
             None => {}
         }
-        if !self.maybe_arrived {
-            return Ok(0);
-        }
         let mut total = 0;
-        let mut more = false;
-        for r in 0..self.rails.len() {
+        // The rails still holding announced records once this receive is done.
+        let mut more = 0u8;
+        let mut left = self.arrived;
+        while left != 0 {
+            let r = left.trailing_zeros() as usize;
+            let bit = left & left.wrapping_neg();
+            left &= left - 1;
             if self.rails[r].state == RailState::Failed {
                 continue; // late writes on a dead rail are ignored: the sender resends
             }
             if total >= limit {
-                more = true; // stopped early: what is left is looked at next time
+                more |= bit | left; // stopped early: what is left is looked at next time
                 break;
             }
             if !self.rails[r].rx.has_arrived() {
-                continue; // nothing announced (the common empty poll): no parsing, no ack due
+                continue; // everything announced was consumed: no parsing, no ack due
             }
             self.recv_touched = true;
             match self.rails[r]
@@ -1257,9 +1260,11 @@ impl Core {
                 rail.ctrl_due = true;
                 self.rescan = true; // (consuming changes nothing else a scan looks at)
             }
-            more |= rail.state != RailState::Failed && rail.rx.has_arrived();
+            if rail.state != RailState::Failed && rail.rx.has_arrived() {
+                more |= bit;
+            }
         }
-        self.maybe_arrived = more;
+        self.arrived = more;
         if total > 0 && self.peer_draining {
             // The peer drains a rail for a planned switch: every rail it asked on says at once
             // what was delivered (the fastest one ends its wait).
@@ -1909,7 +1914,7 @@ impl Core {
                 }
                 match r.rx.notify(imm) {
                     Ok(()) => {
-                        self.maybe_arrived = true;
+                        self.arrived |= 1 << rail;
                         r.data_since_block = true;
                         let heard = r.heard_beat_low_bits(imm >> NOTIFY_BITS, beat_base, self.now);
                         if self.inbound != rail {
