@@ -240,6 +240,8 @@ pub struct DataWrite {
     pub len: usize,
     pub imm: u32,
     pub signaled: bool,
+    /// Whether it carries every record committed when it was taken (else more wait to go).
+    pub reaches_commit: bool,
 }
 
 impl From<DataWrite> for Io {
@@ -1329,6 +1331,13 @@ impl Core {
         self.post_lane(self.active)
     }
 
+    /// Whether something since the last full scan may have made I/O due (a completion, event,
+    /// timer, receive or failure: see [`Core::nothing_to_post`]).
+    #[inline]
+    pub fn rescan_due(&self) -> bool {
+        self.rescan
+    }
+
     /// Whether [`Core::poll_io`] would find nothing, known cheaply: nothing queued, nothing
     /// happened since the last full scan found nothing to do, and no new record from the
     /// application (one load). The steady-state empty poll ends here.
@@ -1471,6 +1480,7 @@ impl Core {
                     len: range.len(),
                     imm: range.notify_imm() | beat_bits(self.beat),
                     signaled,
+                    reaches_commit: range.reaches_commit,
                 });
             }
         }

@@ -1413,6 +1413,12 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     fn flush_after_send(&mut self) {
         if let Some(w) = self.core.poll_new_data() {
             self.post_data(w);
+            // `poll_new_data` found nothing else due: done, unless the write left committed
+            // records behind or its post failed (which sets the rescan). (Records a split-off
+            // `Sender` commits meanwhile go in a later poll, as after any flush.)
+            if w.reaches_commit && !self.core.rescan_due() {
+                return;
+            }
         }
         self.flush();
     }

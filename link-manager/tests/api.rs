@@ -251,3 +251,34 @@ fn poll_seq_gives_the_senders_sequence_numbers_across_a_failover() {
     );
     assert_eq!(got, sent);
 }
+
+#[test]
+fn a_send_posts_every_committed_record_even_when_one_write_cannot_carry_them() {
+    let cfg = Config::builder()
+        .geometry(4096, 4, 256)
+        .max_write_bytes(272) // one maximal record: three of these
+        .build()
+        .unwrap();
+    let mut p = SimPair::new(cfg, 3, 1_000).unwrap();
+    settle(&mut p);
+    // Committed in place and not flushed: six writes' worth of records.
+    for i in 0u8..20 {
+        let mut slot = p.a.reserve(64).unwrap();
+        slot.payload_mut().fill(i);
+        slot.commit();
+    }
+    let before = p.a.stats().data_writes;
+    p.a.send(&[20; 64]).unwrap();
+    assert!(
+        !p.a.core().has_unposted(),
+        "records left unposted after a send"
+    );
+    assert!(
+        p.a.stats().data_writes - before >= 7,
+        "more than one write was needed"
+    );
+    settle(&mut p);
+    let mut got = Vec::new();
+    p.b.poll(|m| got.push(m[0])).unwrap();
+    assert_eq!(got, (0u8..=20).collect::<Vec<_>>());
+}

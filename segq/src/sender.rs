@@ -42,6 +42,9 @@ pub struct PendingRange {
     pub seqs: Option<(u64, u64)>,
     /// Records in the range.
     pub records: usize,
+    /// Whether the range ends where the producer had committed when it was taken: nothing else
+    /// was pending then (what is committed after is new).
+    pub reaches_commit: bool,
 }
 
 impl PendingRange {
@@ -361,6 +364,7 @@ impl Poster {
                     offset: self.shared.geo.offset(self.posted_pos),
                     seqs: Some((self.next_post_seq, last)),
                     records: (last - before) as usize,
+                    reaches_commit: true,
                 });
             }
         }
@@ -406,6 +410,7 @@ impl Poster {
             offset: self.shared.geo.offset(self.posted_pos),
             seqs,
             records,
+            reaches_commit: pos == committed,
         })
     }
 
@@ -901,6 +906,8 @@ mod tests {
                     Step::Post(max) => {
                         while let Some(r) = fast.poster.pending(max) {
                             proptest::prop_assert_eq!(Some(r), walk.poster.pending_walk(max));
+                            let committed = fast.poster.shared.load_commit().pos(r.start);
+                            proptest::prop_assert_eq!(r.reaches_commit, r.end == committed);
                             fast.poster.mark_posted(&r);
                             walk.poster.mark_posted(&r);
                             write_ends.push(r.end);
