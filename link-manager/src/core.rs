@@ -1285,6 +1285,15 @@ impl Core {
         self.recv_touched
     }
 
+    /// Whether the last receive may have made I/O due: it found records, and what consuming
+    /// them made due (an acknowledgement, a failed rail, a drain's answer) set the rescan. A
+    /// receive changes nothing else a post depends on, so a driver that posted everything it
+    /// could before the receive has nothing to post after it otherwise.
+    #[inline]
+    pub fn recv_made_io_due(&self) -> bool {
+        self.recv_touched && self.rescan
+    }
+
     /// Whether the application committed records that wait to be posted.
     pub fn has_unposted(&self) -> bool {
         self.ended.is_none() && self.lanes.poster_ref(self.active).has_pending()

@@ -737,7 +737,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     pub fn poll(&mut self, deliver: impl FnMut(&[u8])) -> Result<usize, RecvError> {
         self.progress();
         let n = self.core.poll_recv(deliver);
-        if self.core.recv_touched() {
+        if self.core.recv_made_io_due() {
             self.flush(); // acknowledgements it made due, a rail it failed
         }
         n
@@ -748,7 +748,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     pub fn poll_seq(&mut self, deliver: impl FnMut(u64, &[u8])) -> Result<usize, RecvError> {
         self.progress();
         let n = self.core.poll_recv_seq(deliver);
-        if self.core.recv_touched() {
+        if self.core.recv_made_io_due() {
             self.flush();
         }
         n
@@ -764,7 +764,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     ) -> Result<usize, RecvError> {
         self.progress_counted_at(now);
         let n = self.core.poll_recv_seq(deliver);
-        if self.core.recv_touched() {
+        if self.core.recv_made_io_due() {
             self.flush();
         }
         n
@@ -775,7 +775,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, RecvError> {
         self.progress();
         let n = self.core.recv(buf);
-        if self.core.recv_touched() {
+        if self.core.recv_made_io_due() {
             self.flush();
         }
         n
