@@ -1080,6 +1080,8 @@ impl Core {
         for (i, r) in self.rails.iter().enumerate() {
             s.rail_latency_ns[i] = r.latency_ns;
         }
+        s.data_writes = s.rail_data_writes.iter().sum();
+        s.data_bytes = s.rail_data_bytes.iter().sum();
         s
     }
 
@@ -1468,8 +1470,7 @@ impl Core {
                 } else {
                     self.stats.standby_writes += 1;
                 }
-                self.stats.data_writes += 1;
-                self.stats.data_bytes += range.len() as u64;
+                // (The totals are summed from these in `stats`.)
                 self.stats.rail_data_writes[a] += 1;
                 self.stats.rail_data_bytes[a] += range.len() as u64;
                 let id = wr_id(rail.generation, KIND_DATA, a);
