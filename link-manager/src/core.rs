@@ -1288,12 +1288,14 @@ impl Core {
     }
 
     /// Whether the last receive may have made I/O due: it found records, and what consuming
-    /// them made due (an acknowledgement, a failed rail, a drain's answer) set the rescan. A
-    /// receive changes nothing else a post depends on, so a driver that posted everything it
-    /// could before the receive has nothing to post after it otherwise.
+    /// them made due (an acknowledgement, a failed rail, a drain's answer) set the rescan, or
+    /// a split-off writer may have committed records meanwhile (a reply sent from the delivery
+    /// callback through a `Sender`, which goes out in the same poll). Nothing else a post
+    /// depends on changes during a receive: a driver that posted everything it could before
+    /// it has nothing to post after it otherwise.
     #[inline]
     pub fn recv_made_io_due(&self) -> bool {
-        self.recv_touched && self.rescan
+        self.recv_touched && (self.rescan || (self.lanes.writer_elsewhere() && self.has_unposted()))
     }
 
     /// Whether the application committed records that wait to be posted.

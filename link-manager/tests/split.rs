@@ -153,3 +153,51 @@ fn a_sender_thread_keeps_sending_through_failovers() {
         b.stats().duplicates_discarded
     );
 }
+
+/// A reply committed through the `Sender` from inside the delivery callback goes out in the same
+/// poll, not in the next one (checked past the first record, whose acknowledgement is due at
+/// once and makes the poll look for I/O anyway).
+#[test]
+fn a_reply_sent_from_the_delivery_callback_is_posted_by_the_same_poll() {
+    let cfg = Config::builder().geometry(4096, 4, 256).build().unwrap();
+    let SimPair {
+        fabric, a, mut b, ..
+    } = SimPair::new(cfg, 7, 1_000).unwrap();
+    let (mut sender, mut a) = a.split();
+    for round in 0u8..5 {
+        b.send(&[round; 8]).unwrap();
+        let mut echoed = 0;
+        for _ in 0..1_000 {
+            if let Some(t) = fabric.next_event_time() {
+                fabric.advance_to(t);
+            }
+            b.progress();
+            a.poll(|m| {
+                sender.send(m).unwrap();
+                echoed += 1;
+            })
+            .unwrap();
+            if echoed > 0 {
+                break;
+            }
+        }
+        assert_eq!(echoed, 1, "round {round}: the ping arrived");
+        assert!(
+            !a.core().has_unposted(),
+            "round {round}: the echo waits for the next poll"
+        );
+        let mut got = Vec::new();
+        for _ in 0..1_000 {
+            if let Some(t) = fabric.next_event_time() {
+                fabric.advance_to(t);
+            }
+            a.progress();
+            b.poll(|m| got.push(m.to_vec())).unwrap();
+            if !got.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(got, vec![vec![round; 8]]);
+    }
+    drop(sender);
+}

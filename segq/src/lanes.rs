@@ -255,6 +255,13 @@ impl LaneControl {
         })
     }
 
+    /// Whether the writer was handed out: records may then be committed by another thread (or
+    /// by code this thread calls back) at any time.
+    #[inline]
+    pub fn writer_elsewhere(&self) -> bool {
+        self.writer_out
+    }
+
     /// Whether this thread may write records itself: no writer was handed out, lanes open.
     fn check_local(&self) -> Result<(), LaneError> {
         if self.writer_out {
