@@ -195,7 +195,7 @@ pub enum SwitchReason {
     PeerLeft { rail: usize },
 }
 
-/// Which registered buffer of a rail an [`Io::Write`] reads, and the peer's it targets.
+/// Which registered buffer of a rail an [`RdmaWrite`] reads, and the peer's it targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Buf {
     /// The ring (local: this side's send ring; remote: the peer's mirror of it).
@@ -204,23 +204,27 @@ pub enum Buf {
     Ctrl,
 }
 
+/// An RDMA write (with immediate when `imm` is set) for the driver to post on `rail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaWrite {
+    pub rail: usize,
+    pub wr_id: u64,
+    /// The buffer read here and written at the peer: the ring into its mirror, or the control
+    /// block into its slot.
+    pub buf: Buf,
+    /// The same offset on both sides (a mirror has its ring's geometry).
+    pub offset: usize,
+    pub len: usize,
+    pub imm: Option<u32>,
+    /// Whether it completes on success (see [`SIGNAL_EVERY`]); it always does in error.
+    pub signaled: bool,
+}
+
 /// Work for the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Io {
-    /// Post an RDMA write (with immediate when `imm` is set) on `rail`.
-    Write {
-        rail: usize,
-        wr_id: u64,
-        /// The buffer read here and written at the peer: the ring into its mirror, or the
-        /// control block into its slot.
-        buf: Buf,
-        /// The same offset on both sides (a mirror has its ring's geometry).
-        offset: usize,
-        len: usize,
-        imm: Option<u32>,
-        /// Whether it completes on success (see [`SIGNAL_EVERY`]); it always does in error.
-        signaled: bool,
-    },
+    /// Post an RDMA write.
+    Write(RdmaWrite),
     /// Post `count` receives on `rail` (they catch write-with-immediate notifications).
     PostRecvs { rail: usize, count: u32 },
     /// Move the rail's queue pair to the error state (flush what is outstanding).
@@ -244,10 +248,10 @@ pub struct DataWrite {
     pub reaches_commit: bool,
 }
 
-impl From<DataWrite> for Io {
+impl From<DataWrite> for RdmaWrite {
     #[inline]
-    fn from(w: DataWrite) -> Io {
-        Io::Write {
+    fn from(w: DataWrite) -> RdmaWrite {
+        RdmaWrite {
             rail: w.rail,
             wr_id: w.wr_id,
             buf: Buf::Ring,
@@ -425,7 +429,7 @@ fn wr_kind(wr_id: u64) -> u64 {
 /// The write of a rail's control block (already stored in its `ctrl_out`) into the peer's slot:
 /// signaled, reporting the `unsignaled` data writes before it.
 fn ctrl_write(rail: usize, generation: u16, kind: u64, unsignaled: u32) -> Io {
-    Io::Write {
+    Io::Write(RdmaWrite {
         rail,
         wr_id: covering(wr_id(generation, kind, rail), unsignaled),
         buf: Buf::Ctrl,
@@ -433,7 +437,7 @@ fn ctrl_write(rail: usize, generation: u16, kind: u64, unsignaled: u32) -> Io {
         len: CTRL_LEN,
         imm: None,
         signaled: true,
-    }
+    })
 }
 
 struct Rail {
@@ -1405,7 +1409,7 @@ impl Core {
                 if self.cfg.mode == RailMode::HotHot {
                     self.standby_due = true; // its copies go next
                 }
-                return Some(w.into());
+                return Some(Io::Write(w.into()));
             }
         }
         // Hot-hot: the copies go even when the active rail can't post (a rail slow to complete
@@ -1442,7 +1446,7 @@ impl Core {
             }
             if let Some(w) = self.post_lane(r) {
                 self.standby_due = true;
-                return Some(w.into());
+                return Some(Io::Write(w.into()));
             }
             left |= self.lanes.poster_ref(r).has_pending();
         }

@@ -16,8 +16,8 @@ use crate::config::Config;
 use crate::config::MAX_RAILS;
 use crate::control::{ControlChannel, ControlThread, InlineControl, ThreadCard};
 use crate::core::{
-    send_error_of, Buf, Core, DataWrite, EndReason, Event, Io, Nanos, RailState, RecvError,
-    SendError, Stats,
+    send_error_of, Buf, Core, DataWrite, EndReason, Event, Io, Nanos, RailState, RdmaWrite,
+    RecvError, SendError, Stats,
 };
 use crate::memory::{QueueMem, RegionMem};
 use crate::rearm::Role;
@@ -32,17 +32,6 @@ enum Control<N: Nic> {
 }
 
 pub use crate::clock::{Clock, RealClock};
-
-/// An RDMA write for a rail's link to post ([`Io::Write`]'s fields).
-struct WriteWr {
-    rail: usize,
-    wr_id: u64,
-    buf: Buf,
-    offset: usize,
-    len: usize,
-    imm: Option<u32>,
-    signaled: bool,
-}
 
 /// How long a rail that carries neither side's records (a standby, with heartbeats alone) and
 /// the cards' device events may go unpolled while the connection is being driven. Against
@@ -1426,21 +1415,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Posts a data write on its rail.
     fn post_data(&mut self, w: DataWrite) {
         self.liveness_unpublished = true; // the write carries a beat
-        self.post_write(WriteWr {
-            rail: w.rail,
-            wr_id: w.wr_id,
-            buf: Buf::Ring,
-            offset: w.offset,
-            len: w.len,
-            imm: Some(w.imm),
-            signaled: w.signaled,
-        });
+        self.post_write(w.into());
     }
 
-    /// Posts an RDMA write ([`Io::Write`]'s fields); a failed post is the rail's error completion.
+    /// Posts an RDMA write; a failed post is the rail's error completion.
     #[inline(always)]
-    fn post_write(&mut self, wr: WriteWr) {
-        let WriteWr {
+    fn post_write(&mut self, w: RdmaWrite) {
+        let RdmaWrite {
             rail,
             wr_id,
             buf,
@@ -1448,7 +1429,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             len,
             imm,
             signaled,
-        } = wr;
+        } = w;
         let r = &mut self.rails[rail];
         let posted = match r.card.as_mut() {
             Some(card) => {
@@ -1480,23 +1461,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let mut io = first;
         loop {
             match io {
-                Io::Write {
-                    rail,
-                    wr_id,
-                    buf,
-                    offset,
-                    len,
-                    imm,
-                    signaled,
-                } => self.post_write(WriteWr {
-                    rail,
-                    wr_id,
-                    buf,
-                    offset,
-                    len,
-                    imm,
-                    signaled,
-                }),
+                Io::Write(w) => self.post_write(w),
                 Io::PostRecvs { rail, count } => {
                     let posted = match self.rails[rail].card.as_mut() {
                         Some(card) => card.link.post_recvs(count),
