@@ -234,33 +234,13 @@ pub enum Io {
     Rearm { rail: usize },
 }
 
-/// A data write: the ring's bytes at `offset` into the peer's mirror on `rail`, with the
-/// immediate that announces them ([`Core::poll_new_data`] hands it over without an [`Io`]).
+/// A data write (the ring's bytes into the peer's mirror, with the immediate that announces
+/// them), as [`Core::poll_new_data`] hands it over without an [`Io`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataWrite {
-    pub rail: usize,
-    pub wr_id: u64,
-    pub offset: usize,
-    pub len: usize,
-    pub imm: u32,
-    pub signaled: bool,
+    pub write: RdmaWrite,
     /// Whether it carries every record committed when it was taken (else more wait to go).
     pub reaches_commit: bool,
-}
-
-impl From<DataWrite> for RdmaWrite {
-    #[inline]
-    fn from(w: DataWrite) -> RdmaWrite {
-        RdmaWrite {
-            rail: w.rail,
-            wr_id: w.wr_id,
-            buf: Buf::Ring,
-            offset: w.offset,
-            len: w.len,
-            imm: Some(w.imm),
-            signaled: w.signaled,
-        }
-    }
 }
 
 /// A send that could not be accepted. Nothing accepted earlier is affected.
@@ -1284,13 +1264,6 @@ impl Core {
         Ok(total)
     }
 
-    /// Whether the last [`Core::poll_recv`] or [`Core::recv`] found anything announced: if not,
-    /// it changed nothing (no acknowledgement due, no rail failed) and there is nothing new to
-    /// post after it.
-    pub fn recv_touched(&self) -> bool {
-        self.recv_touched
-    }
-
     /// Whether the last receive may have made I/O due: it found records, and what consuming
     /// them made due (an acknowledgement, a failed rail, a drain's answer) set the rescan, or
     /// a split-off writer may have committed records meanwhile (a reply sent from the delivery
@@ -1409,7 +1382,7 @@ impl Core {
                 if self.cfg.mode == RailMode::HotHot {
                     self.standby_due = true; // its copies go next
                 }
-                return Some(Io::Write(w.into()));
+                return Some(Io::Write(w.write));
             }
         }
         // Hot-hot: the copies go even when the active rail can't post (a rail slow to complete
@@ -1446,7 +1419,7 @@ impl Core {
             }
             if let Some(w) = self.post_lane(r) {
                 self.standby_due = true;
-                return Some(Io::Write(w.into()));
+                return Some(Io::Write(w.write));
             }
             left |= self.lanes.poster_ref(r).has_pending();
         }
@@ -1490,12 +1463,15 @@ impl Core {
                     id
                 };
                 return Some(DataWrite {
-                    rail: a,
-                    wr_id,
-                    offset: range.offset,
-                    len: range.len(),
-                    imm: range.notify_imm() | beat_bits(self.beat),
-                    signaled,
+                    write: RdmaWrite {
+                        rail: a,
+                        wr_id,
+                        buf: Buf::Ring,
+                        offset: range.offset,
+                        len: range.len(),
+                        imm: Some(range.notify_imm() | beat_bits(self.beat)),
+                        signaled,
+                    },
                     reaches_commit: range.reaches_commit,
                 });
             }

@@ -1415,7 +1415,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// Posts a data write on its rail.
     fn post_data(&mut self, w: DataWrite) {
         self.liveness_unpublished = true; // the write carries a beat
-        self.post_write(w.into());
+        self.post_write(w.write);
     }
 
     /// Posts an RDMA write; a failed post is the rail's error completion.

@@ -876,10 +876,10 @@ mod tests {
     proptest::proptest! {
         /// The shortcuts that don't read records back (a range counted by the commit's number,
         /// an acknowledgement at a remembered write end) leave the poster exactly as the walk
-        /// over the records would,
-        /// whatever the pattern of pushes, failover copies' numbers, posts, retirements and
-        /// acknowledgements (more writes in flight than it remembers, boundaries inside
-        /// writes, positions inside records, stale ones), from any first number.
+        /// over the records would, whatever the pattern of pushes, failover copies' numbers,
+        /// posts, retirements and acknowledgements (more writes in flight than it remembers,
+        /// boundaries inside writes, positions inside records, stale ones), from any first
+        /// number.
         #[test]
         fn shortcuts_match_the_walk(first_seq in 1u64..(1 << 34), steps in proptest::collection::vec(step(), 1..400)) {
             let geo = Geometry::new(256, 8, 200).unwrap();
