@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The rounds of bench/perftest-compare, inside a SoftRoCE guest: ROUNDS alternating rounds of
-# perftest's ib_write_lat, railover-bench's two-process ping-pong, ib_write_bw and railover-bench's
-# two-process flood, 64 B, each tool as two processes pinned to vCPU 0 and 1. Sourced with `out`
+# perftest's ib_write_lat, railover-bench's two-process ping-pong, ib_write_bw, railover-bench's
+# two-process flood and perftest's ib_send_lat, 64 B, each tool as two processes pinned to vCPU 0 and 1. Sourced with `out`
 # (where the outputs go), `bench` (railover-bench), ITER and RAILOVER_ROUNDS set: by
 # bench/perftest-compare in ci/softroce's guest, and by bench/rxe-vm-compare in the minimal one.
-uname -r >"$out/kernel.txt"
+cat /proc/sys/kernel/osrelease >"$out/kernel.txt" # (the minimal guest has no uname)
 pt() { # output tag, tool, size, extra args: server on rxe_a1 (vCPU 0), client on rxe_a2 (vCPU 1)
   local tag=$1 tool=$2 size=$3; shift 3
   timeout 300 taskset -c 0 "$tool" -d rxe_a1 -x 1 -s "$size" "$@" >"$out/$tag-srv.txt" 2>&1 &
@@ -39,7 +39,7 @@ rl() { # output tag, mode (pingpong|flood), count, extra arguments for both side
 ROUNDS=${RAILOVER_ROUNDS:-5}
 echo "$ROUNDS" >"$out/rounds.txt"
 for r in $(seq 1 "$ROUNDS"); do
-  echo "== round $r/$ROUNDS: ib_write_lat, railover ping-pong (beat 1 ms, then 10 ms), ib_write_bw, railover flood (64 B)"
+  echo "== round $r/$ROUNDS: ib_write_lat, railover ping-pong (beat 1 ms, then 10 ms), ib_write_bw, railover flood, ib_send_lat (64 B)"
   pt "r$r-ib_write_lat" ib_write_lat 64 -n "$ITER"
   rl "r$r-railover-pingpong" pingpong "$ITER" --hb-misses 200
   # The same detection time (200 ms) from a tenth of the beats: each of the standby's beats is a
@@ -47,4 +47,8 @@ for r in $(seq 1 "$ROUNDS"); do
   rl "r$r-railover-pingpong-beat10ms" pingpong "$ITER" --hb-interval-us 10000 --hb-misses 20
   pt "r$r-ib_write_bw" ib_write_bw 64 -n 20000
   rl "r$r-railover-flood" flood 200000 --hb-misses 200
+  # A receive that ends in a completion (a receive work request consumed, a completion queue
+  # entry written and polled), as railover's RDMA WRITE WITH IMM does: ib_write_lat's receiver
+  # polls the buffer's last byte instead, which the design rules out (placement order).
+  pt "r$r-ib_send_lat" ib_send_lat 64 -n "$ITER"
 done
