@@ -912,7 +912,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         // completion carries is heard now, not at the last poll).
         self.core.observe_time(now);
         self.liveness_unpublished = true;
-        self.core.handle_completion(rail, c);
+        self.core.handle_completion(rail, &c);
         true
     }
 
@@ -1139,7 +1139,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                     self.liveness_unpublished = true;
                 }
                 for c in &self.completions[..n] {
-                    self.core.handle_completion(i, *c);
+                    self.core.handle_completion(i, c);
                 }
                 handled += n;
                 if n < self.completions.len() {
@@ -1446,7 +1446,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             tracing::warn!(rail, error = %e, "post failed");
             self.core.handle_completion(
                 rail,
-                Completion {
+                &Completion {
                     wr_id,
                     kind: CompletionKind::Write,
                     status: WcStatus::Other(u32::MAX),

@@ -123,8 +123,8 @@ fn crc32c_chain(crc: u32, bytes: &[u8]) -> u32 {
         let word = u64::from_le_bytes(w.try_into().expect("8 bytes"));
         crc = safe_arch::crc32_u64(crc, word);
     }
-    // The tail (under 8 bytes) as at most one 4-, one 2- and one 1-byte step: a 64 B
-    // record's 76 covered bytes end in 4.
+    // The tail (under 8 bytes) as at most one 4-, one 2- and one 1-byte step: a payload of
+    // whole words has none.
     let mut crc = crc as u32;
     let mut tail = words.remainder();
     if let Some((four, rest)) = tail.split_first_chunk::<4>() {
@@ -271,7 +271,13 @@ pub fn parse_arrived(
     if size > available {
         return Err(ParseError::Truncated);
     }
-    let actual = record_crc(&arrived[CRC_COVERS_FROM..HEADER_LEN + len]);
+    // From the header's fields as loaded and the payload (8-byte aligned: a 64 B payload is
+    // eight whole steps), not from the record's bytes from offset 4, which end in a 4-byte tail.
+    let actual = record_crc_parts(
+        header.len,
+        header.seq,
+        &arrived[HEADER_LEN..HEADER_LEN + len],
+    );
     if actual != header.crc {
         return Err(ParseError::Crc {
             seq: header.seq,
