@@ -19,7 +19,8 @@ bin=target/release/railover-bench
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-# Runs the bench under callgrind; prints "<all instructions> <the simulator's>". The simulator's
+# Runs the bench under callgrind; prints "<all instructions> <the simulator's> <the benchmark
+# loop's own>". The simulator's
 # are, from callgrind's call graph (calls, not names: the fabric's event heap and searches are
 # generic code of the standard library, named after it):
 # - every call from outside the simulated fabric (`railover_rdma::sim`) into it, with all it
@@ -30,6 +31,9 @@ trap 'rm -rf "$out"' EXIT
 #   with all it calls;
 # - the rest of the harness's own code (`railover::sim`: stepping the hosts, the virtual clock),
 #   but not railover's code inlined into it (its source file says which).
+# The benchmark loop's own are those of `railover_bench::sim_runs` (the ping-pong's and the idle
+# poll's loops: what an application's loop would be), again without railover's code inlined
+# into them: counted apart since session 19, as the harness's stepping code always was.
 count() {
   local f="$out/$1.cg"
   shift
@@ -47,6 +51,7 @@ count() {
     function fabric(f) { return f ~ /^<?railover_rdma::sim::/ }
     function scheduler(f) { return f ~ /^railover::sim::Sim[A-Za-z]+::next_deadline/ }
     function harness(f) { return f ~ /^<?railover::sim::/ }
+    function bench_loop(f) { return f ~ /^<?railover_bench::sim_runs::/ }
     function railover_source(f) { return f ~ /(link-manager|segq|rdma-core)\/src\// && f !~ /\/sim\.rs$/ }
     /^summary:/ { total = $2; next }
     /^fl=/ { file = named(substr($0, 4), "f"); fn_file = file; next }
@@ -63,33 +68,36 @@ count() {
         next
       }
       if (harness(fn) && !scheduler(fn) && !railover_source(file)) sim += $NF
+      if (bench_loop(fn) && !railover_source(file)) loop += $NF
     }
-    END { printf "%d %d\n", total, sim }' "$f"
+    END { printf "%d %d %d\n", total, sim, loop }' "$f"
 }
 
-per() { # name short-args long-args units-short units-long
-  read -r t1 s1 < <(count "$1-short" $2)
-  read -r t2 s2 < <(count "$1-long" $3)
+per() { # name short-args long-args units-short units-long: prints all, railover's, with the loop's
+  read -r t1 s1 l1 < <(count "$1-short" $2)
+  read -r t2 s2 l2 < <(count "$1-long" $3)
   local units=$(($5 - $4))
-  echo "$(( (t2 - t1) / units )) $(( ((t2 - s2) - (t1 - s1)) / units ))"
+  echo "$(( (t2 - t1) / units )) $(( ((t2 - s2 - l2) - (t1 - s1 - l1)) / units )) $(( ((t2 - s2) - (t1 - s1)) / units ))"
 }
 
-read -r rt_all rt < <(per pingpong "pingpong --fabric sim --untimed --size 64 --iterations 1000 --warmup 200" \
+read -r rt_all rt rt_loop < <(per pingpong "pingpong --fabric sim --untimed --size 64 --iterations 1000 --warmup 200" \
   "pingpong --fabric sim --untimed --size 64 --iterations 3000 --warmup 200" 1200 3200)
 # The same with the harness's loop before session 18: time moved to the next fabric event or host
 # timer, both hosts made progress, then the waiting one polled (six `progress` calls a round trip
 # where two busy-polling processes make two: `polls per round trip` in the bench's output).
-read -r rt_both_all rt_both < <(per pingpong-both "pingpong --fabric sim --untimed --step-both-hosts --size 64 --iterations 1000 --warmup 200" \
+read -r rt_both_all rt_both rt_both_loop < <(per pingpong-both "pingpong --fabric sim --untimed --step-both-hosts --size 64 --iterations 1000 --warmup 200" \
   "pingpong --fabric sim --untimed --step-both-hosts --size 64 --iterations 3000 --warmup 200" 1200 3200)
-read -r poll_all poll < <(per idle "idle-poll --count 20000" "idle-poll --count 120000" 20000 120000)
-read -r ep_all ep < <(per endpoint "idle-poll --endpoint 16 --count 2000" \
+read -r poll_all poll poll_loop < <(per idle "idle-poll --count 20000" "idle-poll --count 120000" 20000 120000)
+read -r ep_all ep ep_loop < <(per endpoint "idle-poll --endpoint 16 --count 2000" \
   "idle-poll --endpoint 16 --count 12000" 2000 12000)
-read -r clock_all _ < <(per clock "clock-reads --count 100000" "clock-reads --count 600000" 100000 600000)
+read -r clock_all _ _ < <(per clock "clock-reads --count 100000" "clock-reads --count 600000" 100000 600000)
 echo "64 B ping-pong, both hosts, simulated fabric: $rt_all instructions per round trip with the simulator"
 echo "instructions per round trip: $rt"
-echo "(per round trip with the harness stepping both hosts after each event, as before session 18: $rt_both; $rt_both_all with the simulator)"
+echo "(with the benchmark loop's own instructions, as counted until session 19: $rt_loop per round trip)"
+echo "(per round trip with the harness stepping both hosts after each event, as before session 18: $rt_both_loop with the loop, $rt_both without; $rt_both_all with the simulator)"
 echo "idle connection: $poll_all instructions per empty poll with the simulator"
 echo "instructions per empty poll: $poll"
-echo "an Endpoint with 16 idle connections: $ep instructions per empty Endpoint::poll ($ep_all with the simulator)"
+echo "(with the benchmark loop's own instructions: $poll_loop per empty poll)"
+echo "an Endpoint with 16 idle connections: $ep instructions per empty Endpoint::poll ($ep_loop with the loop, $ep_all with the simulator)"
 # On verbs a poll also reads the real clock once (the simulated connections read a virtual one).
 echo "instructions per real clock read (verbs adds one per poll): $clock_all"
