@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The rounds of bench/perftest-compare, inside a SoftRoCE guest: ROUNDS alternating rounds of
 # perftest's ib_write_lat, railover-bench's two-process ping-pong, ib_write_bw, railover-bench's
-# two-process flood and perftest's ib_send_lat, 64 B, each tool as two processes pinned to vCPU 0 and 1. Sourced with `out`
+# two-process flood, perftest's ib_send_lat and the fabric layer alone (`raw-pingpong`), 64 B, each tool as two processes pinned to vCPU 0 and 1. Sourced with `out`
 # (where the outputs go), `bench` (railover-bench), ITER and RAILOVER_ROUNDS set: by
 # bench/perftest-compare in ci/softroce's guest, and by bench/rxe-vm-compare in the minimal one.
 cat /proc/sys/kernel/osrelease >"$out/kernel.txt" # (the minimal guest has no uname)
@@ -39,7 +39,7 @@ rl() { # output tag, mode (pingpong|flood), count, extra arguments for both side
 ROUNDS=${RAILOVER_ROUNDS:-5}
 echo "$ROUNDS" >"$out/rounds.txt"
 for r in $(seq 1 "$ROUNDS"); do
-  echo "== round $r/$ROUNDS: ib_write_lat, railover ping-pong (beat 1 ms, then 10 ms), ib_write_bw, railover flood, ib_send_lat (64 B)"
+  echo "== round $r/$ROUNDS: ib_write_lat, railover ping-pong (beat 1 ms, then 10 ms), ib_write_bw, railover flood, ib_send_lat, raw verbs (64 B)"
   pt "r$r-ib_write_lat" ib_write_lat 64 -n "$ITER"
   rl "r$r-railover-pingpong" pingpong "$ITER" --hb-misses 200
   # The same detection time (200 ms) from a tenth of the beats: each of the standby's beats is a
@@ -51,4 +51,8 @@ for r in $(seq 1 "$ROUNDS"); do
   # entry written and polled), as railover's RDMA WRITE WITH IMM does: ib_write_lat's receiver
   # polls the buffer's last byte instead, which the design rules out (placement order).
   pt "r$r-ib_send_lat" ib_send_lat 64 -n "$ITER"
+  # The fabric layer alone (railover-rdma's verbs: a write with immediate, inline, polled
+  # completions; no railover work), two threads of one process on the same two vCPUs.
+  timeout 300 taskset -c 0,1 "$bench" --json raw-pingpong --size 64 --iterations "$ITER" \
+    --warmup 200 --client rxe_a1 --server rxe_a2 >"$out/r$r-raw-pingpong.json" 2>&1 || true
 done

@@ -9,6 +9,8 @@ mod peer;
 #[cfg(feature = "verbs")]
 mod peer_perf;
 mod plot;
+#[cfg(feature = "verbs")]
+mod raw_verbs;
 mod replica_runs;
 mod sim_runs;
 mod stats;
@@ -161,6 +163,23 @@ enum Cmd {
         /// The `serve` side's set-up address (loopback or a test host's address).
         #[arg(long)]
         addr: std::net::SocketAddr,
+    },
+    /// The fabric layer alone (verbs): two threads ping-pong a write with immediate through
+    /// railover-rdma on one queue pair, with none of railover's work (a baseline beside
+    /// perftest and railover's ping-pong).
+    RawPingpong {
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 10_000)]
+        iterations: u64,
+        #[arg(long, default_value_t = 1_000)]
+        warmup: u64,
+        /// The timing thread's card.
+        #[arg(long, default_value = "rxe_a1")]
+        client: String,
+        /// The echoing thread's card.
+        #[arg(long, default_value = "rxe_a2")]
+        server: String,
     },
 }
 
@@ -493,6 +512,21 @@ fn main() {
             #[cfg(not(feature = "verbs"))]
             {
                 let _ = (args, addr);
+                need_verbs()
+            }
+        }
+        Cmd::RawPingpong {
+            size,
+            iterations,
+            warmup,
+            client,
+            server,
+        } => {
+            #[cfg(feature = "verbs")]
+            raw_verbs::raw_pingpong(size, iterations, warmup, &client, &server, cli.json);
+            #[cfg(not(feature = "verbs"))]
+            {
+                let _ = (size, iterations, warmup, client, server);
                 need_verbs()
             }
         }
