@@ -312,6 +312,8 @@ pub struct ControlThread<N: Nic> {
     /// receive (it waits on this instead of the cards' event descriptors).
     wake: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
+    /// Wakes the thread after a command, a released card or the stop.
+    bell: Bell,
     thread: Option<JoinHandle<()>>,
     completed: u64,
 }
@@ -350,8 +352,47 @@ impl<N: Nic> ThreadCard<N> {
     }
 }
 
-/// How long the control thread waits on the stream before it looks at its commands again.
+/// How long the control thread waits while it has timed work: a re-arm exchange under way, a
+/// broken stream to redial, the gray switch's retransmission counters to read.
 const CONTROL_POLL: Duration = Duration::from_millis(5);
+
+/// How long it waits with nothing timed to do. Everything it serves then wakes it at once (the
+/// stream, the rejoin port and the cards' events are descriptors it waits on; commands, a
+/// released card and the connection's end ring its bell), so this is only a safety net. (It
+/// woke every [`CONTROL_POLL`] until session 19: on a process pinned to one core with the data
+/// thread, 200 context switches a second away from the busy poll, each tens of microseconds
+/// under qemu, set the ping-pong's p99 on rxe.)
+const CONTROL_IDLE: Duration = Duration::from_secs(1);
+
+/// An eventfd that wakes the control thread: the data thread (or the endpoint) rings it after
+/// queueing a command, releasing a card or stopping the thread; the thread drains it after
+/// each wait. Rung only on such rare changes, never per message.
+#[derive(Clone)]
+pub(crate) struct Bell(Arc<OwnedFd>);
+
+impl Bell {
+    fn new() -> std::io::Result<Bell> {
+        use rustix::event::{eventfd, EventfdFlags};
+        Ok(Bell(Arc::new(eventfd(
+            0,
+            EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC,
+        )?)))
+    }
+
+    pub(crate) fn ring(&self) {
+        // A full counter (2^64 - 2 rings) is readable already: the wake is not lost.
+        let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
+    }
+
+    fn drain(&self) {
+        let mut b = [0u8; 8];
+        let _ = rustix::io::read(&*self.0, &mut b);
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
 
 impl<N> ControlThread<N>
 where
@@ -371,11 +412,26 @@ where
         read_events: bool,
         pool: Option<&PoolHandle<N>>,
     ) -> std::io::Result<ControlThread<N>> {
+        Self::spawn_waiting(channel, role, cfg, cards, read_events, pool, CONTROL_IDLE)
+    }
+
+    /// [`ControlThread::spawn`], waiting up to `idle` when it has no timed work (tests make it
+    /// long enough that only the bell can end the wait).
+    fn spawn_waiting(
+        channel: TcpControl,
+        role: Role,
+        cfg: Config,
+        cards: Vec<ThreadCard<N>>,
+        read_events: bool,
+        pool: Option<&PoolHandle<N>>,
+        idle: Duration,
+    ) -> std::io::Result<ControlThread<N>> {
         // Non-blocking: the thread waits on it (and the cards' event descriptors) with poll.
         channel.stream().set_nonblocking(true)?;
         channel.stream().set_nodelay(true)?;
         use rustix::event::{eventfd, EventfdFlags};
         let wake = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
+        let bell = Bell::new()?;
         let (commands, command_rx) = mpsc::channel();
         let (outcome_tx, outcomes) = mpsc::channel();
         let flagged = Arc::new(AtomicBool::new(false));
@@ -392,6 +448,8 @@ where
                 wake: wake.clone(),
             },
             stop: stop.clone(),
+            bell: bell.clone(),
+            idle,
             proto: RearmProtocol::new(role, cfg.rails())
                 .with_timeout(cfg.rearm_exchange_timeout_ns()),
             fresh: FreshLinks::new(),
@@ -401,9 +459,10 @@ where
         };
         let thread = match pool {
             Some(pool) => {
-                pool.0
+                pool.joining
                     .send(task)
                     .map_err(|_| std::io::Error::other("the endpoint's control thread is gone"))?;
+                pool.bell.ring();
                 None
             }
             None => Some(
@@ -418,6 +477,7 @@ where
             flagged,
             wake,
             stop,
+            bell,
             thread,
             completed: 0,
         })
@@ -452,6 +512,8 @@ impl<N: Nic> ControlThread<N> {
         while let Some(rail) = rx.take_rearm_request() {
             if self.commands.send(Command::Rearm(rail)).is_err() {
                 rx.rearm_failed(rail); // the thread is gone; the core asks again later
+            } else {
+                self.bell.ring();
             }
         }
         // Steady state: this one relaxed load. The swap pairs with the thread's Release store.
@@ -473,6 +535,7 @@ impl<N: Nic> ControlThread<N> {
                     };
                     if let Some(old) = old {
                         let _ = self.commands.send(Command::Retire(old));
+                        self.bell.ring();
                     }
                     self.completed += 1;
                 }
@@ -486,10 +549,20 @@ impl<N: Nic> ControlThread<N> {
     }
 }
 
+impl<N: Nic> ControlThread<N> {
+    /// Wakes the thread to look at the cards again: the data thread released one (the thread
+    /// holds the cards it waits on, and a released device recovers only once every handle on it
+    /// is gone).
+    pub(crate) fn card_released(&self) {
+        self.bell.ring();
+    }
+}
+
 impl<N: Nic> Drop for ControlThread<N> {
     fn drop(&mut self) {
-        // Relaxed: a stop flag; the thread sees it within one CONTROL_POLL.
+        // Relaxed: a stop flag; the bell wakes the thread to see it.
         self.stop.store(true, Ordering::Relaxed);
+        self.bell.ring();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -553,6 +626,10 @@ pub(crate) struct ControlTask<N: Nic> {
     reporter: Reporter<N>,
     /// Set when the connection is dropped.
     stop: Arc<AtomicBool>,
+    /// Rung by the data thread (see [`Bell`]).
+    bell: Bell,
+    /// How long it waits with no timed work ([`CONTROL_IDLE`]).
+    idle: Duration,
     proto: RearmProtocol,
     fresh: FreshLinks<RoutedLink<N>>,
     lost_reported: bool,
@@ -574,12 +651,28 @@ impl<N: Nic> ControlTask<N> {
     /// The descriptors to wait on: the stream, the rejoin port (the listener's side watches it
     /// always) and, when it reads them, the cards' event descriptors.
     fn wait_fds<'a>(&'a self, live: &'a [Option<Arc<N>>], out: &mut Vec<BorrowedFd<'a>>) {
+        out.push(self.bell.fd());
         if !self.proto.is_closed() {
             out.push(self.channel.stream().as_fd());
         }
         out.extend(self.channel.rejoin_port().map(|l| l.as_fd()));
         if self.read_events {
             out.extend(live.iter().flatten().filter_map(|n| n.event_fd()));
+        }
+    }
+
+    /// How long it may wait: [`CONTROL_POLL`] while it has timed work, else [`CONTROL_IDLE`]
+    /// (everything else wakes it: its descriptors and its bell).
+    fn wait_for(&self) -> Duration {
+        let redials = self.proto.is_closed() && self.channel.dials();
+        let counts_retransmissions = self
+            .cfg
+            .gray_switch()
+            .is_some_and(|g| g.retransmits_per_window > 0);
+        if self.proto.busy() || redials || counts_retransmissions {
+            CONTROL_POLL
+        } else {
+            self.idle
         }
     }
 
@@ -590,6 +683,9 @@ impl<N: Nic> ControlTask<N> {
 
     /// Takes the data thread's commands. False when the connection is gone.
     fn take_commands(&mut self) -> bool {
+        // Before the commands: a ring after this read comes with a command read below or in
+        // the next turn (the bell stays readable).
+        self.bell.drain();
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Rearm(rail)) => self.proto.request(rail, self.now()),
@@ -719,30 +815,45 @@ impl<N: Nic> ControlTask<N> {
     }
 }
 
-/// Waits until one of `fds` is readable or [`CONTROL_POLL`] passed (just sleeps for that with
-/// none).
-fn wait(fds: &[BorrowedFd<'_>]) {
+/// Waits until one of `fds` is readable or `timeout` passed (just sleeps for that with none);
+/// returns how many are readable. Any number of descriptors (an endpoint's pool waits on three
+/// or more per connection; `railover_rdma::wait_readable`, made for the data thread, takes 16
+/// without allocating).
+fn wait(fds: &[BorrowedFd<'_>], timeout: Duration) -> usize {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
     if fds.is_empty() {
-        std::thread::sleep(CONTROL_POLL);
-    } else if let Err(e) = railover_rdma::wait_readable(fds, CONTROL_POLL.as_nanos() as u64) {
-        tracing::warn!(error = %e, "control thread: waiting failed");
-        std::thread::sleep(CONTROL_POLL); // never spin on a broken wait
+        std::thread::sleep(timeout);
+        return 0;
+    }
+    let mut set: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::from_borrowed_fd(*fd, PollFlags::IN))
+        .collect();
+    let timeout = Timespec {
+        tv_sec: timeout.as_secs() as _,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    match poll(&mut set, Some(&timeout)) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::INTR) => 0,
+        Err(e) => {
+            tracing::warn!(error = %e, "control thread: waiting failed");
+            std::thread::sleep(CONTROL_POLL); // never spin on a broken wait
+            0
+        }
     }
 }
 
 /// A connection's own control thread: waits on its stream and cards, then takes a turn.
 fn control_loop<N: Nic>(mut task: ControlTask<N>) {
+    // Commands are taken and turned before every wait, never left for after it: a wait with no
+    // timed work lasts until a descriptor or the bell wakes it.
     while task.take_commands() {
         let live = task.live_cards();
-        let mut fds = Vec::with_capacity(MAX_RAILS + 2);
-        task.wait_fds(&live, &mut fds);
-        wait(&fds);
-        drop(fds);
-        // (Commands that came during the wait are taken before the next.)
-        if !task.take_commands() {
-            return;
-        }
         task.turn(&live);
+        let mut fds = Vec::with_capacity(MAX_RAILS + 3);
+        task.wait_fds(&live, &mut fds);
+        wait(&fds, task.wait_for());
     }
 }
 
@@ -770,30 +881,35 @@ where
         let (joining, joined) = mpsc::channel::<ControlTask<N>>();
         let stop = Arc::new(AtomicBool::new(false));
         let halt = stop.clone();
+        let bell = Bell::new()?;
+        let pool_bell = bell.clone();
         let thread = std::thread::Builder::new()
             .name("railover-control".into())
             .spawn(move || {
                 let mut tasks: Vec<ControlTask<N>> = Vec::new();
                 // Relaxed: a stop flag (see ControlPool::drop).
+                // As `control_loop`, for every task: commands taken and turned before each wait.
                 while !halt.load(Ordering::Relaxed) {
+                    pool_bell.drain();
                     while let Ok(task) = joined.try_recv() {
                         tasks.push(task);
                     }
                     tasks.retain_mut(|t| t.take_commands());
                     let live: Vec<_> = tasks.iter().map(|t| t.live_cards()).collect();
-                    let mut fds = Vec::with_capacity(2 * tasks.len());
-                    for (t, live) in tasks.iter().zip(&live) {
-                        t.wait_fds(live, &mut fds);
-                    }
-                    wait(&fds);
-                    drop(fds);
                     for (t, live) in tasks.iter_mut().zip(&live) {
                         t.turn(live);
                     }
+                    let mut fds = Vec::with_capacity(1 + 3 * tasks.len());
+                    fds.push(pool_bell.fd());
+                    for (t, live) in tasks.iter().zip(&live) {
+                        t.wait_fds(live, &mut fds);
+                    }
+                    let timeout = tasks.iter().map(|t| t.wait_for()).min();
+                    wait(&fds, timeout.unwrap_or(CONTROL_IDLE));
                 }
             })?;
         Ok(ControlPool {
-            joining: PoolHandle(joining),
+            joining: PoolHandle { joining, bell },
             stop,
             thread: Some(thread),
         })
@@ -801,11 +917,18 @@ where
 }
 
 /// Where connections join a [`ControlPool`] (from any thread: a background acceptor's, say).
-pub(crate) struct PoolHandle<N: Nic>(mpsc::Sender<ControlTask<N>>);
+pub(crate) struct PoolHandle<N: Nic> {
+    joining: mpsc::Sender<ControlTask<N>>,
+    /// Wakes the pool's thread to take the new task (and to see its stop flag).
+    bell: Bell,
+}
 
 impl<N: Nic> Clone for PoolHandle<N> {
     fn clone(&self) -> Self {
-        PoolHandle(self.0.clone())
+        PoolHandle {
+            joining: self.joining.clone(),
+            bell: self.bell.clone(),
+        }
     }
 }
 
@@ -818,10 +941,172 @@ impl<N: Nic> ControlPool<N> {
 
 impl<N: Nic> Drop for ControlPool<N> {
     fn drop(&mut self) {
-        // Relaxed: a stop flag; the thread sees it within one CONTROL_POLL.
+        // Relaxed: a stop flag; the bell wakes the thread to see it.
         self.stop.store(true, Ordering::Relaxed);
+        self.joining.bell.ring();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use railover_rdma::sim::SimNic;
+    #[cfg(feature = "verbs")]
+    use railover_rdma::verbs::VerbsNic;
+    use std::net::TcpListener;
+
+    /// Both ends of a loopback stream.
+    fn stream_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (b, _) = l.accept().expect("accept");
+        (a, b)
+    }
+
+    fn dialler() -> (TcpControl, TcpStream) {
+        let (ours, theirs) = stream_pair();
+        (TcpControl::dialler(ours, 7, 1).expect("dialler"), theirs)
+    }
+
+    fn listener() -> (TcpControl, TcpStream) {
+        let (ours, theirs) = stream_pair();
+        let port = TcpListener::bind("127.0.0.1:0").expect("rejoin port");
+        (
+            TcpControl::listener(ours, 7, port).expect("listener"),
+            theirs,
+        )
+    }
+
+    const FOREVER: Duration = Duration::from_secs(3600);
+
+    /// A thread that only its bell (or its descriptors) can wake: its idle wait is an hour.
+    /// (A verbs connection's thread, with no card: none is opened. The simulated card can't go
+    /// to another thread.)
+    #[cfg(feature = "verbs")]
+    fn spawn(channel: TcpControl, role: Role) -> ControlThread<VerbsNic> {
+        ControlThread::spawn_waiting(
+            channel,
+            role,
+            Config::builder().build().expect("default config"),
+            Vec::new(),
+            false,
+            None,
+            FOREVER,
+        )
+        .expect("spawn")
+    }
+
+    /// Waits (at most a minute: a bound for a failing run, not a synchronization) until the
+    /// thread reports an outcome; returns it.
+    #[cfg(feature = "verbs")]
+    fn next_outcome(t: &ControlThread<VerbsNic>) -> Option<Outcome<VerbsNic>> {
+        let ready = railover_rdma::wait_readable(&[t.wake_fd()], 60_000_000_000).expect("wait");
+        t.clear_wake();
+        (ready > 0).then(|| t.outcomes.try_recv().ok()).flatten()
+    }
+
+    #[test]
+    fn the_wait_takes_any_number_of_descriptors() {
+        // An endpoint's pool with a dozen connections waits on three dozen.
+        let bells: Vec<Bell> = (0..40).map(|_| Bell::new().expect("eventfd")).collect();
+        bells[37].ring();
+        let fds: Vec<BorrowedFd<'_>> = bells.iter().map(|b| b.fd()).collect();
+        assert_eq!(wait(&fds, FOREVER), 1, "the rung one, among 40");
+    }
+
+    #[test]
+    fn an_idle_control_thread_waits_without_a_timer_and_a_busy_one_with_one() {
+        let (channel, _peer) = dialler();
+        let mut task = test_task(channel, Role::Initiator);
+        assert_eq!(
+            task.wait_for(),
+            FOREVER,
+            "idle: only its descriptors and bell wake it"
+        );
+        task.proto.request(0, 0);
+        assert_eq!(
+            task.wait_for(),
+            CONTROL_POLL,
+            "an exchange under way times out"
+        );
+        let (channel, _peer) = dialler();
+        let mut task = test_task(channel, Role::Initiator);
+        task.proto.channel_failed();
+        assert_eq!(
+            task.wait_for(),
+            CONTROL_POLL,
+            "a dialler redials a broken stream"
+        );
+        let (channel, _peer) = listener();
+        let mut task = test_task(channel, Role::Acceptor);
+        task.proto.channel_failed();
+        assert_eq!(
+            task.wait_for(),
+            FOREVER,
+            "a listener waits on its rejoin port"
+        );
+    }
+
+    #[test]
+    #[cfg(feature = "verbs")]
+    fn a_command_wakes_the_control_thread_through_its_bell() {
+        let (channel, _peer) = listener();
+        let t = spawn(channel, Role::Acceptor);
+        // What `serve` does with a re-arm request: an acceptor declines it (only the dialler
+        // starts exchanges), and says so at once.
+        t.commands.send(Command::Rearm(1)).expect("thread alive");
+        t.bell.ring();
+        assert!(
+            matches!(next_outcome(&t), Some(Outcome::Failed(1))),
+            "the command was answered (without the bell the thread sleeps an hour)"
+        );
+    }
+
+    #[test]
+    #[cfg(feature = "verbs")]
+    fn dropping_the_connection_ends_its_control_thread_at_once() {
+        let (channel, _peer) = dialler();
+        let t = spawn(channel, Role::Initiator);
+        let (done, ended) = mpsc::channel();
+        std::thread::spawn(move || {
+            drop(t); // sets the stop flag, rings, joins
+            let _ = done.send(());
+        });
+        assert!(
+            ended.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "the drop's ring ended the thread's wait (else it sleeps an hour)"
+        );
+    }
+
+    /// A task as `spawn` builds it, not running, to ask how long it would wait.
+    fn test_task(channel: TcpControl, role: Role) -> ControlTask<SimNic> {
+        let (_commands, command_rx) = mpsc::channel();
+        let (outcomes, _rx) = mpsc::channel();
+        let fd = Arc::new(
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::NONBLOCK).expect("eventfd"),
+        );
+        ControlTask {
+            channel,
+            cfg: Config::builder().build().expect("default config"),
+            read_events: false,
+            cards: Vec::new(),
+            commands: command_rx,
+            reporter: Reporter {
+                outcomes,
+                flagged: Arc::new(AtomicBool::new(false)),
+                wake: fd,
+            },
+            stop: Arc::new(AtomicBool::new(false)),
+            bell: Bell::new().expect("bell"),
+            idle: FOREVER,
+            proto: RearmProtocol::new(role, 2),
+            fresh: FreshLinks::new(),
+            lost_reported: false,
+            retransmissions: [None; MAX_RAILS],
+            start: Instant::now(),
         }
     }
 }

@@ -1554,6 +1554,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 card = card.nic().name(),
                 "device fatal: card released"
             );
+            drop(card);
+            if let Some(Control::Thread(t)) = &self.control {
+                t.card_released(); // it holds the card while it waits: let go of it now
+            }
         }
     }
 
