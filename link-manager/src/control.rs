@@ -362,7 +362,7 @@ const CONTROL_POLL: Duration = Duration::from_millis(5);
 /// woke every [`CONTROL_POLL`] until session 19: on a process pinned to one core with the data
 /// thread, 200 context switches a second away from the busy poll, each tens of microseconds
 /// under qemu, set the ping-pong's p99 on rxe.)
-const CONTROL_IDLE: Duration = Duration::from_secs(1);
+pub(crate) const CONTROL_IDLE: Duration = Duration::from_secs(1);
 
 /// An eventfd that wakes the control thread: the data thread (or the endpoint) rings it after
 /// queueing a command, releasing a card or stopping the thread; the thread drains it after
@@ -403,21 +403,10 @@ where
     N::SharedCq: Send + 'static,
     <N::SharedCq as railover_rdma::SharedCq>::Attach: Send + 'static,
 {
-    /// Starts the control thread of a connection whose rails' cards are `cards`.
+    /// Starts the control thread of a connection whose rails' cards are `cards`. With no timed
+    /// work it waits up to `idle` ([`CONTROL_IDLE`]; tests make it long enough that only the
+    /// bell can end the wait).
     pub(crate) fn spawn(
-        channel: TcpControl,
-        role: Role,
-        cfg: Config,
-        cards: Vec<ThreadCard<N>>,
-        read_events: bool,
-        pool: Option<&PoolHandle<N>>,
-    ) -> std::io::Result<ControlThread<N>> {
-        Self::spawn_waiting(channel, role, cfg, cards, read_events, pool, CONTROL_IDLE)
-    }
-
-    /// [`ControlThread::spawn`], waiting up to `idle` when it has no timed work (tests make it
-    /// long enough that only the bell can end the wait).
-    fn spawn_waiting(
         channel: TcpControl,
         role: Role,
         cfg: Config,
@@ -987,7 +976,7 @@ mod tests {
     /// to another thread.)
     #[cfg(feature = "verbs")]
     fn spawn(channel: TcpControl, role: Role) -> ControlThread<VerbsNic> {
-        ControlThread::spawn_waiting(
+        ControlThread::spawn(
             channel,
             role,
             Config::builder().build().expect("default config"),
@@ -1019,35 +1008,43 @@ mod tests {
 
     #[test]
     fn an_idle_control_thread_waits_without_a_timer_and_a_busy_one_with_one() {
-        let (channel, _peer) = dialler();
-        let mut task = test_task(channel, Role::Initiator);
-        assert_eq!(
-            task.wait_for(),
-            FOREVER,
-            "idle: only its descriptors and bell wake it"
-        );
-        task.proto.request(0, 0);
-        assert_eq!(
-            task.wait_for(),
-            CONTROL_POLL,
-            "an exchange under way times out"
-        );
-        let (channel, _peer) = dialler();
-        let mut task = test_task(channel, Role::Initiator);
-        task.proto.channel_failed();
-        assert_eq!(
-            task.wait_for(),
-            CONTROL_POLL,
-            "a dialler redials a broken stream"
-        );
-        let (channel, _peer) = listener();
-        let mut task = test_task(channel, Role::Acceptor);
-        task.proto.channel_failed();
-        assert_eq!(
-            task.wait_for(),
-            FOREVER,
-            "a listener waits on its rejoin port"
-        );
+        type Setup = fn(&mut RearmProtocol);
+        let cases: [(bool, Role, Setup, Duration, &str); 4] = [
+            (
+                true,
+                Role::Initiator,
+                |_| {},
+                FOREVER,
+                "idle: its descriptors and bell wake it",
+            ),
+            (
+                true,
+                Role::Initiator,
+                |p| p.request(0, 0),
+                CONTROL_POLL,
+                "an exchange times out",
+            ),
+            (
+                true,
+                Role::Initiator,
+                |p| p.channel_failed(),
+                CONTROL_POLL,
+                "a dialler redials",
+            ),
+            (
+                false,
+                Role::Acceptor,
+                |p| p.channel_failed(),
+                FOREVER,
+                "a listener waits on its port",
+            ),
+        ];
+        for (dials, role, setup, expected, why) in cases {
+            let (channel, _peer) = if dials { dialler() } else { listener() };
+            let mut task = test_task(channel, role);
+            setup(&mut task.proto);
+            assert_eq!(task.wait_for(), expected, "{why}");
+        }
     }
 
     #[test]

@@ -1783,6 +1783,7 @@ where
             cards,
             read_events,
             pool,
+            crate::control::CONTROL_IDLE,
         )?));
         Ok(())
     }
