@@ -52,7 +52,8 @@ for r in $(seq 1 "$ROUNDS"); do
   # polls the buffer's last byte instead, which the design rules out (placement order).
   pt "r$r-ib_send_lat" ib_send_lat 64 -n "$ITER"
   # The fabric layer alone (railover-rdma's verbs: a write with immediate, inline, polled
-  # completions; no railover work), two threads of one process on the same two vCPUs.
-  timeout 300 taskset -c 0,1 "$bench" --json raw-pingpong --size 64 --iterations "$ITER" \
-    --warmup 200 --client rxe_a1 --server rxe_a2 >"$out/r$r-raw-pingpong.json" 2>&1 || true
+  # completions; no railover work), two threads of one process, pinned as perftest's processes.
+  timeout 300 "$bench" --json raw-pingpong --size 64 --iterations "$ITER" --warmup 200 \
+    --client rxe_a1 --client-cpu 1 --server rxe_a2 --server-cpu 0 \
+    >"$out/r$r-raw-pingpong.json" 2>&1 || true
 done

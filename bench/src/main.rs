@@ -180,6 +180,12 @@ enum Cmd {
         /// The echoing thread's card.
         #[arg(long, default_value = "rxe_a2")]
         server: String,
+        /// Pin the timing thread to this CPU.
+        #[arg(long)]
+        client_cpu: Option<usize>,
+        /// Pin the echoing thread to this CPU.
+        #[arg(long)]
+        server_cpu: Option<usize>,
     },
 }
 
@@ -521,12 +527,21 @@ fn main() {
             warmup,
             client,
             server,
+            client_cpu,
+            server_cpu,
         } => {
             #[cfg(feature = "verbs")]
-            raw_verbs::raw_pingpong(size, iterations, warmup, &client, &server, cli.json);
+            raw_verbs::raw_pingpong(
+                size,
+                iterations,
+                warmup,
+                (&client, client_cpu),
+                (&server, server_cpu),
+                cli.json,
+            );
             #[cfg(not(feature = "verbs"))]
             {
-                let _ = (size, iterations, warmup, client, server);
+                let _ = (size, iterations, warmup, client, server, client_cpu, server_cpu);
                 need_verbs()
             }
         }

@@ -134,16 +134,29 @@ impl Side {
     }
 }
 
-/// Times `iterations` round trips of `size` bytes (after `warmup`) between `client_dev` (the
-/// timing thread) and `server_dev` (the echoing thread), each thread on its own card.
+/// Pins the calling thread to `cpu` (as perftest's processes are pinned with `taskset`).
+fn pin_to(cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        rustix::thread::sched_setaffinity(None, &set)
+            .unwrap_or_else(|e| panic!("pinning a thread to CPU {cpu}: {e}"));
+    }
+}
+
+/// Times `iterations` round trips of `size` bytes (after `warmup`) between `client` (the
+/// timing thread's card and CPU) and `server` (the echoing thread's), each thread on its own
+/// card.
 pub fn raw_pingpong(
     size: usize,
     iterations: u64,
     warmup: u64,
-    client_dev: &str,
-    server_dev: &str,
+    client: (&str, Option<usize>),
+    server: (&str, Option<usize>),
     as_json: bool,
 ) {
+    let (client_dev, client_cpu) = client;
+    let (server_dev, server_cpu) = server;
     let params = LinkParams {
         timeout: 13,
         ..LinkParams::default()
@@ -154,12 +167,14 @@ pub fn raw_pingpong(
     let total = warmup + iterations;
     let server_card = server_dev.to_string();
     let server = std::thread::spawn(move || {
+        pin_to(server_cpu);
         let mut s = Side::open(&server_card, &params, to_client, from_client);
         for i in 0..total {
             let imm = s.wait_for_write();
             s.write(size, imm, i + 1 == total);
         }
     });
+    pin_to(client_cpu);
     let mut c = Side::open(client_dev, &params, to_server, from_server);
     let timer = RealClock::default();
     let mut rtt = histogram();
@@ -176,6 +191,7 @@ pub fn raw_pingpong(
     }
     server.join().expect("server thread");
     let report = json!({"raw_pingpong": {"size": size, "iterations": iterations, "warmup": warmup,
+        "client_cpu": client_cpu, "server_cpu": server_cpu,
         "rtt": summarize_us(&rtt), "wrong_echoes": wrong,
         "signal_every": SIGNAL_EVERY, "recv_batch": RECV_BATCH}});
     if as_json {
