@@ -541,7 +541,9 @@ fn main() {
             );
             #[cfg(not(feature = "verbs"))]
             {
-                let _ = (size, iterations, warmup, client, server, client_cpu, server_cpu);
+                let _ = (
+                    size, iterations, warmup, client, server, client_cpu, server_cpu,
+                );
                 need_verbs()
             }
         }
