@@ -3,7 +3,8 @@
 //! from either side, a peer killed mid-stream. Every run checks 0 lost / duplicated / reordered /
 //! corrupted records from both processes' reports and prints its figures into
 //! `ci/out/rxe-results.txt`. Hot-hot rails through a cut wire, and the gray switch leaving a
-//! netem-delayed wire, run the same way. Needs the SoftRoCE VM: `ci/vm-tests` runs these
+//! netem-delayed wire, run the same way; so does `raw-pingpong`, the fabric layer alone that the
+//! rxe comparison runs beside perftest. Needs the SoftRoCE VM: `ci/vm-tests` runs these
 //! (`--include-ignored`).
 #![cfg(feature = "verbs")]
 
@@ -1401,4 +1402,42 @@ impl Drop for Netem {
     fn drop(&mut self) {
         fault("netem-clear", self.0);
     }
+}
+
+/// `raw-pingpong`, the fabric layer alone that the rxe comparison stands beside perftest: every
+/// round trip timed, every echo the one sent, its threads pinned as the comparison pins them.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn the_raw_verbs_ping_pong_echoes_every_write() {
+    let out = Command::new(BIN)
+        .args([
+            "--json",
+            "raw-pingpong",
+            "--size",
+            "64",
+            "--iterations",
+            "500",
+        ])
+        .args(["--warmup", "20", "--client", "rxe_a1", "--server", "rxe_a2"])
+        .args(["--client-cpu", "1", "--server-cpu", "0"])
+        .output()
+        .expect("run railover-bench raw-pingpong");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "raw-pingpong failed: {stdout} {out:?}"
+    );
+    let report: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("a JSON report: {stdout}"));
+    let r = &report["raw_pingpong"];
+    assert_eq!(n(&r["rtt"], "count"), 500, "every timed round trip: {r}");
+    assert_eq!(
+        n(r, "wrong_echoes"),
+        0,
+        "each echo carried the immediate sent: {r}"
+    );
+    write_result(&format!("raw verbs ping-pong: {}", r["rtt"]));
 }
