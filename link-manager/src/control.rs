@@ -535,6 +535,10 @@ impl<N: Nic> ControlThread<N> {
                 Outcome::Retransmissions { rail, total } => rx.card_retransmissions(rail, total),
             }
         }
+        // What the outcomes changed, the thread looks at in one more turn: above all a card
+        // released on a device-fatal event (`progress` holds this handle out of the receiver
+        // meanwhile, so `card_released` can't reach it). Outcomes are rare: one ring for all.
+        self.bell.ring();
     }
 }
 
@@ -662,6 +666,17 @@ impl<N: Nic> ControlTask<N> {
             CONTROL_POLL
         } else {
             self.idle
+        }
+    }
+
+    /// The cards to keep through the wait: those whose event descriptors it waits on, none
+    /// when it reads no events (an endpoint's connection). A card the data path lets go of
+    /// meanwhile is then released at once, not when the wait ends.
+    fn held_for_wait(&self, live: [Option<Arc<N>>; MAX_RAILS]) -> [Option<Arc<N>>; MAX_RAILS] {
+        if self.read_events {
+            live
+        } else {
+            Default::default()
         }
     }
 
@@ -840,8 +855,9 @@ fn control_loop<N: Nic>(mut task: ControlTask<N>) {
     while task.take_commands() {
         let live = task.live_cards();
         task.turn(&live);
+        let held = task.held_for_wait(live);
         let mut fds = Vec::with_capacity(MAX_RAILS + 3);
-        task.wait_fds(&live, &mut fds);
+        task.wait_fds(&held, &mut fds);
         wait(&fds, task.wait_for());
     }
 }
@@ -866,7 +882,9 @@ where
     <N::SharedCq as railover_rdma::SharedCq>::Attach: Send + 'static,
 {
     #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
-    pub(crate) fn spawn() -> std::io::Result<ControlPool<N>> {
+    /// Starts the pool's thread; `idle` as for [`ControlThread::spawn`] (its wait with no
+    /// connection, or none with timed work).
+    pub(crate) fn spawn(idle: Duration) -> std::io::Result<ControlPool<N>> {
         let (joining, joined) = mpsc::channel::<ControlTask<N>>();
         let stop = Arc::new(AtomicBool::new(false));
         let halt = stop.clone();
@@ -878,8 +896,14 @@ where
                 let mut tasks: Vec<ControlTask<N>> = Vec::new();
                 // Relaxed: a stop flag (see ControlPool::drop).
                 // As `control_loop`, for every task: commands taken and turned before each wait.
-                while !halt.load(Ordering::Relaxed) {
+                loop {
+                    // Drained before the stop flag is read: a ring from `drop` after the drain
+                    // ends the wait below, one before it comes with the flag already set.
                     pool_bell.drain();
+                    // Relaxed: a stop flag; the bell orders it (see above).
+                    if halt.load(Ordering::Relaxed) {
+                        break;
+                    }
                     while let Ok(task) = joined.try_recv() {
                         tasks.push(task);
                     }
@@ -888,13 +912,18 @@ where
                     for (t, live) in tasks.iter_mut().zip(&live) {
                         t.turn(live);
                     }
+                    let held: Vec<_> = tasks
+                        .iter()
+                        .zip(live)
+                        .map(|(t, live)| t.held_for_wait(live))
+                        .collect();
                     let mut fds = Vec::with_capacity(1 + 3 * tasks.len());
                     fds.push(pool_bell.fd());
-                    for (t, live) in tasks.iter().zip(&live) {
-                        t.wait_fds(live, &mut fds);
+                    for (t, held) in tasks.iter().zip(&held) {
+                        t.wait_fds(held, &mut fds);
                     }
                     let timeout = tasks.iter().map(|t| t.wait_for()).min();
-                    wait(&fds, timeout.unwrap_or(CONTROL_IDLE));
+                    wait(&fds, timeout.unwrap_or(idle));
                 }
             })?;
         Ok(ControlPool {
@@ -942,9 +971,12 @@ impl<N: Nic> Drop for ControlPool<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::GraySwitch;
     use railover_rdma::sim::SimNic;
     #[cfg(feature = "verbs")]
     use railover_rdma::verbs::VerbsNic;
+    #[cfg(feature = "verbs")]
+    use std::mem::ManuallyDrop;
     use std::net::TcpListener;
 
     /// Both ends of a loopback stream.
@@ -974,18 +1006,26 @@ mod tests {
     /// A thread that only its bell (or its descriptors) can wake: its idle wait is an hour.
     /// (A verbs connection's thread, with no card: none is opened. The simulated card can't go
     /// to another thread.)
+    /// (Not dropped unless a test says so: a drop joins the thread, and a failing test must end,
+    /// not wait an hour for it.)
     #[cfg(feature = "verbs")]
-    fn spawn(channel: TcpControl, role: Role) -> ControlThread<VerbsNic> {
-        ControlThread::spawn(
-            channel,
-            role,
-            Config::builder().build().expect("default config"),
-            Vec::new(),
-            false,
-            None,
-            FOREVER,
+    fn spawn(
+        channel: TcpControl,
+        role: Role,
+        pool: Option<&PoolHandle<VerbsNic>>,
+    ) -> ManuallyDrop<ControlThread<VerbsNic>> {
+        ManuallyDrop::new(
+            ControlThread::spawn(
+                channel,
+                role,
+                Config::builder().build().expect("default config"),
+                Vec::new(),
+                false,
+                pool,
+                FOREVER,
+            )
+            .expect("spawn"),
         )
-        .expect("spawn")
     }
 
     /// Waits (at most a minute: a bound for a failing run, not a synchronization) until the
@@ -1045,37 +1085,97 @@ mod tests {
             setup(&mut task.proto);
             assert_eq!(task.wait_for(), expected, "{why}");
         }
+        // The gray switch reads the cards' retransmission counters on every turn.
+        let (channel, _peer) = dialler();
+        let mut task = test_task(channel, Role::Initiator);
+        let gray = GraySwitch::new(
+            Duration::from_micros(50),
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+        )
+        .retransmits_per_window(1);
+        task.cfg = Config::builder().gray_switch(gray).build().expect("config");
+        assert_eq!(task.wait_for(), CONTROL_POLL, "retransmissions are counted");
+    }
+
+    /// Sends a re-arm request as `serve` does and waits for the answer: an acceptor declines it
+    /// (only the dialler starts exchanges) and says so at once.
+    #[cfg(feature = "verbs")]
+    fn declined(t: &ControlThread<VerbsNic>, rail: usize) -> bool {
+        t.commands.send(Command::Rearm(rail)).expect("thread alive");
+        t.bell.ring();
+        matches!(next_outcome(t), Some(Outcome::Failed(r)) if r == rail)
     }
 
     #[test]
     #[cfg(feature = "verbs")]
     fn a_command_wakes_the_control_thread_through_its_bell() {
         let (channel, _peer) = listener();
-        let t = spawn(channel, Role::Acceptor);
-        // What `serve` does with a re-arm request: an acceptor declines it (only the dialler
-        // starts exchanges), and says so at once.
-        t.commands.send(Command::Rearm(1)).expect("thread alive");
-        t.bell.ring();
+        let t = spawn(channel, Role::Acceptor, None);
+        // The first may be taken before the thread ever waits; the thread takes the second
+        // only after the wait that follows its answer to the first, which only the bell ends.
+        assert!(declined(&t, 1), "the first command answered");
         assert!(
-            matches!(next_outcome(&t), Some(Outcome::Failed(1))),
-            "the command was answered (without the bell the thread sleeps an hour)"
+            declined(&t, 0),
+            "the second, through the bell (else it sleeps an hour)"
         );
+        drop(ManuallyDrop::into_inner(t));
     }
 
     #[test]
     #[cfg(feature = "verbs")]
     fn dropping_the_connection_ends_its_control_thread_at_once() {
-        let (channel, _peer) = dialler();
-        let t = spawn(channel, Role::Initiator);
-        let (done, ended) = mpsc::channel();
-        std::thread::spawn(move || {
-            drop(t); // sets the stop flag, rings, joins
-            let _ = done.send(());
-        });
+        let (channel, _peer) = listener();
+        let t = spawn(channel, Role::Acceptor, None);
         assert!(
-            ended.recv_timeout(Duration::from_secs(60)).is_ok(),
+            declined(&t, 1),
+            "the thread is past its first turn, waiting"
+        );
+        assert!(
+            ends_within_a_minute(move || drop(ManuallyDrop::into_inner(t))),
             "the drop's ring ended the thread's wait (else it sleeps an hour)"
         );
+    }
+
+    #[test]
+    #[cfg(feature = "verbs")]
+    fn an_endpoints_pool_takes_connections_commands_and_its_stop_through_bells() {
+        let pool = ManuallyDrop::new(ControlPool::<VerbsNic>::spawn(FOREVER).expect("pool"));
+        let (channel, _peer) = listener();
+        let t = spawn(channel, Role::Acceptor, Some(pool.handle()));
+        assert!(
+            declined(&t, 1),
+            "the joining connection taken, its command answered"
+        );
+        assert!(
+            declined(&t, 0),
+            "a later command, through the connection's bell"
+        );
+        let (channel, _peer2) = listener();
+        let u = spawn(channel, Role::Acceptor, Some(pool.handle()));
+        assert!(
+            declined(&u, 1),
+            "a second connection joins the waiting pool"
+        );
+        drop(ManuallyDrop::into_inner(t)); // (a pool's connection has no thread of its own to join)
+        assert!(declined(&u, 0), "the pool still serves the other");
+        drop(ManuallyDrop::into_inner(u));
+        assert!(
+            ends_within_a_minute(move || drop(ManuallyDrop::into_inner(pool))),
+            "the pool's own bell ends its wait (else it sleeps an hour)"
+        );
+    }
+
+    /// Runs `f` on another thread; whether it returned within a minute (a bound for a failing
+    /// run, not a synchronization).
+    #[cfg(feature = "verbs")]
+    fn ends_within_a_minute(f: impl FnOnce() + Send + 'static) -> bool {
+        let (done, ended) = mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = done.send(());
+        });
+        ended.recv_timeout(Duration::from_secs(60)).is_ok()
     }
 
     /// A task as `spawn` builds it, not running, to ask how long it would wait.

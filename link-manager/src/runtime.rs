@@ -1661,6 +1661,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let r = &mut self.rails[rail];
         r.card = Some(card); // the old one drops here: queue pair, registrations, card
         r.reopen = reopen;
+        if let Some(Control::Thread(t)) = &self.control {
+            t.card_released(); // it may hold the old card while it waits: let go of it now
+        }
         Ok(())
     }
 

@@ -418,7 +418,9 @@ impl Endpoint<VerbsNic, RealClock> {
     /// started with the first connection.
     fn control_pool(&mut self) -> Result<&PoolHandle<VerbsNic>, ConnectError> {
         if self.control.is_none() {
-            self.control = Some(ControlPool::spawn().map_err(ConnectError::Channel)?);
+            self.control = Some(
+                ControlPool::spawn(crate::control::CONTROL_IDLE).map_err(ConnectError::Channel)?,
+            );
         }
         Ok(self.control.as_ref().expect("just made").handle())
     }
