@@ -310,7 +310,7 @@ pub struct ControlThread<N: Nic> {
     flagged: Arc<AtomicBool>,
     /// Written by the thread after each outcome: wakes a data thread asleep in a blocking
     /// receive (it waits on this instead of the cards' event descriptors).
-    wake: Arc<OwnedFd>,
+    wake: Bell,
     stop: Arc<AtomicBool>,
     /// Wakes the thread after a command, a released card or the stop.
     bell: Bell,
@@ -364,9 +364,10 @@ const CONTROL_POLL: Duration = Duration::from_millis(5);
 /// under qemu, set the ping-pong's p99 on rxe.)
 pub(crate) const CONTROL_IDLE: Duration = Duration::from_secs(1);
 
-/// An eventfd that wakes the control thread: the data thread (or the endpoint) rings it after
-/// queueing a command, releasing a card or stopping the thread; the thread drains it after
-/// each wait. Rung only on such rare changes, never per message.
+/// An eventfd that wakes a thread: the control thread's bell, which the data thread (or the
+/// endpoint) rings after queueing a command, releasing a card or stopping it, drained after
+/// each wait; and the data thread's wake, rung by the control thread after each outcome. Rung
+/// only on such rare changes, never per message.
 #[derive(Clone)]
 pub(crate) struct Bell(Arc<OwnedFd>);
 
@@ -418,8 +419,7 @@ where
         // Non-blocking: the thread waits on it (and the cards' event descriptors) with poll.
         channel.stream().set_nonblocking(true)?;
         channel.stream().set_nodelay(true)?;
-        use rustix::event::{eventfd, EventfdFlags};
-        let wake = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
+        let wake = Bell::new()?;
         let bell = Bell::new()?;
         let (commands, command_rx) = mpsc::channel();
         let (outcome_tx, outcomes) = mpsc::channel();
@@ -480,13 +480,12 @@ impl<N: Nic> ControlThread<N> {
 
     /// Readable when the thread has news for the data thread (to wait on in a blocking receive).
     pub fn wake_fd(&self) -> BorrowedFd<'_> {
-        self.wake.as_fd()
+        self.wake.fd()
     }
 
     /// After a blocking wait: consumes the wake-ups.
     pub fn clear_wake(&self) {
-        let mut b = [0u8; 8];
-        let _ = rustix::io::read(&*self.wake, &mut b);
+        self.wake.drain();
     }
 
     /// Whether the thread has no news (outcomes) waiting: one relaxed load (`serve` swaps the
@@ -540,9 +539,7 @@ impl<N: Nic> ControlThread<N> {
         // meanwhile, so `card_released` can't reach it). Outcomes are rare: one ring for all.
         self.bell.ring();
     }
-}
 
-impl<N: Nic> ControlThread<N> {
     /// Wakes the thread to look at the cards again: the data thread released one (the thread
     /// holds the cards it waits on, and a released device recovers only once every handle on it
     /// is gone).
@@ -592,7 +589,7 @@ fn prepare<N: Nic>(
 struct Reporter<N: Nic> {
     outcomes: mpsc::Sender<Outcome<N>>,
     flagged: Arc<AtomicBool>,
-    wake: Arc<OwnedFd>,
+    wake: Bell,
 }
 
 impl<N: Nic> Reporter<N> {
@@ -601,7 +598,7 @@ impl<N: Nic> Reporter<N> {
             // Pairs with the data thread's Acquire swap: the outcome is queued before the flag.
             self.flagged.store(true, Ordering::Release);
             // Outcomes are rare (faults, re-arms): waking a blocking receiver each time is fine.
-            let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
+            self.wake.ring();
         }
     }
 }
@@ -894,7 +891,6 @@ where
             .name("railover-control".into())
             .spawn(move || {
                 let mut tasks: Vec<ControlTask<N>> = Vec::new();
-                // Relaxed: a stop flag (see ControlPool::drop).
                 // As `control_loop`, for every task: commands taken and turned before each wait.
                 loop {
                     // Drained before the stop flag is read: a ring from `drop` after the drain
@@ -1182,9 +1178,6 @@ mod tests {
     fn test_task(channel: TcpControl, role: Role) -> ControlTask<SimNic> {
         let (_commands, command_rx) = mpsc::channel();
         let (outcomes, _rx) = mpsc::channel();
-        let fd = Arc::new(
-            rustix::event::eventfd(0, rustix::event::EventfdFlags::NONBLOCK).expect("eventfd"),
-        );
         ControlTask {
             channel,
             cfg: Config::builder().build().expect("default config"),
@@ -1194,7 +1187,7 @@ mod tests {
             reporter: Reporter {
                 outcomes,
                 flagged: Arc::new(AtomicBool::new(false)),
-                wake: fd,
+                wake: Bell::new().expect("eventfd"),
             },
             stop: Arc::new(AtomicBool::new(false)),
             bell: Bell::new().expect("bell"),
