@@ -108,6 +108,12 @@ impl<L> FreshLinks<L> {
     fn abandon(&mut self, rail: usize, attempt: u32) {
         drop(self.take(rail, attempt));
     }
+
+    /// Drops the rail's queue pair whatever its attempt: its card is no longer the rail's (the
+    /// attempt's later steps find none and fail; the protocol tries again).
+    fn drop_rail(&mut self, rail: usize) {
+        self.0[rail] = None;
+    }
 }
 
 /// A result of the executor for the data path (what a control thread sends through its queue).
@@ -272,10 +278,17 @@ impl<N: Nic> InlineControl<N> {
 }
 
 /// Data thread -> control thread.
-enum Command<L> {
+enum Command<N: Nic> {
     Rearm(usize),
     /// An old queue pair to destroy (off the data thread: it takes system calls).
-    Retire(L),
+    Retire(N::Link),
+    /// The user's card for `rail` (`Receiver::replace_card`), registered: the rail's next queue
+    /// pair is made on it, and it is reopened by `reopen` from then on.
+    UseCard {
+        rail: usize,
+        regs: CardRegs<N>,
+        reopen: N::Reopen,
+    },
 }
 
 /// Control thread -> data thread.
@@ -303,7 +316,7 @@ pub(crate) enum Outcome<N: Nic> {
 
 /// The data thread's handle on its connection's control thread.
 pub struct ControlThread<N: Nic> {
-    commands: mpsc::Sender<Command<N::Link>>,
+    commands: mpsc::Sender<Command<N>>,
     outcomes: mpsc::Receiver<Outcome<N>>,
     /// Set (Release) by the thread after it queued an outcome; swapped (Acquire) by the data
     /// thread before it drains them, so no outcome is left behind unflagged.
@@ -546,6 +559,22 @@ impl<N: Nic> ControlThread<N> {
     pub(crate) fn card_released(&self) {
         self.bell.ring();
     }
+
+    /// Hands the thread the user's card for `rail` (registered with the rail's memory): the
+    /// rail's next re-arm makes its queue pair there and installs card and queue pair together
+    /// (the data path keeps the old card until then). Its events are read from now on.
+    pub(crate) fn use_card(
+        &self,
+        rail: usize,
+        regs: CardRegs<N>,
+        reopen: N::Reopen,
+    ) -> Result<(), ()> {
+        self.commands
+            .send(Command::UseCard { rail, regs, reopen })
+            .map_err(|_| ())?;
+        self.bell.ring();
+        Ok(())
+    }
 }
 
 impl<N: Nic> Drop for ControlThread<N> {
@@ -612,7 +641,7 @@ pub(crate) struct ControlTask<N: Nic> {
     /// reads them once for all its connections).
     read_events: bool,
     cards: Vec<ThreadCard<N>>,
-    commands: mpsc::Receiver<Command<N::Link>>,
+    commands: mpsc::Receiver<Command<N>>,
     reporter: Reporter<N>,
     /// Set when the connection is dropped.
     stop: Arc<AtomicBool>,
@@ -691,10 +720,28 @@ impl<N: Nic> ControlTask<N> {
             match self.commands.try_recv() {
                 Ok(Command::Rearm(rail)) => self.proto.request(rail, self.now()),
                 Ok(Command::Retire(link)) => drop(link),
+                Ok(Command::UseCard { rail, regs, reopen }) => self.use_card(rail, regs, reopen),
                 Err(mpsc::TryRecvError::Empty) => return !self.stopped(),
                 Err(mpsc::TryRecvError::Disconnected) => return false,
             }
         }
+    }
+
+    /// The user's card for `rail`: what the thread knew of the old one goes (its Weak, its
+    /// reopen token, a card the thread opened again itself, the endpoint's shared queues), and so
+    /// does a queue pair an attempt under way made there. Before this, after the user's swap the
+    /// thread kept reopening the old card by its token for every attempt, and the data path
+    /// dropped each: the rail never came back.
+    fn use_card(&mut self, rail: usize, regs: CardRegs<N>, reopen: N::Reopen) {
+        let Some(card) = self.cards.get_mut(rail) else {
+            return;
+        };
+        card.nic = Arc::downgrade(&regs.nic);
+        card.remotes = regs.remotes();
+        card.reopen = reopen;
+        card.shared = None;
+        card.reopened = Some(regs);
+        self.fresh.drop_rail(rail);
     }
 
     /// One turn after a wait: card events, retransmission counts, the stream, the re-arm

@@ -55,6 +55,9 @@ pub enum ConnectError {
     Channel(std::io::Error),
     #[error("the session ended: {0}")]
     Ended(EndReason),
+    /// `replace_card` names a rail that doesn't exist or hasn't failed.
+    #[error("rail {0} is not a failed rail of this connection")]
+    RailNotFailed(usize),
 }
 
 /// A close that could not hand everything over.
@@ -1620,8 +1623,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     /// Installs a re-armed rail on a card the control thread opened again (after a device-fatal
-    /// release): the card, its registrations and the fresh queue pair come together. Hands back
-    /// a queue pair for the caller to destroy, if one is replaced.
+    /// release) or was handed by [`Receiver::replace_card`]: the card, its registrations and the
+    /// fresh queue pair come together. Hands back a queue pair for the caller to destroy, if one
+    /// is replaced (the user's swap: the old card's, whose card and registrations go here).
     pub(crate) fn install_reopened(
         &mut self,
         rail: usize,
@@ -1630,15 +1634,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         regs: CardRegs<N>,
         peer: &Hello,
     ) -> Option<N::Link> {
-        if self.rails[rail].card.is_some() {
-            // The data path has a card again already (`replace_card`): the fresh queue pair lives
-            // on another one, so it is no use here. Drop the attempt; the core asks again.
-            drop(regs);
-            self.rearm_failed(rail);
-            return Some(link);
-        }
         let r = &mut self.rails[rail];
-        r.card = Some(CardIo {
+        let old = r.card.replace(CardIo {
             route,
             link,
             regs,
@@ -1649,21 +1646,40 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let now = self.clock.now();
         self.core.rail_rearmed(rail, now);
         self.flush();
-        None
+        // The old card's queue pair (destroyed by the caller); its registrations and card go
+        // here. Its route went first, with the news it routed.
+        old.map(|CardIo { route, link, .. }| {
+            drop(route);
+            link
+        })
     }
 
-    /// Swaps in a reopened card for `rail` (after the old one was removed and came back): the
-    /// rail's memory is registered with it anew. Follow with a re-arm.
+    /// Uses `nic` for failed rail `rail` from its next re-arm on: for a card that came back
+    /// under another name (a connection reopens a removed card by its name by itself), or any
+    /// card the caller picks. The rail's memory is registered with it now (its errors are
+    /// returned here); with a control thread (verbs connections) the thread makes the rail's
+    /// next queue pair on it and the old card is let go when card and queue pair are installed
+    /// together; inline, the old card goes at once.
     pub fn replace_card(&mut self, rail: usize, nic: N) -> Result<(), ConnectError> {
-        let cfg = *self.core.config();
+        if rail >= self.rails.len() || self.core.rail_state(rail) != RailState::Failed {
+            return Err(ConnectError::RailNotFailed(rail));
+        }
         let reopen = nic.reopen_token();
+        if let Some(Control::Thread(t)) = &self.control {
+            let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(&self.core, rail))?;
+            if t.use_card(rail, regs, reopen.clone()).is_ok() {
+                self.rails[rail].reopen = reopen;
+                return Ok(());
+            }
+            return Err(ConnectError::Channel(std::io::Error::other(
+                "the control thread is gone",
+            )));
+        }
+        let cfg = *self.core.config();
         let card = CardIo::open(nic, &cfg, &self.core, rail, None)?;
         let r = &mut self.rails[rail];
         r.card = Some(card); // the old one drops here: queue pair, registrations, card
         r.reopen = reopen;
-        if let Some(Control::Thread(t)) = &self.control {
-            t.card_released(); // it may hold the old card while it waits: let go of it now
-        }
         Ok(())
     }
 

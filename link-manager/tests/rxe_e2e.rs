@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use railover::core::{Event, RailState};
 use railover::verbs::{accept, connect, VerbsConnection};
 use railover::{Config, SendError};
+use railover_rdma::verbs::VerbsNic;
 use railover_rdma::LinkParams;
 
 const HOST1: [&str; 2] = ["rxe_a1", "rxe_b1"];
@@ -404,6 +405,44 @@ fn double_fault_ends_in_a_clear_error() {
     ));
     run_fault(&mut h, "carrier-restore", "a");
     run_fault(&mut h, "carrier-restore", "b");
+}
+
+/// A card the user swaps in for a failed rail (`replace_card`: say it came back under another
+/// name) on a verbs connection, whose control thread re-arms rails: the rail comes back on that
+/// card and carries the traffic when the other rail fails. (Until session 20 the thread kept
+/// reopening the old card by its name for every attempt, the data path dropped each, and the
+/// rail never came back.)
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_card_the_user_swaps_in_carries_its_rail_after_the_re_arm() {
+    let mut h = connect_hosts();
+    h.until("warm-up", 60, |h| h.proven());
+    h.send_some(100);
+    h.until("steady state", 60, |h| h.drained() && h.healthy());
+    let rail = h.a.core().active_rail();
+    let other = 1 - rail;
+    run_fault(&mut h, "carrier-loss", WIRES[rail]);
+    h.until("host 1 fails the rail over", 60, |h| {
+        h.a.core().rail_state(rail) == RailState::Failed && h.a.core().active_rail() == other
+    });
+    let card = VerbsNic::open(HOST1[rail]).expect("open host 1's card again");
+    h.a.replace_card(rail, card).expect("swap the card in");
+    run_fault(&mut h, "carrier-restore", WIRES[rail]);
+    h.send_some(100);
+    h.until("the rail re-armed on the swapped-in card", 120, |h| {
+        h.healthy() && h.drained()
+    });
+    run_fault(&mut h, "carrier-loss", WIRES[other]);
+    h.until("failed over to the swapped-in card's rail", 60, |h| {
+        h.a.core().active_rail() == rail && h.b.core().active_rail() == rail
+    });
+    let before = h.a.stats().rail_data_writes[rail];
+    h.send_some(100);
+    h.until("delivered over it", 60, |h| h.drained());
+    assert!(h.a.stats().rail_data_writes[rail] > before);
+    run_fault(&mut h, "carrier-restore", WIRES[other]);
+    h.until("both rails back", 120, |h| h.healthy() && h.drained());
+    write_result("card-swap     replace_card on a failed rail: re-armed on the new card, failed over to it; lost=0");
 }
 
 /// Host 2 receives on its own thread in blocking mode (completion channels; it sleeps between
