@@ -343,6 +343,9 @@ pub(crate) struct ThreadCard<N: Nic> {
     /// An endpoint's connection: fresh queue pairs go on its shared completion queues, as long as
     /// the card is the endpoint's (not one this connection opened again by itself).
     shared: Option<SharedLinks<N>>,
+    /// The card is the endpoint's, which reads its events once for all its connections. A card
+    /// this connection opened itself (again, or the user's) has its events read here.
+    events_elsewhere: bool,
 }
 
 impl<N: Nic> ThreadCard<N> {
@@ -353,6 +356,7 @@ impl<N: Nic> ThreadCard<N> {
         mem: crate::runtime::RailMemory,
         remotes: (RemoteRegion, RemoteRegion),
         shared: Option<SharedLinks<N>>,
+        events_elsewhere: bool,
     ) -> Self {
         ThreadCard {
             nic,
@@ -361,6 +365,7 @@ impl<N: Nic> ThreadCard<N> {
             remotes,
             reopened: None,
             shared,
+            events_elsewhere,
         }
     }
 }
@@ -532,6 +537,13 @@ impl<N: Nic> ControlThread<N> {
                     let RoutedLink { route, link } = link;
                     let old = match card {
                         Some(regs) => rx.install_reopened(rail, link, route, regs, &peer),
+                        // Made on the card the user swapped out (queued before the thread
+                        // took the new one): no use; the core asks again.
+                        None if rx.card_swap_pending(rail) => {
+                            drop(route);
+                            rx.rearm_failed(rail);
+                            Some(link)
+                        }
                         None => rx.install_rearmed_keep_old(rail, link, route, &peer),
                     };
                     if let Some(old) = old {
@@ -604,8 +616,10 @@ fn prepare<N: Nic>(
             let regs = CardRegs::register(nic.clone(), &card.mem).map_err(|e| e.to_string())?;
             card.remotes = regs.remotes();
             card.reopened = Some(regs);
-            // Its own handle on the device: the endpoint's shared queues are not on it.
+            // Its own handle on the device: the endpoint's shared queues are not on it, and the
+            // endpoint doesn't read its events (it may have no handle on the device now).
             card.shared = None;
+            card.events_elsewhere = false;
             nic
         }
     };
@@ -675,9 +689,17 @@ impl<N: Nic> ControlTask<N> {
             out.push(self.channel.stream().as_fd());
         }
         out.extend(self.channel.rejoin_port().map(|l| l.as_fd()));
-        if self.read_events {
-            out.extend(live.iter().flatten().filter_map(|n| n.event_fd()));
+        for (rail, nic) in live.iter().enumerate() {
+            if let Some(fd) = nic.as_ref().filter(|_| self.events_here(rail)) {
+                out.extend(fd.event_fd());
+            }
         }
+    }
+
+    /// Whether it reads `rail`'s card's events: always on a connection of its own, on an
+    /// endpoint's only for a card the connection opened itself (again, or the user's).
+    fn events_here(&self, rail: usize) -> bool {
+        self.read_events || self.cards.get(rail).is_some_and(|c| !c.events_elsewhere)
     }
 
     /// How long it may wait: [`CONTROL_POLL`] while it has timed work, else [`CONTROL_IDLE`]
@@ -699,11 +721,13 @@ impl<N: Nic> ControlTask<N> {
     /// when it reads no events (an endpoint's connection). A card the data path lets go of
     /// meanwhile is then released at once, not when the wait ends.
     fn held_for_wait(&self, live: [Option<Arc<N>>; MAX_RAILS]) -> [Option<Arc<N>>; MAX_RAILS] {
-        if self.read_events {
-            live
-        } else {
-            Default::default()
+        let mut live = live;
+        for (rail, nic) in live.iter_mut().enumerate() {
+            if !self.events_here(rail) {
+                *nic = None;
+            }
         }
+        live
     }
 
     /// The cards the data path still holds (its Weak is dead for a released one).
@@ -740,6 +764,7 @@ impl<N: Nic> ControlTask<N> {
         card.remotes = regs.remotes();
         card.reopen = reopen;
         card.shared = None;
+        card.events_elsewhere = false;
         card.reopened = Some(regs);
         self.fresh.drop_rail(rail);
     }
@@ -747,8 +772,8 @@ impl<N: Nic> ControlTask<N> {
     /// One turn after a wait: card events, retransmission counts, the stream, the re-arm
     /// protocol's timers and its I/O (queue pairs made, connected, handed over).
     fn turn(&mut self, live: &[Option<Arc<N>>; MAX_RAILS]) {
-        for (rail, nic) in live.iter().enumerate().filter(|_| self.read_events) {
-            if let Some(nic) = nic {
+        for (rail, nic) in live.iter().enumerate() {
+            if let Some(nic) = nic.as_ref().filter(|_| self.events_here(rail)) {
                 while let Some(event) = nic.poll_event() {
                     self.reporter.report(Outcome::Event { rail, event });
                 }

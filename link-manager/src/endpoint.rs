@@ -867,7 +867,9 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             while let Some(event) = self.cards[rail].as_ref().and_then(|c| c.poll_event()) {
                 tracing::info!(rail, ?event, "card event");
                 for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
-                    if e.conn.card_events_elsewhere {
+                    // Not a connection whose rail runs on a card of its own (opened again after a
+                    // device-fatal event, or the user's): it reads that card's events itself.
+                    if e.conn.card_events_elsewhere && e.conn.on_endpoint_card(rail) {
                         let _in = e.span.enter();
                         e.conn.card_event(rail, event);
                     }

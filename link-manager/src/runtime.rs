@@ -256,8 +256,13 @@ pub struct Receiver<N: Nic, C: Clock> {
     liveness_unpublished: bool,
     /// The cards are shared with other connections (an [`crate::Endpoint`]): their device
     /// events are read once, there, and handed to every connection on them
-    /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them.
+    /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them
+    /// (a card the connection opened itself, it reads).
     pub(crate) card_events_elsewhere: bool,
+    /// Rails (a bit each) whose card the user swapped ([`Receiver::replace_card`]) and the
+    /// control thread has not installed yet: a re-arm on the old card, queued before the thread
+    /// took the new one, is retired instead of installed.
+    card_swaps: u8,
     /// The peer's endpoint, when both sides share liveness between their endpoints (set at
     /// set-up; the endpoint that inserts the connection puts it in that group).
     pub(crate) peer_endpoint: Option<u64>,
@@ -647,6 +652,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     full_turns: 0,
                     liveness_unpublished: false,
                     card_events_elsewhere: false,
+                    card_swaps: 0,
                     shared,
                     peer_endpoint: None,
                     liveness: None,
@@ -990,10 +996,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             _ => None,
         };
         for card in self.rails.iter().filter_map(|r| r.card.as_ref()) {
-            let events = card
-                .nic()
-                .event_fd()
-                .filter(|_| thread.is_none() && !self.card_events_elsewhere);
+            // An endpoint reads its own cards' events; a card this connection opened itself,
+            // it reads.
+            let events = card.nic().event_fd().filter(|_| {
+                thread.is_none() && (!self.card_events_elsewhere || !card.on_endpoint_card)
+            });
             for fd in [card.link.wakeup_fd(), events].into_iter().flatten() {
                 push(fd);
             }
@@ -1058,7 +1065,17 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// does (a system call each, off the data thread) or an endpoint (once for all its
     /// connections).
     fn reads_card_events(&self) -> bool {
-        !self.card_events_elsewhere && !matches!(self.control, Some(Control::Thread(_)))
+        !matches!(self.control, Some(Control::Thread(_)))
+            && (!self.card_events_elsewhere
+                || (self.rails.iter())
+                    .any(|r| r.card.as_ref().is_some_and(|c| !c.on_endpoint_card)))
+    }
+
+    /// Whether `rail`'s card is its endpoint's (whose events the endpoint reads and hands to
+    /// every connection on it), not one this connection opened itself.
+    pub(crate) fn on_endpoint_card(&self, rail: usize) -> bool {
+        let card = self.rails.get(rail).and_then(|r| r.card.as_ref());
+        card.is_some_and(|c| c.on_endpoint_card)
     }
 
     /// Processes completions, device events and timers, and posts what the core asks for.
@@ -1113,6 +1130,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let mut handled = 0;
         let mut fatal = 0u8;
         let mut left = polled;
+        let endpoint_reads = self.card_events_elsewhere;
         while left != 0 {
             let i = left.trailing_zeros() as usize;
             left &= left - 1;
@@ -1123,6 +1141,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             let Some(card) = rail.card.as_mut() else {
                 continue;
             };
+            // An endpoint reads its own cards' events (one read for all its connections).
+            let events = events && !(endpoint_reads && card.on_endpoint_card);
             while let Some(ev) = events.then(|| card.nic().poll_event()).flatten() {
                 self.core.observe_time(now);
                 self.liveness_unpublished = true;
@@ -1505,7 +1525,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     /// Creates a fresh queue pair on `rail` (opening its card again first if a device-fatal
-    /// event released it); send the returned hello to the peer.
+    /// event released it); send the returned hello to the peer. (A re-arm driven by hand: when
+    /// this or [`Receiver::rearm_complete`] fails for a rail the core asked to re-arm, tell it
+    /// with [`Receiver::rearm_failed`], or it won't ask again.)
     pub fn rearm_prepare(&mut self, rail: usize) -> Result<(N::Link, Hello), ConnectError> {
         // A queue of its own: its caller holds it without a route (see `prepare_fresh`).
         let (fresh, hello) = self.prepare_on(rail, false)?;
@@ -1564,9 +1586,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
     }
 
-    /// Whether `rail`'s card is released (after a device-fatal event, until a re-arm reopens it).
+    /// Whether `rail`'s card is released (after a device-fatal event, until a re-arm reopens it;
+    /// false for a rail the connection doesn't have).
     pub fn card_released(&self, rail: usize) -> bool {
-        self.rails[rail].card.is_none()
+        self.rails.get(rail).is_some_and(|r| r.card.is_none())
     }
 
     /// Connects the fresh queue pair to the peer's and makes the rail a standby again.
@@ -1622,6 +1645,12 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         Some(old)
     }
 
+    /// Whether the user swapped `rail`'s card and the swap is not installed yet: a re-arm made
+    /// on the old card is of no use (see `card_swaps`).
+    pub(crate) fn card_swap_pending(&self, rail: usize) -> bool {
+        self.card_swaps & (1 << rail) != 0
+    }
+
     /// Installs a re-armed rail on a card the control thread opened again (after a device-fatal
     /// release) or was handed by [`Receiver::replace_card`]: the card, its registrations and the
     /// fresh queue pair come together. Hands back a queue pair for the caller to destroy, if one
@@ -1634,6 +1663,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         regs: CardRegs<N>,
         peer: &Hello,
     ) -> Option<N::Link> {
+        self.card_swaps &= !(1 << rail);
         let r = &mut self.rails[rail];
         let old = r.card.replace(CardIo {
             route,
@@ -1669,6 +1699,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(&self.core, rail))?;
             if t.use_card(rail, regs, reopen.clone()).is_ok() {
                 self.rails[rail].reopen = reopen;
+                self.card_swaps |= 1 << rail;
                 return Ok(());
             }
             return Err(ConnectError::Channel(std::io::Error::other(
@@ -1740,7 +1771,8 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
 
     /// The card of `rail` (None while released after a device-fatal event).
     pub fn card(&self, rail: usize) -> Option<&N> {
-        self.rails[rail].card.as_ref().map(|c| &**c.nic())
+        let card = self.rails.get(rail).and_then(|r| r.card.as_ref());
+        card.map(|c| &**c.nic())
     }
 }
 
@@ -1784,12 +1816,14 @@ where
                     Some(c) => (Arc::downgrade(c.nic()), c.regs.remotes()),
                     None => (std::sync::Weak::new(), Default::default()),
                 };
+                let on_endpoint_card = r.card.as_ref().is_some_and(|c| c.on_endpoint_card);
                 ThreadCard::new(
                     nic,
                     r.reopen.clone(),
                     RailMemory::of(&self.core, i),
                     remotes,
-                    self.shared.clone(),
+                    self.shared.clone().filter(|_| on_endpoint_card),
+                    self.card_events_elsewhere && on_endpoint_card,
                 )
             })
             .collect();

@@ -943,3 +943,45 @@ fn an_endpoint_that_skips_a_card_asks_to_be_driven_within_the_period() {
         next - hosts.now()
     );
 }
+
+/// A card an endpoint's connection opened again by itself (after a device-fatal event, before
+/// the endpoint opened its own handle again) has its events read by the connection: a port
+/// going down there fails the rail within a poll period. (The endpoint reads its own cards'
+/// events and has none on that device yet; until session 20 nobody read them, so such a port
+/// going down was found by the heartbeats if at all.)
+#[test]
+fn a_card_a_connection_opened_again_by_itself_has_its_events_read() {
+    let mut hosts = SimEndpoints::new(config(), 7, 2 * US).unwrap();
+    let (_x, y) = hosts.connect().unwrap();
+    let settle = |hosts: &mut SimEndpoints, until: u64| {
+        while hosts.now() < until {
+            hosts.step(until);
+        }
+    };
+    settle(&mut hosts, 5 * MS);
+    let card = hosts.cards[0].1.clone();
+    hosts.fabric.remove_card(&card);
+    settle(&mut hosts, 10 * MS);
+    assert!(hosts.b.get(y).unwrap().card_released(0), "host 2 let go");
+    hosts.fabric.restore_card(&card);
+    settle(&mut hosts, 60 * MS);
+    let conn = hosts.b.get(y).unwrap();
+    assert!(!conn.card_released(0), "opened again for the re-arm");
+    assert_ne!(conn.core().rail_state(0), RailState::Failed, "re-armed");
+    assert!(
+        hosts.b.card(0).is_none(),
+        "the endpoint has no handle on it"
+    );
+    while hosts.b.poll_event().is_some() {}
+
+    hosts.fabric.card_event(&card, AsyncEvent::PortDown);
+    let t = hosts.now();
+    settle(&mut hosts, t + 5 * QUIET_RAIL_POLL_NS);
+    let mut downs = Vec::new();
+    while let Some((id, ev)) = hosts.b.poll_event() {
+        if let Event::RailDown { rail, reason, .. } = ev {
+            downs.push((id, rail, reason));
+        }
+    }
+    assert_eq!(downs, [(y, 0, FailReason::PortDown)]);
+}
