@@ -158,6 +158,11 @@ pub struct Endpoint<N: Nic, C: Clock> {
     /// This host's card of each rail, shared by every connection (None: released after a
     /// device-fatal event, until it opens again).
     cards: Vec<Option<N>>,
+    /// The cards as the set-up threads see them (verbs' background listener and dialler), shared
+    /// with them: a card released here (device fatal) is let go there too, as a device recovers
+    /// only once every handle on it is gone, and one opened again here is the one they use.
+    /// None until such a thread starts.
+    setup_cards: Option<SetupCards<N>>,
     /// How to open each card again.
     reopen: Vec<N::Reopen>,
     clock: C,
@@ -207,6 +212,34 @@ pub struct Endpoint<N: Nic, C: Clock> {
     got: [SharedCompletion; 32],
 }
 
+/// An endpoint's cards shared with its set-up threads ([`Endpoint`]'s `setup_cards`). Locked only
+/// when a set-up thread starts a connection and when a card is released or opened again.
+pub(crate) struct SetupCards<N>(Arc<std::sync::Mutex<Vec<Option<N>>>>);
+
+impl<N> Clone for SetupCards<N> {
+    fn clone(&self) -> Self {
+        SetupCards(Arc::clone(&self.0))
+    }
+}
+
+impl<N: Clone> SetupCards<N> {
+    /// Each rail's card (None: released).
+    #[cfg_attr(not(any(feature = "verbs", test)), allow(dead_code))]
+    pub(crate) fn get(&self) -> Vec<Option<N>> {
+        // A panic while holding the lock left plain data behind: still usable.
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl<N> SetupCards<N> {
+    fn set(&self, rail: usize, card: Option<N>) {
+        let mut cards = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = cards.get_mut(rail) {
+            *slot = card;
+        }
+    }
+}
+
 impl<N, C> Endpoint<N, C>
 where
     N: Nic + Clone,
@@ -234,6 +267,7 @@ where
             cfg,
             reopen: cards.iter().map(|c| c.reopen_token()).collect(),
             cards: cards.into_iter().map(Some).collect(),
+            setup_cards: None,
             clock,
             next_card_events: 0,
             quiet_rails_due: 0,
@@ -285,9 +319,25 @@ where
     /// Rail `rail`'s card, opened again first if it was released.
     fn reopened(&mut self, rail: usize) -> Result<N, ConnectError> {
         if self.cards[rail].is_none() {
-            self.cards[rail] = Some(N::reopen(&self.reopen[rail])?);
+            let nic = N::reopen(&self.reopen[rail])?;
+            if let Some(shared) = &self.setup_cards {
+                shared.set(rail, Some(nic.clone()));
+            }
+            self.cards[rail] = Some(nic);
         }
         Ok(self.cards[rail].clone().expect("open"))
+    }
+
+    /// The cards shared with set-up threads (made on the first call), and each rail's reopen
+    /// token: a set-up thread starts a rail whose card is released as absent (the connection
+    /// opens it by itself when it is back).
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+    pub(crate) fn setup_cards(&mut self) -> (SetupCards<N>, Vec<N::Reopen>) {
+        let cards = &self.cards;
+        let shared = self
+            .setup_cards
+            .get_or_insert_with(|| SetupCards(Arc::new(std::sync::Mutex::new(cards.clone()))));
+        (shared.clone(), self.reopen.clone())
     }
 
     /// The clock every connection of the endpoint reads.
@@ -879,6 +929,9 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                     // queues, so that the device can recover (it is opened again for the next
                     // connection made).
                     self.cards[rail] = None;
+                    if let Some(shared) = &self.setup_cards {
+                        shared.set(rail, None);
+                    }
                     let epoch = self.queues.pool.forget_rail(rail);
                     self.queues.cards[rail] = CardQueues::new(epoch);
                 }
@@ -1013,3 +1066,48 @@ impl Drop for Listening {
 
 #[cfg(feature = "test-util")]
 pub use crate::sim::SimEndpoints;
+
+#[cfg(test)]
+mod tests {
+    use crate::sim::SimEndpoints;
+    use crate::Config;
+    use std::time::Duration;
+
+    /// The set-up threads' view of the cards (verbs' background listener and dialler) lets go
+    /// of a card the endpoint released on a device-fatal event (or the device could not
+    /// recover while the listener waits), and gets the card once the endpoint opens it again.
+    #[test]
+    fn set_up_threads_let_go_of_a_released_card_and_get_the_reopened_one() {
+        let cfg = Config::builder()
+            .rails(2)
+            .geometry(4096, 8, 256)
+            .heartbeat_interval(Duration::from_millis(1))
+            .heartbeat_misses(3)
+            .build()
+            .unwrap();
+        let mut hosts = SimEndpoints::new(cfg, 3, 2_000).unwrap();
+        hosts.connect().unwrap();
+        let (shared, names) = hosts.b.setup_cards();
+        assert_eq!(names.len(), 2);
+        assert!(shared.get().iter().all(Option::is_some));
+        let settle = |hosts: &mut SimEndpoints, until: u64| {
+            while hosts.now() < until {
+                hosts.step(until);
+            }
+        };
+        settle(&mut hosts, 5_000_000);
+        let card = hosts.cards[0].1.clone();
+        hosts.fabric.remove_card(&card);
+        settle(&mut hosts, 10_000_000);
+        assert!(hosts.b.card(0).is_none(), "the endpoint let go");
+        let seen = shared.get();
+        assert!(
+            seen[0].is_none() && seen[1].is_some(),
+            "so did the set-up threads"
+        );
+        hosts.fabric.restore_card(&card);
+        drop(hosts.b.prepare().unwrap()); // opens it again
+        assert!(hosts.b.card(0).is_some());
+        assert!(shared.get()[0].is_some(), "the set-up threads use it too");
+    }
+}

@@ -24,7 +24,7 @@ use railover_rdma::verbs::VerbsNic;
 use crate::config::Config;
 use crate::control::{ControlPool, PoolHandle};
 use crate::core::ResumeState;
-use crate::endpoint::{ConnectionId, Endpoint, Incoming, Listening};
+use crate::endpoint::{ConnectionId, Endpoint, Incoming, Listening, SetupCards};
 use crate::rearm::Role;
 use crate::rejoin::{offer_rejoin_port, read_rejoin_port, TcpControl};
 use crate::runtime::{ConnectError, Connection, PendingConnection, RailCard, RealClock};
@@ -394,7 +394,9 @@ impl Endpoint<VerbsNic, RealClock> {
     /// What a set-up thread needs: the endpoint's cards, configuration, clock and control
     /// thread, and where to hand the result.
     fn background_setup(&mut self, timeout: Duration) -> Result<BackgroundSetup, ConnectError> {
-        let cards = self.open_cards()?;
+        // Every card open when it starts (an error if one can't be: as before).
+        self.open_cards()?;
+        let (cards, names) = self.setup_cards();
         let pool = self.control_pool()?.clone();
         let (cfg, clock) = (*self.config(), self.clock().clone());
         let ready = self
@@ -405,6 +407,7 @@ impl Endpoint<VerbsNic, RealClock> {
         Ok(BackgroundSetup {
             cfg,
             cards,
+            names,
             clock,
             pool,
             queues: self.queue_pool(),
@@ -430,7 +433,11 @@ impl Endpoint<VerbsNic, RealClock> {
 #[derive(Clone)]
 struct BackgroundSetup {
     cfg: Config,
-    cards: Vec<VerbsNic>,
+    /// The endpoint's cards, shared with it: none is held while the thread waits (a released
+    /// one could not recover while any handle on it lives).
+    cards: SetupCards<VerbsNic>,
+    /// Each rail's card name, for a rail whose card is released.
+    names: Vec<String>,
     clock: RealClock,
     pool: PoolHandle<VerbsNic>,
     /// The endpoint's shared completion queues, where the queue pairs go.
@@ -444,7 +451,13 @@ struct BackgroundSetup {
 impl BackgroundSetup {
     /// The endpoint's queue pairs for a new connection, its card events read by the endpoint.
     fn pending(&self) -> Result<PendingConnection<VerbsNic, RealClock>, ConnectError> {
-        let cards = self.cards.iter().cloned().map(RailCard::Open).collect();
+        let cards = (self.cards.get().into_iter().zip(&self.names))
+            .map(|(card, name)| match card {
+                Some(nic) => RailCard::Open(nic),
+                // Released (device fatal): the rail starts failed and joins when it is back.
+                None => RailCard::Absent(name.clone()),
+            })
+            .collect();
         PendingConnection::on_shared_queues(self.cfg, cards, self.clock.clone(), &self.queues)
     }
 
