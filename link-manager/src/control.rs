@@ -293,9 +293,9 @@ enum Command<N: Nic> {
 
 /// Control thread -> data thread.
 pub(crate) enum Outcome<N: Nic> {
-    /// A fresh queue pair connected to the peer's: install it as `rail`'s standby. `card` is a
-    /// card the control thread opened again (after a device-fatal release) with its
-    /// registrations.
+    /// A fresh queue pair connected to the peer's: install it as `rail`'s standby. `card` is the
+    /// card it was made on when that is not the data path's, with its registrations: one the
+    /// control thread opened again (after a device-fatal release), or the user's.
     Install {
         rail: usize,
         link: RoutedLink<N>,
@@ -338,7 +338,8 @@ pub(crate) struct ThreadCard<N: Nic> {
     reopen: N::Reopen,
     mem: crate::runtime::RailMemory,
     remotes: (RemoteRegion, RemoteRegion),
-    /// A card opened again here, not yet handed over.
+    /// A card it holds for the rail's next install, not yet handed over: one it opened again
+    /// (after a device-fatal release) or the user's (`replace_card`).
     reopened: Option<CardRegs<N>>,
     /// An endpoint's connection: fresh queue pairs go on its shared completion queues, as long as
     /// the card is the endpoint's (not one this connection opened again by itself).
@@ -535,16 +536,17 @@ impl<N: Nic> ControlThread<N> {
                     card,
                 } => {
                     let RoutedLink { route, link } = link;
-                    let old = match card {
-                        Some(regs) => rx.install_reopened(rail, link, route, regs, &peer),
-                        // Made on the card the user swapped out (queued before the thread
-                        // took the new one): no use; the core asks again.
-                        None if rx.card_swap_pending(rail) => {
-                            drop(route);
-                            rx.rearm_failed(rail);
-                            Some(link)
+                    let old = if !rx.install_allowed(rail, card.as_ref().map(|c| &c.nic)) {
+                        // Made on a card other than the one the user swapped in (queued before
+                        // the thread took it): no use; the core asks again.
+                        drop((route, card));
+                        rx.rearm_failed(rail);
+                        Some(link)
+                    } else {
+                        match card {
+                            Some(regs) => rx.install_reopened(rail, link, route, regs, &peer),
+                            None => rx.install_rearmed_keep_old(rail, link, route, &peer),
                         }
-                        None => rx.install_rearmed_keep_old(rail, link, route, &peer),
                     };
                     if let Some(old) = old {
                         let _ = self.commands.send(Command::Retire(old));
@@ -717,8 +719,8 @@ impl<N: Nic> ControlTask<N> {
         }
     }
 
-    /// The cards to keep through the wait: those whose event descriptors it waits on, none
-    /// when it reads no events (an endpoint's connection). A card the data path lets go of
+    /// The cards to keep through the wait: those whose event descriptors it waits on (not an
+    /// endpoint's cards, whose events the endpoint reads). A card the data path lets go of
     /// meanwhile is then released at once, not when the wait ends.
     fn held_for_wait(&self, live: [Option<Arc<N>>; MAX_RAILS]) -> [Option<Arc<N>>; MAX_RAILS] {
         let mut live = live;
@@ -775,6 +777,14 @@ impl<N: Nic> ControlTask<N> {
         for (rail, nic) in live.iter().enumerate() {
             if let Some(nic) = nic.as_ref().filter(|_| self.events_here(rail)) {
                 while let Some(event) = nic.poll_event() {
+                    if event == AsyncEvent::DeviceFatal {
+                        // A card it holds and the data path doesn't have yet (opened again, or
+                        // the user's): let go of it too, so the device can recover; the next
+                        // attempt opens it again by name.
+                        if let Some(card) = self.cards.get_mut(rail) {
+                            card.reopened = None;
+                        }
+                    }
                     self.reporter.report(Outcome::Event { rail, event });
                 }
             }

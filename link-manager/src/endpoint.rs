@@ -389,6 +389,14 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
             conn.liveness = Some(crate::liveness::Member::new(group, self.next_member));
         }
         conn.align_heartbeats(self.aligned_heartbeats == Some(true));
+        // A card released on a device-fatal event while the connection was being set up (on a
+        // set-up thread, from the cards as they were): it missed the event, so it hears it now
+        // and lets go of the dead handle too (the device recovers only once all are gone).
+        for rail in 0..self.cards.len() {
+            if self.cards[rail].is_none() && conn.on_endpoint_card(rail) {
+                conn.card_event(rail, AsyncEvent::DeviceFatal);
+            }
+        }
         // Its links on the shared queues are its own from now on; what they completed meanwhile
         // is handed over first, in order.
         hear_news(&mut self.queues);

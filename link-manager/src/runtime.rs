@@ -103,7 +103,9 @@ pub(crate) struct CardIo<N: Nic> {
     pub(crate) link: N::Link,
     regs: CardRegs<N>,
     /// The card is the endpoint's (opened at set-up), so fresh queue pairs may go on its shared
-    /// queues; not one this connection opened again by itself after a device-fatal release.
+    /// queues and its device events are read by the endpoint; not one this connection opened
+    /// again by itself after a device-fatal release, nor the user's (`replace_card`), whose
+    /// events the connection (or its control thread) reads.
     on_endpoint_card: bool,
 }
 
@@ -259,10 +261,12 @@ pub struct Receiver<N: Nic, C: Clock> {
     /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them
     /// (a card the connection opened itself, it reads).
     pub(crate) card_events_elsewhere: bool,
-    /// Rails (a bit each) whose card the user swapped ([`Receiver::replace_card`]) and the
-    /// control thread has not installed yet: a re-arm on the old card, queued before the thread
-    /// took the new one, is retired instead of installed.
-    card_swaps: u8,
+    /// Per rail, the card the user swapped in ([`Receiver::replace_card`]) while the control
+    /// thread has not installed it: a re-arm on any other card (the old one, or one the thread
+    /// reopened), queued before the thread took the user's, is retired instead of installed.
+    /// (Weak: if the thread lets go of the user's card, after a device-fatal event, the swap is
+    /// over and whatever the thread reopens by its name is installed.)
+    card_swaps: [Option<std::sync::Weak<N>>; MAX_RAILS],
     /// The peer's endpoint, when both sides share liveness between their endpoints (set at
     /// set-up; the endpoint that inserts the connection puts it in that group).
     pub(crate) peer_endpoint: Option<u64>,
@@ -652,7 +656,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
                     full_turns: 0,
                     liveness_unpublished: false,
                     card_events_elsewhere: false,
-                    card_swaps: 0,
+                    card_swaps: Default::default(),
                     shared,
                     peer_endpoint: None,
                     liveness: None,
@@ -1645,10 +1649,15 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         Some(old)
     }
 
-    /// Whether the user swapped `rail`'s card and the swap is not installed yet: a re-arm made
-    /// on the old card is of no use (see `card_swaps`).
-    pub(crate) fn card_swap_pending(&self, rail: usize) -> bool {
-        self.card_swaps & (1 << rail) != 0
+    /// Whether a re-arm made on `card` (None: on the card the data path has) may be installed
+    /// on `rail`: not while a card the user swapped in waits for its install and this is
+    /// another (see `card_swaps`).
+    pub(crate) fn install_allowed(&self, rail: usize, card: Option<&Arc<N>>) -> bool {
+        let swap = self.card_swaps.get(rail).and_then(|w| w.as_ref());
+        match swap.and_then(std::sync::Weak::upgrade) {
+            None => true, // no swap, or the user's card is gone: the swap is over
+            Some(user) => card.is_some_and(|c| Arc::ptr_eq(c, &user)),
+        }
     }
 
     /// Installs a re-armed rail on a card the control thread opened again (after a device-fatal
@@ -1663,7 +1672,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         regs: CardRegs<N>,
         peer: &Hello,
     ) -> Option<N::Link> {
-        self.card_swaps &= !(1 << rail);
+        self.card_swaps[rail] = None;
         let r = &mut self.rails[rail];
         let old = r.card.replace(CardIo {
             route,
@@ -1689,7 +1698,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// card the caller picks. The rail's memory is registered with it now (its errors are
     /// returned here); with a control thread (verbs connections) the thread makes the rail's
     /// next queue pair on it and the old card is let go when card and queue pair are installed
-    /// together; inline, the old card goes at once.
+    /// together; inline, the old card goes at once. Pass a card opened for this call, not a
+    /// clone of an [`crate::Endpoint`]'s (`Endpoint::card`): its device events are read here
+    /// from now on, and two readers of one handle would each miss what the other took.
     pub fn replace_card(&mut self, rail: usize, nic: N) -> Result<(), ConnectError> {
         if rail >= self.rails.len() || self.core.rail_state(rail) != RailState::Failed {
             return Err(ConnectError::RailNotFailed(rail));
@@ -1697,9 +1708,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let reopen = nic.reopen_token();
         if let Some(Control::Thread(t)) = &self.control {
             let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(&self.core, rail))?;
+            let user = Arc::downgrade(&regs.nic);
             if t.use_card(rail, regs, reopen.clone()).is_ok() {
                 self.rails[rail].reopen = reopen;
-                self.card_swaps |= 1 << rail;
+                self.card_swaps[rail] = Some(user);
                 return Ok(());
             }
             return Err(ConnectError::Channel(std::io::Error::other(

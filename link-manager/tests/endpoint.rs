@@ -985,3 +985,44 @@ fn a_card_a_connection_opened_again_by_itself_has_its_events_read() {
     }
     assert_eq!(downs, [(y, 0, FailReason::PortDown)]);
 }
+
+/// A connection set up while its card was released (a device-fatal event handled by the
+/// endpoint between the set-up's start and the insert, as on a background listener's thread)
+/// hears the event at its insert: it lets go of the dead card and its rail starts failed, then
+/// comes back when the card does.
+#[test]
+fn a_connection_set_up_across_a_device_fatal_event_lets_go_of_the_card_at_its_insert() {
+    let mut hosts = SimEndpoints::new(config(), 9, 2 * US).unwrap();
+    let settle = |hosts: &mut SimEndpoints, until: u64| {
+        while hosts.now() < until {
+            hosts.step(until);
+        }
+    };
+    hosts.connect().unwrap();
+    settle(&mut hosts, 5 * MS);
+    let (pa, pb) = (hosts.a.prepare().unwrap(), hosts.b.prepare().unwrap());
+    let card = hosts.cards[0].1.clone();
+    hosts.fabric.remove_card(&card);
+    let t = hosts.now();
+    settle(&mut hosts, t + MS);
+    assert!(hosts.b.card(0).is_none(), "the endpoint let go");
+    let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
+    let (ca, cb) = (pa.connect(&hb).unwrap(), pb.connect(&ha).unwrap());
+    let x = hosts.a.insert(ca);
+    let y = hosts.b.insert(cb);
+    hosts.pairs.push((x, y));
+    assert!(
+        hosts.b.get(y).unwrap().card_released(0),
+        "let go at its insert"
+    );
+    hosts.fabric.restore_card(&card);
+    let t = hosts.now();
+    settle(&mut hosts, t + 60 * MS);
+    let conn = hosts.b.get(y).unwrap();
+    assert!(!conn.card_released(0), "opened again");
+    assert_ne!(
+        conn.core().rail_state(0),
+        RailState::Failed,
+        "the rail came back"
+    );
+}
