@@ -375,6 +375,9 @@ impl<N: Nic> ThreadCard<N> {
 /// broken stream to redial, the gray switch's retransmission counters to read.
 const CONTROL_POLL: Duration = Duration::from_millis(5);
 
+/// The shortest wait of a dialler whose next try is due (the try is made in the turn after it).
+const REDIAL_WAIT_MIN: Duration = Duration::from_millis(1);
+
 /// How long it waits with nothing timed to do. Everything it serves then wakes it at once (the
 /// stream, the rejoin port and the cards' events are descriptors it waits on; commands, a
 /// released card and the connection's end ring its bell), so this is only a safety net. (It
@@ -712,8 +715,13 @@ impl<N: Nic> ControlTask<N> {
             .cfg
             .gray_switch()
             .is_some_and(|g| g.retransmits_per_window > 0);
-        if self.proto.busy() || redials || counts_retransmissions {
+        if self.proto.busy() || counts_retransmissions {
             CONTROL_POLL
+        } else if redials {
+            // Until its next try (the back-off grows to 1 s; it woke every 5 ms until session
+            // 20), at least a millisecond: never a spin.
+            let next = self.channel.next_redial_in().unwrap_or(CONTROL_POLL);
+            next.max(REDIAL_WAIT_MIN).min(self.idle)
         } else {
             self.idle
         }
@@ -1146,8 +1154,8 @@ mod tests {
                 true,
                 Role::Initiator,
                 |p| p.channel_failed(),
-                CONTROL_POLL,
-                "a dialler redials",
+                REDIAL_WAIT_MIN,
+                "a dialler's first try is due at once",
             ),
             (
                 false,
@@ -1163,6 +1171,16 @@ mod tests {
             setup(&mut task.proto);
             assert_eq!(task.wait_for(), expected, "{why}");
         }
+        // A dialler whose try failed waits for its back-off (50 ms first), not 5 ms at a time.
+        let (mut channel, _peer) = dialler();
+        assert!(!ControlChannel::reconnect(&mut channel).expect("a refused try"));
+        let mut task = test_task(channel, Role::Initiator);
+        task.proto.channel_failed();
+        let wait = task.wait_for();
+        assert!(
+            wait > CONTROL_POLL && wait <= Duration::from_millis(50),
+            "until the next try: {wait:?}"
+        );
         // The gray switch reads the cards' retransmission counters on every turn.
         let (channel, _peer) = dialler();
         let mut task = test_task(channel, Role::Initiator);

@@ -114,6 +114,17 @@ impl TcpControl {
         matches!(self.rejoin, Rejoin::Dial { .. })
     }
 
+    /// How long until the dialler's next try (zero when it is due); None on the listener's
+    /// side, which waits on its port.
+    pub fn next_redial_in(&self) -> Option<Duration> {
+        match &self.rejoin {
+            Rejoin::Dial { next_try, .. } => {
+                Some(next_try.saturating_duration_since(Instant::now()))
+            }
+            Rejoin::Listen(_) => None,
+        }
+    }
+
     /// Streams this channel has had after the first.
     pub fn epoch(&self) -> u32 {
         self.epoch
