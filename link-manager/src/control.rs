@@ -687,18 +687,15 @@ impl<N: Nic> ControlTask<N> {
     }
 
     /// The descriptors to wait on: the stream, the rejoin port (the listener's side watches it
-    /// always) and, when it reads them, the cards' event descriptors.
-    fn wait_fds<'a>(&'a self, live: &'a [Option<Arc<N>>], out: &mut Vec<BorrowedFd<'a>>) {
+    /// always) and the event descriptors of `held` ([`ControlTask::held_for_wait`]: the cards
+    /// whose events it reads).
+    fn wait_fds<'a>(&'a self, held: &'a [Option<Arc<N>>], out: &mut Vec<BorrowedFd<'a>>) {
         out.push(self.bell.fd());
         if !self.proto.is_closed() {
             out.push(self.channel.stream().as_fd());
         }
         out.extend(self.channel.rejoin_port().map(|l| l.as_fd()));
-        for (rail, nic) in live.iter().enumerate() {
-            if let Some(fd) = nic.as_ref().filter(|_| self.events_here(rail)) {
-                out.extend(fd.event_fd());
-            }
-        }
+        out.extend(held.iter().flatten().filter_map(|n| n.event_fd()));
     }
 
     /// Whether it reads `rail`'s card's events: always on a connection of its own, on an

@@ -187,6 +187,14 @@ impl<N: Nic> CardIo<N> {
     pub(crate) fn nic(&self) -> &Arc<N> {
         &self.regs.nic
     }
+
+    /// Whether its device events are read by the endpoint (`endpoint_reads`: the connection's
+    /// `card_events_elsewhere`), not by the connection or its control thread: only on the
+    /// endpoint's own card.
+    #[inline]
+    fn events_read_by_endpoint(&self, endpoint_reads: bool) -> bool {
+        endpoint_reads && self.on_endpoint_card
+    }
 }
 
 /// A fresh queue pair for rail `rail` on `nic`: on the endpoint's shared completion queues when
@@ -1003,7 +1011,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             // An endpoint reads its own cards' events; a card this connection opened itself,
             // it reads.
             let events = card.nic().event_fd().filter(|_| {
-                thread.is_none() && (!self.card_events_elsewhere || !card.on_endpoint_card)
+                thread.is_none() && !card.events_read_by_endpoint(self.card_events_elsewhere)
             });
             for fd in [card.link.wakeup_fd(), events].into_iter().flatten() {
                 push(fd);
@@ -1146,7 +1154,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 continue;
             };
             // An endpoint reads its own cards' events (one read for all its connections).
-            let events = events && !(endpoint_reads && card.on_endpoint_card);
+            let events = events && !card.events_read_by_endpoint(endpoint_reads);
             while let Some(ev) = events.then(|| card.nic().poll_event()).flatten() {
                 self.core.observe_time(now);
                 self.liveness_unpublished = true;
