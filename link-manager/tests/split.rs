@@ -42,6 +42,9 @@ fn a_sender_thread_keeps_sending_through_failovers() {
     let (mut sender, mut a) = a.split();
     let stop = Arc::new(AtomicBool::new(false));
     let stop_sender = stop.clone();
+    // The sender says when its first record is in: virtual time runs only from then on (it
+    // could otherwise run out before the thread was scheduled at all, and nothing flow).
+    let (first_sent, started) = std::sync::mpsc::channel();
     let mut sender_thread = Some(std::thread::spawn(move || {
         let mut next = 1u64;
         // Capped so a fast machine doesn't spend long checking tens of millions of messages.
@@ -49,6 +52,9 @@ fn a_sender_thread_keeps_sending_through_failovers() {
             match sender.send(&payload(next)) {
                 Ok(seq) => {
                     assert_eq!(seq, next);
+                    if next == 1 {
+                        let _ = first_sent.send(());
+                    }
                     next += 1;
                 }
                 Err(SendError::Backpressure) => std::thread::yield_now(),
@@ -59,6 +65,7 @@ fn a_sender_thread_keeps_sending_through_failovers() {
         (next - 1, sender)
     }));
 
+    started.recv().expect("the sender's first record");
     let (mut delivered, mut faults, mut cleared_at) = (0u64, 0u64, None);
     let mut next_fault_at = fabric.now() + 5_000_000;
     let mut active_fault: Option<(u8, usize)> = None;
