@@ -74,7 +74,9 @@ fn a_sender_thread_keeps_sending_through_failovers() {
     let mut sent = None;
     let mut kept_sender = None;
     while sent != Some(delivered) {
-        if sent.is_none() && fabric.now() >= end {
+        // The run ends at `end` in virtual time, and not before the sender's records flowed:
+        // on a loaded machine the sender thread may be descheduled for the whole virtual run.
+        if sent.is_none() && fabric.now() >= end && delivered > 1_000 {
             stop.store(true, Ordering::Relaxed);
             let (count, sender) = sender_thread.take().unwrap().join().unwrap();
             sent = Some(count);
