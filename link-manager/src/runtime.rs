@@ -428,18 +428,19 @@ impl<N: Nic, C: Clock> std::ops::DerefMut for Connection<N, C> {
 impl<N: Nic, C: Clock> Connection<N, C> {
     /// Queues `msg` and posts it at once. Returns its sequence number.
     pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
-        // Keep the engine turning for callers that only send: heartbeats, completions, acks.
-        self.sends_since_progress += 1;
-        if self.sends_since_progress >= 64 {
-            self.sends_since_progress = 0;
-            self.rx.progress();
-        }
         let mut r = self.rx.core.push(msg);
         if matches!(r, Err(SendError::Backpressure)) {
             self.rx.progress(); // acknowledgements may be waiting
             r = self.rx.core.push(msg);
         }
         self.rx.flush_after_send();
+        // Keep the engine turning for callers that only send (heartbeats, completions,
+        // acknowledgements): after this message's write is posted, not before it.
+        self.sends_since_progress += 1;
+        if self.sends_since_progress >= 64 {
+            self.sends_since_progress = 0;
+            self.rx.progress();
+        }
         r
     }
 

@@ -175,3 +175,36 @@ fn a_stream_from_the_first_instant_fails_no_rail() {
         assert!(c.core().rail_proven(0) && c.core().rail_proven(1), "{who}");
     }
 }
+
+/// A sender that only sends keeps its connection turning with a `progress` every 64th send;
+/// that turn (here a heartbeat tick: the standby's block) comes after the send's own write,
+/// not before it: the message does not wait for the housekeeping.
+#[test]
+fn the_turn_a_send_makes_comes_after_its_own_write() {
+    let mut p = pair(41);
+    run(&mut p, 5, 0); // connected, both rails proven
+                       // 63 sends, each delivered (the 64th send is the one that turns the connection).
+    for i in 0..63u8 {
+        p.a.send(&[i; 64]).unwrap();
+        let t = p.now() + 10_000;
+        p.fabric.advance_to(t);
+        assert_eq!(p.b.poll(|m| assert_eq!(m, &[i; 64])).unwrap(), 1);
+    }
+    // Host 1's heartbeat tick falls due while it does not run.
+    let tick = p.a.core().poll_timeout().expect("a heartbeat is scheduled");
+    p.fabric.advance_to(tick.max(p.now()));
+    assert!(p.a.core().heartbeat_due(p.now()));
+    let before = p.fabric.stats();
+    p.a.send(&[63; 64]).unwrap();
+    let after = p.fabric.stats();
+    assert_eq!(
+        after.last_imm_write_posted,
+        before.writes_posted + 1,
+        "the message's write was the send's first post"
+    );
+    assert!(
+        after.writes_posted > before.writes_posted + 1,
+        "and the heartbeat tick's blocks followed it"
+    );
+    assert!(!p.a.core().heartbeat_due(p.now()), "the tick ran");
+}

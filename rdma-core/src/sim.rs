@@ -154,6 +154,11 @@ pub struct SimStats {
     pub writes_delivered: u64,
     pub bytes_delivered: u64,
     pub corrupted_writes: u64,
+    /// Writes posted to a connected queue pair (on any card), in the order posted.
+    pub writes_posted: u64,
+    /// Which of those (its `writes_posted` count) was the latest write with immediate: what
+    /// came before and after it in a call.
+    pub last_imm_write_posted: u64,
 }
 
 /// The simulated network: cards joined pairwise by wires.
@@ -928,6 +933,11 @@ impl Link for SimLink {
             signaled,
         });
         w.schedule_head(self.qp);
+        let mut stats = self.fabric.stats.borrow_mut();
+        stats.writes_posted += 1;
+        if imm.is_some() {
+            stats.last_imm_write_posted = stats.writes_posted;
+        }
         Ok(())
     }
 
