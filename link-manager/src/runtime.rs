@@ -58,6 +58,10 @@ pub enum ConnectError {
     /// `replace_card` names a rail that doesn't exist or hasn't failed.
     #[error("rail {0} is not a failed rail of this connection")]
     RailNotFailed(usize),
+    /// A re-arm (`rearm_prepare`, `rearm_complete`, `install_rearmed`) names a rail the
+    /// connection doesn't have.
+    #[error("the connection has no rail {0}")]
+    NoSuchRail(usize),
 }
 
 /// A close that could not hand everything over.
@@ -1542,6 +1546,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     /// this or [`Receiver::rearm_complete`] fails for a rail the core asked to re-arm, tell it
     /// with [`Receiver::rearm_failed`], or it won't ask again.)
     pub fn rearm_prepare(&mut self, rail: usize) -> Result<(N::Link, Hello), ConnectError> {
+        if rail >= self.rails.len() {
+            return Err(ConnectError::NoSuchRail(rail));
+        }
         // A queue of its own: its caller holds it without a route (see `prepare_fresh`).
         let (fresh, hello) = self.prepare_on(rail, false)?;
         Ok((fresh.link, hello))
@@ -1605,7 +1612,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         self.rails.get(rail).is_some_and(|r| r.card.is_none())
     }
 
-    /// Connects the fresh queue pair to the peer's and makes the rail a standby again.
+    /// Connects the fresh queue pair to the peer's and makes the rail a standby again (if it
+    /// was carrying traffic, it fails over first: the peer re-armed it). Both sides' queue
+    /// pairs must exist (each side's `rearm_prepare` done, hellos exchanged) before either side
+    /// completes: a write on a queue pair whose peer is not connected yet fails the rail again.
     pub fn rearm_complete(
         &mut self,
         rail: usize,
@@ -1613,17 +1623,28 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         ours: &Hello,
         peer: &Hello,
     ) -> Result<(), ConnectError> {
+        if rail >= self.rails.len() {
+            return Err(ConnectError::NoSuchRail(rail));
+        }
         let peer = Hello::decode(&peer.encode())?;
         ours.check_peer(&peer)?;
         link.connect(&peer.endpoint)?;
-        self.install_rearmed(rail, link, &peer);
-        Ok(())
+        self.install_rearmed(rail, link, &peer)
     }
 
     /// Installs an already connected fresh queue pair on `rail` (the peer's hello validated);
     /// the old queue pair is destroyed here.
-    pub fn install_rearmed(&mut self, rail: usize, link: N::Link, peer: &Hello) {
+    pub fn install_rearmed(
+        &mut self,
+        rail: usize,
+        link: N::Link,
+        peer: &Hello,
+    ) -> Result<(), ConnectError> {
+        if rail >= self.rails.len() {
+            return Err(ConnectError::NoSuchRail(rail));
+        }
         drop(self.install_rearmed_keep_old(rail, link, None, peer));
+        Ok(())
     }
 
     /// [`Receiver::install_rearmed`] of a queue pair from [`Receiver::prepare_fresh`].
@@ -1737,8 +1758,10 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
 
     /// Re-arming `rail` failed for now; the core will ask again later.
     pub fn rearm_failed(&mut self, rail: usize) {
-        let now = self.clock.now();
-        self.core.rearm_failed(rail, now);
+        if rail < self.rails.len() {
+            let now = self.clock.now();
+            self.core.rearm_failed(rail, now);
+        }
     }
 
     pub fn stats(&self) -> Stats {
