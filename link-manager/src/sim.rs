@@ -282,7 +282,7 @@ impl SimPair {
                     let card = if host2 { c.1.clone() } else { c.0.clone() };
                     if missing == Some((host2, r)) {
                         fabric.remove_card(&card);
-                        RailCard::Absent(card)
+                        RailCard::Absent(railover_rdma::Nic::reopen_token(&card))
                     } else {
                         RailCard::Open(card)
                     }

@@ -587,6 +587,72 @@ pub fn shared_completion_queue_names_each_link<E: ContractEnv>(env: &mut E) {
     );
 }
 
+/// Two device contexts on one card (the card opened twice, as a connection that opens a card
+/// again after a device-fatal event does next to its endpoint's handle) share nothing: a
+/// shared completion queue of one takes no queue pair of the other; a write whose buffer is
+/// registered on the other context fails with a local protection error (4, beyond the inline
+/// size: an inline write's bytes are copied at the post, its buffer never checked); a write
+/// into a region the peer registered on a context other than its queue pair's is a remote
+/// access error. Each context works on its own.
+pub fn device_contexts_are_apart<E: ContractEnv>(env: &mut E) {
+    const LEN: usize = 4096;
+    let (a, b) = env.cards();
+    let a2 = E::Nic::reopen(&a.reopen_token()).expect("the card opened again");
+    let b2 = E::Nic::reopen(&b.reopen_token()).expect("the card opened again");
+    let params = LinkParams::default();
+    assert!(LEN > params.max_inline as usize);
+    let cq = a.create_shared_cq(64).unwrap();
+    assert!(matches!(
+        a2.create_link_on(&params, &cq.attach()),
+        Err(FabricError::InvalidParams(_))
+    ));
+    let mr_src = a.register(HeapBuffer::new(LEN), Access::Local).unwrap();
+    let mr_src2 = a2.register(HeapBuffer::new(LEN), Access::Local).unwrap();
+    let dst = HeapBuffer::new(LEN);
+    let mr_dst = b.register(dst.clone(), Access::RemoteWrite).unwrap();
+    let mr_dst2 = b2
+        .register(HeapBuffer::new(LEN), Access::RemoteWrite)
+        .unwrap();
+
+    // From a buffer of the other context.
+    let (mut la, _lb) = connected_pair::<E>(&a, &b, &params);
+    la.post_write(1, &mr_src2, 0, LEN, &mr_dst.remote(), 0, None, true)
+        .unwrap();
+    let tx = env.wait(&mut la, 1);
+    assert_eq!(
+        tx.iter().map(|c| (c.wr_id, c.status)).collect::<Vec<_>>(),
+        [(1, WcStatus::Other(4))],
+        "a local protection error"
+    );
+
+    // Into a region of the peer's other context.
+    let (mut la, _lb) = connected_pair::<E>(&a, &b, &params);
+    la.post_write(2, &mr_src, 0, LEN, &mr_dst2.remote(), 0, None, true)
+        .unwrap();
+    let tx = env.wait(&mut la, 1);
+    assert_eq!(
+        tx.iter().map(|c| (c.wr_id, c.status)).collect::<Vec<_>>(),
+        [(2, WcStatus::RemoteAccess)]
+    );
+
+    // Each context on its own: the second contexts' queue pairs carry their own buffers.
+    let src2 = HeapBuffer::new(LEN);
+    src2.write(0, &[0x5a; LEN]);
+    let mr_src2 = a2.register(src2, Access::Local).unwrap();
+    let dst2 = HeapBuffer::new(LEN);
+    let mr_dst2 = b2.register(dst2.clone(), Access::RemoteWrite).unwrap();
+    let (mut la2, _lb2) = connected_pair::<E>(&a2, &b2, &params);
+    la2.post_write(3, &mr_src2, 0, LEN, &mr_dst2.remote(), 0, None, true)
+        .unwrap();
+    let tx = env.wait(&mut la2, 1);
+    assert_eq!(
+        tx.iter().map(|c| (c.wr_id, c.status)).collect::<Vec<_>>(),
+        [(3, WcStatus::Success)]
+    );
+    assert_eq!(dst2.read(0, LEN), vec![0x5a; LEN]);
+    assert_eq!(dst.read(0, 8), vec![0; 8], "nothing landed in the first");
+}
+
 /// Runs every contract check against `make()`'s environments.
 pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
     write_with_imm_lands_bytes_and_imm(&mut make());
@@ -599,4 +665,5 @@ pub fn run_all<E: ContractEnv>(mut make: impl FnMut() -> E) {
     armed_completion_wakes_the_waiter(&mut make());
     rearming_consumes_the_last_wakeup_and_still_wakes(&mut make());
     shared_completion_queue_names_each_link(&mut make());
+    device_contexts_are_apart(&mut make());
 }

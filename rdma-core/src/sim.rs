@@ -14,6 +14,14 @@
 //! * corruption: the next writes land with a flipped byte.
 //! * latency spikes, queue-pair fatal errors, restores (port-active events).
 //!
+//! Device contexts are modelled as on verbs: each [`Nic::reopen`] opens a context of its own
+//! (a [`SimNic`]'s clones share one), which reads its own copy of the card's events (a queue
+//! pair's fatal event goes to the context that made it) and owns its registrations, queue pairs
+//! and completion queues: a shared queue takes only its context's queue pairs, and a write
+//! whose local or remote region belongs to another context than its queue pair's fails (a
+//! local protection / remote access error). A context closes when its handle and everything
+//! made on it are gone.
+//!
 //! The only randomness (PSNs, which byte to corrupt) comes from the seeded RNG, so a run replays
 //! exactly from its seed.
 
@@ -65,6 +73,8 @@ struct Wr {
 
 struct Qp {
     nic: usize,
+    /// The device context it was made on.
+    handle: usize,
     params: LinkParams,
     state: QpState,
     psn: u32,
@@ -104,7 +114,6 @@ impl Qp {
 struct NicState {
     wire: usize,
     removed: bool,
-    events: VecDeque<AsyncEvent>,
     /// Writes this card had to retransmit (partial loss): its `hw_counters`.
     retransmissions: u64,
     /// Polls of its queue pairs' own completion queues (see [`SimFabric::cq_polls`]).
@@ -131,10 +140,23 @@ struct Wire {
 
 struct Mr {
     nic: usize,
+    /// The device context (handle) it was registered on: only that context's queue pairs
+    /// may use it, locally or remotely (its protection domain).
+    handle: usize,
     mem: Arc<dyn RegisterableMemory>,
     access: Access,
     rkey: u32,
     live: bool,
+}
+
+/// An open device context on a card (what `ibv_open_device` returns): the card's
+/// asynchronous events go to every open one, each reading its own copy; a queue pair's fatal
+/// event goes to the one it was made on. Its registrations, queue pairs and completion
+/// queues belong to it alone.
+struct HandleState {
+    nic: usize,
+    open: bool,
+    events: VecDeque<AsyncEvent>,
 }
 
 struct World {
@@ -146,6 +168,7 @@ struct World {
     wires: Vec<Wire>,
     mrs: Vec<Mr>,
     qps: Vec<Qp>,
+    handles: Vec<HandleState>,
 }
 
 /// Counts of what the fabric did (for tests and reports).
@@ -184,6 +207,7 @@ impl SimFabric {
                 wires: Vec::new(),
                 mrs: Vec::new(),
                 qps: Vec::new(),
+                handles: Vec::new(),
             })),
             stats: Rc::new(RefCell::new(SimStats::default())),
         }
@@ -198,7 +222,6 @@ impl SimFabric {
             w.nics.push(NicState {
                 wire,
                 removed: false,
-                events: VecDeque::new(),
                 retransmissions: 0,
                 cq_polls: 0,
                 shared_cq_polls: 0,
@@ -218,10 +241,13 @@ impl SimFabric {
             loss_retransmit_ns: 0,
         });
         drop(w);
-        let mk = |id: usize, name: &str| SimNic {
-            fabric: self.clone(),
-            id,
-            name: name.to_string(),
+        let mk = |id: usize, name: &str| {
+            SimCard {
+                fabric: self.clone(),
+                id,
+                name: name.to_string(),
+            }
+            .open()
         };
         (mk(a, name1), mk(a + 1, name2), WireId(wire))
     }
@@ -279,7 +305,7 @@ impl SimFabric {
         let mut w = self.world.borrow_mut();
         w.wires[wire.0].carrier = false;
         for nic in w.wires[wire.0].nics {
-            w.nics[nic].events.push_back(AsyncEvent::PortDown);
+            w.card_event(nic, AsyncEvent::PortDown);
             w.fail_qps_of_nic(nic, WcStatus::Flushed);
         }
     }
@@ -290,7 +316,7 @@ impl SimFabric {
         w.wires[wire.0].carrier = true;
         for nic in w.wires[wire.0].nics {
             if !w.nics[nic].removed {
-                w.nics[nic].events.push_back(AsyncEvent::PortActive);
+                w.card_event(nic, AsyncEvent::PortActive);
             }
         }
     }
@@ -343,14 +369,14 @@ impl SimFabric {
     /// port flap shorter than the retry timeout, say, or a queue pair's fatal error reported
     /// before any of its completions).
     pub fn card_event(&self, nic: &SimNic, event: AsyncEvent) {
-        self.world.borrow_mut().nics[nic.id].events.push_back(event);
+        self.world.borrow_mut().card_event(nic.id, event);
     }
 
     /// Card removed: device-fatal on it; its queue pairs flush. The peer sees only timeouts.
     pub fn remove_card(&self, nic: &SimNic) {
         let mut w = self.world.borrow_mut();
         w.nics[nic.id].removed = true;
-        w.nics[nic.id].events.push_back(AsyncEvent::DeviceFatal);
+        w.card_event(nic.id, AsyncEvent::DeviceFatal);
         w.fail_qps_of_nic(nic.id, WcStatus::Flushed);
     }
 
@@ -358,7 +384,7 @@ impl SimFabric {
     pub fn restore_card(&self, nic: &SimNic) {
         let mut w = self.world.borrow_mut();
         w.nics[nic.id].removed = false;
-        w.nics[nic.id].events.push_back(AsyncEvent::PortActive);
+        w.card_event(nic.id, AsyncEvent::PortActive);
     }
 
     /// The next `writes` writes crossing the wire land with one flipped byte.
@@ -389,18 +415,31 @@ impl SimFabric {
     /// A queue pair hits a fatal error (QP-fatal event on its card).
     pub fn qp_fatal(&self, link: &SimLink) {
         let mut w = self.world.borrow_mut();
-        let nic = w.qps[link.qp].nic;
+        let handle = w.qps[link.qp].handle;
         let qpn = qpn_of(link.qp);
-        w.nics[nic].events.push_back(AsyncEvent::QpFatal { qpn });
+        w.handles[handle]
+            .events
+            .push_back(AsyncEvent::QpFatal { qpn });
         w.fail_qp(link.qp, WcStatus::Flushed);
     }
 }
+
+/// `IBV_WC_LOC_PROT_ERR`: a work request's local buffer is not registered in its queue
+/// pair's protection domain.
+const WC_LOC_PROT_ERR: u32 = 4;
 
 fn qpn_of(index: usize) -> u32 {
     0x100 + index as u32
 }
 
 impl World {
+    /// A card-wide event: a copy for every open device context on it.
+    fn card_event(&mut self, nic: usize, event: AsyncEvent) {
+        for h in self.handles.iter_mut().filter(|h| h.open && h.nic == nic) {
+            h.events.push_back(event);
+        }
+    }
+
     fn schedule(&mut self, t: u64, ev: Ev) {
         let seq = self.next_event_seq;
         self.next_event_seq += 1;
@@ -506,12 +545,25 @@ impl World {
             let h = &self.qps[qp].fifo[0];
             (h.rkey, h.remote_addr, h.len, h.imm)
         };
+        // The requester's own buffer must be registered on its queue pair's device context
+        // (the same protection domain): else a local protection error, as on a real card.
+        let local = &self.mrs[self.qps[qp].fifo[0].local_mr];
+        if !local.live || local.handle != self.qps[qp].handle {
+            self.fail_qp(qp, WcStatus::Other(WC_LOC_PROT_ERR));
+            return;
+        }
         // Responder checks the rkey and range (remote access error otherwise).
+        let peer_handle = self.qps[peer].handle;
         let target = self.mrs.iter().position(|m| {
-            m.live && m.rkey == rkey && m.nic == peer_nic && m.access == Access::RemoteWrite && {
-                let base = m.mem.addr() as u64;
-                remote_addr >= base && remote_addr + len as u64 <= base + m.mem.len() as u64
-            }
+            m.live
+                && m.rkey == rkey
+                && m.nic == peer_nic
+                && m.handle == peer_handle
+                && m.access == Access::RemoteWrite
+                && {
+                    let base = m.mem.addr() as u64;
+                    remote_addr >= base && remote_addr + len as u64 <= base + m.mem.len() as u64
+                }
         });
         let Some(target) = target else {
             self.fail_qp(qp, WcStatus::RemoteAccess);
@@ -601,6 +653,59 @@ pub struct SimNic {
     fabric: SimFabric,
     id: usize,
     name: String,
+    /// The device context this handle is (its clones share it, as clones of a verbs card share
+    /// its context); open while it, a clone, or anything made on it lives.
+    handle: Rc<HandleGuard>,
+}
+
+/// Names a simulated card without holding a device context on it: what
+/// [`Nic::reopen`] opens a fresh context (a [`SimNic`]) from.
+#[derive(Clone)]
+pub struct SimCard {
+    fabric: SimFabric,
+    id: usize,
+    name: String,
+}
+
+impl SimCard {
+    /// A fresh device context on the card.
+    fn open(&self) -> SimNic {
+        let mut w = self.fabric.world.borrow_mut();
+        let index = w.handles.len();
+        w.handles.push(HandleState {
+            nic: self.id,
+            open: true,
+            events: VecDeque::new(),
+        });
+        drop(w);
+        SimNic {
+            fabric: self.fabric.clone(),
+            id: self.id,
+            name: self.name.clone(),
+            handle: Rc::new(HandleGuard {
+                fabric: self.fabric.clone(),
+                index,
+            }),
+        }
+    }
+}
+
+/// Closes its device context when the last handle, registration, queue pair or completion
+/// queue made on it goes: from then on the context gets no events.
+struct HandleGuard {
+    fabric: SimFabric,
+    index: usize,
+}
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        // (Never while the world is borrowed: every borrow is scoped to one fabric call.)
+        if let Ok(mut w) = self.fabric.world.try_borrow_mut() {
+            let h = &mut w.handles[self.index];
+            h.open = false;
+            h.events.clear();
+        }
+    }
 }
 
 /// A registration on a simulated card.
@@ -609,6 +714,7 @@ pub struct SimMr {
     id: usize,
     remote: RemoteRegion,
     len: usize,
+    _context: Rc<HandleGuard>,
 }
 
 impl Drop for SimMr {
@@ -630,6 +736,7 @@ impl MemoryRegistration for SimMr {
 pub struct SimLink {
     fabric: SimFabric,
     qp: usize,
+    _context: Rc<HandleGuard>,
 }
 
 impl Drop for SimLink {
@@ -649,6 +756,7 @@ pub struct SimSharedCq {
     fabric: SimFabric,
     nic: usize,
     queue: SharedQueue,
+    context: Rc<HandleGuard>,
 }
 
 /// Names a [`SimSharedCq`] to make links on (see [`SharedCq::Attach`]).
@@ -656,6 +764,8 @@ pub struct SimSharedCq {
 pub struct SimCqAttach {
     fabric: SimFabric,
     nic: usize,
+    /// The device context the queue was made on: only that context's queue pairs may use it.
+    handle: usize,
     queue: SharedQueue,
 }
 
@@ -666,6 +776,7 @@ impl SharedCq for SimSharedCq {
         SimCqAttach {
             fabric: self.fabric.clone(),
             nic: self.nic,
+            handle: self.context.index,
             queue: self.queue.clone(),
         }
     }
@@ -696,6 +807,7 @@ impl SimNic {
         let qp = w.qps.len();
         w.qps.push(Qp {
             nic: self.id,
+            handle: self.handle.index,
             params: *params,
             state: QpState::Reset,
             psn,
@@ -716,6 +828,7 @@ impl SimNic {
         Ok(SimLink {
             fabric: self.fabric.clone(),
             qp,
+            _context: self.handle.clone(),
         })
     }
 }
@@ -724,17 +837,22 @@ impl Nic for SimNic {
     type Mr = SimMr;
     type Link = SimLink;
     type SharedCq = SimSharedCq;
-    type Reopen = SimNic;
+    type Reopen = SimCard;
 
-    fn reopen_token(&self) -> SimNic {
-        self.clone()
+    fn reopen_token(&self) -> SimCard {
+        SimCard {
+            fabric: self.fabric.clone(),
+            id: self.id,
+            name: self.name.clone(),
+        }
     }
 
-    fn reopen(token: &SimNic) -> Result<SimNic, FabricError> {
+    /// A fresh device context, as `ibv_open_device` gives: events of its own from now on.
+    fn reopen(token: &SimCard) -> Result<SimNic, FabricError> {
         if token.fabric.world.borrow().nics[token.id].removed {
             return Err(FabricError::NoSuchDevice(token.name.clone()));
         }
-        Ok(token.clone())
+        Ok(token.open())
     }
 
     fn name(&self) -> &str {
@@ -760,6 +878,7 @@ impl Nic for SimNic {
         };
         w.mrs.push(Mr {
             nic: self.id,
+            handle: self.handle.index,
             mem,
             access,
             rkey,
@@ -770,6 +889,7 @@ impl Nic for SimNic {
             id,
             remote,
             len,
+            _context: self.handle.clone(),
         })
     }
 
@@ -790,6 +910,7 @@ impl Nic for SimNic {
             fabric: self.fabric.clone(),
             nic: self.id,
             queue: Rc::default(),
+            context: self.handle.clone(),
         })
     }
 
@@ -803,11 +924,16 @@ impl Nic for SimNic {
                 "the shared completion queue belongs to another card",
             ));
         }
+        if cq.handle != self.handle.index {
+            return Err(FabricError::InvalidParams(
+                "the shared completion queue belongs to another device context",
+            ));
+        }
         self.make_link(params, Some(cq.queue.clone()))
     }
 
     fn poll_event(&self) -> Option<AsyncEvent> {
-        self.fabric.world.borrow_mut().nics[self.id]
+        self.fabric.world.borrow_mut().handles[self.handle.index]
             .events
             .pop_front()
     }

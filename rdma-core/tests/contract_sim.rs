@@ -90,3 +90,7 @@ fn rearming_consumes_the_last_wakeup_and_still_wakes() {
 fn shared_completion_queue_names_each_link() {
     contract::shared_completion_queue_names_each_link(&mut Sim(SimFabric::new(10)));
 }
+#[test]
+fn device_contexts_are_apart() {
+    contract::device_contexts_are_apart(&mut Sim(SimFabric::new(11)));
+}

@@ -91,7 +91,8 @@ verbs_contract!(
     unsignaled_writes_complete_only_in_error,
     local_misuse_is_a_typed_error,
     shut_down_flushes,
-    shared_completion_queue_names_each_link
+    shared_completion_queue_names_each_link,
+    device_contexts_are_apart
 );
 
 /// rxe accepts the default inline size, so the contract's small writes above really went

@@ -220,3 +220,47 @@ fn same_seed_same_run() {
     assert_eq!(run(5), run(5));
     assert_ne!(run(5), run(6));
 }
+
+/// A card's events go to every device context open on it, each reading its own copy (as each
+/// `ibv_open_device` has its own async-event descriptor); clones of one handle share its
+/// context and so its one queue; a queue pair's fatal event goes to the context that made it;
+/// a context opened after an event never sees it; closing one (its handle, registrations and
+/// queue pairs all gone) takes nothing from the others.
+#[test]
+fn each_device_context_reads_its_own_copy_of_the_cards_events() {
+    use railover_rdma::sim::SimNic;
+    let fab = SimFabric::new(9);
+    let (a, _b, wire) = fab.add_wire("a1", "a2", 1_000);
+    let a_clone = a.clone();
+    let a2 = SimNic::reopen(&a.reopen_token()).unwrap();
+    fab.carrier_loss(wire);
+    assert_eq!(a.poll_event(), Some(AsyncEvent::PortDown));
+    assert_eq!(a_clone.poll_event(), None, "a clone read the same queue");
+    assert_eq!(a2.poll_event(), Some(AsyncEvent::PortDown), "its own copy");
+    assert_eq!(a2.poll_event(), None);
+
+    let link2 = a2.create_link(&LinkParams::default()).unwrap();
+    fab.qp_fatal(&link2);
+    assert!(matches!(a2.poll_event(), Some(AsyncEvent::QpFatal { .. })));
+    assert_eq!(a.poll_event(), None, "not the other context's queue pair");
+
+    fab.carrier_restore(wire);
+    let a3 = SimNic::reopen(&a.reopen_token()).unwrap();
+    assert_eq!(a3.poll_event(), None, "opened after the event");
+    assert_eq!(a.poll_event(), Some(AsyncEvent::PortActive));
+    assert_eq!(a2.poll_event(), Some(AsyncEvent::PortActive));
+
+    // The second context closes once its queue pair goes too; the others read on.
+    let token = a.reopen_token();
+    drop(a2);
+    fab.card_event(&a, AsyncEvent::Other(99));
+    drop(link2);
+    fab.card_event(&a, AsyncEvent::Other(100));
+    assert_eq!(a.poll_event(), Some(AsyncEvent::Other(99)));
+    assert_eq!(a.poll_event(), Some(AsyncEvent::Other(100)));
+    assert_eq!(a3.poll_event(), Some(AsyncEvent::Other(99)));
+    drop((a, a_clone, a3));
+    // Every handle gone: a fresh one sees only what comes after it.
+    let a4 = SimNic::reopen(&token).unwrap();
+    assert_eq!(a4.poll_event(), None);
+}
