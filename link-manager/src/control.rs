@@ -712,7 +712,7 @@ impl<N: Nic> ControlTask<N> {
             .cfg
             .gray_switch()
             .is_some_and(|g| g.retransmits_per_window > 0);
-        if self.proto.busy() || counts_retransmissions {
+        let wait = if self.proto.busy() || counts_retransmissions {
             CONTROL_POLL
         } else if redials {
             // Until its next try (the back-off grows to 1 s; it woke every 5 ms until session
@@ -721,6 +721,11 @@ impl<N: Nic> ControlTask<N> {
             next.max(REDIAL_WAIT_MIN).min(self.idle)
         } else {
             self.idle
+        };
+        // A resting rejoin port is not waited on: the wait ends when it is watched again.
+        match self.channel.next_accept_in() {
+            Some(rest) => wait.min(rest.max(REDIAL_WAIT_MIN)),
+            None => wait,
         }
     }
 
@@ -922,7 +927,16 @@ fn wait(fds: &[BorrowedFd<'_>], timeout: Duration) -> usize {
         tv_nsec: timeout.subsec_nanos() as _,
     };
     match poll(&mut set, Some(&timeout)) {
-        Ok(n) => n,
+        Ok(n) => {
+            if set.iter().any(|fd| hung_up(fd.revents())) {
+                // Nothing to read there, and the next wait would end at once again: the turn
+                // after this one comes a poll interval later, never in a spin (a descriptor
+                // whose device or socket broke stays like this until its owner drops it).
+                tracing::debug!("control thread: a descriptor reports an error or hang-up");
+                std::thread::sleep(CONTROL_POLL);
+            }
+            n
+        }
         Err(rustix::io::Errno::INTR) => 0,
         Err(e) => {
             tracing::warn!(error = %e, "control thread: waiting failed");
@@ -930,6 +944,13 @@ fn wait(fds: &[BorrowedFd<'_>], timeout: Duration) -> usize {
             0
         }
     }
+}
+
+/// Whether a descriptor's poll result is an error or hang-up with nothing to read.
+fn hung_up(revents: rustix::event::PollFlags) -> bool {
+    use rustix::event::PollFlags;
+    revents.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL)
+        && !revents.contains(PollFlags::IN)
 }
 
 /// A connection's own control thread: waits on its stream and cards, then takes a turn.
@@ -1189,6 +1210,54 @@ mod tests {
         .retransmits_per_window(1);
         task.cfg = Config::builder().gray_switch(gray).build().expect("config");
         assert_eq!(task.wait_for(), CONTROL_POLL, "retransmissions are counted");
+    }
+
+    /// A rejoin port whose accept fails (out of descriptors; here shut down, which also makes
+    /// it report a hang-up at once to every wait) rests, backing off, and is not waited on
+    /// meanwhile: the listener's thread waited on it and woke at once, again and again.
+    #[test]
+    fn a_rejoin_port_whose_accept_fails_rests_instead_of_waking_the_thread() {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let (ours, _theirs) = stream_pair();
+        let port = TcpListener::bind("127.0.0.1:0").expect("rejoin port");
+        rustix::net::shutdown(&port, rustix::net::Shutdown::Read).expect("shut the port");
+        let mut probe = [PollFd::new(&port, PollFlags::IN)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        assert_eq!(
+            poll(&mut probe, Some(&now)).expect("poll"),
+            1,
+            "ready at once"
+        );
+        assert!(
+            hung_up(probe[0].revents()),
+            "with a hang-up, nothing to read"
+        );
+        let mut channel = TcpControl::listener(ours, 7, port).expect("listener");
+        assert!(channel.rejoin_port().is_some(), "watched before");
+        assert!(
+            ControlChannel::reconnect(&mut channel).is_err(),
+            "accept fails"
+        );
+        assert!(channel.rejoin_port().is_none(), "resting: not waited on");
+        let rest = channel.next_accept_in().expect("resting");
+        assert!(rest > Duration::ZERO && rest <= Duration::from_millis(50));
+        let mut task = test_task(channel, Role::Acceptor);
+        task.proto.channel_failed();
+        let wait = task.wait_for();
+        assert!(
+            wait >= REDIAL_WAIT_MIN && wait <= Duration::from_millis(50),
+            "the wait ends when the port is watched again: {wait:?}"
+        );
+        let mut fds = Vec::new();
+        task.wait_fds(&[], &mut fds);
+        assert_eq!(
+            fds.len(),
+            1,
+            "its bell alone (the stream failed, the port rests)"
+        );
     }
 
     /// Sends a re-arm request as `serve` does and waits for the answer: an acceptor declines it

@@ -56,8 +56,16 @@ enum Rejoin {
         next_try: Instant,
         backoff: Duration,
     },
-    /// The listener's rejoin port (non-blocking).
-    Listen(TcpListener),
+    /// The listener's rejoin port (non-blocking). After an accept that failed for another
+    /// reason than "nothing there" (out of descriptors: EMFILE, ENFILE; memory; a port shut
+    /// down), the port rests until `resting_until`, backing off like the dialler: it is not
+    /// waited on meanwhile. (A port whose accept keeps failing stays readable, or reports a
+    /// hang-up: waited on, it would wake the control thread at once, again and again.)
+    Listen {
+        port: TcpListener,
+        resting_until: Option<Instant>,
+        backoff: Duration,
+    },
 }
 
 /// A verbs connection's control channel: the stream, and its way back.
@@ -90,7 +98,11 @@ impl TcpControl {
         port.set_nonblocking(true)?;
         Ok(TcpControl {
             stream,
-            rejoin: Rejoin::Listen(port),
+            rejoin: Rejoin::Listen {
+                port,
+                resting_until: None,
+                backoff: FIRST_BACKOFF,
+            },
             session,
             epoch: 0,
         })
@@ -101,11 +113,30 @@ impl TcpControl {
         &self.stream
     }
 
-    /// The rejoin port to wait on too (the listener's side), if any.
+    /// The rejoin port to wait on too (the listener's side), if any: not while it rests after
+    /// a failed accept (see [`TcpControl::next_accept_in`]).
     pub fn rejoin_port(&self) -> Option<&TcpListener> {
         match &self.rejoin {
-            Rejoin::Listen(l) => Some(l),
+            Rejoin::Listen {
+                port,
+                resting_until,
+                ..
+            } => resting_until
+                .is_none_or(|t| Instant::now() >= t)
+                .then_some(port),
             Rejoin::Dial { .. } => None,
+        }
+    }
+
+    /// How long the listener's rejoin port still rests after a failed accept (None: it is
+    /// waited on, or this side dials): the wait must end then, to watch it again.
+    pub fn next_accept_in(&self) -> Option<Duration> {
+        match &self.rejoin {
+            Rejoin::Listen {
+                resting_until: Some(t),
+                ..
+            } => Some(t.saturating_duration_since(Instant::now())),
+            _ => None,
         }
     }
 
@@ -121,7 +152,7 @@ impl TcpControl {
             Rejoin::Dial { next_try, .. } => {
                 Some(next_try.saturating_duration_since(Instant::now()))
             }
-            Rejoin::Listen(_) => None,
+            Rejoin::Listen { .. } => None,
         }
     }
 
@@ -221,15 +252,42 @@ impl ControlChannel for TcpControl {
             };
         }
         loop {
-            let accepted = match &self.rejoin {
-                Rejoin::Listen(port) => port.accept(),
-                Rejoin::Dial { .. } => return Ok(false),
+            let Rejoin::Listen {
+                port,
+                resting_until,
+                backoff,
+            } = &mut self.rejoin
+            else {
+                return Ok(false);
             };
-            let (s, from) = match accepted {
-                Ok(client) => client,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+            let now = Instant::now();
+            if resting_until.is_some_and(|t| now < t) {
+                return Ok(false);
+            }
+            let (s, from) = match port.accept() {
+                Ok(client) => {
+                    *resting_until = None;
+                    *backoff = FIRST_BACKOFF;
+                    client
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    *resting_until = None;
+                    return Ok(false);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue; // (a client gone before its accept: the next one)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, rest = ?*backoff, "rejoin port: accept failed; resting");
+                    *resting_until = Some(now + *backoff);
+                    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+                    return Err(e);
+                }
             };
             match self.admit(s, from) {
                 Ok(true) => return Ok(true),
