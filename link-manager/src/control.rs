@@ -922,18 +922,26 @@ fn wait(fds: &[BorrowedFd<'_>], timeout: Duration) -> usize {
         .iter()
         .map(|fd| PollFd::from_borrowed_fd(*fd, PollFlags::IN))
         .collect();
+    let wait_at_most = timeout;
     let timeout = Timespec {
         tv_sec: timeout.as_secs() as _,
         tv_nsec: timeout.subsec_nanos() as _,
     };
     match poll(&mut set, Some(&timeout)) {
         Ok(n) => {
-            if set.iter().any(|fd| hung_up(fd.revents())) {
-                // Nothing to read there, and the next wait would end at once again: the turn
-                // after this one comes a poll interval later, never in a spin (a descriptor
-                // whose device or socket broke stays like this until its owner drops it).
+            if n > 0
+                && set
+                    .iter()
+                    .map(|fd| fd.revents())
+                    .filter(|r| !r.is_empty())
+                    .all(hung_up)
+            {
+                // Nothing to read, and the next wait would end at once again: the turn after
+                // this one comes a poll interval later (or at the wait's own end, if sooner),
+                // never in a spin (a descriptor whose device or socket broke stays like this
+                // until its owner drops it). Anything else ready is served at once.
                 tracing::debug!("control thread: a descriptor reports an error or hang-up");
-                std::thread::sleep(CONTROL_POLL);
+                std::thread::sleep(CONTROL_POLL.min(wait_at_most));
             }
             n
         }
@@ -1237,26 +1245,28 @@ mod tests {
         );
         let mut channel = TcpControl::listener(ours, 7, port).expect("listener");
         assert!(channel.rejoin_port().is_some(), "watched before");
+        let before = Instant::now();
         assert!(
             ControlChannel::reconnect(&mut channel).is_err(),
             "accept fails"
         );
-        assert!(channel.rejoin_port().is_none(), "resting: not waited on");
-        let rest = channel.next_accept_in().expect("resting");
-        assert!(rest > Duration::ZERO && rest <= Duration::from_millis(50));
+        // (Judged at `before`: a loaded machine may take the whole rest to get here. The
+        // wait's descriptors are `rejoin_port`'s.)
+        assert!(
+            channel.rejoin_port_at(before).is_none(),
+            "resting: not waited on"
+        );
+        let rest = channel.next_accept_in_at(before).expect("resting");
+        assert!(
+            rest >= Duration::from_millis(50),
+            "the first rest: {rest:?}"
+        );
         let mut task = test_task(channel, Role::Acceptor);
         task.proto.channel_failed();
         let wait = task.wait_for();
         assert!(
             wait >= REDIAL_WAIT_MIN && wait <= Duration::from_millis(50),
             "the wait ends when the port is watched again: {wait:?}"
-        );
-        let mut fds = Vec::new();
-        task.wait_fds(&[], &mut fds);
-        assert_eq!(
-            fds.len(),
-            1,
-            "its bell alone (the stream failed, the port rests)"
         );
     }
 

@@ -116,14 +116,17 @@ impl TcpControl {
     /// The rejoin port to wait on too (the listener's side), if any: not while it rests after
     /// a failed accept (see [`TcpControl::next_accept_in`]).
     pub fn rejoin_port(&self) -> Option<&TcpListener> {
+        self.rejoin_port_at(Instant::now())
+    }
+
+    /// [`TcpControl::rejoin_port`] as it is at `now`.
+    pub(crate) fn rejoin_port_at(&self, now: Instant) -> Option<&TcpListener> {
         match &self.rejoin {
             Rejoin::Listen {
                 port,
                 resting_until,
                 ..
-            } => resting_until
-                .is_none_or(|t| Instant::now() >= t)
-                .then_some(port),
+            } => resting_until.is_none_or(|t| now >= t).then_some(port),
             Rejoin::Dial { .. } => None,
         }
     }
@@ -131,11 +134,16 @@ impl TcpControl {
     /// How long the listener's rejoin port still rests after a failed accept (None: it is
     /// waited on, or this side dials): the wait must end then, to watch it again.
     pub fn next_accept_in(&self) -> Option<Duration> {
+        self.next_accept_in_at(Instant::now())
+    }
+
+    /// [`TcpControl::next_accept_in`] as it is at `now`.
+    pub(crate) fn next_accept_in_at(&self, now: Instant) -> Option<Duration> {
         match &self.rejoin {
             Rejoin::Listen {
                 resting_until: Some(t),
                 ..
-            } => Some(t.saturating_duration_since(Instant::now())),
+            } => Some(t.saturating_duration_since(now)),
             _ => None,
         }
     }
@@ -271,7 +279,9 @@ impl ControlChannel for TcpControl {
                     client
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // The port works again (nothing is waiting): a later failure starts over.
                     *resting_until = None;
+                    *backoff = FIRST_BACKOFF;
                     return Ok(false);
                 }
                 Err(e)

@@ -1628,8 +1628,23 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
         let peer = Hello::decode(&peer.encode())?;
         ours.check_peer(&peer)?;
+        self.check_rail_of(rail, ours)?;
         link.connect(&peer.endpoint)?;
         self.install_rearmed(rail, link, &peer)
+    }
+
+    /// A hello made for another rail than `rail` (its queue pair and rings are that rail's).
+    fn check_rail_of(&self, rail: usize, hello: &Hello) -> Result<(), ConnectError> {
+        if usize::from(hello.rail_index) != rail {
+            return Err(HandshakeError::RailMismatch {
+                local: rail as u16,
+                local_count: self.rails.len() as u16,
+                remote: hello.rail_index,
+                remote_count: hello.rail_count,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Installs an already connected fresh queue pair on `rail` (the peer's hello validated);
@@ -1642,6 +1657,12 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     ) -> Result<(), ConnectError> {
         if rail >= self.rails.len() {
             return Err(ConnectError::NoSuchRail(rail));
+        }
+        self.check_rail_of(rail, peer)?;
+        if self.rails[rail].card.is_none() {
+            // Released (device fatal) since the queue pair was made: the core asks again.
+            self.rearm_failed(rail);
+            return Err(FabricError::Unavailable("card released".into()).into());
         }
         drop(self.install_rearmed_keep_old(rail, link, None, peer));
         Ok(())

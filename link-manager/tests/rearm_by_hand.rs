@@ -5,6 +5,7 @@
 
 use railover::sim::SimConnection;
 use railover::{Config, ConnectError, RailState};
+use railover_rdma::handshake::HandshakeError;
 use railover_rdma::sim::SimFabric;
 use railover_rdma::LinkParams;
 use std::time::Duration;
@@ -115,7 +116,16 @@ fn a_rail_re_armed_by_hand_comes_back_and_carries_the_next_failover() {
         h.a.rearm_complete(rail, l0, &ha, &h0).is_err(),
         "a hello of rail 0 does not complete rail 1"
     );
+    // Rail 1's queue pair and hellos named as rail 0's: refused (rail 0 carries the traffic).
+    let (lx, hx) = h.a.rearm_prepare(rail).unwrap();
+    let (_ly, hy) = h.b.rearm_prepare(rail).unwrap();
+    assert!(matches!(
+        h.a.rearm_complete(0, lx, &hx, &hy),
+        Err(ConnectError::Handshake(HandshakeError::RailMismatch { .. }))
+    ));
     assert_eq!(h.a.core().rail_state(1), RailState::Failed);
+    assert_eq!(h.a.core().active_rail(), 0);
+    assert_eq!(h.a.stats().failovers, 0, "nothing happened to rail 0");
 
     // The hellos cross; each side completes.
     h.a.rearm_complete(rail, la, &ha, &hb).unwrap();

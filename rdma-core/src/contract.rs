@@ -611,7 +611,9 @@ pub fn device_contexts_are_apart<E: ContractEnv>(env: &mut E) {
         Err(FabricError::InvalidParams(_))
     ));
     let mr_src = a.register(HeapBuffer::new(LEN), Access::Local).unwrap();
-    let mr_src2 = a2.register(HeapBuffer::new(LEN), Access::Local).unwrap();
+    let foreign = HeapBuffer::new(LEN);
+    foreign.write(0, &[0x77; LEN]);
+    let mr_src2 = a2.register(foreign, Access::Local).unwrap();
     let dst = HeapBuffer::new(LEN);
     let mr_dst = b.register(dst.clone(), Access::RemoteWrite).unwrap();
     let mr_dst2 = b2

@@ -285,6 +285,17 @@ impl SimFabric {
         *self.stats.borrow()
     }
 
+    /// Device contexts open on `card`'s card (each handle opened by `add_wire` or
+    /// [`Nic::reopen`] until it and everything made on it are gone): what a leak of a dead
+    /// card's context would show.
+    pub fn open_contexts(&self, card: &SimNic) -> usize {
+        let w = self.world.borrow();
+        w.handles
+            .iter()
+            .filter(|h| h.open && h.nic == card.id)
+            .count()
+    }
+
     /// How many times the completion queues of the queue pairs on each card of `wire` were
     /// polled (each queue pair's own; shared ones are not counted): the first card named to
     /// [`SimFabric::add_wire`] first. What a driver that polls idle rails less often saves.
@@ -699,12 +710,12 @@ struct HandleGuard {
 
 impl Drop for HandleGuard {
     fn drop(&mut self) {
-        // (Never while the world is borrowed: every borrow is scoped to one fabric call.)
-        if let Ok(mut w) = self.fabric.world.try_borrow_mut() {
-            let h = &mut w.handles[self.index];
-            h.open = false;
-            h.events.clear();
-        }
+        // Never while the world is borrowed: every borrow is scoped to one fabric call, and
+        // nothing the world holds owns a guard. (A panic here would be a simulator bug.)
+        let mut w = self.fabric.world.borrow_mut();
+        let h = &mut w.handles[self.index];
+        h.open = false;
+        h.events.clear();
     }
 }
 

@@ -224,8 +224,8 @@ fn same_seed_same_run() {
 /// A card's events go to every device context open on it, each reading its own copy (as each
 /// `ibv_open_device` has its own async-event descriptor); clones of one handle share its
 /// context and so its one queue; a queue pair's fatal event goes to the context that made it;
-/// a context opened after an event never sees it; closing one (its handle, registrations and
-/// queue pairs all gone) takes nothing from the others.
+/// a context opened after an event never sees it; a context closes when its handle and its
+/// queue pairs are all gone, and closing one takes nothing from the others.
 #[test]
 fn each_device_context_reads_its_own_copy_of_the_cards_events() {
     use railover_rdma::sim::SimNic;
@@ -252,15 +252,28 @@ fn each_device_context_reads_its_own_copy_of_the_cards_events() {
 
     // The second context closes once its queue pair goes too; the others read on.
     let token = a.reopen_token();
+    assert_eq!(fab.open_contexts(&a), 3);
     drop(a2);
+    assert_eq!(fab.open_contexts(&a), 3, "its queue pair holds it open");
     fab.card_event(&a, AsyncEvent::Other(99));
     drop(link2);
+    assert_eq!(fab.open_contexts(&a), 2, "closed with its queue pair");
     fab.card_event(&a, AsyncEvent::Other(100));
     assert_eq!(a.poll_event(), Some(AsyncEvent::Other(99)));
     assert_eq!(a.poll_event(), Some(AsyncEvent::Other(100)));
     assert_eq!(a3.poll_event(), Some(AsyncEvent::Other(99)));
-    drop((a, a_clone, a3));
-    // Every handle gone: a fresh one sees only what comes after it.
+    drop((a, a_clone));
+    assert_eq!(
+        fab.open_contexts(&a3),
+        1,
+        "clones close their one context together"
+    );
+    drop(a3);
     let a4 = SimNic::reopen(&token).unwrap();
-    assert_eq!(a4.poll_event(), None);
+    assert_eq!(fab.open_contexts(&a4), 1);
+    assert_eq!(
+        a4.poll_event(),
+        None,
+        "a fresh context sees only what comes after it"
+    );
 }
