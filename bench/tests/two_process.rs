@@ -787,6 +787,32 @@ fn a_card_missing_at_start_is_opened_when_it_comes_back_and_its_rail_joins() {
     failed_over_and_back(&s, &c, "rail 0 without its card at start");
 }
 
+/// The same with an endpoint on each host (`--endpoint`: `VerbsEndpoint::open`, the background
+/// listener and dialler): an endpoint starts without the missing card (it refused to, before
+/// session 21: a host whose NIC was dead at boot could not serve at all), its connection runs
+/// on the other rail, and the rail joins once the card is back.
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn an_endpoint_started_without_a_card_serves_and_its_rail_joins_when_the_card_is_back() {
+    struct Removed;
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            fault("restore-card", "a");
+        }
+    }
+    let removed = Removed;
+    fault("remove-card", "a");
+    let (serve, connect) = start_with(10.0, false, &["--endpoint"]);
+    std::thread::sleep(Duration::from_millis(2_000));
+    drop(removed);
+    let (s, c) = finish(
+        serve,
+        connect,
+        "endpoints, host 2's card of rail 0 missing at start, added back after 2 s",
+    );
+    failed_over_and_back(&s, &c, "rail 0 without its card at start (endpoint)");
+}
+
 /// A silent black hole (netem loss 100%) and corruption (netem corrupt) on the active wire,
 /// each for 2 s, one process per host: the rail is failed over (missed heartbeats; a crc
 /// mismatch at the receiver) and comes back once the fault is cleared; nothing lost.

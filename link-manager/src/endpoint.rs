@@ -248,6 +248,18 @@ where
     /// An endpoint on `cards` (this host's card of rail i at `cards[i]`, the first primary);
     /// every connection it makes uses `cfg` and `clock`.
     pub fn new(cfg: Config, cards: Vec<N>, clock: C) -> Result<Self, ConnectError> {
+        Self::with_cards(cfg, cards.into_iter().map(RailCard::Open).collect(), clock)
+    }
+
+    /// [`Endpoint::new`] with cards that may be absent (a card missing at start): every
+    /// connection's rail on an absent card starts failed and joins once the card is back (the
+    /// endpoint opens it again for each new connection; an existing connection's re-arm opens
+    /// it by itself).
+    pub fn with_cards(
+        cfg: Config,
+        cards: Vec<RailCard<N>>,
+        clock: C,
+    ) -> Result<Self, ConnectError> {
         if cards.len() != cfg.rails() {
             return Err(ConnectError::RailCount {
                 want: cfg.rails(),
@@ -265,8 +277,20 @@ where
             got: [SharedCompletion::EMPTY; 32],
             incoming: None,
             cfg,
-            reopen: cards.iter().map(|c| c.reopen_token()).collect(),
-            cards: cards.into_iter().map(Some).collect(),
+            reopen: cards
+                .iter()
+                .map(|c| match c {
+                    RailCard::Open(nic) => nic.reopen_token(),
+                    RailCard::Absent(token) => token.clone(),
+                })
+                .collect(),
+            cards: cards
+                .into_iter()
+                .map(|c| match c {
+                    RailCard::Open(nic) => Some(nic),
+                    RailCard::Absent(_) => None,
+                })
+                .collect(),
             setup_cards: None,
             clock,
             next_card_events: 0,
@@ -308,12 +332,15 @@ where
         Arc::clone(&self.queues.pool)
     }
 
-    /// Every card, each opened again first if it was released (an error if one can't be).
+    /// Opens again every card that is released or was missing at start and is back now;
+    /// the others stay absent (their rails start failed in new connections and join later).
     #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
-    pub(crate) fn open_cards(&mut self) -> Result<Vec<N>, ConnectError> {
-        (0..self.cards.len())
-            .map(|rail| self.reopened(rail))
-            .collect()
+    pub(crate) fn open_cards_back(&mut self) {
+        for rail in 0..self.cards.len() {
+            if let Err(e) = self.reopened(rail) {
+                tracing::warn!(rail, error = %e, "card still can't be opened: its rail starts failed");
+            }
+        }
     }
 
     /// Rail `rail`'s card, opened again first if it was released.
@@ -352,7 +379,8 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         &self.cfg
     }
 
-    /// This host's card of rail `rail` (None after a device-fatal event, until reopened).
+    /// This host's card of rail `rail` (None while it is missing: after a device-fatal event,
+    /// or since the start, until opened again for a new connection).
     pub fn card(&self, rail: usize) -> Option<&N> {
         self.cards.get(rail).and_then(Option::as_ref)
     }

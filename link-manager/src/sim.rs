@@ -448,6 +448,28 @@ pub struct SimEndpoints {
 
 impl SimEndpoints {
     pub fn new(cfg: Config, seed: u64, latency_ns: u64) -> Result<SimEndpoints, ConnectError> {
+        SimEndpoints::build(cfg, seed, latency_ns, None)
+    }
+
+    /// Like [`SimEndpoints::new`], with host 2's (`host2`) or host 1's card of `rail` removed
+    /// before its endpoint opens the cards: the endpoint starts with it absent
+    /// ([`Endpoint::with_cards`]). Restore it with [`SimFabric::restore_card`].
+    pub fn new_with_card_missing(
+        cfg: Config,
+        seed: u64,
+        latency_ns: u64,
+        host2: bool,
+        rail: usize,
+    ) -> Result<SimEndpoints, ConnectError> {
+        SimEndpoints::build(cfg, seed, latency_ns, Some((host2, rail)))
+    }
+
+    fn build(
+        cfg: Config,
+        seed: u64,
+        latency_ns: u64,
+        missing: Option<(bool, usize)>,
+    ) -> Result<SimEndpoints, ConnectError> {
         let fabric = SimFabric::new(seed);
         let (mut host1, mut host2, mut wires) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..cfg.rails() {
@@ -461,10 +483,26 @@ impl SimEndpoints {
             wires.push(w);
         }
         let clock = SimClock(fabric.clone());
+        let cards: Vec<(SimNic, SimNic)> =
+            host1.iter().cloned().zip(host2.iter().cloned()).collect();
+        let side = |host2: bool, nics: Vec<SimNic>| -> Vec<RailCard<SimNic>> {
+            nics.into_iter()
+                .enumerate()
+                .map(|(r, nic)| {
+                    if missing == Some((host2, r)) {
+                        fabric.remove_card(&nic);
+                        RailCard::Absent(railover_rdma::Nic::reopen_token(&nic))
+                    } else {
+                        RailCard::Open(nic)
+                    }
+                })
+                .collect()
+        };
+        let (cards1, cards2) = (side(false, host1), side(true, host2));
         Ok(SimEndpoints {
-            cards: host1.iter().cloned().zip(host2.iter().cloned()).collect(),
-            a: Endpoint::new(cfg, host1, clock.clone())?,
-            b: Endpoint::new(cfg, host2, clock)?,
+            cards,
+            a: Endpoint::with_cards(cfg, cards1, clock.clone())?,
+            b: Endpoint::with_cards(cfg, cards2, clock)?,
             fabric,
             wires,
             pairs: Vec::new(),

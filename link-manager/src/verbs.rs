@@ -300,12 +300,11 @@ pub type VerbsEndpoint = Endpoint<VerbsNic, RealClock>;
 impl Endpoint<VerbsNic, RealClock> {
     /// Opens every rail's card once (`devices[i]` is this host's card of rail i, the first
     /// primary): every connection made here shares its device context and protection domain.
+    /// A card that can't be opened (dead at boot, say) is absent: connections start with that
+    /// rail failed and gain it once the card is back. None at all is an error.
     pub fn open(cfg: Config, devices: &[&str]) -> Result<VerbsEndpoint, ConnectError> {
-        let cards = devices
-            .iter()
-            .map(|d| VerbsNic::open(d))
-            .collect::<Result<Vec<_>, _>>()?;
-        Endpoint::new(cfg, cards, RealClock::default())
+        // A card that can't be opened starts absent (see `open_cards`): none at all is an error.
+        Endpoint::with_cards(cfg, open_cards(devices)?, RealClock::default())
     }
 
     /// Dials `peer` (whose side accepts with [`accept`] or [`Endpoint::accept`]) and adds the
@@ -394,8 +393,8 @@ impl Endpoint<VerbsNic, RealClock> {
     /// What a set-up thread needs: the endpoint's cards, configuration, clock and control
     /// thread, and where to hand the result.
     fn background_setup(&mut self, timeout: Duration) -> Result<BackgroundSetup, ConnectError> {
-        // Every card open when it starts (an error if one can't be: as before).
-        self.open_cards()?;
+        // Every card that can be opened (one missing starts its rail failed in each connection).
+        self.open_cards_back();
         let (cards, names) = self.setup_cards();
         let pool = self.control_pool()?.clone();
         let (cfg, clock) = (*self.config(), self.clock().clone());

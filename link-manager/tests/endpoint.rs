@@ -1026,3 +1026,82 @@ fn a_connection_set_up_across_a_device_fatal_event_lets_go_of_the_card_at_its_in
         "the rail came back"
     );
 }
+
+/// An endpoint whose card of rail 1 is missing at start (a host booted with one NIC dead) still
+/// starts and serves: its connections run on rail 0 with rail 1 failed on both sides; once the
+/// card is back their rail 1 re-arms, and a connection made after that has both rails from the
+/// start (the endpoint opened the card again for it). Every record arrives once, in order.
+#[test]
+fn an_endpoint_started_without_a_card_serves_and_gains_the_rail_when_the_card_is_back() {
+    let mut hosts = SimEndpoints::new_with_card_missing(config(), 17, 2 * US, true, 1).unwrap();
+    assert!(
+        hosts.b.card(1).is_none(),
+        "host 2 starts without its card of rail 1"
+    );
+    let (x, y) = hosts.connect().unwrap();
+    // Per connection (by its place in `pairs`): records sent by host 1, delivered at host 2.
+    let mut sent = vec![0u64; 2];
+    let mut got = vec![0u64; 2];
+    let drive =
+        |hosts: &mut SimEndpoints, ms: u64, sends: bool, sent: &mut [u64], got: &mut [u64]| {
+            let until = hosts.now() + ms * MS;
+            while hosts.now() < until && (sends || got != sent) {
+                let pairs = hosts.pairs.clone();
+                for (i, &(id, _)) in pairs.iter().enumerate().filter(|_| sends) {
+                    if hosts.a.send(id, &(sent[i] + 1).to_le_bytes()).is_ok() {
+                        sent[i] += 1;
+                    }
+                }
+                let t = hosts.now() + 20 * US;
+                hosts.step(t);
+                hosts.b.poll(|id, _, m| {
+                    let i = pairs
+                        .iter()
+                        .position(|&(_, y)| y == id)
+                        .expect("a known connection");
+                    got[i] += 1;
+                    assert_eq!(u64::from_le_bytes(m.try_into().unwrap()), got[i], "order");
+                });
+                hosts.a.poll(|_, _, _| {});
+            }
+        };
+    drive(&mut hosts, 10, true, &mut sent, &mut got);
+    assert_eq!(
+        hosts.b.get(y).unwrap().core().rail_state(1),
+        RailState::Failed
+    );
+    assert_eq!(
+        hosts.a.get(x).unwrap().core().rail_state(1),
+        RailState::Failed
+    );
+    assert!(got[0] > 100, "served on rail 0 meanwhile: {got:?}");
+
+    let card = hosts.cards[1].1.clone();
+    hosts.fabric.restore_card(&card);
+    drive(&mut hosts, 30, true, &mut sent, &mut got);
+    for (who, conn) in [("host 1", hosts.a.get(x)), ("host 2", hosts.b.get(y))] {
+        let core = conn.unwrap().core();
+        assert_eq!(
+            core.rail_state(1),
+            RailState::Standby,
+            "{who}: rail 1 re-armed"
+        );
+        assert!(core.rail_proven(1), "{who}: rail 1 heard its peer");
+    }
+
+    // A new connection: the endpoint opens the card again for it; both rails from the start.
+    let (x2, y2) = hosts.connect().unwrap();
+    assert!(hosts.b.card(1).is_some(), "the endpoint's own handle again");
+    drive(&mut hosts, 10, true, &mut sent, &mut got);
+    for conn in [hosts.a.get(x2), hosts.b.get(y2)] {
+        let core = conn.unwrap().core();
+        assert!(core.rail_proven(0) && core.rail_proven(1), "both rails");
+        assert_eq!(core.stats().failovers, 0);
+    }
+    drive(&mut hosts, 10, false, &mut sent, &mut got);
+    assert_eq!(got, sent, "every record once, on both connections");
+    assert!(
+        sent[1] > 100,
+        "the second connection carried its stream: {sent:?}"
+    );
+}
