@@ -280,12 +280,7 @@ impl SimPair {
                 .enumerate()
                 .map(|(r, c)| {
                     let card = if host2 { c.1.clone() } else { c.0.clone() };
-                    if missing == Some((host2, r)) {
-                        fabric.remove_card(&card);
-                        RailCard::Absent(railover_rdma::Nic::reopen_token(&card))
-                    } else {
-                        RailCard::Open(card)
-                    }
+                    card_at_start(&fabric, card, missing == Some((host2, r)))
                 })
                 .collect();
             let clock = SimClock(fabric.clone());
@@ -486,16 +481,8 @@ impl SimEndpoints {
         let cards: Vec<(SimNic, SimNic)> =
             host1.iter().cloned().zip(host2.iter().cloned()).collect();
         let side = |host2: bool, nics: Vec<SimNic>| -> Vec<RailCard<SimNic>> {
-            nics.into_iter()
-                .enumerate()
-                .map(|(r, nic)| {
-                    if missing == Some((host2, r)) {
-                        fabric.remove_card(&nic);
-                        RailCard::Absent(railover_rdma::Nic::reopen_token(&nic))
-                    } else {
-                        RailCard::Open(nic)
-                    }
-                })
+            (nics.into_iter().enumerate())
+                .map(|(r, nic)| card_at_start(&fabric, nic, missing == Some((host2, r))))
                 .collect()
         };
         let (cards1, cards2) = (side(false, host1), side(true, host2));
@@ -563,6 +550,16 @@ impl SimEndpoints {
         let t = self.next_deadline(limit);
         self.fabric.advance_to(t);
         self.progress();
+    }
+}
+
+/// A card as a host finds it at start: open, or (`missing`) removed from the fabric and absent.
+fn card_at_start(fabric: &SimFabric, nic: SimNic, missing: bool) -> RailCard<SimNic> {
+    if missing {
+        fabric.remove_card(&nic);
+        RailCard::Absent(railover_rdma::Nic::reopen_token(&nic))
+    } else {
+        RailCard::Open(nic)
     }
 }
 
