@@ -515,9 +515,20 @@ impl BackgroundSetup {
 /// its own (at most [`MAX_GREETINGS_IN_FLIGHT`] at once; more are turned away).
 fn accept_in_background(listener: &TcpListener, setup: BackgroundSetup, stop: &AtomicBool) {
     let in_flight = Arc::new(AtomicUsize::new(0));
+    // After an accept error (out of descriptors, a broken listener): how long to rest before
+    // the next try, and whether this run of errors was reported (once, not every try).
+    let mut rest = ACCEPT_FIRST_REST;
+    let mut reported = false;
     // Relaxed: a stop flag (see Incoming::drop).
     while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
+        let accepted = listener.accept();
+        if accepted
+            .as_ref()
+            .map_or_else(|e| e.kind() == std::io::ErrorKind::WouldBlock, |_| true)
+        {
+            (rest, reported) = (ACCEPT_FIRST_REST, false); // the listener works
+        }
+        match accepted {
             Ok((stream, from)) => {
                 // Relaxed: a soft cap on threads, no data published through it.
                 if in_flight.load(Ordering::Relaxed) >= MAX_GREETINGS_IN_FLIGHT {
@@ -546,10 +557,66 @@ fn accept_in_background(listener: &TcpListener, setup: BackgroundSetup, stop: &A
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                let _ = setup.ready.send(Err(e.into()));
-                std::thread::sleep(Duration::from_millis(5)); // never spin on a broken listener
+                // Never a spin on a broken listener (it stays readable, or reports a hang-up),
+                // and one error for `poll_connected` per run of them, not one per try.
+                if !std::mem::replace(&mut reported, true) {
+                    tracing::warn!(error = %e, "accept failed; retrying with a back-off");
+                    let _ = setup.ready.send(Err(e.into()));
+                }
+                std::thread::sleep(rest);
+                rest = (rest * 2).min(ACCEPT_MAX_REST);
             }
         }
+    }
+}
+
+/// The background listener's first rest after an accept error, and its longest (which also
+/// bounds how long dropping the listener waits for the thread).
+const ACCEPT_FIRST_REST: Duration = Duration::from_millis(5);
+const ACCEPT_MAX_REST: Duration = Duration::from_millis(100);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener whose accept keeps failing (shut down here: every wait on it ends at once,
+    /// every accept is EINVAL; out of descriptors is the same) gives `poll_connected` one error
+    /// for the run, not one per try, and the thread rests between tries. Needs no RDMA: the
+    /// endpoint's cards are absent.
+    #[test]
+    fn a_broken_listener_is_reported_once_and_retried_with_a_back_off() {
+        let cfg = Config::builder().rails(2).build().expect("config");
+        let cards = vec![
+            RailCard::Absent("no_such_card_0".to_string()),
+            RailCard::Absent("no_such_card_1".to_string()),
+        ];
+        let mut ep = Endpoint::with_cards(cfg, cards, RealClock::default()).expect("endpoint");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        rustix::net::shutdown(&listener, rustix::net::Shutdown::Read).expect("shut down");
+        let setup = ep.background_setup(Duration::from_secs(1)).expect("set-up");
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::spawn(move || accept_in_background(&listener, setup, &halt));
+        // The first error comes at once (the bound is for a failing run only).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let first = loop {
+            if let Some(r) = ep.poll_connected() {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "no error reported");
+            std::thread::yield_now();
+        };
+        assert!(first.is_err());
+        // Let it fail again and again (this window holds several tries; however long it is,
+        // one error is all there may be).
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        thread
+            .join()
+            .expect("the listener's thread ends at its stop");
+        assert!(
+            ep.poll_connected().is_none(),
+            "one error for the run, not one per try"
+        );
     }
 }
