@@ -267,6 +267,16 @@ where
             });
         }
         let (pool, news) = QueuePool::new(cards.len());
+        // Each rail's card (None: absent) and how to open it again.
+        let (cards, reopen): (Vec<Option<N>>, Vec<N::Reopen>) = (cards.into_iter())
+            .map(|c| match c {
+                RailCard::Open(nic) => {
+                    let token = nic.reopen_token();
+                    (Some(nic), token)
+                }
+                RailCard::Absent(token) => (None, token),
+            })
+            .unzip();
         Ok(Endpoint {
             queues: SharedQueues {
                 pool,
@@ -277,20 +287,8 @@ where
             got: [SharedCompletion::EMPTY; 32],
             incoming: None,
             cfg,
-            reopen: cards
-                .iter()
-                .map(|c| match c {
-                    RailCard::Open(nic) => nic.reopen_token(),
-                    RailCard::Absent(token) => token.clone(),
-                })
-                .collect(),
-            cards: cards
-                .into_iter()
-                .map(|c| match c {
-                    RailCard::Open(nic) => Some(nic),
-                    RailCard::Absent(_) => None,
-                })
-                .collect(),
+            reopen,
+            cards,
             setup_cards: None,
             clock,
             next_card_events: 0,

@@ -303,7 +303,6 @@ impl Endpoint<VerbsNic, RealClock> {
     /// A card that can't be opened (dead at boot, say) is absent: connections start with that
     /// rail failed and gain it once the card is back. None at all is an error.
     pub fn open(cfg: Config, devices: &[&str]) -> Result<VerbsEndpoint, ConnectError> {
-        // A card that can't be opened starts absent (see `open_cards`): none at all is an error.
         Endpoint::with_cards(cfg, open_cards(devices)?, RealClock::default())
     }
 

@@ -139,7 +139,6 @@ struct Wire {
 }
 
 struct Mr {
-    nic: usize,
     /// The device context (handle) it was registered on: only that context's queue pairs
     /// may use it, locally or remotely (its protection domain).
     handle: usize,
@@ -568,7 +567,6 @@ impl World {
         let target = self.mrs.iter().position(|m| {
             m.live
                 && m.rkey == rkey
-                && m.nic == peer_nic
                 && m.handle == peer_handle
                 && m.access == Access::RemoteWrite
                 && {
@@ -888,7 +886,6 @@ impl Nic for SimNic {
             len: len as u64,
         };
         w.mrs.push(Mr {
-            nic: self.id,
             handle: self.handle.index,
             mem,
             access,
