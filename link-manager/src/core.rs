@@ -910,6 +910,9 @@ impl Core {
         )
     }
 
+    /// `rail`'s state. The rail accessors below panic for a rail the connection doesn't have
+    /// (`rail >= Config::rails()`), as a slice index does; the calls that report to the core
+    /// ignore one.
     pub fn rail_state(&self, rail: usize) -> RailState {
         self.rails[rail].state
     }
@@ -958,7 +961,9 @@ impl Core {
     /// too, unless this connection heard the peer on it within the heartbeat timeout itself (a
     /// queue pair of its own that is newer than the silence, say).
     pub fn fail_silent_rail(&mut self, rail: usize) {
-        let r = &self.rails[rail];
+        let Some(r) = self.rails.get(rail) else {
+            return;
+        };
         if r.state != RailState::Failed
             && r.peer_heartbeat != 0
             && self.now.saturating_sub(r.peer_seen_at) > self.cfg.heartbeat_timeout_ns()
@@ -1969,8 +1974,10 @@ impl Core {
     /// rings restart empty and it becomes a standby.
     pub fn rail_rearmed(&mut self, rail: usize, now: Nanos) {
         self.now = self.now.max(now);
-        if self.ended.is_some() {
-            return; // terminal: the user was told, and holds the unacknowledged records
+        // Ended (terminal: the user was told, and holds the unacknowledged records), or no
+        // such rail.
+        if self.ended.is_some() || rail >= self.rails.len() {
+            return;
         }
         if self.rails[rail].state != RailState::Failed {
             self.fail_rail(rail, FailReason::Rearm);
@@ -2069,7 +2076,9 @@ impl Core {
     /// The driver could not re-arm `rail` now; it will be asked again later.
     pub fn rearm_failed(&mut self, rail: usize, now: Nanos) {
         self.now = self.now.max(now);
-        let r = &mut self.rails[rail];
+        let Some(r) = self.rails.get_mut(rail) else {
+            return;
+        };
         if r.state == RailState::Failed {
             r.rearm_requested = false;
             r.port_active = false;
@@ -2653,6 +2662,26 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A driver's report about a rail the connection doesn't have is ignored, not a panic (an
+    /// index out of bounds, before session 22, for `rail_rearmed`, `rearm_failed` and
+    /// `fail_silent_rail`), and changes nothing.
+    #[test]
+    fn reports_about_a_rail_the_core_does_not_have_are_ignored() {
+        let cfg = Config::builder().rails(2).build().unwrap();
+        let mut core = Core::new(cfg, 0).unwrap();
+        core.rail_rearmed(2, 10);
+        core.rearm_failed(9, 10);
+        core.fail_silent_rail(2);
+        core.handle_event(7, AsyncEvent::PortDown);
+        core.rail_unreachable(3);
+        core.link_error(4);
+        core.note_retransmissions(5, 1);
+        assert_eq!(core.rail_state(0), RailState::Active);
+        assert_eq!(core.rail_state(1), RailState::Standby);
+        assert_eq!(core.stats().failovers, 0);
+        assert!(core.end_reason().is_none());
+    }
 
     #[test]
     fn blackouts_fall_in_power_of_two_buckets_and_give_quantiles() {
