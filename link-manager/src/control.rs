@@ -338,14 +338,15 @@ pub(crate) struct ThreadCard<N: Nic> {
     reopen: N::Reopen,
     mem: crate::runtime::RailMemory,
     remotes: (RemoteRegion, RemoteRegion),
-    /// A card it holds for the rail's next install, not yet handed over: one it opened again
-    /// (after a device-fatal release) or the user's (`replace_card`).
+    /// A card it holds for the rail's next install, not yet handed over: one opened again (after
+    /// a device-fatal release; an endpoint's card through the endpoint's pool) or the user's
+    /// (`replace_card`).
     reopened: Option<CardRegs<N>>,
-    /// An endpoint's connection: fresh queue pairs go on its shared completion queues, as long as
-    /// the card is the endpoint's (not one this connection opened again by itself).
+    /// An endpoint's connection on the endpoint's card (not the user's): fresh queue pairs go
+    /// on its shared completion queues, and a released card is opened again as the endpoint's.
     shared: Option<SharedLinks<N>>,
-    /// The card is the endpoint's, which reads its events once for all its connections. A card
-    /// this connection opened itself (again, or the user's) has its events read here.
+    /// The card is the endpoint's, which reads its events once for all its connections. The
+    /// user's card, or a single connection's, has its events read here.
     events_elsewhere: bool,
 }
 
@@ -612,19 +613,40 @@ fn prepare<N: Nic>(
     cfg: &Config,
     rail: usize,
 ) -> Result<(RoutedLink<N>, Hello), String> {
+    // The endpoint's card this thread holds for an install, released meanwhile (device fatal):
+    // let go of it (the device recovers only once every handle is gone) and open it again.
+    if let (Some(shared), Some(epoch)) = (
+        &card.shared,
+        card.reopened.as_ref().and_then(|r| r.endpoint_epoch),
+    ) {
+        if !shared.card_is_current(rail, epoch) {
+            card.reopened = None;
+        }
+    }
     let nic = match (&card.reopened, card.nic.upgrade()) {
         (Some(regs), _) => regs.nic.clone(),
         (None, Some(nic)) => nic,
         (None, None) => {
-            let nic = Arc::new(N::reopen(&card.reopen).map_err(|e| e.to_string())?);
-            tracing::info!(rail, card = nic.name(), "card opened again");
-            let regs = CardRegs::register(nic.clone(), &card.mem).map_err(|e| e.to_string())?;
+            let (nic, epoch) = match &card.shared {
+                // The endpoint's card: its handle, opened again by whichever connection (or the
+                // endpoint) needs it first, so that every connection's queue pairs go on its
+                // shared queues again and the endpoint reads its events once for all.
+                Some(shared) => {
+                    let (nic, epoch) =
+                        (shared.open_card(rail, &card.reopen)).map_err(|e| e.to_string())?;
+                    (nic, Some(epoch))
+                }
+                None => {
+                    let nic = N::reopen(&card.reopen).map_err(|e| e.to_string())?;
+                    tracing::info!(rail, card = nic.name(), "card opened again");
+                    (nic, None)
+                }
+            };
+            let nic = Arc::new(nic);
+            let mut regs = CardRegs::register(nic.clone(), &card.mem).map_err(|e| e.to_string())?;
+            regs.endpoint_epoch = epoch;
             card.remotes = regs.remotes();
             card.reopened = Some(regs);
-            // Its own handle on the device: the endpoint's shared queues are not on it, and the
-            // endpoint doesn't read its events (it may have no handle on the device now).
-            card.shared = None;
-            card.events_elsewhere = false;
             nic
         }
     };

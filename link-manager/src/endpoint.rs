@@ -156,13 +156,11 @@ pub struct Endpoint<N: Nic, C: Clock> {
     pub(crate) incoming: Option<Incoming<N, C>>,
     cfg: Config,
     /// This host's card of each rail, shared by every connection (None: released after a
-    /// device-fatal event, until it opens again).
+    /// device-fatal event, until it opens again). The endpoint's thread's copy of the cards in
+    /// its queue pool (`queues.pool`), where set-up threads and re-arms take them: a card
+    /// released here (device fatal) is let go there too, as a device recovers only once every
+    /// handle on it is gone, and one opened again there is taken here at the next look.
     cards: Vec<Option<N>>,
-    /// The cards as the set-up threads see them (verbs' background listener and dialler), shared
-    /// with them: a card released here (device fatal) is let go there too, as a device recovers
-    /// only once every handle on it is gone, and one opened again here is the one they use.
-    /// None until such a thread starts.
-    setup_cards: Option<SetupCards<N>>,
     /// How to open each card again.
     reopen: Vec<N::Reopen>,
     clock: C,
@@ -212,34 +210,6 @@ pub struct Endpoint<N: Nic, C: Clock> {
     got: [SharedCompletion; 32],
 }
 
-/// An endpoint's cards shared with its set-up threads ([`Endpoint`]'s `setup_cards`). Locked only
-/// when a set-up thread starts a connection and when a card is released or opened again.
-pub(crate) struct SetupCards<N>(Arc<std::sync::Mutex<Vec<Option<N>>>>);
-
-impl<N> Clone for SetupCards<N> {
-    fn clone(&self) -> Self {
-        SetupCards(Arc::clone(&self.0))
-    }
-}
-
-impl<N: Clone> SetupCards<N> {
-    /// Each rail's card (None: released).
-    #[cfg_attr(not(any(feature = "verbs", test)), allow(dead_code))]
-    pub(crate) fn get(&self) -> Vec<Option<N>> {
-        // A panic while holding the lock left plain data behind: still usable.
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-impl<N> SetupCards<N> {
-    fn set(&self, rail: usize, card: Option<N>) {
-        let mut cards = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = cards.get_mut(rail) {
-            *slot = card;
-        }
-    }
-}
-
 impl<N, C> Endpoint<N, C>
 where
     N: Nic + Clone,
@@ -253,8 +223,8 @@ where
 
     /// [`Endpoint::new`] with cards that may be absent (a card missing at start): every
     /// connection's rail on an absent card starts failed and joins once the card is back (the
-    /// endpoint opens it again for each new connection; an existing connection's re-arm opens
-    /// it by itself).
+    /// first re-arm, or new connection, to find it back opens it as the endpoint's card, for
+    /// all).
     pub fn with_cards(
         cfg: Config,
         cards: Vec<RailCard<N>>,
@@ -266,7 +236,6 @@ where
                 got: cards.len(),
             });
         }
-        let (pool, news) = QueuePool::new(cards.len());
         // Each rail's card (None: absent) and how to open it again.
         let (cards, reopen): (Vec<Option<N>>, Vec<N::Reopen>) = (cards.into_iter())
             .map(|c| match c {
@@ -277,6 +246,7 @@ where
                 RailCard::Absent(token) => (None, token),
             })
             .unzip();
+        let (pool, news) = QueuePool::new(cards.clone());
         Ok(Endpoint {
             queues: SharedQueues {
                 pool,
@@ -289,7 +259,6 @@ where
             cfg,
             reopen,
             cards,
-            setup_cards: None,
             clock,
             next_card_events: 0,
             quiet_rails_due: 0,
@@ -341,28 +310,22 @@ where
         }
     }
 
-    /// Rail `rail`'s card, opened again first if it was released.
+    /// Rail `rail`'s card, opened again first if it was released (or taken from the pool, if a
+    /// connection's re-arm opened it meanwhile).
     fn reopened(&mut self, rail: usize) -> Result<N, ConnectError> {
-        if self.cards[rail].is_none() {
-            let nic = N::reopen(&self.reopen[rail])?;
-            if let Some(shared) = &self.setup_cards {
-                shared.set(rail, Some(nic.clone()));
-            }
-            self.cards[rail] = Some(nic);
+        if let Some(nic) = &self.cards[rail] {
+            return Ok(nic.clone());
         }
-        Ok(self.cards[rail].clone().expect("open"))
+        let (nic, _) = self.queues.pool.open_card(rail, &self.reopen[rail])?;
+        self.cards[rail] = Some(nic.clone());
+        Ok(nic)
     }
 
-    /// The cards shared with set-up threads (made on the first call), and each rail's reopen
-    /// token: a set-up thread starts a rail whose card is released as absent (the connection
-    /// opens it by itself when it is back).
+    /// Each rail's reopen token: a set-up thread starts a rail whose card is released as absent
+    /// (the connection's re-arm opens it for the endpoint when it is back).
     #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
-    pub(crate) fn setup_cards(&mut self) -> (SetupCards<N>, Vec<N::Reopen>) {
-        let cards = &self.cards;
-        let shared = self
-            .setup_cards
-            .get_or_insert_with(|| SetupCards(Arc::new(std::sync::Mutex::new(cards.clone()))));
-        (shared.clone(), self.reopen.clone())
+    pub(crate) fn reopen_tokens(&self) -> Vec<N::Reopen> {
+        self.reopen.clone()
     }
 
     /// The clock every connection of the endpoint reads.
@@ -386,6 +349,8 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// Takes `conn` (connected and started) into the endpoint: from now on [`Endpoint::poll`]
     /// drives it.
     pub fn insert(&mut self, mut conn: Connection<N, C>) -> ConnectionId {
+        // A card opened again meanwhile (that one the connection may well be on: see below).
+        self.adopt_opened_cards();
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -947,6 +912,7 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     /// port going down fails that rail of every connection in this pass. (A queue pair's fatal
     /// error goes only to the connection that owns it: see [`crate::Receiver::card_event`].)
     fn dispatch_card_events(&mut self) {
+        self.adopt_opened_cards();
         for rail in 0..self.cards.len() {
             while let Some(event) = self.cards[rail].as_ref().and_then(|c| c.poll_event()) {
                 tracing::info!(rail, ?event, "card event");
@@ -963,12 +929,23 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
                     // queues, so that the device can recover (it is opened again for the next
                     // connection made).
                     self.cards[rail] = None;
-                    if let Some(shared) = &self.setup_cards {
-                        shared.set(rail, None);
-                    }
                     let epoch = self.queues.pool.forget_rail(rail);
                     self.queues.cards[rail] = CardQueues::new(epoch);
                 }
+            }
+        }
+    }
+
+    /// Takes as its own each released card a connection's re-arm (or a set-up) opened again in
+    /// the pool: the endpoint then reads its events for every connection on it, and opens
+    /// nothing again for new ones. One load while none was.
+    fn adopt_opened_cards(&mut self) {
+        if !self.queues.pool.take_opened() {
+            return;
+        }
+        for (rail, card) in self.cards.iter_mut().enumerate() {
+            if card.is_none() {
+                *card = self.queues.pool.card(rail);
             }
         }
     }
@@ -1107,11 +1084,12 @@ mod tests {
     use crate::Config;
     use std::time::Duration;
 
-    /// The set-up threads' view of the cards (verbs' background listener and dialler) lets go
-    /// of a card the endpoint released on a device-fatal event (or the device could not
-    /// recover while the listener waits), and gets the card once the endpoint opens it again.
+    /// The cards in the endpoint's pool (where verbs' background listener and dialler and the
+    /// connections' re-arms take them) let go of a card the endpoint released on a device-fatal
+    /// event (or the device could not recover while a set-up thread waits), and hold the card
+    /// once it is opened again, the same handle the endpoint has.
     #[test]
-    fn set_up_threads_let_go_of_a_released_card_and_get_the_reopened_one() {
+    fn the_pool_lets_go_of_a_released_card_and_holds_the_reopened_one() {
         let cfg = Config::builder()
             .rails(2)
             .geometry(4096, 8, 256)
@@ -1121,9 +1099,9 @@ mod tests {
             .unwrap();
         let mut hosts = SimEndpoints::new(cfg, 3, 2_000).unwrap();
         hosts.connect().unwrap();
-        let (shared, names) = hosts.b.setup_cards();
-        assert_eq!(names.len(), 2);
-        assert!(shared.get().iter().all(Option::is_some));
+        let pool = hosts.b.queue_pool();
+        assert_eq!(hosts.b.reopen_tokens().len(), 2);
+        assert!(pool.card(0).is_some() && pool.card(1).is_some());
         let settle = |hosts: &mut SimEndpoints, until: u64| {
             while hosts.now() < until {
                 hosts.step(until);
@@ -1134,14 +1112,21 @@ mod tests {
         hosts.fabric.remove_card(&card);
         settle(&mut hosts, 10_000_000);
         assert!(hosts.b.card(0).is_none(), "the endpoint let go");
-        let seen = shared.get();
         assert!(
-            seen[0].is_none() && seen[1].is_some(),
-            "so did the set-up threads"
+            pool.card(0).is_none() && pool.card(1).is_some(),
+            "so did the pool"
         );
+        // (The harness's own handle on the card: one context open all along.)
+        let before = hosts.fabric.open_contexts(&card);
         hosts.fabric.restore_card(&card);
         drop(hosts.b.prepare().unwrap()); // opens it again
         assert!(hosts.b.card(0).is_some());
-        assert!(shared.get()[0].is_some(), "the set-up threads use it too");
+        let contexts = hosts.fabric.open_contexts(&card);
+        assert_eq!(
+            contexts,
+            before + 1,
+            "the pool's card is the endpoint's handle"
+        );
+        assert!(pool.card(0).is_some(), "the set-up threads use it too");
     }
 }

@@ -93,6 +93,12 @@ struct RailIo<N: Nic> {
     card: Option<CardIo<N>>,
     /// How to open the card again.
     reopen: N::Reopen,
+    /// The card is the endpoint's (opened at set-up, or again through the endpoint's pool after
+    /// a device-fatal release: one handle for all its connections), so fresh queue pairs may go
+    /// on its shared queues and its device events are read by the endpoint; not the user's
+    /// (`replace_card`), nor a single connection's card, whose events the connection (or its
+    /// control thread) reads. Kept while the card is released: it says how to open it again.
+    endpoint_card: bool,
     peer_ring: RemoteRegion,
     peer_ctrl: RemoteRegion,
 }
@@ -106,11 +112,6 @@ pub(crate) struct CardIo<N: Nic> {
     route: Option<RouteGuard<N>>,
     pub(crate) link: N::Link,
     regs: CardRegs<N>,
-    /// The card is the endpoint's (opened at set-up), so fresh queue pairs may go on its shared
-    /// queues and its device events are read by the endpoint; not one this connection opened
-    /// again by itself after a device-fatal release, nor the user's (`replace_card`), whose
-    /// events the connection (or its control thread) reads.
-    on_endpoint_card: bool,
 }
 
 /// A card and its registrations of one rail's memory (a card opened again by the control thread
@@ -120,6 +121,9 @@ pub(crate) struct CardRegs<N: Nic> {
     ring_rx: N::Mr,
     ctrl_out: N::Mr,
     ctrl_in: N::Mr,
+    /// Set when the card is the endpoint's, opened again through its pool by the control
+    /// thread: the epoch of that opening (the install checks it is still current).
+    pub(crate) endpoint_epoch: Option<u64>,
     /// Shared with the control thread (which makes fresh queue pairs on it); the data path holds
     /// the owning reference, the control thread only a weak one, so releasing the card here
     /// releases the device.
@@ -158,6 +162,7 @@ impl<N: Nic> CardRegs<N> {
                 Arc::new(RegionMem(mem.ctrl_in.clone())),
                 Access::RemoteWrite,
             )?,
+            endpoint_epoch: None,
             nic,
         })
     }
@@ -180,24 +185,21 @@ impl<N: Nic> CardIo<N> {
     ) -> Result<CardIo<N>, ConnectError> {
         let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(core, rail))?;
         let RoutedLink { route, link } = make_link(shared, rail, &regs.nic, cfg)?;
-        Ok(CardIo {
-            route,
-            link,
-            regs,
-            on_endpoint_card: shared.is_some(),
-        })
+        Ok(CardIo { route, link, regs })
     }
 
     pub(crate) fn nic(&self) -> &Arc<N> {
         &self.regs.nic
     }
+}
 
-    /// Whether its device events are read by the endpoint (`endpoint_reads`: the connection's
-    /// `card_events_elsewhere`), not by the connection or its control thread: only on the
-    /// endpoint's own card.
+impl<N: Nic> RailIo<N> {
+    /// Whether its card's device events are read by the endpoint (`endpoint_reads`: the
+    /// connection's `card_events_elsewhere`), not by the connection or its control thread: only
+    /// on the endpoint's own card.
     #[inline]
     fn events_read_by_endpoint(&self, endpoint_reads: bool) -> bool {
-        endpoint_reads && self.on_endpoint_card
+        endpoint_reads && self.endpoint_card
     }
 }
 
@@ -648,6 +650,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             rails.push(RailIo {
                 card,
                 reopen,
+                endpoint_card: shared.is_some(),
                 peer_ring: RemoteRegion::default(),
                 peer_ctrl: RemoteRegion::default(),
             });
@@ -1012,11 +1015,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             Some(Control::Thread(t)) => Some(t),
             _ => None,
         };
-        for card in self.rails.iter().filter_map(|r| r.card.as_ref()) {
-            // An endpoint reads its own cards' events; a card this connection opened itself,
-            // it reads.
+        for rail in &self.rails {
+            let Some(card) = &rail.card else { continue };
+            // An endpoint reads its own cards' events; the user's card, the connection reads.
             let events = card.nic().event_fd().filter(|_| {
-                thread.is_none() && !card.events_read_by_endpoint(self.card_events_elsewhere)
+                thread.is_none() && !rail.events_read_by_endpoint(self.card_events_elsewhere)
             });
             for fd in [card.link.wakeup_fd(), events].into_iter().flatten() {
                 push(fd);
@@ -1084,15 +1087,15 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     fn reads_card_events(&self) -> bool {
         !matches!(self.control, Some(Control::Thread(_)))
             && (!self.card_events_elsewhere
-                || (self.rails.iter())
-                    .any(|r| r.card.as_ref().is_some_and(|c| !c.on_endpoint_card)))
+                || (self.rails.iter()).any(|r| r.card.is_some() && !r.endpoint_card))
     }
 
-    /// Whether `rail`'s card is its endpoint's (whose events the endpoint reads and hands to
-    /// every connection on it), not one this connection opened itself.
+    /// Whether `rail` runs on its endpoint's card (whose events the endpoint reads and hands to
+    /// every connection on it), not the user's, and the card is not released.
     pub(crate) fn on_endpoint_card(&self, rail: usize) -> bool {
-        let card = self.rails.get(rail).and_then(|r| r.card.as_ref());
-        card.is_some_and(|c| c.on_endpoint_card)
+        self.rails
+            .get(rail)
+            .is_some_and(|r| r.card.is_some() && r.endpoint_card)
     }
 
     /// Processes completions, device events and timers, and posts what the core asks for.
@@ -1155,11 +1158,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             let Some(rail) = self.rails.get_mut(i) else {
                 break;
             };
+            // An endpoint reads its own cards' events (one read for all its connections).
+            let events = events && !rail.events_read_by_endpoint(endpoint_reads);
             let Some(card) = rail.card.as_mut() else {
                 continue;
             };
-            // An endpoint reads its own cards' events (one read for all its connections).
-            let events = events && !card.events_read_by_endpoint(endpoint_reads);
             while let Some(ev) = events.then(|| card.nic().poll_event()).flatten() {
                 self.core.observe_time(now);
                 self.liveness_unpublished = true;
@@ -1573,17 +1576,27 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             return Err(ConnectError::Ended(reason)); // nothing to re-arm for
         }
         let cfg = *self.core.config();
-        if self.rails[rail].card.is_none() {
-            let nic = N::reopen(&self.rails[rail].reopen)?;
-            tracing::info!(rail, card = nic.name(), "card opened again");
-            // Its own handle on the device: the endpoint's shared queues are not on it.
-            self.rails[rail].card = Some(CardIo::open(nic, &cfg, &self.core, rail, None)?);
+        let r = &mut self.rails[rail];
+        if r.card.is_none() {
+            let nic = match self.shared.as_ref().filter(|_| r.endpoint_card) {
+                // The endpoint's card: its handle, opened again by whichever connection (or
+                // the endpoint) needs it first, so the fresh queue pair goes on its shared
+                // queues and its events are read once for all.
+                Some(shared) => shared.open_card(rail, &r.reopen)?.0,
+                None => {
+                    let nic = N::reopen(&r.reopen)?;
+                    tracing::info!(rail, card = nic.name(), "card opened again");
+                    nic
+                }
+            };
+            r.card = Some(CardIo::open(nic, &cfg, &self.core, rail, None)?);
         }
-        let card = self.rails[rail].card.as_ref().expect("opened above");
+        let r = &self.rails[rail];
+        let card = r.card.as_ref().expect("opened above");
         let shared = self
             .shared
             .as_ref()
-            .filter(|_| may_share && card.on_endpoint_card);
+            .filter(|_| may_share && r.endpoint_card);
         let fresh = make_link(shared, rail, card.nic(), &cfg)?;
         let hello = rail_hello(&cfg, rail, fresh.link.endpoint(), card.regs.remotes());
         Ok((fresh, hello))
@@ -1723,14 +1736,26 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         regs: CardRegs<N>,
         peer: &Hello,
     ) -> Option<N::Link> {
+        let endpoint_card = match regs.endpoint_epoch {
+            Some(epoch) => {
+                let current =
+                    (self.shared.as_ref()).is_some_and(|s| s.card_is_current(rail, epoch));
+                if !current {
+                    // The endpoint's card, released (device fatal) since the control thread
+                    // took it: no use. The fresh queue pair goes back to be destroyed (its
+                    // route first); the core asks again.
+                    drop((route, regs));
+                    self.rearm_failed(rail);
+                    return Some(link);
+                }
+                true
+            }
+            None => false,
+        };
         self.card_swaps[rail] = None;
         let r = &mut self.rails[rail];
-        let old = r.card.replace(CardIo {
-            route,
-            link,
-            regs,
-            on_endpoint_card: false,
-        });
+        r.endpoint_card = endpoint_card;
+        let old = r.card.replace(CardIo { route, link, regs });
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
         let now = self.clock.now();
@@ -1774,6 +1799,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let r = &mut self.rails[rail];
         r.card = Some(card); // the old one drops here: queue pair, registrations, card
         r.reopen = reopen;
+        r.endpoint_card = false;
         Ok(())
     }
 
@@ -1881,14 +1907,13 @@ where
                     Some(c) => (Arc::downgrade(c.nic()), c.regs.remotes()),
                     None => (std::sync::Weak::new(), Default::default()),
                 };
-                let on_endpoint_card = r.card.as_ref().is_some_and(|c| c.on_endpoint_card);
                 ThreadCard::new(
                     nic,
                     r.reopen.clone(),
                     RailMemory::of(&self.core, i),
                     remotes,
-                    self.shared.clone().filter(|_| on_endpoint_card),
-                    self.card_events_elsewhere && on_endpoint_card,
+                    self.shared.clone().filter(|_| r.endpoint_card),
+                    self.card_events_elsewhere && r.endpoint_card,
                 )
             })
             .collect();

@@ -26,8 +26,16 @@
 //! (or inline): its news names the connection that will own it (`SharedLinks::owner`), so the
 //! endpoint routes its completions there at once. Those that come before the connection installs
 //! it wait in the connection, in order, and are handled right after the install.
+//!
+//! The pool also holds the endpoint's handle on each card, for whoever makes links away from the
+//! endpoint's thread: set-up threads, and connections re-arming a rail whose card a device-fatal
+//! event released. Whoever needs a released card first opens it again here (`QueuePool::open_card`),
+//! and everyone else, the endpoint included, takes that handle: one device context per card for
+//! the whole endpoint, so that every connection's queue pairs go on the shared queues again and
+//! the card's events are read once. (Each connection opening its own, as before, left an endpoint
+//! after a device reset with a context, a completion queue and an event read per connection.)
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use railover_rdma::{FabricError, Link, LinkParams, Nic, SharedCq};
@@ -56,9 +64,18 @@ pub(crate) enum QueueNews<N: Nic> {
     Gone { rail: usize, epoch: u64, qpn: u32 },
 }
 
-/// The shared queues with room for more links, per rail, for whoever sets a connection up.
+/// The shared queues with room for more links, per rail, and the endpoint's cards, for whoever
+/// sets a connection up or re-arms one.
 pub(crate) struct QueuePool<N: Nic> {
     inner: Mutex<PoolInner<N>>,
+    /// Each rail's card's epoch (a copy of `RailQueues::epoch`, written under the lock), read
+    /// without the lock: a data thread asks whether a card is still the endpoint's current one
+    /// at an install, and must not wait behind a set-up holding the lock through a queue pair's
+    /// creation.
+    epochs: Vec<AtomicU64>,
+    /// Set when `open_card` opened a released card: the endpoint takes it as its own at its next
+    /// look ([`QueuePool::take_opened`]).
+    opened: AtomicBool,
 }
 
 /// The last owner token handed out (see [`SharedLinks`]): unique in the process, so that a
@@ -95,6 +112,22 @@ impl<N: Nic> SharedLinks<N> {
 
     pub(crate) fn owner(&self) -> u64 {
         self.owner
+    }
+
+    /// The endpoint's card of rail `rail`, opened again by `reopen` if released, and the epoch
+    /// of that opening (see [`QueuePool::open_card`]).
+    pub(crate) fn open_card(
+        &self,
+        rail: usize,
+        reopen: &N::Reopen,
+    ) -> Result<(N, u64), FabricError> {
+        self.pool.open_card(rail, reopen)
+    }
+
+    /// Whether `epoch` is still the current opening of the endpoint's card of rail `rail`
+    /// (false once a device-fatal event released it). No lock.
+    pub(crate) fn card_is_current(&self, rail: usize, epoch: u64) -> bool {
+        self.pool.epoch(rail) == Some(epoch)
     }
 
     /// A link for this connection's rail `rail` (see [`QueuePool::make_link`]).
@@ -177,6 +210,9 @@ impl<N: Nic> NewsReceiver<N> {
 struct RailQueues<N: Nic> {
     /// Bumped when the card is let go of (device fatal): its queues are forgotten.
     epoch: u64,
+    /// The endpoint's handle on the card (None: released, or missing since the start, until
+    /// someone opens it again).
+    card: Option<N>,
     queues: Vec<PoolQueue<N>>,
 }
 
@@ -187,8 +223,10 @@ struct PoolQueue<N: Nic> {
 }
 
 impl<N: Nic> QueuePool<N> {
-    /// A pool for `rails` cards, and where the endpoint hears what happens in it.
-    pub(crate) fn new(rails: usize) -> (Arc<QueuePool<N>>, NewsReceiver<N>) {
+    /// A pool for the endpoint's `cards` (None: missing), and where the endpoint hears what
+    /// happens in it.
+    pub(crate) fn new(cards: Vec<Option<N>>) -> (Arc<QueuePool<N>>, NewsReceiver<N>) {
+        let epochs = cards.iter().map(|_| AtomicU64::new(0)).collect();
         let (tx, rx) = mpsc::channel();
         let sent = Arc::new(AtomicU64::new(0));
         let news = NewsSender {
@@ -198,14 +236,17 @@ impl<N: Nic> QueuePool<N> {
         let heard = NewsReceiver { rx, sent, taken: 0 };
         let pool = QueuePool {
             inner: Mutex::new(PoolInner {
-                rails: (0..rails)
-                    .map(|_| RailQueues {
+                rails: (cards.into_iter())
+                    .map(|card| RailQueues {
                         epoch: 0,
+                        card,
                         queues: Vec::new(),
                     })
                     .collect(),
                 news,
             }),
+            epochs,
+            opened: AtomicBool::new(false),
         };
         (Arc::new(pool), heard)
     }
@@ -299,15 +340,83 @@ impl<N: Nic> QueuePool<N> {
         })
     }
 
-    /// Forgets rail `rail`'s queues (its card was released after a device-fatal event): links
-    /// made from now on go on queues of the card opened again, and news of the old ones is
-    /// recognised as such by its epoch. Returns the new epoch.
+    /// Forgets rail `rail`'s card and queues (released after a device-fatal event): links made
+    /// from now on go on queues of the card opened again, and news of the old ones is recognised
+    /// as such by its epoch. Returns the new epoch.
     pub(crate) fn forget_rail(&self, rail: usize) -> u64 {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let card = &mut inner.rails[rail];
         card.queues.clear();
+        let released = card.card.take();
         card.epoch += 1;
-        card.epoch
+        // Release: pairs with the Acquire in `epoch`; written under the lock, so in order.
+        self.epochs[rail].store(card.epoch, Ordering::Release);
+        let epoch = card.epoch;
+        drop(inner);
+        drop(released); // (its last handle may be a device close: not under the lock)
+        epoch
+    }
+
+    /// The current epoch of rail `rail`'s card (None: no such rail). No lock.
+    pub(crate) fn epoch(&self, rail: usize) -> Option<u64> {
+        // Acquire: pairs with the Release in `forget_rail`.
+        self.epochs.get(rail).map(|e| e.load(Ordering::Acquire))
+    }
+
+    /// Whether a card was opened again since the last call (the endpoint then takes it: see
+    /// [`QueuePool::card`]). One load when none was.
+    pub(crate) fn take_opened(&self) -> bool {
+        // Acquire (the swap): pairs with the Release in `open_card`, after the card was stored.
+        self.opened.load(Ordering::Relaxed) && self.opened.swap(false, Ordering::Acquire)
+    }
+}
+
+impl<N: Nic> QueuePool<N> {
+    /// The endpoint's card of rail `rail` (None: released or missing).
+    pub(crate) fn card(&self, rail: usize) -> Option<N> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.rails.get(rail).and_then(|r| r.card.clone())
+    }
+
+    /// The endpoint's card of rail `rail`, opened again by `reopen` if it is released (once for
+    /// the whole endpoint: whoever comes later gets this handle), with the epoch of this opening.
+    /// The open itself runs without the lock (it may take a while: a set-up or the endpoint's
+    /// poll must not wait for it); of two racing opens, the first stored wins.
+    pub(crate) fn open_card(
+        &self,
+        rail: usize,
+        reopen: &N::Reopen,
+    ) -> Result<(N, u64), FabricError> {
+        let current = |inner: &PoolInner<N>| {
+            let r = inner.rails.get(rail)?;
+            Some(r.card.clone().map(|c| (c, r.epoch)))
+        };
+        {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match current(&inner) {
+                None => return Err(FabricError::InvalidParams("no such rail")),
+                Some(Some(open)) => return Ok(open),
+                Some(None) => {}
+            }
+        }
+        let nic = N::reopen(reopen)?;
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Some(open)) = current(&inner) {
+            drop(inner);
+            drop(nic); // another opened it first
+            return Ok(open);
+        }
+        let r = &mut inner.rails[rail];
+        r.card = Some(nic.clone());
+        let epoch = r.epoch;
+        // Release: pairs with the Acquire in `take_opened`: the card is stored before the flag.
+        self.opened.store(true, Ordering::Release);
+        tracing::info!(
+            rail,
+            card = nic.name(),
+            "card opened again for the endpoint"
+        );
+        Ok((nic, epoch))
     }
 }
 

@@ -24,7 +24,7 @@ use railover_rdma::verbs::VerbsNic;
 use crate::config::Config;
 use crate::control::{ControlPool, PoolHandle};
 use crate::core::ResumeState;
-use crate::endpoint::{ConnectionId, Endpoint, Incoming, Listening, SetupCards};
+use crate::endpoint::{ConnectionId, Endpoint, Incoming, Listening};
 use crate::rearm::Role;
 use crate::rejoin::{offer_rejoin_port, read_rejoin_port, TcpControl};
 use crate::runtime::{ConnectError, Connection, PendingConnection, RailCard, RealClock};
@@ -394,7 +394,7 @@ impl Endpoint<VerbsNic, RealClock> {
     fn background_setup(&mut self, timeout: Duration) -> Result<BackgroundSetup, ConnectError> {
         // Every card that can be opened (one missing starts its rail failed in each connection).
         self.open_cards_back();
-        let (cards, names) = self.setup_cards();
+        let names = self.reopen_tokens();
         let pool = self.control_pool()?.clone();
         let (cfg, clock) = (*self.config(), self.clock().clone());
         let ready = self
@@ -404,7 +404,6 @@ impl Endpoint<VerbsNic, RealClock> {
             .clone();
         Ok(BackgroundSetup {
             cfg,
-            cards,
             names,
             clock,
             pool,
@@ -431,9 +430,6 @@ impl Endpoint<VerbsNic, RealClock> {
 #[derive(Clone)]
 struct BackgroundSetup {
     cfg: Config,
-    /// The endpoint's cards, shared with it: none is held while the thread waits (a released
-    /// one could not recover while any handle on it lives).
-    cards: SetupCards<VerbsNic>,
     /// Each rail's card name, for a rail whose card is released.
     names: Vec<String>,
     clock: RealClock,
@@ -449,8 +445,10 @@ struct BackgroundSetup {
 impl BackgroundSetup {
     /// The endpoint's queue pairs for a new connection, its card events read by the endpoint.
     fn pending(&self) -> Result<PendingConnection<VerbsNic, RealClock>, ConnectError> {
-        let cards = (self.cards.get().into_iter().zip(&self.names))
-            .map(|(card, name)| match card {
+        // The endpoint's cards, from its pool: none is held while the thread waits (a released
+        // one could not recover while any handle on it lives).
+        let cards = (self.names.iter().enumerate())
+            .map(|(rail, name)| match self.queues.card(rail) {
                 Some(nic) => RailCard::Open(nic),
                 // Released (device fatal): the rail starts failed and joins when it is back.
                 None => RailCard::Absent(name.clone()),

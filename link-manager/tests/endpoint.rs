@@ -944,15 +944,16 @@ fn an_endpoint_that_skips_a_card_asks_to_be_driven_within_the_period() {
     );
 }
 
-/// A card an endpoint's connection opened again by itself (after a device-fatal event, before
-/// the endpoint opened its own handle again) has its events read by the connection: a port
-/// going down there fails the rail within a poll period. (The endpoint reads its own cards'
-/// events and has none on that device yet; until session 20 nobody read them, so such a port
-/// going down was found by the heartbeats if at all.)
+/// After a device-fatal event, the card an endpoint's connections re-arm on is the endpoint's
+/// handle, opened again once for all (by whichever re-arm came first): one device context, every
+/// fresh queue pair on the endpoint's shared completion queues, the card's events read once by
+/// the endpoint and handed to every connection (a port going down fails the rail of each within
+/// a poll period). Until session 22 each connection opened a handle of its own: a context, a
+/// completion queue and an event read per connection, until the connections were replaced.
 #[test]
-fn a_card_a_connection_opened_again_by_itself_has_its_events_read() {
+fn after_a_device_reset_every_connection_re_arms_on_the_endpoints_one_handle() {
     let mut hosts = SimEndpoints::new(config(), 7, 2 * US).unwrap();
-    let (_x, y) = hosts.connect().unwrap();
+    let ids: Vec<_> = (0..4).map(|_| hosts.connect().unwrap().1).collect();
     let settle = |hosts: &mut SimEndpoints, until: u64| {
         while hosts.now() < until {
             hosts.step(until);
@@ -962,15 +963,25 @@ fn a_card_a_connection_opened_again_by_itself_has_its_events_read() {
     let card = hosts.cards[0].1.clone();
     hosts.fabric.remove_card(&card);
     settle(&mut hosts, 10 * MS);
-    assert!(hosts.b.get(y).unwrap().card_released(0), "host 2 let go");
+    for &y in &ids {
+        assert!(hosts.b.get(y).unwrap().card_released(0), "{y} let go");
+    }
+    assert!(hosts.b.card(0).is_none(), "the endpoint let go");
+    // Only the harness's own handle on the card is left open.
+    let before = hosts.fabric.open_contexts(&card);
     hosts.fabric.restore_card(&card);
     settle(&mut hosts, 60 * MS);
-    let conn = hosts.b.get(y).unwrap();
-    assert!(!conn.card_released(0), "opened again for the re-arm");
-    assert_ne!(conn.core().rail_state(0), RailState::Failed, "re-armed");
-    assert!(
-        hosts.b.card(0).is_none(),
-        "the endpoint has no handle on it"
+    for &y in &ids {
+        let conn = hosts.b.get(y).unwrap();
+        assert!(!conn.card_released(0), "{y}: opened again for the re-arm");
+        assert_ne!(conn.core().rail_state(0), RailState::Failed, "{y} re-armed");
+        assert_eq!(conn.rails_on_shared_queues(), 2, "{y}");
+    }
+    assert!(hosts.b.card(0).is_some(), "the endpoint took the handle");
+    assert_eq!(
+        hosts.fabric.open_contexts(&card),
+        before + 1,
+        "one device context for the endpoint and its connections"
     );
     while hosts.b.poll_event().is_some() {}
 
@@ -983,7 +994,10 @@ fn a_card_a_connection_opened_again_by_itself_has_its_events_read() {
             downs.push((id, rail, reason));
         }
     }
-    assert_eq!(downs, [(y, 0, FailReason::PortDown)]);
+    downs.sort_by_key(|d| d.0.to_string());
+    let mut want: Vec<_> = ids.iter().map(|&y| (y, 0, FailReason::PortDown)).collect();
+    want.sort_by_key(|d| d.0.to_string());
+    assert_eq!(downs, want);
 }
 
 /// A connection set up while its card was released (a device-fatal event handled by the
@@ -1088,10 +1102,15 @@ fn an_endpoint_started_without_a_card_serves_and_gains_the_rail_when_the_card_is
         );
         assert!(core.rail_proven(1), "{who}: rail 1 heard its peer");
     }
+    // The re-arm opened the card as the endpoint's: on its shared queues, its handle.
+    assert_eq!(hosts.b.get(y).unwrap().rails_on_shared_queues(), 2);
+    assert!(
+        hosts.b.card(1).is_some(),
+        "the endpoint took the re-arm's handle"
+    );
 
-    // A new connection: the endpoint opens the card again for it; both rails from the start.
+    // A new connection, on the endpoint's card: both rails from the start.
     let (x2, y2) = hosts.connect().unwrap();
-    assert!(hosts.b.card(1).is_some(), "the endpoint's own handle again");
     drive(&mut hosts, 10, true, &mut sent, &mut got);
     for conn in [hosts.a.get(x2), hosts.b.get(y2)] {
         let core = conn.unwrap().core();

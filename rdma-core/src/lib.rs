@@ -281,8 +281,9 @@ pub trait MemoryRegistration {
     }
 }
 
-/// One RDMA device (one card).
-pub trait Nic {
+/// One RDMA device (one card): a handle on a device context. Clones share the context (its
+/// events, registrations and queues), as every connection of an endpoint shares its cards.
+pub trait Nic: Clone {
     type Mr: MemoryRegistration;
     type Link: Link<Mr = Self::Mr>;
     type SharedCq: SharedCq;
