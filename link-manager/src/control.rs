@@ -1171,6 +1171,101 @@ mod tests {
         (ready > 0).then(|| t.outcomes.try_recv().ok()).flatten()
     }
 
+    /// The control thread's step that makes a fresh queue pair (`prepare`, run here on the
+    /// test's thread: a simulated card stays on its thread) for an endpoint's connection whose
+    /// card was released: the card opened again is the endpoint's (the pool's handle, one device
+    /// context, the queue pair on a shared queue), and one released again before its install is
+    /// neither installed (the data path refuses it by its epoch) nor used for the next try.
+    #[test]
+    fn a_re_arm_takes_the_endpoints_card_and_never_one_released_again() {
+        use crate::sim::SimEndpoints;
+        use railover_rdma::Nic;
+        let cfg = Config::builder()
+            .rails(2)
+            .geometry(4096, 8, 256)
+            .heartbeat_interval(Duration::from_millis(1))
+            .heartbeat_misses(3)
+            .build()
+            .unwrap();
+        let mut hosts = SimEndpoints::new(cfg, 5, 2_000).unwrap();
+        let (_, y) = hosts.connect().unwrap();
+        let settle = |hosts: &mut SimEndpoints, ms: u64| {
+            let until = hosts.now() + ms * 1_000_000;
+            while hosts.now() < until {
+                hosts.step(until);
+            }
+        };
+        settle(&mut hosts, 5);
+        let card = hosts.cards[0].1.clone();
+        let pool = hosts.b.queue_pool();
+        let mem = crate::runtime::RailMemory::of(hosts.b.get(y).unwrap().core(), 0);
+        let mut thread_card = ThreadCard::new(
+            Weak::new(), // the data path's card: released
+            card.reopen_token(),
+            mem,
+            Default::default(),
+            Some(SharedLinks::new(&pool)),
+            true,
+        );
+        hosts.fabric.remove_card(&card);
+        settle(&mut hosts, 5);
+        assert!(hosts.b.card(0).is_none(), "the endpoint let go");
+        let harness_only = hosts.fabric.open_contexts(&card);
+        hosts.fabric.restore_card(&card);
+
+        let (fresh, hello) = prepare(&mut thread_card, &cfg, 0).expect("prepare");
+        assert!(fresh.route.is_some(), "on the endpoint's shared queues");
+        let regs = thread_card
+            .reopened
+            .take()
+            .expect("the card, for the install");
+        assert_eq!(regs.endpoint_epoch, pool.epoch(0));
+        assert!(pool.card(0).is_some());
+        assert_eq!(
+            hosts.fabric.open_contexts(&card),
+            harness_only + 1,
+            "one handle: the pool's, the endpoint's"
+        );
+
+        // Released again (the endpoint takes the card, reads the event, lets go) before the
+        // install: refused.
+        settle(&mut hosts, 2);
+        assert!(
+            hosts.b.card(0).is_some(),
+            "the endpoint took the pool's card"
+        );
+        hosts.fabric.remove_card(&card);
+        settle(&mut hosts, 5);
+        assert!(hosts.b.card(0).is_none() && pool.card(0).is_none());
+        let conn = hosts.b.get_mut(y).unwrap();
+        assert!(conn.card_released(0));
+        let back = conn.install_reopened(0, fresh.link, fresh.route, regs, &hello);
+        assert!(
+            back.is_some(),
+            "the fresh queue pair goes back to be destroyed"
+        );
+        assert!(conn.card_released(0), "not installed");
+        assert_eq!(conn.core().rail_state(0), crate::RailState::Failed);
+        drop(back);
+
+        // A try that holds the card when it is released again (before its install) lets go
+        // of it at the next try, and opens it anew at the new epoch.
+        hosts.fabric.restore_card(&card);
+        drop(prepare(&mut thread_card, &cfg, 0).expect("prepare"));
+        let held = thread_card.reopened.as_ref().and_then(|r| r.endpoint_epoch);
+        assert_eq!(held, pool.epoch(0));
+        settle(&mut hosts, 2);
+        assert!(hosts.b.card(0).is_some(), "the endpoint took it");
+        hosts.fabric.remove_card(&card);
+        settle(&mut hosts, 5);
+        assert!(hosts.b.card(0).is_none(), "the endpoint let go");
+        hosts.fabric.restore_card(&card);
+        drop(prepare(&mut thread_card, &cfg, 0).expect("prepare"));
+        let now_held = thread_card.reopened.as_ref().and_then(|r| r.endpoint_epoch);
+        assert!(now_held > held, "{now_held:?} after {held:?}");
+        assert_eq!(now_held, pool.epoch(0));
+    }
+
     #[test]
     fn the_wait_takes_any_number_of_descriptors() {
         // An endpoint's pool with a dozen connections waits on three dozen.
