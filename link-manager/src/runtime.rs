@@ -1158,11 +1158,11 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
             let Some(rail) = self.rails.get_mut(i) else {
                 break;
             };
-            // An endpoint reads its own cards' events (one read for all its connections).
-            let events = events && !rail.events_read_by_endpoint(endpoint_reads);
             let Some(card) = rail.card.as_mut() else {
                 continue;
             };
+            // An endpoint reads its own cards' events (one read for all its connections).
+            let events = events && !(endpoint_reads && rail.endpoint_card);
             while let Some(ev) = events.then(|| card.nic().poll_event()).flatten() {
                 self.core.observe_time(now);
                 self.liveness_unpublished = true;
