@@ -114,6 +114,11 @@ impl<L> FreshLinks<L> {
     fn drop_rail(&mut self, rail: usize) {
         self.0[rail] = None;
     }
+
+    /// The rail's queue pair, whatever its attempt.
+    fn peek(&self, rail: usize) -> Option<&L> {
+        self.0[rail].as_ref().map(|(_, link)| link)
+    }
 }
 
 /// A result of the executor for the data path (what a control thread sends through its queue).
@@ -342,9 +347,10 @@ pub(crate) struct ThreadCard<N: Nic> {
     /// a device-fatal release; an endpoint's card through the endpoint's pool) or the user's
     /// (`replace_card`).
     reopened: Option<CardRegs<N>>,
-    /// An endpoint's connection on the endpoint's card (not the user's): fresh queue pairs go
-    /// on its shared completion queues, and a released card is opened again as the endpoint's.
-    shared: Option<SharedLinks<N>>,
+    /// An endpoint's connection on the endpoint's card (not the user's), with the pool's epoch
+    /// of the data path's card: fresh queue pairs go on its shared completion queues, and a
+    /// released card is opened again as the endpoint's.
+    shared: Option<(SharedLinks<N>, u64)>,
     /// The card is the endpoint's, which reads its events once for all its connections. The
     /// user's card, or a single connection's, has its events read here.
     events_elsewhere: bool,
@@ -357,7 +363,7 @@ impl<N: Nic> ThreadCard<N> {
         reopen: N::Reopen,
         mem: crate::runtime::RailMemory,
         remotes: (RemoteRegion, RemoteRegion),
-        shared: Option<SharedLinks<N>>,
+        shared: Option<(SharedLinks<N>, u64)>,
         events_elsewhere: bool,
     ) -> Self {
         ThreadCard {
@@ -369,6 +375,34 @@ impl<N: Nic> ThreadCard<N> {
             shared,
             events_elsewhere,
         }
+    }
+
+    /// Whether the endpoint let go of the card opening `epoch` (a device-fatal event) since.
+    fn released(&self, rail: usize, epoch: u64) -> bool {
+        (self.shared.as_ref()).is_some_and(|(s, _)| !s.card_is_current(rail, epoch))
+    }
+
+    /// Lets go of what it holds on an opening of the endpoint's card the endpoint let go of (a
+    /// device-fatal event): the card held for an install, and `fresh`'s queue pair made on it
+    /// (the device recovers only once every handle on it is gone). The attempt under way then
+    /// fails and the next opens the card again. True if it let go of anything.
+    fn let_go_if_released(&mut self, rail: usize, fresh: &mut FreshLinks<RoutedLink<N>>) -> bool {
+        let mut let_go = false;
+        if let Some(epoch) = self.reopened.as_ref().and_then(|r| r.endpoint_epoch) {
+            if self.released(rail, epoch) {
+                self.reopened = None;
+                let_go = true;
+            }
+        }
+        let fresh_epoch = fresh
+            .peek(rail)
+            .and_then(|l| l.route.as_ref())
+            .map(|r| r.epoch());
+        if fresh_epoch.is_some_and(|epoch| self.released(rail, epoch)) {
+            fresh.drop_rail(rail);
+            let_go = true;
+        }
+        let_go
     }
 }
 
@@ -615,25 +649,23 @@ fn prepare<N: Nic>(
 ) -> Result<(RoutedLink<N>, Hello), String> {
     // The endpoint's card this thread holds for an install, released meanwhile (device fatal):
     // let go of it (the device recovers only once every handle is gone) and open it again.
-    if let (Some(shared), Some(epoch)) = (
-        &card.shared,
-        card.reopened.as_ref().and_then(|r| r.endpoint_epoch),
-    ) {
-        if !shared.card_is_current(rail, epoch) {
+    if let Some(epoch) = card.reopened.as_ref().and_then(|r| r.endpoint_epoch) {
+        if card.released(rail, epoch) {
             card.reopened = None;
         }
     }
-    let nic = match (&card.reopened, card.nic.upgrade()) {
-        (Some(regs), _) => regs.nic.clone(),
-        (None, Some(nic)) => nic,
+    // The card, and its opening when it is the endpoint's (a queue pair goes on the shared
+    // queues only on the card of the pool's current opening).
+    let (nic, epoch) = match (&card.reopened, card.nic.upgrade()) {
+        (Some(regs), _) => (regs.nic.clone(), regs.endpoint_epoch),
+        (None, Some(nic)) => (nic, card.shared.as_ref().map(|(_, epoch)| *epoch)),
         (None, None) => {
             let (nic, epoch) = match &card.shared {
                 // The endpoint's card: its handle, opened again by whichever connection (or the
                 // endpoint) needs it first, so that every connection's queue pairs go on its
                 // shared queues again and the endpoint reads its events once for all.
-                Some(shared) => {
-                    let (nic, epoch) =
-                        (shared.open_card(rail, &card.reopen)).map_err(|e| e.to_string())?;
+                Some((shared, _)) => {
+                    let (nic, epoch) = shared.open_card(rail).map_err(|e| e.to_string())?;
                     (nic, Some(epoch))
                 }
                 None => {
@@ -647,10 +679,11 @@ fn prepare<N: Nic>(
             regs.endpoint_epoch = epoch;
             card.remotes = regs.remotes();
             card.reopened = Some(regs);
-            nic
+            (nic, epoch)
         }
     };
-    let link = make_link(card.shared.as_ref(), rail, &*nic, cfg).map_err(|e| e.to_string())?;
+    let shared = card.shared.as_ref().map(|(s, _)| s).zip(epoch);
+    let link = make_link(shared, rail, &*nic, cfg).map_err(|e| e.to_string())?;
     let hello = rail_hello(cfg, rail, link.link.endpoint(), card.remotes);
     Ok((link, hello))
 }
@@ -721,7 +754,7 @@ impl<N: Nic> ControlTask<N> {
     }
 
     /// Whether it reads `rail`'s card's events: always on a connection of its own, on an
-    /// endpoint's only for a card the connection opened itself (again, or the user's).
+    /// endpoint's only for the user's card (`replace_card`).
     fn events_here(&self, rail: usize) -> bool {
         self.read_events || self.cards.get(rail).is_some_and(|c| !c.events_elsewhere)
     }
@@ -786,7 +819,7 @@ impl<N: Nic> ControlTask<N> {
     }
 
     /// The user's card for `rail`: what the thread knew of the old one goes (its Weak, its
-    /// reopen token, a card the thread opened again itself, the endpoint's shared queues), and so
+    /// reopen token, a card the thread holds for an install, the endpoint's shared queues), and so
     /// does a queue pair an attempt under way made there. Before this, after the user's swap the
     /// thread kept reopening the old card by its token for every attempt, and the data path
     /// dropped each: the rail never came back.
@@ -806,6 +839,13 @@ impl<N: Nic> ControlTask<N> {
     /// One turn after a wait: card events, retransmission counts, the stream, the re-arm
     /// protocol's timers and its I/O (queue pairs made, connected, handed over).
     fn turn(&mut self, live: &[Option<Arc<N>>; MAX_RAILS]) {
+        // What it holds on an opening of the endpoint's card that the endpoint let go of (the
+        // endpoint reads that card's events, and rings this thread's bell when it lets go).
+        for (rail, card) in self.cards.iter_mut().enumerate() {
+            if card.let_go_if_released(rail, &mut self.fresh) {
+                tracing::info!(rail, "let go of a card released by the endpoint");
+            }
+        }
         for (rail, nic) in live.iter().enumerate() {
             if let Some(nic) = nic.as_ref().filter(|_| self.events_here(rail)) {
                 while let Some(event) = nic.poll_event() {
@@ -901,7 +941,13 @@ impl<N: Nic> ControlTask<N> {
                 Some(link) => {
                     let card = self.cards[rail].reopened.take();
                     if let Some(regs) = &card {
-                        self.cards[rail].nic = Arc::downgrade(&regs.nic);
+                        let thread_card = &mut self.cards[rail];
+                        thread_card.nic = Arc::downgrade(&regs.nic);
+                        if let (Some((_, at)), Some(epoch)) =
+                            (&mut thread_card.shared, regs.endpoint_epoch)
+                        {
+                            *at = epoch;
+                        }
                     }
                     reporter.report(Outcome::Install {
                         rail,
@@ -1204,7 +1250,7 @@ mod tests {
             card.reopen_token(),
             mem,
             Default::default(),
-            Some(SharedLinks::new(&pool)),
+            Some((SharedLinks::new(&pool), pool.epoch(0).unwrap())),
             true,
         );
         hosts.fabric.remove_card(&card);
@@ -1248,17 +1294,31 @@ mod tests {
         assert_eq!(conn.core().rail_state(0), crate::RailState::Failed);
         drop(back);
 
-        // A try that holds the card when it is released again (before its install) lets go
-        // of it at the next try, and opens it anew at the new epoch.
+        // A try that holds the card and a fresh queue pair on it when it is released again
+        // (before the install) lets go of both at its next turn, without another try: no
+        // handle is left on the device. The next try opens it anew, at the new opening.
         hosts.fabric.restore_card(&card);
-        drop(prepare(&mut thread_card, &cfg, 0).expect("prepare"));
+        let mut fresh_links = FreshLinks::new();
+        let (fresh, _) = prepare(&mut thread_card, &cfg, 0).expect("prepare");
+        fresh_links.put(0, 1, fresh);
         let held = thread_card.reopened.as_ref().and_then(|r| r.endpoint_epoch);
         assert_eq!(held, pool.epoch(0));
+        assert!(
+            !thread_card.let_go_if_released(0, &mut fresh_links),
+            "current"
+        );
         settle(&mut hosts, 2);
         assert!(hosts.b.card(0).is_some(), "the endpoint took it");
         hosts.fabric.remove_card(&card);
         settle(&mut hosts, 5);
         assert!(hosts.b.card(0).is_none(), "the endpoint let go");
+        assert!(thread_card.let_go_if_released(0, &mut fresh_links));
+        assert!(thread_card.reopened.is_none() && fresh_links.peek(0).is_none());
+        assert_eq!(
+            hosts.fabric.open_contexts(&card),
+            harness_only,
+            "nothing holds the released card"
+        );
         hosts.fabric.restore_card(&card);
         drop(prepare(&mut thread_card, &cfg, 0).expect("prepare"));
         let now_held = thread_card.reopened.as_ref().and_then(|r| r.endpoint_epoch);

@@ -246,7 +246,8 @@ where
                 RailCard::Absent(token) => (None, token),
             })
             .unzip();
-        let (pool, news) = QueuePool::new(cards.clone());
+        let (pool, news) =
+            QueuePool::new(cards.iter().cloned().zip(reopen.iter().cloned()).collect());
         Ok(Endpoint {
             queues: SharedQueues {
                 pool,
@@ -285,9 +286,13 @@ where
     /// rail starts failed and joins when it is).
     pub fn prepare(&mut self) -> Result<PendingConnection<N, C>, ConnectError> {
         let cards = (0..self.cards.len())
-            .map(|rail| match self.reopened(rail) {
-                Ok(nic) => RailCard::Open(nic),
-                Err(_) => RailCard::Absent(self.reopen[rail].clone()),
+            .map(|rail| {
+                let card = match self.reopened(rail) {
+                    Ok(nic) => RailCard::Open(nic),
+                    Err(_) => RailCard::Absent(self.reopen[rail].clone()),
+                };
+                // (The pool's opening is changed only on this thread, when it lets go.)
+                (card, self.queues.pool.epoch(rail).unwrap_or(0))
             })
             .collect();
         PendingConnection::on_shared_queues(self.cfg, cards, self.clock.clone(), &self.queues.pool)
@@ -316,7 +321,7 @@ where
         if let Some(nic) = &self.cards[rail] {
             return Ok(nic.clone());
         }
-        let (nic, _) = self.queues.pool.open_card(rail, &self.reopen[rail])?;
+        let (nic, _) = self.queues.pool.open_card(rail)?;
         self.cards[rail] = Some(nic.clone());
         Ok(nic)
     }
@@ -341,7 +346,8 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
     }
 
     /// This host's card of rail `rail` (None while it is missing: after a device-fatal event,
-    /// or since the start, until opened again for a new connection).
+    /// or since the start, until opened again for a new connection or a re-arm; one a re-arm
+    /// opened is taken here at the endpoint's next look at the cards' events).
     pub fn card(&self, rail: usize) -> Option<&N> {
         self.cards.get(rail).and_then(Option::as_ref)
     }
@@ -381,10 +387,12 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         }
         conn.align_heartbeats(self.aligned_heartbeats == Some(true));
         // A card released on a device-fatal event while the connection was being set up (on a
-        // set-up thread, from the cards as they were): it missed the event, so it hears it now
-        // and lets go of the dead handle too (the device recovers only once all are gone).
+        // set-up thread, or between `prepare` and this insert, from the cards as they were): it
+        // missed the event, so it hears it now and lets go of the dead handle too (the device
+        // recovers only once all are gone). Told by the opening its card came from: the card
+        // may well be open again by now (a re-arm opens it as soon as it is back).
         for rail in 0..self.cards.len() {
-            if self.cards[rail].is_none() && conn.on_endpoint_card(rail) {
+            if conn.on_released_endpoint_card(rail, self.queues.pool.epoch(rail)) {
                 conn.card_event(rail, AsyncEvent::DeviceFatal);
             }
         }
@@ -916,20 +924,26 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         for rail in 0..self.cards.len() {
             while let Some(event) = self.cards[rail].as_ref().and_then(|c| c.poll_event()) {
                 tracing::info!(rail, ?event, "card event");
+                let fatal = event == AsyncEvent::DeviceFatal;
+                // The pool lets go of the card first (a new opening, the old one's handle
+                // dropped): a control thread woken below sees what it holds is stale.
+                let epoch = fatal.then(|| self.queues.pool.forget_rail(rail));
                 for e in self.slots.iter_mut().filter_map(|s| s.conn.as_mut()) {
-                    // Not a connection whose rail runs on a card of its own (opened again after a
-                    // device-fatal event, or the user's): it reads that card's events itself.
+                    // Not a connection whose rail runs on the user's card: it reads that card's
+                    // events itself.
                     if e.conn.card_events_elsewhere && e.conn.on_endpoint_card(rail) {
                         let _in = e.span.enter();
                         e.conn.card_event(rail, event);
+                    } else if fatal && e.conn.endpoint_rail(rail) {
+                        // Released already, mid re-arm: its control thread may hold the card.
+                        e.conn.endpoint_card_released();
                     }
                 }
-                if event == AsyncEvent::DeviceFatal {
+                if let Some(epoch) = epoch {
                     // Every connection let go of it; so does the endpoint, with its completion
-                    // queues, so that the device can recover (it is opened again for the next
-                    // connection made).
+                    // queues, so that the device can recover (the first re-arm, set-up or
+                    // `prepare` to find it back opens it again for all).
                     self.cards[rail] = None;
-                    let epoch = self.queues.pool.forget_rail(rail);
                     self.queues.cards[rail] = CardQueues::new(epoch);
                 }
             }
@@ -945,7 +959,11 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         }
         for (rail, card) in self.cards.iter_mut().enumerate() {
             if card.is_none() {
-                *card = self.queues.pool.card(rail);
+                match self.queues.pool.try_card(rail) {
+                    Some(opened) => *card = opened,
+                    // A set-up holds the pool: not waited for; the next look takes it.
+                    None => self.queues.pool.flag_opened(),
+                }
             }
         }
     }

@@ -93,12 +93,13 @@ struct RailIo<N: Nic> {
     card: Option<CardIo<N>>,
     /// How to open the card again.
     reopen: N::Reopen,
-    /// The card is the endpoint's (opened at set-up, or again through the endpoint's pool after
-    /// a device-fatal release: one handle for all its connections), so fresh queue pairs may go
-    /// on its shared queues and its device events are read by the endpoint; not the user's
-    /// (`replace_card`), nor a single connection's card, whose events the connection (or its
-    /// control thread) reads. Kept while the card is released: it says how to open it again.
-    endpoint_card: bool,
+    /// Set when the card is the endpoint's (opened at set-up, or again through the endpoint's
+    /// pool after a device-fatal release: one handle for all its connections): the pool's
+    /// opening (epoch) it came from. Fresh queue pairs then go on the endpoint's shared queues
+    /// and its device events are read by the endpoint. None for the user's card
+    /// (`replace_card`) or a single connection's, whose events the connection (or its control
+    /// thread) reads. Kept while the card is released: it says to open it again through the pool.
+    endpoint_epoch: Option<u64>,
     peer_ring: RemoteRegion,
     peer_ctrl: RemoteRegion,
 }
@@ -181,7 +182,7 @@ impl<N: Nic> CardIo<N> {
         cfg: &Config,
         core: &Core,
         rail: usize,
-        shared: Option<&SharedLinks<N>>,
+        shared: Option<(&SharedLinks<N>, u64)>,
     ) -> Result<CardIo<N>, ConnectError> {
         let regs = CardRegs::register(Arc::new(nic), &RailMemory::of(core, rail))?;
         let RoutedLink { route, link } = make_link(shared, rail, &regs.nic, cfg)?;
@@ -199,20 +200,21 @@ impl<N: Nic> RailIo<N> {
     /// on the endpoint's own card.
     #[inline]
     fn events_read_by_endpoint(&self, endpoint_reads: bool) -> bool {
-        endpoint_reads && self.endpoint_card
+        endpoint_reads && self.endpoint_epoch.is_some()
     }
 }
 
 /// A fresh queue pair for rail `rail` on `nic`: on the endpoint's shared completion queues when
-/// the connection has them (see [`crate::shared_queues`]), else with a queue of its own.
+/// the connection has them and `nic` is the endpoint's card of that epoch (see
+/// [`crate::shared_queues`]), else with a queue of its own.
 pub(crate) fn make_link<N: Nic>(
-    shared: Option<&SharedLinks<N>>,
+    shared: Option<(&SharedLinks<N>, u64)>,
     rail: usize,
     nic: &N,
     cfg: &Config,
 ) -> Result<RoutedLink<N>, FabricError> {
     match shared {
-        Some(s) => s.make_link(rail, nic, &cfg.link()),
+        Some((s, epoch)) => s.make_link(rail, nic, epoch, &cfg.link()),
         None => Ok(RoutedLink {
             route: None,
             link: nic.create_link(&cfg.link())?,
@@ -273,7 +275,7 @@ pub struct Receiver<N: Nic, C: Clock> {
     /// The cards are shared with other connections (an [`crate::Endpoint`]): their device
     /// events are read once, there, and handed to every connection on them
     /// ([`Receiver::card_event`]); neither this connection nor its control thread reads them
-    /// (a card the connection opened itself, it reads).
+    /// (the user's card, given with `replace_card`, they read).
     pub(crate) card_events_elsewhere: bool,
     /// Per rail, the card the user swapped in ([`Receiver::replace_card`]) while the control
     /// thread has not installed it: a re-arm on any other card (the old one, or one the thread
@@ -582,16 +584,19 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
 
     /// Like [`PendingConnection::with_cards`] for an endpoint's connection: its queue pairs go on
     /// the endpoint's shared completion queues (see [`crate::shared_queues`]), and the endpoint
-    /// reads the cards' device events.
+    /// reads the cards' device events. `cards` are the endpoint's, each with the pool's epoch it
+    /// was taken at (read with it: see [`QueuePool::card_at`]).
     pub(crate) fn on_shared_queues(
         cfg: Config,
-        cards: Vec<RailCard<N>>,
+        cards: Vec<(RailCard<N>, u64)>,
         clock: C,
         pool: &Arc<QueuePool<N>>,
     ) -> Result<Self, ConnectError> {
         let core = Core::new(cfg, clock.now())?;
         let shared = SharedLinks::new(pool);
-        let mut pending = Self::with_core(cfg, cards, clock, core, Some(shared))?;
+        let (cards, epochs): (Vec<_>, Vec<_>) = cards.into_iter().unzip();
+        let shared = Some((shared, epochs));
+        let mut pending = Self::with_core(cfg, cards, clock, core, shared)?;
         pending.conn.rx.card_events_elsewhere = true;
         Ok(pending)
     }
@@ -610,13 +615,16 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
         Self::with_cards(cfg, cards, clock, Some(state))
     }
 
+    /// `shared`: an endpoint's connection, with the pool's epoch of each of its cards.
     fn with_core(
         cfg: Config,
         cards: Vec<RailCard<N>>,
         clock: C,
         core: Core,
-        shared: Option<SharedLinks<N>>,
+        shared: Option<(SharedLinks<N>, Vec<u64>)>,
     ) -> Result<Self, ConnectError> {
+        let (shared, epochs) = shared.unzip();
+        let epoch = |i: usize| epochs.as_ref().map(|e| e.get(i).copied().unwrap_or(0));
         if cards.len() != cfg.rails() {
             return Err(ConnectError::RailCount {
                 want: cfg.rails(),
@@ -629,14 +637,30 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             let (card, reopen) = match card {
                 RailCard::Open(nic) => {
                     let reopen = nic.reopen_token();
-                    let card = CardIo::open(nic, &cfg, &core, i, shared.as_ref())?;
-                    hellos.push(rail_hello(
-                        &cfg,
-                        i,
-                        card.link.endpoint(),
-                        card.regs.remotes(),
-                    ));
-                    (Some(card), reopen)
+                    let on_pool = shared.as_ref().zip(epoch(i));
+                    match CardIo::open(nic, &cfg, &core, i, on_pool) {
+                        Ok(card) => {
+                            hellos.push(rail_hello(
+                                &cfg,
+                                i,
+                                card.link.endpoint(),
+                                card.regs.remotes(),
+                            ));
+                            (Some(card), reopen)
+                        }
+                        // The endpoint's card, released since the set-up took it (device
+                        // fatal), or failing: the rail starts absent and joins when it is back.
+                        Err(e) if on_pool.is_some() => {
+                            tracing::warn!(rail = i, error = %e, "card unusable at set-up: the rail starts failed");
+                            hellos.push(Hello::absent(
+                                i as u16,
+                                cfg.rails() as u16,
+                                wire_geometry(&cfg),
+                            ));
+                            (None, reopen)
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 RailCard::Absent(reopen) => {
                     hellos.push(Hello::absent(
@@ -650,7 +674,7 @@ impl<N: Nic, C: Clock> PendingConnection<N, C> {
             rails.push(RailIo {
                 card,
                 reopen,
-                endpoint_card: shared.is_some(),
+                endpoint_epoch: epoch(i),
                 peer_ring: RemoteRegion::default(),
                 peer_ctrl: RemoteRegion::default(),
             });
@@ -1087,7 +1111,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     fn reads_card_events(&self) -> bool {
         !matches!(self.control, Some(Control::Thread(_)))
             && (!self.card_events_elsewhere
-                || (self.rails.iter()).any(|r| r.card.is_some() && !r.endpoint_card))
+                || (self.rails.iter()).any(|r| r.card.is_some() && r.endpoint_epoch.is_none()))
     }
 
     /// Whether `rail` runs on its endpoint's card (whose events the endpoint reads and hands to
@@ -1095,7 +1119,32 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     pub(crate) fn on_endpoint_card(&self, rail: usize) -> bool {
         self.rails
             .get(rail)
-            .is_some_and(|r| r.card.is_some() && r.endpoint_card)
+            .is_some_and(|r| r.card.is_some() && r.endpoint_epoch.is_some())
+    }
+
+    /// Whether `rail` runs on an opening of its endpoint's card that the endpoint has let go of
+    /// since (a device-fatal event handled while this connection was being set up): it missed
+    /// the event, and must hear it (see [`crate::Endpoint::insert`]).
+    pub(crate) fn on_released_endpoint_card(&self, rail: usize, current: Option<u64>) -> bool {
+        self.rails.get(rail).is_some_and(|r| {
+            r.card.is_some() && r.endpoint_epoch.is_some_and(|e| Some(e) != current)
+        })
+    }
+
+    /// Whether `rail`'s card (present or released) is its endpoint's.
+    pub(crate) fn endpoint_rail(&self, rail: usize) -> bool {
+        self.rails
+            .get(rail)
+            .is_some_and(|r| r.endpoint_epoch.is_some())
+    }
+
+    /// The endpoint let go of `rail`'s card (a device-fatal event) while this connection had
+    /// released it already, mid re-arm: its control thread, which may hold that card for an
+    /// install or a fresh queue pair on it, is woken to let go too (see `ControlTask::turn`).
+    pub(crate) fn endpoint_card_released(&self) {
+        if let Some(Control::Thread(t)) = &self.control {
+            t.card_released();
+        }
     }
 
     /// Processes completions, device events and timers, and posts what the core asks for.
@@ -1162,7 +1211,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                 continue;
             };
             // An endpoint reads its own cards' events (one read for all its connections).
-            let events = events && !(endpoint_reads && rail.endpoint_card);
+            let events = events && !(endpoint_reads && rail.endpoint_epoch.is_some());
             while let Some(ev) = events.then(|| card.nic().poll_event()).flatten() {
                 self.core.observe_time(now);
                 self.liveness_unpublished = true;
@@ -1578,11 +1627,15 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let cfg = *self.core.config();
         let r = &mut self.rails[rail];
         if r.card.is_none() {
-            let nic = match self.shared.as_ref().filter(|_| r.endpoint_card) {
+            let nic = match self.shared.as_ref().filter(|_| r.endpoint_epoch.is_some()) {
                 // The endpoint's card: its handle, opened again by whichever connection (or
                 // the endpoint) needs it first, so the fresh queue pair goes on its shared
                 // queues and its events are read once for all.
-                Some(shared) => shared.open_card(rail, &r.reopen)?.0,
+                Some(shared) => {
+                    let (nic, epoch) = shared.open_card(rail)?;
+                    r.endpoint_epoch = Some(epoch);
+                    nic
+                }
                 None => {
                     let nic = N::reopen(&r.reopen)?;
                     tracing::info!(rail, card = nic.name(), "card opened again");
@@ -1593,10 +1646,9 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         }
         let r = &self.rails[rail];
         let card = r.card.as_ref().expect("opened above");
-        let shared = self
-            .shared
-            .as_ref()
-            .filter(|_| may_share && r.endpoint_card);
+        let shared = (self.shared.as_ref())
+            .zip(r.endpoint_epoch)
+            .filter(|_| may_share);
         let fresh = make_link(shared, rail, card.nic(), &cfg)?;
         let hello = rail_hello(&cfg, rail, fresh.link.endpoint(), card.regs.remotes());
         Ok((fresh, hello))
@@ -1736,7 +1788,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         regs: CardRegs<N>,
         peer: &Hello,
     ) -> Option<N::Link> {
-        let endpoint_card = match regs.endpoint_epoch {
+        let endpoint_epoch = match regs.endpoint_epoch {
             Some(epoch) => {
                 let current =
                     (self.shared.as_ref()).is_some_and(|s| s.card_is_current(rail, epoch));
@@ -1748,13 +1800,13 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
                     self.rearm_failed(rail);
                     return Some(link);
                 }
-                true
+                Some(epoch)
             }
-            None => false,
+            None => None,
         };
         self.card_swaps[rail] = None;
         let r = &mut self.rails[rail];
-        r.endpoint_card = endpoint_card;
+        r.endpoint_epoch = endpoint_epoch;
         let old = r.card.replace(CardIo { route, link, regs });
         r.peer_ring = peer.ring;
         r.peer_ctrl = peer.ctrl;
@@ -1770,7 +1822,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
     }
 
     /// Uses `nic` for failed rail `rail` from its next re-arm on: for a card that came back
-    /// under another name (a connection reopens a removed card by its name by itself), or any
+    /// under another name (a re-arm opens a removed card again by its name), or any
     /// card the caller picks. The rail's memory is registered with it now (its errors are
     /// returned here); with a control thread (verbs connections) the thread makes the rail's
     /// next queue pair on it and the old card is let go when card and queue pair are installed
@@ -1799,7 +1851,7 @@ impl<N: Nic, C: Clock> Receiver<N, C> {
         let r = &mut self.rails[rail];
         r.card = Some(card); // the old one drops here: queue pair, registrations, card
         r.reopen = reopen;
-        r.endpoint_card = false;
+        r.endpoint_epoch = None;
         Ok(())
     }
 
@@ -1912,8 +1964,8 @@ where
                     r.reopen.clone(),
                     RailMemory::of(&self.core, i),
                     remotes,
-                    self.shared.clone().filter(|_| r.endpoint_card),
-                    self.card_events_elsewhere && r.endpoint_card,
+                    self.shared.clone().zip(r.endpoint_epoch),
+                    self.card_events_elsewhere && r.endpoint_epoch.is_some(),
                 )
             })
             .collect();

@@ -114,14 +114,10 @@ impl<N: Nic> SharedLinks<N> {
         self.owner
     }
 
-    /// The endpoint's card of rail `rail`, opened again by `reopen` if released, and the epoch
-    /// of that opening (see [`QueuePool::open_card`]).
-    pub(crate) fn open_card(
-        &self,
-        rail: usize,
-        reopen: &N::Reopen,
-    ) -> Result<(N, u64), FabricError> {
-        self.pool.open_card(rail, reopen)
+    /// The endpoint's card of rail `rail`, opened again if released, and the epoch of that
+    /// opening (see [`QueuePool::open_card`]).
+    pub(crate) fn open_card(&self, rail: usize) -> Result<(N, u64), FabricError> {
+        self.pool.open_card(rail)
     }
 
     /// Whether `epoch` is still the current opening of the endpoint's card of rail `rail`
@@ -130,14 +126,16 @@ impl<N: Nic> SharedLinks<N> {
         self.pool.epoch(rail) == Some(epoch)
     }
 
-    /// A link for this connection's rail `rail` (see [`QueuePool::make_link`]).
+    /// A link for this connection's rail `rail` on `nic`, the endpoint's card of opening
+    /// `epoch` (see [`QueuePool::make_link`]).
     pub(crate) fn make_link(
         &self,
         rail: usize,
         nic: &N,
+        epoch: u64,
         params: &LinkParams,
     ) -> Result<RoutedLink<N>, FabricError> {
-        self.pool.make_link(rail, nic, params, self.owner)
+        self.pool.make_link(rail, nic, epoch, params, self.owner)
     }
 }
 
@@ -213,6 +211,8 @@ struct RailQueues<N: Nic> {
     /// The endpoint's handle on the card (None: released, or missing since the start, until
     /// someone opens it again).
     card: Option<N>,
+    /// How to open it again (the endpoint's: a re-arm never opens another card here).
+    reopen: N::Reopen,
     queues: Vec<PoolQueue<N>>,
 }
 
@@ -223,9 +223,9 @@ struct PoolQueue<N: Nic> {
 }
 
 impl<N: Nic> QueuePool<N> {
-    /// A pool for the endpoint's `cards` (None: missing), and where the endpoint hears what
-    /// happens in it.
-    pub(crate) fn new(cards: Vec<Option<N>>) -> (Arc<QueuePool<N>>, NewsReceiver<N>) {
+    /// A pool for the endpoint's `cards` (None: missing) and how to open each again, and where
+    /// the endpoint hears what happens in it.
+    pub(crate) fn new(cards: Vec<(Option<N>, N::Reopen)>) -> (Arc<QueuePool<N>>, NewsReceiver<N>) {
         let epochs = cards.iter().map(|_| AtomicU64::new(0)).collect();
         let (tx, rx) = mpsc::channel();
         let sent = Arc::new(AtomicU64::new(0));
@@ -237,9 +237,10 @@ impl<N: Nic> QueuePool<N> {
         let pool = QueuePool {
             inner: Mutex::new(PoolInner {
                 rails: (cards.into_iter())
-                    .map(|card| RailQueues {
+                    .map(|(card, reopen)| RailQueues {
                         epoch: 0,
                         card,
+                        reopen,
                         queues: Vec::new(),
                     })
                     .collect(),
@@ -261,11 +262,14 @@ impl<N: Nic> QueuePool<N> {
     /// A link on one of rail `rail`'s shared queues of `nic` (a new queue when none on this card
     /// has room), with the guard that tells the endpoint when it goes. A queue the device
     /// refuses gives a link with a queue of its own instead, polled by its connection: nothing
-    /// fails for it.
+    /// fails for it. `nic` must be the card of the pool's opening `epoch`, and that opening the
+    /// current one: a card the endpoint let go of since (device fatal) gets no link, or a new
+    /// queue on it would be filed under the new opening and keep the dead device open.
     fn make_link(
         &self,
         rail: usize,
         nic: &N,
+        epoch: u64,
         params: &LinkParams,
         owner: u64,
     ) -> Result<RoutedLink<N>, FabricError> {
@@ -281,7 +285,11 @@ impl<N: Nic> QueuePool<N> {
         let Some(card) = inner.rails.get_mut(rail) else {
             return own(nic);
         };
-        let epoch = card.epoch;
+        if card.epoch != epoch {
+            return Err(FabricError::Unavailable(
+                "the card was released after a device-fatal event".into(),
+            ));
+        }
         // Acquire: pairs with the Release in `RouteGuard::drop`, whose link went before it.
         let room = |q: &PoolQueue<N>| q.links.load(Ordering::Acquire) < per_queue;
         // A queue with room on this card (one on another card, say a card a set-up thread still
@@ -373,33 +381,60 @@ impl<N: Nic> QueuePool<N> {
 
 impl<N: Nic> QueuePool<N> {
     /// The endpoint's card of rail `rail` (None: released or missing).
+    #[cfg(test)]
     pub(crate) fn card(&self, rail: usize) -> Option<N> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.rails.get(rail).and_then(|r| r.card.clone())
+        self.card_at(rail).0
     }
 
-    /// The endpoint's card of rail `rail`, opened again by `reopen` if it is released (once for
-    /// the whole endpoint: whoever comes later gets this handle), with the epoch of this opening.
-    /// The open itself runs without the lock (it may take a while: a set-up or the endpoint's
-    /// poll must not wait for it); of two racing opens, the first stored wins.
-    pub(crate) fn open_card(
-        &self,
-        rail: usize,
-        reopen: &N::Reopen,
-    ) -> Result<(N, u64), FabricError> {
+    /// The endpoint's card of rail `rail` (None: released or missing) and the pool's current
+    /// opening of it, read together (a connection set up on the card is checked against it at
+    /// its insert).
+    #[cfg_attr(not(any(feature = "verbs", test)), allow(dead_code))]
+    pub(crate) fn card_at(&self, rail: usize) -> (Option<N>, u64) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .rails
+            .get(rail)
+            .map_or((None, 0), |r| (r.card.clone(), r.epoch))
+    }
+
+    /// [`QueuePool::card`] without waiting: None while another thread holds the pool (a set-up
+    /// making a queue pair, which takes system calls): the endpoint's thread asks again later.
+    pub(crate) fn try_card(&self, rail: usize) -> Option<Option<N>> {
+        let inner = match self.inner.try_lock() {
+            Ok(inner) => inner,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(inner.rails.get(rail).and_then(|r| r.card.clone()))
+    }
+
+    /// Flags a card as opened again (see [`QueuePool::take_opened`]): the endpoint could not
+    /// take it yet.
+    pub(crate) fn flag_opened(&self) {
+        // Release: pairs with the Acquire in `take_opened`.
+        self.opened.store(true, Ordering::Release);
+    }
+
+    /// The endpoint's card of rail `rail`, opened again (by the endpoint's reopen token) if it
+    /// is released, once for the whole endpoint: whoever comes later gets this handle; with the
+    /// epoch of this opening. The open itself runs without the lock (it may take a while: a
+    /// set-up or the endpoint's poll must not wait for it); of two racing opens, the first
+    /// stored wins.
+    pub(crate) fn open_card(&self, rail: usize) -> Result<(N, u64), FabricError> {
         let current = |inner: &PoolInner<N>| {
             let r = inner.rails.get(rail)?;
             Some(r.card.clone().map(|c| (c, r.epoch)))
         };
-        {
+        let reopen = {
             let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             match current(&inner) {
                 None => return Err(FabricError::InvalidParams("no such rail")),
                 Some(Some(open)) => return Ok(open),
-                Some(None) => {}
+                Some(None) => inner.rails[rail].reopen.clone(),
             }
-        }
-        let nic = N::reopen(reopen)?;
+        };
+        let nic = N::reopen(&reopen)?;
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(Some(open)) = current(&inner) {
             drop(inner);
@@ -453,5 +488,42 @@ impl<N: Nic> Drop for RouteGuard<N> {
         self.news.send(QueueNews::Gone { rail, epoch, qpn });
         // Release: pairs with the Acquire in `QueuePool::make_link`.
         self.links.fetch_sub(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use railover_rdma::sim::{SimFabric, SimNic};
+
+    /// A link asked for on a card the endpoint let go of since (its opening is no longer the
+    /// pool's) is refused: no queue is made on the dead card and filed under the new opening
+    /// (the endpoint would poll it and keep the device open), and no news is sent.
+    #[test]
+    fn no_link_on_a_card_of_an_opening_the_pool_let_go_of() {
+        let fabric = SimFabric::new(1);
+        let (nic, _peer, _) = fabric.add_wire("a", "b", 1_000);
+        let (pool, mut news) =
+            QueuePool::<SimNic>::new(vec![(Some(nic.clone()), nic.reopen_token())]);
+        let links = SharedLinks::new(&pool);
+        let params = LinkParams::default();
+        let first = links
+            .make_link(0, &nic, 0, &params)
+            .expect("current opening");
+        assert!(first.route.is_some());
+        let mut heard = 0;
+        while news.next().is_some() {
+            heard += 1;
+        }
+        assert_eq!(heard, 2, "a queue and a link");
+        assert_eq!(pool.forget_rail(0), 1);
+        assert!(pool.card(0).is_none());
+        let stale = links.make_link(0, &nic, 0, &params);
+        assert!(stale.is_err(), "refused on the released opening");
+        assert!(
+            news.next().is_none(),
+            "no queue filed under the new opening"
+        );
+        assert!(!news.any());
     }
 }

@@ -448,10 +448,14 @@ impl BackgroundSetup {
         // The endpoint's cards, from its pool: none is held while the thread waits (a released
         // one could not recover while any handle on it lives).
         let cards = (self.names.iter().enumerate())
-            .map(|(rail, name)| match self.queues.card(rail) {
-                Some(nic) => RailCard::Open(nic),
-                // Released (device fatal): the rail starts failed and joins when it is back.
-                None => RailCard::Absent(name.clone()),
+            .map(|(rail, name)| {
+                let (card, epoch) = self.queues.card_at(rail);
+                let card = match card {
+                    Some(nic) => RailCard::Open(nic),
+                    // Released (device fatal): the rail starts failed and joins when it is back.
+                    None => RailCard::Absent(name.clone()),
+                };
+                (card, epoch)
             })
             .collect();
         PendingConnection::on_shared_queues(self.cfg, cards, self.clock.clone(), &self.queues)

@@ -1041,6 +1041,52 @@ fn a_connection_set_up_across_a_device_fatal_event_lets_go_of_the_card_at_its_in
     );
 }
 
+/// The same when the card is already open again by the time of the insert (the endpoint's other
+/// connection re-armed on it as soon as it was back): the pending connection is still on the
+/// opening the endpoint let go of, so it hears the event at its insert, lets go of that handle,
+/// and re-arms on the endpoint's new one; one device context is left besides the harness's.
+#[test]
+fn a_connection_set_up_on_a_card_released_and_opened_again_lets_go_of_the_old_one() {
+    let mut hosts = SimEndpoints::new(config(), 9, 2 * US).unwrap();
+    let settle = |hosts: &mut SimEndpoints, until: u64| {
+        while hosts.now() < until {
+            hosts.step(until);
+        }
+    };
+    let (_, y0) = hosts.connect().unwrap();
+    settle(&mut hosts, 5 * MS);
+    let card = hosts.cards[0].1.clone();
+    let (pa, pb) = (hosts.a.prepare().unwrap(), hosts.b.prepare().unwrap());
+    hosts.fabric.remove_card(&card);
+    let t = hosts.now();
+    settle(&mut hosts, t + MS);
+    assert!(hosts.b.card(0).is_none(), "the endpoint let go");
+    // The old opening, held by the harness (and the pending connection).
+    let removed = hosts.fabric.open_contexts(&card);
+    hosts.fabric.restore_card(&card);
+    let t = hosts.now();
+    settle(&mut hosts, t + 60 * MS);
+    let first = hosts.b.get(y0).unwrap();
+    assert_ne!(first.core().rail_state(0), RailState::Failed, "re-armed");
+    assert!(hosts.b.card(0).is_some(), "open again, as the endpoint's");
+    let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
+    let (ca, cb) = (pa.connect(&hb).unwrap(), pb.connect(&ha).unwrap());
+    let x = hosts.a.insert(ca);
+    let y = hosts.b.insert(cb);
+    hosts.pairs.push((x, y));
+    assert!(
+        hosts.b.get(y).unwrap().card_released(0),
+        "let go of the old opening at its insert"
+    );
+    let t = hosts.now();
+    settle(&mut hosts, t + 60 * MS);
+    let conn = hosts.b.get(y).unwrap();
+    assert_ne!(conn.core().rail_state(0), RailState::Failed, "came back");
+    assert_eq!(conn.rails_on_shared_queues(), 2);
+    // One new opening for all: the connection's re-arm took the endpoint's.
+    assert_eq!(hosts.fabric.open_contexts(&card), removed + 1);
+}
+
 /// An endpoint whose card of rail 1 is missing at start (a host booted with one NIC dead) still
 /// starts and serves: its connections run on rail 0 with rail 1 failed on both sides; once the
 /// card is back their rail 1 re-arms, and a connection made after that has both rails from the
