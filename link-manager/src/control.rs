@@ -1226,13 +1226,7 @@ mod tests {
     fn a_re_arm_takes_the_endpoints_card_and_never_one_released_again() {
         use crate::sim::SimEndpoints;
         use railover_rdma::Nic;
-        let cfg = Config::builder()
-            .rails(2)
-            .geometry(4096, 8, 256)
-            .heartbeat_interval(Duration::from_millis(1))
-            .heartbeat_misses(3)
-            .build()
-            .unwrap();
+        let cfg = crate::sim::small_endpoint_config();
         let mut hosts = SimEndpoints::new(cfg, 5, 2_000).unwrap();
         let (_, y) = hosts.connect().unwrap();
         let settle = |hosts: &mut SimEndpoints, ms: u64| {

@@ -1099,8 +1099,6 @@ pub use crate::sim::SimEndpoints;
 #[cfg(test)]
 mod tests {
     use crate::sim::SimEndpoints;
-    use crate::Config;
-    use std::time::Duration;
 
     /// The cards in the endpoint's pool (where verbs' background listener and dialler and the
     /// connections' re-arms take them) let go of a card the endpoint released on a device-fatal
@@ -1108,13 +1106,7 @@ mod tests {
     /// once it is opened again, the same handle the endpoint has.
     #[test]
     fn the_pool_lets_go_of_a_released_card_and_holds_the_reopened_one() {
-        let cfg = Config::builder()
-            .rails(2)
-            .geometry(4096, 8, 256)
-            .heartbeat_interval(Duration::from_millis(1))
-            .heartbeat_misses(3)
-            .build()
-            .unwrap();
+        let cfg = crate::sim::small_endpoint_config();
         let mut hosts = SimEndpoints::new(cfg, 3, 2_000).unwrap();
         hosts.connect().unwrap();
         let pool = hosts.b.queue_pool();

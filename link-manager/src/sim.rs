@@ -441,6 +441,19 @@ pub struct SimEndpoints {
     pub pairs: Vec<(ConnectionId, ConnectionId)>,
 }
 
+/// A small configuration for the crate's own tests on endpoints: two rails, small rings, a
+/// 1 ms heartbeat with 3 misses.
+#[cfg(test)]
+pub(crate) fn small_endpoint_config() -> crate::Config {
+    crate::Config::builder()
+        .rails(2)
+        .geometry(4096, 8, 256)
+        .heartbeat_interval(std::time::Duration::from_millis(1))
+        .heartbeat_misses(3)
+        .build()
+        .expect("a valid configuration")
+}
+
 impl SimEndpoints {
     pub fn new(cfg: Config, seed: u64, latency_ns: u64) -> Result<SimEndpoints, ConnectError> {
         SimEndpoints::build(cfg, seed, latency_ns, None)

@@ -5,8 +5,10 @@
 
 use railover::core::{Event, FailReason, RailState};
 use railover::endpoint::SimEndpoints;
-use railover::runtime::QUIET_RAIL_POLL_NS;
+use railover::runtime::{PendingConnection, QUIET_RAIL_POLL_NS};
+use railover::sim::SimClock;
 use railover::{Config, ConnectionId, SendError};
+use railover_rdma::sim::SimNic;
 use railover_rdma::{AsyncEvent, LinkParams};
 use std::time::Duration;
 
@@ -27,6 +29,28 @@ fn config() -> Config {
         })
         .build()
         .unwrap()
+}
+
+/// Steps both hosts until `until` (virtual ns).
+fn settle(hosts: &mut SimEndpoints, until: u64) {
+    while hosts.now() < until {
+        hosts.step(until);
+    }
+}
+
+/// Connects two pending connections (host 1's and host 2's) and inserts them into their
+/// endpoints; returns their ids.
+fn insert_pending(
+    hosts: &mut SimEndpoints,
+    pa: PendingConnection<SimNic, SimClock>,
+    pb: PendingConnection<SimNic, SimClock>,
+) -> (ConnectionId, ConnectionId) {
+    let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
+    let (ca, cb) = (pa.connect(&hb).unwrap(), pb.connect(&ha).unwrap());
+    let x = hosts.a.insert(ca);
+    let y = hosts.b.insert(cb);
+    hosts.pairs.push((x, y));
+    (x, y)
 }
 
 /// What one side of one connection sent and received.
@@ -645,11 +669,6 @@ fn a_card_event_reaches_every_connection_and_a_queue_pair_event_only_its_owner()
         );
         hosts.pairs.push(pair);
     }
-    let settle = |hosts: &mut SimEndpoints, until: u64| {
-        while hosts.now() < until {
-            hosts.step(until);
-        }
-    };
     let downs = |hosts: &mut SimEndpoints| {
         let mut downs = Vec::new();
         while let Some((id, ev)) = hosts.b.poll_event() {
@@ -954,11 +973,6 @@ fn an_endpoint_that_skips_a_card_asks_to_be_driven_within_the_period() {
 fn after_a_device_reset_every_connection_re_arms_on_the_endpoints_one_handle() {
     let mut hosts = SimEndpoints::new(config(), 7, 2 * US).unwrap();
     let ids: Vec<_> = (0..4).map(|_| hosts.connect().unwrap().1).collect();
-    let settle = |hosts: &mut SimEndpoints, until: u64| {
-        while hosts.now() < until {
-            hosts.step(until);
-        }
-    };
     settle(&mut hosts, 5 * MS);
     let card = hosts.cards[0].1.clone();
     hosts.fabric.remove_card(&card);
@@ -1007,11 +1021,6 @@ fn after_a_device_reset_every_connection_re_arms_on_the_endpoints_one_handle() {
 #[test]
 fn a_connection_set_up_across_a_device_fatal_event_lets_go_of_the_card_at_its_insert() {
     let mut hosts = SimEndpoints::new(config(), 9, 2 * US).unwrap();
-    let settle = |hosts: &mut SimEndpoints, until: u64| {
-        while hosts.now() < until {
-            hosts.step(until);
-        }
-    };
     hosts.connect().unwrap();
     settle(&mut hosts, 5 * MS);
     let (pa, pb) = (hosts.a.prepare().unwrap(), hosts.b.prepare().unwrap());
@@ -1020,11 +1029,7 @@ fn a_connection_set_up_across_a_device_fatal_event_lets_go_of_the_card_at_its_in
     let t = hosts.now();
     settle(&mut hosts, t + MS);
     assert!(hosts.b.card(0).is_none(), "the endpoint let go");
-    let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
-    let (ca, cb) = (pa.connect(&hb).unwrap(), pb.connect(&ha).unwrap());
-    let x = hosts.a.insert(ca);
-    let y = hosts.b.insert(cb);
-    hosts.pairs.push((x, y));
+    let (_, y) = insert_pending(&mut hosts, pa, pb);
     assert!(
         hosts.b.get(y).unwrap().card_released(0),
         "let go at its insert"
@@ -1048,11 +1053,6 @@ fn a_connection_set_up_across_a_device_fatal_event_lets_go_of_the_card_at_its_in
 #[test]
 fn a_connection_set_up_on_a_card_released_and_opened_again_lets_go_of_the_old_one() {
     let mut hosts = SimEndpoints::new(config(), 9, 2 * US).unwrap();
-    let settle = |hosts: &mut SimEndpoints, until: u64| {
-        while hosts.now() < until {
-            hosts.step(until);
-        }
-    };
     let (_, y0) = hosts.connect().unwrap();
     settle(&mut hosts, 5 * MS);
     let card = hosts.cards[0].1.clone();
@@ -1069,11 +1069,7 @@ fn a_connection_set_up_on_a_card_released_and_opened_again_lets_go_of_the_old_on
     let first = hosts.b.get(y0).unwrap();
     assert_ne!(first.core().rail_state(0), RailState::Failed, "re-armed");
     assert!(hosts.b.card(0).is_some(), "open again, as the endpoint's");
-    let (ha, hb) = (pa.hellos().to_vec(), pb.hellos().to_vec());
-    let (ca, cb) = (pa.connect(&hb).unwrap(), pb.connect(&ha).unwrap());
-    let x = hosts.a.insert(ca);
-    let y = hosts.b.insert(cb);
-    hosts.pairs.push((x, y));
+    let (_, y) = insert_pending(&mut hosts, pa, pb);
     assert!(
         hosts.b.get(y).unwrap().card_released(0),
         "let go of the old opening at its insert"
