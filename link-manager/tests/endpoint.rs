@@ -1083,6 +1083,65 @@ fn a_connection_set_up_on_a_card_released_and_opened_again_lets_go_of_the_old_on
     assert_eq!(hosts.fabric.open_contexts(&card), removed + 1);
 }
 
+/// A connection whose rail runs on a card the user swapped in (`replace_card`: a handle of its
+/// own on the device) keeps it apart from the endpoint's through a reset of the device: it reads
+/// that handle's events itself, opens it again by its own token (not through the endpoint's
+/// pool), and its queue pair stays on a queue of its own; the endpoint's other connection
+/// re-arms on the endpoint's handle, on the shared queues.
+#[test]
+fn a_card_the_user_swapped_in_stays_the_connections_through_a_device_reset() {
+    use railover_rdma::Nic;
+    let mut hosts = SimEndpoints::new(config(), 11, 2 * US).unwrap();
+    let (_, mine) = hosts.connect().unwrap();
+    let (_, other) = hosts.connect().unwrap();
+    settle(&mut hosts, 5 * MS);
+    let card = hosts.cards[1].1.clone();
+    let wire = hosts.wires[1];
+    hosts.fabric.carrier_loss(wire);
+    let t = hosts.now();
+    settle(&mut hosts, t + 20 * MS);
+    let conn = hosts.b.get_mut(mine).unwrap();
+    assert_eq!(conn.core().rail_state(1), RailState::Failed);
+    let users = SimNic::reopen(&card.reopen_token()).unwrap();
+    conn.replace_card(1, users)
+        .expect("the user's card for the failed rail");
+    hosts.fabric.carrier_restore(wire);
+    let t = hosts.now();
+    settle(&mut hosts, t + 60 * MS);
+    for (id, shared) in [(mine, 1), (other, 2)] {
+        let conn = hosts.b.get(id).unwrap();
+        assert_ne!(
+            conn.core().rail_state(1),
+            RailState::Failed,
+            "{id} re-armed"
+        );
+        assert_eq!(conn.rails_on_shared_queues(), shared, "{id}");
+    }
+
+    hosts.fabric.remove_card(&card);
+    let t = hosts.now();
+    settle(&mut hosts, t + 5 * MS);
+    for id in [mine, other] {
+        let conn = hosts.b.get(id).unwrap();
+        assert!(conn.card_released(1), "{id} heard the device-fatal event");
+    }
+    let removed = hosts.fabric.open_contexts(&card);
+    hosts.fabric.restore_card(&card);
+    let t = hosts.now();
+    settle(&mut hosts, t + 60 * MS);
+    for (id, shared) in [(mine, 1), (other, 2)] {
+        let conn = hosts.b.get(id).unwrap();
+        assert_ne!(
+            conn.core().rail_state(1),
+            RailState::Failed,
+            "{id} re-armed again"
+        );
+        assert_eq!(conn.rails_on_shared_queues(), shared, "{id}");
+    }
+    // The endpoint's new handle and the connection's own.
+    assert_eq!(hosts.fabric.open_contexts(&card), removed + 2);
+}
+
 /// An endpoint whose card of rail 1 is missing at start (a host booted with one NIC dead) still
 /// starts and serves: its connections run on rail 0 with rail 1 failed on both sides; once the
 /// card is back their rail 1 re-arms, and a connection made after that has both rails from the
