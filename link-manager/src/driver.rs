@@ -98,7 +98,7 @@ impl<N: Nic, C: Clock> Drop for Driver<N, C> {
 
 impl<N, C> Endpoint<N, C>
 where
-    N: Nic + Clone + 'static,
+    N: Nic + 'static,
     C: Clock + Clone + 'static,
     Endpoint<N, C>: Send,
 {
@@ -125,7 +125,7 @@ fn drive<N, C, H>(
     stop: &AtomicBool,
 ) -> Endpoint<N, C>
 where
-    N: Nic + Clone,
+    N: Nic,
     C: Clock + Clone,
     H: Handler,
 {
@@ -160,7 +160,7 @@ where
 
 fn hand_over<N, C, H>(endpoint: &mut Endpoint<N, C>, handler: &mut H, id: ConnectionId)
 where
-    N: Nic + Clone,
+    N: Nic,
     C: Clock + Clone,
     H: Handler,
 {

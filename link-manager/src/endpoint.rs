@@ -212,7 +212,7 @@ pub struct Endpoint<N: Nic, C: Clock> {
 
 impl<N, C> Endpoint<N, C>
 where
-    N: Nic + Clone,
+    N: Nic,
     C: Clock + Clone,
 {
     /// An endpoint on `cards` (this host's card of rail i at `cards[i]`, the first primary);
