@@ -161,8 +161,6 @@ pub struct Endpoint<N: Nic, C: Clock> {
     /// released here (device fatal) is let go there too, as a device recovers only once every
     /// handle on it is gone, and one opened again there is taken here at the next look.
     cards: Vec<Option<N>>,
-    /// How to open each card again.
-    reopen: Vec<N::Reopen>,
     clock: C,
     /// When the cards' device events are read next (once per heartbeat interval: a system
     /// call per card on verbs, never one per message).
@@ -246,8 +244,7 @@ where
                 RailCard::Absent(token) => (None, token),
             })
             .unzip();
-        let (pool, news) =
-            QueuePool::new(cards.iter().cloned().zip(reopen.iter().cloned()).collect());
+        let (pool, news) = QueuePool::new(cards.iter().cloned().zip(reopen).collect());
         Ok(Endpoint {
             queues: SharedQueues {
                 pool,
@@ -258,7 +255,6 @@ where
             got: [SharedCompletion::EMPTY; 32],
             incoming: None,
             cfg,
-            reopen,
             cards,
             clock,
             next_card_events: 0,
@@ -289,7 +285,7 @@ where
             .map(|rail| {
                 let card = match self.reopened(rail) {
                     Ok(nic) => RailCard::Open(nic),
-                    Err(_) => RailCard::Absent(self.reopen[rail].clone()),
+                    Err(_) => RailCard::Absent(self.queues.pool.reopen_token(rail)),
                 };
                 // (The pool's opening is changed only on this thread, when it lets go.)
                 (card, self.queues.pool.epoch(rail).unwrap_or(0))
@@ -324,13 +320,6 @@ where
         let (nic, _) = self.queues.pool.open_card(rail)?;
         self.cards[rail] = Some(nic.clone());
         Ok(nic)
-    }
-
-    /// Each rail's reopen token: a set-up thread starts a rail whose card is released as absent
-    /// (the connection's re-arm opens it for the endpoint when it is back).
-    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
-    pub(crate) fn reopen_tokens(&self) -> Vec<N::Reopen> {
-        self.reopen.clone()
     }
 
     /// The clock every connection of the endpoint reads.
@@ -1110,7 +1099,6 @@ mod tests {
         let mut hosts = SimEndpoints::new(cfg, 3, 2_000).unwrap();
         hosts.connect().unwrap();
         let pool = hosts.b.queue_pool();
-        assert_eq!(hosts.b.reopen_tokens().len(), 2);
         assert!(pool.card(0).is_some() && pool.card(1).is_some());
         let settle = |hosts: &mut SimEndpoints, until: u64| {
             while hosts.now() < until {

@@ -68,10 +68,10 @@ pub(crate) enum QueueNews<N: Nic> {
 /// sets a connection up or re-arms one.
 pub(crate) struct QueuePool<N: Nic> {
     inner: Mutex<PoolInner<N>>,
-    /// Each rail's card's epoch (a copy of `RailQueues::epoch`, written under the lock), read
-    /// without the lock: a data thread asks whether a card is still the endpoint's current one
-    /// at an install, and must not wait behind a set-up holding the lock through a queue pair's
-    /// creation.
+    /// Each rail's card's opening, bumped when the card is let go of (device fatal: its queues
+    /// are forgotten). Written under the lock; also read without it: a data thread asks whether
+    /// a card is still the endpoint's current one at an install, and must not wait behind a
+    /// set-up holding the lock through a queue pair's creation.
     epochs: Vec<AtomicU64>,
     /// Set when `open_card` opened a released card: the endpoint takes it as its own at its next
     /// look ([`QueuePool::take_opened`]).
@@ -148,6 +148,9 @@ pub(crate) struct RoutedLink<N: Nic> {
 
 struct PoolInner<N: Nic> {
     rails: Vec<RailQueues<N>>,
+    /// How to open each rail's card again (the endpoint's: a re-arm never opens another card
+    /// here).
+    reopen: Vec<N::Reopen>,
     news: NewsSender<N>,
 }
 
@@ -206,13 +209,9 @@ impl<N: Nic> NewsReceiver<N> {
 }
 
 struct RailQueues<N: Nic> {
-    /// Bumped when the card is let go of (device fatal): its queues are forgotten.
-    epoch: u64,
     /// The endpoint's handle on the card (None: released, or missing since the start, until
     /// someone opens it again).
     card: Option<N>,
-    /// How to open it again (the endpoint's: a re-arm never opens another card here).
-    reopen: N::Reopen,
     queues: Vec<PoolQueue<N>>,
 }
 
@@ -227,6 +226,7 @@ impl<N: Nic> QueuePool<N> {
     /// the endpoint hears what happens in it.
     pub(crate) fn new(cards: Vec<(Option<N>, N::Reopen)>) -> (Arc<QueuePool<N>>, NewsReceiver<N>) {
         let epochs = cards.iter().map(|_| AtomicU64::new(0)).collect();
+        let (cards, reopen): (Vec<_>, Vec<_>) = cards.into_iter().unzip();
         let (tx, rx) = mpsc::channel();
         let sent = Arc::new(AtomicU64::new(0));
         let news = NewsSender {
@@ -237,13 +237,12 @@ impl<N: Nic> QueuePool<N> {
         let pool = QueuePool {
             inner: Mutex::new(PoolInner {
                 rails: (cards.into_iter())
-                    .map(|(card, reopen)| RailQueues {
-                        epoch: 0,
+                    .map(|card| RailQueues {
                         card,
-                        reopen,
                         queues: Vec::new(),
                     })
                     .collect(),
+                reopen,
                 news,
             }),
             epochs,
@@ -285,7 +284,7 @@ impl<N: Nic> QueuePool<N> {
         let Some(card) = inner.rails.get_mut(rail) else {
             return own(nic);
         };
-        if card.epoch != epoch {
+        if self.epoch_locked(rail) != epoch {
             return Err(FabricError::Unavailable(
                 "the card was released after a device-fatal event".into(),
             ));
@@ -356,10 +355,9 @@ impl<N: Nic> QueuePool<N> {
         let card = &mut inner.rails[rail];
         card.queues.clear();
         let released = card.card.take();
-        card.epoch += 1;
-        // Release: pairs with the Acquire in `epoch`; written under the lock, so in order.
-        self.epochs[rail].store(card.epoch, Ordering::Release);
-        let epoch = card.epoch;
+        let epoch = self.epoch_locked(rail) + 1;
+        // Release: pairs with the Acquire in `epoch`.
+        self.epochs[rail].store(epoch, Ordering::Release);
         drop(inner);
         drop(released); // (its last handle may be a device close: not under the lock)
         epoch
@@ -371,15 +369,25 @@ impl<N: Nic> QueuePool<N> {
         self.epochs.get(rail).map(|e| e.load(Ordering::Acquire))
     }
 
+    /// [`QueuePool::epoch`] of an existing rail, read under the pool's lock (which orders it
+    /// with its writes).
+    fn epoch_locked(&self, rail: usize) -> u64 {
+        self.epochs[rail].load(Ordering::Relaxed)
+    }
+
+    /// How to open rail `rail`'s card again.
+    pub(crate) fn reopen_token(&self, rail: usize) -> N::Reopen {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.reopen[rail].clone()
+    }
+
     /// Whether a card was opened again since the last call (the endpoint then takes it: see
     /// [`QueuePool::card`]). One load when none was.
     pub(crate) fn take_opened(&self) -> bool {
         // Acquire (the swap): pairs with the Release in `open_card`, after the card was stored.
         self.opened.load(Ordering::Relaxed) && self.opened.swap(false, Ordering::Acquire)
     }
-}
 
-impl<N: Nic> QueuePool<N> {
     /// The endpoint's card of rail `rail` (None: released or missing).
     #[cfg(test)]
     pub(crate) fn card(&self, rail: usize) -> Option<N> {
@@ -395,7 +403,7 @@ impl<N: Nic> QueuePool<N> {
         inner
             .rails
             .get(rail)
-            .map_or((None, 0), |r| (r.card.clone(), r.epoch))
+            .map_or((None, 0), |r| (r.card.clone(), self.epoch_locked(rail)))
     }
 
     /// [`QueuePool::card`] without waiting: None while another thread holds the pool (a set-up
@@ -424,14 +432,14 @@ impl<N: Nic> QueuePool<N> {
     pub(crate) fn open_card(&self, rail: usize) -> Result<(N, u64), FabricError> {
         let current = |inner: &PoolInner<N>| {
             let r = inner.rails.get(rail)?;
-            Some(r.card.clone().map(|c| (c, r.epoch)))
+            Some(r.card.clone().map(|c| (c, self.epoch_locked(rail))))
         };
         let reopen = {
             let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             match current(&inner) {
                 None => return Err(FabricError::InvalidParams("no such rail")),
                 Some(Some(open)) => return Ok(open),
-                Some(None) => inner.rails[rail].reopen.clone(),
+                Some(None) => inner.reopen[rail].clone(),
             }
         };
         let nic = N::reopen(&reopen)?;
@@ -441,9 +449,8 @@ impl<N: Nic> QueuePool<N> {
             drop(nic); // another opened it first
             return Ok(open);
         }
-        let r = &mut inner.rails[rail];
-        r.card = Some(nic.clone());
-        let epoch = r.epoch;
+        inner.rails[rail].card = Some(nic.clone());
+        let epoch = self.epoch_locked(rail);
         // Release: pairs with the Acquire in `take_opened`: the card is stored before the flag.
         self.opened.store(true, Ordering::Release);
         tracing::info!(

@@ -394,7 +394,6 @@ impl Endpoint<VerbsNic, RealClock> {
     fn background_setup(&mut self, timeout: Duration) -> Result<BackgroundSetup, ConnectError> {
         // Every card that can be opened (one missing starts its rail failed in each connection).
         self.open_cards_back();
-        let names = self.reopen_tokens();
         let pool = self.control_pool()?.clone();
         let (cfg, clock) = (*self.config(), self.clock().clone());
         let ready = self
@@ -404,7 +403,6 @@ impl Endpoint<VerbsNic, RealClock> {
             .clone();
         Ok(BackgroundSetup {
             cfg,
-            names,
             clock,
             pool,
             queues: self.queue_pool(),
@@ -430,8 +428,6 @@ impl Endpoint<VerbsNic, RealClock> {
 #[derive(Clone)]
 struct BackgroundSetup {
     cfg: Config,
-    /// Each rail's card name, for a rail whose card is released.
-    names: Vec<String>,
     clock: RealClock,
     pool: PoolHandle<VerbsNic>,
     /// The endpoint's shared completion queues, where the queue pairs go.
@@ -447,13 +443,13 @@ impl BackgroundSetup {
     fn pending(&self) -> Result<PendingConnection<VerbsNic, RealClock>, ConnectError> {
         // The endpoint's cards, from its pool: none is held while the thread waits (a released
         // one could not recover while any handle on it lives).
-        let cards = (self.names.iter().enumerate())
-            .map(|(rail, name)| {
+        let cards = (0..self.cfg.rails())
+            .map(|rail| {
                 let (card, epoch) = self.queues.card_at(rail);
                 let card = match card {
                     Some(nic) => RailCard::Open(nic),
                     // Released (device fatal): the rail starts failed and joins when it is back.
-                    None => RailCard::Absent(name.clone()),
+                    None => RailCard::Absent(self.queues.reopen_token(rail)),
                 };
                 (card, epoch)
             })

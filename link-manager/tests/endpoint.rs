@@ -1097,6 +1097,15 @@ fn a_card_the_user_swapped_in_stays_the_connections_through_a_device_reset() {
     settle(&mut hosts, 5 * MS);
     let card = hosts.cards[1].1.clone();
     let wire = hosts.wires[1];
+    // Rail 1 back on both: the user's card on a queue of its own, the endpoint's on the shared.
+    let both_back = |hosts: &SimEndpoints, when: &str| {
+        for (id, shared) in [(mine, 1), (other, 2)] {
+            let conn = hosts.b.get(id).unwrap();
+            let state = conn.core().rail_state(1);
+            assert_ne!(state, RailState::Failed, "{id} re-armed {when}");
+            assert_eq!(conn.rails_on_shared_queues(), shared, "{id} {when}");
+        }
+    };
     hosts.fabric.carrier_loss(wire);
     let t = hosts.now();
     settle(&mut hosts, t + 20 * MS);
@@ -1108,15 +1117,7 @@ fn a_card_the_user_swapped_in_stays_the_connections_through_a_device_reset() {
     hosts.fabric.carrier_restore(wire);
     let t = hosts.now();
     settle(&mut hosts, t + 60 * MS);
-    for (id, shared) in [(mine, 1), (other, 2)] {
-        let conn = hosts.b.get(id).unwrap();
-        assert_ne!(
-            conn.core().rail_state(1),
-            RailState::Failed,
-            "{id} re-armed"
-        );
-        assert_eq!(conn.rails_on_shared_queues(), shared, "{id}");
-    }
+    both_back(&hosts, "after the swap");
 
     hosts.fabric.remove_card(&card);
     let t = hosts.now();
@@ -1129,15 +1130,7 @@ fn a_card_the_user_swapped_in_stays_the_connections_through_a_device_reset() {
     hosts.fabric.restore_card(&card);
     let t = hosts.now();
     settle(&mut hosts, t + 60 * MS);
-    for (id, shared) in [(mine, 1), (other, 2)] {
-        let conn = hosts.b.get(id).unwrap();
-        assert_ne!(
-            conn.core().rail_state(1),
-            RailState::Failed,
-            "{id} re-armed again"
-        );
-        assert_eq!(conn.rails_on_shared_queues(), shared, "{id}");
-    }
+    both_back(&hosts, "after the reset");
     // The endpoint's new handle and the connection's own.
     assert_eq!(hosts.fabric.open_contexts(&card), removed + 2);
 }
