@@ -1105,6 +1105,13 @@ impl Core {
         self.switching.is_some()
     }
 
+    /// Whether a failover kept records aside that the new active rail had no room for yet (a
+    /// hot standby whose ring the peer had not freed): they go out as the peer frees it, and
+    /// sends are refused with [`SendError::Backpressure`] until then (none may overtake them).
+    pub fn keeps_records(&self) -> bool {
+        self.lanes.keeps_records()
+    }
+
     /// Highest sequence number the peer is known to have delivered.
     pub fn peer_delivered(&self) -> u64 {
         self.peer_delivered
@@ -1289,7 +1296,7 @@ impl Core {
     /// records the peer delivered but whose acknowledgement never arrived; a connection that
     /// resumes the stream ([`Core::new_resuming`]) discards those by sequence number.
     pub fn unacked(&self, f: impl FnMut(u64, &[u8])) {
-        self.lanes.poster_ref(self.active).for_each_unacked(f)
+        self.lanes.for_each_unacked(f)
     }
 
     /// Next user-visible event.
@@ -1364,6 +1371,11 @@ impl Core {
                 rail.recv_credits = max_recv;
                 return Some(Io::PostRecvs { rail: r, count });
             }
+        }
+        if self.lanes.keeps_records() {
+            // A failover kept records the new active rail had no room for: in they go as the
+            // peer frees it (its acknowledgements rescan).
+            self.lanes.move_kept();
         }
         if let Some(io) = self.poll_data() {
             return Some(io);
@@ -2438,7 +2450,7 @@ impl Core {
         self.end_ack_requests();
         self.rescan = true;
         let posted_before = self.lanes.poster_ref(from).last_posted_seq();
-        match self.lanes.fail_over(to) {
+        match self.lanes.switch_to(to) {
             Ok((rep, _)) => {
                 // The copy is a run of sequence numbers; those up to `posted_before` went out
                 // on `from` already.
@@ -2537,78 +2549,66 @@ impl Core {
             tracing::warn!(from, to = sw.to, "planned switch overtaken by a failure");
             self.end_ack_requests();
         }
-        loop {
-            // Prefer a standby that has proven its path (heard the peer), and of those the one
-            // holding most of the stream (hot-hot); any standby beats none.
-            // Active-standby: one a planned switch of either side left recently (slow) comes last.
-            let standby = |i: &usize| self.rails[*i].state == RailState::Standby;
-            let hot = self.cfg.mode == RailMode::HotHot;
-            let now = self.now;
-            let peer_avoiding = self.peer_avoiding();
-            let proven = (0..self.rails.len())
-                .filter(standby)
-                .filter(|&i| self.rails[i].peer_heartbeat != 0)
-                .max_by_key(|&i| {
-                    let holds = if hot {
-                        self.lanes.poster_ref(i).committed_seq()
-                    } else {
-                        0
-                    };
-                    (
-                        holds,
-                        self.rails[i].avoid_until <= now && peer_avoiding & (1 << i) == 0,
-                        std::cmp::Reverse(i),
-                    )
-                });
-            let Some(to) = proven.or_else(|| (0..self.rails.len()).find(standby)) else {
-                self.end(EndReason::AllRailsDown);
-                return;
-            };
-            match self.lanes.fail_over(to) {
-                Ok((rep, next_seq)) => {
-                    self.rails[to].state = RailState::Active;
-                    self.active = to;
-                    self.note_busy_rails();
-                    self.stats.failovers += 1;
-                    self.stats.records_resent += rep.records as u64;
-                    self.stats.bytes_resent += rep.bytes as u64;
-                    let first = rep.first_seq.unwrap_or(next_seq);
-                    self.blackout_from = Some((self.now, first));
-                    let caught_up = self.cfg.mode == RailMode::HotHot && rep.records == 0;
-                    tracing::warn!(
-                        from,
-                        to,
-                        records = rep.records,
-                        bytes = rep.bytes,
-                        "failover"
-                    );
-                    self.push_event(Event::Failover {
-                        from,
-                        to,
-                        records: rep.records,
-                        bytes: rep.bytes,
-                        at: self.now,
-                    });
-                    if caught_up {
-                        // Hot-hot: the standby already carried every record; nothing waits.
-                        self.blackout_from = None;
-                        self.stats.record_blackout(0);
-                        self.push_event(Event::FailoverComplete {
-                            rail: to,
-                            blackout_ns: 0,
-                        });
-                    }
-                    return;
-                }
-                Err(e) => {
-                    // A standby is always fresh, so this means a bug; never lose data over it:
-                    // take that standby out and try the next.
-                    tracing::error!(from, to, error = %e, "standby could not take the unacknowledged records");
-                    self.rails[to].state = RailState::Failed;
-                    self.rails[to].failed_at = self.now;
-                    self.io.push_back(Io::ShutDown { rail: to });
-                }
-            }
+        // Prefer a standby that has proven its path (heard the peer), and of those the one
+        // holding most of the stream (hot-hot); any standby beats none.
+        // Active-standby: one a planned switch of either side left recently (slow) comes last.
+        let standby = |i: &usize| self.rails[*i].state == RailState::Standby;
+        let hot = self.cfg.mode == RailMode::HotHot;
+        let now = self.now;
+        let peer_avoiding = self.peer_avoiding();
+        let proven = (0..self.rails.len())
+            .filter(standby)
+            .filter(|&i| self.rails[i].peer_heartbeat != 0)
+            .max_by_key(|&i| {
+                let holds = if hot {
+                    self.lanes.poster_ref(i).committed_seq()
+                } else {
+                    0
+                };
+                (
+                    holds,
+                    self.rails[i].avoid_until <= now && peer_avoiding & (1 << i) == 0,
+                    std::cmp::Reverse(i),
+                )
+            });
+        let Some(to) = proven.or_else(|| (0..self.rails.len()).find(standby)) else {
+            self.end(EndReason::AllRailsDown);
+            return;
+        };
+        let (rep, next_seq) = self.lanes.fail_over(to);
+        self.rails[to].state = RailState::Active;
+        self.active = to;
+        self.note_busy_rails();
+        self.stats.failovers += 1;
+        self.stats.records_resent += rep.records as u64;
+        self.stats.bytes_resent += rep.bytes as u64;
+        let first = rep.first_seq.unwrap_or(next_seq);
+        self.blackout_from = Some((self.now, first));
+        let caught_up = self.cfg.mode == RailMode::HotHot && rep.records == 0;
+        let kept = self.lanes.keeps_records();
+        tracing::warn!(
+            from,
+            to,
+            records = rep.records,
+            bytes = rep.bytes,
+            kept,
+            "failover"
+        );
+        self.push_event(Event::Failover {
+            from,
+            to,
+            records: rep.records,
+            bytes: rep.bytes,
+            at: self.now,
+        });
+        if caught_up {
+            // Hot-hot: the standby already carried every record; nothing waits.
+            self.blackout_from = None;
+            self.stats.record_blackout(0);
+            self.push_event(Event::FailoverComplete {
+                rail: to,
+                blackout_ns: 0,
+            });
         }
     }
 

@@ -557,3 +557,92 @@ fn a_failover_after_a_followed_switch_takes_the_rail_neither_side_left() {
         }
     }
 }
+
+/// Hot-hot, the peer paused while its standby wire ran late: the standby's ring is full of
+/// copies the peer has not consumed, and the active ring of records it has not delivered. Then
+/// the active wire dies. The failover to the standby can't copy everything at once: it keeps
+/// what doesn't fit (sends meanwhile refused as backpressure, `unacked` still listing every
+/// record), the session goes on, and once the peer runs again each record arrives once, in
+/// order. (It used to take the standby out over the copy and end the session, a rail alive.)
+#[test]
+fn a_failover_to_a_hot_standby_the_paused_peer_filled_keeps_the_rest_for_later() {
+    let cfg = config(RailMode::HotHot, None);
+    let mut p = SimPair::new(cfg, 7, WIRE_NS).unwrap();
+    let (wire0, wire1) = (p.wires[0], p.wires[1]);
+    let (mut sent, mut delivered) = (0u64, 0u64);
+    let deliver = |p: &mut SimPair, delivered: &mut u64| {
+        p.b.poll(|m| {
+            *delivered += 1;
+            let seq = u64::from_le_bytes(m[..8].try_into().unwrap());
+            assert_eq!(seq, *delivered, "lost, duplicated or reordered");
+        })
+        .unwrap();
+    };
+    let send = |p: &mut SimPair, sent: &mut u64| {
+        let mut msg = [0u8; 64];
+        msg[..8].copy_from_slice(&(*sent + 1).to_le_bytes());
+        match p.a.send(&msg) {
+            Ok(_) => *sent += 1,
+            Err(railover::SendError::Backpressure) => {}
+            Err(e) => panic!("send: {e}"),
+        }
+    };
+    // Settle, then the standby wire runs 2 ms late while the stream flows.
+    p.step(MS);
+    p.fabric.latency_spike(wire1, 2 * MS, 10 * MS);
+    while p.now() < 3 * MS {
+        send(&mut p, &mut sent);
+        deliver(&mut p, &mut delivered);
+        p.step(p.now() + 5 * US);
+    }
+    // The peer stops for 40 ms; the sender fills both rings.
+    let resume = p.now() + 40 * MS;
+    p.pause(true, resume);
+    while p.now() < 8 * MS {
+        send(&mut p, &mut sent);
+        p.step(p.now() + 5 * US);
+    }
+    assert!(p.a.send(&[0; 64]).is_err(), "the rings are full");
+    p.fabric.carrier_loss(wire0);
+    let target = sent + 200; // sent after the peer resumes
+    let mut kept_seen = false;
+    while delivered < target {
+        if p.a.core().keeps_records() {
+            kept_seen = true;
+            let mut unacked = Vec::new();
+            p.a.core().unacked(|seq, _| unacked.push(seq));
+            assert_eq!(
+                unacked.last(),
+                Some(&sent),
+                "every record accepted is listed"
+            );
+            assert!(
+                unacked.windows(2).all(|w| w[1] == w[0] + 1),
+                "in order, no gap"
+            );
+            assert!(
+                p.a.send(&[0; 64]).is_err(),
+                "nothing overtakes the kept records"
+            );
+        } else if p.now() >= resume && sent < target {
+            send(&mut p, &mut sent);
+        }
+        if !p.is_paused(true) {
+            deliver(&mut p, &mut delivered);
+        }
+        assert!(
+            p.a.core().end_reason().is_none(),
+            "{}",
+            p.a.core().describe()
+        );
+        assert!(p.now() < 200 * MS, "stuck at {delivered}/{sent}");
+        p.step(p.now() + 5 * US);
+    }
+    assert!(
+        kept_seen,
+        "the failover kept records (the standby was full)"
+    );
+    assert_eq!(p.a.core().stats().failovers, 1);
+    assert_eq!(p.a.core().rail_state(1), RailState::Active);
+    assert!(delivered > 1_000, "{delivered}");
+}

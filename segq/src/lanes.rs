@@ -24,7 +24,7 @@
 use crossbeam_utils::CachePadded;
 
 use crate::sender::{
-    reset_halves, CopyReport, Poster, Producer, PushError, Reservation, ShadowReport,
+    reset_halves, CopyReport, KeptRecords, Poster, Producer, PushError, Reservation, ShadowReport,
 };
 use crate::sync::{
     fence, spin_wait, Arc, AtomicBool, AtomicU8, AtomicUsize, MutPtr, Ordering, UnsafeCell,
@@ -95,6 +95,12 @@ pub struct LaneControl {
     /// Per lane: the active lane's byte position up to which its records were copied into that
     /// lane ([`LaneControl::shadow`]); back to 0 whenever the active lane changes.
     shadow_from: Vec<u64>,
+    /// Records a failover could not fit into the lane it made active (a hot standby whose
+    /// ring the peer had not freed yet), oldest first: they go in as the peer frees it
+    /// ([`LaneControl::move_kept`]). Until then the writer stays out, so none overtakes them.
+    kept: KeptRecords,
+    /// The number the writer's next record takes once the kept records are in.
+    kept_next_seq: u64,
 }
 
 /// Makes lanes of `queues` (one per rail, all of one geometry); `active` takes records first.
@@ -118,6 +124,8 @@ pub fn lanes(queues: Vec<SendQueue>, active: usize) -> LaneControl {
         writer_out: false,
         max_record,
         shadow_from: vec![0; shared_lanes],
+        kept: KeptRecords::new(),
+        kept_next_seq: 0,
     }
 }
 
@@ -272,6 +280,9 @@ impl LaneControl {
                 self.shared.close_code.load(Ordering::Relaxed),
             ));
         }
+        if !self.kept.is_empty() {
+            return Err(LaneError::Switching); // (the writer is kept out likewise)
+        }
         Ok(())
     }
 
@@ -343,15 +354,19 @@ impl LaneControl {
         self.shared.active.store(active, Ordering::Release);
     }
 
-    /// Copies every unacknowledged record of the active lane, in order and with its sequence
-    /// number, into lane `to` and makes `to` active. Returns the copy's report and the sequence
-    /// number `to` gives its next new record. On an error the active lane stays as it was.
-    pub fn fail_over(&mut self, to: usize) -> Result<(CopyReport, u64), PushError> {
+    /// A failover: copies every unacknowledged record of the active lane, in order and with
+    /// its sequence number, into lane `to` and makes `to` active. Returns the copy's report and
+    /// the sequence number the writer's next record takes.
+    ///
+    /// A hot standby may lack room for the records it doesn't hold yet: its ring holds copies
+    /// the peer has not consumed (it was paused, or slow on that wire). Those records are kept
+    /// aside, in order after any kept by an earlier failover, and go into `to` as the peer frees
+    /// it ([`LaneControl::move_kept`]); the writer stays out until then (its sends are refused
+    /// with [`LaneError::Switching`]), so nothing overtakes them. A failover never fails for
+    /// room, and the failed lane can be reset at once.
+    pub fn fail_over(&mut self, to: usize) -> (CopyReport, u64) {
         let from = self.active;
-        assert!(
-            to != from && to < self.posters.len(),
-            "bad failover target {to}"
-        );
+        self.check_target(to);
         self.exclude_writer();
         let (own, dst) = (
             self.shared.producers[from].get_mut(),
@@ -360,18 +375,124 @@ impl LaneControl {
         // SAFETY: the writer is excluded (above) and `from != to`: these are the only references
         // to either producer until `readmit`.
         let (own, dst) = unsafe { (own.deref(), dst.deref()) };
-        let result = self.posters[from].copy_unacked_into(own, dst);
-        // Final: the writer is out of `from` for good once `to` is active.
-        self.left_behind_seq = self.left_behind_seq.max(self.posters[from].committed_seq());
+        let earlier = std::mem::take(&mut self.kept);
+        let mut report = self.posters[from]
+            .copy_unacked_into(own, dst, Some(&mut self.kept))
+            .expect("a copy keeping what doesn't fit does not fail");
+        // Records kept by an earlier failover come after all of `from`'s.
+        let after = self.kept.back().map_or(dst.next_seq(), |k| k.0 + 1);
+        for (seq, payload) in earlier.into_iter().filter(|k| k.0 >= after) {
+            report.records += 1;
+            report.bytes += payload.len();
+            if !self.kept.is_empty() || dst.push_with_seq(seq, &payload).is_err() {
+                self.kept.push_back((seq, payload));
+            }
+            report.first_seq.get_or_insert(seq);
+            report.last_seq = Some(seq);
+        }
+        self.kept_next_seq = self.kept_next_seq.max(own.next_seq());
+        if self.kept.is_empty() {
+            dst.number_on_from(self.kept_next_seq);
+        }
+        let next_seq = self.kept_next_seq.max(dst.next_seq());
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked accesses
+        drop((own, dst));
+        self.finish_move(from, to);
+        if self.kept.is_empty() || self.closed {
+            self.readmit(if self.closed { CLOSED } else { self.active });
+        }
+        (report, next_seq)
+    }
+
+    /// A planned switch: [`LaneControl::fail_over`]'s copy, all or nothing. On an error (`to`
+    /// has no room for every record) the active lane stays as it was.
+    pub fn switch_to(&mut self, to: usize) -> Result<(CopyReport, u64), PushError> {
+        let from = self.active;
+        self.check_target(to);
+        self.exclude_writer();
+        let (own, dst) = (
+            self.shared.producers[from].get_mut(),
+            self.shared.producers[to].get_mut(),
+        );
+        // SAFETY: as in `fail_over`.
+        let (own, dst) = unsafe { (own.deref(), dst.deref()) };
+        let result = self.posters[from].copy_unacked_into(own, dst, None);
         let next_seq = dst.next_seq();
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked accesses
+        drop((own, dst));
         if result.is_ok() {
-            let acked = self.posters[from].acked_seq();
-            self.posters[to].note_delivered(acked);
-            self.active = to;
-            self.shadow_from.fill(0);
+            self.finish_move(from, to);
         }
         self.readmit(if self.closed { CLOSED } else { self.active });
         result.map(|r| (r, next_seq))
+    }
+
+    fn check_target(&self, to: usize) {
+        assert!(
+            to != self.active && to < self.posters.len(),
+            "bad failover target {to}"
+        );
+    }
+
+    /// `to` is active now: what `from` acknowledged counts as delivered there.
+    fn finish_move(&mut self, from: usize, to: usize) {
+        // Final: the writer is out of `from` for good once `to` is active.
+        self.left_behind_seq = self.left_behind_seq.max(self.posters[from].committed_seq());
+        let acked = self.posters[from].acked_seq();
+        self.posters[to].note_delivered(acked);
+        self.active = to;
+        self.shadow_from.fill(0);
+    }
+
+    /// Whether a failover kept records aside that the active lane had no room for yet (see
+    /// [`LaneControl::fail_over`]).
+    #[inline]
+    pub fn keeps_records(&self) -> bool {
+        !self.kept.is_empty()
+    }
+
+    /// Moves the records a failover kept aside into the active lane, oldest first, as far as
+    /// it has room (those known delivered meanwhile are dropped: the receiver discards them).
+    /// Once none is left the writer is let back in. Returns how many went in.
+    pub fn move_kept(&mut self) -> usize {
+        if self.kept.is_empty() {
+            return 0;
+        }
+        let delivered = self.posters[self.active].acked_seq();
+        let producer = self.shared.producers[self.active].get_mut();
+        // SAFETY: the writer has stayed out since the failover that kept the records (it is
+        // readmitted only below, once they are all in): this is the only reference.
+        let dst = unsafe { producer.deref() };
+        let mut moved = 0;
+        while let Some((seq, payload)) = self.kept.front() {
+            if *seq > delivered {
+                if dst.push_with_seq(*seq, payload).is_err() {
+                    break; // no room yet: the peer's next acknowledgement frees some
+                }
+                moved += 1;
+            }
+            self.kept.pop_front();
+        }
+        if self.kept.is_empty() {
+            dst.number_on_from(self.kept_next_seq);
+        }
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked access
+        drop(producer);
+        if self.kept.is_empty() || self.closed {
+            self.readmit(if self.closed { CLOSED } else { self.active });
+        }
+        moved
+    }
+
+    /// Visits every record accepted and not known delivered, in order: the active lane's, then
+    /// those a failover kept aside.
+    pub fn for_each_unacked(&self, mut f: impl FnMut(u64, &[u8])) {
+        let poster = &self.posters[self.active];
+        poster.for_each_unacked(&mut f);
+        let delivered = poster.acked_seq();
+        for (seq, payload) in self.kept.iter().filter(|k| k.0 > delivered) {
+            f(*seq, payload);
+        }
     }
 
     /// Empties lane `lane` (a fresh connection on its rail), numbering from `next_seq`. Refused

@@ -62,6 +62,10 @@ impl PendingRange {
     }
 }
 
+/// Records a failover could not fit into the lane it made active yet, oldest first, with their
+/// sequence numbers (see `LaneControl::fail_over`). Filled only at a failover, off the hot path.
+pub(crate) type KeptRecords = std::collections::VecDeque<(u64, Box<[u8]>)>;
+
 /// What a failover copy moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CopyReport {
@@ -247,8 +251,14 @@ impl Producer {
             .store_commit(Commit::pack(end, seq), seq, breaks.then_some(end));
     }
 
+    /// Numbers the next new record `next` at least (records kept aside by a failover came
+    /// before it).
+    pub(crate) fn number_on_from(&mut self, next: u64) {
+        self.next_seq = self.next_seq.max(next);
+    }
+
     /// Appends a record keeping a sequence number assigned elsewhere (failover copies).
-    fn push_with_seq(&mut self, seq: u64, payload: &[u8]) -> Result<(), PushError> {
+    pub(crate) fn push_with_seq(&mut self, seq: u64, payload: &[u8]) -> Result<(), PushError> {
         let start = self.place(payload.len())?;
         self.seal_copy(start, payload, seq);
         Ok(())
@@ -556,11 +566,15 @@ impl Poster {
     /// Copies every unacknowledged record, in order and with its sequence number, into `dst` (the
     /// standby card's queue), which then continues numbering after them. Records `dst` already
     /// holds (numbered below its next sequence number: a hot standby's copies) are not copied
-    /// again, so `dst` stays in sequence order.
+    /// again, so `dst` stays in sequence order. With `kept`, the records `dst` has no room for
+    /// (the first that doesn't fit and every one after it) go there, in order, instead of
+    /// failing the copy; the report counts them, and `dst` numbers on after them only once
+    /// they are in (see `LaneControl::fail_over`).
     pub(crate) fn copy_unacked_into(
         &self,
         own: &Producer,
         dst: &mut Producer,
+        mut kept: Option<&mut KeptRecords>,
     ) -> Result<CopyReport, PushError> {
         let mut report = CopyReport::default();
         let mut result = Ok(());
@@ -569,7 +583,15 @@ impl Poster {
             if result.is_err() || seq < held_below {
                 return;
             }
-            result = dst.push_with_seq(seq, payload);
+            match kept.as_deref_mut() {
+                Some(kept) if !kept.is_empty() => kept.push_back((seq, payload.into())),
+                Some(kept) => {
+                    if dst.push_with_seq(seq, payload).is_err() {
+                        kept.push_back((seq, payload.into()));
+                    }
+                }
+                None => result = dst.push_with_seq(seq, payload),
+            }
             if result.is_ok() {
                 report.records += 1;
                 report.bytes += payload.len();
@@ -578,7 +600,9 @@ impl Poster {
             }
         });
         result?;
-        dst.next_seq = dst.next_seq.max(own.next_seq);
+        if kept.is_none_or(|k| k.is_empty()) {
+            dst.next_seq = dst.next_seq.max(own.next_seq);
+        }
         let geo = &self.shared.geo;
         report.only_current_segment = geo.segment_floor(self.acked_pos)
             == geo.segment_floor(own.write_pos)
@@ -771,7 +795,7 @@ impl SendQueue {
     pub fn copy_unacked_into(&self, dst: &mut SendQueue) -> Result<CopyReport, PushError> {
         let report = self
             .poster
-            .copy_unacked_into(&self.producer, &mut dst.producer)?;
+            .copy_unacked_into(&self.producer, &mut dst.producer, None)?;
         dst.poster.acked_seq = dst.poster.acked_seq.max(self.poster.acked_seq);
         Ok(report)
     }

@@ -77,7 +77,7 @@ fn failovers_under_a_concurrent_writer_lose_and_duplicate_nothing() {
         }
         if round % 7 == 0 || round % 11 == 0 {
             let to = (lane + 1) % 3;
-            control.fail_over(to).unwrap();
+            control.fail_over(to);
             assert!(
                 control.reset(lane, 1),
                 "the old lane is inactive: it can be reset"
@@ -116,7 +116,7 @@ fn a_closed_lane_set_refuses_records_and_the_local_path_needs_no_protocol() {
         control.push_local(&[0; 65]),
         Err(LaneError::Push(PushError::TooLarge { len: 65, max: 64 }))
     );
-    let (report, next) = control.fail_over(1).unwrap();
+    let (report, next) = control.fail_over(1);
     assert_eq!((report.records, report.first_seq, next), (2, Some(1), 3));
     // Once a writer is handed out, it is the only way in.
     let mut writer = control.writer().expect("first writer");
@@ -163,7 +163,7 @@ fn records_noted_delivered_are_neither_unacked_nor_copied() {
         .poster_ref(0)
         .for_each_unacked(|seq, _| unacked.push(seq));
     assert_eq!(unacked, [4, 5]);
-    let (report, next_seq) = control.fail_over(1).unwrap();
+    let (report, next_seq) = control.fail_over(1);
     assert_eq!(
         (report.records, report.first_seq, next_seq),
         (2, Some(4), 6)
@@ -253,7 +253,7 @@ fn a_hot_standby_holds_the_stream_in_order_and_a_failover_to_it_copies_nothing_t
     assert_eq!(resumed, [seq]);
     // A record not yet copied goes with the failover; none the standby holds is copied again.
     control.push_local(b"last").unwrap();
-    let (report, next) = control.fail_over(1).unwrap();
+    let (report, next) = control.fail_over(1);
     assert_eq!(
         (report.records, report.first_seq, next),
         (1, Some(seq + 1), seq + 2)
@@ -294,7 +294,7 @@ fn retired_records_are_never_posted_and_their_space_comes_back() {
     for i in 2..=9u8 {
         control.push_local(&[i; 30]).unwrap(); // spans segments, never posted
     }
-    let (report, _) = control.fail_over(1).unwrap();
+    let (report, _) = control.fail_over(1);
     assert_eq!((report.records, report.first_seq), (8, Some(2)));
     assert_eq!(control.retire_unposted(1), None, "not the active lane");
     assert_eq!(control.retire_unposted(0), Some(8));
@@ -312,6 +312,90 @@ fn retired_records_are_never_posted_and_their_space_comes_back() {
     assert!(control.poster_ref(0).all_acked());
     // The retired lane is clean: a later failover back to it numbers on correctly.
     control.push_local(b"ten").unwrap();
-    let (report, next) = control.fail_over(0).unwrap();
+    let (report, next) = control.fail_over(0);
     assert_eq!((report.records, report.first_seq, next), (9, Some(2), 11));
+}
+
+/// A hot standby whose peer has consumed nothing (paused, or slow on that wire) has no room
+/// for the records it lacks. A failover to it keeps them aside, in order, with the writer out
+/// (nothing may overtake them); they go in as the standby's peer frees its ring, those
+/// delivered meanwhile dropped; then the writer numbers on after them. A second failover
+/// before then carries them along.
+#[test]
+fn a_failover_to_a_full_hot_standby_keeps_what_it_lacks_until_there_is_room() {
+    let geo = Geometry::new(256, 4, 64).unwrap();
+    let queues = (0..3)
+        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+        .collect();
+    let mut control = lanes(queues, 0);
+    // Lane 1's peer consumes nothing; lane 0's peer consumes and delivers everything.
+    let mut seq = 0;
+    loop {
+        seq += 1;
+        control.push_local(&[seq as u8; 40]).unwrap();
+        let stalled = control.shadow(1).unwrap().stalled;
+        ack_all(&mut control, 0, seq);
+        if stalled {
+            break;
+        }
+    }
+    // Three records nobody delivered yet, which lane 1 has no room for.
+    let first = seq + 1;
+    for s in first..first + 3 {
+        control.push_local(&[s as u8; 40]).unwrap();
+    }
+    assert!(control.shadow(1).unwrap().stalled);
+    let (report, next) = control.fail_over(1);
+    assert_eq!(
+        (report.records, report.first_seq, report.last_seq, next),
+        (3, Some(first), Some(first + 2), first + 3)
+    );
+    assert_eq!(control.active(), 1);
+    assert!(control.keeps_records());
+    assert_eq!(control.push_local(b"new"), Err(LaneError::Switching));
+    let unacked = |control: &railover_segq::LaneControl| {
+        let mut seqs = Vec::new();
+        control.for_each_unacked(|s, p| {
+            assert_eq!(p, [s as u8; 40]);
+            seqs.push(s)
+        });
+        seqs
+    };
+    assert_eq!(unacked(&control), [first, first + 1, first + 2]);
+    assert_eq!(
+        control.move_kept(),
+        0,
+        "no room until lane 1's peer consumes"
+    );
+
+    // A second failover, to a fresh lane, takes them along.
+    let (report, next) = control.fail_over(2);
+    assert_eq!(
+        (report.records, report.first_seq, next),
+        (3, Some(first), first + 3)
+    );
+    assert!(!control.keeps_records(), "the fresh lane had room");
+    let on_2: Vec<u64> = records_posted(&mut control, 2)
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(on_2, [first, first + 1, first + 2]);
+    assert_eq!(control.push_local(&[(first + 3) as u8; 40]), Ok(first + 3));
+
+    // Back to lane 1, still full: kept again (lane 2's four records, none delivered).
+    let (report, _) = control.fail_over(1);
+    assert_eq!(report.records, 4);
+    assert!(control.keeps_records());
+    // Lane 1's peer consumes what it was sent, having delivered up to `first` by now: that
+    // one is dropped, the rest go in, and the writer is back.
+    ack_all(&mut control, 1, first);
+    assert_eq!(control.move_kept(), 3);
+    assert!(!control.keeps_records());
+    assert_eq!(unacked(&control)[..2], [first + 1, first + 2]);
+    let on_1: Vec<u64> = records_posted(&mut control, 1)
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(on_1, [first + 1, first + 2, first + 3]);
+    assert_eq!(control.push_local(&[0; 40]), Ok(first + 4));
 }

@@ -82,7 +82,7 @@ fn failover_never_loses_a_record_being_committed() {
                 }
             }
         });
-        control.fail_over(1).unwrap();
+        control.fail_over(1);
         t.join().unwrap();
         let mut seen = Vec::new();
         control.poster_ref(1).for_each_unacked(|seq, p| {
@@ -124,7 +124,89 @@ fn shadow_copies_race_no_writer_bytes_and_keep_order() {
             seen.push(seq);
         });
         assert_eq!(seen, vec![1, 2, 3]);
-        let (report, next) = control.fail_over(1).unwrap();
+        let (report, next) = control.fail_over(1);
         assert_eq!((report.records, next), (0, 4));
     });
+}
+
+/// A failover to a hot standby with no room keeps records aside, and the writer stays out
+/// until they are in: whatever the interleaving, the writer's records come after the kept
+/// ones, numbered on from them, and the standby ends up holding the stream in order.
+#[test]
+fn records_kept_by_a_failover_are_never_overtaken_by_the_writer() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
+        let geo = Geometry::new(64, 2, 8).unwrap();
+        let queues = (0..2)
+            .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+            .collect();
+        let mut control = lanes(queues, 0);
+        // Lane 1's peer consumes nothing until the failover; lane 0's delivers as it goes.
+        let mut seq = 0u8;
+        loop {
+            seq += 1;
+            control.push_local(&[seq; 8]).unwrap();
+            let stalled = control.shadow(1).unwrap().stalled;
+            ack_all(&mut control, 0, seq as u64);
+            if stalled {
+                break;
+            }
+        }
+        let kept = seq + 1; // undelivered, and lane 1 has no room for it
+        control.push_local(&[kept; 8]).unwrap();
+        let mut writer = control.writer().expect("first writer");
+        let t = loom::thread::spawn(move || {
+            let mut next = kept + 1;
+            while next <= kept + 2 {
+                match writer.push(&[next; 8]) {
+                    Ok(s) => {
+                        assert_eq!(s, next as u64);
+                        next += 1;
+                    }
+                    Err(LaneError::Switching) | Err(LaneError::Push(PushError::Full)) => {
+                        loom::thread::yield_now()
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        control.fail_over(1);
+        assert!(control.keeps_records());
+        // Lane 1's peer consumes what it holds (delivering nothing new), freeing its ring.
+        ack_all(&mut control, 1, seq as u64);
+        let mut seen = Vec::new();
+        while seen.last() != Some(&(kept as u64 + 2)) {
+            control.move_kept();
+            while let Some(r) = control.poster(1).pending(usize::MAX) {
+                control.poster(1).mark_posted(&r);
+                let Some((first, last)) = r.seqs else {
+                    continue;
+                };
+                control.poster_ref(1).for_each_unacked(|s, p| {
+                    if (first..=last).contains(&s) {
+                        assert!(p.iter().all(|&b| b as u64 == s));
+                        seen.push(s);
+                    }
+                });
+                control.poster(1).ack(r.end, last).unwrap();
+            }
+            loom::thread::yield_now();
+        }
+        t.join().unwrap();
+        let want: Vec<u64> = (kept as u64..=kept as u64 + 2).collect();
+        assert_eq!(seen, want);
+    });
+}
+
+/// Posts and acknowledges everything on `lane` (its peer consumed it all, delivering up to `seq`).
+fn ack_all(control: &mut LaneControl, lane: usize, seq: u64) {
+    while let Some(r) = control.poster(lane).pending(usize::MAX) {
+        control.poster(lane).mark_posted(&r);
+    }
+    let end = match control.poster(lane).ack(u64::MAX, 0) {
+        Err(railover_segq::AckError::BeyondPosted { posted, .. }) => posted,
+        Ok(_) => unreachable!("nothing is posted up to u64::MAX"),
+    };
+    control.poster(lane).ack(end, seq).unwrap();
 }
