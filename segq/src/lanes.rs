@@ -35,6 +35,10 @@ use crate::SendQueue;
 const SWITCHING: usize = usize::MAX;
 /// `active` once every lane is dead: the writer fails for good.
 const CLOSED: usize = usize::MAX - 1;
+/// `active` while a failover's kept records wait for room in the active lane: for the writer
+/// the ring is full (backpressure, for as long as the peer takes to free it), not a switch of
+/// a few microseconds to spin through.
+const HELD: usize = usize::MAX - 2;
 
 /// A record the writer could not take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -191,6 +195,10 @@ impl LaneWriter {
                     self.shared.close_code.load(Ordering::Relaxed),
                 ))
             }
+            HELD => {
+                self.leave();
+                Err(LaneError::Push(PushError::Full))
+            }
             lane => Ok(lane),
         }
     }
@@ -281,7 +289,8 @@ impl LaneControl {
             ));
         }
         if !self.kept.is_empty() {
-            return Err(LaneError::Switching); // (the writer is kept out likewise)
+            // No room before the kept records (the writer is told the same).
+            return Err(LaneError::Push(PushError::Full));
         }
         Ok(())
     }
@@ -362,7 +371,7 @@ impl LaneControl {
     /// the peer has not consumed (it was paused, or slow on that wire). Those records are kept
     /// aside, in order after any kept by an earlier failover, and go into `to` as the peer frees
     /// it ([`LaneControl::move_kept`]); the writer stays out until then (its sends are refused
-    /// with [`LaneError::Switching`]), so nothing overtakes them. A failover never fails for
+    /// as for a full ring, which may last as long as the peer's pause), so nothing overtakes them. A failover never fails for
     /// room, and the failed lane can be reset at once.
     pub fn fail_over(&mut self, to: usize) -> (CopyReport, u64) {
         let from = self.active;
@@ -398,9 +407,13 @@ impl LaneControl {
         #[allow(clippy::drop_non_drop)] // ends loom's tracked accesses
         drop((own, dst));
         self.finish_move(from, to);
-        if self.kept.is_empty() || self.closed {
-            self.readmit(if self.closed { CLOSED } else { self.active });
-        }
+        self.readmit(if self.closed {
+            CLOSED
+        } else if self.kept.is_empty() {
+            self.active
+        } else {
+            HELD // (the writer stays out of the producers: see `enter`)
+        });
         (report, next_seq)
     }
 

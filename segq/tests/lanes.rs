@@ -352,7 +352,11 @@ fn a_failover_to_a_full_hot_standby_keeps_what_it_lacks_until_there_is_room() {
     );
     assert_eq!(control.active(), 1);
     assert!(control.keeps_records());
-    assert_eq!(control.push_local(b"new"), Err(LaneError::Switching));
+    assert_eq!(
+        control.push_local(b"new"),
+        Err(LaneError::Push(PushError::Full)),
+        "no room before the kept records"
+    );
     let unacked = |control: &railover_segq::LaneControl| {
         let mut seqs = Vec::new();
         control.for_each_unacked(|s, p| {
