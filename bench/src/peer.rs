@@ -136,6 +136,10 @@ pub struct PeerArgs {
     /// wire be left by the gray switch rather than failed.
     #[arg(long, default_value_t = 1)]
     rc_retries: u8,
+    /// RC local ACK timeout exponent (4.096 us x 2^N per attempt; 13: ~33 ms): raise it for a
+    /// wire delayed beyond that round trip, or every write is sent again.
+    #[arg(long, default_value_t = 13)]
+    rc_timeout: u8,
 }
 
 /// The rail mode named on the command line.
@@ -196,7 +200,7 @@ fn config(a: &PeerArgs) -> Config {
         .geometry(64 * 1024, 16, a.size.max(64))
         .close_linger(Duration::from_secs(5))
         .link_params(LinkParams {
-            timeout: 13,
+            timeout: a.rc_timeout,
             retry_cnt: a.rc_retries,
             ..LinkParams::default()
         })
@@ -558,6 +562,9 @@ fn stream(
         })
         .collect();
     let (mut failovers, mut rail_downs, mut rail_ups) = (0u64, 0u64, 0u64);
+    // Failovers whose new active rail had no room for every record yet (a full hot standby):
+    // the rest was kept aside for it.
+    let mut failovers_keeping = 0u64;
     let (mut unresponsive, mut responsive, mut longest_silence_ns) = (0u64, 0u64, 0u64);
     // Time between consecutive deliveries (any connection): a blackout shows in its tail.
     let mut gaps = Histogram::<u64>::new(3).expect("histogram");
@@ -695,7 +702,12 @@ fn stream(
                     ));
                 }
                 match e {
-                    Event::Failover { .. } => failovers += 1,
+                    Event::Failover { .. } => {
+                        failovers += 1;
+                        if st.conn.get_mut(&mut ep).core().keeps_records() {
+                            failovers_keeping += 1;
+                        }
+                    }
                     Event::Switched { .. } => {
                         switched_at_ms.push(start.elapsed().as_secs_f64() * 1e3)
                     }
@@ -809,7 +821,7 @@ fn stream(
             serde_json::Value::String(v.join(","))
         }
     };
-    let report = json!({
+    let mut report = json!({
         "role": role,
         "connections": streams.len(),
         "endpoint": ep.is_some(),
@@ -854,9 +866,10 @@ fn stream(
         "error": if errors.is_empty() { serde_json::Value::Null } else { json!(errors.join("; ")) },
         "timeline": timeline,
     });
-    // An endpoint's connections: how many rails' queue pairs are on its shared completion
-    // queues, and how many of those it polls (beside the report: json! nests only so deep).
-    let mut report = report;
+    // Beside the literal (json! nests only so deep): the failovers that kept records, and an
+    // endpoint's connections: how many rails' queue pairs are on its shared completion queues,
+    // and how many of those it polls.
+    report["failovers_keeping"] = json!(failovers_keeping);
     report["shared_rails"] = json!(shared_rails);
     report["completion_queues"] = json!(ep.as_ref().map_or(0, |e| e.completion_queues()));
     if as_json {

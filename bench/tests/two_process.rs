@@ -540,6 +540,63 @@ fn a_receiver_that_stops_for_2_s_during_a_failover_loses_nothing() {
     assert_eq!(s["end_reason"], "PeerClosed");
 }
 
+/// Hot-hot with small rings (64 KiB: 56 records of 1 KiB) and the standby wire 50 ms late each
+/// way (the RC timeout raised past that round trip), so the standby's ring is full of copies its
+/// peer has not consumed: more than a ring's worth are on that wire at any time. The receiving
+/// process stops, and the active wire is cut meanwhile: the failover to the full standby can't
+/// take the records the receiver lacks. It keeps those aside (the sender's sends wait as
+/// backpressure) instead of ending the session, and once the receiver runs again every record
+/// arrives once, in order. (Before session 23 such a failover ended the session,
+/// `AllRailsDown`, with a rail alive.)
+#[test]
+#[ignore = "needs rxe devices: ci/vm-tests runs it"]
+fn a_failover_to_a_full_hot_standby_keeps_the_rest_until_the_stopped_receiver_runs() {
+    let small_rings = std::env::temp_dir().join("railover-small-rings.json");
+    std::fs::write(
+        &small_rings,
+        r#"{"segment_size": 8192, "segment_count": 8, "max_record": 1024}"#,
+    )
+    .expect("write the settings file");
+    let small_rings = small_rings.to_str().expect("a UTF-8 path");
+    let args = [
+        "--rail-mode",
+        "hot-hot",
+        "--size",
+        "1024",
+        "--hb-misses",
+        "300",
+        "--rc-retries",
+        "6",
+        "--rc-timeout",
+        "16",
+        "--config",
+        small_rings,
+    ];
+    let (serve, connect) = start_with(10.0, false, &args);
+    let slow = Netem::new("delay", "b", "50");
+    std::thread::sleep(Duration::from_millis(1_000));
+    serve.signal("-STOP");
+    std::thread::sleep(Duration::from_millis(300));
+    let cut = Cut::new("a");
+    std::thread::sleep(Duration::from_millis(1_000));
+    serve.signal("-CONT");
+    std::thread::sleep(Duration::from_millis(1_000));
+    drop(slow);
+    drop(cut);
+    let (s, c) = finish(
+        serve,
+        connect,
+        "hot-hot, standby wire 50 ms late, receiver stopped while the active wire was cut",
+    );
+    assert!(n(&c, "failovers") >= 1, "{c}");
+    assert!(
+        n(&c, "failovers_keeping") >= 1,
+        "the failover kept records the full standby had no room for: {c}"
+    );
+    assert_eq!(c["end_reason"], "Closed");
+    assert_eq!(s["end_reason"], "PeerClosed");
+}
+
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn maximal_and_odd_sized_records_go_through_a_failover_intact() {
