@@ -12,6 +12,8 @@ use railover::core::{Event, SwitchReason};
 use railover::sim::SimPair;
 use railover::{Config, GraySwitch, RailMode, RailState};
 use railover_rdma::LinkParams;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
 
 const US: u64 = 1_000;
@@ -649,4 +651,171 @@ fn a_failover_to_a_hot_standby_the_paused_peer_filled_keeps_the_rest_for_later()
     assert_eq!(p.a.core().stats().failovers, 1);
     assert_eq!(p.a.core().rail_state(1), RailState::Active);
     assert!(delivered > 1_000, "{delivered}");
+}
+
+/// The full-standby failover above, seeded (`RAILOVER_KEPT_SEEDS`, default 300; CI runs
+/// 2,000; `RAILOVER_KEPT_SEED=<n>` replays one): two or three hot-hot rails, records of random
+/// sizes in random bursts both ways, a standby wire running late, the receiving host paused,
+/// and a fault of a random kind on the active wire (then, with three rails, sometimes on
+/// another) before, during or after the pause. Every record arrives once, in order, both ways;
+/// no session ends; and enough seeds take the kept path to mean something.
+#[test]
+fn seeded_failovers_to_a_full_hot_standby_lose_nothing() {
+    let seeds: Vec<u64> = match std::env::var("RAILOVER_KEPT_SEED") {
+        Ok(s) => vec![s.parse().expect("a seed number")],
+        Err(_) => {
+            let n = std::env::var("RAILOVER_KEPT_SEEDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(300);
+            (0..n).collect()
+        }
+    };
+    let mut kept_seeds = 0;
+    for &seed in &seeds {
+        let kept = std::panic::catch_unwind(|| kept_seed(seed)).unwrap_or_else(|_| {
+            panic!("seed {seed} failed; replay: RAILOVER_KEPT_SEED={seed} cargo test --release -p railover --test rail_modes seeded_failovers -- --nocapture")
+        });
+        kept_seeds += kept as usize;
+    }
+    println!(
+        "{} seeds, {kept_seeds} with a failover keeping records",
+        seeds.len()
+    );
+    assert!(
+        seeds.len() < 100 || kept_seeds * 10 >= seeds.len(),
+        "too few seeds took the kept path: {kept_seeds} of {}",
+        seeds.len()
+    );
+}
+
+/// One seed of the test above; returns whether a failover kept records.
+fn kept_seed(seed: u64) -> bool {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let rails = rng.random_range(2..=3);
+    let cfg = config_rails(RailMode::HotHot, None, rails);
+    let mut p = SimPair::new(cfg, seed, WIRE_NS).unwrap();
+    let mut tx1 = p.a.take_sender().unwrap();
+    let mut tx2 = p.b.take_sender().unwrap();
+    // Per direction: records sent, records delivered.
+    let (mut sent, mut delivered) = ([0u64; 2], [0u64; 2]);
+    let max = tx1.max_message().min(256);
+    let send = |tx: &mut railover::Sender, sent: &mut u64, len: usize| {
+        let mut msg = vec![0u8; len.max(8)];
+        msg[..8].copy_from_slice(&(*sent + 1).to_le_bytes());
+        match tx.send(&msg) {
+            Ok(_) => *sent += 1,
+            Err(railover::SendError::Backpressure) => {}
+            Err(e) => panic!("seed {seed}: send: {e}"),
+        }
+    };
+    // The plan: a late standby wire, a pause of host 2, a fault on the active wire (wire 0).
+    let spike_at = rng.random_range(1..5) * MS;
+    // (Below the heartbeat timeout: the late standby is not failed for it.)
+    let spike = rng.random_range(200..1_500) * US;
+    let pause_at = spike_at + rng.random_range(1..6) * MS;
+    let pause_for = rng.random_range(5..60) * MS;
+    let fault_at = pause_at + rng.random_range(0..pause_for + 5 * MS);
+    let kind = rng.random_range(0..4);
+    let second =
+        (rails == 3 && rng.random_bool(0.5)).then(|| fault_at + rng.random_range(0..30) * MS);
+    let stop_sending = fault_at + rng.random_range(5..40) * MS;
+    let fab = p.fabric.clone();
+    fab.latency_spike(p.wires[1], spike, rng.random_range(10..60) * MS);
+    let (mut paused, mut faulted, mut faulted2) = (false, false, false);
+    let mut kept = false;
+    let mut next_send = spike_at - MS;
+    loop {
+        let now = p.now();
+        if !paused && now >= pause_at {
+            paused = true;
+            p.pause(true, now + pause_for);
+        }
+        if !faulted && now >= fault_at {
+            faulted = true;
+            let w = p.wires[0];
+            match kind {
+                0 => fab.carrier_loss(w),
+                1 => fab.black_hole(w),
+                2 => fab.remove_card(&p.cards[0].0),
+                _ => fab.corrupt_next(w, 2),
+            }
+        }
+        if second.is_some_and(|t| !faulted2 && now >= t) {
+            faulted2 = true;
+            // Only while wire 1 carries both sides: never the last healthy wire.
+            let up = |c: &railover::sim::SimConnection| c.core().rail_state(1) != RailState::Failed;
+            if up(&p.a) && up(&p.b) {
+                fab.carrier_loss(p.wires[2]);
+            }
+        }
+        // Faults are repaired 30 ms on (a corruption needs nothing repaired).
+        if faulted && now >= fault_at + 30 * MS {
+            match kind {
+                0 => fab.carrier_restore(p.wires[0]),
+                1 => fab.clear_black_hole(p.wires[0]),
+                2 => fab.restore_card(&p.cards[0].0),
+                _ => {}
+            }
+        }
+        if second.is_some_and(|t| now >= t + 30 * MS) {
+            fab.carrier_restore(p.wires[2]);
+        }
+        if now >= next_send && now < stop_sending {
+            for _ in 0..rng.random_range(1..8) {
+                let len = rng.random_range(8..=max);
+                send(&mut tx1, &mut sent[0], len);
+            }
+            if !p.is_paused(true) {
+                let len = rng.random_range(8..=max);
+                send(&mut tx2, &mut sent[1], len);
+            }
+            next_send = now + rng.random_range(5..100) * US;
+        }
+        kept |= p.a.core().keeps_records() || p.b.core().keeps_records();
+        let p_paused = p.is_paused(true);
+        for (c, d, host2) in [(&mut p.b, 0, true), (&mut p.a, 1, false)] {
+            if host2 && p_paused {
+                continue; // (a paused host runs nothing)
+            }
+            c.poll(|m| {
+                delivered[d] += 1;
+                let seq = u64::from_le_bytes(m[..8].try_into().unwrap());
+                assert_eq!(
+                    seq, delivered[d],
+                    "seed {seed}: lost, duplicated or reordered"
+                );
+            })
+            .unwrap_or_else(|e| panic!("seed {seed}: receive: {e}\n{}", c.core().describe()));
+            while let Some(e) = c.poll_event() {
+                if std::env::var_os("RAILOVER_KEPT_SEED").is_some() {
+                    eprintln!(
+                        "{} host {}: {e:?}",
+                        c.core().describe().lines().next().unwrap_or(""),
+                        1 + host2 as u8
+                    );
+                }
+            }
+            assert!(
+                c.core().end_reason().is_none(),
+                "seed {seed}: the session ended: {}",
+                c.core().describe()
+            );
+        }
+        if now >= stop_sending + 50 * MS && delivered == sent {
+            return kept;
+        }
+        assert!(
+            now < 2_000 * MS,
+            "seed {seed}: stuck at {delivered:?}/{sent:?}\nhost 1: {}host 2: {}",
+            p.a.core().describe(),
+            p.b.core().describe()
+        );
+        let limit = if now < stop_sending && next_send > now {
+            next_send.min(now + 50 * US)
+        } else {
+            now + 50 * US
+        };
+        p.step(limit);
+    }
 }

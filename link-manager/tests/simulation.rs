@@ -112,6 +112,8 @@ struct Outcome {
     /// Planned switches away from a degraded rail (both hosts).
     switches: u64,
     hot_hot: bool,
+    /// A failover kept records its new active rail had no room for yet (a full hot standby).
+    kept: bool,
 }
 
 fn payload(rng: &mut ChaCha8Rng, seq: usize, max: usize) -> Vec<u8> {
@@ -511,6 +513,7 @@ fn run_seed(seed: u64) -> Outcome {
     let target = rng.random_range(100..600);
     let mut next_send = 0u64;
     let horizon = 3_000 * MS;
+    let mut kept = false;
     loop {
         let now = pair.now();
         while faults.peek().is_some_and(|(t, _)| *t <= now) {
@@ -540,6 +543,7 @@ fn run_seed(seed: u64) -> Outcome {
         if !a_paused {
             receive(&mut pair.a, &mut ba, seed, "host 1");
         }
+        kept |= pair.a.core().keeps_records() || pair.b.core().keeps_records();
         let a_dead = pair.a.core().is_dead();
         let b_dead = pair.b.core().is_dead();
         let done_ab = ab.sent.len() >= target && ab.delivered == ab.sent.len();
@@ -657,6 +661,7 @@ fn run_seed(seed: u64) -> Outcome {
         channel_restores,
         switches,
         hot_hot: mode == RailMode::HotHot,
+        kept,
     }
 }
 
@@ -682,7 +687,7 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         .unwrap_or(1000);
     let (mut failovers, mut rearms, mut dead, mut delivered) = (0, 0, 0, 0);
     let (mut pauses, mut unresponsive, mut timeouts, mut channel_rearms) = (0, 0, 0, 0);
-    let (mut channel_restores, mut switches, mut hot_hot_seeds) = (0, 0, 0);
+    let (mut channel_restores, mut switches, mut hot_hot_seeds, mut kept_seeds) = (0, 0, 0, 0);
     for seed in 0..seeds {
         let o = std::panic::catch_unwind(|| run_seed(seed)).unwrap_or_else(|_| {
             panic!("seed {seed} failed; replay: RAILOVER_SEED={seed} cargo test -p railover --test simulation -- --nocapture")
@@ -698,8 +703,9 @@ fn seeded_fault_schedules_never_lose_duplicate_or_reorder() {
         channel_restores += o.channel_restores;
         switches += o.switches;
         hot_hot_seeds += o.hot_hot as u64;
+        kept_seeds += o.kept as u64;
     }
-    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings, {pauses} peer pauses ({unresponsive} seen as unresponsive, {timeouts} session timeouts), {channel_rearms} re-arms over the control channel, {channel_restores} control channels re-established, {hot_hot_seeds} hot-hot seeds, {switches} planned switches away from a degraded rail");
+    println!("{seeds} seeds: {delivered} messages delivered, {failovers} failovers, {rearms} re-arms, {dead} all-rails-dead endings, {pauses} peer pauses ({unresponsive} seen as unresponsive, {timeouts} session timeouts), {channel_rearms} re-arms over the control channel, {channel_restores} control channels re-established, {hot_hot_seeds} hot-hot seeds ({kept_seeds} with a failover keeping records a full standby had no room for), {switches} planned switches away from a degraded rail");
     assert!(
         seeds < 50 || switches > seeds / 100,
         "too few planned switches ({switches}) for {seeds} seeds"
