@@ -2269,7 +2269,12 @@ impl Core {
                 }
             }
         }
-        if self.switching.is_some() || self.ended.is_some() || self.unresponsive_since.is_some() {
+        // (No switch while a failover's kept records wait for room: see `begin_switch`.)
+        if self.switching.is_some()
+            || self.ended.is_some()
+            || self.unresponsive_since.is_some()
+            || self.lanes.keeps_records()
+        {
             return;
         }
         let a = self.active;
@@ -2349,6 +2354,7 @@ impl Core {
             || self.switching.is_some()
             || self.ended.is_some()
             || self.unresponsive_since.is_some()
+            || self.lanes.keeps_records()
         {
             return;
         }
@@ -2368,6 +2374,11 @@ impl Core {
     /// stream). Otherwise the active rail stops posting and asks the peer to acknowledge at
     /// once; [`Core::check_switch`] finishes when the peer delivered what it posted.
     fn begin_switch(&mut self, to: usize, reason: SwitchReason) {
+        if self.lanes.keeps_records() {
+            // A failover's kept records wait for room on the active rail: they go first (the
+            // lanes would refuse the switch); a later tick may switch.
+            return;
+        }
         if self.cfg.mode == RailMode::HotHot {
             self.finish_switch(to, reason);
             return;

@@ -59,9 +59,9 @@ pub enum LaneError {
 
 struct LaneShared {
     producers: Box<[UnsafeCell<Producer>]>,
-    /// Control -> writer: the active lane, SWITCHING or CLOSED. The writer loads it with Acquire
-    /// (pairs with the control's Release store ending a switch: its work on the producers is
-    /// visible to the writer).
+    /// Control -> writer: the active lane, SWITCHING, HELD or CLOSED. The writer loads it with
+    /// Acquire (pairs with the control's Release store ending a switch: its work on the
+    /// producers is visible to the writer).
     active: CachePadded<AtomicUsize>,
     /// Writer -> control: true while the writer uses the active producer. Cleared with Release
     /// (pairs with the control's Acquire load: the writer's records are visible to the copy).
@@ -371,8 +371,8 @@ impl LaneControl {
     /// the peer has not consumed (it was paused, or slow on that wire). Those records are kept
     /// aside, in order after any kept by an earlier failover, and go into `to` as the peer frees
     /// it ([`LaneControl::move_kept`]); the writer stays out until then (its sends are refused
-    /// as for a full ring, which may last as long as the peer's pause), so nothing overtakes them. A failover never fails for
-    /// room, and the failed lane can be reset at once.
+    /// as for a full ring, which may last as long as the peer's pause), so nothing overtakes
+    /// them. A failover never fails for room, and the failed lane can be reset at once.
     pub fn fail_over(&mut self, to: usize) -> (CopyReport, u64) {
         let from = self.active;
         self.check_target(to);
@@ -418,10 +418,14 @@ impl LaneControl {
     }
 
     /// A planned switch: [`LaneControl::fail_over`]'s copy, all or nothing. On an error (`to`
-    /// has no room for every record) the active lane stays as it was.
+    /// has no room for every record, or records a failover kept still wait for room: they
+    /// must go first) the active lane stays as it was.
     pub fn switch_to(&mut self, to: usize) -> Result<(CopyReport, u64), PushError> {
         let from = self.active;
         self.check_target(to);
+        if !self.kept.is_empty() {
+            return Err(PushError::Full);
+        }
         self.exclude_writer();
         let (own, dst) = (
             self.shared.producers[from].get_mut(),

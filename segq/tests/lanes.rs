@@ -371,6 +371,13 @@ fn a_failover_to_a_full_hot_standby_keeps_what_it_lacks_until_there_is_room() {
         0,
         "no room until lane 1's peer consumes"
     );
+    assert_eq!(
+        control.switch_to(2),
+        Err(PushError::Full),
+        "no planned switch before the kept records are in"
+    );
+    assert!(control.keeps_records());
+    assert_eq!(control.active(), 1);
 
     // A second failover, to a fresh lane, takes them along.
     let (report, next) = control.fail_over(2);
