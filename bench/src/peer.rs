@@ -614,6 +614,16 @@ fn stream(
                 core.active_rail(),
                 lat.join(" / ")
             ));
+            if a.gray_retransmits > 0 {
+                let counts: Vec<String> = (0..core.config().rails())
+                    .map(|r| core.rail_retransmissions_in_window(r).to_string())
+                    .collect();
+                timeline.push(format!(
+                    "{:.1} ms #0 retransmissions in the last window: {}",
+                    start.elapsed().as_secs_f64() * 1e3,
+                    counts.join(" / ")
+                ));
+            }
         }
         if a.mark_window && window.1.is_none() {
             let now = Instant::now();

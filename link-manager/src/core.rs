@@ -1094,6 +1094,14 @@ impl Core {
         }
     }
 
+    /// How many retransmissions `rail`'s card counted in the gray switch's last whole window
+    /// (0 before its first report, or when the switch does not count them).
+    pub fn rail_retransmissions_in_window(&self, rail: usize) -> u64 {
+        self.rails
+            .get(rail)
+            .map_or(0, |r| r.retransmissions_in_window)
+    }
+
     /// Whether the gray switch counts retransmissions (the driver then reports them about
     /// once per heartbeat interval).
     pub fn wants_retransmissions(&self) -> bool {
