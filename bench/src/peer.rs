@@ -19,8 +19,6 @@ use std::time::Duration;
 use std::time::Instant;
 
 #[cfg(feature = "verbs")]
-use hdrhistogram::Histogram;
-#[cfg(feature = "verbs")]
 use railover::core::Event;
 use railover::settings::Settings;
 #[cfg(feature = "verbs")]
@@ -533,7 +531,9 @@ fn stream(
 ) {
     println!("connected");
     let _ = std::io::stdout().flush();
-    let mut calls = Histogram::<u64>::new(3).expect("histogram");
+    // Sized up front (1 ns to 100 s): a histogram that grew on a long call would allocate on
+    // the data thread, a system call in the steady state the strace test watches.
+    let mut calls = crate::stats::histogram();
     let mut timed = |started: Instant| {
         let _ = calls.record(started.elapsed().as_nanos() as u64);
     };
@@ -567,7 +567,7 @@ fn stream(
     let mut failovers_keeping = 0u64;
     let (mut unresponsive, mut responsive, mut longest_silence_ns) = (0u64, 0u64, 0u64);
     // Time between consecutive deliveries (any connection): a blackout shows in its tail.
-    let mut gaps = Histogram::<u64>::new(3).expect("histogram");
+    let mut gaps = crate::stats::histogram(); // sized up front, as `calls`
     let mut last_delivery: Option<Instant> = None;
     // The three longest gaps and when they ended (ms into the stream): where a tail comes from.
     let mut longest_gaps: Vec<(f64, f64)> = Vec::new();

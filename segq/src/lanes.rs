@@ -165,18 +165,24 @@ impl Drop for LaneReservation<'_> {
     }
 }
 
+/// `TooLarge` for a payload longer than every lane's largest record.
+fn too_large(len: usize, max: usize) -> Option<LaneError> {
+    (len > max).then_some(LaneError::Push(PushError::TooLarge { len, max }))
+}
+
 impl LaneWriter {
     /// Largest payload accepted.
     pub fn max_record(&self) -> usize {
         self.max_record
     }
 
-    /// Enters the active lane: its index, with the writer marked inside.
-    fn enter(&self) -> Result<usize, LaneError> {
+    /// Enters the active lane to write a `len`-byte payload: its index, with the writer marked
+    /// inside.
+    fn enter(&self, len: usize) -> Result<usize, LaneError> {
         // Never raise the flag while a switch is pending: a writer retrying in a loop would
         // otherwise keep the control waiting for ever.
         if self.shared.active.load(Ordering::Relaxed) == SWITCHING {
-            return Err(LaneError::Switching);
+            return Err(self.refused(len, LaneError::Switching));
         }
         self.shared.writer_inside.store(true, Ordering::Relaxed);
         // Dekker with `LaneControl::exclude_writer`: orders our store before our load of
@@ -186,7 +192,7 @@ impl LaneWriter {
         match self.shared.active.load(Ordering::Acquire) {
             SWITCHING => {
                 self.leave();
-                Err(LaneError::Switching)
+                Err(self.refused(len, LaneError::Switching))
             }
             CLOSED => {
                 self.leave();
@@ -197,10 +203,18 @@ impl LaneWriter {
             }
             HELD => {
                 self.leave();
-                Err(LaneError::Push(PushError::Full))
+                Err(self.refused(len, LaneError::Push(PushError::Full)))
             }
             lane => Ok(lane),
         }
+    }
+
+    /// Why a `len`-byte payload is refused while the lane can't be entered: a payload too large
+    /// for any lane is told so at once (it never fits, whatever the wait), anything else gets
+    /// `wait`, the error to retry on.
+    #[cold]
+    fn refused(&self, len: usize, wait: LaneError) -> LaneError {
+        too_large(len, self.max_record).unwrap_or(wait)
     }
 
     fn leave(&self) {
@@ -210,7 +224,7 @@ impl LaneWriter {
 
     /// Copies `payload` into the active lane as one record. Returns its sequence number.
     pub fn push(&mut self, payload: &[u8]) -> Result<u64, LaneError> {
-        let lane = self.enter()?;
+        let lane = self.enter(payload.len())?;
         let producer = self.shared.producers[lane].get_mut();
         // SAFETY: we are inside and `lane` is active: the control does not touch this producer
         // until we leave (module doc), and `&mut self` makes this writer the only other user.
@@ -224,7 +238,7 @@ impl LaneWriter {
     /// Reserves a slot of `len` payload bytes in the active lane. Keep it short: a failover waits
     /// for it to be committed or dropped.
     pub fn reserve(&mut self, len: usize) -> Result<LaneReservation<'_>, LaneError> {
-        let lane = self.enter()?;
+        let lane = self.enter(len)?;
         let producer = self.shared.producers[lane].get_mut();
         // SAFETY: as in `push`; the reservation keeps us inside (and borrows `self` mutably) until
         // it is committed or dropped, so the reference stays exclusive for its whole life.
@@ -279,7 +293,7 @@ impl LaneControl {
     }
 
     /// Whether this thread may write records itself: no writer was handed out, lanes open.
-    fn check_local(&self) -> Result<(), LaneError> {
+    fn check_local(&self, len: usize) -> Result<(), LaneError> {
         if self.writer_out {
             return Err(LaneError::WriterElsewhere);
         }
@@ -289,8 +303,9 @@ impl LaneControl {
             ));
         }
         if !self.kept.is_empty() {
-            // No room before the kept records (the writer is told the same).
-            return Err(LaneError::Push(PushError::Full));
+            // No room before the kept records (the writer is told the same), unless it never
+            // fits anywhere.
+            return Err(too_large(len, self.max_record).unwrap_or(LaneError::Push(PushError::Full)));
         }
         Ok(())
     }
@@ -298,7 +313,7 @@ impl LaneControl {
     /// Copies `payload` into the active lane as one record, on the control's thread (no
     /// protocol: nothing else can write). Returns its sequence number.
     pub fn push_local(&mut self, payload: &[u8]) -> Result<u64, LaneError> {
-        self.check_local()?;
+        self.check_local(payload.len())?;
         let producer = self.shared.producers[self.active].get_mut();
         // SAFETY: no LaneWriter was handed out (checked), so the producers are touched only
         // through this control, and `&mut self` makes this the only use while it lasts.
@@ -310,7 +325,7 @@ impl LaneControl {
 
     /// Reserves a slot of `len` payload bytes in the active lane, on the control's thread.
     pub fn reserve_local(&mut self, len: usize) -> Result<Reservation<'_>, LaneError> {
-        self.check_local()?;
+        self.check_local(len)?;
         let producer = self.shared.producers[self.active].get_mut();
         // SAFETY: as in `push_local`.
         let raw: *mut Producer = unsafe { producer.deref() };

@@ -357,6 +357,11 @@ fn a_failover_to_a_full_hot_standby_keeps_what_it_lacks_until_there_is_room() {
         Err(LaneError::Push(PushError::Full)),
         "no room before the kept records"
     );
+    assert_eq!(
+        control.push_local(&[0; 65]),
+        Err(LaneError::Push(PushError::TooLarge { len: 65, max: 64 })),
+        "a payload that never fits is told so at once, not to wait"
+    );
     let unacked = |control: &railover_segq::LaneControl| {
         let mut seqs = Vec::new();
         control.for_each_unacked(|s, p| {
@@ -409,4 +414,39 @@ fn a_failover_to_a_full_hot_standby_keeps_what_it_lacks_until_there_is_room() {
         .collect();
     assert_eq!(on_1, [first + 1, first + 2, first + 3]);
     assert_eq!(control.push_local(&[0; 40]), Ok(first + 4));
+}
+
+/// While a failover's kept records wait, a split writer is refused with `Full` (retry later),
+/// but a payload too large for any lane is refused as `TooLarge` at once: waiting would never
+/// make it fit.
+#[test]
+fn a_writer_held_out_by_kept_records_is_told_at_once_of_a_payload_that_never_fits() {
+    let geo = Geometry::new(256, 4, 64).unwrap();
+    let queues = (0..2)
+        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+        .collect();
+    let mut control = lanes(queues, 0);
+    let mut writer = control.writer().expect("first writer");
+    // Lane 1's peer consumes nothing; lane 0's delivers everything, until lane 1 is full.
+    let mut seq;
+    loop {
+        seq = writer.push(&[1; 40]).unwrap();
+        let stalled = control.shadow(1).unwrap().stalled;
+        ack_all(&mut control, 0, seq);
+        if stalled {
+            break;
+        }
+    }
+    writer.push(&[2; 40]).unwrap(); // not delivered: kept by the failover
+    let (report, _) = control.fail_over(1);
+    assert_eq!(report.records, 1);
+    assert!(control.keeps_records());
+    assert_eq!(writer.push(b"new"), Err(LaneError::Push(PushError::Full)));
+    let too_large = LaneError::Push(PushError::TooLarge { len: 65, max: 64 });
+    assert_eq!(writer.push(&[0; 65]), Err(too_large.clone()));
+    assert_eq!(writer.reserve(65).err(), Some(too_large));
+    // Once the kept record is in, the writer numbers on after it.
+    ack_all(&mut control, 1, seq);
+    assert_eq!(control.move_kept(), 1);
+    assert_eq!(writer.push(b"new"), Ok(seq + 2));
 }
