@@ -443,7 +443,7 @@ fn a_writer_held_out_by_kept_records_is_told_at_once_of_a_payload_that_never_fit
     assert!(control.keeps_records());
     assert_eq!(writer.push(b"new"), Err(LaneError::Push(PushError::Full)));
     let too_large = LaneError::Push(PushError::TooLarge { len: 65, max: 64 });
-    assert_eq!(writer.push(&[0; 65]), Err(too_large.clone()));
+    assert_eq!(writer.push(&[0; 65]), Err(too_large));
     assert_eq!(writer.reserve(65).err(), Some(too_large));
     // Once the kept record is in, the writer numbers on after it.
     ack_all(&mut control, 1, seq);
