@@ -1424,7 +1424,8 @@ fn the_gray_switch_leaves_a_lossy_wire_counting_retransmissions() {
     // The signal is 8 retransmissions in a 400 ms window the standby's card spent with fewer.
     // Measured per 400 ms window (bench/results/rail-modes.md): the lossy wire 13-70 before
     // the switch, a calm one 0-1. Guest stalls alone cause a few (CI runs switched before the
-    // loss on 1 per 50 ms, then on 3 per 200 ms), so the threshold keeps a wide margin.
+    // loss on 1 per 50 ms, then on 3 per 200 ms), so the threshold keeps a wide margin. The
+    // count is judged at every tick, so the longer window does not delay the switch.
     let args = [
         "--hb-misses",
         "300",

@@ -60,7 +60,9 @@ pub struct GraySwitch {
     /// still takes it if nothing else is left).
     pub hold_down_ns: u64,
     /// Also switch when the active rail's card counted at least this many RC retransmissions in
-    /// one window while a standby's counted fewer (0: latency alone). Where the card exposes
+    /// one window while a standby's counted fewer (0: latency alone). Judged at every heartbeat
+    /// tick on the window's count so far: the switch comes as soon as the count is reached, not
+    /// at the window's end. Where the card exposes
     /// them (`hw_counters`: rxe, ConnectX); read off the data path (the control thread, or the
     /// simulator's card), per card, so every connection on it shares the count. Ask for more
     /// than one: a single retransmission happens on healthy wires when a host stalls.

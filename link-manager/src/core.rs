@@ -564,6 +564,13 @@ impl Rail {
         self.state != RailState::Failed && self.ctrl_due && self.outstanding < max_wr
     }
 
+    /// Retransmissions its card counted so far in the gray switch's current window (0 before
+    /// its first report).
+    fn retransmissions_so_far(&self) -> u64 {
+        self.retransmissions_base
+            .map_or(0, |base| self.retransmissions.saturating_sub(base))
+    }
+
     /// The rail's write latency now: the moving average, or the age of the write being timed if
     /// that is longer (a stalled rail shows before its writes complete).
     fn current_latency(&self, now: Nanos) -> Nanos {
@@ -2265,43 +2272,31 @@ impl Core {
     fn check_gray(&mut self) {
         let Some(gray) = self.cfg.gray else { return };
         let now = self.now;
-        // Retransmissions: counted per window (the cards' counters, reported by the driver).
-        let window_done = gray.retransmits_per_window > 0
-            && now.saturating_sub(self.retransmit_window_start) >= gray.window_ns;
-        if window_done {
-            self.retransmit_window_start = now;
-            for r in &mut self.rails {
-                if let Some(base) = r.retransmissions_base {
-                    r.retransmissions_in_window = r.retransmissions.saturating_sub(base);
-                    r.retransmissions_base = Some(r.retransmissions);
-                }
-            }
-        }
+        // Retransmissions: counted per window (the cards' counters, reported by the driver),
+        // and judged at every tick on the count so far, so the switch comes as soon as the
+        // window holds enough of them rather than at its end.
+        let limit = u64::from(gray.retransmits_per_window);
+        let window_done =
+            limit > 0 && now.saturating_sub(self.retransmit_window_start) >= gray.window_ns;
         // (No switch while a failover's kept records wait for room: see `begin_switch`.)
-        if self.switching.is_some()
-            || self.ended.is_some()
-            || self.unresponsive_since.is_some()
-            || self.lanes.keeps_records()
-        {
-            return;
-        }
+        let may_switch = self.switching.is_none()
+            && self.ended.is_none()
+            && self.unresponsive_since.is_none()
+            && !self.lanes.keeps_records();
         let a = self.active;
         let peer_avoiding = self.peer_avoiding();
-        let eligible = |i: usize| self.switch_target(i, peer_avoiding);
-        let limit = u64::from(gray.retransmits_per_window);
-        if window_done && self.rails[a].retransmissions_in_window >= limit {
+        if may_switch && limit > 0 && self.rails[a].retransmissions_so_far() >= limit {
             let calm = (0..self.rails.len())
                 .filter(|&i| {
-                    let r = &self.rails[i];
-                    eligible(i)
-                        && r.retransmissions_base.is_some()
-                        && r.retransmissions_in_window < limit
+                    self.switch_target(i, peer_avoiding)
+                        && self.rails[i].retransmissions_base.is_some()
+                        && self.rails[i].retransmissions_so_far() < limit
                 })
-                .min_by_key(|&i| self.rails[i].retransmissions_in_window);
+                .min_by_key(|&i| self.rails[i].retransmissions_so_far());
             if let Some(to) = calm {
                 let reason = SwitchReason::Retransmitting {
-                    active: self.rails[a].retransmissions_in_window,
-                    standby: self.rails[to].retransmissions_in_window,
+                    active: self.rails[a].retransmissions_so_far(),
+                    standby: self.rails[to].retransmissions_so_far(),
                 };
                 tracing::warn!(
                     from = a,
@@ -2310,10 +2305,16 @@ impl Core {
                     "active rail retransmitting: switching"
                 );
                 self.degraded_since = None;
+                self.roll_retransmit_window(window_done);
                 self.begin_switch(to, reason);
                 return;
             }
         }
+        self.roll_retransmit_window(window_done);
+        if !may_switch {
+            return;
+        }
+        let eligible = |i: usize| self.switch_target(i, peer_avoiding);
         let active_latency_ns = self.rails[a].current_latency(now);
         let best = (0..self.rails.len())
             .filter(|&i| eligible(i) && self.rails[i].latency_ns != 0)
@@ -2337,6 +2338,22 @@ impl Core {
                 }
             }
             _ => self.degraded_since = None,
+        }
+    }
+
+    /// At a retransmission window's end, the next one starts: each rail's count of the window
+    /// just done is kept (for [`Core::rail_retransmissions_in_window`]) and counting starts
+    /// again from its card's total.
+    fn roll_retransmit_window(&mut self, window_done: bool) {
+        if !window_done {
+            return;
+        }
+        self.retransmit_window_start = self.now;
+        for r in &mut self.rails {
+            if let Some(base) = r.retransmissions_base {
+                r.retransmissions_in_window = r.retransmissions.saturating_sub(base);
+                r.retransmissions_base = Some(r.retransmissions);
+            }
         }
     }
 

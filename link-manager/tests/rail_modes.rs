@@ -429,6 +429,37 @@ fn the_gray_switch_counts_retransmissions_where_latency_hides_the_loss() {
     );
 }
 
+/// The retransmission count is judged at every tick on the window's count so far: with a
+/// window far longer than the loss needs to reach the count, the switch comes once the count
+/// is in, not at the window's end (35 ms after the loss began here, when it was judged there).
+#[test]
+fn the_gray_switch_leaves_as_soon_as_the_window_holds_enough_retransmissions() {
+    let window = 50 * MS;
+    let gray = GraySwitch::new(
+        Duration::from_micros(300),
+        Duration::from_nanos(window),
+        Duration::from_nanos(2 * window),
+    )
+    .retransmits_per_window(3);
+    let r = run(
+        RailMode::ActiveStandby,
+        Some(gray),
+        Fault::LightLoss,
+        4_000,
+        9,
+    );
+    let sw = switches(&r.events);
+    assert_eq!(sw.len(), 1, "{:?}", r.events);
+    let (from, to, at) = sw[0];
+    assert_eq!((from, to), (0, 1));
+    assert!(
+        FAULT_AT < window && at - FAULT_AT <= 10 * MS,
+        "switched {} us after the loss began, the window ending at {} us",
+        (at - FAULT_AT) / 1_000,
+        (window - FAULT_AT) / 1_000
+    );
+}
+
 /// A wire is one path for both directions: when one side's gray switch leaves it, the other
 /// follows (reason `PeerLeft`) at its next heartbeat tick, even without a gray switch of its
 /// own, instead of staying on the lossy wire until it fails there. Nothing is lost, duplicated
