@@ -407,9 +407,11 @@ fn sixteen_connections_fail_over_and_come_back_together_without_leaking() {
     // under this load one emulated device's packets were seen to fall 100+ ms behind the other's
     // (silences of up to 358 ms in one CI run), which a 100 ms heartbeat timeout takes for a
     // dead wire; a rail failed that way just before the cut makes the cut a double fault, which
-    // rightly ends that connection. So the heartbeat gets 1.5 s and RC 6 retries here (the cut
-    // itself is detected by port events and retry errors, not heartbeats; a slower guest than
-    // the one that measured 358 ms must not fail a rail) and the pace is halved.
+    // rightly ends that connection. So the heartbeat gets 1.5 s and RC 7 attempts of ~134 ms
+    // each (~0.9 s, above the 358 ms seen; with the default ~33 ms a 235 ms silence failed a
+    // rail) here: the cut itself is a carrier loss, which the port events report at once, and
+    // a slower guest than the one that measured 358 ms must not fail a rail. The pace is
+    // halved.
     let (mut serve, mut connect) = start_with(
         20.0,
         false,
@@ -423,6 +425,8 @@ fn sixteen_connections_fail_over_and_come_back_together_without_leaking() {
             "1500",
             "--rc-retries",
             "6",
+            "--rc-timeout",
+            "15",
         ],
     );
     // The cut comes once every connection has both rails up and proven on both sides (a rail
@@ -498,6 +502,8 @@ fn sixty_four_connections_on_one_endpoint_fail_over_and_come_back_together() {
             "3000",
             "--rc-retries",
             "6",
+            "--rc-timeout",
+            "15",
         ],
     );
     // The cut comes once every connection on both sides has both rails up and proven (under
