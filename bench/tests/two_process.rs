@@ -569,8 +569,12 @@ fn a_failover_to_a_full_hot_standby_keeps_the_rest_until_the_stopped_receiver_ru
         "hot-hot",
         "--size",
         "1024",
+        // A packet netem drops on the late wire (as a qdisc goes on under traffic) costs a
+        // 268 ms RC timeout, 50 ms more for the delay: a dry run's receiver failed wire b by a
+        // heartbeat miss at 300 ms, before the stop. The cut is a carrier loss, which the port
+        // events report, so a 1 s heartbeat costs the test nothing.
         "--hb-misses",
-        "300",
+        "1000",
         "--rc-retries",
         "6",
         "--rc-timeout",

@@ -1122,7 +1122,8 @@ impl Core {
 
     /// Whether a failover kept records aside that the new active rail had no room for yet (a
     /// hot standby whose ring the peer had not freed): they go out as the peer frees it, and
-    /// sends are refused with [`SendError::Backpressure`] until then (none may overtake them).
+    /// sends are refused with [`SendError::Backpressure`] until then (none may overtake them;
+    /// a message too large for any rail is still [`SendError::TooLarge`]).
     pub fn keeps_records(&self) -> bool {
         self.lanes.keeps_records()
     }
@@ -2267,8 +2268,10 @@ impl Core {
         }
     }
 
-    /// Gray failure: at a heartbeat tick, whether the active rail has been slower than the best
-    /// standby by more than the margin for the whole window; if so, a planned switch begins.
+    /// Gray failure: at a heartbeat tick, whether the active rail's card has counted the
+    /// configured retransmissions in the current window, or the rail has been slower than the
+    /// best standby by more than the margin for the whole window; if so, a planned switch
+    /// begins.
     fn check_gray(&mut self) {
         let Some(gray) = self.cfg.gray else { return };
         let now = self.now;
@@ -2305,7 +2308,10 @@ impl Core {
                     "active rail retransmitting: switching"
                 );
                 self.degraded_since = None;
-                self.roll_retransmit_window(window_done);
+                // A fresh window: the new active rail's count starts from zero, as it did when
+                // the count was judged only at a window's end (a standby one short of the limit
+                // must not be left again at its next retransmission).
+                self.roll_retransmit_window(true);
                 self.begin_switch(to, reason);
                 return;
             }

@@ -363,7 +363,9 @@ impl Sender {
     /// Queues `msg`; the receiver's thread posts it. Returns its sequence number. A failover in
     /// progress is waited out (it takes microseconds); a full ring is [`SendError::Backpressure`],
     /// and so is the wait after a failover to a full hot standby for the records it kept
-    /// ([`crate::core::Core::keeps_records`]), which lasts until the peer frees room.
+    /// ([`crate::core::Core::keeps_records`]), which lasts until the peer frees room. A message
+    /// larger than the configured largest record is [`SendError::TooLarge`] at once, waits or
+    /// not.
     pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
         loop {
             match self.writer.push(msg) {

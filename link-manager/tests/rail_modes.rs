@@ -460,6 +460,85 @@ fn the_gray_switch_leaves_as_soon_as_the_window_holds_enough_retransmissions() {
     );
 }
 
+/// A switch for retransmissions starts a fresh window: the rail it moves to counts from zero.
+/// Three rails, the two standbys' cards each one retransmission short of the limit when the
+/// active's reaches it: the switch takes rail 1, and rail 1's next retransmission in the same
+/// window must not send it on to rail 2 (it did when the count was judged mid-window without
+/// the fresh window: a standby one short of the limit is calm, but not fresh).
+#[test]
+fn a_retransmission_switch_starts_a_fresh_window_for_the_rail_it_takes() {
+    let window = 50 * MS;
+    let gray = GraySwitch::new(
+        Duration::from_secs(1), // latency never decides here
+        Duration::from_nanos(window),
+        Duration::from_nanos(4 * window),
+    )
+    .retransmits_per_window(3);
+    let cfg = config_rails(RailMode::ActiveStandby, Some(gray), 3);
+    let mut p = SimPair::new(cfg, 5, WIRE_NS).unwrap();
+    let fab = p.fabric.clone();
+    let wires = p.wires.clone();
+    let (mut sent, mut delivered) = (0u64, 0u64);
+    let mut events = Vec::new();
+    let mut switched_at = None;
+    let mut later_count_at = None;
+    let (mut standbys_counted, mut active_counted) = (false, false);
+    while p.now() < window - 5 * MS {
+        let now = p.now();
+        if now >= MS {
+            sent += 1;
+            assert_eq!(p.a.send(&sent.to_le_bytes()), Ok(sent));
+        }
+        p.b.poll(|m| {
+            delivered += 1;
+            assert_eq!(u64::from_le_bytes(m.try_into().unwrap()), delivered);
+        })
+        .unwrap();
+        while let Some(e) = p.a.poll_event() {
+            if matches!(e, Event::Switched { .. }) && switched_at.is_none() {
+                switched_at = Some(now);
+            }
+            events.push(e);
+        }
+        // Rails 1 and 2 one short of the limit; then the active rail at it.
+        if now >= 10 * MS && !standbys_counted {
+            standbys_counted = true;
+            fab.count_retransmissions(wires[1], 0, 2);
+            fab.count_retransmissions(wires[2], 0, 2);
+        }
+        if now >= 13 * MS && !active_counted {
+            active_counted = true;
+            fab.count_retransmissions(wires[0], 0, 3);
+        }
+        // Once on rail 1: one more there, within the same 50 ms.
+        if let Some(at) = switched_at {
+            if later_count_at.is_none() && now >= at + 2 * MS {
+                fab.count_retransmissions(wires[1], 0, 1);
+                later_count_at = Some(now);
+            }
+        }
+        p.step(now + 20 * US);
+    }
+    let sw = switches(&events);
+    assert!(later_count_at.is_some(), "the switch came: {events:?}");
+    assert_eq!(sw.len(), 1, "one switch, not on to rail 2: {events:?}");
+    assert_eq!((sw[0].0, sw[0].1), (0, 1));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::Switched {
+            reason: SwitchReason::Retransmitting {
+                active: 3,
+                standby: 2
+            },
+            ..
+        }
+    )));
+    assert!(
+        delivered + 50 > sent,
+        "the stream flows: {delivered}/{sent}"
+    );
+}
+
 /// A wire is one path for both directions: when one side's gray switch leaves it, the other
 /// follows (reason `PeerLeft`) at its next heartbeat tick, even without a gray switch of its
 /// own, instead of staying on the lossy wire until it fails there. Nothing is lost, duplicated

@@ -422,6 +422,15 @@ impl SimFabric {
         wire.loss_retransmit_ns = retransmit_ns;
     }
 
+    /// The card at `end` of `wire` (0: the first host's, 1: the second's) counts `n` more RC
+    /// retransmissions, as if it had sent that many again: scripts what a gray switch counts
+    /// without the loss that would cause them.
+    pub fn count_retransmissions(&self, wire: WireId, end: usize, n: u64) {
+        let mut w = self.world.borrow_mut();
+        let nic = w.wires[wire.0].nics[end];
+        w.nics[nic].retransmissions += n;
+    }
+
     /// A queue pair hits a fatal error (QP-fatal event on its card).
     pub fn qp_fatal(&self, link: &SimLink) {
         let mut w = self.world.borrow_mut();
