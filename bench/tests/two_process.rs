@@ -8,8 +8,8 @@
 //! (`--include-ignored`).
 #![cfg(feature = "verbs")]
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -24,9 +24,12 @@ const HOST2: &str = "rxe_a2,rxe_b2";
 const HEARTBEAT_MISSES: u32 = 100;
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(HEARTBEAT_MISSES as u64);
 
+/// A process of the test, its output lines read on a thread of their own, so that every wait
+/// for one has a deadline (a process that hangs fails the test, not the suite). Killed when
+/// dropped, so a failed test leaves nothing running into the next.
 struct Peer {
     child: Child,
-    out: BufReader<ChildStdout>,
+    lines: std::sync::mpsc::Receiver<String>,
     name: &'static str,
     /// The port it listens on (serve).
     port: Option<u16>,
@@ -57,20 +60,65 @@ impl Peer {
             .spawn()
             .unwrap_or_else(|e| panic!("{name}: spawn {BIN}: {e}"));
         let out = BufReader::new(child.stdout.take().expect("piped"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
         Peer {
             child,
-            out,
+            lines,
             name,
             port: None,
         }
     }
 
-    /// The next line the process prints (its progress: `listening <port>`, `connected`).
+    /// The next line the process prints (its progress: `listening <port>`, `connected`,
+    /// `redundant`), within two minutes.
     fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.out.read_line(&mut l).expect("read child stdout");
-        assert!(!l.is_empty(), "{} exited early", self.name);
-        l.trim().to_string()
+        match self.lines.recv_timeout(Duration::from_secs(120)) {
+            Ok(l) => l.trim().to_string(),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("{} exited early", self.name)
+            }
+            Err(e) => {
+                self.kill();
+                panic!("{}: no line within 120 s ({e})", self.name)
+            }
+        }
+    }
+
+    /// The first line (from now) that contains `what`, within `limit`.
+    fn wait_for(&self, what: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(what) => return l,
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "{}: no line with {what:?} within {limit:?} ({e})",
+                    self.name
+                ),
+            }
+        }
+    }
+
+    /// The port after `prefix ` in the next line with it.
+    fn port(&self, prefix: &str) -> String {
+        let l = self.wait_for(prefix, Duration::from_secs(60));
+        l.trim()
+            .strip_prefix(prefix)
+            .map(|p| p.trim().to_string())
+            .unwrap_or_else(|| panic!("{}: {l:?}", self.name))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
     }
 
     fn signal(&self, sig: &str) {
@@ -84,32 +132,36 @@ impl Peer {
 
     /// Waits (at most `limit`) for the process to exit; returns its JSON report. Its output is
     /// read meanwhile, so a report larger than the pipe cannot hold the process up.
-    fn report(self, limit: Duration) -> Value {
-        let Peer {
-            mut child,
-            mut out,
-            name,
-            ..
-        } = self;
-        let reader = std::thread::spawn(move || {
-            let mut rest = String::new();
-            out.read_to_string(&mut rest).map(|_| rest)
-        });
+    fn report(mut self, limit: Duration) -> Value {
         let deadline = Instant::now() + limit;
+        let mut last = None;
+        let mut rest = String::new();
         loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                let rest = reader.join().expect("reader").expect("read report");
-                let json = rest.lines().rev().find(|l| l.starts_with('{'));
-                let json = json.unwrap_or_else(|| panic!("{name}: no report ({status}): {rest}"));
-                return serde_json::from_str(json).expect("report is JSON");
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if l.starts_with('{') {
+                        last = Some(l.clone());
+                    }
+                    rest.push_str(&l);
+                    rest.push('\n');
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(_) => {
+                    self.kill();
+                    panic!("{} did not finish within {limit:?}", self.name);
+                }
             }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!("{name} did not finish within {limit:?}");
-            }
-            // Polling a child for its exit: nothing to synchronise on but the process table.
-            std::thread::sleep(Duration::from_millis(20));
         }
+        let status = self.child.wait().expect("wait");
+        let json = last.unwrap_or_else(|| panic!("{}: no report ({status}): {rest}", self.name));
+        serde_json::from_str(&json).expect("report is JSON")
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -1029,88 +1081,8 @@ fn perftest_style_pingpong_and_flood_deliver_everything_and_the_flood_coalesces(
     assert_eq!(fc["close"], "ok", "{c}");
 }
 
-/// A replica process whose output lines are read on a thread of their own, so that a test
-/// waits for a line with a deadline (a server runs until killed: a plain read could hang).
-struct Replica {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    name: &'static str,
-}
-
-impl Replica {
-    fn spawn(name: &'static str, args: &[&str]) -> Replica {
-        let Peer {
-            child, out, name, ..
-        } = Peer::spawn(name, args);
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    return;
-                }
-            }
-        });
-        Replica { child, lines, name }
-    }
-
-    /// The first line (from now) that contains `what`, within `limit`.
-    fn wait_for(&self, what: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(what) => return l,
-                Ok(_) => {}
-                Err(e) => panic!(
-                    "{}: no line with {what:?} within {limit:?} ({e})",
-                    self.name
-                ),
-            }
-        }
-    }
-
-    /// The port after `prefix ` in the next line with it.
-    fn port(&self, prefix: &str) -> String {
-        let l = self.wait_for(prefix, Duration::from_secs(60));
-        l.trim()
-            .strip_prefix(prefix)
-            .map(|p| p.trim().to_string())
-            .unwrap_or_else(|| panic!("{}: {l:?}", self.name))
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-
-    /// Waits for the process to exit (at most `limit`); returns its JSON report.
-    fn report(mut self, limit: Duration) -> Value {
-        let deadline = Instant::now() + limit;
-        let mut last = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with('{') => last = Some(l),
-                Ok(_) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(_) => {
-                    self.kill();
-                    panic!("{} did not finish within {limit:?}", self.name);
-                }
-            }
-        }
-        let status = self.child.wait().expect("wait");
-        let json = last.unwrap_or_else(|| panic!("{}: no report ({status})", self.name));
-        serde_json::from_str(&json).expect("report is JSON")
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A replica process: a [`Peer`] (a server runs until killed: every wait has a deadline).
+type Replica = Peer;
 
 fn replica_line(r: &Value, what: &str) -> String {
     format!(
