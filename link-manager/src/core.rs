@@ -455,9 +455,14 @@ struct Rail {
     imm_posted: u64,
     /// How many of them the peer reported processed (its receives are replenished by then).
     peer_notified: u64,
-    /// Notifications this side processed on this rail, and the count last reported.
+    /// Notifications this side processed on this rail, and the count last reported (by a block,
+    /// or by the credit bits of its data writes).
     notified: u64,
     reported_notified: u64,
+    /// The notifications this side's data writes on this rail announced by their credit bits
+    /// ([`CREDIT_QUANTUM`] each), and those the peer's announced.
+    carried_notified: u64,
+    peer_carried: u64,
     /// What the last block posted here said was delivered, and which rails had failed (with
     /// `reported_consumed` and `reported_notified`: a heartbeat block without news may be
     /// skipped when liveness is shared, see [`SharedLiveness`]).
@@ -510,9 +515,22 @@ struct Switch {
     deadline: Nanos,
 }
 
+/// A data write's immediate, above the [`NOTIFY_BITS`] position bits: the low [`BEAT_BITS`] bits
+/// of the writer's heartbeat number, then one credit bit.
+const BEAT_BITS: u32 = 7;
+/// The immediate's top bit: the writer processed another [`CREDIT_QUANTUM`] of the reader's
+/// notifications on this rail (receive credits ride on data flowing back; a control block
+/// carries them only when none does).
+const CREDIT_BIT: u32 = 1 << (NOTIFY_BITS + BEAT_BITS);
+/// Notifications one credit bit stands for (a protocol constant: both sides count in it). Each
+/// set bit is counted once, in order, by the reader (a rail's receive completions come in
+/// the order of its writes), so the sum is exact and never more than the writer processed.
+pub const CREDIT_QUANTUM: u64 = 16;
+const _: () = assert!(NOTIFY_BITS + BEAT_BITS + 1 == 32);
+
 /// The heartbeat number's low bits, placed above the position bits of a data write's immediate.
 fn beat_bits(beat: u64) -> u32 {
-    ((beat as u32) & ((1 << (32 - NOTIFY_BITS)) - 1)) << NOTIFY_BITS
+    ((beat as u32) & ((1 << BEAT_BITS) - 1)) << NOTIFY_BITS
 }
 
 impl Rail {
@@ -524,7 +542,7 @@ impl Rail {
     /// is not news. A rail that has heard no full beat number yet (its first block was lost)
     /// takes the one nearest `base`, the latest beat heard on any rail (0: none, nothing learnt).
     fn heard_beat_low_bits(&mut self, low: u32, base: u64, now: Nanos) -> bool {
-        let range = 1u64 << (32 - NOTIFY_BITS);
+        let range = 1u64 << BEAT_BITS;
         let low = u64::from(low) & (range - 1);
         let beat = if self.peer_heartbeat != 0 {
             let ahead = low.wrapping_sub(self.peer_heartbeat) & (range - 1);
@@ -785,6 +803,8 @@ impl Core {
                 peer_notified: 0,
                 notified: 0,
                 reported_notified: 0,
+                carried_notified: 0,
+                peer_carried: 0,
                 reported_delivered: 0,
                 reported_fault_gens: 0,
                 reported_avoiding: 0,
@@ -1484,6 +1504,15 @@ impl Core {
                 // (The totals are summed from these in `stats`.)
                 self.stats.rail_data_writes[a] += 1;
                 self.stats.rail_data_bytes[a] += range.len() as u64;
+                // Receive credits ride on the write when another quantum of the peer's writes
+                // was processed here since the last one said so.
+                let credit = if rail.notified - rail.carried_notified >= CREDIT_QUANTUM {
+                    rail.carried_notified += CREDIT_QUANTUM;
+                    rail.reported_notified = rail.reported_notified.max(rail.carried_notified);
+                    CREDIT_BIT
+                } else {
+                    0
+                };
                 let id = wr_id(rail.generation, KIND_DATA, a);
                 let signaled =
                     rail.unsignaled + 1 >= SIGNAL_EVERY || rail.outstanding * 2 >= max_wr;
@@ -1501,7 +1530,7 @@ impl Core {
                         buf: Buf::Ring,
                         offset: range.offset,
                         len: range.len(),
-                        imm: Some(range.notify_imm() | beat_bits(self.beat)),
+                        imm: Some(range.notify_imm() | beat_bits(self.beat) | credit),
                         signaled,
                     },
                     reaches_commit: range.reaches_commit,
@@ -1959,6 +1988,9 @@ impl Core {
                             self.rescan = true;
                             self.peer_heard();
                         }
+                        if imm & CREDIT_BIT != 0 {
+                            self.credits_carried(rail);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(rail, error = %e, "impossible notification");
@@ -1972,6 +2004,29 @@ impl Core {
                 self.rescan |= r.recv_credits <= recvs_low;
             }
         }
+    }
+
+    /// The peer's data write on `rail` carried a credit bit: it processed another
+    /// [`CREDIT_QUANTUM`] of this side's writes there. Out of line: one write in 16 at most.
+    #[inline(never)]
+    fn credits_carried(&mut self, rail: usize) {
+        let max_recv = u64::from(self.cfg.link.max_recv_wr);
+        let r = &mut self.rails[rail];
+        r.peer_carried += CREDIT_QUANTUM;
+        if r.peer_carried > r.imm_posted {
+            tracing::warn!(
+                rail,
+                carried = r.peer_carried,
+                posted = r.imm_posted,
+                "peer's credit bits count more notifications than were sent"
+            );
+            self.rescan = true;
+            self.fail_rail(rail, FailReason::Protocol);
+            return;
+        }
+        // Writes held back for want of credits may go now.
+        self.rescan |= r.imm_posted - r.peer_notified >= max_recv / 2;
+        r.peer_notified = r.peer_notified.max(r.peer_carried);
     }
 
     /// A rail whose mirror held a record that failed its checks (length, crc, sequence):
@@ -2045,6 +2100,8 @@ impl Core {
         r.peer_notified = 0;
         r.notified = 0;
         r.reported_notified = 0;
+        r.carried_notified = 0;
+        r.peer_carried = 0;
         r.reported_delivered = 0;
         r.reported_fault_gens = 0;
         r.reported_avoiding = 0;
@@ -2725,6 +2782,37 @@ mod tests {
         assert!(core.end_reason().is_none());
     }
 
+    /// A peer whose credit bits claim more processed notifications than this side ever sent
+    /// (buggy or hostile) gets its rail failed as a protocol error; the count is not trusted, so
+    /// no write could overrun its receive queue.
+    #[test]
+    fn credit_bits_beyond_the_writes_sent_fail_the_rail_as_a_protocol_error() {
+        let cfg = Config::builder().rails(2).build().unwrap();
+        let mut core = Core::new(cfg, 0).unwrap();
+        let forged = Completion {
+            wr_id: 0,
+            kind: CompletionKind::RecvImm {
+                imm: railover_segq::notify_imm_of(0) | CREDIT_BIT,
+                byte_len: 0,
+            },
+            status: WcStatus::Success,
+        };
+        core.handle_completion(1, &forged);
+        assert_eq!(core.rail_state(1), RailState::Failed);
+        assert_eq!(core.rail_state(0), RailState::Active);
+        assert_eq!(
+            core.rails[1].peer_notified, 0,
+            "the forged credits were not taken"
+        );
+        let mut down = None;
+        while let Some(e) = core.poll_event() {
+            if let Event::RailDown { rail, reason, .. } = e {
+                down = Some((rail, reason));
+            }
+        }
+        assert_eq!(down, Some((1, FailReason::Protocol)));
+    }
+
     #[test]
     fn blackouts_fall_in_power_of_two_buckets_and_give_quantiles() {
         assert_eq!(blackout_bucket(0), 0);
@@ -2756,9 +2844,6 @@ mod tests {
         r.read_words(0)
     }
 
-    /// A data write's immediate carries the beat number's low 8 bits: a later beat counts
-    /// (across the wrap of the low bits), an earlier or equal one does not, and an unproven rail
-    /// (no full beat number yet) learns nothing from it.
     #[test]
     fn unread_events_are_dropped_oldest_first_and_counted() {
         let cfg = Config::builder()
@@ -2773,6 +2858,9 @@ mod tests {
         assert_eq!(core.poll_event(), Some(Event::RailUp { rail: 10, at: 0 }));
     }
 
+    /// A data write's immediate carries the beat number's low 7 bits: a later beat counts
+    /// (across the wrap of the low bits), an earlier or equal one does not, and an unproven rail
+    /// (no full beat number yet) learns nothing from it.
     #[test]
     fn beats_carried_by_data_count_only_forward() {
         let cfg = Config::builder().rails(2).build().unwrap();
@@ -2783,7 +2871,7 @@ mod tests {
             "unproven, and no beat heard anywhere"
         );
         assert_eq!(rail.peer_heartbeat, 0);
-        // Unproven: the beat nearest the latest heard on another rail (600 = 2 * 256 + 88).
+        // Unproven: the beat nearest the latest heard on another rail (600 = 4 * 128 + 88).
         assert!(rail.heard_beat_low_bits(89, 600, 15));
         assert_eq!(rail.peer_heartbeat, 601);
         rail.peer_heartbeat = 0;
@@ -2792,16 +2880,21 @@ mod tests {
             "one behind the other rail"
         );
         assert_eq!(rail.peer_heartbeat, 599);
-        rail.peer_heartbeat = 254;
-        assert!(rail.heard_beat_low_bits(255, 0, 20));
-        assert_eq!((rail.peer_heartbeat, rail.peer_seen_at), (255, 20));
+        rail.peer_heartbeat = 126;
+        assert!(rail.heard_beat_low_bits(127, 0, 20));
+        assert_eq!((rail.peer_heartbeat, rail.peer_seen_at), (127, 20));
         assert!(rail.heard_beat_low_bits(1, 0, 30), "across the wrap");
-        assert_eq!(rail.peer_heartbeat, 257);
+        assert_eq!(rail.peer_heartbeat, 129);
         assert!(!rail.heard_beat_low_bits(1, 0, 40), "the same beat again");
-        assert!(!rail.heard_beat_low_bits(255, 0, 50), "an older beat");
-        assert_eq!((rail.peer_heartbeat, rail.peer_seen_at), (257, 30));
-        assert_eq!(beat_bits(257) >> NOTIFY_BITS, 1);
-        assert_eq!(beat_bits(257) & railover_segq::NOTIFY_MASK, 0);
+        assert!(!rail.heard_beat_low_bits(127, 0, 50), "an older beat");
+        assert_eq!((rail.peer_heartbeat, rail.peer_seen_at), (129, 30));
+        assert_eq!(beat_bits(129) >> NOTIFY_BITS, 1);
+        assert_eq!(beat_bits(129) & railover_segq::NOTIFY_MASK, 0);
+        assert_eq!(
+            beat_bits(u64::MAX) & CREDIT_BIT,
+            0,
+            "the beat leaves the credit bit"
+        );
     }
 
     /// The poll's fast path compares only the crc word. A block whose crc word landed before the

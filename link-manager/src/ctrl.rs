@@ -18,9 +18,11 @@
 //! 48 crc              u64  crc32c of bytes 0..48 (low 32 bits)
 //! ```
 //!
-//! The heartbeat number's low 8 bits also ride in every data write's immediate (above the 24
+//! The heartbeat number's low 7 bits also ride in every data write's immediate (above the 24
 //! position bits): while the active rail carries data, its block is skipped at a heartbeat tick
-//! (see `Core::check_liveness`).
+//! (see `Core::check_liveness`). The immediate's top bit carries receive credits: each set bit
+//! says the writer processed another `CREDIT_QUANTUM` (16) of the reader's notifications on
+//! that rail, so `notified` needs no block while data flows back (`Core::post_lane`).
 
 use railover_segq::Region;
 

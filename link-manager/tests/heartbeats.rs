@@ -1,7 +1,7 @@
 //! Heartbeats ride on data: while the active rail carries data writes, their immediates carry
 //! the heartbeat number and the rail sends no heartbeat block of its own (the standby still
 //! does, with the acknowledgements); once the data stops, the blocks come back. Either way the
-//! peer hears every rail and fails none.
+//! peer hears every rail and fails none. Receive credits ride on data flowing back too.
 
 use railover::core::Event;
 use railover::sim::SimPair;
@@ -207,4 +207,61 @@ fn the_turn_a_send_makes_comes_after_its_own_write() {
         "and the heartbeat tick's blocks followed it"
     );
     assert!(!p.a.core().heartbeat_due(p.now()), "the tick ran");
+}
+
+/// `n` round trips of 8-byte messages, host 1 to host 2 and back, each checked.
+fn ping_pong(p: &mut SimPair, n: u64) {
+    for i in 0..n {
+        let msg = i.to_le_bytes();
+        for (from_a, who) in [(true, "host 2"), (false, "host 1")] {
+            if from_a {
+                p.a.send(&msg).expect("send");
+            } else {
+                p.b.send(&msg).expect("send");
+            }
+            let mut got = 0;
+            while got == 0 {
+                let next = p.now() + 1_000;
+                p.step(next);
+                let to = if from_a { &mut p.b } else { &mut p.a };
+                got = to.poll(|m| assert_eq!(m, &msg, "{who}")).expect("poll");
+            }
+        }
+    }
+}
+
+/// Receive credits ride on data flowing back: every 16th reply's immediate says another 16
+/// notifications were processed, so a ping-pong needs no control block for them. With a 1 s
+/// beat (no heartbeat block falls due), 2,000 round trips post no control write on either side,
+/// though a sender may have at most half the peer's receive queue (256 writes) in flight beyond
+/// the credits it was given: the replies' credit bits gave them all. (Before, a block went every
+/// 64 receives: ~31 per side here.)
+#[test]
+fn a_ping_pong_returns_receive_credits_on_its_replies_not_in_control_writes() {
+    let cfg = Config::builder()
+        .rails(2)
+        .heartbeat_interval(Duration::from_secs(1))
+        .heartbeat_misses(3)
+        .build()
+        .unwrap();
+    let mut p = SimPair::new(cfg, 43, 2_000).unwrap();
+    ping_pong(&mut p, 10); // connected, the first acknowledgements sent
+    let before = (p.a.stats().control_writes, p.b.stats().control_writes);
+    let start = p.now();
+    ping_pong(&mut p, 2_000);
+    let after = (p.a.stats().control_writes, p.b.stats().control_writes);
+    assert!(
+        p.now() - start < 500 * MS,
+        "no heartbeat tick fell inside the run"
+    );
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 0),
+        "control writes during 2,000 round trips (host 1, host 2)"
+    );
+    for c in [&mut p.a, &mut p.b] {
+        while let Some(e) = c.poll_event() {
+            assert!(!matches!(e, Event::RailDown { .. }), "{e:?}");
+        }
+    }
 }

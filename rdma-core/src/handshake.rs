@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use crate::{Endpoint, RemoteRegion};
 
 pub const MAGIC: [u8; 4] = *b"RLVR";
-/// 4: a control block's status may carry the ack-now flag of a planned switch.
-pub const VERSION: u16 = 5;
+/// 4: a control block's status may carry the ack-now flag of a planned switch. 6: a data
+/// write's immediate carries 7 heartbeat bits (were 8) and a receive-credit bit.
+pub const VERSION: u16 = 6;
 /// Encoded size of a [`Hello`] body.
 pub const HELLO_LEN: usize = 4 + 2 + 2 + 2 + 2 + 4 + 4 + 2 + 2 + 16 + 4 * 3 + (8 + 4 + 8) * 2;
 /// Largest body accepted before reading it.

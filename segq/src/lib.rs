@@ -29,7 +29,8 @@ mod sync;
 pub use geometry::{Geometry, GeometryError, MAX_CAPACITY, MIN_SEGMENT_SIZE};
 
 /// Bits of a write's immediate that carry its end position (in 8-byte units, modulo 2^24: a
-/// 128 MiB window, four times the largest ring). The 8 bits above are free for the link's own use.
+/// 128 MiB window, four times the largest ring). The 8 bits above are free for the link's own
+/// use (railover's: 7 heartbeat bits and a receive-credit bit).
 pub const NOTIFY_BITS: u32 = 24;
 /// Mask of the position bits of an immediate.
 pub const NOTIFY_MASK: u32 = (1 << NOTIFY_BITS) - 1;
