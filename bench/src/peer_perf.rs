@@ -51,10 +51,16 @@ fn await_close(c: &mut VerbsConnection) -> String {
     format!("{:?}", c.end_reason())
 }
 
+/// The connection's writes over its life (handshake to close), per rail too, and the switches
+/// and failovers that moved its data between rails.
 fn writes(c: &VerbsConnection) -> serde_json::Value {
     let s = c.stats();
+    let rails = c.core().config().rails();
     json!({"data_writes": s.data_writes, "control_writes": s.control_writes,
-           "write_completions": s.write_completions})
+           "write_completions": s.write_completions,
+           "rail_data_writes": &s.rail_data_writes[..rails],
+           "rail_control_writes": &s.rail_control_writes[..rails],
+           "planned_switches": s.planned_switches, "failovers": s.failovers})
 }
 
 /// `connect --pingpong N`: times N round trips (after `warmup` untimed ones).
