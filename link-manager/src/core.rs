@@ -441,6 +441,9 @@ struct Rail {
     /// The beat of the last block this side posted on this rail since it (re)connected (0: none
     /// yet, so the peer has no full beat number from it: no block is skipped until there is).
     block_beat: u64,
+    /// The latest beat this side conveyed on this rail, by a block or carried by a data write:
+    /// the peer reads a write's carried low bits against it (see [`BEAT_REFRESH`]).
+    conveyed_beat: u64,
     /// The peer's data arrived on this rail since the last block that brought a new beat: the
     /// peer may skip its next block here (its next data write carries the beat).
     data_since_block: bool,
@@ -526,6 +529,12 @@ const CREDIT_BIT: u32 = 1 << (NOTIFY_BITS + BEAT_BITS);
 /// set bit is counted once, in order, by the reader (a rail's receive completions come in
 /// the order of its writes), so the sum is exact and never more than the writer processed.
 pub const CREDIT_QUANTUM: u64 = 16;
+/// A data write's carried beat is read against the last beat heard on its rail, and counts only
+/// if less than half the low bits' range ahead. A rail's blocks can pause for longer than that
+/// (a connection sharing liveness beats its own rails once a period: 64 intervals or more), so
+/// the first write whose beat is this far past the last one conveyed on the rail waits for a
+/// block with the full number (half the reach: a margin, not a bound anything depends on).
+const BEAT_REFRESH: u64 = 1 << (BEAT_BITS - 2);
 const _: () = assert!(NOTIFY_BITS + BEAT_BITS + 1 == 32);
 
 /// The heartbeat number's low bits, placed above the position bits of a data write's immediate.
@@ -536,10 +545,10 @@ fn beat_bits(beat: u64) -> u32 {
 impl Rail {
     /// A data write on this rail carried the peer's heartbeat number's low bits (`low`): if that
     /// is a later beat than the last one heard here, it counts as that beat (the peer ran and
-    /// this rail carried it). Returns whether it was new. Beats on a rail arrive in order and a
-    /// rail carries one at least every interval and a quarter, so the low bits are ahead by
-    /// less than half their range; a value behind (an older beat than a block already brought)
-    /// is not news. A rail that has heard no full beat number yet (its first block was lost)
+    /// this rail carried it). Returns whether it was new. Beats on a rail arrive in order, and the
+    /// writer sends a full number in a block before a write whose beat is [`BEAT_REFRESH`] past
+    /// the last it conveyed there, so the low bits are ahead by less than half their range; a
+    /// value behind (an older beat than a block already brought) is not news. A rail that has heard no full beat number yet (its first block was lost)
     /// takes the one nearest `base`, the latest beat heard on any rail (0: none, nothing learnt).
     fn heard_beat_low_bits(&mut self, low: u32, base: u64, now: Nanos) -> bool {
         let range = 1u64 << BEAT_BITS;
@@ -792,6 +801,7 @@ impl Core {
                 beat_in_data: false,
                 data_since_block: false,
                 block_beat: 0,
+                conveyed_beat: 0,
                 recv_credits: 0,
                 ctrl_due: true,
                 reported_consumed: 0,
@@ -1492,6 +1502,16 @@ impl Core {
             && rail.imm_posted - rail.peer_notified < (max_recv / 2) as u64
         {
             if let Some(range) = self.lanes.poster(a).pending(self.cfg.max_write_bytes) {
+                if !rail.beat_in_data {
+                    // The interval's first write on this rail: its carried beat must be within
+                    // reach of the last full number the peer has from here.
+                    if self.beat >= rail.conveyed_beat + BEAT_REFRESH {
+                        rail.ctrl_due = true; // that block goes first, then this write
+                        self.rescan = true;
+                        return None;
+                    }
+                    rail.conveyed_beat = self.beat;
+                }
                 self.lanes.poster(a).mark_posted(&range);
                 rail.outstanding += 1;
                 rail.imm_posted += 1;
@@ -1550,6 +1570,7 @@ impl Core {
             if rail.ctrl_postable(max_wr) {
                 rail.ctrl_due = false;
                 rail.block_beat = self.beat;
+                rail.conveyed_beat = self.beat;
                 if r == self.active {
                     self.beat_owed_at = None; // this block carries the beat
                 }
@@ -2091,6 +2112,7 @@ impl Core {
         r.beat_in_data = false;
         r.data_since_block = false;
         r.block_beat = 0;
+        r.conveyed_beat = 0;
         r.recv_credits = 0;
         r.ctrl_due = true;
         r.reported_consumed = 0;

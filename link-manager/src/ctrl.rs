@@ -20,7 +20,9 @@
 //!
 //! The heartbeat number's low 7 bits also ride in every data write's immediate (above the 24
 //! position bits): while the active rail carries data, its block is skipped at a heartbeat tick
-//! (see `Core::check_liveness`). The immediate's top bit carries receive credits: each set bit
+//! (see `Core::check_liveness`); the reader counts those bits against the last full number it
+//! heard on the rail, which the writer refreshes with a block first when they would not reach
+//! (`BEAT_REFRESH`). The immediate's top bit carries receive credits: each set bit
 //! says the writer processed another `CREDIT_QUANTUM` (16) of the reader's notifications on
 //! that rail, so `notified` needs no block while data flows back (`Core::post_lane`).
 

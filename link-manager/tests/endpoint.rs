@@ -514,6 +514,71 @@ fn shared_liveness_makes_control_writes_independent_of_the_connection_count() {
     }
 }
 
+/// In a group sharing liveness, an idle connection beats its own rails once a period (here 100
+/// intervals: 100 connections), so when it starts streaming, the peer's last full beat number
+/// from it on its active rail may be further behind than a data write's carried low bits can
+/// span (half of 7 bits: 64). The writer then sends a block with the full number before that
+/// write. Else the peer reads the carried beats as old (or, once they wrap, 128 too low) and
+/// hears nothing on the rail from this connection; where the group's other beats don't cover
+/// for it, it fails the healthy rail carrying the data at the connection's next own beat on
+/// the standby. Eight connections stream in turn from different points in their periods; on
+/// each, the peer hears the carried beats at least once an interval and a quarter.
+#[test]
+fn a_stream_started_late_in_a_shared_beat_period_is_heard_by_its_carried_beats() {
+    let n = 100;
+    let mut hosts = SimEndpoints::new(config(), 6, 2 * US).unwrap();
+    for _ in 0..n {
+        hosts.connect().unwrap();
+        let next = hosts.now() + 13 * US;
+        settle(&mut hosts, next);
+    }
+    warm_up(&mut hosts);
+    let pairs = hosts.pairs.clone();
+    for (i, &(x, y)) in pairs.iter().enumerate().take(8) {
+        let quiet_until = hosts.now() + 37 * MS;
+        settle(&mut hosts, quiet_until);
+        // One record every 200 us, host 1 to host 2: the active rail's beat rides on them.
+        let start = hosts.now();
+        let stop_at = start + 20 * MS;
+        let (mut sent, mut delivered, mut longest_unheard) = (0u64, 0u64, 0u64);
+        let mut next_send = 0;
+        while hosts.now() < stop_at {
+            let now = hosts.now();
+            if now >= next_send {
+                next_send = now + 200 * US;
+                match hosts.a.send(x, &payload(i, sent + 1)) {
+                    Ok(_) => sent += 1,
+                    Err(e) => panic!("connection {i}: {e}"),
+                }
+            }
+            hosts.b.poll(|id, seq, msg| {
+                assert_eq!(id, y, "only connection {i} streams");
+                assert_eq!(msg, payload(i, seq), "connection {i}: intact");
+                delivered += 1;
+            });
+            hosts
+                .a
+                .poll(|id, _, _| panic!("host 2 sent nothing, {id} delivered"));
+            if now >= start + 2 * MS {
+                let core = hosts.b.get(y).unwrap().core();
+                let active = core.active_rail();
+                let heard = core.rail_heard_at(active).expect("the active rail is up");
+                longest_unheard = longest_unheard.max(now.saturating_sub(heard));
+            }
+            hosts.step(next_send.min(stop_at));
+        }
+        settle(&mut hosts, stop_at + 2 * MS);
+        hosts.b.poll(|_, _, _| delivered += 1);
+        assert_eq!(delivered, sent, "connection {i}: host 2 got every record");
+        assert!(
+            longest_unheard <= 5 * MS / 4 + 10 * US,
+            "connection {i}: host 2 heard nothing on the active rail for {longest_unheard} ns \
+             while it carried a record every 200 us"
+        );
+    }
+    assert_no_rail_failed(&hosts);
+}
+
 /// An endpoint driven by a blocking poll runs its connections' heartbeat ticks together, so an
 /// idle one wakes for its timers about once per interval, not once per connection. Its other
 /// wake-ups are the peer's and its own few control writes landing (the simulated clock wakes
