@@ -2974,12 +2974,13 @@ mod tests {
         let mut core = Core::new(cfg, 0).unwrap();
         core.start(0);
         assert_eq!(core.busy_rails(), 0b001);
-        // Writes with immediate announcing nothing new (position bits 0), first on rail 2.
+        // A write with immediate on each rail (its first 8 bytes, never parsed here), first on
+        // rail 2.
         let write = Completion {
             wr_id: 0,
             kind: CompletionKind::RecvImm {
-                imm: 0,
-                byte_len: 0,
+                imm: 1,
+                byte_len: 8,
             },
             status: WcStatus::Success,
         };

@@ -49,7 +49,7 @@ pub enum ConsumeError {
     Record { pos: u64, source: ParseError },
     #[error("sequence gap at position {pos}: expected {expected}, found {found}")]
     Gap { pos: u64, expected: u64, found: u64 },
-    #[error("notification to position {claimed} is outside the window [{complete}, {limit}]")]
+    #[error("notification to position {claimed} is outside the window ({complete}, {limit}]")]
     BadNotification {
         complete: u64,
         claimed: u64,
@@ -105,13 +105,14 @@ impl MirrorQueue {
     /// Applies a write-with-immediate notification: the low [`NOTIFY_BITS`](crate::NOTIFY_BITS)
     /// bits of `imm` are the position the write ended at, in 8-byte units (see
     /// [`PendingRange::notify_imm`](crate::PendingRange::notify_imm)); the bits above are the
-    /// caller's and ignored. A stale or impossible value (one that would move backwards or beyond
-    /// one ring ahead of the reader) is a protocol error, never silently accepted.
+    /// caller's and ignored. A stale or impossible value (one that would move backwards, stay
+    /// where the last one ended (every write carries bytes: that is the last completion again), or
+    /// go beyond one ring ahead of the reader) is a protocol error, never silently accepted.
     pub fn notify(&mut self, imm: u32) -> Result<(), ConsumeError> {
         let units = imm.wrapping_sub(crate::notify_imm_of(self.complete_pos)) & crate::NOTIFY_MASK;
         let claimed = self.complete_pos + u64::from(units) * 8;
         let limit = self.read_pos + self.geo.capacity() as u64;
-        if claimed > limit {
+        if units == 0 || claimed > limit {
             return Err(ConsumeError::BadNotification {
                 complete: self.complete_pos,
                 claimed,

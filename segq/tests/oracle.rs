@@ -234,6 +234,8 @@ fn stale_or_impossible_notifications_are_refused() {
     m.notify(notify_imm_of(24)).unwrap();
     // An old immediate delivered again (rdma-core 44's rxe CQ bug) must not pass as new data.
     assert!(m.notify(notify_imm_of(16)).is_err());
+    // The latest one again (it would count twice whatever the caller's bits above say).
+    assert!(m.notify(notify_imm_of(24)).is_err(), "no bytes: a replay");
     assert!(
         m.notify(notify_imm_of(24 + 264)).is_err(),
         "beyond one ring ahead of the reader"
