@@ -545,11 +545,12 @@ fn beat_bits(beat: u64) -> u32 {
 impl Rail {
     /// A data write on this rail carried the peer's heartbeat number's low bits (`low`): if that
     /// is a later beat than the last one heard here, it counts as that beat (the peer ran and
-    /// this rail carried it). Returns whether it was new. Beats on a rail arrive in order, and the
-    /// writer sends a full number in a block before a write whose beat is [`BEAT_REFRESH`] past
-    /// the last it conveyed there, so the low bits are ahead by less than half their range; a
-    /// value behind (an older beat than a block already brought) is not news. A rail that has heard no full beat number yet (its first block was lost)
-    /// takes the one nearest `base`, the latest beat heard on any rail (0: none, nothing learnt).
+    /// this rail carried it). Returns whether it was new. Beats on a rail arrive in order, and
+    /// the writer sends a full number in a block before a write whose beat is [`BEAT_REFRESH`]
+    /// past the last it conveyed there, so the low bits are ahead by less than half their range;
+    /// a value behind (an older beat than a block already brought) is not news. A rail that has
+    /// heard no full beat number yet (its first block was lost) takes the one nearest `base`, the
+    /// latest beat heard on any rail (0: none, nothing learnt).
     fn heard_beat_low_bits(&mut self, low: u32, base: u64, now: Nanos) -> bool {
         let range = 1u64 << BEAT_BITS;
         let low = u64::from(low) & (range - 1);
