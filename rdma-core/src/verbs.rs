@@ -5,9 +5,8 @@
 //! the extended post-send API (`ibv_wr_rdma_write[_imm]`; small ones `ibv_post_send` inline). libibverbs is loaded at run time, so on a machine without it or
 //! without devices, [`VerbsNic::open`] returns [`FabricError::Unavailable`] and nothing crashes.
 //!
-//! Known device quirk handled here: rdma-core 44's rxe provider advances the CQ consumer index
-//! twice when a poll batch ends (stale or duplicate completions follow; fixed in rdma-core 55), so
-//! [`VerbsLink::poll`] takes exactly one completion per `ibv_start_poll`.
+//! Completions are taken in batches with `ibv_poll_cq`, not the extended CQ's poll API, whose
+//! rxe implementation in rdma-core 44 replays completions when a batch ends (see `poll_cq`).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
@@ -255,14 +254,10 @@ impl SharedCq for VerbsSharedCq {
     }
 
     fn poll(&mut self, out: &mut [SharedCompletion]) -> usize {
-        let mut n = 0;
-        while n < out.len() {
-            let Some((qpn, completion)) = poll_one(&self.cq) else {
-                break;
-            };
-            out[n] = SharedCompletion { qpn, completion };
-            n += 1;
-        }
+        let n = poll_cq(&self.cq, out, |qpn, completion| SharedCompletion {
+            qpn,
+            completion,
+        });
         self.wake.polled_since_arm |= n > 0;
         n
     }
@@ -309,34 +304,82 @@ fn new_cq(
     Ok((cq, channel))
 }
 
-/// One completion from `cq`, with its queue pair's number. One per `ibv_start_poll`/
-/// `ibv_end_poll` pair: see the module doc (rxe CQ bug).
-fn poll_one(cq: &ExtendedCompletionQueue) -> Option<(u32, Completion)> {
-    let mut poller = cq.start_poll().ok()?;
-    let wc = poller.next()?;
-    let status = map_status(wc.status());
-    let wr_id = wc.wr_id();
-    let kind = if wr_id != RECV_WR_ID {
-        CompletionKind::Write
-    } else if status == WcStatus::Success {
-        CompletionKind::RecvImm {
-            imm: u32::from_be(wc.imm_data()),
-            byte_len: wc.byte_len(),
+/// Most completions one `ibv_poll_cq` call takes: the callers' buffers (32 in the link manager).
+const POLL_BATCH: usize = 32;
+
+/// Up to `out.len()` completions from `cq`, each made into an element of `out` by
+/// `make(queue pair number, completion)`; returns how many. One `ibv_poll_cq` per
+/// [`POLL_BATCH`] (one in the link manager, whose buffers hold 32).
+///
+/// `ibv_poll_cq` on the extended CQ rather than its `ibv_start_poll`/`ibv_next_poll`/
+/// `ibv_end_poll` API: one provider call and lock per batch, not per completion, and every
+/// provider implements it, while rdma-core 44's rxe provider advances the consumer index once
+/// more when an extended poll batch ends (stale or duplicate completions follow; fixed in
+/// rdma-core 55). The classic path is the one perftest polls with; the contract test
+/// `completions_in_order_exactly_once` checks it on rxe.
+fn poll_cq<T>(
+    cq: &ExtendedCompletionQueue,
+    out: &mut [T],
+    make: impl Fn(u32, Completion) -> T,
+) -> usize {
+    let mut taken = 0;
+    for chunk in out.chunks_mut(POLL_BATCH) {
+        let got = poll_cq_batch(cq, chunk, &make);
+        taken += got;
+        if got < chunk.len() {
+            break; // the queue is drained
         }
-    } else {
-        CompletionKind::Recv
-    };
-    // SAFETY: between start_poll and end_poll (the poller lives) on a CQ created with the
-    // standard fields, which include the queue pair number.
-    let qpn = unsafe { sys::ibv_wc_read_qp_num(cq.cq().as_ptr().cast()) };
-    Some((
-        qpn,
-        Completion {
-            wr_id,
-            kind,
-            status,
-        },
-    ))
+    }
+    taken
+}
+
+/// One `ibv_poll_cq` into `out` (at most [`POLL_BATCH`] long): see [`poll_cq`].
+fn poll_cq_batch<T>(
+    cq: &ExtendedCompletionQueue,
+    out: &mut [T],
+    make: &impl Fn(u32, Completion) -> T,
+) -> usize {
+    let mut wcs = std::mem::MaybeUninit::<[sys::ibv_wc; POLL_BATCH]>::uninit();
+    let want = out.len().min(POLL_BATCH);
+    // SAFETY: the CQ is live while borrowed; an extended CQ begins with an ibv_cq.
+    let raw = unsafe { sys::ibv_cq_ex_to_cq(cq.cq().as_ptr().cast()) };
+    // SAFETY: `raw` is a live CQ polled only through `&mut` of its one holder (a link or a shared
+    // queue); the array has room for `want` (<= POLL_BATCH) work completions.
+    let got = unsafe { sys::ibv_poll_cq(raw, want as i32, wcs.as_mut_ptr().cast()) };
+    // A negative count is the provider's error (an overrun CQ): nothing taken, as when empty.
+    let got = usize::try_from(got).unwrap_or(0).min(want);
+    // SAFETY: the provider wrote the first `got` work completions of the array.
+    let wcs = unsafe { std::slice::from_raw_parts(wcs.as_ptr().cast::<sys::ibv_wc>(), got) };
+    for (slot, wc) in out.iter_mut().zip(wcs) {
+        let status = map_status(wc.status);
+        let kind = if wc.wr_id != RECV_WR_ID {
+            CompletionKind::Write
+        } else if status == WcStatus::Success {
+            // A receive without an immediate (a peer's SEND; railover never posts one) reads as
+            // immediate 0, judged by the mirror queue's notification check like any other.
+            let imm = if wc.wc_flags & sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0 {
+                // SAFETY: both members are a plain u32; the flag says it is the immediate.
+                u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data })
+            } else {
+                0
+            };
+            CompletionKind::RecvImm {
+                imm,
+                byte_len: wc.byte_len,
+            }
+        } else {
+            CompletionKind::Recv
+        };
+        *slot = make(
+            wc.qp_num,
+            Completion {
+                wr_id: wc.wr_id,
+                kind,
+                status,
+            },
+        );
+    }
+    got
 }
 
 /// Arms `cq` to raise one event on its channel at its next completion.
@@ -812,14 +855,7 @@ impl Link for VerbsLink {
         if self.shared {
             return 0; // the shared queue's holder polls
         }
-        let mut n = 0;
-        while n < out.len() {
-            let Some((_, c)) = poll_one(&self.cq) else {
-                break;
-            };
-            out[n] = c;
-            n += 1;
-        }
+        let n = poll_cq(&self.cq, out, |_, completion| completion);
         self.wake.polled_since_arm |= n > 0;
         n
     }
