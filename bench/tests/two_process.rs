@@ -634,29 +634,41 @@ fn a_failover_to_a_full_hot_standby_keeps_the_rest_until_the_stopped_receiver_ru
         "--config",
         small_rings,
     ];
-    let (serve, connect) = start_with(10.0, false, &args);
-    let slow = Netem::new("delay", "b", "50");
-    std::thread::sleep(Duration::from_millis(1_000));
-    serve.signal("-STOP");
-    std::thread::sleep(Duration::from_millis(300));
-    let cut = Cut::new("a");
-    std::thread::sleep(Duration::from_millis(1_000));
-    serve.signal("-CONT");
-    std::thread::sleep(Duration::from_millis(1_000));
-    drop(slow);
-    drop(cut);
-    let (s, c) = finish(
-        serve,
-        connect,
-        "hot-hot, standby wire 50 ms late, receiver stopped while the active wire was cut",
-    );
-    assert!(n(&c, "failovers") >= 1, "{c}");
-    assert!(
-        n(&c, "failovers_keeping") >= 1,
-        "the failover kept records the full standby had no room for: {c}"
-    );
-    assert_eq!(c["end_reason"], "Closed");
-    assert_eq!(s["end_reason"], "PeerClosed");
+    // Whether the standby is behind when the receiver stops is timing: a sender stalled for
+    // the standby wire's round trip just before the stop (CI's run 35 saw 231 ms gaps) leaves
+    // both rings level, and the failover has nothing to keep. Every attempt must lose nothing
+    // and close cleanly; the kept path must run in one of them.
+    const ATTEMPTS: usize = 3;
+    for attempt in 1..=ATTEMPTS {
+        let (serve, connect) = start_with(10.0, false, &args);
+        let slow = Netem::new("delay", "b", "50");
+        std::thread::sleep(Duration::from_millis(1_000));
+        serve.signal("-STOP");
+        std::thread::sleep(Duration::from_millis(300));
+        let cut = Cut::new("a");
+        std::thread::sleep(Duration::from_millis(1_000));
+        serve.signal("-CONT");
+        std::thread::sleep(Duration::from_millis(1_000));
+        drop(slow);
+        drop(cut);
+        let (s, c) = finish(
+            serve,
+            connect,
+            &format!(
+                "hot-hot, standby wire 50 ms late, receiver stopped while the active wire was cut (attempt {attempt})"
+            ),
+        );
+        assert!(n(&c, "failovers") >= 1, "{c}");
+        assert_eq!(c["end_reason"], "Closed");
+        assert_eq!(s["end_reason"], "PeerClosed");
+        if n(&c, "failovers_keeping") >= 1 {
+            return;
+        }
+        assert!(
+            attempt < ATTEMPTS,
+            "no failover kept records the full standby had no room for in {ATTEMPTS} attempts: {c}"
+        );
+    }
 }
 
 #[test]
@@ -775,8 +787,10 @@ fn steady_state_makes_no_system_call_but_the_doorbell() {
         format!("{dir}/strace-serve.txt"),
         format!("{dir}/strace-connect.txt"),
     );
+    // 12 s: CI's run 35 crawled at 17 ms per traced call (68 records in a 6 s run's window;
+    // 460 on this project's machines), the middle third of 12 s holds enough at that pace.
     let (serve, connect) = start_traced(
-        6.0,
+        12.0,
         false,
         // Steady state is the subject: under ptrace a call can take ~30 ms, which the default
         // heartbeat timeout would take for a dead rail (its repair is not steady state).
@@ -820,8 +834,8 @@ fn steady_state_makes_no_system_call_but_the_doorbell() {
             clocksource,
         ));
         // Under ptrace on TCG each traced call costs milliseconds: the stream crawls, but every
-        // call of the window is classified.
-        assert!(messages >= 100, "the window saw traffic: {w}");
+        // call of the window is classified, and 50 records' calls are a steady state.
+        assert!(messages >= 50, "the window saw traffic: {w}");
         assert_eq!(
             calls.other, 0,
             "{}: system calls other than doorbells: {:?}",
