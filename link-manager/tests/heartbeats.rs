@@ -265,3 +265,50 @@ fn a_ping_pong_returns_receive_credits_on_its_replies_not_in_control_writes() {
         }
     }
 }
+
+/// Acknowledgements of consumed ring space go in a block once a quarter ring has been consumed
+/// since the last one, not per message: a ping-pong's control writes, with no heartbeat block
+/// due (1 s beat) and credits riding on the replies, are those blocks alone. With a 64 KiB ring
+/// (16 KiB a quarter) and 24-byte records, 8,000 round trips consume ~188 KiB a side: about 11
+/// blocks each, where an acknowledgement per message would be 8,000. (With the default 4 MiB
+/// ring a 64 B ping-pong sends one every ~13,000 messages a side; the standby's beat, one a
+/// millisecond, is far more: hot-path.md, "Acknowledgements in the data direction".)
+#[test]
+fn a_ping_pong_acknowledges_ring_space_once_a_quarter_ring_not_per_message() {
+    const RING: u64 = 4096 * 16;
+    let cfg = Config::builder()
+        .rails(2)
+        .geometry(4096, 16, 1024)
+        .heartbeat_interval(Duration::from_secs(1))
+        .heartbeat_misses(3)
+        .build()
+        .unwrap();
+    let mut p = SimPair::new(cfg, 44, 2_000).unwrap();
+    ping_pong(&mut p, 10); // connected, the first acknowledgements sent
+    let before = (p.a.stats().control_writes, p.b.stats().control_writes);
+    let start = p.now();
+    let round_trips = 8_000;
+    ping_pong(&mut p, round_trips);
+    assert!(
+        p.now() - start < 500 * MS,
+        "no heartbeat tick fell inside the run"
+    );
+    let writes = [
+        p.a.stats().control_writes - before.0,
+        p.b.stats().control_writes - before.1,
+    ];
+    // A record is a 16-byte header and the 8-byte message; a segment's unused tail adds a little.
+    let quarters = round_trips * 24 / (RING / 4);
+    for (host, w) in writes.into_iter().enumerate() {
+        assert!(
+            (quarters..=quarters + 2).contains(&w),
+            "host {}: {w} control writes for {round_trips} round trips, {quarters} quarter rings consumed",
+            host + 1
+        );
+    }
+    for c in [&mut p.a, &mut p.b] {
+        while let Some(e) = c.poll_event() {
+            assert!(!matches!(e, Event::RailDown { .. }), "{e:?}");
+        }
+    }
+}
