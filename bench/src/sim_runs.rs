@@ -387,14 +387,26 @@ pub struct ThroughputReport {
     pub writes_per_completion: f64,
 }
 
-pub fn throughput(size: usize, count: u64, latency_ns: u64) -> ThroughputReport {
+/// Host 1 sends `count` messages of `size` bytes as fast as its ring takes them, alone or in
+/// batches of `batch` (`send_batch`), while host 2 delivers them.
+pub fn throughput(size: usize, count: u64, latency_ns: u64, batch: usize) -> ThroughputReport {
     let mut pair = SimPair::new(config(size), 2, latency_ns).expect("sim pair");
     let msg = vec![1u8; size];
+    let msgs = vec![&msg[..]; batch.max(1)];
     let (mut sent, mut got) = (0u64, 0u64);
     let (t0, w0) = (pair.now(), Instant::now());
     while got < count {
-        while sent < count && pair.a.send(&msg).is_ok() {
-            sent += 1;
+        loop {
+            let n = (count - sent).min(msgs.len() as u64) as usize;
+            let ok = match n {
+                0 => false,
+                1 => pair.a.send(&msg).is_ok(),
+                _ => pair.a.send_batch(&msgs[..n]).is_ok(),
+            };
+            if !ok {
+                break;
+            }
+            sent += n as u64;
         }
         pair.step(pair.now() + 1_000_000);
         got += pair.b.poll(|_| {}).expect("poll") as u64;

@@ -8,6 +8,7 @@
 //! control slot pair (heartbeat + acknowledgement + fault reports, see [`crate::ctrl`]).
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 
 use railover_rdma::{AsyncEvent, Completion, CompletionKind, WcStatus};
@@ -83,6 +84,9 @@ pub fn send_error_of(e: LaneError) -> SendError {
     match e {
         LaneError::Push(PushError::TooLarge { len, max }) => SendError::TooLarge { len, max },
         LaneError::Push(PushError::Full) | LaneError::Switching => SendError::Backpressure,
+        LaneError::Push(PushError::BatchTooLarge { bytes, room }) => {
+            SendError::BatchTooLarge { bytes, room }
+        }
         LaneError::Closed(code) => closed_send_error(code),
         // Through the public API a connection's own sends and a split writer never coexist
         // (`split` consumes the connection); a caller of the core that mixes them is told so.
@@ -251,6 +255,12 @@ pub enum SendError {
     TooLarge { len: usize, max: usize },
     #[error("send ring full: the peer has not acknowledged enough yet (back-pressure)")]
     Backpressure,
+    /// A batch that could not fit in the ring even with everything acknowledged: split it.
+    /// Nothing was queued.
+    #[error(
+        "batch of {bytes} ring bytes can never fit ({room} from the ring's position): split it"
+    )]
+    BatchTooLarge { bytes: usize, room: usize },
     #[error("every rail is down; records accepted but unacknowledged are available via unacked()")]
     AllRailsDown,
     #[error("session ended: {0}; records accepted but unacknowledged are available via unacked()")]
@@ -1196,6 +1206,13 @@ impl Core {
     #[inline]
     pub fn push(&mut self, msg: &[u8]) -> Result<u64, SendError> {
         self.lanes.push_local(msg).map_err(send_error_of)
+    }
+
+    /// Queues `msgs` as consecutive records with one commit, all or none (on the driver's
+    /// thread). Returns their sequence numbers.
+    #[inline]
+    pub fn push_batch(&mut self, msgs: &[&[u8]]) -> Result<Range<u64>, SendError> {
+        self.lanes.push_local_batch(msgs).map_err(send_error_of)
     }
 
     /// A zero-copy slot of `len` bytes for the next record (on the driver's thread).

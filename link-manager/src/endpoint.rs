@@ -491,6 +491,22 @@ impl<N: Nic, C: Clock> Endpoint<N, C> {
         }
     }
 
+    /// Sends `msgs` on connection `id` as one batch (see [`Connection::send_batch`]): their
+    /// sequence numbers.
+    pub fn send_batch(
+        &mut self,
+        id: ConnectionId,
+        msgs: &[&[u8]],
+    ) -> Result<std::ops::Range<u64>, SendError> {
+        match self.entry_mut(id) {
+            Some(e) => {
+                let _in = e.span.enter();
+                e.conn.send_batch(msgs)
+            }
+            None => Err(SendError::UnknownConnection),
+        }
+    }
+
     /// Drives every connection once (completions, device events, timers, re-arms), then
     /// delivers what arrived: `deliver(connection, sequence number, message)`, in order and
     /// exactly once per connection. Returns how many messages were delivered. A connection

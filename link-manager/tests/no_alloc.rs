@@ -1,4 +1,4 @@
-//! Steady-state send and poll allocate nothing: a counting global allocator (this thread only,
+//! Steady-state send (one message or a batch) and poll allocate nothing: a counting global allocator (this thread only,
 //! while armed) watches 20,000 messages go through the whole stack — core, runtime, segq — over the
 //! simulated fabric, after a warm-up that wraps the rings several times.
 
@@ -17,9 +17,11 @@ fn steady_state_send_and_poll_allocate_nothing() {
     let mut delivered = 0usize;
     let round = |pair: &mut SimPair, delivered: &mut usize| {
         for _ in 0..4 {
-            pair.a.send(&msg).unwrap();
             pair.b.send(&msg[..60]).unwrap();
         }
+        pair.a.send(&msg).unwrap();
+        pair.a.send(&msg).unwrap();
+        pair.a.send_batch(&[&msg, &msg]).unwrap();
         let t = pair.now() + 50_000;
         pair.step(t);
         pair.step(t);

@@ -391,6 +391,8 @@ fn receive(conn: &mut SimConnection, from: &mut Direction, seed: u64, who: &str)
     }
 }
 
+/// Sends `n` messages: mostly one by one, now and then two to four as one batch (one commit,
+/// one write; all or none).
 fn send_some(
     conn: &mut SimConnection,
     dir: &mut Direction,
@@ -398,16 +400,31 @@ fn send_some(
     n: usize,
     max: usize,
 ) {
-    for _ in 0..n {
-        let msg = payload(rng, dir.sent.len() + 1, max);
-        match conn.send(&msg) {
-            Ok(seq) => {
+    let mut left = n;
+    while left > 0 {
+        let k = if left > 1 && rng.random_bool(0.25) {
+            rng.random_range(2..=4).min(left)
+        } else {
+            1
+        };
+        let msgs: Vec<Vec<u8>> = (0..k)
+            .map(|i| payload(rng, dir.sent.len() + 1 + i, max))
+            .collect();
+        let sent = if k == 1 {
+            conn.send(&msgs[0]).map(|seq| seq..seq + 1)
+        } else {
+            let batch: Vec<&[u8]> = msgs.iter().map(|m| &m[..]).collect();
+            conn.send_batch(&batch)
+        };
+        match sent {
+            Ok(seqs) => {
                 assert_eq!(
-                    seq as usize,
-                    dir.sent.len() + 1,
+                    (seqs.start as usize, seqs.end as usize),
+                    (dir.sent.len() + 1, dir.sent.len() + 1 + k),
                     "sequence numbers are dense"
                 );
-                dir.sent.push(msg);
+                dir.sent.extend(msgs);
+                left -= k;
             }
             Err(SendError::Backpressure | SendError::AllRailsDown | SendError::Ended(_)) => return,
             Err(e) => panic!("unexpected send error {e}"),

@@ -10,7 +10,10 @@
 //! `reserve`, `rtrb/unread` is rtrb with a consumer that never reads the bytes (how this
 //! benchmark measured rtrb before 2026-12-01), `rtrb/framed` is rtrb moving as many bytes per
 //! message as a segq record occupies (its 16-byte header, the payload padded to 8: 80 B for 64 B).
-//! The ratio lines compare `segq` with `rtrb` (and, in brackets, with the other two).
+//! `segq/batch8` and `rtrb/batch8` hand over 8 messages at a time with one commit (segq's
+//! `push_batch`, one rtrb chunk); the consumers take them one by one as above.
+//! The ratio lines compare `segq` with `rtrb` (and, in brackets, with the other two), and the
+//! two batched rows with each other.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +49,15 @@ impl Taken {
 /// segq: the producer copies each message in with `push` (as `Connection::send` does), or
 /// writes it in place through `reserve` (`in_place`). The consumer is the poster: it finds
 /// the committed records, reads each one's first word in place and frees them.
-fn segq_run_with(size: usize, n: u64, latency: bool, in_place: bool) -> (Duration, Vec<u64>) {
+/// `batch` > 1: the producer pushes that many messages at a time with `push_batch` (one commit
+/// for all; each carries its own send time).
+fn segq_run_with(
+    size: usize,
+    n: u64,
+    latency: bool,
+    in_place: bool,
+    batch: usize,
+) -> (Duration, Vec<u64>) {
     let geo = Geometry::new(64 * 1024, RING_BYTES / (64 * 1024), 2048).unwrap();
     let (mut prod, mut post) = SendQueue::new(geo, Backing::Anonymous, 1).unwrap().split();
     let epoch = Instant::now();
@@ -79,6 +90,31 @@ fn segq_run_with(size: usize, n: u64, latency: bool, in_place: bool) -> (Duratio
         lat
     });
     let t0 = Instant::now();
+    if batch > 1 {
+        let mut msgs = vec![vec![0u8; size]; batch];
+        for i in (0..n).step_by(batch) {
+            if latency {
+                taken.wait_for(i);
+            }
+            let k = (n - i).min(batch as u64) as usize;
+            loop {
+                for m in &mut msgs[..k] {
+                    m[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+                }
+                let mut refs = [&[][..]; 8];
+                for (r, m) in refs.iter_mut().zip(&msgs) {
+                    *r = &m[..];
+                }
+                match prod.push_batch(&refs[..k]) {
+                    Ok(_) => break,
+                    Err(PushError::Full) => std::hint::spin_loop(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        let lat = t.join().unwrap();
+        return (t0.elapsed(), lat);
+    }
     let mut msg = vec![0u8; size];
     for i in 0..n {
         if latency {
@@ -107,11 +143,18 @@ fn segq_run_with(size: usize, n: u64, latency: bool, in_place: bool) -> (Duratio
 }
 
 fn segq_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
-    segq_run_with(size, n, latency, false)
+    segq_run_with(size, n, latency, false, 1)
 }
 
 fn segq_in_place_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
-    segq_run_with(size, n, latency, true)
+    segq_run_with(size, n, latency, true, 1)
+}
+
+/// Messages per batch in the `/batch8` rows.
+const BATCH: usize = 8;
+
+fn segq_batch_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+    segq_run_with(size, n, latency, false, BATCH)
 }
 
 /// rtrb, fixed-size messages as byte chunks (the closest analogue of a framed record). The
@@ -125,6 +168,7 @@ fn rtrb_run_with(
     latency: bool,
     unread: bool,
     framed: bool,
+    batch: usize,
 ) -> (Duration, Vec<u64>) {
     let size = if framed {
         HEADER_LEN + size.next_multiple_of(8)
@@ -167,6 +211,28 @@ fn rtrb_run_with(
         lat
     });
     let t0 = Instant::now();
+    if batch > 1 {
+        // One chunk of `batch` messages, committed once (rtrb's batched hand-off).
+        let mut msgs = vec![0u8; size * batch];
+        for i in (0..n).step_by(batch) {
+            if latency {
+                taken.wait_for(i);
+            }
+            let k = (n - i).min(batch as u64) as usize;
+            loop {
+                for m in msgs.chunks_mut(size).take(k) {
+                    m[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+                }
+                if let Ok(chunk) = p.write_chunk_uninit(size * k) {
+                    chunk.fill_from_iter(msgs[..size * k].iter().copied());
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        let lat = t.join().unwrap();
+        return (t0.elapsed(), lat);
+    }
     let mut msg = vec![0u8; size];
     for i in 0..n {
         if latency {
@@ -189,15 +255,19 @@ fn rtrb_run_with(
 }
 
 fn rtrb_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
-    rtrb_run_with(size, n, latency, false, false)
+    rtrb_run_with(size, n, latency, false, false, 1)
 }
 
 fn rtrb_unread_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
-    rtrb_run_with(size, n, latency, true, false)
+    rtrb_run_with(size, n, latency, true, false, 1)
 }
 
 fn rtrb_framed_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
-    rtrb_run_with(size, n, latency, false, true)
+    rtrb_run_with(size, n, latency, false, true, 1)
+}
+
+fn rtrb_batch_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
+    rtrb_run_with(size, n, latency, false, false, BATCH)
 }
 
 fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
@@ -255,13 +325,15 @@ fn arrayqueue_run(size: usize, n: u64, latency: bool) -> (Duration, Vec<u64>) {
 }
 
 type Runner = fn(usize, u64, bool) -> (Duration, Vec<u64>);
-const QUEUES: [(&str, Runner); 6] = [
+const QUEUES: [(&str, Runner); 8] = [
     ("segq", segq_run),
     ("segq/place", segq_in_place_run),
     ("rtrb", rtrb_run),
     ("rtrb/unread", rtrb_unread_run),
     ("rtrb/framed", rtrb_framed_run),
     ("ArrayQueue", arrayqueue_run),
+    ("segq/batch8", segq_batch_run),
+    ("rtrb/batch8", rtrb_batch_run),
 ];
 
 fn criterion_groups(c: &mut Criterion) {
@@ -315,6 +387,12 @@ fn compare() {
         };
         let segq_rate = med(&mut rates[0].clone());
         let segq_p50 = medu(&mut p50s[0].clone()) as f64;
+        let batch_row = QUEUES
+            .iter()
+            .position(|(n, _)| *n == "segq/batch8")
+            .unwrap();
+        let batch_rate = med(&mut rates[batch_row].clone());
+        let batch_p50 = medu(&mut p50s[batch_row].clone()) as f64;
         for (i, (name, _)) in QUEUES.iter().enumerate() {
             let r = med(&mut rates[i]);
             let p50 = medu(&mut p50s[i]);
@@ -342,6 +420,13 @@ fn compare() {
                     HEADER_LEN + size.next_multiple_of(8),
                     segq_rate / r,
                     segq_p50 / p50 as f64
+                ));
+            }
+            if *name == "rtrb/batch8" {
+                ratio_lines.push(format!(
+                    "segq/rtrb {size}B batches of {BATCH} (one commit each): rate ratio {:.2}, p50 handoff ratio {:.2}",
+                    batch_rate / r,
+                    batch_p50 / p50 as f64
                 ));
             }
             if *name == "rtrb/unread" {

@@ -30,6 +30,7 @@ use crate::sync::{
     fence, spin_wait, Arc, AtomicBool, AtomicU8, AtomicUsize, MutPtr, Ordering, UnsafeCell,
 };
 use crate::SendQueue;
+use std::ops::Range;
 
 /// `active` while the control has the producers to itself.
 const SWITCHING: usize = usize::MAX;
@@ -235,6 +236,20 @@ impl LaneWriter {
         Ok(r?)
     }
 
+    /// Copies `payloads` into the active lane as consecutive records with one commit, all or
+    /// none ([`Producer::push_batch`]). Returns their sequence numbers.
+    pub fn push_batch(&mut self, payloads: &[&[u8]]) -> Result<Range<u64>, LaneError> {
+        let longest = payloads.iter().map(|p| p.len()).max().unwrap_or(0);
+        let lane = self.enter(longest)?;
+        let producer = self.shared.producers[lane].get_mut();
+        // SAFETY: as in `push`.
+        let r = unsafe { producer.deref() }.push_batch(payloads);
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked access before we leave
+        drop(producer);
+        self.leave();
+        Ok(r?)
+    }
+
     /// Reserves a slot of `len` payload bytes in the active lane. Keep it short: a failover waits
     /// for it to be committed or dropped.
     pub fn reserve(&mut self, len: usize) -> Result<LaneReservation<'_>, LaneError> {
@@ -318,6 +333,19 @@ impl LaneControl {
         // SAFETY: no LaneWriter was handed out (checked), so the producers are touched only
         // through this control, and `&mut self` makes this the only use while it lasts.
         let r = unsafe { producer.deref() }.push(payload);
+        #[allow(clippy::drop_non_drop)] // ends loom's tracked access
+        drop(producer);
+        Ok(r?)
+    }
+
+    /// [`LaneControl::push_local`] for a batch: consecutive records, one commit, all or none
+    /// ([`Producer::push_batch`]).
+    pub fn push_local_batch(&mut self, payloads: &[&[u8]]) -> Result<Range<u64>, LaneError> {
+        let longest = payloads.iter().map(|p| p.len()).max().unwrap_or(0);
+        self.check_local(longest)?;
+        let producer = self.shared.producers[self.active].get_mut();
+        // SAFETY: as in `push_local`.
+        let r = unsafe { producer.deref() }.push_batch(payloads);
         #[allow(clippy::drop_non_drop)] // ends loom's tracked access
         drop(producer);
         Ok(r?)

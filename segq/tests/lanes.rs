@@ -1,6 +1,7 @@
 //! Lanes across two real threads: the writer pushes a numbered stream while the control posts,
 //! "delivers", acknowledges and fails over between three lanes (sometimes between delivery and
-//! acknowledgement, so copies carry records already delivered). Every record is delivered exactly
+//! acknowledgement, so copies carry records already delivered); some records go in batches of two
+//! or three (one commit each). Every record is delivered exactly
 //! once, in order, with its payload intact, and failovers never lose a record the writer was
 //! committing. Miri runs it too (fewer records), checking the cross-thread accesses for races.
 
@@ -25,14 +26,33 @@ fn failovers_under_a_concurrent_writer_lose_and_duplicate_nothing() {
     let mut control = lanes(queues, 0);
     let mut writer = control.writer().expect("first writer");
     let writer_thread = std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
+        let mut bufs = [[0u8; 64]; 3];
         let (mut seq, mut switching) = (1, 0u64);
         while seq <= RECORDS {
-            let len = payload(seq, &mut buf);
-            match writer.push(&buf[..len]) {
-                Ok(s) => {
-                    assert_eq!(s, seq, "sequence numbers continue across failovers");
-                    seq += 1;
+            // One record, or a batch of two or three (one commit) every other time.
+            let n = (1 + seq % 4).min(3).min(RECORDS - seq + 1) as usize;
+            let mut lens = [0; 3];
+            for (i, (buf, len)) in bufs.iter_mut().zip(&mut lens).take(n).enumerate() {
+                *len = payload(seq + i as u64, buf);
+            }
+            let batch: [&[u8]; 3] = [
+                &bufs[0][..lens[0]],
+                &bufs[1][..lens[1]],
+                &bufs[2][..lens[2]],
+            ];
+            let pushed = if n == 1 {
+                writer.push(batch[0]).map(|s| s..s + 1)
+            } else {
+                writer.push_batch(&batch[..n])
+            };
+            match pushed {
+                Ok(seqs) => {
+                    assert_eq!(
+                        seqs,
+                        seq..seq + n as u64,
+                        "sequence numbers continue across failovers"
+                    );
+                    seq += n as u64;
                 }
                 Err(LaneError::Switching) => switching += 1,
                 Err(LaneError::Push(PushError::Full)) => std::thread::yield_now(),
@@ -449,4 +469,29 @@ fn a_writer_held_out_by_kept_records_is_told_at_once_of_a_payload_that_never_fit
     ack_all(&mut control, 1, seq);
     assert_eq!(control.move_kept(), 1);
     assert_eq!(writer.push(b"new"), Ok(seq + 2));
+}
+
+/// A batch on the control's own thread: numbered on from single records, refused whole when one
+/// record is too large for any lane, and refused once a writer is handed out.
+#[test]
+fn a_local_batch_is_numbered_on_and_refused_whole() {
+    let geo = Geometry::new(256, 4, 64).unwrap();
+    let queues = (0..2)
+        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+        .collect();
+    let mut control = lanes(queues, 0);
+    assert_eq!(control.push_local(b"one"), Ok(1));
+    assert_eq!(control.push_local_batch(&[b"two", b"three"]), Ok(2..4));
+    assert_eq!(
+        control.push_local_batch(&[b"four", &[0; 65]]),
+        Err(LaneError::Push(PushError::TooLarge { len: 65, max: 64 }))
+    );
+    let range = control.poster(0).pending(usize::MAX).unwrap();
+    assert_eq!((range.seqs, range.records), (Some((1, 3)), 3));
+    let mut writer = control.writer().expect("first writer");
+    assert_eq!(
+        control.push_local_batch(&[b"x"]),
+        Err(LaneError::WriterElsewhere)
+    );
+    assert_eq!(writer.push_batch(&[b"four", b"five"]), Ok(4..6));
 }

@@ -58,6 +58,49 @@ fn producer_and_poster_never_touch_the_same_bytes_unordered() {
     });
 }
 
+/// A batch is one commit: the poster sees both of its records or neither, and their bytes
+/// are ordered before the commit like a single record's.
+#[test]
+fn a_batch_reaches_the_poster_whole() {
+    loom::model(|| {
+        let geo = Geometry::new(64, 2, 24).unwrap();
+        let q = SendQueue::new(geo, Backing::Heap, 1).unwrap();
+        let (mut producer, mut poster) = q.split();
+        let t = loom::thread::spawn(move || {
+            let batches: [&[&[u8]]; 2] = [&[&[1; 24], &[2; 24]], &[&[3; 24]]];
+            for (batch, first) in batches.into_iter().zip([1u64, 3]) {
+                loop {
+                    match producer.push_batch(batch) {
+                        Ok(seqs) => {
+                            assert_eq!(seqs, first..first + batch.len() as u64);
+                            break;
+                        }
+                        Err(PushError::Full) => loom::thread::yield_now(),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+        });
+        let mut ranges = Vec::new();
+        while ranges.last().is_none_or(|&(_, last)| last < 3) {
+            if let Some(r) = poster.pending(usize::MAX) {
+                poster.mark_posted(&r);
+                poster.for_each_unacked(|seq, p| assert!(p.iter().all(|&b| b as u64 == seq)));
+                // (A range may be the padding alone, up to the ring's end, where it wraps.)
+                if let Some((first, last)) = r.seqs {
+                    assert_eq!(last - first + 1, r.records as u64, "{r:?}");
+                    ranges.push((first, last));
+                    poster.ack(r.end, last).unwrap();
+                }
+            } else {
+                loom::thread::yield_now();
+            }
+        }
+        assert_eq!(ranges, [(1, 2), (3, 3)], "the first batch split");
+        t.join().unwrap();
+    });
+}
+
 /// The lanes' Dekker handshake: whatever the interleaving, a failover either sees a record the
 /// writer was committing (and copies it) or the writer sees the switch (and retries into the new
 /// lane). Lane 1 ends up holding records 1..=3 exactly once, in order.
