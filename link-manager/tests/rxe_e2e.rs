@@ -139,15 +139,27 @@ fn check(conn: &mut VerbsConnection, dir: &mut Dir, who: &str) {
 impl Hosts {
     /// Sends `n` messages from each host, interleaved, pumping both every 16: two real hosts run
     /// at the same time, and one thread must not starve either (a host that doesn't run for the
-    /// heartbeat timeout is, correctly, declared dead by its peer).
+    /// heartbeat timeout is, correctly, declared dead by its peer). Every fourth time host 1
+    /// sends two messages as one batch (`send_batch`: one commit, one write).
     fn send_some(&mut self, n: usize) {
         for i in 0..n {
-            for (conn, dir) in [(&mut self.a, &mut self.ab), (&mut self.b, &mut self.ba)] {
-                let m = msg(dir.sent.len() + 1);
-                match conn.send(&m) {
-                    Ok(seq) => {
-                        assert_eq!(seq as usize, dir.sent.len() + 1);
-                        dir.sent.push(m);
+            let hosts = [
+                (&mut self.a, &mut self.ab, true),
+                (&mut self.b, &mut self.ba, false),
+            ];
+            for (conn, dir, host_1) in hosts {
+                let batch = i % 4 == 3 && host_1;
+                let next = dir.sent.len() + 1;
+                let msgs: Vec<Vec<u8>> = (next..next + 1 + batch as usize).map(msg).collect();
+                let sent = if batch {
+                    conn.send_batch(&[&msgs[0], &msgs[1]])
+                } else {
+                    conn.send(&msgs[0]).map(|seq| seq..seq + 1)
+                };
+                match sent {
+                    Ok(seqs) => {
+                        assert_eq!(seqs, next as u64..(next + msgs.len()) as u64);
+                        dir.sent.extend(msgs);
                     }
                     Err(
                         SendError::Backpressure | SendError::AllRailsDown | SendError::Ended(_),
