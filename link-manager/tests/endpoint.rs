@@ -1283,3 +1283,31 @@ fn an_endpoint_started_without_a_card_serves_and_gains_the_rail_when_the_card_is
         "the second connection carried its stream: {sent:?}"
     );
 }
+
+/// An endpoint's connection takes a batch (one commit, one write) and the peer's endpoint
+/// delivers it in order on that connection alone; an unknown connection is a typed error.
+#[test]
+fn a_batch_sent_through_the_endpoint_arrives_in_order_on_its_connection() {
+    let mut hosts = SimEndpoints::new(config(), 5, 2 * US).unwrap();
+    for _ in 0..2 {
+        hosts.connect().unwrap();
+    }
+    warm_up(&mut hosts);
+    let (x, y) = hosts.pairs[1];
+    let msgs: Vec<[u8; 16]> = (1..=5).map(|seq| payload(1, seq)).collect();
+    let batch: Vec<&[u8]> = msgs.iter().map(|m| &m[..]).collect();
+    assert_eq!(hosts.a.send_batch(x, &batch), Ok(1..6));
+    let until = hosts.now() + MS;
+    settle(&mut hosts, until);
+    let mut got = Vec::new();
+    hosts.b.poll(|id, seq, m| got.push((id, seq, m.to_vec())));
+    let want: Vec<_> = (1..=5u64)
+        .map(|seq| (y, seq, payload(1, seq).to_vec()))
+        .collect();
+    assert_eq!(got, want);
+    hosts.a.remove(x);
+    assert_eq!(
+        hosts.a.send_batch(x, &batch),
+        Err(SendError::UnknownConnection)
+    );
+}
