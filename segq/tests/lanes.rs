@@ -5,9 +5,19 @@
 //! once, in order, with its payload intact, and failovers never lose a record the writer was
 //! committing. Miri runs it too (fewer records), checking the cross-thread accesses for races.
 
-use railover_segq::{lanes, Backing, Geometry, LaneError, PushError, SendQueue};
+use railover_segq::{lanes, Backing, Geometry, LaneControl, LaneError, PushError, SendQueue};
 
 const RECORDS: u64 = if cfg!(miri) { 150 } else { 100_000 };
+
+/// `count` lanes of four 256-byte segments (records up to 64 bytes), numbered from 1, lane 0
+/// active.
+fn lane_set(count: usize) -> LaneControl {
+    let geo = Geometry::new(256, 4, 64).unwrap();
+    let queues = (0..count)
+        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
+        .collect();
+    lanes(queues, 0)
+}
 
 fn payload(seq: u64, out: &mut [u8]) -> usize {
     let len = 1 + (seq as usize * 13) % out.len();
@@ -19,11 +29,7 @@ fn payload(seq: u64, out: &mut [u8]) -> usize {
 
 #[test]
 fn failovers_under_a_concurrent_writer_lose_and_duplicate_nothing() {
-    let geo = Geometry::new(256, 4, 64).unwrap();
-    let queues = (0..3)
-        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-        .collect();
-    let mut control = lanes(queues, 0);
+    let mut control = lane_set(3);
     let mut writer = control.writer().expect("first writer");
     let writer_thread = std::thread::spawn(move || {
         let mut bufs = [[0u8; 64]; 3];
@@ -119,11 +125,7 @@ fn failovers_under_a_concurrent_writer_lose_and_duplicate_nothing() {
 
 #[test]
 fn a_closed_lane_set_refuses_records_and_the_local_path_needs_no_protocol() {
-    let geo = Geometry::new(256, 4, 64).unwrap();
-    let queues = (0..2)
-        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-        .collect();
-    let mut control = lanes(queues, 0);
+    let mut control = lane_set(2);
     // On the control's own thread: `&mut` access, no protocol.
     assert_eq!(control.push_local(b"one"), Ok(1));
     {
@@ -167,11 +169,7 @@ fn a_closed_lane_set_refuses_records_and_the_local_path_needs_no_protocol() {
 /// unacknowledged list and out of a failover copy, though their ring space is not freed yet.
 #[test]
 fn records_noted_delivered_are_neither_unacked_nor_copied() {
-    let geo = Geometry::new(256, 4, 64).unwrap();
-    let queues = (0..2)
-        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-        .collect();
-    let mut control = lanes(queues, 0);
+    let mut control = lane_set(2);
     for i in 0..5u8 {
         control.push_local(&[i; 8]).unwrap();
     }
@@ -217,11 +215,7 @@ fn records_posted(control: &mut railover_segq::LaneControl, lane: usize) -> Vec<
 /// receiver a gap; a failover to it copies nothing it already holds.
 #[test]
 fn a_hot_standby_holds_the_stream_in_order_and_a_failover_to_it_copies_nothing_twice() {
-    let geo = Geometry::new(256, 4, 64).unwrap();
-    let queues = (0..2)
-        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-        .collect();
-    let mut control = lanes(queues, 0);
+    let mut control = lane_set(2);
     for i in 1..=3u8 {
         control.push_local(&[i; 10]).unwrap();
     }
@@ -302,11 +296,7 @@ fn posted_pos(control: &mut railover_segq::LaneControl, lane: usize) -> u64 {
 /// old lane posts only padding for them, which the peer skips, and its ring is freed by it.
 #[test]
 fn retired_records_are_never_posted_and_their_space_comes_back() {
-    let geo = Geometry::new(256, 4, 64).unwrap();
-    let queues = (0..2)
-        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-        .collect();
-    let mut control = lanes(queues, 0);
+    let mut control = lane_set(2);
     control.push_local(&[1; 30]).unwrap();
     let r = control.poster(0).pending(usize::MAX).unwrap();
     control.poster(0).mark_posted(&r);
@@ -343,11 +333,7 @@ fn retired_records_are_never_posted_and_their_space_comes_back() {
 /// before then carries them along.
 #[test]
 fn a_failover_to_a_full_hot_standby_keeps_what_it_lacks_until_there_is_room() {
-    let geo = Geometry::new(256, 4, 64).unwrap();
-    let queues = (0..3)
-        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-        .collect();
-    let mut control = lanes(queues, 0);
+    let mut control = lane_set(3);
     // Lane 1's peer consumes nothing; lane 0's peer consumes and delivers everything.
     let mut seq = 0;
     loop {
@@ -441,11 +427,7 @@ fn a_failover_to_a_full_hot_standby_keeps_what_it_lacks_until_there_is_room() {
 /// make it fit.
 #[test]
 fn a_writer_held_out_by_kept_records_is_told_at_once_of_a_payload_that_never_fits() {
-    let geo = Geometry::new(256, 4, 64).unwrap();
-    let queues = (0..2)
-        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-        .collect();
-    let mut control = lanes(queues, 0);
+    let mut control = lane_set(2);
     let mut writer = control.writer().expect("first writer");
     // Lane 1's peer consumes nothing; lane 0's delivers everything, until lane 1 is full.
     let mut seq;
@@ -475,11 +457,7 @@ fn a_writer_held_out_by_kept_records_is_told_at_once_of_a_payload_that_never_fit
 /// record is too large for any lane, and refused once a writer is handed out.
 #[test]
 fn a_local_batch_is_numbered_on_and_refused_whole() {
-    let geo = Geometry::new(256, 4, 64).unwrap();
-    let queues = (0..2)
-        .map(|_| SendQueue::new(geo, Backing::Heap, 1).unwrap())
-        .collect();
-    let mut control = lanes(queues, 0);
+    let mut control = lane_set(2);
     assert_eq!(control.push_local(b"one"), Ok(1));
     assert_eq!(control.push_local_batch(&[b"two", b"three"]), Ok(2..4));
     assert_eq!(
