@@ -368,25 +368,25 @@ impl Sender {
     /// larger than the configured largest record is [`SendError::TooLarge`] at once, waits or
     /// not.
     pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
-        loop {
-            match self.writer.push(msg) {
-                Err(LaneError::Switching) => std::hint::spin_loop(),
-                r => {
-                    if r.is_ok() {
-                        self.notify();
-                    }
-                    return r.map_err(send_error_of);
-                }
-            }
-        }
+        self.push_past_switches(|w| w.push(msg))
     }
 
     /// Queues `msgs` as consecutive records with one commit, all or none ([`Connection::send_batch`]);
     /// the receiver's thread posts them, in one write when they fit in one. Returns their
     /// sequence numbers. Waits out a failover as [`Sender::send`] does.
     pub fn send_batch(&mut self, msgs: &[&[u8]]) -> Result<Range<u64>, SendError> {
+        self.push_past_switches(|w| w.push_batch(msgs))
+    }
+
+    /// Pushes with `push`, spinning while a failover switches lanes; wakes a sleeping receiver
+    /// after a push that went in.
+    #[inline(always)]
+    fn push_past_switches<T>(
+        &mut self,
+        mut push: impl FnMut(&mut LaneWriter) -> Result<T, LaneError>,
+    ) -> Result<T, SendError> {
         loop {
-            match self.writer.push_batch(msgs) {
+            match push(&mut self.writer) {
                 Err(LaneError::Switching) => std::hint::spin_loop(),
                 r => {
                     if r.is_ok() {
@@ -458,20 +458,7 @@ impl<N: Nic, C: Clock> std::ops::DerefMut for Connection<N, C> {
 impl<N: Nic, C: Clock> Connection<N, C> {
     /// Queues `msg` and posts it at once. Returns its sequence number.
     pub fn send(&mut self, msg: &[u8]) -> Result<u64, SendError> {
-        let mut r = self.rx.core.push(msg);
-        if matches!(r, Err(SendError::Backpressure)) {
-            self.rx.progress(); // acknowledgements may be waiting
-            r = self.rx.core.push(msg);
-        }
-        self.rx.flush_after_send();
-        // Keep the engine turning for callers that only send (heartbeats, completions,
-        // acknowledgements): after this message's write is posted, not before it.
-        self.sends_since_progress += 1;
-        if self.sends_since_progress >= 64 {
-            self.sends_since_progress = 0;
-            self.rx.progress();
-        }
-        r
+        self.send_with(|core| core.push(msg))
     }
 
     /// Queues `msgs` as consecutive records, all or none, and posts them at once: one commit
@@ -481,13 +468,23 @@ impl<N: Nic, C: Clock> Connection<N, C> {
     /// [`SendError::Backpressure`], nothing queued (let the connection progress and retry);
     /// a batch the ring could never hold: [`SendError::BatchTooLarge`] (split it).
     pub fn send_batch(&mut self, msgs: &[&[u8]]) -> Result<Range<u64>, SendError> {
-        let mut r = self.rx.core.push_batch(msgs);
+        self.send_with(|core| core.push_batch(msgs))
+    }
+
+    /// Queues with `push` (once more after a progress when the ring was full), then posts.
+    #[inline(always)]
+    fn send_with<T>(
+        &mut self,
+        push: impl Fn(&mut Core) -> Result<T, SendError>,
+    ) -> Result<T, SendError> {
+        let mut r = push(&mut self.rx.core);
         if matches!(r, Err(SendError::Backpressure)) {
             self.rx.progress(); // acknowledgements may be waiting
-            r = self.rx.core.push_batch(msgs);
+            r = push(&mut self.rx.core);
         }
         self.rx.flush_after_send();
-        // As `send` does: every 64th call turns the engine, after this call's write.
+        // Keep the engine turning for callers that only send (heartbeats, completions,
+        // acknowledgements): after this call's write is posted, not before it.
         self.sends_since_progress += 1;
         if self.sends_since_progress >= 64 {
             self.sends_since_progress = 0;
