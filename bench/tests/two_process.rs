@@ -638,9 +638,11 @@ fn a_failover_to_a_full_hot_standby_keeps_the_rest_until_the_stopped_receiver_ru
     // the standby wire's round trip just before the stop (CI's run 35 saw 231 ms gaps) leaves
     // both rings level, and the failover has nothing to keep. Every attempt must lose nothing
     // and close cleanly; the kept path must run in one of them.
+    // The stream runs 20 s: `tc` alone takes 1-2 s under TCG (more on a slower machine), and
+    // the stop must come while the sender still sends.
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
-        let (serve, connect) = start_with(10.0, false, &args);
+        let (serve, connect) = start_with(20.0, false, &args);
         let slow = Netem::new("delay", "b", "50");
         std::thread::sleep(Duration::from_millis(1_000));
         serve.signal("-STOP");
@@ -1316,20 +1318,23 @@ struct GrayRun {
     netem_from: f64,
 }
 
-/// Streams for 10 s with `args`, puts `netem OP VALUE` on wire a 2 s in and takes it off 6.5 s
-/// in (after the switches: a rail the loss fails later comes back on a clean wire before the
-/// close, and the hold-down is tested against a healthy rail), and returns both
+/// Streams for 14 s with `args`, puts `netem OP VALUE` on wire a 2 s in and takes it off 6.5 s
+/// in, or 4.5 s after `tc` returned if that is later (a slow machine's `tc`: the switches must
+/// fall inside the window; then a rail the loss fails later comes back on a clean wire before
+/// the close, and the hold-down is tested against a healthy rail), and returns both
 /// processes' runs (each checked exactly once, in order, intact, and each switched after the
 /// wire was touched), after writing what both did and the timeline lines naming `shown` into
 /// `ci/out/rxe-results.txt`.
 fn gray_run(args: &[&str], op: &str, value: &str, title: &str, shown: &[&str]) -> [GrayRun; 2] {
-    let (serve, connect) = start_with(10.0, false, args);
+    let (serve, connect) = start_with(14.0, false, args);
     let started = Instant::now();
     std::thread::sleep(Duration::from_millis(2_000));
     let netem_from = ms_since(started);
     let netem = Netem::new(op, "a", value);
     let netem_done = ms_since(started);
-    std::thread::sleep(Duration::from_millis(6_500).saturating_sub(started.elapsed()));
+    let clear_at =
+        Duration::from_millis(6_500).max(started.elapsed() + Duration::from_millis(4_500));
+    std::thread::sleep(clear_at.saturating_sub(started.elapsed()));
     drop(netem);
     let cleared = ms_since(started);
     let (s, c) = finish(serve, connect, title);
