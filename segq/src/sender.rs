@@ -318,12 +318,7 @@ impl Producer {
     /// Makes every byte below `end` (record `seq` the last) the poster's.
     #[inline]
     fn publish(&mut self, end: u64, seq: u64) {
-        self.write_pos = end;
-        self.next_seq = seq + 1;
-        let breaks = seq != self.last_committed_seq.wrapping_add(1);
-        self.last_committed_seq = seq;
-        self.shared
-            .store_commit(Commit::pack(end, seq), seq, breaks.then_some(end));
+        self.publish_range(end, seq, seq, end);
     }
 
     /// Makes every byte below `end` the poster's: records `first..=last`, numbered on, the
