@@ -110,6 +110,12 @@ pub struct PeerArgs {
     /// Records committed per post (`--flood`): they go out coalesced, in as few writes as fit.
     #[arg(long, default_value_t = 16)]
     batch: u64,
+    /// Send N records at a time with one `send_batch` call (all or none, one commit, one
+    /// write when they fit) instead of one `send` each: on every turn of the paced stream
+    /// (its pace is then N records per interval), and for `connect --flood` (instead of
+    /// `--batch`'s reserve-and-commit). 1: `send`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    send_batch: u64,
     /// How this side's stream uses the rails: active-standby or hot-hot (every record on every
     /// live rail).
     #[arg(long, default_value = "active-standby")]
@@ -437,6 +443,9 @@ fn perf(
     match (a.pingpong.map(count), a.flood.map(count), dialler) {
         (Some(n), _, true) => p::pingpong_client(conn, a.size, n, a.warmup),
         (Some(_), _, false) => p::pingpong_server(conn),
+        (_, Some(n), true) if a.send_batch > 1 => {
+            p::flood_client_send_batch(conn, a.size, n, a.send_batch)
+        }
         (_, Some(n), true) => p::flood_client(conn, a.size, n, a.batch.max(1)),
         (_, _, false) => p::flood_server(conn),
         (None, None, true) => unreachable!("checked above"),
@@ -642,21 +651,35 @@ fn stream(
         for (i, st) in streams.iter_mut().enumerate().filter(|(_, s)| !s.done) {
             let now = Instant::now();
             if !st.sent_end && now >= st.next_at {
-                let msg = if now >= start + stream_for {
+                let end = now >= start + stream_for;
+                let r = if end {
                     let mut m = vec![0u8; a.size.max(16)];
                     m[..8].copy_from_slice(&END.to_le_bytes());
                     m[8..16].copy_from_slice(&st.next_out.to_le_bytes());
-                    m
+                    let t = Instant::now();
+                    let r = st.conn.get_mut(&mut ep).send(&m).map(|_| ());
+                    timed(t);
+                    r
+                } else if a.send_batch > 1 {
+                    let batch: Vec<Vec<u8>> = (st.next_out..st.next_out + a.send_batch)
+                        .map(|seq| record(seq, a.size.max(16)))
+                        .collect();
+                    let msgs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+                    let t = Instant::now();
+                    let r = st.conn.get_mut(&mut ep).send_batch(&msgs).map(|_| ());
+                    timed(t);
+                    r
                 } else {
-                    record(st.next_out, a.size.max(16))
+                    let m = record(st.next_out, a.size.max(16));
+                    let t = Instant::now();
+                    let r = st.conn.get_mut(&mut ep).send(&m).map(|_| ());
+                    timed(t);
+                    r
                 };
-                let t = Instant::now();
-                let r = st.conn.get_mut(&mut ep).send(&msg);
-                timed(t);
                 match r {
-                    Ok(_) if msg[..8] == END.to_le_bytes() => st.sent_end = true,
-                    Ok(_) => {
-                        st.next_out += 1;
+                    Ok(()) if end => st.sent_end = true,
+                    Ok(()) => {
+                        st.next_out += a.send_batch;
                         st.next_at += interval;
                     }
                     Err(SendError::Backpressure) => {} // retried on the next turn
@@ -780,7 +803,7 @@ fn stream(
     let (live_qps, live_mrs) = railover_rdma::verbs::live_objects();
     let mut unacked = 0u64;
     let (mut data_bytes, mut standby_writes, mut records_resent) = (0u64, 0u64, 0u64);
-    let mut control_writes = 0u64;
+    let (mut data_writes, mut control_writes) = (0u64, 0u64);
     let (mut rails, mut rails_up, mut shared_rails) = (0, 0, 0);
     let (mut sent, mut delivered, mut peer_sent, mut lost) = (0u64, 0u64, Some(0u64), 0u64);
     let (mut duplicates, mut reordered, mut corrupted) = (0u64, 0u64, 0u64);
@@ -792,6 +815,7 @@ fn stream(
         conn.unacked(|_, _| unacked += 1);
         let stats = conn.core().stats();
         data_bytes += stats.data_bytes;
+        data_writes += stats.data_writes;
         control_writes += stats.control_writes;
         standby_writes += stats.standby_writes;
         records_resent += stats.records_resent;
@@ -882,6 +906,8 @@ fn stream(
     report["failovers_keeping"] = json!(failovers_keeping);
     report["shared_rails"] = json!(shared_rails);
     report["completion_queues"] = json!(ep.as_ref().map_or(0, |e| e.completion_queues()));
+    // RDMA writes of records (resends and the standby's copies included).
+    report["data_writes"] = json!(data_writes);
     if as_json {
         println!("{report}");
     } else {

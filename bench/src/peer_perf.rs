@@ -171,6 +171,47 @@ pub fn flood_client(mut c: VerbsConnection, size: usize, count: u64, batch: u64)
     );
 }
 
+/// `connect --flood N --send-batch B`: sends N records, B at a time with one `send_batch` call
+/// each (all or none: a full ring refuses the whole batch, which is offered again after a
+/// `progress`).
+pub fn flood_client_send_batch(mut c: VerbsConnection, size: usize, count: u64, batch: u64) {
+    let size = size.max(16);
+    let mut records = vec![vec![0u8; size]; batch as usize];
+    let start = Instant::now();
+    let mut next = 0u64;
+    let mut refused = 0u64;
+    while next < count {
+        let n = batch.min(count - next) as usize;
+        for (k, r) in records[..n].iter_mut().enumerate() {
+            r[..8].copy_from_slice(&(next + k as u64).to_le_bytes());
+        }
+        let msgs: [&[u8]; 64] = std::array::from_fn(|k| records.get(k).map_or(&[][..], |r| r));
+        match c.send_batch(&msgs[..n]) {
+            Ok(seqs) => {
+                debug_assert_eq!(seqs.end - seqs.start, n as u64);
+                next += n as u64;
+            }
+            Err(SendError::Backpressure) => {
+                refused += 1;
+                c.progress();
+            }
+            Err(e) => panic!("send_batch: {e}"),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let s = c.stats();
+    let close = finish(&mut c, size, count);
+    println!(
+        "{}",
+        json!({"role": "connect", "flood": {"size": size, "messages": count,
+            "send_batch": batch, "batches_refused": refused,
+            "send_msgs_per_s": count as f64 / secs.max(1e-9),
+            "data_writes": s.data_writes, "control_writes": s.control_writes,
+            "messages_per_data_write": count as f64 / s.data_writes.max(1) as f64,
+            "close": close}})
+    );
+}
+
 /// `serve --flood`: counts and checks every record until END; the rate is taken between the
 /// first and the last delivery.
 pub fn flood_server(mut c: VerbsConnection) {

@@ -216,6 +216,24 @@ fn start_traced(
     (serve, connect)
 }
 
+/// [`start_with`], returning once both processes said `redundant`: every rail up and proven on
+/// both sides, so that the fault a test injects next is a single fault. (A fixed wait before
+/// the fault instead would, on a slower machine, cut a wire while the other rail was still
+/// being set up: a double fault, which rightly ends the session.) The streams run meanwhile.
+fn start_redundant(secs: f64, extra: &[&str]) -> (Peer, Peer) {
+    let extra = [extra, &["--say-redundant"]].concat();
+    let peers = start_with(secs, false, &extra);
+    wait_redundant(&peers);
+    peers
+}
+
+/// Waits for both processes (started with `--say-redundant`) to say `redundant`.
+fn wait_redundant((serve, connect): &(Peer, Peer)) {
+    for p in [serve, connect] {
+        p.wait_for("redundant", Duration::from_secs(120));
+    }
+}
+
 fn n(v: &Value, k: &str) -> u64 {
     v[k].as_u64()
         .unwrap_or_else(|| panic!("{k} missing in {v}"))
@@ -289,13 +307,13 @@ fn a_peer_paused_for_10x_and_100x_the_heartbeat_timeout_is_waited_for_not_failed
     let misses = HEARTBEAT_MISSES.to_string();
     // A stopped process's card still acknowledges, so the RC retry budget plays no part in
     // what this checks; 6 retries keep a guest stall from failing a rail all the same.
-    let (serve, connect) = start_with(16.0, false, &["--hb-misses", &misses, "--rc-retries", "6"]);
-    // Let the stream run, pause host 2's process, resume it; twice.
+    let (serve, connect) = start_redundant(16.0, &["--hb-misses", &misses, "--rc-retries", "6"]);
+    // Pause host 2's process, resume it, let the stream run again; twice.
     for factor in [10u32, 100] {
-        std::thread::sleep(Duration::from_millis(700));
         serve.signal("-STOP");
         std::thread::sleep(HEARTBEAT_TIMEOUT * factor);
         serve.signal("-CONT");
+        std::thread::sleep(Duration::from_millis(700));
     }
     let (s, c) = finish(
         serve,
@@ -348,8 +366,7 @@ fn a_graceful_close_from_either_side_ends_both_without_a_fault() {
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn a_killed_peer_ends_the_session_with_a_clear_reason() {
-    let (mut serve, connect) = start(30.0, false);
-    std::thread::sleep(Duration::from_millis(1_000));
+    let (mut serve, connect) = start_redundant(30.0, &[]);
     serve.child.kill().expect("SIGKILL");
     let _ = serve.child.wait();
     let c = connect.report(Duration::from_secs(120));
@@ -380,9 +397,8 @@ fn fault(op: &str, wire: &str) {
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn a_cut_wire_fails_over_and_comes_back_as_the_standby() {
-    let (serve, connect) = start(15.0, false);
+    let (serve, connect) = start_redundant(15.0, &[]);
     // Wire a carries rail 0, the active rail at start.
-    std::thread::sleep(Duration::from_millis(1_000));
     cut_for("a", Duration::from_millis(2_000));
     let (s, c) = finish(
         serve,
@@ -579,8 +595,7 @@ fn sixty_four_connections_on_one_endpoint_fail_over_and_come_back_together() {
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn a_receiver_that_stops_for_2_s_during_a_failover_loses_nothing() {
-    let (serve, connect) = start(14.0, false);
-    std::thread::sleep(Duration::from_millis(1_000));
+    let (serve, connect) = start_redundant(14.0, &[]);
     // Host 2 stops delivering (its process stops), and meanwhile the active wire is cut.
     serve.signal("-STOP");
     let cut = Cut::new("a");
@@ -642,8 +657,9 @@ fn a_failover_to_a_full_hot_standby_keeps_the_rest_until_the_stopped_receiver_ru
     // the stop must come while the sender still sends.
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
-        let (serve, connect) = start_with(20.0, false, &args);
+        let (serve, connect) = start_redundant(20.0, &args);
         let slow = Netem::new("delay", "b", "50");
+        // The standby's ring fills with copies its peer has not consumed yet (50 ms behind).
         std::thread::sleep(Duration::from_millis(1_000));
         serve.signal("-STOP");
         std::thread::sleep(Duration::from_millis(300));
@@ -679,8 +695,7 @@ fn maximal_and_odd_sized_records_go_through_a_failover_intact() {
     // The runs' 64 KiB segments hold a 65,520-byte payload at most; 65,519 is odd and fills a
     // segment to the last byte once framed (16-byte header, 8-byte alignment).
     for (size, interval_us) in [("65519", "5000"), ("1999", "1000")] {
-        let (serve, connect) = start_with(8.0, false, &["-s", size, "--interval-us", interval_us]);
-        std::thread::sleep(Duration::from_millis(1_000));
+        let (serve, connect) = start_redundant(8.0, &["-s", size, "--interval-us", interval_us]);
         cut_for("a", Duration::from_millis(2_000));
         let title = format!("{size}-byte records through a cut and restore");
         let (_, c) = finish(serve, connect, &title);
@@ -691,8 +706,7 @@ fn maximal_and_odd_sized_records_go_through_a_failover_intact() {
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn after_both_wires_die_a_new_connection_resumes_the_streams_exactly_once() {
-    let (serve, connect) = start_with(16.0, false, &["--resume"]);
-    std::thread::sleep(Duration::from_millis(1_500));
+    let (serve, connect) = start_redundant(16.0, &["--resume"]);
     // A double fault: the session ends (every rail down) on both sides, which keep trying to
     // open a new connection that resumes it.
     let (cut_a, cut_b) = (Cut::new("a"), Cut::new("b"));
@@ -859,9 +873,8 @@ fn steady_state_makes_no_system_call_but_the_doorbell() {
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn a_destroyed_control_stream_is_re_established_and_still_re_arms() {
-    let (serve, connect) = start(10.0, false);
+    let (serve, connect) = start_redundant(10.0, &[]);
     let port = serve.port.expect("serve's port");
-    std::thread::sleep(Duration::from_millis(1_000));
     let killed = Command::new("ss")
         .args([
             "-K",
@@ -952,7 +965,9 @@ fn an_endpoint_started_without_a_card_serves_and_its_rail_joins_when_the_card_is
 
 /// A silent black hole (netem loss 100%) and corruption (netem corrupt) on the active wire,
 /// each for 2 s, one process per host: the rail is failed over (missed heartbeats; a crc
-/// mismatch at the receiver) and comes back once the fault is cleared; nothing lost.
+/// mismatch at the receiver) and comes back once the fault is cleared; nothing lost. Both
+/// processes send their streams 4 records at a time with `send_batch` (one commit, one write):
+/// a batch caught by the fault is resent whole on the standby, after what came before it.
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn a_black_hole_and_corruption_fail_over_and_the_rail_comes_back() {
@@ -968,13 +983,21 @@ fn a_black_hole_and_corruption_fail_over_and_the_rail_comes_back() {
             "corruption (netem 5%) on wire a for 2 s",
         ),
     ] {
-        let (serve, connect) = start(9.0, false);
-        std::thread::sleep(Duration::from_millis(1_000));
+        let (serve, connect) = start_redundant(9.0, &["--send-batch", "4"]);
         fault(fault_on, "a");
         std::thread::sleep(Duration::from_millis(2_000));
         fault(fault_off, "a");
-        let (s, c) = finish(serve, connect, title);
-        failed_over_and_back(&s, &c, title);
+        let title = format!("{title}, sending batches of 4");
+        let (s, c) = finish(serve, connect, &title);
+        failed_over_and_back(&s, &c, &title);
+        for r in [&s, &c] {
+            // Each batch went in one write (at this pace the card is never behind), a resend
+            // in few: fewer writes than half the records sent means batches went whole.
+            assert!(
+                2 * n(r, "data_writes") < n(r, "sent"),
+                "a batch of 4 is one write: {r}"
+            );
+        }
     }
 }
 
@@ -1041,7 +1064,8 @@ fn hostile_clients_then_a_good_one(args: &[&str], title: &str) {
 /// The perftest-style modes `bench/perftest-compare` measures with, one process per host: the
 /// ping-pong gets every record back intact and in turn, and the flood delivers every record in
 /// order with several records per RDMA write (the sender commits 16 per post: coalescing works
-/// on real verbs, where it measured 1.0 message per write before).
+/// on real verbs, where it measured 1.0 message per write before); so does a flood sent with
+/// `send_batch`.
 #[test]
 #[ignore = "needs rxe devices: ci/vm-tests runs it"]
 fn perftest_style_pingpong_and_flood_deliver_everything_and_the_flood_coalesces() {
@@ -1094,6 +1118,36 @@ fn perftest_style_pingpong_and_flood_deliver_everything_and_the_flood_coalesces(
     assert_eq!(n(fs, "out_of_order"), 0, "{s}");
     let per_write = fc["messages_per_data_write"].as_f64().expect("number");
     assert!(per_write >= 2.0, "no coalescing: {c}");
+    assert_eq!(fc["close"], "ok", "{c}");
+
+    // The same flood in batches of 8 `send_batch` calls: every record once, in order, a batch
+    // in one write at least (more when the card is behind and batches coalesce).
+    let (serve, connect) = start_with(
+        1.0,
+        false,
+        &[
+            "--flood",
+            "20000",
+            "--send-batch",
+            "8",
+            "--hb-misses",
+            "200",
+        ],
+    );
+    let c = connect.report(Duration::from_secs(120));
+    let s = serve.report(Duration::from_secs(60));
+    write_result(&format!(
+        "two processes, --flood 20000 --send-batch 8: {c} / {s}"
+    ));
+    let (fc, fs) = (&c["flood"], &s["flood"]);
+    assert_eq!(n(fs, "sent"), 20_000, "{s}");
+    assert_eq!(n(fs, "delivered"), 20_000, "{s}");
+    assert_eq!(n(fs, "out_of_order"), 0, "{s}");
+    // 2,500 batches and the closing record: a batch split over writes would make more.
+    assert!(
+        n(fc, "data_writes") <= 20_000 / 8 + 1,
+        "a batch split over writes: {c}"
+    );
     assert_eq!(fc["close"], "ok", "{c}");
 }
 
@@ -1284,9 +1338,12 @@ fn hot_hot_rails_carry_the_stream_through_a_cut_wire() {
             "both rails carry the stream: {r}"
         );
     }
-    let (serve, connect) = start_with(6.0, false, &hot);
+    let hot_redundant = [&hot[..], &["--say-redundant"]].concat();
+    let peers = start_with(6.0, false, &hot_redundant);
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_millis(2_000));
+    wait_redundant(&peers);
+    std::thread::sleep(Duration::from_millis(2_000).saturating_sub(t0.elapsed()));
+    let (serve, connect) = peers;
     let cut_at = ms_since(t0);
     cut_for("a", Duration::from_millis(2_000));
     let restored_at = ms_since(t0);
@@ -1295,8 +1352,11 @@ fn hot_hot_rails_carry_the_stream_through_a_cut_wire() {
     let cut = (gap_figures(&c), gap_figures(&s));
     let when = format!("cut at ~{cut_at:.0} ms, restored (ip link up returned) at ~{restored_at:.0} ms; the rail's re-arm follows");
     // The same cut in active-standby mode, for comparison (same VM boot).
-    let (serve, connect) = start_with(6.0, false, &[]);
-    std::thread::sleep(Duration::from_millis(2_000));
+    let peers = start_with(6.0, false, &["--say-redundant"]);
+    let t0 = Instant::now();
+    wait_redundant(&peers);
+    std::thread::sleep(Duration::from_millis(2_000).saturating_sub(t0.elapsed()));
+    let (serve, connect) = peers;
     cut_for("a", Duration::from_millis(2_000));
     let (s, c) = finish(serve, connect, "active-standby, wire a cut for 2 s");
     failed_over_and_back(&s, &c, "active-standby, wire a cut");
@@ -1318,7 +1378,8 @@ struct GrayRun {
     netem_from: f64,
 }
 
-/// Streams for 14 s with `args`, puts `netem OP VALUE` on wire a 2 s in and takes it off 6.5 s
+/// Streams for 14 s with `args`, puts `netem OP VALUE` on wire a 2 s in (once both sides are
+/// redundant, if later) and takes it off 6.5 s
 /// in, or 4.5 s after `tc` returned if that is later (a slow machine's `tc`: the switches must
 /// fall inside the window; then a rail the loss fails later comes back on a clean wire before
 /// the close, and the hold-down is tested against a healthy rail), and returns both
@@ -1326,9 +1387,12 @@ struct GrayRun {
 /// wire was touched), after writing what both did and the timeline lines naming `shown` into
 /// `ci/out/rxe-results.txt`.
 fn gray_run(args: &[&str], op: &str, value: &str, title: &str, shown: &[&str]) -> [GrayRun; 2] {
-    let (serve, connect) = start_with(14.0, false, args);
+    let peers = start_with(14.0, false, &[args, &["--say-redundant"]].concat());
     let started = Instant::now();
-    std::thread::sleep(Duration::from_millis(2_000));
+    // Both rails up and proven (their latencies measured) before the wire is touched.
+    wait_redundant(&peers);
+    std::thread::sleep(Duration::from_millis(2_000).saturating_sub(started.elapsed()));
+    let (serve, connect) = peers;
     let netem_from = ms_since(started);
     let netem = Netem::new(op, "a", value);
     let netem_done = ms_since(started);
