@@ -39,7 +39,7 @@ rl() { # output tag, mode (pingpong|flood), count, extra arguments for both side
 ROUNDS=${RAILOVER_ROUNDS:-5}
 echo "$ROUNDS" >"$out/rounds.txt"
 for r in $(seq 1 "$ROUNDS"); do
-  echo "== round $r/$ROUNDS: ib_write_lat, railover ping-pong (beat 1 ms, then 10 ms), ib_write_bw, railover flood, ib_send_lat, raw verbs (64 B)"
+  echo "== round $r/$ROUNDS: ib_write_lat, railover ping-pong (beat 1 ms, then 10 ms), ib_write_bw, railover flood (committed 16 a post, then send_batch of 16), ib_send_lat, raw verbs (64 B)"
   pt "r$r-ib_write_lat" ib_write_lat 64 -n "$ITER"
   rl "r$r-railover-pingpong" pingpong "$ITER" --hb-misses 200
   # The same detection time (200 ms) from a tenth of the beats: each of the standby's beats is a
@@ -47,6 +47,8 @@ for r in $(seq 1 "$ROUNDS"); do
   rl "r$r-railover-pingpong-beat10ms" pingpong "$ITER" --hb-interval-us 10000 --hb-misses 20
   pt "r$r-ib_write_bw" ib_write_bw 64 -n 20000
   rl "r$r-railover-flood" flood 200000 --hb-misses 200
+  # The same flood sent with `send_batch`, 16 records a call (one commit, one write each).
+  rl "r$r-railover-flood-send-batch" flood 200000 --hb-misses 200 --send-batch 16
   # A receive that ends in a completion (a receive work request consumed, a completion queue
   # entry written and polled), as railover's RDMA WRITE WITH IMM does: ib_write_lat's receiver
   # polls the buffer's last byte instead, which the design rules out (placement order).
