@@ -378,41 +378,39 @@ fn main() {
             latency_ns,
             batch,
             cards: Cards { host1, host2 },
-        } => {
-            match fabric {
-                Fabric::Sim => {
-                    let r = sim_runs::throughput(size, count, latency_ns, batch);
-                    if cli.json {
-                        println!("{}", json!({"fabric": "sim", "throughput": r}));
-                    } else {
-                        println!(
-                            "throughput, simulated fabric, {size} B x {count}, batches of {batch}"
-                        );
-                        println!(
-                            "  {:.0} msgs/s (virtual time), {:.0} msgs/s host CPU",
-                            r.virtual_msgs_per_s, r.cpu_msgs_per_s
-                        );
-                        println!(
+        } => match fabric {
+            Fabric::Sim => {
+                let r = sim_runs::throughput(size, count, latency_ns, batch);
+                if cli.json {
+                    println!("{}", json!({"fabric": "sim", "throughput": r}));
+                } else {
+                    println!(
+                        "throughput, simulated fabric, {size} B x {count}, batches of {batch}"
+                    );
+                    println!(
+                        "  {:.0} msgs/s (virtual time), {:.0} msgs/s host CPU",
+                        r.virtual_msgs_per_s, r.cpu_msgs_per_s
+                    );
+                    println!(
                         "  {} RDMA writes: {:.1} messages per write (coalescing), {:.1} writes per completion (selective signaling)",
                         r.rdma_writes, r.messages_per_write, r.writes_per_completion
                     );
-                    }
-                }
-                Fabric::Verbs => {
-                    if batch != 1 {
-                        eprintln!("--batch is for the simulated fabric (on verbs: connect --flood --batch)");
-                        std::process::exit(2);
-                    }
-                    #[cfg(feature = "verbs")]
-                    verbs_runs::throughput(size, count, &host1, &host2, cli.json);
-                    #[cfg(not(feature = "verbs"))]
-                    {
-                        let _ = (host1, host2);
-                        need_verbs()
-                    }
                 }
             }
-        }
+            Fabric::Verbs => {
+                if batch != 1 {
+                    eprintln!("--batch is for the simulated fabric (on verbs: connect --flood --send-batch)");
+                    std::process::exit(2);
+                }
+                #[cfg(feature = "verbs")]
+                verbs_runs::throughput(size, count, &host1, &host2, cli.json);
+                #[cfg(not(feature = "verbs"))]
+                {
+                    let _ = (host1, host2);
+                    need_verbs()
+                }
+            }
+        },
         Cmd::Failover {
             fabric,
             kinds,
